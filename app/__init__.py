@@ -1,0 +1,1 @@
+"""voxtui's Textual dashboard. Imports from ``engine`` only the protocol and the client."""

@@ -1,0 +1,116 @@
+"""``voxtui``: the command line. Each subcommand imports what it needs only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine import __version__
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
+    return value
+
+
+def _data_parsers(sub) -> None:
+    data = sub.add_parser("data", help="analyze, audit, find over-long rows, split and clean JSONL data",
+                          description="Data tools. Each reads its input without changing it and writes "
+                                      "its outputs atomically.")
+    dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+
+    def common(p, model=True):
+        p.add_argument("file", metavar="FILE", help="JSONL rows {instruction, input, output} or {messages}")
+        if model:
+            p.add_argument("--model", default=None, metavar="M",
+                           help="model folder, tekken.json file or hub id whose tokenizer to use "
+                                "(default: the Tekken tokenizer bundled with mistral-common)")
+        p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="processes for parsing and tokenizing (default: CPU count)")
+
+    p = dsub.add_parser("analyze", help="token-length statistics and a histogram")
+    common(p)
+    p.add_argument("--max-len", type=_positive_int, default=None, metavar="N", help="count rows over N tokens")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT (- for stdout)")
+    p.set_defaults(handler="engine.data.analyze:main")
+
+    p = dsub.add_parser("audit", help="every defect, with its 1-based line number")
+    common(p)
+    p.add_argument("--against", metavar="OTHER", help="flag rows that also stand in OTHER (leakage)")
+    p.add_argument("--max-len", type=_positive_int, default=None, metavar="N", help="flag rows over N tokens")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT (- for stdout)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any defect is found")
+    p.set_defaults(handler="engine.data.audit:main")
+
+    p = dsub.add_parser("find-long", help="rows whose formatted example exceeds N tokens")
+    common(p)
+    p.add_argument("--max-len", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--out", metavar="FILE", help="write the long rows (with counts) as JSONL")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT (- for stdout)")
+    p.set_defaults(handler="engine.data.find_long:main")
+
+    p = dsub.add_parser("split", help="clean, dedupe and split into train / val deterministically")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--train", required=True, metavar="OUT")
+    p.add_argument("--val", required=True, metavar="OUT")
+    p.add_argument("--val-frac", type=float, default=0.1, metavar="F", help="share of rows for val (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--max-len", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--long", choices=("truncate", "drop"), default="truncate",
+                   help="with --max-len: truncate the target (default) or drop the row")
+    p.add_argument("--model", default=None, metavar="M", help="tokenizer for --max-len (as in analyze)")
+    p.add_argument("--report", metavar="OUT", help="write the report (every dropped line and why) as JSON")
+    p.set_defaults(handler="engine.data.split:main")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxtui",
+        description="Fine-tune the language model inside Mistral's Voxtral on text: data tools, preflight, "
+                    "a headless training engine and a terminal dashboard.",
+    )
+    parser.add_argument("--version", action="version", version=f"voxtui {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _data_parsers(sub)
+
+    model = sub.add_parser("model", help="model helpers")
+    msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
+    p = msub.add_parser("tiny", help="write a small random-weight Voxtral with the real Tekken tokenizer")
+    p.add_argument("out", metavar="OUT", help="folder to write (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(handler="engine.commands:model_tiny")
+
+    p = sub.add_parser("demo", help="the tiny model and the bundled sample data, end to end on the CPU")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="where runs and the demo model live (default runs/)")
+    p.set_defaults(handler="engine.commands:demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module, _, func = args.handler.partition(":")
+    from importlib import import_module
+
+    from engine.util import UsageError
+
+    try:
+        return int(getattr(import_module(module), func)(args) or 0)
+    except UsageError as e:
+        print(f"voxtui: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("voxtui: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

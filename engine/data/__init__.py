@@ -1,0 +1,1 @@
+"""The data tools: analyze, audit, find-long, split."""

@@ -1,0 +1,77 @@
+"""``voxtui data analyze``: token-length statistics of the formatted examples, with a histogram."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from engine.data.scan import percentiles, scan_file
+from engine.formatting import load_format
+from engine.util import write_json
+
+
+def analyze(path: str, model: str | None = None, max_len: int | None = None, workers: int | None = None) -> dict:
+    fmt = load_format(model)
+    scan = scan_file(path, fmt, workers=workers, label="analyze")
+    total = scan.total_len
+    report = {
+        "file": path,
+        "tokenizer": str(fmt.path),
+        "rows": scan.rows,
+        "usable": len(scan.lines),
+        "invalid": scan.rows - len(scan.lines),
+        "tokens": {"prompt": int(scan.prompt_len.sum()), "target": int(scan.target_len.sum()), "total": int(total.sum())},
+        "length": {
+            "total": percentiles(total),
+            "prompt": percentiles(scan.prompt_len),
+            "target": percentiles(scan.target_len),
+        },
+        "max_len": max_len,
+        "over_max_len": int((total > max_len).sum()) if max_len else 0,
+        "histogram": histogram(total),
+    }
+    if max_len:
+        report["over_max_len_lines"] = scan.lines[total > max_len][:1000].tolist()
+    return report
+
+
+def histogram(values: np.ndarray, bins: int = 16) -> list[dict]:
+    """Equal-width bins over the observed range: ``[{"lo", "hi", "count"}]``."""
+    if len(values) == 0:
+        return []
+    lo, hi = int(values.min()), int(values.max())
+    edges = np.linspace(lo, max(hi, lo + 1), bins + 1)
+    counts, _ = np.histogram(values, bins=edges)
+    return [{"lo": int(np.ceil(edges[i])), "hi": int(edges[i + 1]), "count": int(c)} for i, c in enumerate(counts)]
+
+
+def render(report: dict) -> str:
+    out = [f"{report['file']}: {report['rows']} rows, {report['usable']} usable"
+           + (f", {report['invalid']} broken (see `voxtui data audit`)" if report["invalid"] else "")]
+    out.append(f"tokens: {report['tokens']['total']:,} total ({report['tokens']['prompt']:,} prompt, "
+               f"{report['tokens']['target']:,} target)")
+    out.append(f"{'':8}{'min':>8}{'mean':>10}{'p50':>8}{'p90':>8}{'p95':>8}{'p99':>8}{'max':>8}")
+    for part in ("prompt", "target", "total"):
+        s = report["length"][part]
+        out.append(f"{part:8}{s['min']:>8}{s['mean']:>10.1f}{s['p50']:>8.0f}{s['p90']:>8.0f}{s['p95']:>8.0f}"
+                   f"{s['p99']:>8.0f}{s['max']:>8}")
+    hist = report["histogram"]
+    if hist:
+        out.append("total tokens per row:")
+        peak = max(b["count"] for b in hist) or 1
+        for b in hist:
+            bar = "█" * round(40 * b["count"] / peak)
+            out.append(f"  {b['lo']:>7}–{b['hi']:<7} {bar:<40} {b['count']}")
+    if report["max_len"]:
+        out.append(f"over --max-len {report['max_len']}: {report['over_max_len']} rows")
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    report = analyze(args.file, args.model, args.max_len, args.workers)
+    if args.json:
+        write_json(args.json, report)
+    if args.json != "-":
+        print(render(report), file=sys.stdout)
+    return 0

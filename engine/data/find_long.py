@@ -1,0 +1,86 @@
+"""``voxtui data find-long``: rows whose formatted example exceeds ``--max-len`` tokens, and the cost
+of each remedy (truncate the target, drop the row, raise the limit to p99)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from engine.data.scan import scan_file
+from engine.formatting import load_format
+from engine.rows import iter_lines
+from engine.util import atomic_write, write_json
+
+
+def find_long(path: str, max_len: int, model: str | None = None, workers: int | None = None) -> dict:
+    fmt = load_format(model)
+    scan = scan_file(path, fmt, workers=workers, label="find-long")
+    total = scan.total_len
+    over = total > max_len
+    p99 = int(np.ceil(np.percentile(total, 99))) if len(total) else 0
+    prompt_over = scan.prompt_len[over] >= max_len  # truncating the target cannot save these
+    rows = [{"line": int(line), "prompt_tokens": int(p), "target_tokens": int(t), "total_tokens": int(p + t),
+             "over_by": int(p + t - max_len)}
+            for line, p, t in zip(scan.lines[over], scan.prompt_len[over], scan.target_len[over])]
+    return {
+        "file": path,
+        "max_len": max_len,
+        "rows": scan.rows,
+        "usable": len(scan.lines),
+        "long": len(rows),
+        "remedies": {
+            "truncate": {
+                "rows_truncated": int((~prompt_over).sum()),
+                "target_tokens_lost": int(np.minimum(total[over] - max_len, scan.target_len[over])[~prompt_over].sum()),
+                "rows_unsaveable": int(prompt_over.sum()),
+            },
+            "drop": {"rows_lost": len(rows), "tokens_lost": int(total[over].sum()),
+                     "fraction_of_rows": round(len(rows) / max(len(total), 1), 6)},
+            "raise_to_p99": {"max_len": p99, "rows_still_long": int((total > p99).sum()),
+                             "sequence_cost_factor": round(p99 / max_len, 3) if max_len else None},
+        },
+        "long_rows": rows,
+    }
+
+
+def write_rows(path: str, report: dict, out: str) -> None:
+    """The long rows as JSONL: their counts and the original row."""
+    wanted = {r["line"]: r for r in report["long_rows"]}
+    with atomic_write(out) as f:
+        for lineno, raw in iter_lines(path):
+            r = wanted.get(lineno)
+            if r is not None:
+                f.write(json.dumps({**r, "row": json.loads(raw)}, ensure_ascii=False) + "\n")
+
+
+def render(report: dict, limit: int = 20) -> str:
+    rem = report["remedies"]
+    out = [f"{report['file']}: {report['long']} of {report['usable']} rows exceed {report['max_len']} tokens"]
+    for r in report["long_rows"][:limit]:
+        out.append(f"  line {r['line']:>7}  {r['total_tokens']:>7} tokens (prompt {r['prompt_tokens']}, "
+                   f"target {r['target_tokens']}, over by {r['over_by']})")
+    if report["long"] > limit:
+        out.append(f"  … and {report['long'] - limit} more")
+    if report["long"]:
+        t, d, p = rem["truncate"], rem["drop"], rem["raise_to_p99"]
+        out.append("remedies:")
+        out.append(f"  --long truncate: {t['rows_truncated']} rows lose {t['target_tokens_lost']:,} target tokens"
+                   + (f"; {t['rows_unsaveable']} rows have a prompt alone over the limit and are dropped"
+                      if t["rows_unsaveable"] else ""))
+        out.append(f"  --long drop:     {d['rows_lost']} rows ({d['fraction_of_rows']:.2%}) and {d['tokens_lost']:,} tokens lost")
+        out.append(f"  --max_len {p['max_len']} (p99): {p['rows_still_long']} rows still long; "
+                   f"every padded sequence may grow {p['sequence_cost_factor']}×")
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    report = find_long(args.file, args.max_len, args.model, args.workers)
+    if args.out:
+        write_rows(args.file, report, args.out)
+    if args.json:
+        write_json(args.json, report)
+    if args.json != "-":
+        print(render(report), file=sys.stdout)
+    return 0

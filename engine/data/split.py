@@ -1,0 +1,122 @@
+"""``voxtui data split``: drop broken rows, normalise, dedupe, then split train / val deterministically.
+
+Rows that ask the same question (same normalised prompt) always land on the same side, so no
+duplicate and no leaked prompt ever stands on both. The same input and seed give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+from engine.formatting import load_format
+from engine.rows import clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
+from engine.util import Progress, UsageError, atomic_write, same_file, write_json
+
+
+def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: int = 0,
+          max_len: int | None = None, long: str = "truncate", model: str | None = None) -> dict:
+    if not 0.0 <= val_frac < 1.0:
+        raise UsageError(f"--val-frac must be in [0, 1), got {val_frac}")
+    size = open_checked(path)
+    for out in (train_out, val_out):
+        if same_file(out, path):
+            raise UsageError(f"{out}: output would overwrite the input")
+    if same_file(train_out, val_out):
+        raise UsageError("--train and --val name the same file")
+    fmt = load_format(model) if max_len else None
+
+    kept: list[tuple[int, dict, bytes]] = []  # (line, cleaned record, prompt key)
+    dropped: list[dict] = []
+    seen: dict[bytes, int] = {}
+    cleaned = truncated = 0
+    progress = Progress(size, "split")
+    for lineno, raw in iter_lines(path):
+        progress.update(len(raw) + 1)
+        if not raw.strip():
+            continue
+        ex, defects = parse_line(raw)
+        if ex is None:
+            kind, detail = defects[0]
+            dropped.append({"line": lineno, "reason": kind, "detail": detail})
+            continue
+        record = clean_record(ex.record)
+        if record != ex.record:
+            cleaned += 1
+        ex, _ = parse_line(json.dumps(record, ensure_ascii=False).encode())
+        if ex is None:  # cleaning emptied a field (e.g. it held only control characters)
+            dropped.append({"line": lineno, "reason": "empty_field", "detail": "empty after cleaning"})
+            continue
+        key = row_key(ex)
+        if key in seen:
+            dropped.append({"line": lineno, "reason": "duplicate", "detail": f"same as line {seen[key]}"})
+            continue
+        seen[key] = lineno
+        if fmt is not None:
+            (prompt, target), = fmt.encode([ex])
+            if len(prompt) + len(target) > max_len:
+                room = max_len - len(prompt) - 1  # tokens left for the answer before EOS
+                if long == "drop" or room <= 0:
+                    dropped.append({"line": lineno, "reason": "too_long",
+                                    "detail": f"{len(prompt) + len(target)} tokens > {max_len}"})
+                    continue
+                record = _truncate_target(record, fmt.decode(target[:room]).rstrip("\ufffd"))
+                truncated += 1
+        kept.append((lineno, record, prompt_key(ex)))
+    progress.close()
+
+    # Whole prompt groups go to one side, chosen by a seeded hash, until val holds its share.
+    groups: dict[bytes, list[int]] = {}
+    for i, (_, _, pkey) in enumerate(kept):
+        groups.setdefault(pkey, []).append(i)
+    order = sorted(groups, key=lambda k: hashlib.blake2b(k, key=str(seed).encode()[:64], digest_size=8).digest())
+    want, val_idx = round(val_frac * len(kept)), set()
+    for pkey in order:
+        if len(val_idx) >= want:
+            break
+        val_idx.update(groups[pkey])
+
+    n_train = n_val = 0
+    with atomic_write(train_out) as ft, atomic_write(val_out) as fv:
+        for i, (_, record, _) in enumerate(kept):
+            line = json.dumps(record, ensure_ascii=False) + "\n"
+            if i in val_idx:
+                fv.write(line)
+                n_val += 1
+            else:
+                ft.write(line)
+                n_train += 1
+    return {
+        "file": path, "seed": seed, "val_frac": val_frac, "max_len": max_len, "long": long if max_len else None,
+        "rows": len(kept) + len(dropped), "kept": len(kept), "train": n_train, "val": n_val,
+        "cleaned": cleaned, "truncated": truncated, "dropped": dropped,
+    }
+
+
+def _truncate_target(record: dict, text: str) -> dict:
+    out = dict(record)
+    if "messages" in out and "instruction" not in out:
+        out["messages"] = [*out["messages"][:-1], {**out["messages"][-1], "content": text}]
+    else:
+        out["output"] = text
+    return out
+
+
+def render(report: dict, limit: int = 20) -> str:
+    out = [f"{report['file']}: {report['rows']} rows → train {report['train']}, val {report['val']}; "
+           f"dropped {len(report['dropped'])}, cleaned {report['cleaned']}, truncated {report['truncated']}"]
+    for d in report["dropped"][:limit]:
+        out.append(f"  dropped line {d['line']:>7}  {d['reason']:<14} {d['detail'][:100]}")
+    if len(report["dropped"]) > limit:
+        out.append(f"  … and {len(report['dropped']) - limit} more (--report for the full list)")
+    return "\n".join(out)
+
+
+def main(args) -> int:
+    report = split(args.file, args.train, args.val, args.val_frac, args.seed, args.max_len, args.long, args.model)
+    if args.report:
+        write_json(args.report, report)
+    if args.report != "-":
+        print(render(report), file=sys.stdout)
+    return 0

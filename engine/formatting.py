@@ -1,0 +1,160 @@
+"""The one place that turns a row into ``(prompt_ids, target_ids)`` with the model's instruct template.
+
+Data tools, training and inference all call :class:`ChatFormat`, so token counts agree everywhere.
+The template is Mistral's instruct format as mistral-common writes it (tests check the equality)::
+
+    <s>[INST]user 1[/INST]assistant 1</s>[INST]system\\n\\nuser 2[/INST]  |  assistant 2</s>
+    ---------------------------- prompt ----------------------------  |  ---- target ----
+
+Loss is applied to the target, which ends with EOS. Text is encoded in batches through the
+Tekken tokenizer's tiktoken core
+(data tools parallelise over processes, see ``engine.data.scan``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from engine.rows import Example
+from engine.util import UsageError
+
+TEMPLATE_VERSION = "mistral-instruct-v1"
+BUNDLED_TEKKEN = "tekken_240911.json"
+
+
+def bundled_tekken_path() -> Path:
+    """The Tekken tokenizer file that the mistral-common package ships (131072 tokens)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / BUNDLED_TEKKEN
+
+
+def resolve_tokenizer_file(model: str | os.PathLike | None) -> Path:
+    """Where the tokenizer of ``model`` lives: a model folder's ``tekken.json``, a ``.json`` file,
+    a hub id's ``tekken.json`` (from the local cache or the hub), or, with no model, the bundled Tekken."""
+    if model is None or str(model) == "":
+        return bundled_tekken_path()
+    p = Path(model)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        f = p / "tekken.json"
+        if f.is_file():
+            return f
+        raise UsageError(f"{p}: no tekken.json in this model folder")
+    looks_like_path = str(model).startswith((".", "/", "~")) or p.suffix == ".json" or str(model).count("/") != 1
+    if looks_like_path:
+        raise UsageError(f"{model}: no such tokenizer file or model folder")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(model), "tekken.json"))
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise UsageError(f"{model}: cannot get its tokenizer (tekken.json): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
+
+
+class ChatFormat:
+    """Mistral instruct template over a Tekken tokenizer, with batch encoding."""
+
+    def __init__(self, tokenizer_file: str | os.PathLike) -> None:
+        import warnings
+
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        self.path = Path(tokenizer_file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.tekken = Tekkenizer.from_file(str(self.path))
+            self.bos = self.tekken.bos_id
+            self.eos = self.tekken.eos_id
+            self.pad = self.tekken.pad_id
+            self.inst = self.tekken.get_special_token("[INST]")
+            self.inst_end = self.tekken.get_special_token("[/INST]")
+        self.vocab_size = self.tekken.n_words
+        self._offset = self.tekken.num_special_tokens
+        self._bpe = self.tekken._model._core_bpe  # tiktoken's Rust core: the fastest path per text
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies tokenizer + template, for cache keys."""
+        return f"{_file_digest(str(self.path))}:{TEMPLATE_VERSION}"
+
+    def _raw(self, text: str) -> list[int]:
+        try:
+            return self._bpe.encode_ordinary(text)
+        except UnicodeEncodeError:  # lone surrogates: encode them as U+FFFD, as tiktoken does
+            return self._bpe.encode_ordinary(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Plain text → token ids (no special tokens), as ``Tekkenizer.encode(text, False, False)``."""
+        off = self._offset
+        return [[t + off for t in self._raw(text)] for text in texts]
+
+    def text_lengths(self, texts: list[str]) -> list[int]:
+        return [len(self._raw(text)) for text in texts]
+
+    def _user(self, ex: Example, i: int) -> str:
+        user = ex.turns[i][0]
+        if ex.system and i == len(ex.turns) - 1:
+            return f"{ex.system}\n\n{user}"
+        return user
+
+    def encode(self, examples: list[Example]) -> list[tuple[list[int], list[int]]]:
+        """Each example → ``(prompt_ids, target_ids)``; the target ends with EOS."""
+        texts = [t for ex in examples for i in range(len(ex.turns)) for t in (self._user(ex, i), ex.turns[i][1])]
+        ids = iter(self.encode_texts(texts))
+        out = []
+        for ex in examples:
+            prompt = [self.bos]
+            for i in range(len(ex.turns)):
+                user, answer = next(ids), next(ids)
+                prompt += [self.inst, *user, self.inst_end]
+                if i < len(ex.turns) - 1:
+                    prompt += [*answer, self.eos]
+                else:
+                    out.append((prompt, [*answer, self.eos]))
+        return out
+
+    def encode_prompt(self, examples: list[Example]) -> list[list[int]]:
+        """Prompt ids only, for generation."""
+        return [p for p, _ in self.encode(examples)]
+
+    def lengths(self, examples: list[Example]) -> tuple[list[int], list[int]]:
+        """``(prompt_lengths, target_lengths)`` of the formatted examples, without building the ids."""
+        texts = [t for ex in examples for i in range(len(ex.turns)) for t in (self._user(ex, i), ex.turns[i][1])]
+        lens = iter(self.text_lengths(texts))
+        prompts, targets = [], []
+        for ex in examples:
+            n = 1
+            for i in range(len(ex.turns)):
+                u, a = next(lens), next(lens)
+                n += u + 2
+                if i < len(ex.turns) - 1:
+                    n += a + 1
+                else:
+                    prompts.append(n)
+                    targets.append(a + 1)
+        return prompts, targets
+
+    def decode(self, ids: list[int]) -> str:
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        return self.tekken.decode([i for i in ids if i >= self._offset], special_token_policy=SpecialTokenPolicy.IGNORE)
+
+
+@lru_cache(maxsize=8)
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_format(model: str | os.PathLike | None = None) -> ChatFormat:
+    """The template + tokenizer for ``model`` (see :func:`resolve_tokenizer_file`)."""
+    return ChatFormat(resolve_tokenizer_file(model))
