@@ -1,0 +1,42 @@
+"""The command line: every command answers --help; the top level starts without heavy imports."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, voxtui
+
+COMMANDS = [[], ["data"], ["data", "analyze"], ["data", "audit"], ["data", "find-long"], ["data", "split"],
+            ["model"], ["model", "tiny"], ["demo"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "voxtui")
+def test_help(cmd):
+    proc = voxtui(*cmd, "--help")
+    assert proc.returncode == 0 and "usage: voxtui" in proc.stdout
+
+
+def test_help_imports_nothing_heavy():
+    code = ("import sys\nfrom engine.cli import build_parser\nbuild_parser()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'textual', 'numpy', 'mistral_common') if m in sys.modules]\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_arguments_exit_2():
+    assert voxtui("data", "nope").returncode == 2
+    assert voxtui().returncode == 2
+
+
+def test_engine_is_headless():
+    """Nothing under engine/ imports Textual (harlequin's import-hygiene test)."""
+    modules = [p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+               for p in (ROOT / "engine").rglob("*.py") if p.name != "__main__.py"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print('textual' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

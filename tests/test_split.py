@@ -1,0 +1,64 @@
+"""``voxtui data split``: cleaning, dedupe, determinism, no leakage, a full report."""
+
+import json
+
+from conftest import digest, voxtui, write_jsonl
+from engine.data.audit import audit
+from engine.data.split import split
+
+
+def make_rows(n=300):
+    rows = []
+    for i in range(n):
+        lang = "ko" if i % 2 else "en"
+        q = f"질문 {i // 3}번은 무엇인가요?" if lang == "ko" else f"What is question {i // 3}?"
+        rows.append({"instruction": q, "input": "", "output": f"answer {i}", "lang": lang})  # 3 answers a prompt
+    rows.insert(10, {"instruction": "What is question 1?", "input": "", "output": "answer 4"})  # duplicate
+    rows.insert(20, b"{broken")
+    rows.insert(30, {"instruction": "  Cafe\u0301\x07 ", "output": " ok "})  # cleaned: NFC + control char
+    rows.insert(40, {"instruction": "\x01", "output": "x"})  # empty after cleaning
+    return rows
+
+
+def test_split_is_deterministic_and_leak_free(tmp_path):
+    f = write_jsonl(tmp_path / "all.jsonl", make_rows())
+    before = digest(f)
+    a = split(str(f), str(tmp_path / "t1.jsonl"), str(tmp_path / "v1.jsonl"), val_frac=0.2, seed=7)
+    b = split(str(f), str(tmp_path / "t2.jsonl"), str(tmp_path / "v2.jsonl"), val_frac=0.2, seed=7)
+    assert (tmp_path / "t1.jsonl").read_bytes() == (tmp_path / "t2.jsonl").read_bytes()
+    assert (tmp_path / "v1.jsonl").read_bytes() == (tmp_path / "v2.jsonl").read_bytes()
+    assert a == {**b, "file": a["file"]}
+    c = split(str(f), str(tmp_path / "t3.jsonl"), str(tmp_path / "v3.jsonl"), val_frac=0.2, seed=8)
+    assert (tmp_path / "v3.jsonl").read_bytes() != (tmp_path / "v1.jsonl").read_bytes()
+    assert digest(f) == before
+    assert a["train"] + a["val"] == a["kept"] == 301 and abs(a["val"] - 60) <= 2 and c["val"] > 0
+    reasons = {(d["line"], d["reason"]) for d in a["dropped"]}
+    assert reasons == {(11, "duplicate"), (21, "invalid_json"), (41, "empty_field")}
+    assert a["cleaned"] >= 1
+    val_audit = audit(str(tmp_path / "v1.jsonl"), against=str(tmp_path / "t1.jsonl"))
+    assert val_audit["defects"] == []  # no duplicate, no leak, no control characters
+    train_text = (tmp_path / "t1.jsonl").read_text() + (tmp_path / "v1.jsonl").read_text()
+    assert "Café" in train_text and "\\u0007" not in train_text
+
+
+def test_split_max_len(tmp_path, fmt):
+    long_row = {"instruction": "Explain", "output": "word " * 200}
+    f = write_jsonl(tmp_path / "d.jsonl", [long_row, {"instruction": "x " * 100, "output": "y"}, {"instruction": "q", "output": "a"}])
+    r = split(str(f), str(tmp_path / "t.jsonl"), str(tmp_path / "v.jsonl"), val_frac=0.0, max_len=50)
+    assert r["truncated"] == 1 and [d["reason"] for d in r["dropped"]] == ["too_long"]
+    from engine.data.analyze import analyze
+
+    assert analyze(str(tmp_path / "t.jsonl"))["length"]["total"]["max"] <= 50
+    r = split(str(f), str(tmp_path / "t.jsonl"), str(tmp_path / "v.jsonl"), val_frac=0.0, max_len=50, long="drop")
+    assert r["kept"] == 1 and len(r["dropped"]) == 2
+
+
+def test_split_cli(tmp_path):
+    f = write_jsonl(tmp_path / "all.jsonl", make_rows(60))
+    rep = tmp_path / "rep.json"
+    proc = voxtui("data", "split", f, "--train", tmp_path / "t.jsonl", "--val", tmp_path / "v.jsonl", "--report", rep)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(rep.read_text())["kept"] == 61
+    same = voxtui("data", "split", f, "--train", f, "--val", tmp_path / "v.jsonl")
+    assert same.returncode == 2 and "overwrite the input" in same.stderr
+    assert voxtui("data", "split", f, "--train", tmp_path / "a", "--val", tmp_path / "b", "--val-frac", "1.5").returncode == 2
