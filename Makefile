@@ -20,6 +20,7 @@ demo: setup
 	$(VENV)/bin/voxtui demo
 
 test: setup
+	$(VENV)/bin/ruff check engine app tests bench scripts
 	$(PY) -m pytest -q
 
 lint: setup
