@@ -28,6 +28,7 @@ def tiny_config():
             "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 131072,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+            "initializer_range": 0.1,  # wide enough that a small adapter can visibly fit data
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 11,
             "rope_parameters": {"rope_theta": 1_000_000.0, "rope_type": "default"},
         },

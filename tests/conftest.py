@@ -54,3 +54,38 @@ def fmt():
     from engine.formatting import load_format
 
     return load_format()
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_args(model: Path, out: Path, train: Path, val: Path | None = None, **flags) -> list[str]:
+    """Flags for a small, exact CPU run of the worker (fp32, no quantisation unless asked)."""
+    base = {"model_id": model, "train_jsonl": train, "output_dir": out, "quant": "none", "bf16": False,
+            "per_device_bsz": 2, "max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "save_steps": 0, "eval_steps": 0,
+            "preview_steps": 0, "seed": 1, "telemetry_interval": 0.5}
+    if val is not None:
+        base["val_jsonl"] = val
+    base.update(flags)
+    args = []
+    for k, v in base.items():
+        if isinstance(v, bool):
+            args.append(f"--{k}" if v else f"--no-{k}")
+        else:
+            args += [f"--{k}", str(v)]
+    return args
+
+
+def worker(args: list[str], nproc: int = 1, env: dict | None = None, wait: bool = True, timeout: int = 300):
+    """Run the real worker: `python -m engine.train` for 1 rank, real torchrun (gloo) for more."""
+    cmd = [sys.executable, "-m", "engine.train", *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "engine.train", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc

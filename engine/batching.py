@@ -1,0 +1,189 @@
+"""Pre-tokenised data, cached by content, and the deterministic batch plan.
+
+The cache key is the hash of the data file's bytes, the tokenizer + template fingerprint, max_len and
+the long-row policy; a second start with the same inputs reads ``<cache>/<key>.npz`` and skips
+tokenisation. Loss applies to the target (answer + EOS) only.
+
+A plan is the list of micro-batches of one epoch for one rank: a seeded shuffle of (seed, epoch),
+then either length grouping (similar lengths together, so little padding, and the ranks of one step
+get batches of similar length) or packing (examples laid end to end in rows of max_len with a
+block-diagonal attention mask and positions restarting at each example).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.formatting import ChatFormat
+from engine.rows import read_examples
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Tokenized:
+    ids: np.ndarray  # every example's prompt + target, end to end (int32)
+    offsets: np.ndarray  # example i is ids[offsets[i]:offsets[i+1]]
+    prompt_lens: np.ndarray  # tokens before the target
+    dropped: int = 0
+    truncated: int = 0
+    cache_hit: bool = False
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> tuple[np.ndarray, int]:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i])
+
+
+def cache_key(path: str, fmt: ChatFormat, max_len: int, long: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(f"|{fmt.fingerprint}|{max_len}|{long}|v{CACHE_VERSION}".encode())
+    return h.hexdigest()[:32]
+
+
+def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str | None) -> Tokenized:
+    """Read from the cache, or tokenize and write the cache atomically."""
+    target = None
+    if cache_dir:
+        target = Path(cache_dir) / f"{cache_key(path, fmt, max_len, long)}.npz"
+        if target.exists():
+            z = np.load(target)
+            return Tokenized(z["ids"], z["offsets"], z["prompt_lens"], int(z["dropped"]), int(z["truncated"]), True)
+    examples = [ex for _, ex in read_examples(path)]
+    pieces, prompt_lens, dropped, truncated = [], [], 0, 0
+    for i in range(0, len(examples), 2048):
+        for prompt, answer in fmt.encode(examples[i:i + 2048]):
+            if len(prompt) + len(answer) > max_len:
+                if long == "drop" or len(prompt) >= max_len:
+                    dropped += 1
+                    continue
+                answer = answer[: max_len - len(prompt)]
+                truncated += 1
+            pieces.append(np.asarray(prompt + answer, np.int32))
+            prompt_lens.append(len(prompt))
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    tok = Tokenized(
+        ids=np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lens=np.asarray(prompt_lens, np.int32), dropped=dropped, truncated=truncated,
+    )
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=tok.ids, offsets=tok.offsets, prompt_lens=tok.prompt_lens,
+                     dropped=dropped, truncated=truncated)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    return tok
+
+
+def plan_epoch(tok: Tokenized, epoch: int, seed: int, bsz: int, rank: int, world: int, max_len: int,
+               packing: bool, group_by_length: bool) -> list[list[list[int]]]:
+    """This rank's micro-batches for ``epoch``: each a list of rows, each row a list of example indices.
+
+    Every rank gets the same number of micro-batches (the tail that cannot fill all ranks is dropped).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(tok))
+    lengths = tok.lengths
+    if packing:
+        rows = _pack(order, lengths, max_len)
+        rows_order = rng.permutation(len(rows))
+        rows = [rows[i] for i in rows_order]
+        per_step = bsz * world
+        steps = len(rows) // per_step
+        # ranks of one step get rows of similar total length (packed rows are near max_len anyway)
+        return [[rows[s * per_step + rank * bsz + j] for j in range(bsz)] for s in range(steps)]
+    per_step = bsz * world
+    if group_by_length:
+        mega = per_step * 64
+        chunks = []
+        for i in range(0, len(order), mega):
+            part = order[i:i + mega]
+            part = part[np.argsort(-lengths[part], kind="stable")]
+            chunks.extend(part[j:j + per_step] for j in range(0, len(part), per_step))
+        chunks = [c for c in chunks if len(c) == per_step]
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+        # inside a step, deal examples round-robin so every rank gets a similar length mix
+        return [[[int(x)] for x in c[rank::world]] for c in chunks]
+    steps = len(order) // per_step
+    return [[[int(x)] for x in order[s * per_step + rank * bsz: s * per_step + (rank + 1) * bsz]]
+            for s in range(steps)]
+
+
+def _pack(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[list[int]]:
+    """First-fit decreasing inside windows of the shuffled order: rows of at most max_len tokens."""
+    rows: list[list[int]] = []
+    window = 2048
+    for i in range(0, len(order), window):
+        part = sorted(order[i:i + window].tolist(), key=lambda x: -lengths[x])
+        bins: list[tuple[int, list[int]]] = []
+        for x in part:
+            n = int(lengths[x])
+            for b, (used, items) in enumerate(bins):
+                if used + n <= max_len:
+                    bins[b] = (used + n, items + [x])
+                    break
+            else:
+                bins.append((n, [x]))
+        rows.extend(items for _, items in bins)
+    return rows
+
+
+def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch. Labels are -100 outside the targets.
+
+    Unpacked: right padding and a 2-D attention mask. Packed: a 4-D boolean block-diagonal causal
+    mask and positions that restart at each example.
+    """
+    rows = []
+    for items in batch:
+        ids, labels, pos, seg = [], [], [], []
+        for k, x in enumerate(items):
+            e, p = tok.example(x)
+            ids.extend(e.tolist())
+            labels.extend([-100] * p + e[p:].tolist())
+            pos.extend(range(len(e)))
+            seg.extend([k] * len(e))
+        rows.append((ids, labels, pos, seg))
+    width = max(len(r[0]) for r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segments = torch.full((n, width), -1, dtype=torch.long)
+    for i, (ids, lab, pos, seg) in enumerate(rows):
+        L = len(ids)
+        input_ids[i, :L] = torch.tensor(ids)
+        labels[i, :L] = torch.tensor(lab)
+        position_ids[i, :L] = torch.tensor(pos)
+        segments[i, :L] = torch.tensor(seg)
+    real = int((segments >= 0).sum())
+    out = {"input_ids": input_ids, "labels": labels, "real_tokens": real, "slots": n * width}
+    if packed:
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        same = segments[:, :, None] == segments[:, None, :]
+        valid = (segments >= 0)[:, :, None] & (segments >= 0)[:, None, :]
+        mask = causal[None] & same & valid
+        mask |= torch.eye(width, dtype=torch.bool)[None]  # padding rows attend to themselves: no NaN
+        out["attention_mask"] = mask[:, None]
+        out["position_ids"] = position_ids
+    else:
+        out["attention_mask"] = (segments >= 0).long()
+    return out

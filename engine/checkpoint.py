@@ -1,0 +1,140 @@
+"""Atomic checkpoints: a standard PEFT adapter plus everything exact resume needs.
+
+``checkpoints/checkpoint-<step>/`` holds ``adapter_config.json`` + ``adapter_model.safetensors``,
+``optimizer.pt`` (optimizer and scheduler), ``rng/rank-<r>.pt`` (python, numpy, torch CPU / CUDA RNG
+of every rank) and ``trainer_state.json`` (step, epoch, data position, best, config). It is written
+under ``.tmp-checkpoint-<step>-<pid>``, every file fsynced, then renamed; a folder named
+``checkpoint-<step>`` therefore is complete, and a crash mid-save leaves only a temp folder that
+the next start removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, peft_model, optimizer, scheduler, rng_states: list[dict],
+                    state: dict, slow_hook=None) -> Path:
+    """Write checkpoint-<step> atomically (rank 0 only); returns its path."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"checkpoint-{step}"
+    tmp = ckpt_root / f".tmp-checkpoint-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "rng").mkdir()
+        for r, s in enumerate(rng_states):
+            torch.save(s, tmp / "rng" / f"rank-{r}.pt")
+        if slow_hook:
+            slow_hook()
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fd = os.open(ckpt_root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    out = []
+    for p in ckpt_root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file() and (p / "adapter_model.safetensors").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_root)
+    return done[-1][1] if done else None
+
+
+def remove_partial(ckpt_root: Path) -> list[Path]:
+    """Delete temp folders that a crash during a save left behind."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith(".tmp-checkpoint-"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def prune(ckpt_root: Path, keep: int, best_step: int | None) -> None:
+    """Keep the last ``keep`` complete checkpoints and the best one."""
+    if keep <= 0:
+        return
+    done = complete_checkpoints(ckpt_root)
+    for step, path in done[:-keep]:
+        if step != best_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainer_state(path: Path) -> dict:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_rng(path: Path, rank: int) -> dict | None:
+    f = path / "rng" / f"rank-{rank}.pt"
+    return torch.load(f, weights_only=False) if f.exists() else None
+
+
+def save_adapter_atomically(peft_model, dest: Path) -> None:
+    """``lora_final/``: the adapter alone, written to a temp name then renamed."""
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp, safe_serialization=True)
+    _fsync_tree(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)

@@ -1,0 +1,237 @@
+"""The run configuration: one typed Struct, read from TOML and/or flags, checked all at once.
+
+Flags keep the seed script's names (``--per_device_bsz``, ``--grad_accum``…). A TOML file holds the
+same fields; flags override it; the resolved config is saved as ``runs/<run>/config.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engine.util import UsageError, atomic_write
+
+DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything a run needs. Each field is also a ``--flag`` of the same name."""
+
+    model_id: str = DEFAULT_MODEL
+    """Hub id or local folder of a VoxtralForConditionalGeneration checkpoint."""
+    train_jsonl: str = ""
+    """Training rows (JSONL: {instruction, input, output} or {messages})."""
+    val_jsonl: str = ""
+    """Validation rows; empty: no evaluation."""
+    output_dir: str = ""
+    """The run folder (default: runs/<timestamp>)."""
+    per_device_bsz: int = 4
+    """Micro-batch size per rank (sequences; packed rows when --packing)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when --max_steps is set)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0: from --epochs."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW on the adapter weights)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps, then cosine decay to min_lr_ratio × lr."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule, as a share of --lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0: off)."""
+    bf16: bool = True
+    """bf16 weights and compute (on a GPU that supports it; fp32 otherwise)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on Ampere and newer."""
+    grad_ckpt: bool = True
+    """Gradient checkpointing of the decoder layers."""
+    quant: Literal["nf4", "none"] = "nf4"
+    """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_targets: list[str] = msgspec.field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections of the language model that get adapters (never the audio tower)."""
+    max_len: int = 1024
+    """Longest formatted example in tokens."""
+    long: Literal["truncate", "drop"] = "truncate"
+    """Rows over --max_len: truncate the target, or drop the row."""
+    packing: bool = False
+    """Pack several examples per row (block-diagonal attention) instead of padding."""
+    group_by_length: bool = True
+    """Without packing: batch rows of similar length together (the seed's grouping)."""
+    seed: int = 42
+    """Seeds data order, dropout and previews."""
+    save_steps: int = 100
+    """Checkpoint every N optimizer steps (0: only at the end and on request)."""
+    save_total_limit: int = 3
+    """Keep the last N checkpoints (plus the best)."""
+    eval_steps: int = 100
+    """Validation loss every N steps (0: only at the end)."""
+    early_stopping_patience: int = 0
+    """Stop after N evaluations without improvement (0: never)."""
+    early_stopping_min_delta: float = 0.0
+    """Improvement smaller than this does not count."""
+    preview_steps: int = 100
+    """Preview generations every N steps (0: off)."""
+    preview_file: str = ""
+    """JSONL rows whose prompts are previewed (default: the first rows of --val_jsonl)."""
+    preview_count: int = 4
+    """How many preview prompts."""
+    temperature: float = 0.7
+    """Preview sampling temperature (0: greedy)."""
+    top_p: float = 0.9
+    """Preview nucleus sampling."""
+    max_new_tokens: int = 64
+    """Preview length."""
+    on_nan: Literal["skip", "stop"] = "skip"
+    """A NaN / Inf loss or gradient: skip the step, or save the last good state and stop."""
+    log_steps: int = 1
+    """Telemetry every N optimizer steps."""
+    telemetry_interval: float = 1.0
+    """Seconds between GPU / CPU telemetry samples."""
+    cache_dir: str = ""
+    """Where pre-tokenised data is cached (default: runs/_cache beside the run folder)."""
+    num_workers: int = 0
+    """Dataloader worker processes (the data is pre-tokenised; 0 is usually enough)."""
+    nproc: int = 1
+    """Ranks (torchrun --nproc_per_node) when launched by voxtui run."""
+    peak_tflops: float = 0.0
+    """bf16 matmul peak per device for MFU (0: look the device up)."""
+    engine: str = ""
+    """The engine's endpoints file (engine.json) when running under voxtui run; empty: standalone."""
+
+    def validate(self) -> None:
+        """Collect every problem, then raise once."""
+        problems = []
+        if not self.train_jsonl:
+            problems.append("--train_jsonl is required")
+        for name in ("train_jsonl", "val_jsonl", "preview_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                problems.append(f"--{name} {value}: no such file")
+        for name in ("per_device_bsz", "grad_accum", "max_len", "lora_r", "lora_alpha", "nproc", "log_steps"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be above 0 (got {getattr(self, name)})")
+        for name in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "preview_steps", "preview_count",
+                     "save_total_limit", "early_stopping_patience", "num_workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or more (got {getattr(self, name)})")
+        if self.max_steps == 0 and self.epochs <= 0:
+            problems.append("set --epochs above 0 or --max_steps")
+        if self.lr <= 0:
+            problems.append(f"--lr must be above 0 (got {self.lr})")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if not 0 <= self.temperature <= 2:
+            problems.append(f"--temperature must be in [0, 2] (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top_p must be in (0, 1] (got {self.top_p})")
+        if not 1 <= self.max_new_tokens <= 4096:
+            problems.append(f"--max_new_tokens must be in [1, 4096] (got {self.max_new_tokens})")
+        bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if bad or not self.lora_targets:
+            problems.append(f"--lora_targets must be among {','.join(LORA_TARGETS)} (got {','.join(self.lora_targets)})")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+FIELDS = TrainConfig.__struct_fields__
+
+
+def field_docs() -> dict[str, str]:
+    """The docstring under each field, for --help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    docs, body = {}, tree.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = b.value.value
+    return docs
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field, defaulting to None so that only flags actually given override the TOML."""
+    parser.add_argument("--config", metavar="RUN.toml", help="TOML file with the same fields; flags override it")
+    docs = field_docs()
+    defaults = TrainConfig()
+    for name in FIELDS:
+        default = getattr(defaults, name)
+        help_text = f"{docs.get(name, '')} (default: {default if default != '' else 'none'})"
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{name}", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                                default=None, metavar="A,B,…", help=help_text)
+        else:
+            parser.add_argument(f"--{name}", type=type(default), default=None, help=help_text)
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    """TOML (if ``--config``) + flags → a checked TrainConfig."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(read_toml(args.config))
+    for name in FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    try:
+        cfg = msgspec.convert(values, TrainConfig)
+    except msgspec.ValidationError as e:
+        raise UsageError(f"config: {e}") from None
+    cfg.validate()
+    return cfg
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: {e}") from None
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    return data
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    lines = []
+    for name in FIELDS:
+        v = getattr(cfg, name)
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            text = repr(v)
+        elif isinstance(v, list):
+            text = "[" + ", ".join(msgspec.json.encode(x).decode() for x in v) + "]"
+        else:
+            text = msgspec.json.encode(v).decode()  # a JSON string is a valid TOML basic string
+        lines.append(f"{name} = {text}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    with atomic_write(path) as f:
+        f.write(to_toml(cfg))

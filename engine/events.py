@@ -1,0 +1,157 @@
+"""Where a worker's events go: ``events.jsonl`` (standalone) or the engine's PULL socket.
+
+Standalone, rank 0 numbers the events itself (continuing after the last line on resume) and
+appends them, flushed, to ``runs/<run>/events.jsonl``. Under the engine, workers PUSH unnumbered
+events and the engine numbers, stores and relays them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+from engine.protocol import AnyCommand, Message, command_decoder, event_encoder, stamp
+
+
+def last_seq(path: Path) -> int:
+    """The sequence number of the last complete line of an events file (0 if none)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        end = f.tell()
+        block = b""
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            block = f.read(step) + block
+            lines = block.split(b"\n")
+            for line in reversed(lines[1:] if pos > 0 else lines):
+                if line.strip():
+                    try:
+                        return int(json.loads(line)["seq"])
+                    except (ValueError, KeyError):
+                        continue  # a torn last line: look further back
+    return 0
+
+
+class JsonlSink:
+    """Numbers events and appends them to ``events.jsonl`` (thread-safe)."""
+
+    def __init__(self, path: str | os.PathLike, run: str = "") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.seq = last_seq(self.path)
+        self.run = run
+        self._lock = threading.Lock()
+        self._f = open(self.path, "ab")
+        # a torn last line from a crash would glue onto the next one: start on a fresh line
+        if self._f.tell() > 0:
+            with open(self.path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self._f.write(b"\n")
+
+    def emit(self, event: Message) -> None:
+        with self._lock:
+            self.seq += 1
+            self._f.write(event_encoder.encode(stamp(event, self.seq, self.run)) + b"\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+class PushSink:
+    """Sends events to the engine (PUSH → its PULL); the engine numbers and stores them."""
+
+    def __init__(self, endpoint: str, run: str = "") -> None:
+        import zmq
+
+        self.run = run
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.connect(endpoint)
+        self._lock = threading.Lock()
+
+    def emit(self, event: Message) -> None:
+        import zmq
+
+        event.run = self.run
+        with self._lock:
+            try:
+                self._sock.send(event_encoder.encode(stamp(event, 0, self.run)), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the engine is not reading: never block training on telemetry
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close()
+
+
+class NullSink:
+    def emit(self, event: Message) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ControlInbox:
+    """Commands for the workers, read by rank 0 at each step boundary.
+
+    Under the engine: a SUB socket on the engine's control endpoint. Always: signals —
+    SIGTERM / SIGINT mean stop (save, then exit 0), SIGUSR1 means save a checkpoint now.
+    """
+
+    def __init__(self, endpoint: str | None = None) -> None:
+        self._pending: list[AnyCommand] = []
+        self._sock = None
+        if endpoint:
+            import zmq
+
+            self._sock = zmq.Context.instance().socket(zmq.SUB)
+            self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(endpoint)
+
+    def install_signal_handlers(self) -> None:
+        from engine.protocol import SaveCheckpoint, Stop
+
+        def on_stop(signum, frame):
+            self._pending.append(Stop(id=f"signal-{signum}"))
+
+        def on_save(signum, frame):
+            self._pending.append(SaveCheckpoint(id="signal-usr1"))
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGUSR1, on_save)
+
+    def poll(self) -> list[AnyCommand]:
+        out, self._pending = self._pending, []
+        if self._sock is not None:
+            import zmq
+
+            while True:
+                try:
+                    raw = self._sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    out.append(command_decoder.decode(raw))
+                except Exception:
+                    continue  # the engine validates; a bad frame here is dropped
+        return out
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()

@@ -1,0 +1,240 @@
+"""Loading Voxtral for text-only LoRA / QLoRA, the parameter table, the loss and generation.
+
+* The language model is found in either transformers layout (5.x ``model.model.language_model``,
+  4.5x ``model.language_model``); adapters go on its q/k/v/o/gate/up/down projections only.
+* The audio tower is never trained and never given adapters. For text-only training it is not needed
+  at all, so after loading it is replaced by an empty placeholder: its weights leave the GPU (about
+  1.3 GB in bf16 for Voxtral-Mini-3B). Adapter names are unchanged, so a saved adapter loads with
+  ``PeftModel.from_pretrained`` on the full model.
+* The loss is computed only at target positions, in chunks, so the full ``B × L × 131072`` logits
+  tensor is never built.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from engine.config import TrainConfig
+
+
+class AudioTowerRemoved(nn.Module):
+    """Stands where the audio tower was; text-only training never calls it."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this model was loaded for text-only training: the audio tower was removed")
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack of a Voxtral model, in either transformers layout."""
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "language_model"):
+        return inner.language_model  # transformers 5.x
+    if hasattr(model, "language_model"):
+        lm = model.language_model  # transformers 4.5x: a LlamaForCausalLM
+        return getattr(lm, "model", lm)
+    raise ValueError("not a Voxtral model: no language_model found")
+
+
+def lora_target_regex(targets: list[str]) -> str:
+    """Matches the chosen projections inside the language model and nowhere else."""
+    return r".*language_model\..*\.(" + "|".join(map(re.escape, targets)) + r")$"
+
+
+def _drop_audio_tower(model: nn.Module) -> int:
+    """Replace the audio tower by a placeholder; returns the parameters freed."""
+    holder = model.model if hasattr(getattr(model, "model", None), "audio_tower") else model
+    tower = getattr(holder, "audio_tower", None)
+    if tower is None or isinstance(tower, AudioTowerRemoved):
+        return 0
+    n = sum(p.numel() for p in tower.parameters())
+    holder.audio_tower = AudioTowerRemoved()
+    return n
+
+
+def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False):
+    """The base model with LoRA adapters on the language model, ready to train, and the parameter
+    counts of what was removed (the audio tower), for the parameter table."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import VoxtralForConditionalGeneration
+
+    dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if cfg.quant == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
+            llm_int8_skip_modules=["lm_head", "multi_modal_projector", "audio_tower"],
+        )
+    model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
+    removed = {} if keep_audio else {"audio_tower (frozen, removed after loading)": _drop_audio_tower(model)}
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.quant == "nf4" or cfg.grad_ckpt:
+        # what prepare_model_for_kbit_training does that matters here, without casting every
+        # non-quantised weight to fp32 (which costs memory and speed)
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_target_regex(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    # adapter weights train in fp32 for stable updates; the frozen base stays in its dtype
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, removed
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU autocast / bf16 weights work; tests use --no-bf16 for exactness
+
+
+def param_table(model: nn.Module, removed: dict[str, int] | None = None) -> tuple[list[tuple[str, int, int, int]], int, int]:
+    """Per part (audio tower, projector, decoder layers' base and LoRA weights, embedding, head):
+    trainable / frozen / quantised parameter counts. Quantised 4-bit weights count as their logical size."""
+    groups: OrderedDict[str, list[int]] = OrderedDict((k, [0, n, 0]) for k, n in (removed or {}).items())
+    for name, p in model.named_parameters():
+        key = _group(name)
+        row = groups.setdefault(key, [0, 0, 0])
+        n = _logical_numel(p)
+        if p.requires_grad:
+            row[0] += n
+        elif _is_quantized(p):
+            row[2] += n
+        else:
+            row[1] += n
+    rows = [(k, *v) for k, v in groups.items()]
+    trainable = sum(r[1] for r in rows)
+    total = sum(r[1] + r[2] + r[3] for r in rows)
+    return rows, trainable, total
+
+
+def _group(name: str) -> str:
+    name = name.replace("base_model.model.", "")
+    m = re.search(r"language_model\.(?:model\.)?layers\.(\d+)\.", name)
+    if m:
+        part = "lora" if "lora_" in name else "base"
+        return f"language_model.layers ({part})"
+    for key in ("audio_tower", "multi_modal_projector", "embed_tokens", "lm_head", "norm"):
+        if key in name:
+            return key
+    return name.rsplit(".", 1)[0]
+
+
+def _is_quantized(p: torch.Tensor) -> bool:
+    return p.__class__.__name__ == "Params4bit" or p.dtype == torch.uint8
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
+def render_param_table(rows, trainable: int, total: int) -> str:
+    out = [f"{'module':<34}{'trainable':>14}{'frozen':>14}{'quantized':>14}"]
+    for name, t, f, q in rows:
+        out.append(f"{name:<34}{t:>14,}{f:>14,}{q:>14,}")
+    out.append(f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
+    return "\n".join(out)
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters of the language model's linear layers plus the head: what each token multiplies by."""
+    lm = language_model(_unwrap(model))
+    n = 0
+    for mod in lm.modules():
+        if isinstance(mod, nn.Linear) or mod.__class__.__name__ in ("Linear4bit", "Linear8bitLt"):
+            w = getattr(mod, "base_layer", mod).weight
+            n += _logical_numel(w)
+    head = _unwrap(model).get_output_embeddings()
+    return n + head.weight.numel()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module"):  # DDP
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+class CausalLMLoss(nn.Module):
+    """(summed token loss, tokens) for a batch, computing logits only where labels are set.
+
+    Wraps the PEFT model so that DDP sees one forward. The head runs in chunks of ``chunk`` rows,
+    each under activation checkpointing, so logits never exist for more than ``chunk`` tokens.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 4096) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        base = _unwrap(self.model)
+        out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        # position t predicts token t+1
+        shift_labels = labels[:, 1:]
+        mask = shift_labels != -100
+        h = hidden[:, :-1][mask]
+        y = shift_labels[mask]
+        head = base.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], self.chunk):
+            total = total + torch.utils.checkpoint.checkpoint(
+                _head_ce, head.weight, h[i:i + self.chunk], y[i:i + self.chunk], use_reentrant=False)
+        return total, mask.sum()
+
+
+def _head_ce(weight, h, y):
+    logits = torch.nn.functional.linear(h, weight).float()
+    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+             seed: int, eos: int, pad: int, device: torch.device) -> list[list[int]]:
+    """Sampled (or greedy at temperature 0) continuations of each prompt, left-padded in one batch."""
+    peft = model.module if hasattr(model, "module") else model
+    was_training = peft.training
+    peft.eval()
+    try:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        att = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            att[i, width - len(p):] = 1
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # sampling draws from its own seeded generator, so previews never disturb training RNG
+        state = torch.random.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "eos_token_id": eos,
+                  "pad_token_id": pad, "use_cache": True}
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        out = peft.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs)
+        torch.random.set_rng_state(state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    finally:
+        if was_training:
+            peft.train()
+    result = []
+    for row in out[:, width:].tolist():
+        if eos in row:
+            row = row[:row.index(eos)]
+        result.append([t for t in row if t != pad])
+    return result

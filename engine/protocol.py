@@ -1,0 +1,216 @@
+"""The messages between workers, engine and clients: msgspec tagged unions, versioned.
+
+Documented in ``docs/protocol.md``. Schema evolution follows msgspec's rules: new fields get
+defaults, a field never changes type, nothing is reordered.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False):
+    """Envelope shared by every event: sequence number (per run, from 1), time, run id, version."""
+
+    seq: int = 0
+    time: float = 0.0
+    run: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+# ----------------------------------------------------------------------------- events
+
+
+class Status(Message, tag="status"):
+    state: str  # starting | running | paused | stopping | finished | failed
+    message: str = ""
+    step: int = 0
+
+
+class Step(Message, tag="step"):
+    step: int
+    loss: float | None  # null when not finite (then ``nonfinite`` says which)
+    lr: float
+    grad_norm: float | None
+    tokens_per_s: float  # real (non-pad) tokens per second, all ranks together
+    epoch: float = 0.0
+    tokens: int = 0  # real tokens in this step, all ranks
+    tokens_per_s_rank: list[float] = []
+    step_time: float = 0.0  # seconds, slowest rank
+    step_time_rank: list[float] = []
+    pad_frac: float = 0.0
+    mfu: float | None = None
+    mem_allocated: float = 0.0  # GiB, rank 0's device
+    mem_reserved: float = 0.0
+    mem_peak: float = 0.0
+    skipped: bool = False  # a non-finite loss or gradient: the update was not applied
+    nonfinite: str = ""  # "loss" or "grad_norm" when that one was NaN / Inf
+
+
+class Eval(Message, tag="eval"):
+    step: int
+    loss: float
+    ppl: float
+    tokens: int = 0
+    best_loss: float = 0.0
+    best_step: int = 0
+    improved: bool = False
+    patience_left: int = 0
+
+
+class Preview(Message, tag="preview"):
+    step: int
+    prompt: str
+    text: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int = 0
+    index: int = 0  # which preview prompt
+    reference: str = ""
+    rank: int = 0
+    seed: int = 0
+
+
+class Checkpoint(Message, tag="checkpoint"):
+    step: int
+    path: str
+    best: bool = False
+    val_loss: float | None = None
+    final: bool = False
+
+
+class Alert(Message, tag="alert"):
+    level: str  # info | warning | error
+    kind: str  # nan_loss, loss_spike, rank_died, …
+    message: str
+    rank: int | None = None
+    step: int | None = None
+
+
+class ParamRow(msgspec.Struct, array_like=True):
+    module: str
+    trainable: int
+    frozen: int
+    quantized: int
+
+
+class ParamTable(Message, tag="param_table"):
+    rows: list[ParamRow]
+    trainable: int
+    total: int
+
+
+class GpuStat(msgspec.Struct, kw_only=True):
+    index: int
+    name: str = ""
+    util: float = 0.0  # percent
+    mem_used: float = 0.0  # GiB
+    mem_total: float = 0.0
+    power: float = 0.0  # W
+    temp: float = 0.0  # °C
+    sm_clock: float = 0.0  # MHz
+    throttle: list[str] = []
+
+
+class Telemetry(Message, tag="telemetry"):
+    host: str = ""
+    rank: int = 0
+    gpus: list[GpuStat] = []
+    cpu_percent: float | None = None  # on a CPU run: the worker process
+    rss: float | None = None  # GiB
+    mem_used_frac: float | None = None  # the host's memory in use
+
+
+class RunInfo(Message, tag="run_info"):
+    """Sent once at the start: what this run is."""
+
+    model_id: str
+    world_size: int
+    device: str
+    train_rows: int
+    val_rows: int
+    total_steps: int
+    steps_per_epoch: int
+    config: dict = {}
+    cache_hit: bool = False
+    dropped_long: int = 0
+    truncated_long: int = 0
+
+
+class Log(Message, tag="log"):
+    level: str = "info"
+    message: str = ""
+    rank: int = 0
+
+
+Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log
+
+# ----------------------------------------------------------------------------- commands
+
+
+class Command(msgspec.Struct, kw_only=True, tag_field="type", forbid_unknown_fields=True):
+    id: str = ""  # client-chosen, for replies and de-duplication
+    v: int = PROTOCOL_VERSION
+
+
+class SetPreviewParams(Command, tag="set_preview_params"):
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            out.append("temperature must be in [0, 2]")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            out.append("top_p must be in (0, 1]")
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 4096:
+            out.append("max_new_tokens must be in [1, 4096]")
+        return out
+
+
+class PreviewNow(Command, tag="preview_now"):
+    pass
+
+
+class SaveCheckpoint(Command, tag="save_checkpoint"):
+    pass
+
+
+class Pause(Command, tag="pause"):
+    pass
+
+
+class Resume(Command, tag="resume"):
+    pass
+
+
+class Stop(Command, tag="stop"):
+    pass
+
+
+class EvalNow(Command, tag="eval_now"):
+    pass
+
+
+class RunInference(Command, tag="run_inference"):
+    checkpoint: int | None = None
+    data: str = ""
+
+
+AnyCommand = SetPreviewParams | PreviewNow | SaveCheckpoint | Pause | Resume | Stop | EvalNow | RunInference
+
+event_encoder = msgspec.json.Encoder()
+event_decoder = msgspec.json.Decoder(Event)
+command_decoder = msgspec.json.Decoder(AnyCommand)
+
+
+def stamp(event: Message, seq: int, run: str = "") -> Message:
+    event.seq = seq
+    event.time = event.time or time.time()
+    event.run = run or event.run
+    return event

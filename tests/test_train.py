@@ -1,0 +1,174 @@
+"""The training worker on the CPU: the tiny model, real torchrun (gloo), real files."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import read_events, train_args, worker, write_jsonl
+
+
+def memorable_rows(n=8):
+    return [{"instruction": f"Say the code word {i}.", "output": f"The code word {i} is {'가나다라마바사아'[i % 8]}{i * 7}."}
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", memorable_rows()), write_jsonl(d / "val.jsonl", memorable_rows(4))
+
+
+def steps(events):
+    """The last logged loss of each step (a resumed run logs some steps twice)."""
+    out = {}
+    for e in events:
+        if e["type"] == "step":
+            out[e["step"]] = e["loss"]
+    return out
+
+
+def test_single_rank_learns_and_writes_the_run_folder(tmp_path, tiny_model, data):
+    train, val = data
+    out = tmp_path / "run"
+    proc = worker(train_args(tiny_model, out, train, val, max_steps=30, lr=1e-2, eval_steps=15, save_steps=10,
+                             preview_steps=15, preview_count=2, max_new_tokens=6, cache_dir=tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = read_events(out)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    losses = steps(events)
+    assert sorted(losses) == list(range(1, 31))
+    assert sum(list(losses.values())[-5:]) / 5 < 0.7 * sum(list(losses.values())[:5]) / 5  # it learns
+    types = {e["type"] for e in events}
+    assert {"status", "param_table", "run_info", "step", "eval", "preview", "checkpoint", "telemetry"} <= types
+    assert events[-1]["type"] == "status" and events[-1]["state"] == "finished"
+    table = next(e for e in events if e["type"] == "param_table")
+    trainable_rows = [r for r in table["rows"] if r[1] > 0]
+    assert [r[0] for r in trainable_rows] == ["language_model.layers (lora)"]
+    assert any(r[0].startswith("audio_tower") and r[2] > 0 for r in table["rows"])
+    tel = next(e for e in events if e["type"] == "telemetry")
+    assert tel["rss"] > 0 and tel["gpus"] == []
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [15, 30] and all(math.isclose(e["ppl"], math.exp(e["loss"])) for e in evals)
+    assert (out / "config.toml").is_file() and "quant = \"none\"" in (out / "config.toml").read_text()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-15", "checkpoint-20", "checkpoint-30"]  # the last 3 (30 is also the best)
+    assert (out / "lora_final" / "adapter_model.safetensors").is_file()
+
+    # TensorBoard's own reader sees the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/ppl"} <= tags
+    assert len(acc.Scalars("train/loss")) == 30
+
+    # the adapter is a standard PEFT adapter on the language model only, and it changes the logits
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import VoxtralForConditionalGeneration
+
+    keys = load_file(str(out / "lora_final" / "adapter_model.safetensors")).keys()
+    assert keys and all("language_model" in k and "lora_" in k for k in keys)
+    assert not any("audio_tower" in k for k in keys)
+    base = VoxtralForConditionalGeneration.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([[1, 3, 5000, 6000, 4]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, out / "lora_final").eval()
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+
+    # a second start with the same data hits the tokenized cache
+    again = worker(train_args(tiny_model, tmp_path / "run2", train, max_steps=1, cache_dir=tmp_path / "cache"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    info = next(e for e in read_events(tmp_path / "run2") if e["type"] == "run_info")
+    assert info["cache_hit"] is True
+    first = next(e for e in events if e["type"] == "run_info")
+    assert first["cache_hit"] is False
+
+
+def test_nan_policy(tmp_path, tiny_model, data):
+    train, _ = data
+    skip = worker(train_args(tiny_model, tmp_path / "skip", train, max_steps=4), env={"VOXTUI_FAULT_NAN_STEP": "3"})
+    assert skip.returncode == 0, skip.stdout + skip.stderr
+    events = read_events(tmp_path / "skip")
+    step3 = [e for e in events if e["type"] == "step" and e["step"] == 3][0]
+    assert step3["loss"] is None and step3["skipped"] and step3["nonfinite"] == "loss"
+    assert any(e["type"] == "alert" and e["kind"] == "nan_loss" and e["step"] == 3 for e in events)
+    assert all(e["loss"] is not None for e in events if e["type"] == "step" and e["step"] != 3)
+
+    stop = worker(train_args(tiny_model, tmp_path / "stop", train, max_steps=6, on_nan="stop"),
+                  env={"VOXTUI_FAULT_NAN_STEP": "3"})
+    assert stop.returncode == 1
+    events = read_events(tmp_path / "stop")
+    assert events[-1]["type"] == "status" and events[-1]["state"] == "failed"
+    ckpt = [e for e in events if e["type"] == "checkpoint"]
+    assert [c["step"] for c in ckpt] == [2]  # the last good state
+    state = json.loads((tmp_path / "stop" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["reason"] == "nan"
+
+
+def test_qlora_nf4_on_cpu(tmp_path, tiny_model, data):
+    train, _ = data
+    proc = worker(train_args(tiny_model, tmp_path / "q", train, max_steps=3, quant="nf4", grad_ckpt=True))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = read_events(tmp_path / "q")
+    table = next(e for e in events if e["type"] == "param_table")
+    quantized = {r[0]: r[3] for r in table["rows"]}
+    assert quantized["language_model.layers (base)"] > 0
+    assert all(math.isfinite(e["loss"]) for e in events if e["type"] == "step")
+    assert (tmp_path / "q" / "lora_final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data):
+    """2 real ranks. An uninterrupted run gives the reference losses. A second run is killed (-9, the
+    whole process group) while writing checkpoint-4; checkpoint-2 stays the latest complete one; the
+    resumed run then logs exactly the reference losses."""
+    import os
+    import signal
+    import time
+
+    train, _ = data
+    rows = write_jsonl(tmp_path / "more.jsonl", memorable_rows(16))
+    common = {"max_steps": 8, "save_steps": 2, "per_device_bsz": 2, "lora_dropout": 0.1, "cache_dir": tmp_path / "c"}
+    ref = worker(train_args(tiny_model, tmp_path / "ref", rows, **common), nproc=2)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    reference = steps(read_events(tmp_path / "ref"))
+    assert sorted(reference) == list(range(1, 9))
+    assert next(e for e in read_events(tmp_path / "ref") if e["type"] == "run_info")["world_size"] == 2
+
+    run = tmp_path / "crash"
+    proc = worker(train_args(tiny_model, run, rows, **common), nproc=2, wait=False,
+                  env={"VOXTUI_FAULT_SLOW_SAVE": "3"})
+    deadline = time.time() + 240
+    ckpts = run / "checkpoints"
+    while time.time() < deadline:
+        if ckpts.is_dir() and any(p.name.startswith(".tmp-checkpoint-4-") for p in ckpts.iterdir()):
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    else:
+        pytest.fail("never reached the save of checkpoint-4")
+    # torchrun starts each worker in a session of its own: kill -9 every process of the run
+    import psutil
+
+    group = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in group:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs([psutil.Process(p) for p in group if psutil.pid_exists(p)], timeout=10)
+    from engine.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(ckpts).name == "checkpoint-2"
+
+    resumed = worker(["--resume", str(run)], nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+    got = steps(read_events(run))
+    assert got == reference  # same data order, same dropout masks: the same losses, bit for bit
+    events = read_events(run)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
