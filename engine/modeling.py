@@ -86,7 +86,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
                       target_modules=lora_target_regex(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     # adapter weights train in fp32 for stable updates; the frozen base stays in its dtype
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     return model, removed

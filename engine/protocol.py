@@ -21,6 +21,11 @@ class Message(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Fals
     run: str = ""
     v: int = PROTOCOL_VERSION
 
+    @property
+    def type(self) -> str:
+        """The type tag (``step``, ``preview``, …), as on the wire."""
+        return self.__struct_config__.tag
+
 
 # ----------------------------------------------------------------------------- events
 
@@ -155,6 +160,10 @@ Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telem
 class Command(msgspec.Struct, kw_only=True, tag_field="type", forbid_unknown_fields=True):
     id: str = ""  # client-chosen, for replies and de-duplication
     v: int = PROTOCOL_VERSION
+
+    @property
+    def type(self) -> str:
+        return self.__struct_config__.tag
 
 
 class SetPreviewParams(Command, tag="set_preview_params"):

@@ -16,7 +16,7 @@ _THROTTLE = {
 def sample_gpus(pynvml, handles) -> list[GpuStat]:
     out = []
     for i, h in handles:
-        def get(fn, *a, default=0.0):
+        def get(fn, *a, default=0.0, h=h):
             try:
                 return fn(h, *a)
             except pynvml.NVMLError:
