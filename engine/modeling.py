@@ -50,7 +50,7 @@ def _drop_audio_tower(model: nn.Module) -> int:
     tower = getattr(holder, "audio_tower", None)
     if tower is None or isinstance(tower, AudioTowerRemoved):
         return 0
-    n = sum(p.numel() for p in tower.parameters())
+    n = sum(_logical_numel(p) for p in tower.parameters())
     holder.audio_tower = AudioTowerRemoved()
     return n
 
@@ -72,7 +72,14 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
             llm_int8_skip_modules=["lm_head", "multi_modal_projector", "audio_tower"],
         )
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
-    removed = {} if keep_audio else {"audio_tower (frozen, removed after loading)": _drop_audio_tower(model)}
+    removed = {}
+    if not keep_audio:
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        removed["audio_tower (frozen, removed after loading)"] = _drop_audio_tower(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            freed = (before - torch.cuda.memory_allocated(device)) / 2**30
+            print(f"[voxtui] audio tower removed: {freed:.2f} GiB of device memory freed", flush=True)
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -140,9 +147,10 @@ def _logical_numel(p: torch.Tensor) -> int:
 
 
 def render_param_table(rows, trainable: int, total: int) -> str:
-    out = [f"{'module':<34}{'trainable':>14}{'frozen':>14}{'quantized':>14}"]
+    width = max(len(r[0]) for r in rows) + 2 if rows else 34
+    out = [f"{'module':<{width}}{'trainable':>14}{'frozen':>14}{'quantized':>14}"]
     for name, t, f, q in rows:
-        out.append(f"{name:<34}{t:>14,}{f:>14,}{q:>14,}")
+        out.append(f"{name:<{width}}{t:>14,}{f:>14,}{q:>14,}")
     out.append(f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     return "\n".join(out)
 

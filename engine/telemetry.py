@@ -19,11 +19,13 @@ def sample_gpus(pynvml, handles) -> list[GpuStat]:
         def get(fn, *a, default=0.0, h=h):
             try:
                 return fn(h, *a)
-            except pynvml.NVMLError:
+            except Exception:  # NVMLError, or a query this driver / library does not have
                 return default
         mem = get(pynvml.nvmlDeviceGetMemoryInfo, default=None)
         util = get(pynvml.nvmlDeviceGetUtilizationRates, default=None)
-        reasons = int(get(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, default=0))
+        reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons")
+        reasons = int(get(reasons_fn, default=0))
         name = get(pynvml.nvmlDeviceGetName, default="")
         out.append(GpuStat(
             index=i, name=name.decode() if isinstance(name, bytes) else str(name),

@@ -580,7 +580,7 @@ class Trainer:
         seed = self.cfg.seed + self.step
         texts = []
         if mine:
-            outs = generate(self.loss_module.module if d.world > 1 else self.model, [self.previews[i][0] for i in mine],
+            outs = generate(self.model, [self.previews[i][0] for i in mine],
                             int(p["max_new_tokens"]), float(p["temperature"]), float(p["top_p"]), seed,
                             self.fmt.eos, self.fmt.pad, d.device)
             texts = [(i, self.fmt.decode(o)) for i, o in zip(mine, outs)]
@@ -612,7 +612,8 @@ class Trainer:
                      "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
                      "best_step": self.best_step, "bad_evals": self.bad_evals, "preview": self.preview,
                      "total_steps": self.total_steps, "reason": reason, "time": time.time(),
-                     "model_id": self.cfg.model_id}
+                     "model_id": self.cfg.model_id,
+                     "config": {k: getattr(self.cfg, k) for k in self.cfg.__struct_fields__}}
             slow = float(os.environ.get("VOXTUI_FAULT_SLOW_SAVE", "0"))
             root = self.run_dir / "checkpoints"
             path = checkpoint.save_checkpoint(root, self.step, peft, self.optimizer, self.scheduler, states, state,

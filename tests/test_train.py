@@ -134,12 +134,15 @@ def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data
 
     train, _ = data
     rows = write_jsonl(tmp_path / "more.jsonl", memorable_rows(16))
-    common = {"max_steps": 8, "save_steps": 2, "per_device_bsz": 2, "lora_dropout": 0.1, "cache_dir": tmp_path / "c"}
+    common = {"max_steps": 8, "save_steps": 2, "per_device_bsz": 2, "lora_dropout": 0.1, "cache_dir": tmp_path / "c",
+              "preview_steps": 3, "preview_file": rows, "preview_count": 3, "max_new_tokens": 4}
     ref = worker(train_args(tiny_model, tmp_path / "ref", rows, **common), nproc=2)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     reference = steps(read_events(tmp_path / "ref"))
     assert sorted(reference) == list(range(1, 9))
     assert next(e for e in read_events(tmp_path / "ref") if e["type"] == "run_info")["world_size"] == 2
+    previews = [e for e in read_events(tmp_path / "ref") if e["type"] == "preview"]
+    assert {(e["step"], e["index"], e["rank"]) for e in previews} == {(s, i, i % 2) for s in (3, 6) for i in range(3)}
 
     run = tmp_path / "crash"
     proc = worker(train_args(tiny_model, run, rows, **common), nproc=2, wait=False,
@@ -172,3 +175,33 @@ def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data
     assert got == reference  # same data order, same dropout masks: the same losses, bit for bit
     events = read_events(run)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_early_stopping(tmp_path, tiny_model, data):
+    train, val = data
+    out = tmp_path / "es"
+    # min_delta so large that no evaluation after the first counts as an improvement
+    proc = worker(train_args(tiny_model, out, train, val, max_steps=50, eval_steps=2, save_steps=2,
+                             early_stopping_patience=2, early_stopping_min_delta=100.0))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = read_events(out)
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6] and [e["improved"] for e in evals] == [True, False, False]
+    assert evals[-1]["patience_left"] == 0 and evals[0]["best_step"] == 2
+    assert events[-1]["state"] == "finished" and events[-1]["message"] == "early stopping"
+    from engine.checkpoint import complete_checkpoints
+
+    assert 2 in [s for s, _ in complete_checkpoints(out / "checkpoints")]  # the best is kept
+
+
+def test_lora_targets_only_the_language_model_in_both_layouts():
+    import re
+
+    from engine.modeling import lora_target_regex
+
+    rx = re.compile(lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    assert rx.fullmatch("model.language_model.layers.3.self_attn.q_proj")  # transformers 5.x
+    assert rx.fullmatch("language_model.model.layers.3.mlp.down_proj")  # transformers 4.5x
+    assert not rx.fullmatch("model.audio_tower.layers.3.self_attn.q_proj")
+    assert not rx.fullmatch("model.multi_modal_projector.linear_1")
+    assert not rx.fullmatch("lm_head")
