@@ -86,6 +86,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler="engine.commands:model_tiny")
 
+    from engine.config import add_flags
+
+    p = sub.add_parser("preflight", help="system, data, model and memory checks: go / warn / no-go and the launch command",
+                       description="Collects every problem, then reports once with a verdict and the exact torchrun "
+                                   "command. Exit 0 on go or warn, 1 on no-go, 2 on bad arguments.")
+    add_flags(p)
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON (- for stdout)")
+    p.add_argument("--autorun", action="store_true", help="on go or warn, start the run (detached)")
+    p.set_defaults(handler="engine.preflight:main")
+
+    p = sub.add_parser("run", help="start the engine for a new run (or --resume RUN)",
+                       description="Creates runs/<run>/ (or --output_dir), writes the resolved config, runs "
+                                   "preflight, then starts the engine, which spawns torchrun and relays its events.")
+    add_flags(p)
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
+    p.add_argument("--detach", action="store_true", help="run the engine in the background (survives the SSH "
+                                                        "session); prints the run folder and returns")
+    p.add_argument("--skip_preflight", action="store_true", help="start without the preflight checks")
+    p.set_defaults(handler="engine.runner:cmd_run")
+
+    eng = sub.add_parser("engine", help="runs on this machine: list, status, stop")
+    esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
+    p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age")
+    p.add_argument("--runs", default="runs", metavar="DIR")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(handler="engine.runner:cmd_engine")
+    p = esub.add_parser("status", help="one run's state")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(handler="engine.runner:cmd_engine")
+    p = esub.add_parser("stop", help="stop a run gracefully (the workers save first)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="seconds to wait for the engine to exit")
+    p.set_defaults(handler="engine.runner:cmd_engine")
+
     p = sub.add_parser("demo", help="the tiny model and the bundled sample data, end to end on the CPU")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where runs and the demo model live (default runs/)")
     p.set_defaults(handler="engine.commands:demo")

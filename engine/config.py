@@ -104,12 +104,12 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Seconds between GPU / CPU telemetry samples."""
     cache_dir: str = ""
     """Where pre-tokenised data is cached (default: runs/_cache beside the run folder)."""
-    num_workers: int = 0
-    """Dataloader worker processes (the data is pre-tokenised; 0 is usually enough)."""
     nproc: int = 1
     """Ranks (torchrun --nproc_per_node) when launched by voxtui run."""
     peak_tflops: float = 0.0
     """bf16 matmul peak per device for MFU (0: look the device up)."""
+    alert_action: Literal["warn", "save", "stop"] = "warn"
+    """What the engine does on a health alert (loss spike, grad-norm blow-up, throughput drop, throttling)."""
     engine: str = ""
     """The engine's endpoints file (engine.json) when running under voxtui run; empty: standalone."""
 
@@ -126,7 +126,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name} must be above 0 (got {getattr(self, name)})")
         for name in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "preview_steps", "preview_count",
-                     "save_total_limit", "early_stopping_patience", "num_workers"):
+                     "save_total_limit", "early_stopping_patience"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must be 0 or more (got {getattr(self, name)})")
         if self.max_steps == 0 and self.epochs <= 0:

@@ -112,9 +112,15 @@ class ControlInbox:
     SIGTERM / SIGINT mean stop (save, then exit 0), SIGUSR1 means save a checkpoint now.
     """
 
-    def __init__(self, endpoint: str | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, engine_timeout: float = 30.0) -> None:
+        import time
+
         self._pending: list[AnyCommand] = []
         self._sock = None
+        self._seen: dict[str, None] = {}
+        self.engine_timeout = engine_timeout
+        self.last_heartbeat = time.monotonic()
+        self.engine_lost = False
         if endpoint:
             import zmq
 
@@ -137,6 +143,11 @@ class ControlInbox:
         signal.signal(signal.SIGUSR1, on_save)
 
     def poll(self) -> list[AnyCommand]:
+        """New commands (each id once: the engine re-sends until it sees the ack)."""
+        import time
+
+        from engine.protocol import Heartbeat, Stop
+
         out, self._pending = self._pending, []
         if self._sock is not None:
             import zmq
@@ -147,9 +158,22 @@ class ControlInbox:
                 except zmq.Again:
                     break
                 try:
-                    out.append(command_decoder.decode(raw))
+                    cmd = command_decoder.decode(raw)
                 except Exception:
                     continue  # the engine validates; a bad frame here is dropped
+                if isinstance(cmd, Heartbeat):
+                    self.last_heartbeat = time.monotonic()
+                    continue
+                if cmd.id and cmd.id in self._seen:
+                    continue
+                if cmd.id:
+                    self._seen[cmd.id] = None
+                    if len(self._seen) > 4096:
+                        self._seen.pop(next(iter(self._seen)))
+                out.append(cmd)
+            if not self.engine_lost and time.monotonic() - self.last_heartbeat > self.engine_timeout:
+                self.engine_lost = True
+                out.append(Stop(id="engine-lost"))
         return out
 
     def close(self) -> None:

@@ -152,7 +152,15 @@ class Log(Message, tag="log"):
     rank: int = 0
 
 
-Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log
+class Ack(Message, tag="ack"):
+    """A command was applied by the workers, at this step boundary."""
+
+    id: str
+    command: str
+    step: int = 0
+
+
+Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack
 
 # ----------------------------------------------------------------------------- commands
 
@@ -211,11 +219,44 @@ class RunInference(Command, tag="run_inference"):
     data: str = ""
 
 
-AnyCommand = SetPreviewParams | PreviewNow | SaveCheckpoint | Pause | Resume | Stop | EvalNow | RunInference
+class Heartbeat(Command, tag="heartbeat"):
+    """Engine → workers, about once a second: the engine is alive. Not accepted from clients."""
+
+
+AnyCommand = SetPreviewParams | PreviewNow | SaveCheckpoint | Pause | Resume | Stop | EvalNow | RunInference | Heartbeat
+CLIENT_COMMANDS = ("set_preview_params", "preview_now", "save_checkpoint", "pause", "resume", "stop", "eval_now",
+                   "run_inference")
+
+# ----------------------------------------------------------------------------- client ↔ engine
+
+
+class Request(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A client's request to the engine's ROUTER, sent with an HMAC-SHA256 signature frame."""
+
+    op: str  # "command" | "history" | "status"
+    command: AnyCommand | None = None
+    after: int = 0  # history: events with seq > after
+    limit: int = 2000
+    time: float = 0.0  # replays older than five minutes are refused
+    nonce: str = ""
+    v: int = PROTOCOL_VERSION
+
+
+class Reply(msgspec.Struct, kw_only=True):
+    status: str  # "ok" | "error"
+    reason: str = ""
+    id: str = ""  # the command's id
+    last: int = 0  # history: seq of the last event sent; status: the run's last seq
+    more: bool = False  # history: more events follow
+    state: str = ""
+    v: int = PROTOCOL_VERSION
+
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(Event)
 command_decoder = msgspec.json.Decoder(AnyCommand)
+request_decoder = msgspec.json.Decoder(Request)
+reply_decoder = msgspec.json.Decoder(Reply)
 
 
 def stamp(event: Message, seq: int, run: str = "") -> Message:

@@ -24,7 +24,7 @@ def sample_gpus(pynvml, handles) -> list[GpuStat]:
         mem = get(pynvml.nvmlDeviceGetMemoryInfo, default=None)
         util = get(pynvml.nvmlDeviceGetUtilizationRates, default=None)
         reasons_fn = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-            getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons")
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
         reasons = int(get(reasons_fn, default=0))
         name = get(pynvml.nvmlDeviceGetName, default="")
         out.append(GpuStat(

@@ -174,11 +174,13 @@ class Trainer:
             write_config(cfg, self.run_dir / "config.toml")
             checkpoint.remove_partial(self.run_dir / "checkpoints")
         run_id = self.run_dir.name
+        endpoints = (engine or {}).get("endpoints", engine or {})
         if engine:
-            self.sink = PushSink(engine["worker_events"], run_id) if d.main else None
+            self.sink = PushSink(endpoints["worker_events"], run_id) if d.main else None
         else:
             self.sink = JsonlSink(self.run_dir / "events.jsonl", run_id) if d.main else NullSink()
-        self.inbox = ControlInbox(engine.get("worker_control") if engine and d.main else None)
+        self.inbox = ControlInbox(endpoints.get("worker_control") if engine and d.main else None,
+                                  engine_timeout=float(os.environ.get("VOXTUI_ENGINE_TIMEOUT", "30")))
         self.inbox.install_signal_handlers()
         self.emit(Status(state="starting", message=f"rank 0 of {d.world} on {socket.gethostname()}"))
 
@@ -474,7 +476,11 @@ class Trainer:
             return set()
         commands = self.d.broadcast(commands if self.d.main else None)
         actions = set()
+        from engine.protocol import Ack
+
         for c in commands:
+            if c.id:
+                self.emit(Ack(id=c.id, command=c.type, step=self.step))
             match c:
                 case SetPreviewParams():
                     for k in ("temperature", "top_p", "max_new_tokens"):
@@ -501,6 +507,11 @@ class Trainer:
             commands = self.inbox.poll() if self.d.main else []
             commands = self.d.broadcast(commands if self.d.main else None)
             kinds = {type(c) for c in commands}
+            from engine.protocol import Ack
+
+            for c in commands:
+                if c.id:
+                    self.emit(Ack(id=c.id, command=c.type, step=self.step))
             rest = [c for c in commands if not isinstance(c, (Resume, Stop))]
             if rest:
                 self._agree_local(rest)

@@ -89,3 +89,24 @@ def worker(args: list[str], nproc: int = 1, env: dict | None = None, wait: bool 
                                 start_new_session=True, text=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+def start_detached(model: Path, runs: Path, name: str, train: Path, nproc: int = 2, env: dict | None = None,
+                   **flags) -> Path:
+    """`voxtui run --detach` for real; returns the run folder once its engine is up."""
+    args = train_args(model, runs / name, train, **flags) + ["--nproc", str(nproc), "--detach"]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=full_env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == str(runs / name)
+    return runs / name
+
+
+def descendants_of(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []

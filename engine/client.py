@@ -1,0 +1,215 @@
+"""``EngineClient``: what the TUI, tests and scripts use to follow and steer a run.
+
+    client = EngineClient("runs/RUN")          # or the path of engine.json
+    for ev in client.history(): ...            # every event so far, in order
+    for ev in client.events(timeout=5): ...    # live, continuing exactly after history (no gap, no duplicate)
+    reply = client.send(SetPreviewParams(temperature=0.3))   # Reply(status="ok"|"error", reason=...)
+
+The client subscribes to the live stream before it asks for history, and re-syncs from history
+whenever a sequence number is skipped (a slow client whose messages the engine dropped). A run
+whose engine is gone is read from ``events.jsonl``. ``EngineLost`` is raised when a live engine
+falls silent for ``lost_after`` seconds (heartbeats come every second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from engine.daemon import sign
+from engine.protocol import Message, Reply, Request, event_decoder, reply_decoder
+
+
+class EngineLost(ConnectionError):
+    """The engine stopped answering (no heartbeat for a few seconds)."""
+
+
+def engine_alive(info: dict) -> bool:
+    import psutil
+
+    pid = info.get("pid")
+    if not pid or "stopped" in info:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class EngineClient:
+    def __init__(self, target: str | os.PathLike, lost_after: float = 3.0, request_timeout: float = 5.0) -> None:
+        path = Path(target)
+        self.run_dir = path if path.is_dir() else path.parent
+        info_path = path / "engine.json" if path.is_dir() else path
+        self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        self.key = bytes.fromhex(self.info.get("key", ""))
+        self.endpoints = self.info.get("endpoints", {})
+        self.lost_after = lost_after
+        self.request_timeout = request_timeout
+        self.last = 0  # seq of the last event handed out
+        self._ctx = zmq.Context.instance()
+        self._sub = None
+        self._dealer = None
+        self._buffer: list[Message] = []
+        self._last_heard = time.monotonic()
+        self.live = bool(self.endpoints) and engine_alive(self.info)
+        if self.live:
+            self._connect()
+
+    # ---- sockets
+    def _connect(self) -> None:
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.RCVHWM, 100_000)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.connect(self.endpoints["events"])
+        self._new_dealer()
+        self._last_heard = time.monotonic()
+
+    def _new_dealer(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close()
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.setsockopt(zmq.LINGER, 0)
+        self._dealer.connect(self.endpoints["control"])
+
+    def close(self) -> None:
+        for s in (self._sub, self._dealer):
+            if s is not None:
+                s.close()
+        self._sub = self._dealer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _request(self, req: Request) -> tuple[Reply, list[bytes]]:
+        req.time = time.time()
+        req.nonce = secrets.token_hex(8)
+        payload = msgspec.json.encode(req)
+        self._dealer.send_multipart([b"", payload, sign(self.key, payload)])
+        if not self._dealer.poll(int(self.request_timeout * 1000)):
+            self._new_dealer()  # drop the unanswered request so a late reply cannot be mistaken for the next
+            raise EngineLost(f"no reply from the engine in {self.request_timeout:.0f} s")
+        frames = self._dealer.recv_multipart()
+        if frames and frames[0] == b"":
+            frames = frames[1:]
+        self._last_heard = time.monotonic()
+        return reply_decoder.decode(frames[0]), frames[1:]
+
+    # ---- the API
+    def history(self) -> list[Message]:
+        """Every event so far, in order; ``events()`` then continues right after the last one."""
+        out = self._history_after(0)
+        self.last = out[-1].seq if out else 0
+        self._buffer = []
+        return out
+
+    def _history_after(self, after: int) -> list[Message]:
+        if not self.live:
+            return self._file_after(after)
+        out: list[Message] = []
+        while True:
+            reply, lines = self._request(Request(op="history", after=after))
+            if reply.status != "ok":
+                raise RuntimeError(reply.reason)
+            out.extend(event_decoder.decode(line) for line in lines)
+            after = reply.last
+            if not reply.more or not lines:
+                return out
+
+    def _file_after(self, after: int) -> list[Message]:
+        path = self.run_dir / "events.jsonl"
+        out = []
+        if path.exists():
+            with open(path, "rb") as f:
+                for line in f:
+                    if not line.endswith(b"\n") or not line.strip():
+                        continue  # a torn last line is not an event yet
+                    try:
+                        ev = event_decoder.decode(line)
+                    except msgspec.DecodeError:
+                        continue
+                    if ev.seq > after:
+                        out.append(ev)
+        return out
+
+    def events(self, timeout: float | None = None) -> Iterator[Message]:
+        """Live events after the last one handed out; ends after ``timeout`` s without one."""
+        if self.last == 0 and not self._buffer:
+            self._buffer = self._history_after(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while self._buffer:
+                ev = self._buffer.pop(0)
+                if ev.seq <= self.last:
+                    continue
+                self.last = ev.seq
+                if deadline is not None:
+                    deadline = time.monotonic() + timeout
+                yield ev
+            if not self.live:
+                more = self._file_after(self.last)
+                if more:
+                    self._buffer = more
+                    continue
+                return
+            wait = 250 if deadline is None else max(0, min(250, int((deadline - time.monotonic()) * 1000)))
+            if self._sub.poll(wait):
+                while self._sub.poll(0):
+                    kind, data = self._sub.recv_multipart()
+                    self._last_heard = time.monotonic()
+                    top = max([self.last] + [e.seq for e in self._buffer])
+                    if kind == b"ev":
+                        ev = event_decoder.decode(data)
+                        if ev.seq <= top:
+                            continue  # already have it
+                        if ev.seq > top + 1:  # a gap: the engine dropped messages for us; re-sync
+                            self._buffer += self._history_after(top)
+                        self._buffer.append(ev)
+                    elif kind == b"hb":
+                        hb = json.loads(data)
+                        if hb.get("seq", 0) > top:  # events we never saw (missed while joining, or dropped)
+                            self._buffer += self._history_after(top)
+                        if hb.get("exiting"):
+                            self.live = False
+                self._buffer.sort(key=lambda e: e.seq)
+            elif time.monotonic() - self._last_heard > self.lost_after:
+                if not engine_alive(self.info):
+                    self.live = False
+                    continue  # the engine is gone: finish from the file
+                raise EngineLost(f"no heartbeat from the engine for {self.lost_after:.0f} s")
+            if deadline is not None and time.monotonic() >= deadline and not self._buffer:
+                return
+
+    def send(self, command) -> Reply:
+        """Send a command; returns the engine's reply. A command without an id gets a fresh one."""
+        if not self.live:
+            return Reply(status="error", reason="the engine is not running")
+        if not command.id:
+            command.id = secrets.token_hex(8)
+        reply, _ = self._request(Request(op="command", command=command))
+        return reply
+
+    def status(self) -> Reply:
+        if not self.live:
+            return Reply(status="error", reason="the engine is not running")
+        reply, _ = self._request(Request(op="status"))
+        return reply
+
+    # ---- async (for the TUI and other asyncio code)
+    async def ahistory(self) -> list[Message]:
+        return await asyncio.to_thread(self.history)
+
+    async def asend(self, command) -> Reply:
+        return await asyncio.to_thread(self.send, command)

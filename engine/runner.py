@@ -1,0 +1,200 @@
+"""``voxtui run`` and ``voxtui engine list | status | stop``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.config import TrainConfig, read_toml, resolve, write_config
+from engine.util import UsageError, write_json
+
+RUNS = Path("runs")
+
+
+def find_run(name: str) -> Path:
+    p = Path(name)
+    for cand in (p, RUNS / name):
+        if (cand / "config.toml").is_file() or (cand / "events.jsonl").is_file():
+            return cand
+    raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
+
+
+def engine_info(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "engine.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
+          skip_preflight: bool = False) -> int:
+    """Create (or reopen) the run folder, run preflight, start the engine."""
+    from engine.client import engine_alive
+    from engine.preflight import preflight, render
+
+    run_dir = resume_dir or Path(cfg.output_dir or RUNS / time.strftime("%Y%m%d-%H%M%S"))
+    if resume_dir is None and (run_dir / "events.jsonl").exists():
+        raise UsageError(f"{run_dir}: already holds a run (continue it with --resume {run_dir})")
+    if engine_alive(engine_info(run_dir)):
+        raise UsageError(f"{run_dir}: its engine is running (pid {engine_info(run_dir)['pid']})")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    cfg.output_dir = str(run_dir)
+    cfg.engine = ""
+    write_config(cfg, run_dir / "config.toml")
+    if not skip_preflight:
+        report = report or preflight(cfg, str(run_dir / "config.toml"))
+        write_json(run_dir / "preflight.json", report)
+        if report["verdict"] == "no-go":
+            print(render(report), file=sys.stderr)
+            print(f"voxtui: preflight says no-go; nothing started (report: {run_dir / 'preflight.json'})", file=sys.stderr)
+            return 1
+        for c in report["checks"]:
+            if c["level"] in ("warn", "fail"):
+                print(f"preflight {c['level']}: {c['message']}", file=sys.stderr)
+    args = ["--nproc", str(cfg.nproc), "--alert_action", cfg.alert_action] + (["--resume"] if resume_dir else [])
+    if detach:
+        old_pid = engine_info(run_dir).get("pid")
+        log = open(run_dir / "engine.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), *args], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
+        log.close()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            info = engine_info(run_dir)
+            if info.get("pid") == proc.pid and info.get("pid") != old_pid:
+                break
+            if proc.poll() is not None:
+                raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
+            time.sleep(0.1)
+        print(run_dir)
+        print(f"engine {proc.pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
+        return 0
+    from engine.daemon import run_engine
+
+    print(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)", file=sys.stderr)
+    return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True)
+
+
+def cmd_run(args) -> int:
+    if args.resume:
+        run_dir = find_run(args.resume)
+        for name, value in read_toml(run_dir / "config.toml").items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        args.output_dir = str(run_dir)
+        args.config = None
+        return start(resolve(args), args.detach, resume_dir=run_dir, skip_preflight=args.skip_preflight)
+    return start(resolve(args), args.detach, skip_preflight=args.skip_preflight)
+
+
+def _tail_events(run_dir: Path, limit: int = 400) -> list[dict]:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 256 * 1024))
+        lines = f.read().split(b"\n")[-limit:]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def summary(run_dir: Path) -> dict:
+    from engine.client import engine_alive
+
+    events = _tail_events(run_dir)
+    info = engine_info(run_dir)
+    alive = engine_alive(info)
+    state = next((e["state"] for e in reversed(events) if e.get("type") == "status"), "new")
+    if not alive and state in ("starting", "running", "paused", "stopping"):
+        state = "crashed" if info else state  # the engine died without a final status
+    step = next((e for e in reversed(events) if e.get("type") == "step"), {})
+    cfg = {}
+    try:
+        cfg = read_toml(run_dir / "config.toml")
+    except UsageError:
+        pass
+    mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
+    return {"run": run_dir.name, "path": str(run_dir), "state": state, "engine_pid": info.get("pid") if alive else None,
+            "step": step.get("step", 0), "loss": step.get("loss"), "model": cfg.get("model_id", ""),
+            "age_s": round(time.time() - mtime, 1) if mtime else None}
+
+
+def list_runs(root: Path = RUNS) -> list[dict]:
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+            and ((p / "config.toml").exists() or (p / "events.jsonl").exists())]
+    return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
+
+
+def _age(s: float | None) -> str:
+    if s is None:
+        return "-"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+def cmd_engine(args) -> int:
+    match args.engine_command:
+        case "list":
+            runs = list_runs(Path(args.runs))
+            if args.json:
+                write_json(args.json, runs)
+                return 0
+            if not runs:
+                print(f"no runs under {args.runs}/")
+                return 0
+            print(f"{'run':<28}{'state':<10}{'step':>7}{'loss':>9}  {'age':>5}  model")
+            for s in runs:
+                loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
+                print(f"{s['run']:<28}{s['state']:<10}{s['step']:>7}{loss:>9}  {_age(s['age_s']):>5}  {s['model']}")
+            return 0
+        case "status":
+            s = summary(find_run(args.run))
+            if args.json:
+                write_json(args.json, s)
+            else:
+                for k, v in s.items():
+                    print(f"{k:>11}: {v}")
+            return 0
+        case "stop":
+            return stop_run(find_run(args.run), args.wait)
+    return 2
+
+
+def stop_run(run_dir: Path, wait: float) -> int:
+    from engine.client import EngineClient, engine_alive
+    from engine.protocol import Stop
+
+    info = engine_info(run_dir)
+    if not engine_alive(info):
+        print(f"{run_dir}: no engine is running", file=sys.stderr)
+        return 1
+    with EngineClient(run_dir) as c:
+        reply = c.send(Stop())
+    if reply.status != "ok":
+        print(f"voxtui: error: {reply.reason}", file=sys.stderr)
+        return 1
+    print(f"{run_dir}: stopping (the workers save a checkpoint first)", file=sys.stderr)
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        if not engine_alive(engine_info(run_dir)):
+            print(f"{run_dir}: stopped")
+            return 0
+        time.sleep(0.5)
+    print(f"{run_dir}: still stopping after {wait:.0f} s", file=sys.stderr)
+    return 1

@@ -1,0 +1,168 @@
+"""The engine with real ZeroMQ, real torchrun (2 gloo ranks) and the tiny model."""
+
+import json
+import os
+import signal
+import time
+
+import msgspec
+import psutil
+import pytest
+import zmq
+
+from conftest import descendants_of, read_events, start_detached, voxtui, write_jsonl
+from engine.client import EngineClient, engine_alive
+from engine.daemon import sign
+from engine.protocol import Request, SetPreviewParams, Stop, reply_decoder
+
+
+def rows(n):
+    return [{"instruction": f"Capital of region {i}?", "output": f"Region {i} has capital city {i * 3}."} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("edata") / "t.jsonl", rows(64))
+
+
+def wait_for(pred, timeout=120, every=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def gone(pids):
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_late_attach_history_then_live_commands_and_finish(tmp_path, tiny_model, train_file):
+    run = start_detached(tiny_model, tmp_path / "runs", "relay", train_file, max_steps=40, save_steps=10,
+                         preview_steps=10, preview_file=train_file, preview_count=2, max_new_tokens=4)
+    info = json.loads((run / "engine.json").read_text())
+    assert oct((run / "engine.json").stat().st_mode)[-3:] == "600" and oct(run.stat().st_mode)[-3:] == "700"
+    assert len(info["key"]) == 64 and engine_alive(info)
+    wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
+    client = EngineClient(run)
+    history = client.history()
+    assert [e.seq for e in history] == list(range(1, len(history) + 1)) and history
+    assert client.send(SetPreviewParams(temperature=3.0)).status == "error"
+    ok = client.send(SetPreviewParams(id="t0", temperature=0.0, top_p=0.5))
+    assert ok.status == "ok" and ok.id == "t0"
+    assert client.send(SetPreviewParams(id="t0", temperature=0.0, top_p=0.5)) == ok  # a retry: applied once
+    live = []
+    for ev in client.events(timeout=120):
+        live.append(ev)
+        if ev.type == "status" and ev.state in ("finished", "failed"):
+            break
+    seqs = [e.seq for e in history + live]
+    assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate
+    assert live[-1].state == "finished"
+    acks = [e for e in live if e.type == "ack" and e.id == "t0"]
+    assert len(acks) == 1
+    later = [e for e in live if e.type == "preview" and e.step > acks[0].step]
+    assert later and all(e.temperature == 0.0 and e.top_p == 0.5 for e in later)
+    # what clients saw is exactly events.jsonl
+    assert [e["seq"] for e in read_events(run)] == seqs
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
+    # a client of a finished run reads the file
+    again = EngineClient(run)
+    assert [e.seq for e in again.history()] == seqs and not again.live
+    listing = voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
+    assert "relay" in listing and "finished" in listing
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "finished" and status["step"] == 40
+
+
+def test_kill_one_rank(tmp_path, tiny_model, train_file):
+    run = start_detached(tiny_model, tmp_path / "runs", "kill", train_file, max_steps=100000, save_steps=3)
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: (run / "checkpoints" / "checkpoint-3").is_dir())
+    engine_tree = [info["pid"]] + descendants_of(info["pid"])
+    ranks = {}
+    for pid in descendants_of(info["pid"]):
+        try:
+            env = psutil.Process(pid).environ()
+        except psutil.Error:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env and psutil.Process(pid).name().startswith("python"):
+            ranks[int(env["RANK"])] = pid
+    assert set(ranks) == {0, 1}
+    killed = time.time()
+    os.kill(ranks[1], signal.SIGKILL)
+    alert = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert" and e["kind"] == "rank_died"), None),
+                     timeout=30)
+    assert alert["rank"] == 1 and time.time() - killed < 30
+    wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "failed", timeout=30)
+    wait_for(lambda: gone(engine_tree), timeout=30)  # engine, torchrun and every rank: nothing left behind
+    from engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    from peft import PeftModel
+    from transformers import VoxtralForConditionalGeneration
+
+    PeftModel.from_pretrained(VoxtralForConditionalGeneration.from_pretrained(tiny_model), ckpt)
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "failed"
+
+
+def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
+    run = start_detached(tiny_model, tmp_path / "runs", "orphan", train_file, max_steps=100000, save_steps=0,
+                         env={"VOXTUI_ENGINE_TIMEOUT": "4"})
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    workers = descendants_of(info["pid"])
+    os.kill(info["pid"], signal.SIGKILL)
+    # the workers notice the engine is gone, save at the next step boundary, and exit
+    wait_for(lambda: gone(workers), timeout=90)
+    from engine.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt is not None
+    assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "crashed"
+    step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "finished", timeout=180)
+    events = read_events(run)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert max(e["step"] for e in events if e["type"] == "step") == step + 3
+
+
+def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, train_file):
+    run = start_detached(tiny_model, tmp_path / "runs", "fuzz", train_file, nproc=1, max_steps=100000)
+    info = json.loads((run / "engine.json").read_text())
+    key = bytes.fromhex(info["key"])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(info["endpoints"]["control"])
+
+    def ask(*frames):
+        sock.send_multipart([b"", *frames])
+        assert sock.poll(5000), "the engine did not answer"
+        return reply_decoder.decode(sock.recv_multipart()[1])
+
+    good = msgspec.json.encode(Request(op="status", time=time.time(), nonce="n1"))
+    assert ask(good, b"0" * 64).reason.startswith("unauthenticated")
+    assert ask(good).status == "error"  # a missing signature frame
+    assert ask(good, sign(key, good)).status == "ok"
+    assert ask(good, sign(key, good)).reason == "replayed request"
+    stale = msgspec.json.encode(Request(op="status", time=time.time() - 3600, nonce="n2"))
+    assert "stale" in ask(stale, sign(key, stale)).reason
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):  # random bytes, truncated JSON, wrong types, unknown fields: an error reply each
+        junk = rng.choice([bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))),
+                           b'{"op": "command", "command": {"type": "stop"', b'{"op": 3}',
+                           b'{"op": "command", "command": {"type": "set_preview_params", "temperature": "hot"}}',
+                           b'{"op": "status", "evil": 1}'])
+        assert ask(junk, sign(key, junk)).status == "error"
+    sock.send_multipart([b"", b"x" * (2 << 20), b"sig"])  # over the size cap: dropped, never a crash
+    heartbeat = msgspec.json.encode(Request(op="command", command=Stop(id="s"), time=time.time(), nonce="n3"))
+    assert ask(heartbeat, sign(key, heartbeat)).status == "ok"  # the engine still serves
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)
+    sock.close()
