@@ -185,9 +185,7 @@ class EngineClient:
                             self.live = False
                 self._buffer.sort(key=lambda e: e.seq)
             elif time.monotonic() - self._last_heard > self.lost_after:
-                if not engine_alive(self.info):
-                    self.live = False
-                    continue  # the engine is gone: finish from the file
+                self.live = engine_alive(self.info)  # gone: history() and events() read the file from now on
                 raise EngineLost(f"no heartbeat from the engine for {self.lost_after:.0f} s")
             if deadline is not None and time.monotonic() >= deadline and not self._buffer:
                 return

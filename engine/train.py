@@ -412,8 +412,7 @@ class Trainer:
                 actions.add("stop")
             if "stop" in actions:
                 self.emit(Status(state="stopping", step=self.step, message="stop requested: saving"))
-                self.save(reason="stop")
-                return "stopped"
+                return "stopped" if self.save(reason="stop") else "save_failed"
             if self._due(cfg.eval_steps) or "eval" in actions:
                 if self.evaluate() == "early_stop":
                     self.save(reason="early_stop")
@@ -428,8 +427,7 @@ class Trainer:
                     return "stopped"
         if self.val_tok is not None and not self._due(cfg.eval_steps):
             self.evaluate()
-        self.save(reason="final", final=True)
-        return "finished"
+        return "finished" if self.save(reason="final", final=True) else "save_failed"
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.total_steps
@@ -608,16 +606,18 @@ class Trainer:
                 if self.tb is not None:
                     self.tb.add_text(f"preview/{i}", f"**prompt** {prompt}\n\n**output** {text}", self.step)
 
-    def save(self, reason: str, final: bool = False) -> None:
+    def save(self, reason: str, final: bool = False) -> bool:
+        """Write a checkpoint (rank 0; the others wait). A failed write (a full disk, say) is reported
+        and leaves the previous checkpoint as it was; returns False then."""
         from engine import checkpoint
-        from engine.protocol import Checkpoint
+        from engine.protocol import Alert, Checkpoint
 
         d = self.d
         if self.saved_step == self.step and not final:
-            return  # this step is already saved (e.g. a best checkpoint, then the periodic one)
+            return True  # this step is already saved (e.g. a best checkpoint, then the periodic one)
         self.saved_step = self.step
         states = d.gather(checkpoint.rng_state())
-        peft = self.model
+        ok = True
         if d.main:
             state = {"step": self.step, "epoch": self.epoch, "micro": self.micro, "world_size": d.world,
                      "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
@@ -627,18 +627,30 @@ class Trainer:
                      "config": {k: getattr(self.cfg, k) for k in self.cfg.__struct_fields__}}
             slow = float(os.environ.get("VOXTUI_FAULT_SLOW_SAVE", "0"))
             root = self.run_dir / "checkpoints"
-            path = checkpoint.save_checkpoint(root, self.step, peft, self.optimizer, self.scheduler, states, state,
-                                              slow_hook=(lambda: time.sleep(slow)) if slow else None)
-            checkpoint.prune(root, self.cfg.save_total_limit, self.best_step or None)
-            if final:
-                checkpoint.save_adapter_atomically(peft, self.run_dir / "lora_final")
-            best = self.best_step == self.step and math.isfinite(self.best_loss)
-            self.emit(Checkpoint(step=self.step, path=str(path), best=best,
-                                 val_loss=self.best_loss if best else None, final=final))
-            self.log(f"checkpoint {path} ({reason})")
+            try:
+                path = checkpoint.save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, states,
+                                                  state, slow_hook=(lambda: time.sleep(slow)) if slow else None)
+                checkpoint.prune(root, self.cfg.save_total_limit, self.best_step or None)
+                if final:
+                    checkpoint.save_adapter_atomically(self.model, self.run_dir / "lora_final")
+            except Exception as e:  # OSError, or safetensors' own error for the same full disk
+                ok = False
+                self.saved_step = -1
+                previous = checkpoint.latest_checkpoint(root)
+                reason_text = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+                msg = (f"checkpoint at step {self.step} not written: {reason_text}; "
+                       + (f"{previous} is intact" if previous else "no earlier checkpoint exists"))
+                self.emit(Alert(level="error", kind="checkpoint_failed", step=self.step, message=msg))
+                self.log(msg)
+            if ok:
+                best = self.best_step == self.step and math.isfinite(self.best_loss)
+                self.emit(Checkpoint(step=self.step, path=str(path), best=best,
+                                     val_loss=self.best_loss if best else None, final=final))
+                self.log(f"checkpoint {path} ({reason})")
             if self.tb is not None:
                 self.tb.flush()
         d.barrier()
+        return bool(d.broadcast(ok))
 
     def cleanup(self, state: str, error: str = "") -> None:
         from engine.protocol import Status
@@ -650,6 +662,8 @@ class Trainer:
             self.emit(Status(state="finished", step=self.step, message=message))
         elif state == "error":
             self.emit(Status(state="failed", step=self.step, message=error))
+        elif state == "save_failed":
+            self.emit(Status(state="failed", step=self.step, message="the last checkpoint could not be written"))
         if self.tb is not None:
             self.tb.close()
         if self.sink is not None:
@@ -695,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         state = trainer.train()
         trainer.cleanup(state)
-        return 1 if state == "failed" else 0
+        return 1 if state in ("failed", "save_failed") else 0
     except UsageError as e:
         print(f"voxtui: error: {e}", file=sys.stderr)
         if trainer is not None:

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT, voxtui
 
 COMMANDS = [[], ["data"], ["data", "analyze"], ["data", "audit"], ["data", "find-long"], ["data", "split"],
-            ["model"], ["model", "tiny"], ["demo"]]
+            ["model"], ["model", "tiny"], ["demo"], ["preflight"], ["run"], ["engine"], ["engine", "list"],
+            ["engine", "status"], ["engine", "stop"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "voxtui")

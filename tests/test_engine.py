@@ -166,3 +166,54 @@ def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, t
     assert ask(heartbeat, sign(key, heartbeat)).status == "ok"  # the engine still serves
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)
     sock.close()
+
+
+def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
+    """A client stopped with SIGSTOP does not slow training or grow the engine; a client notices a
+    dead engine within about 3 s."""
+    import statistics
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from engine.client import EngineLost
+
+    run = start_detached(tiny_model, tmp_path / "runs", "slow", train_file, max_steps=100000, telemetry_interval=0.05)
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 5)
+    reader = subprocess.Popen([sys.executable, "-c", f"from engine.client import EngineClient\n"
+                               f"for ev in EngineClient({str(run)!r}).events(): pass"], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(3)
+    engine = psutil.Process(info["pid"])
+    rss_before = engine.memory_info().rss
+
+    def step_times():
+        return [e["step_time"] for e in read_events(run) if e["type"] == "step"]
+
+    n_before = len(step_times())
+    os.kill(reader.pid, signal.SIGSTOP)
+    time.sleep(12)
+    during = step_times()[n_before:]
+    rss_during = engine.memory_info().rss
+    os.kill(reader.pid, signal.SIGCONT)
+    reader.kill()
+    before = step_times()[2:n_before]
+    assert len(during) >= 5
+    assert statistics.median(during) < 1.5 * statistics.median(before)
+    assert rss_during - rss_before < 64 * 2**20  # bounded: the engine drops what a stopped client cannot take
+
+    client = EngineClient(run)
+    client.history()
+    workers = descendants_of(info["pid"])
+    os.kill(info["pid"], signal.SIGKILL)
+    t0 = time.time()
+    with pytest.raises(EngineLost):
+        for _ in client.events():
+            pass
+    assert time.time() - t0 < 6
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -205,3 +205,35 @@ def test_lora_targets_only_the_language_model_in_both_layouts():
     assert not rx.fullmatch("model.audio_tower.layers.3.self_attn.q_proj")
     assert not rx.fullmatch("model.multi_modal_projector.linear_1")
     assert not rx.fullmatch("lm_head")
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
+    """Checkpoints on a 1 MB tmpfs: the save that no longer fits is reported, the previous checkpoint
+    stays complete and loadable, no half-written folder is left, and the run ends failed (exit 1)."""
+    import subprocess
+
+    train, _ = data
+    out = tmp_path / "full"
+    ckpts = out / "checkpoints"
+    ckpts.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(ckpts)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        proc = worker(train_args(tiny_model, out, train, max_steps=8, save_steps=1, save_total_limit=10))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        events = read_events(out)
+        failed = [e for e in events if e["type"] == "alert" and e["kind"] == "checkpoint_failed"]
+        assert failed and "No space left on device" in failed[0]["message"]
+        saved = [e["step"] for e in events if e["type"] == "checkpoint"]
+        assert saved and saved == list(range(1, len(saved) + 1)) and failed[0]["step"] == saved[-1] + 1
+        assert events[-1]["state"] == "failed"
+        from engine.checkpoint import latest_checkpoint
+
+        assert latest_checkpoint(ckpts).name == f"checkpoint-{saved[-1]}"
+        assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]
+        from peft import PeftModel
+        from transformers import VoxtralForConditionalGeneration
+
+        PeftModel.from_pretrained(VoxtralForConditionalGeneration.from_pretrained(tiny_model), latest_checkpoint(ckpts))
+    finally:
+        subprocess.run(["umount", str(ckpts)], capture_output=True)

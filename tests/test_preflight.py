@@ -1,0 +1,37 @@
+"""``voxtui preflight``: every problem collected, a verdict, and the launch command."""
+
+import json
+
+from conftest import voxtui, write_jsonl
+
+
+def test_go_on_the_tiny_model(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"instruction": "other", "output": "x"}])
+    proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--val_jsonl", val, "--quant", "none",
+                  "--no-bf16", "--nproc", "2", "--json", tmp_path / "p.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["verdict"] in ("go", "warn")  # warn: no GPU on this machine
+    areas = {c["area"] for c in report["checks"]}
+    assert areas == {"system", "data", "model", "memory"}
+    assert not [c for c in report["checks"] if c["level"] == "fail"]
+    assert report["command"].startswith("torchrun --standalone --nproc_per_node 2 -m engine.train")
+    assert f"--model_id {tiny_model}" in report["command"]
+    mem = next(c for c in report["checks"] if c["area"] == "memory")
+    assert mem["estimate"]["total"] > 0
+    assert "verdict:" in voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, cwd=tmp_path).stdout
+
+
+def test_no_go_collects_every_problem(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "q", "output": "a"}, b"{broken", {"instruction": "x"}])
+    proc = voxtui("preflight", "--model_id", tmp_path / "no-model", "--train_jsonl", train, "--json", "-", cwd=tmp_path)
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["verdict"] == "no-go"
+    fails = [c for c in report["checks"] if c["level"] == "fail"]
+    assert {c["area"] for c in fails} == {"data", "model"}
+    data = next(c for c in fails if c["area"] == "data")
+    assert "line 2 invalid_json" in data["message"] and "line 3 missing_field" in data["message"]
+    bad = voxtui("preflight", "--train_jsonl", tmp_path / "missing.jsonl", "--lr", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--lr" in bad.stderr and "missing.jsonl" in bad.stderr
