@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p)
     p.add_argument("--json", metavar="OUT", help="write the report as JSON (- for stdout)")
     p.add_argument("--autorun", action="store_true", help="on go or warn, start the run (detached)")
+    p.add_argument("--probe", action="store_true", help="run a few real steps to find the largest per-device batch "
+                                                       "that fits; rescale --grad_accum to keep the effective batch")
     p.set_defaults(handler="engine.preflight:main")
 
     p = sub.add_parser("run", help="start the engine for a new run (or --resume RUN)",
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="run the engine in the background (survives the SSH "
                                                         "session); prints the run folder and returns")
     p.add_argument("--skip_preflight", action="store_true", help="start without the preflight checks")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines in the run (torchrun's c10d "
+                                                                     "rendezvous; this one is node 0)")
+    p.add_argument("--rdzv_endpoint", default="", metavar="HOST:PORT", help="with --nnodes: the rendezvous address")
     p.set_defaults(handler="engine.runner:cmd_run")
 
     eng = sub.add_parser("engine", help="runs on this machine: list, status, stop")

@@ -137,7 +137,9 @@ class Health:
 
 class Engine:
     def __init__(self, run_dir: Path, nproc: int = 1, resume: bool = False, stall_timeout: float = 600.0,
-                 alert_action: str = "warn", worker_cmd: list[str] | None = None) -> None:
+                 alert_action: str = "warn", worker_cmd: list[str] | None = None, nnodes: int = 1,
+                 rdzv_endpoint: str = "") -> None:
+        self.nnodes, self.rdzv_endpoint = nnodes, rdzv_endpoint
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.nproc = nproc
@@ -207,7 +209,8 @@ class Engine:
 
     def spawn(self) -> None:
         cmd = self.worker_cmd or [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.nproc),
+            sys.executable, "-m", "torch.distributed.run", *launch_args(self.run, self.nproc, self.nnodes, 0,
+                                                                       self.rdzv_endpoint),
             "-m", "engine.train", "--engine", str(self.run_dir / "engine.json"),
         ] + (["--resume", str(self.run_dir)] if self.resume else ["--config", str(self.run_dir / "config.toml")])
         log = open(self.run_dir / "worker.log", "ab")
@@ -559,9 +562,18 @@ class Engine:
             pass
 
 
+def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
+    """torchrun's launch flags: standalone on one machine, c10d rendezvous across several."""
+    if nnodes <= 1:
+        return ["--standalone", "--nproc_per_node", str(nproc)]
+    return ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", run]
+
+
 def run_engine(run_dir: Path, nproc: int, resume: bool, alert_action: str = "warn",
-               stall_timeout: float = 600.0, echo: bool = False) -> int:
-    engine = Engine(run_dir, nproc, resume, stall_timeout=stall_timeout, alert_action=alert_action)
+               stall_timeout: float = 600.0, echo: bool = False, nnodes: int = 1, rdzv_endpoint: str = "") -> int:
+    engine = Engine(run_dir, nproc, resume, stall_timeout=stall_timeout, alert_action=alert_action, nnodes=nnodes,
+                    rdzv_endpoint=rdzv_endpoint)
     engine.echo = echo
     engine.open()
     try:
@@ -580,8 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--alert_action", choices=("warn", "save", "stop"), default="warn")
     p.add_argument("--stall_timeout", type=float, default=600.0)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--rdzv_endpoint", default="")
     a = p.parse_args(argv)
-    return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout)
+    return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, nnodes=a.nnodes,
+                      rdzv_endpoint=a.rdzv_endpoint)
 
 
 if __name__ == "__main__":

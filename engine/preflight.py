@@ -262,12 +262,38 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None) -> str:
     return shlex.join(head + flags)
 
 
-def preflight(cfg: TrainConfig, config_path: str | None = None) -> dict:
+def check_probe(cfg: TrainConfig, r: Report, lengths: dict) -> dict | None:
+    from engine.probe import probe
+
+    seq = cfg.max_len if cfg.packing or "train" not in lengths else int(min(cfg.max_len, lengths["train"]["max"]))
+    try:
+        result = probe(cfg, seq)
+    except Exception as e:
+        r.add("memory", "probe", "fail", f"probe failed: {type(e).__name__}: {e}")
+        return None
+    rec = result["recommended"]
+    if rec is None:
+        r.add("memory", "probe", "fail", f"not even batch 1 × {seq} tokens fits on {result['device']}", probe=result)
+        return result
+    tried = ", ".join(f"{x['batch']}: {x['tokens_per_s']:,.0f} tok/s" + (f" {x['peak_gib']} GiB" if x["peak_gib"] else "")
+                      for x in result["modes"][cfg.quant])
+    r.add("memory", "probe", "ok", f"measured on {result['device']} at {seq} tokens ({tried}); for the effective batch "
+                                   f"{result['effective_batch']}: --per_device_bsz {rec['per_device_bsz']} --grad_accum "
+                                   f"{rec['grad_accum']}", probe=result)
+    if rec["quant"] != cfg.quant:
+        r.add("memory", "probe-quant", "info", f"recommend --quant {rec['quant']}: {rec['why']}")
+    cfg.per_device_bsz, cfg.grad_accum = rec["per_device_bsz"], rec["grad_accum"]
+    return result
+
+
+def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False) -> dict:
     r = Report()
     system = check_system(cfg, r)
     lengths = check_data(cfg, r)
     m = check_model(cfg, r)
     check_memory(cfg, r, m, system, lengths)
+    if probe and r.verdict != "no-go":
+        check_probe(cfg, r, lengths)  # rescales the batch in cfg, so the command below uses it
     return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path),
             "config": to_toml(cfg)}
 
@@ -285,7 +311,7 @@ def main(args) -> int:
     from engine.util import write_json
 
     cfg = resolve(args)
-    report = preflight(cfg, args.config)
+    report = preflight(cfg, None if args.probe else args.config, probe=args.probe)
     if args.json:
         write_json(args.json, report)
     if args.json != "-":

@@ -31,7 +31,7 @@ def engine_info(run_dir: Path) -> dict:
 
 
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
-          skip_preflight: bool = False) -> int:
+          skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "") -> int:
     """Create (or reopen) the run folder, run preflight, start the engine."""
     from engine.client import engine_alive
     from engine.preflight import preflight, render
@@ -56,7 +56,18 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
         for c in report["checks"]:
             if c["level"] in ("warn", "fail"):
                 print(f"preflight {c['level']}: {c['message']}", file=sys.stderr)
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
     args = ["--nproc", str(cfg.nproc), "--alert_action", cfg.alert_action] + (["--resume"] if resume_dir else [])
+    if nnodes > 1:
+        from engine.daemon import launch_args
+
+        args += ["--nnodes", str(nnodes), "--rdzv_endpoint", rdzv_endpoint]
+        print("on each other node k = 1 … {n}, with the same files at the same paths (a shared filesystem):\n  "
+              "torchrun {a} -m engine.train {b}".format(
+                  n=nnodes - 1, a=" ".join(launch_args(run_dir.name, cfg.nproc, nnodes, 1, rdzv_endpoint)).replace(
+                      "--node_rank 1", "--node_rank k"),
+                  b=f"--resume {run_dir}" if resume_dir else f"--config {run_dir / 'config.toml'}"), file=sys.stderr)
     if detach:
         old_pid = engine_info(run_dir).get("pid")
         log = open(run_dir / "engine.log", "ab")
@@ -72,12 +83,13 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                 raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
             time.sleep(0.1)
         print(run_dir)
-        print(f"engine {proc.pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
+        print(f"engine {proc.pid} runs detached; follow it with: voxtui engine status {run_dir}", file=sys.stderr)
         return 0
     from engine.daemon import run_engine
 
     print(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)", file=sys.stderr)
-    return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True)
+    return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True, nnodes=nnodes,
+                      rdzv_endpoint=rdzv_endpoint)
 
 
 def cmd_run(args) -> int:
@@ -88,8 +100,10 @@ def cmd_run(args) -> int:
                 setattr(args, name, value)
         args.output_dir = str(run_dir)
         args.config = None
-        return start(resolve(args), args.detach, resume_dir=run_dir, skip_preflight=args.skip_preflight)
-    return start(resolve(args), args.detach, skip_preflight=args.skip_preflight)
+        return start(resolve(args), args.detach, resume_dir=run_dir, skip_preflight=args.skip_preflight,
+                     nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
+    return start(resolve(args), args.detach, skip_preflight=args.skip_preflight, nnodes=args.nnodes,
+                 rdzv_endpoint=args.rdzv_endpoint)
 
 
 def _tail_events(run_dir: Path, limit: int = 400) -> list[dict]:

@@ -168,18 +168,20 @@ class Trainer:
         from engine.protocol import ParamRow, ParamTable, RunInfo, Status
 
         cfg, d = self.cfg, self.d
-        engine = _read_engine(cfg.engine) if cfg.engine else None
+        engine = _read_engine(cfg.engine) if cfg.engine and d.main else None  # only rank 0 talks to the engine
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(cfg, self.run_dir / "config.toml")
+            import msgspec
+
+            write_config(msgspec.structs.replace(cfg, engine=""), self.run_dir / "config.toml")  # launch detail
             checkpoint.remove_partial(self.run_dir / "checkpoints")
         run_id = self.run_dir.name
         endpoints = (engine or {}).get("endpoints", engine or {})
         if engine:
-            self.sink = PushSink(endpoints["worker_events"], run_id) if d.main else None
+            self.sink = PushSink(endpoints["worker_events"], run_id)
         else:
-            self.sink = JsonlSink(self.run_dir / "events.jsonl", run_id) if d.main else NullSink()
-        self.inbox = ControlInbox(endpoints.get("worker_control") if engine and d.main else None,
+            self.sink = JsonlSink(self.run_dir / "events.jsonl", run_id) if d.main and not cfg.engine else NullSink()
+        self.inbox = ControlInbox(endpoints.get("worker_control") if engine else None,
                                   engine_timeout=float(os.environ.get("VOXTUI_ENGINE_TIMEOUT", "30")))
         self.inbox.install_signal_handlers()
         self.emit(Status(state="starting", message=f"rank 0 of {d.world} on {socket.gethostname()}"))

@@ -217,3 +217,30 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_two_nodes_on_one_machine(tmp_path, tiny_model, train_file):
+    """Torchrun's own rendezvous passes through: the engine's agent is node 0, a second agent node 1."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT, train_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "runs" / "nodes"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", *train_args(tiny_model, run, train_file, max_steps=6),
+                           "--nproc", "1", "--nnodes", "2", "--rdzv_endpoint", f"127.0.0.1:{port}", "--detach",
+                           "--skip_preflight"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    hint = next(line.strip() for line in proc.stderr.splitlines() if line.strip().startswith("torchrun"))
+    args = hint.replace("--node_rank k", "--node_rank 1").split()[1:]
+    node1 = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=180)
+    assert node1.returncode == 0, node1.stdout + node1.stderr
+    wait_for(lambda: read_events(run)[-1].get("state") == "finished", timeout=60)
+    info = next(e for e in read_events(run) if e["type"] == "run_info")
+    assert info["world_size"] == 2

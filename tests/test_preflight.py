@@ -35,3 +35,18 @@ def test_no_go_collects_every_problem(tmp_path):
     assert "line 2 invalid_json" in data["message"] and "line 3 missing_field" in data["message"]
     bad = voxtui("preflight", "--train_jsonl", tmp_path / "missing.jsonl", "--lr", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--lr" in bad.stderr and "missing.jsonl" in bad.stderr
+
+
+def test_probe_rescales_the_batch(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(20)])
+    proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--quant", "none", "--no-bf16",
+                  "--per_device_bsz", "2", "--grad_accum", "3", "--probe", "--json", "-", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    probe = next(c for c in report["checks"] if c["name"] == "probe")
+    result = probe["probe"]
+    assert [r["batch"] for r in result["modes"]["none"]] == [1, 2, 4]  # CPU: up to the effective batch 6
+    assert all(r["tokens_per_s"] > 0 for r in result["modes"]["none"])
+    rec = result["recommended"]
+    assert rec["per_device_bsz"] * rec["grad_accum"] == 6  # the effective batch is kept
+    assert f"--per_device_bsz {rec['per_device_bsz']} --grad_accum {rec['grad_accum']}" in report["command"]
