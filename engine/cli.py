@@ -126,6 +126,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", type=float, default=120.0, metavar="S", help="seconds to wait for the engine to exit")
     p.set_defaults(handler="engine.runner:cmd_engine")
 
+    p = sub.add_parser("infer", help="generations and metrics from a run's checkpoint",
+                       description="Base model + adapter with the run's own config. Without --checkpoint: lora_final, "
+                                   "else the latest complete checkpoint. Results: runs/<run>/infer/<name>/.")
+    p.add_argument("--run", metavar="RUN", help="a run folder or a name under runs/")
+    p.add_argument("--output_dir", metavar="DIR", help="the seed's form: a folder with checkpoint-N or lora_stage1")
+    p.add_argument("--checkpoint", type=int, metavar="N", help="use checkpoint-N")
+    p.add_argument("--all-checkpoints", dest="all_checkpoints", action="store_true",
+                   help="every complete checkpoint: a table of metrics by step")
+    p.add_argument("--data", metavar="FILE", help="JSONL rows with the reference in output")
+    p.add_argument("--jsonl", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>)")
+    p.add_argument("--batch_size", type=_positive_int, default=8)
+    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-perplexity", dest="no_perplexity", action="store_true", help="skip teacher-forced perplexity")
+    p.add_argument("--events", help=argparse.SUPPRESS)  # the engine's PULL endpoint, when it starts the job
+    p.add_argument("--json", metavar="OUT", help="write the metrics as JSON (- for stdout)")
+    p.set_defaults(handler="engine.infer:cmd_infer")
+
+    p = sub.add_parser("score", help="metrics for rows that hold prediction and the reference output")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", metavar="OUT")
+    p.set_defaults(handler="engine.infer:cmd_score")
+
+    p = sub.add_parser("export", help="merge a run's adapter into the base weights for serving")
+    p.add_argument("--run", metavar="RUN")
+    p.add_argument("--output_dir", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", type=int, metavar="N")
+    p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.set_defaults(handler="engine.infer:cmd_export")
+
     p = sub.add_parser("demo", help="the tiny model and the bundled sample data, end to end on the CPU")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where runs and the demo model live (default runs/)")
     p.set_defaults(handler="engine.commands:demo")

@@ -162,6 +162,7 @@ class Engine:
         self.last_step_time = time.monotonic()
         self.exit_code = 0
         self.echo = False  # print a line per notable event (foreground `voxtui run`)
+        self.infer_procs: list[subprocess.Popen] = []
 
     # ---- setup
     def open(self) -> None:
@@ -357,9 +358,50 @@ class Engine:
                 self.request_stop(f"stop requested by a client ({cmd.id})")
                 return Reply(status="ok", state=self.state)
         if cmd.type == "run_inference":
-            return Reply(status="error", reason="run_inference is not available in this version", state=self.state)
+            return self.start_inference(cmd)
         self.forward(cmd)
         return Reply(status="ok", state=self.state)
+
+    def start_inference(self, cmd) -> Reply:
+        """``voxtui infer`` as its own process; its progress and results come back as events."""
+        from engine.checkpoint import complete_checkpoints
+
+        try:
+            from engine.config import read_toml
+
+            cfg = read_toml(self.run_dir / "config.toml")
+        except Exception:
+            cfg = {}
+        data = cmd.data or cfg.get("val_jsonl", "")
+        if not data or not Path(data).is_file():
+            return Reply(status="error", reason=f"no data file to run inference on ({data or 'none given, no val_jsonl'})",
+                         state=self.state)
+        done = dict(complete_checkpoints(self.run_dir / "checkpoints"))
+        if cmd.checkpoint is not None and cmd.checkpoint not in done:
+            return Reply(status="error", reason=f"no complete checkpoint-{cmd.checkpoint}", state=self.state)
+        if cmd.checkpoint is None and not done and not (self.run_dir / "lora_final").is_dir():
+            return Reply(status="error", reason="no checkpoint yet", state=self.state)
+        argv = [sys.executable, "-m", "engine", "infer", "--run", str(self.run_dir), "--data", data,
+                "--events", self.endpoints["worker_events"], "--device", self.inference_device(), "--json", "-"]
+        if cmd.checkpoint is not None:
+            argv += ["--checkpoint", str(cmd.checkpoint)]
+        log = open(self.run_dir / "infer.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
+        log.close()
+        self.infer_procs.append(proc)
+        return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=self.state)
+
+    def inference_device(self) -> str:
+        """A GPU that training does not use, else the CPU (so inference never starves training)."""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            pynvml.nvmlShutdown()
+        except Exception:
+            count = 0
+        return f"cuda:{self.nproc}" if count > self.nproc else "cpu"
 
     # ---- supervision
     def _descendants(self) -> list:
@@ -410,6 +452,9 @@ class Engine:
                                 message=f"no optimizer step for {self.stall_timeout:.0f} s"))
             return True
         self.kill_workers()  # leave nothing behind
+        self.infer_procs = [p for p in self.infer_procs if p.poll() is None]
+        if self.infer_procs:
+            return True  # inference jobs started from this run finish before the engine leaves
         final = getattr(self, "final_status", None)
         failed = getattr(self, "failed_message", None)
         if failed:

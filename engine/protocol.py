@@ -78,6 +78,7 @@ class Preview(Message, tag="preview"):
     reference: str = ""
     rank: int = 0
     seed: int = 0
+    rougeL: float | None = None  # against the reference, with the evaluation's metric code
 
 
 class Checkpoint(Message, tag="checkpoint"):
@@ -160,7 +161,20 @@ class Ack(Message, tag="ack"):
     step: int = 0
 
 
-Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack
+class Inference(Message, tag="inference"):
+    """Progress and results of an inference job on a checkpoint."""
+
+    name: str
+    checkpoint: str
+    state: str  # started | progress | finished | failed
+    done: int = 0
+    total: int = 0
+    metrics: dict = {}
+    path: str = ""
+    message: str = ""
+
+
+Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack | Inference
 
 # ----------------------------------------------------------------------------- commands
 

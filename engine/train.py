@@ -601,9 +601,12 @@ class Trainer:
         for rank, part in enumerate(everything):
             for i, text in part:
                 _, prompt, reference = self.previews[i]
+                from engine.metrics import rouge_l
+
                 ev = Preview(step=self.step, prompt=prompt, text=text, temperature=float(p["temperature"]),
                              top_p=float(p["top_p"]), max_new_tokens=int(p["max_new_tokens"]), index=i,
-                             reference=reference, rank=rank, seed=seed)
+                             reference=reference, rank=rank, seed=seed,
+                             rougeL=rouge_l(text, reference) if reference else None)
                 self.emit(ev)
                 if self.tb is not None:
                     self.tb.add_text(f"preview/{i}", f"**prompt** {prompt}\n\n**output** {text}", self.step)

@@ -9,7 +9,7 @@ from conftest import ROOT, voxtui
 
 COMMANDS = [[], ["data"], ["data", "analyze"], ["data", "audit"], ["data", "find-long"], ["data", "split"],
             ["model"], ["model", "tiny"], ["demo"], ["preflight"], ["run"], ["engine"], ["engine", "list"],
-            ["engine", "status"], ["engine", "stop"]]
+            ["engine", "status"], ["engine", "stop"], ["infer"], ["score"], ["export"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "voxtui")

@@ -143,6 +143,7 @@ def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data
     assert next(e for e in read_events(tmp_path / "ref") if e["type"] == "run_info")["world_size"] == 2
     previews = [e for e in read_events(tmp_path / "ref") if e["type"] == "preview"]
     assert {(e["step"], e["index"], e["rank"]) for e in previews} == {(s, i, i % 2) for s in (3, 6) for i in range(3)}
+    assert all(0.0 <= e["rougeL"] <= 1.0 and e["reference"] for e in previews)
 
     run = tmp_path / "crash"
     proc = worker(train_args(tiny_model, run, rows, **common), nproc=2, wait=False,
