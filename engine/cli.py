@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines in the run (torchrun's c10d "
                                                                      "rendezvous; this one is node 0)")
     p.add_argument("--rdzv_endpoint", default="", metavar="HOST:PORT", help="with --nnodes: the rendezvous address")
+    p.add_argument("--listen", default="", metavar="tcp://HOST:PORT",
+                   help="also accept clients from other machines on PORT (events) and PORT+1 (control), "
+                        "encrypted and authenticated with CURVE; the keys are in engine.json (0600)")
     p.set_defaults(handler="engine.runner:cmd_run")
 
     eng = sub.add_parser("engine", help="runs on this machine: list, status, stop")

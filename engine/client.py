@@ -45,13 +45,23 @@ def engine_alive(info: dict) -> bool:
 
 
 class EngineClient:
-    def __init__(self, target: str | os.PathLike, lost_after: float = 3.0, request_timeout: float = 5.0) -> None:
+    def __init__(self, target: str | os.PathLike, lost_after: float = 3.0, request_timeout: float = 5.0,
+                 remote: bool = False) -> None:
+        """``target``: a run folder or an engine.json. ``remote``: use the engine's CURVE endpoints
+        (``--listen``), as from another machine with a copy of engine.json."""
         path = Path(target)
         self.run_dir = path if path.is_dir() else path.parent
         info_path = path / "engine.json" if path.is_dir() else path
         self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         self.key = bytes.fromhex(self.info.get("key", ""))
         self.endpoints = self.info.get("endpoints", {})
+        self.curve = None
+        if remote:
+            r = self.info.get("remote")
+            if not r:
+                raise ValueError("this engine does not listen for remote clients (start it with --listen)")
+            self.endpoints = {"events": r["events"], "control": r["control"]}
+            self.curve = r
         self.lost_after = lost_after
         self.request_timeout = request_timeout
         self.last = 0  # seq of the last event handed out
@@ -60,13 +70,20 @@ class EngineClient:
         self._dealer = None
         self._buffer: list[Message] = []
         self._last_heard = time.monotonic()
-        self.live = bool(self.endpoints) and engine_alive(self.info)
+        self.live = bool(self.endpoints) and (remote or engine_alive(self.info))
         if self.live:
             self._connect()
 
     # ---- sockets
+    def _secure(self, sock: zmq.Socket) -> zmq.Socket:
+        if self.curve:
+            sock.curve_serverkey = self.curve["server_public"].encode()
+            sock.curve_publickey = self.curve["client_public"].encode()
+            sock.curve_secretkey = self.curve["client_secret"].encode()
+        return sock
+
     def _connect(self) -> None:
-        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub = self._secure(self._ctx.socket(zmq.SUB))
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.RCVHWM, 100_000)
         self._sub.setsockopt(zmq.LINGER, 0)
@@ -77,7 +94,7 @@ class EngineClient:
     def _new_dealer(self) -> None:
         if self._dealer is not None:
             self._dealer.close()
-        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer = self._secure(self._ctx.socket(zmq.DEALER))
         self._dealer.setsockopt(zmq.LINGER, 0)
         self._dealer.connect(self.endpoints["control"])
 
@@ -185,7 +202,7 @@ class EngineClient:
                             self.live = False
                 self._buffer.sort(key=lambda e: e.seq)
             elif time.monotonic() - self._last_heard > self.lost_after:
-                self.live = engine_alive(self.info)  # gone: history() and events() read the file from now on
+                self.live = engine_alive(self.info) if not self.curve else False  # gone: history() and events() read the file from now on
                 raise EngineLost(f"no heartbeat from the engine for {self.lost_after:.0f} s")
             if deadline is not None and time.monotonic() >= deadline and not self._buffer:
                 return

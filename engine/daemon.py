@@ -138,8 +138,8 @@ class Health:
 class Engine:
     def __init__(self, run_dir: Path, nproc: int = 1, resume: bool = False, stall_timeout: float = 600.0,
                  alert_action: str = "warn", worker_cmd: list[str] | None = None, nnodes: int = 1,
-                 rdzv_endpoint: str = "") -> None:
-        self.nnodes, self.rdzv_endpoint = nnodes, rdzv_endpoint
+                 rdzv_endpoint: str = "", listen: str = "") -> None:
+        self.nnodes, self.rdzv_endpoint, self.listen = nnodes, rdzv_endpoint, listen
         self.run_dir = Path(run_dir).resolve()
         self.run = self.run_dir.name
         self.nproc = nproc
@@ -188,13 +188,46 @@ class Engine:
             "worker_events": _bind(self.pull, _endpoint(self.run_dir, "w-events")),
             "worker_control": _bind(self.wpub, _endpoint(self.run_dir, "w-control")),
         }
+        self.remote_pub = self.remote_router = None
         info = {"pid": os.getpid(), "run": self.run, "host": socket.gethostname(), "version": PROTOCOL_VERSION,
                 "started": time.time(), "key": self.key.hex(), "endpoints": self.endpoints, "nproc": self.nproc}
+        if self.listen:
+            info["remote"] = self._listen_remote(ctx)
         tmp = self.run_dir / ".engine.json.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(info, f, indent=2)
         os.replace(tmp, self.run_dir / "engine.json")
+
+    def _listen_remote(self, ctx) -> dict:
+        """Client sockets on ``--listen tcp://HOST:PORT`` (PORT for events, PORT+1 for control), always
+        with CURVE: encrypted, and only the client key written to engine.json may connect."""
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not self.listen.startswith("tcp://") or ":" not in self.listen[6:]:
+            raise ValueError(f"--listen {self.listen}: expected tcp://HOST:PORT")
+        host, port = self.listen[6:].rsplit(":", 1)
+        server_public, server_secret = zmq.curve_keypair()
+        client_public, client_secret = zmq.curve_keypair()
+        self.auth = ThreadAuthenticator(ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=_AllowKeys({client_public}))
+        socks = []
+        for kind in (zmq.PUB, zmq.ROUTER):
+            sk = ctx.socket(kind)
+            sk.setsockopt(zmq.LINGER, 0)
+            sk.curve_server = True
+            sk.curve_publickey = server_public
+            sk.curve_secretkey = server_secret
+            socks.append(sk)
+        self.remote_pub, self.remote_router = socks
+        self.remote_pub.setsockopt(zmq.SNDHWM, 10_000)
+        self.remote_router.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_MSG)
+        events = _bind(self.remote_pub, f"tcp://{host}:{port}")
+        control = _bind(self.remote_router, f"tcp://{host}:{int(port) + 1 if port != '*' else '*'}")
+        return {"events": events, "control": control, "server_public": server_public.decode(),
+                "client_public": client_public.decode(), "client_secret": client_secret.decode()}
 
     def _index(self) -> list[int]:
         """Byte offset of each event line (index seq-1), so history is served from the file."""
@@ -230,16 +263,21 @@ class Engine:
         self.offsets.append(self.events_file.tell())
         self.events_file.write(data + b"\n")
         self.events_file.flush()
-        try:
-            self.pub.send_multipart([b"ev", data], zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        self._publish([b"ev", data])
         if isinstance(event, Status):
             self.state = event.state
         if self.echo:
             line = _one_line(event)
             if line:
                 print(line, flush=True)
+
+    def _publish(self, frames: list[bytes]) -> None:
+        for pub in (self.pub, self.remote_pub):
+            if pub is not None:
+                try:
+                    pub.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def on_worker_event(self, raw: bytes) -> None:
         try:
@@ -280,12 +318,13 @@ class Engine:
         self.emit(Status(state="stopping", message=message))
         self.forward(Stop(id=f"engine-stop-{self.seq}"))
 
-    def on_request(self, frames: list[bytes]) -> None:
+    def on_request(self, frames: list[bytes], router=None) -> None:
+        router = router or self.router
         ident = frames[0]
         body = frames[2:] if len(frames) > 2 and frames[1] == b"" else frames[1:]
 
         def reply(r: Reply, extra: list[bytes] = ()) -> None:
-            self.router.send_multipart([ident, b"", msgspec.json.encode(r), *extra])
+            router.send_multipart([ident, b"", msgspec.json.encode(r), *extra])
 
         if len(body) != 2:
             return reply(Reply(status="error", reason="expected two frames: request and signature"))
@@ -536,6 +575,8 @@ class Engine:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
+        if self.remote_router is not None:
+            poller.register(self.remote_router, zmq.POLLIN)
         next_tick = 0.0
         next_check = 0.0
         running = True
@@ -548,10 +589,10 @@ class Engine:
                             self.on_worker_event(self.pull.recv(zmq.NOBLOCK))
                         except zmq.Again:
                             break
-                elif sock is self.router:
+                else:  # the local or the remote (CURVE) ROUTER
                     for _ in range(100):
                         try:
-                            self.on_request(self.router.recv_multipart(zmq.NOBLOCK))
+                            self.on_request(sock.recv_multipart(zmq.NOBLOCK), sock)
                         except zmq.Again:
                             break
             now = time.monotonic()
@@ -560,8 +601,7 @@ class Engine:
                 running = self.supervise()
             if now >= next_tick:
                 next_tick = now + HEARTBEAT_S
-                self.pub.send_multipart([b"hb", json.dumps({"seq": self.seq, "state": self.state,
-                                                            "time": time.time()}).encode()])
+                self._publish([b"hb", json.dumps({"seq": self.seq, "state": self.state, "time": time.time()}).encode()])
                 self.wpub.send(msgspec.json.encode(Heartbeat()))
                 for cid, (data, sent) in list(self.unacked.items()):
                     if now - sent > 60:
@@ -577,8 +617,8 @@ class Engine:
                 self.on_worker_event(self.pull.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
-        self.pub.send_multipart([b"hb", json.dumps({"seq": self.seq, "state": self.state, "time": time.time(),
-                                                    "exiting": True}).encode()])
+        self._publish([b"hb", json.dumps({"seq": self.seq, "state": self.state, "time": time.time(),
+                                          "exiting": True}).encode()])
         time.sleep(0.3)
         return self.exit_code
 
@@ -592,8 +632,11 @@ class Engine:
         if getattr(self, "_watcher", None) is not None:
             self._watch_stop.set()
         self.events_file.close()
-        for s in (self.pull, self.wpub, self.pub, self.router):
-            s.close()
+        for s in (self.pull, self.wpub, self.pub, self.router, self.remote_pub, self.remote_router):
+            if s is not None:
+                s.close()
+        if getattr(self, "auth", None) is not None:
+            self.auth.stop()
         try:
             info = json.loads((self.run_dir / "engine.json").read_text())
             info["stopped"] = time.time()
@@ -607,6 +650,18 @@ class Engine:
             pass
 
 
+class _AllowKeys:
+    """ZAP credentials check: only the listed CURVE client keys may connect."""
+
+    def __init__(self, keys: set[bytes]) -> None:
+        self.keys = keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        import zmq.utils.z85
+
+        return zmq.utils.z85.encode(key) in self.keys if len(key) == 32 else key in self.keys
+
+
 def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
     """torchrun's launch flags: standalone on one machine, c10d rendezvous across several."""
     if nnodes <= 1:
@@ -616,9 +671,10 @@ def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_
 
 
 def run_engine(run_dir: Path, nproc: int, resume: bool, alert_action: str = "warn",
-               stall_timeout: float = 600.0, echo: bool = False, nnodes: int = 1, rdzv_endpoint: str = "") -> int:
+               stall_timeout: float = 600.0, echo: bool = False, nnodes: int = 1, rdzv_endpoint: str = "",
+               listen: str = "") -> int:
     engine = Engine(run_dir, nproc, resume, stall_timeout=stall_timeout, alert_action=alert_action, nnodes=nnodes,
-                    rdzv_endpoint=rdzv_endpoint)
+                    rdzv_endpoint=rdzv_endpoint, listen=listen)
     engine.echo = echo
     engine.open()
     try:
@@ -639,9 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stall_timeout", type=float, default=600.0)
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--rdzv_endpoint", default="")
+    p.add_argument("--listen", default="", help="tcp://HOST:PORT for clients on other machines (CURVE)")
     a = p.parse_args(argv)
     return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, nnodes=a.nnodes,
-                      rdzv_endpoint=a.rdzv_endpoint)
+                      rdzv_endpoint=a.rdzv_endpoint, listen=a.listen)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def engine_info(run_dir: Path) -> dict:
 
 
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
-          skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "") -> int:
+          skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
     """Create (or reopen) the run folder, run preflight, start the engine."""
     from engine.client import engine_alive
     from engine.preflight import preflight, render
@@ -59,6 +59,8 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
     args = ["--nproc", str(cfg.nproc), "--alert_action", cfg.alert_action] + (["--resume"] if resume_dir else [])
+    if listen:
+        args += ["--listen", listen]
     if nnodes > 1:
         from engine.daemon import launch_args
 
@@ -89,7 +91,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
 
     print(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)", file=sys.stderr)
     return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True, nnodes=nnodes,
-                      rdzv_endpoint=rdzv_endpoint)
+                      rdzv_endpoint=rdzv_endpoint, listen=listen)
 
 
 def cmd_run(args) -> int:
@@ -101,9 +103,9 @@ def cmd_run(args) -> int:
         args.output_dir = str(run_dir)
         args.config = None
         return start(resolve(args), args.detach, resume_dir=run_dir, skip_preflight=args.skip_preflight,
-                     nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint)
+                     nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, listen=args.listen)
     return start(resolve(args), args.detach, skip_preflight=args.skip_preflight, nnodes=args.nnodes,
-                 rdzv_endpoint=args.rdzv_endpoint)
+                 rdzv_endpoint=args.rdzv_endpoint, listen=args.listen)
 
 
 def _tail_events(run_dir: Path, limit: int = 400) -> list[dict]:

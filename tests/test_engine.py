@@ -244,3 +244,48 @@ def test_two_nodes_on_one_machine(tmp_path, tiny_model, train_file):
     wait_for(lambda: read_events(run)[-1].get("state") == "finished", timeout=60)
     info = next(e for e in read_events(run) if e["type"] == "run_info")
     assert info["world_size"] == 2
+
+
+def test_remote_clients_need_curve(tmp_path, tiny_model, train_file):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT, train_args
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "runs" / "remote"
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", *train_args(tiny_model, run, train_file, max_steps=100000),
+                           "--nproc", "1", "--listen", f"tcp://127.0.0.1:{port}", "--detach", "--skip_preflight"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((run / "engine.json").read_text())
+    assert info["remote"]["events"].endswith(f":{port}") and info["remote"]["control"].endswith(f":{port + 1}")
+    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    # a plain (unencrypted) subscriber gets nothing
+    plain = zmq.Context.instance().socket(zmq.SUB)
+    plain.setsockopt(zmq.SUBSCRIBE, b"")
+    plain.setsockopt(zmq.LINGER, 0)
+    plain.connect(info["remote"]["events"])
+    assert not plain.poll(2500)
+    plain.close()
+    # a CURVE client with a key the engine does not know gets nothing either
+    stranger = zmq.Context.instance().socket(zmq.DEALER)
+    pub, sec = zmq.curve_keypair()
+    stranger.curve_serverkey = info["remote"]["server_public"].encode()
+    stranger.curve_publickey, stranger.curve_secretkey = pub, sec
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(info["remote"]["control"])
+    stranger.send_multipart([b"", b"{}", b"sig"])
+    assert not stranger.poll(2500)
+    stranger.close()
+    # with the keys from engine.json: history, live events and commands
+    client = EngineClient(run, remote=True)
+    assert client.history()[0].seq == 1
+    ev = next(client.events(timeout=30))
+    assert ev.seq == client.last
+    assert client.send(Stop()).status == "ok"
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)
