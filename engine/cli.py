@@ -164,8 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.set_defaults(handler="engine.infer:cmd_export")
 
+    p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
+    p.add_argument("run", nargs="?", metavar="RUN")
+    p.add_argument("--runs", default="runs", metavar="DIR")
+    p.set_defaults(handler="app.main:attach")
+
     p = sub.add_parser("demo", help="the tiny model and the bundled sample data, end to end on the CPU")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where runs and the demo model live (default runs/)")
+    p.add_argument("--nproc", type=int, default=2, help="CPU ranks (default 2: a real DDP run)")
+    p.add_argument("--no-attach", dest="no_attach", action="store_true",
+                   help="start the run and return (attach later with voxtui attach)")
     p.set_defaults(handler="engine.commands:demo")
     return parser
 

@@ -228,3 +228,10 @@ class EngineClient:
 
     async def asend(self, command) -> Reply:
         return await asyncio.to_thread(self.send, command)
+
+
+def list_runs(root: str | os.PathLike = "runs") -> list[dict]:
+    """The runs under ``root`` (state, step, loss, model, age), newest first: for run pickers."""
+    from engine.runner import list_runs as _list
+
+    return _list(Path(root))

@@ -14,8 +14,13 @@ def model_tiny(args) -> int:
 
 
 def demo(args) -> int:
-    """For now: the tiny model and the data tools on the bundled sample data."""
-    from engine.data import analyze, audit, find_long
+    """The tiny model and the bundled sample data on the CPU: data check, a detached engine with two
+    ranks, then the dashboard."""
+    import time
+
+    from engine.config import TrainConfig
+    from engine.data import analyze, audit
+    from engine.runner import start
     from engine.samples import TRAIN, VAL
     from engine.tiny import write_tiny_model
 
@@ -24,7 +29,17 @@ def demo(args) -> int:
         write_tiny_model(model, force=True)
     print(f"tiny model: {model}")
     print(f"sample data: {TRAIN} ({VAL.name} beside it)\n")
-    print(analyze.render(analyze.analyze(str(TRAIN), str(model), max_len=128)), end="\n\n")
-    print(audit.render(audit.audit(str(TRAIN), against=str(VAL), max_len=128, model=str(model))), end="\n\n")
-    print(find_long.render(find_long.find_long(str(TRAIN), 96, str(model))))
-    return 0
+    print(analyze.render(analyze.analyze(str(TRAIN), str(model), max_len=256)), end="\n\n")
+    print(audit.render(audit.audit(str(VAL), against=str(TRAIN), max_len=256, model=str(model))), end="\n\n")
+    cfg = TrainConfig(model_id=str(model), train_jsonl=str(TRAIN), val_jsonl=str(VAL), quant="none", bf16=False,
+                      max_len=256, per_device_bsz=4, epochs=3, lr=1e-2, warmup_steps=10, eval_steps=40,
+                      save_steps=40, preview_steps=20, preview_count=4, max_new_tokens=24, nproc=args.nproc,
+                      output_dir=str(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")))
+    cfg.validate()
+    rc = start(cfg, detach=True)
+    if rc or args.no_attach:
+        return rc
+    from app.main import attach
+
+    args.run = cfg.output_dir
+    return attach(args)

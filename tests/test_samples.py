@@ -18,8 +18,25 @@ def test_sample_data_is_clean_bilingual_and_leak_free():
     assert audit(str(TRAIN))["defects"] == []
 
 
-def test_demo_runs(tmp_path):
-    proc = voxtui("demo", "--runs", tmp_path / "runs")
+def test_demo_starts_a_real_run(tmp_path):
+    import json
+    import time
+
+    from engine.client import EngineClient, engine_alive
+    from engine.protocol import Stop
+
+    proc = voxtui("demo", "--runs", tmp_path / "runs", "--no-attach", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "runs" / "_models" / "tiny" / "config.json").is_file()
-    assert "432 rows" in proc.stdout and "exceed" in proc.stdout
+    assert "432 rows" in proc.stdout
+    run = tmp_path / proc.stdout.strip().splitlines()[-1]
+    assert run.name.startswith("demo-")
+    info = json.loads((run / "engine.json").read_text())
+    assert engine_alive(info) and info["nproc"] == 2
+    with EngineClient(run) as c:
+        deadline = time.time() + 120
+        for ev in c.events(timeout=120):
+            if ev.type == "step" or time.time() > deadline:
+                break
+        assert ev.type == "step"
+        assert c.send(Stop()).status == "ok"

@@ -1,0 +1,60 @@
+"""The engine stream, run in a thread worker: history first, then live, batched into messages;
+reconnects with back-off when the engine is lost (engine.json is re-read each time, so a restarted
+engine is found)."""
+
+from __future__ import annotations
+
+import time
+
+from app.messages import EngineBack, EventsReceived
+from app.messages import EngineLost as EngineLostMessage
+from engine.client import EngineClient, EngineLost
+
+
+def follow(target, post, cancelled, batch_s: float = 0.05) -> None:
+    """Post EventsReceived batches until ``cancelled()``; ``post`` must be thread-safe (post_message)."""
+    backoff, last, lost, client = 0.5, 0, False, None
+    while not cancelled():
+        try:
+            if client is None:
+                client = EngineClient(target)
+                if last == 0:
+                    events = client.history()
+                    if events:
+                        post(EventsReceived(events))
+                        last = events[-1].seq
+                else:
+                    client.last = last  # continue exactly after what the screen already has
+                if lost and client.live:
+                    post(EngineBack())
+                    lost = False
+                backoff = 0.5
+            batch, flushed = [], time.monotonic()
+            for ev in client.events(timeout=0.5):
+                batch.append(ev)
+                last = ev.seq
+                if time.monotonic() - flushed >= batch_s:
+                    post(EventsReceived(batch))
+                    batch, flushed = [], time.monotonic()
+                if cancelled():
+                    break
+            if batch:
+                post(EventsReceived(batch))
+            if not client.live:  # no engine (a finished run): look for a new one now and then
+                client.close()
+                client = None
+                for _ in range(20):
+                    if cancelled():
+                        return
+                    time.sleep(0.1)
+        except (EngineLost, OSError, ValueError) as e:
+            if not lost:
+                post(EngineLostMessage(str(e)))
+                lost = True
+            if client is not None:
+                client.close()
+                client = None
+            time.sleep(min(backoff, 5.0))
+            backoff *= 2
+    if client is not None:
+        client.close()
