@@ -11,7 +11,7 @@ from app.messages import EngineLost as EngineLostMessage
 from engine.client import EngineClient, EngineLost
 
 
-def follow(target, post, cancelled, batch_s: float = 0.05) -> None:
+def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
     """Post EventsReceived batches until ``cancelled()``; ``post`` must be thread-safe (post_message)."""
     backoff, last, lost, client = 0.5, 0, False, None
     while not cancelled():
@@ -33,7 +33,8 @@ def follow(target, post, cancelled, batch_s: float = 0.05) -> None:
             for ev in client.events(timeout=0.5):
                 batch.append(ev)
                 last = ev.seq
-                if time.monotonic() - flushed >= batch_s:
+                if not client.has_pending() or time.monotonic() - flushed >= batch_s:
+                    # nothing more queued: show it now; a burst: at most every batch_s
                     post(EventsReceived(batch))
                     batch, flushed = [], time.monotonic()
                 if cancelled():

@@ -207,6 +207,10 @@ class EngineClient:
             if deadline is not None and time.monotonic() >= deadline and not self._buffer:
                 return
 
+    def has_pending(self) -> bool:
+        """Whether ``events()`` would yield again at once (buffered or already received)."""
+        return bool(self._buffer) or (self._sub is not None and bool(self._sub.poll(0)))
+
     def send(self, command) -> Reply:
         """Send a command; returns the engine's reply. A command without an id gets a fresh one."""
         if not self.live:

@@ -696,7 +696,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--rdzv_endpoint", default="")
     p.add_argument("--listen", default="", help="tcp://HOST:PORT for clients on other machines (CURVE)")
+    p.add_argument("--worker_cmd", default="", help=argparse.SUPPRESS)  # JSON list: a stand-in worker (benchmarks)
     a = p.parse_args(argv)
+    if a.worker_cmd:
+        engine = Engine(Path(a.run_dir), a.nproc, worker_cmd=json.loads(a.worker_cmd))
+        engine.open()
+        try:
+            engine.spawn()
+            return engine.serve()
+        finally:
+            engine.close()
     return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, nnodes=a.nnodes,
                       rdzv_endpoint=a.rdzv_endpoint, listen=a.listen)
 

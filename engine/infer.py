@@ -161,6 +161,10 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     progress.close()
     ordered = [done[i] for i in range(len(rows))]
     result = score_rows(ordered)
+    with atomic_write(out_dir / "per_row.jsonl") as f:  # ROUGE-L, Distinct-1/2, exact match, length ratio per row
+        for r in ordered:
+            f.write(json.dumps({"index": r["index"], "line": r["line"],
+                                **metrics.per_row(r["prediction"], r["output"])}) + "\n")
     if ppl:
         result.update(metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size))
     result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,

@@ -85,7 +85,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                 raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
             time.sleep(0.1)
         print(run_dir)
-        print(f"engine {proc.pid} runs detached; follow it with: voxtui engine status {run_dir}", file=sys.stderr)
+        print(f"engine {proc.pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
         return 0
     from engine.daemon import run_engine
 

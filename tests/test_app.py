@@ -137,3 +137,45 @@ def test_every_tab_renders(finished_runs, size):
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
+    import os
+    import signal
+
+    import psutil
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+    from conftest import descendants_of, voxtui
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(40))
+    run = start_detached(tiny_model, tmp_path / "runs", "restart", train, nproc=1, max_steps=100000, save_steps=5,
+                         env={"VOXTUI_ENGINE_TIMEOUT": "2"})
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.state.step > 0)
+            info = json.loads((run / "engine.json").read_text())
+            workers = descendants_of(info["pid"])
+            os.kill(info["pid"], signal.SIGKILL)
+            banner = app.screen.query_one("#banner", Static)
+            t0 = time.monotonic()
+            await wait_until(pilot, lambda: banner.display, timeout=15)
+            assert time.monotonic() - t0 < 6 and "ENGINE LOST" in str(banner.render())
+            # the orphaned workers save and stop; then the run is resumed by a new engine
+            await wait_until(pilot, lambda: all(not psutil.pid_exists(p) or
+                                                psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in workers),
+                             timeout=60)
+            before = app.state.last_seq
+            proc = voxtui("run", "--resume", run, "--detach", "--skip_preflight")
+            assert proc.returncode == 0, proc.stderr
+            await wait_until(pilot, lambda: not banner.display and app.state.last_seq > before + 3, timeout=90)
+            seqs = [e.seq for e in app.state.events]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and app.state.gaps == 0  # no gap, no duplicate
+            await pilot.press("q")
+
+    asyncio.run(flow())
+    with EngineClient(run) as c:
+        assert c.send(Stop()).status == "ok"

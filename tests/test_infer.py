@@ -38,6 +38,9 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
     assert m["params"]["data_sha256"] and m["params"]["temperature"] == 0.0
     assert json.loads((out / "infer" / "a" / "metrics.json").read_text())["rougeL"] == m["rougeL"]
     first = generations(out / "infer" / "a" / "generations.jsonl")
+    per_row = generations(out / "infer" / "a" / "per_row.jsonl")
+    assert len(per_row) == 8 and {"rougeL", "distinct_1", "distinct_2", "exact_match", "length_ratio"} <= set(per_row[0])
+    assert sum(r["rougeL"] for r in per_row) / 8 == pytest.approx(m["rougeL"])
     assert sorted(r["index"] for r in first) == list(range(8))
     # greedy again: identical generations
     assert voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "b").returncode == 0

@@ -73,7 +73,7 @@ class RunScreen(Screen):
         self.query_one("#banner", Static).display = False
         self.show_preflight()
         self.follow()
-        self.set_interval(0.2, self.render_if_dirty)
+        self.set_interval(0.03, self.render_if_dirty)  # at most ~30 redraws a second, only when there is news
 
     @work(thread=True, exclusive=True, group="engine")
     def follow(self) -> None:
@@ -95,6 +95,7 @@ class RunScreen(Screen):
         if not self._dirty:
             return
         self._dirty = False
+        self.rendered_seq = self.app.state.last_seq
         s = self.app.state
         active = self.query_one(TabbedContent).active
         panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "checkpoints": Checkpoints,

@@ -38,7 +38,8 @@ class Overview(Vertical):
         plt = plot.plt
         plt.clear_data()
         plt.title("loss")
-        pts = [(st, lo) for st, lo, *_ in s.steps if lo is not None]
+        stride = max(1, len(s.steps) // 400)  # a terminal plot shows a few hundred points at most
+        pts = [(st, lo) for st, lo, *_ in s.steps[::stride] if lo is not None]
         if pts:
             plt.plot([p[0] for p in pts], [p[1] for p in pts], label="train")
         if s.evals:
