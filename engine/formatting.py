@@ -81,7 +81,7 @@ class ChatFormat:
     @property
     def fingerprint(self) -> str:
         """Identifies tokenizer + template, for cache keys."""
-        return f"{_file_digest(str(self.path))}:{TEMPLATE_VERSION}"
+        return f"{file_digest(str(self.path))}:{TEMPLATE_VERSION}"
 
     def _raw(self, text: str) -> list[int]:
         try:
@@ -147,7 +147,8 @@ class ChatFormat:
 
 
 @lru_cache(maxsize=8)
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of a file's SHA-256 (cached by path)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -8,7 +8,6 @@ interrupted job resumes where it stopped) and ``metrics.json`` (written atomical
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -58,17 +57,13 @@ def load_base(cfg, device, quant: str | None = None, dtype=None):
     import torch
     from transformers import VoxtralForConditionalGeneration
 
-    from engine.modeling import _drop_audio_tower
+    from engine.modeling import _drop_audio_tower, nf4_config
 
     quant = cfg.quant if quant is None else quant
     dtype = dtype or (torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if quant == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head", "multi_modal_projector", "audio_tower"])
+        kwargs["quantization_config"] = nf4_config(dtype)
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
     _drop_audio_tower(model)
     return model.eval()
@@ -81,21 +76,13 @@ def load_for_inference(run_dir: Path, ckpt: Path, device):
     return PeftModel.from_pretrained(load_base(cfg, device), str(ckpt)).eval(), cfg
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None, batch_size: int = 8,
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
           device: str = "auto", model=None, sink=None, ppl: bool = True) -> dict:
     import torch
 
     from engine import metrics
-    from engine.formatting import load_format
+    from engine.formatting import file_digest, load_format
     from engine.modeling import generate
     from engine.protocol import Inference
     from engine.rows import read_examples
@@ -110,7 +97,7 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     name = name or f"{ckpt.name}-{Path(data).stem}"
     out_dir = run_dir / "infer" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": _digest(data), "max_new_tokens": max_new_tokens,
+    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())), "max_new_tokens": max_new_tokens,
               "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size}
     gen_path = out_dir / "generations.jsonl"
     state_path = out_dir / "params.json"

@@ -55,6 +55,15 @@ def _drop_audio_tower(model: nn.Module) -> int:
     return n
 
 
+def nf4_config(compute_dtype):
+    """4-bit NF4 with double quantisation, as the seed used it (the head stays unquantised)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=["lm_head", "multi_modal_projector", "audio_tower"])
+
+
 def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False):
     """The base model with LoRA adapters on the language model, ready to train, and the parameter
     counts of what was removed (the audio tower), for the parameter table."""
@@ -64,13 +73,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
     kwargs = {"dtype": dtype, "device_map": {"": device}}
     if cfg.quant == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32,
-            llm_int8_skip_modules=["lm_head", "multi_modal_projector", "audio_tower"],
-        )
+        kwargs["quantization_config"] = nf4_config(dtype)
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
     removed = {}
     if not keep_audio:
