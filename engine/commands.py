@@ -39,7 +39,8 @@ def demo(args) -> int:
     rc = start(cfg, detach=True)
     if rc or args.no_attach:
         return rc
-    from app.main import attach
+    import subprocess
+    import sys
 
-    args.run = cfg.output_dir
-    return attach(args)
+    # the dashboard runs as `voxtui attach RUN`: the headless side never imports the TUI
+    return subprocess.call([sys.executable, "-m", "engine", "attach", cfg.output_dir])
