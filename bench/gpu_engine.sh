@@ -2,13 +2,7 @@
 # The engine on a GPU machine (the device tool): `voxtui run --detach` on a full-size random-weight
 # Voxtral, NVML telemetry, then `voxtui infer` on CUDA.   bash bench/gpu_engine.sh   (results in $OUT)
 set -uo pipefail
-OUT=${OUT:-./gpu-out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
 V="python3 -m engine"
 [ -f /tmp/voxtral-random/config.json ] || python3 bench/random_voxtral.py /tmp/voxtral-random 2>&1 | tail -1
 python3 bench/synth.py /tmp/medqa-synth.jsonl 3000 380 1024

@@ -239,3 +239,13 @@ def list_runs(root: str | os.PathLike = "runs") -> list[dict]:
     from engine.runner import list_runs as _list
 
     return _list(Path(root))
+
+
+def age_text(seconds: float | None) -> str:
+    """A compact age: 42s, 5m, 3h, 2d."""
+    if seconds is None:
+        return "–"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.0f}{unit}"
+    return f"{seconds:.0f}s"

@@ -4,6 +4,7 @@ was asked, and compare NF4 with bf16 LoRA."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -29,7 +30,7 @@ def _try(cfg: TrainConfig, model, bsz: int, seq: int, device, steps: int = 2) ->
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else _Null()
+            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else contextlib.nullcontext()
             with ctx:
                 total, n = loss_fn(input_ids=ids, labels=labels)
                 (total / n).backward()
@@ -48,14 +49,6 @@ def _try(cfg: TrainConfig, model, bsz: int, seq: int, device, steps: int = 2) ->
     step = min(times)
     return {"batch": bsz, "seq": seq, "step_s": round(step, 4), "tokens_per_s": round(bsz * seq / step, 1),
             "peak_gib": round(peak, 2) if peak is not None else None}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def probe(cfg: TrainConfig, seq: int, max_batch: int = 64) -> dict:

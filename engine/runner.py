@@ -155,16 +155,9 @@ def list_runs(root: Path = RUNS) -> list[dict]:
     return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
 
 
-def _age(s: float | None) -> str:
-    if s is None:
-        return "-"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s / n:.0f}{unit}"
-    return f"{s:.0f}s"
-
-
 def cmd_engine(args) -> int:
+    from engine.client import age_text
+
     match args.engine_command:
         case "list":
             runs = list_runs(Path(args.runs))
@@ -177,7 +170,7 @@ def cmd_engine(args) -> int:
             print(f"{'run':<28}{'state':<10}{'step':>7}{'loss':>9}  {'age':>5}  model")
             for s in runs:
                 loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
-                print(f"{s['run']:<28}{s['state']:<10}{s['step']:>7}{loss:>9}  {_age(s['age_s']):>5}  {s['model']}")
+                print(f"{s['run']:<28}{s['state']:<10}{s['step']:>7}{loss:>9}  {age_text(s['age_s']):>5}  {s['model']}")
             return 0
         case "status":
             s = summary(find_run(args.run))

@@ -9,6 +9,7 @@ signal) is taken from one all-gather per optimizer step, so all ranks act at the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import socket
@@ -145,7 +146,6 @@ class Trainer:
         self.sink = None
         self.tb = None
         self.telemetry = None
-        self.last_good_step = 0
         self.saved_step = -1
 
     # ---- output
@@ -323,7 +323,6 @@ class Trainer:
         rng = checkpoint.load_rng(path, self.d.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng)
-        self.last_good_step = self.step
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro})")
 
     # ---- the loop
@@ -353,7 +352,7 @@ class Trainer:
             for i, m in enumerate(micro):
                 batch = {k: v.to(d.device, non_blocking=True) for k, v in m.items() if torch.is_tensor(v)}
                 sync = i == len(micro) - 1
-                ctx = self.loss_module.no_sync() if d.world > 1 and not sync else _null()
+                ctx = self.loss_module.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
                 with ctx, self._autocast():
                     total, _ = self.loss_module(**batch)
                     if fault_nan and self.step + 1 == fault_nan:
@@ -392,8 +391,7 @@ class Trainer:
             self.step += 1
             self.micro += cfg.grad_accum
             if not nonfinite:
-                self.last_good_step = self.step
-            times = gathered[:, 3]
+                    times = gathered[:, 3]
             toks = gathered[:, 1]
             slowest = float(times.max())
             tps = float(toks.sum()) / max(slowest, 1e-9)
@@ -439,7 +437,7 @@ class Trainer:
 
         if self.cfg.bf16 and self.d.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        return _null()
+        return contextlib.nullcontext()
 
     def _memory(self) -> dict:
         import torch
@@ -483,9 +481,7 @@ class Trainer:
                 self.emit(Ack(id=c.id, command=c.type, step=self.step))
             match c:
                 case SetPreviewParams():
-                    for k in ("temperature", "top_p", "max_new_tokens"):
-                        if getattr(c, k) is not None:
-                            self.preview[k] = getattr(c, k)
+                    self._set_preview(c)
                 case PreviewNow():
                     actions.add("preview")
                 case SaveCheckpoint():
@@ -499,7 +495,7 @@ class Trainer:
         return actions
 
     def _pause(self) -> str:
-        from engine.protocol import Resume, Status, Stop
+        from engine.protocol import Ack, Resume, Status, Stop
 
         self.emit(Status(state="paused", step=self.step))
         self.log(f"paused at step {self.step}")
@@ -507,14 +503,11 @@ class Trainer:
             commands = self.inbox.poll() if self.d.main else []
             commands = self.d.broadcast(commands if self.d.main else None)
             kinds = {type(c) for c in commands}
-            from engine.protocol import Ack
-
             for c in commands:
                 if c.id:
                     self.emit(Ack(id=c.id, command=c.type, step=self.step))
-            rest = [c for c in commands if not isinstance(c, (Resume, Stop))]
-            if rest:
-                self._agree_local(rest)
+                if c.type == "set_preview_params":
+                    self._set_preview(c)
             if Stop in kinds:
                 return "stop"
             if Resume in kinds:
@@ -522,14 +515,10 @@ class Trainer:
                 return "resume"
             time.sleep(0.2)
 
-    def _agree_local(self, commands) -> None:
-        from engine.protocol import SetPreviewParams
-
-        for c in commands:
-            if isinstance(c, SetPreviewParams):
-                for k in ("temperature", "top_p", "max_new_tokens"):
-                    if getattr(c, k) is not None:
-                        self.preview[k] = getattr(c, k)
+    def _set_preview(self, c) -> None:
+        for k in ("temperature", "top_p", "max_new_tokens"):
+            if getattr(c, k) is not None:
+                self.preview[k] = getattr(c, k)
 
     # ---- evaluation, previews, checkpoints
     def evaluate(self) -> str:
@@ -675,14 +664,6 @@ class Trainer:
             self.sink.close()
         if hasattr(self, "inbox"):
             self.inbox.close()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _read_engine(path: str) -> dict:

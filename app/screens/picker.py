@@ -8,16 +8,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from engine.client import list_runs
-
-
-def _age(s) -> str:
-    if s is None:
-        return "–"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            return f"{s / n:.0f}{unit}"
-    return f"{s:.0f}s"
+from engine.client import age_text, list_runs
 
 
 class RunPicker(Screen):
@@ -50,7 +41,7 @@ class RunPicker(Screen):
         self.paths = [r["path"] for r in runs]
         for r in runs:
             loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "–"
-            table.add_row(r["run"], r["state"], r["model"][-32:], str(r["step"]), loss, _age(r["age_s"]))
+            table.add_row(r["run"], r["state"], r["model"][-32:], str(r["step"]), loss, age_text(r["age_s"]))
         self.query_one("#picker-title", Static).update(
             f"{len(runs)} run(s) under {self.root}/ — Enter attaches" if runs else
             f"no runs under {self.root}/ (start one with `voxtui run … --detach` or `voxtui demo`)")
