@@ -6,8 +6,8 @@ tokenisation. Loss applies to the target (answer + EOS) only.
 
 A plan is the list of micro-batches of one epoch for one rank: a seeded shuffle of (seed, epoch),
 then either length grouping (similar lengths together, so little padding, and the ranks of one step
-get batches of similar length) or packing (examples laid end to end in rows of max_len with a
-block-diagonal attention mask and positions restarting at each example).
+get batches of similar length) or packing (whole examples laid end to end in one row per micro-batch,
+up to a token budget, attended example by example with varlen attention — see ``engine.attention``).
 """
 
 from __future__ import annotations
@@ -97,19 +97,18 @@ def plan_epoch(tok: Tokenized, epoch: int, seed: int, bsz: int, rank: int, world
                packing: bool, group_by_length: bool) -> list[list[list[int]]]:
     """This rank's micro-batches for ``epoch``: each a list of rows, each row a list of example indices.
 
-    Every rank gets the same number of micro-batches (the tail that cannot fill all ranks is dropped).
+    Packed: each micro-batch is one row of whole examples filling a budget of ``bsz × max_len`` tokens,
+    so every rank of a step carries (almost) the same number of tokens. Every rank gets the same
+    number of micro-batches (the tail that cannot fill all ranks is dropped).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(tok))
     lengths = tok.lengths
     if packing:
-        rows = _pack(order, lengths, max_len)
-        rows_order = rng.permutation(len(rows))
-        rows = [rows[i] for i in rows_order]
-        per_step = bsz * world
-        steps = len(rows) // per_step
-        # ranks of one step get rows of similar total length (packed rows are near max_len anyway)
-        return [[rows[s * per_step + rank * bsz + j] for j in range(bsz)] for s in range(steps)]
+        rows = _pack(order, lengths, bsz * max_len)
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        steps = len(rows) // world
+        return [[rows[s * world + rank]] for s in range(steps)]
     per_step = bsz * world
     if group_by_length:
         mega = per_step * 64
@@ -146,44 +145,58 @@ def _pack(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[list[int
     return rows
 
 
-def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch. Labels are -100 outside the targets.
+def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budget: int = 0,
+            max_len: int = 0) -> dict:
+    """Tensors for one micro-batch. Labels are -100 outside the targets; ``target_idx`` lists the flat
+    positions (into ``B × (L-1)``) whose next token is a target, so the loss needs no host sync.
 
-    Unpacked: right padding and a 2-D attention mask. Packed: a 4-D boolean block-diagonal causal
-    mask and positions that restart at each example.
+    Unpacked: right padding and a 2-D attention mask. Packed (one row): the examples end to end,
+    padded to ``budget`` tokens (a fixed shape) with padding split into pieces of at most ``max_len``,
+    positions restarting at each example, and ``cu_seq_lens_q`` / ``max_length_q`` for varlen attention.
     """
     rows = []
     for items in batch:
         ids, labels, pos, seg = [], [], [], []
-        for k, x in enumerate(items):
+        for x in items:
             e, p = tok.example(x)
             ids.extend(e.tolist())
             labels.extend([-100] * p + e[p:].tolist())
             pos.extend(range(len(e)))
-            seg.extend([k] * len(e))
+            seg.append(len(e))
         rows.append((ids, labels, pos, seg))
-    width = max(len(r[0]) for r in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    segments = torch.full((n, width), -1, dtype=torch.long)
-    for i, (ids, lab, pos, seg) in enumerate(rows):
-        L = len(ids)
-        input_ids[i, :L] = torch.tensor(ids)
-        labels[i, :L] = torch.tensor(lab)
-        position_ids[i, :L] = torch.tensor(pos)
-        segments[i, :L] = torch.tensor(seg)
-    real = int((segments >= 0).sum())
-    out = {"input_ids": input_ids, "labels": labels, "real_tokens": real, "slots": n * width}
+    real = sum(len(r[0]) for r in rows)
     if packed:
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        same = segments[:, :, None] == segments[:, None, :]
-        valid = (segments >= 0)[:, :, None] & (segments >= 0)[:, None, :]
-        mask = causal[None] & same & valid
-        mask |= torch.eye(width, dtype=torch.bool)[None]  # padding rows attend to themselves: no NaN
-        out["attention_mask"] = mask[:, None]
-        out["position_ids"] = position_ids
+        if len(rows) != 1:
+            raise ValueError("a packed micro-batch is one row")
+        ids, labels, pos, seg = rows[0]
+        width = max(budget, len(ids))
+        gap = width - len(ids)
+        piece = max_len or width
+        while gap > 0:
+            n = min(gap, piece)
+            seg.append(n)
+            pos.extend(range(n))
+            gap -= n
+        input_ids = torch.full((1, width), pad, dtype=torch.long)
+        input_ids[0, :len(ids)] = torch.tensor(ids)
+        lab = torch.full((1, width), -100, dtype=torch.long)
+        lab[0, :len(labels)] = torch.tensor(labels)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32)
+        out = {"input_ids": input_ids, "labels": lab, "position_ids": torch.tensor([pos], dtype=torch.long),
+               "cu_seq_lens_q": cu, "max_length_q": int(max(max_len, max(seg))), "real_tokens": real, "slots": width}
     else:
-        out["attention_mask"] = (segments >= 0).long()
+        width = max(len(r[0]) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        lab = torch.full((n, width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for i, (ids, labels, _, _) in enumerate(rows):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            lab[i, :len(labels)] = torch.tensor(labels)
+            attention_mask[i, :len(ids)] = 1
+        out = {"input_ids": input_ids, "labels": lab, "attention_mask": attention_mask, "real_tokens": real,
+               "slots": n * width}
+    shifted = lab[:, 1:]
+    out["target_idx"] = (shifted != -100).reshape(-1).nonzero().squeeze(1)
+    out["targets"] = shifted.reshape(-1)[out["target_idx"]]
     return out

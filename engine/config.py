@@ -31,7 +31,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     output_dir: str = ""
     """The run folder (default: runs/<timestamp>)."""
     per_device_bsz: int = 4
-    """Micro-batch size per rank (sequences; packed rows when --packing)."""
+    """Micro-batch size per rank: sequences, or with --packing a budget of this many × --max_len tokens."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     epochs: float = 1.0
@@ -69,7 +69,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     long: Literal["truncate", "drop"] = "truncate"
     """Rows over --max_len: truncate the target, or drop the row."""
     packing: bool = False
-    """Pack several examples per row (block-diagonal attention) instead of padding."""
+    """Pack whole examples into one row of --per_device_bsz × --max_len tokens per micro-batch, attended
+    example by example (varlen FlashAttention on a GPU), instead of padded rows."""
+    compile: bool = False
+    """torch.compile each decoder layer (one compiled region shared by all layers): fused norms,
+    activations and LoRA arithmetic. Costs a compile at start (cached on disk for the next run)."""
     group_by_length: bool = True
     """Without packing: batch rows of similar length together (the seed's grouping)."""
     seed: int = 42
@@ -101,7 +105,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_steps: int = 1
     """Telemetry every N optimizer steps."""
     telemetry_interval: float = 1.0
-    """Seconds between GPU / CPU telemetry samples."""
+    """Seconds between GPU / CPU telemetry samples (0: off)."""
     cache_dir: str = ""
     """Where pre-tokenised data is cached (default: runs/_cache beside the run folder)."""
     nproc: int = 1
@@ -131,6 +135,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 problems.append(f"--{name} must be 0 or more (got {getattr(self, name)})")
         if self.max_steps == 0 and self.epochs <= 0:
             problems.append("set --epochs above 0 or --max_steps")
+        if self.telemetry_interval < 0:
+            problems.append(f"--telemetry_interval must be 0 (off) or more (got {self.telemetry_interval})")
         if self.lr <= 0:
             problems.append(f"--lr must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:

@@ -70,8 +70,10 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from peft import LoraConfig, get_peft_model
     from transformers import VoxtralForConditionalGeneration
 
+    from engine.attention import register
+
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register()}
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
@@ -99,7 +101,23 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if cfg.compile:
+        compile_layers(model)
     return model, removed
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile every decoder layer ("regional compilation": the layers share one compiled graph,
+    so the compile costs one layer, not thirty). Evaluation and generation run eagerly (``eager()``)."""
+    layers = language_model(_unwrap(model)).layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def eager():
+    """Run compiled layers eagerly inside this block (evaluation, previews: other shapes, no recompiles)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def _bf16_ok(device: torch.device) -> bool:
@@ -190,22 +208,27 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.chunk = chunk
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, target_idx, targets, attention_mask=None, position_ids=None, cu_seq_lens_q=None,
+                max_length_q=None, **_):
+        """``target_idx``: flat positions into ``B × (L-1)`` whose next token is a target (``targets``);
+        computed by ``collate`` on the host, so nothing here waits for the GPU."""
         base = _unwrap(self.model)
+        extra = {}
+        if cu_seq_lens_q is not None:  # a packed row: varlen attention (engine.attention)
+            torch._dynamo.maybe_mark_dynamic(cu_seq_lens_q, 0)  # examples per row vary: compile once for all
+            extra = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_q,
+                     "max_length_q": max_length_q, "max_length_k": max_length_q}
         out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False)
+                         use_cache=False, **extra)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         # position t predicts token t+1
-        shift_labels = labels[:, 1:]
-        mask = shift_labels != -100
-        h = hidden[:, :-1][mask]
-        y = shift_labels[mask]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_idx)
         head = base.get_output_embeddings()
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, h.shape[0], self.chunk):
             total = total + torch.utils.checkpoint.checkpoint(
-                _head_ce, head.weight, h[i:i + self.chunk], y[i:i + self.chunk], use_reentrant=False)
-        return total, mask.sum()
+                _head_ce, head.weight, h[i:i + self.chunk], targets[i:i + self.chunk], use_reentrant=False)
+        return total, targets.shape[0]
 
 
 def _head_ce(weight, h, y):

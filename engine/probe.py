@@ -23,6 +23,8 @@ def _try(cfg: TrainConfig, model, bsz: int, seq: int, device, steps: int = 2) ->
     ids = torch.randint(1000, 100_000, (bsz, seq), device=device)
     labels = ids.clone()
     labels[:, : seq // 8] = -100
+    shifted = labels[:, 1:].reshape(-1)
+    target_idx = (shifted != -100).nonzero().squeeze(1)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -32,7 +34,7 @@ def _try(cfg: TrainConfig, model, bsz: int, seq: int, device, steps: int = 2) ->
             t = time.perf_counter()
             ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else contextlib.nullcontext()
             with ctx:
-                total, n = loss_fn(input_ids=ids, labels=labels)
+                total, n = loss_fn(input_ids=ids, target_idx=target_idx, targets=shifted[target_idx])
                 (total / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -216,10 +216,18 @@ class Trainer:
         self.previews = self._preview_rows()
 
         # model
+        if cfg.compile:  # compiled kernels are cached beside the token cache: the next start reuses them
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).resolve() / "inductor"))
         t0 = time.perf_counter()
         self.model, self.model_removed = load_model(cfg, d.device)
         self.model.train()
         self.log(f"model loaded in {time.perf_counter() - t0:.1f}s")
+        if cfg.packing:
+            from engine.attention import varlen_available
+
+            kind = ("varlen FlashAttention (torch.nn.attention.varlen)" if d.device.type == "cuda" and varlen_available()
+                    else "SDPA example by example")
+            self.log(f"packed rows of {cfg.per_device_bsz * cfg.max_len} tokens, attention: {kind}")
         rows, trainable, total = param_table(self.model, removed=self.model_removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
@@ -257,7 +265,7 @@ class Trainer:
             from engine.telemetry import TelemetryThread
 
             gpus = list(range(torch.cuda.device_count())) if d.device.type == "cuda" else None
-            if d.main:
+            if d.main and cfg.telemetry_interval > 0:
                 self.telemetry = TelemetryThread(self._on_telemetry, cfg.telemetry_interval, gpus, d.rank)
                 self.telemetry.start()
 
@@ -286,12 +294,18 @@ class Trainer:
         return out
 
     def plan(self, epoch: int) -> list:
+        """This rank's micro-batches of ``epoch`` (and, in ``self.global_targets``, every micro-batch
+        index's target-token count summed over all ranks: the loss normaliser, known without a collective)."""
         from engine.batching import plan_epoch
 
         if epoch not in self.plan_cache:
-            cfg = self.cfg
-            self.plan_cache = {epoch: plan_epoch(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, self.d.rank,
-                                                 self.d.world, cfg.max_len, cfg.packing, cfg.group_by_length)}
+            cfg, d = self.cfg, self.d
+            plans = [plan_epoch(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, r, d.world, cfg.max_len,
+                                cfg.packing, cfg.group_by_length) for r in range(d.world)]
+            per_example = self.train_tok.lengths - self.train_tok.prompt_lens
+            self.global_targets = [sum(int(per_example[x]) for p in plans for row in p[i] for x in row)
+                                   for i in range(len(plans[0]))]
+            self.plan_cache = {epoch: plans[d.rank]}
         return self.plan_cache[epoch]
 
     def _restore(self) -> None:
@@ -330,7 +344,6 @@ class Trainer:
         """Runs until done, stopped or failed; returns the final state."""
         import torch
 
-        from engine.batching import collate
         from engine.protocol import Alert, Status, Step
 
         cfg, d = self.cfg, self.d
@@ -344,13 +357,11 @@ class Trainer:
                 self.micro = 0
                 continue
             t0 = time.perf_counter()
-            micro = [collate(self.train_tok, plan[self.micro + i], self.fmt.pad, packed) for i in range(cfg.grad_accum)]
-            n_local = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
-            counts = d.all_gather([n_local])
-            n_global = float(counts.sum())
+            micro = self._micro_batches(plan, packed)
+            n_global = float(sum(self.global_targets[self.micro:self.micro + cfg.grad_accum]))
             loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
             for i, m in enumerate(micro):
-                batch = {k: v.to(d.device, non_blocking=True) for k, v in m.items() if torch.is_tensor(v)}
+                batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
                 sync = i == len(micro) - 1
                 ctx = self.loss_module.no_sync() if d.world > 1 and not sync else contextlib.nullcontext()
                 with ctx, self._autocast():
@@ -362,6 +373,8 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad],
                 cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)  # the step's GPU work counts in its time (the gather below waits anyway)
             step_time = time.perf_counter() - t0
             real = sum(m["real_tokens"] for m in micro)
             slots = sum(m["slots"] for m in micro)
@@ -428,6 +441,38 @@ class Trainer:
         if self.val_tok is not None and not self._due(cfg.eval_steps):
             self.evaluate()
         return "finished" if self.save(reason="final", final=True) else "save_failed"
+
+    def _micro_batches(self, plan: list, packed: bool) -> list[dict]:
+        """The tensors of the next step's micro-batches; the following step's are prepared on a helper
+        thread meanwhile, in pinned memory, so the GPU does not wait for the host between steps."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from engine.batching import collate
+
+        cfg = self.cfg
+        pin = self.d.device.type == "cuda"
+
+        def build(p, start):
+            out = []
+            for i in range(cfg.grad_accum):
+                m = collate(self.train_tok, p[start + i], self.fmt.pad, packed, budget=cfg.per_device_bsz * cfg.max_len,
+                            max_len=cfg.max_len)
+                if pin:
+                    m = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in m.items()}
+                out.append(m)
+            return out
+
+        if not hasattr(self, "_pool"):
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate")
+            self._next = None
+        key = (id(plan), self.micro)
+        if self._next is not None and self._next[0] == key:
+            micro = self._next[1].result()
+        else:
+            micro = build(plan, self.micro)
+        after = self.micro + cfg.grad_accum
+        self._next = ((id(plan), after), self._pool.submit(build, plan, after)) if after + cfg.grad_accum <= len(plan) else None
+        return micro
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.total_steps
@@ -536,7 +581,9 @@ class Trainer:
         self.model.eval()
         loss_sum = 0.0
         tokens = 0
-        with torch.no_grad():
+        from engine.modeling import eager
+
+        with torch.no_grad(), eager():
             for i in range(0, len(idx), cfg.per_device_bsz):
                 m = collate(self.val_tok, [[x] for x in idx[i:i + cfg.per_device_bsz]], self.fmt.pad, False)
                 batch = {k: v.to(d.device) for k, v in m.items() if torch.is_tensor(v)}
@@ -570,7 +617,7 @@ class Trainer:
         return "ok"
 
     def run_previews(self) -> None:
-        from engine.modeling import generate
+        from engine.modeling import eager, generate
         from engine.protocol import Preview
 
         if not self.previews:
@@ -580,9 +627,10 @@ class Trainer:
         seed = self.cfg.seed + self.step
         texts = []
         if mine:
-            outs = generate(self.model, [self.previews[i][0] for i in mine],
-                            int(p["max_new_tokens"]), float(p["temperature"]), float(p["top_p"]), seed,
-                            self.fmt.eos, self.fmt.pad, d.device)
+            with eager():
+                outs = generate(self.model, [self.previews[i][0] for i in mine],
+                                int(p["max_new_tokens"]), float(p["temperature"]), float(p["top_p"]), seed,
+                                self.fmt.eos, self.fmt.pad, d.device)
             texts = [(i, self.fmt.decode(o)) for i, o in zip(mine, outs)]
         everything = d.gather(texts)
         if not d.main:

@@ -1,0 +1,269 @@
+"""Training throughput: the seed's method against voxtui's worker, on the same data, in one run.
+
+    python bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.jsonl \
+        --val /tmp/medqa-synth-val.jsonl --out gpu-out [--only seed,bf16-packed-compiled,...] [--nproc 2]
+
+1. a bf16 matmul peak, measured (the MFU denominator);
+2. ``seed``: the seed's method — VoxtralForConditionalGeneration + peft LoRA r16/α32 on the LLM
+   projections + bitsandbytes NF4 (double quant, bf16 compute) + ``prepare_model_for_kbit_training``
+   + gradient checkpointing, batch 6 padded to its longest row, random order, HF's own loss;
+3. voxtui's worker (``python -m engine.train``, or torchrun with ``--nproc``) in the configurations
+   of ``CONFIGS``, summarised from its events.jsonl.
+
+For each: non-pad tokens/s (wall clock over the steady steps), step time, peak memory, MFU
+(4 × matmul parameters per token over the measured peak), and for the worker the time from launch to
+its first step. One JSON line per configuration goes to ``<out>/throughput.jsonl``; a Markdown table
+is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--eval_steps", "0",
+          "--preview_steps", "0", "--log_steps", "1"]
+CONFIGS: dict[str, list[str]] = {
+    # bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory)
+    "bf16-packed": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"],
+    "bf16-packed-compiled": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
+    # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
+    "bf16-packed-compiled-quiet": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                   "--compile", "--telemetry_interval", "0"],
+    # the same with previews every 10 steps: each preview's cost, amortised at the default interval
+    "bf16-packed-compiled-previews": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                      "--compile", "--preview_steps", "10", "--preview_count", "4"],
+    "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt"],
+    # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
+    "nf4-packed": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"],
+    "nf4-packed-compiled": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--compile"],
+}
+DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
+
+
+# ------------------------------------------------------------------------------------------ measures
+
+
+def matmul_peak(device) -> float:
+    """Best bf16 matmul throughput (FLOP/s) over a few large square sizes."""
+    import torch
+
+    if device.type != "cuda":
+        return 0.0
+    best = 0.0
+    for n in (4096, 8192, 12288):
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize(device)
+        reps = 20
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def matmul_params(model_dir: str) -> int:
+    """Linear parameters of the language model plus its head, from config.json (3.61 B for Voxtral-Mini-3B)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir).text_config
+    h, i, heads, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+    d = getattr(c, "head_dim", None) or h // heads
+    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * i
+    return c.num_hidden_layers * per_layer + h * c.vocab_size
+
+
+# ------------------------------------------------------------------------------------------ the seed
+
+
+def seed_method(model_dir: str, data: str, steps: int, warm: int, bsz: int = 6) -> dict:
+    """The seed's training step, measured in this process."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, VoxtralForConditionalGeneration
+
+    from engine.batching import tokenize
+    from engine.formatting import load_format
+    from engine.modeling import lora_target_regex
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    fmt = load_format(model_dir)
+    tok = tokenize(data, fmt, 1024, "truncate", None)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = VoxtralForConditionalGeneration.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                            device_map={"": device})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                      target_modules=lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj"]))
+    model = get_peft_model(model, lora)
+    model.train()  # a model left in eval mode silently skips checkpointing and dropout
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    order = np.random.default_rng(0).permutation(len(tok))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, real = [], []
+    for s in range(warm + steps):
+        idx = order[s * bsz:(s + 1) * bsz]
+        rows = [tok.example(int(i)) for i in idx]
+        width = max(len(e) for e, _ in rows)
+        ids = torch.full((bsz, width), fmt.pad, dtype=torch.long)
+        att = torch.zeros((bsz, width), dtype=torch.long)
+        labels = torch.full((bsz, width), -100, dtype=torch.long)
+        for r, (e, p) in enumerate(rows):
+            ids[r, :len(e)] = torch.from_numpy(e.astype(np.int64))
+            att[r, :len(e)] = 1
+            labels[r, p:len(e)] = torch.from_numpy(e[p:].astype(np.int64))
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if s >= warm:
+            times.append(time.perf_counter() - t)
+            real.append(int(att.sum()))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"tokens_per_s": sum(real) / sum(times), "step_time_s": statistics.median(times),
+            "peak_gib": round(peak, 2) if peak is not None else None, "steps": steps, "batch": bsz,
+            "final_loss": float(loss)}
+
+
+# ------------------------------------------------------------------------------------------ the worker
+
+
+def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
+    run_dir = Path(args.runs) / f"{name}-n{args.nproc}"
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    launch = [sys.executable, "-m", "engine.train"]
+    if args.nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+                  "-m", "engine.train"]
+    cmd = launch + ["--model_id", args.model, "--train_jsonl", args.data, "--output_dir", str(run_dir),
+                    "--max_steps", str(args.steps + args.warm)] + (["--val_jsonl", args.val] if args.val else []) \
+        + COMMON + flags
+    log = Path(args.out) / f"{name}-n{args.nproc}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+    out = summarize(run_dir, args.warm, t0)
+    out.update(rc=rc, command=" ".join(cmd[cmd.index("engine.train") - 1:]))
+    return out
+
+
+def summarize(run_dir: Path, warm: int, launched: float) -> dict:
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+    steps = [e for e in events if e["type"] == "step"]
+    previews = [e for e in events if e["type"] == "preview"]
+    telemetry = [e for e in events if e["type"] == "telemetry"]
+    out: dict = {"steps": len(steps), "telemetry_events": len(telemetry), "preview_events": len(previews)}
+    if len(steps) <= warm + 1:
+        return out
+    steady = steps[warm:]
+    preview_steps = {p["step"] for p in previews}
+    # wall clock between step events, leaving out the intervals that contain a preview
+    spans = [(b["time"] - a["time"], b["tokens"]) for a, b in zip(steady, steady[1:]) if a["step"] not in preview_steps]
+    wall = sum(s for s, _ in spans)
+    out.update(
+        tokens_per_s=sum(t for _, t in spans) / wall if wall else None,
+        tokens_per_s_reported=statistics.median(e["tokens_per_s"] for e in steady),
+        step_time_s=statistics.median(s for s, _ in spans) if spans else None,
+        tokens_per_step=statistics.median(e["tokens"] for e in steady),
+        pad_frac=statistics.median(e["pad_frac"] for e in steady),
+        peak_gib=max(e.get("mem_peak") or 0 for e in steps) or None,
+        final_loss=steps[-1]["loss"],
+        launch_to_first_step_s=steps[0]["time"] - steps[0]["step_time"] - launched,
+    )
+    if previews:
+        costs = [b["time"] - a["time"] - b["step_time"] for a, b in zip(steps, steps[1:]) if a["step"] in preview_steps]
+        out["preview_cost_s"] = statistics.median(costs) if costs else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--val", default="")
+    p.add_argument("--out", default="gpu-out")
+    p.add_argument("--runs", default="/tmp/bench-runs")
+    p.add_argument("--only", default=",".join(DEFAULT_ORDER), help="comma-separated: seed and/or " + ", ".join(CONFIGS))
+    p.add_argument("--steps", type=int, default=20, help="measured steps (after --warm)")
+    p.add_argument("--warm", type=int, default=5)
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.seed_only:  # child process: the seed's method alone (its memory never mixes with the worker's)
+        print(json.dumps(seed_method(args.model, args.data, args.steps, args.warm)))
+        return
+    import torch
+
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    peak = matmul_peak(device)
+    params = matmul_params(args.model)
+    header = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "gpus": args.nproc, "torch": torch.__version__, "matmul_peak_tflops": round(peak / 1e12, 1),
+              "matmul_params": params}
+    print(json.dumps(header), flush=True)
+    results = Path(args.out) / "throughput.jsonl"
+    with open(results, "a") as f:
+        f.write(json.dumps(header) + "\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows = []
+    for name in [x for x in args.only.split(",") if x]:
+        t = time.time()
+        if name == "seed":
+            r = subprocess.run([sys.executable, __file__, "--seed-only", "--model", args.model, "--data", args.data,
+                                "--steps", str(args.steps), "--warm", str(args.warm), "--out", args.out],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+            (Path(args.out) / "seed.log").write_text(r.stdout + r.stderr)
+            res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"rc": r.returncode}
+        else:
+            res = run_worker(name, CONFIGS[name], args, env)
+        tps = res.get("tokens_per_s")
+        if tps and peak:
+            res["mfu"] = tps * 4 * params / (peak * args.nproc)
+        res = {"config": name, "gpus": args.nproc, "wall_s": round(time.time() - t, 1),
+               **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}}
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+        with open(results, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    base = next((r.get("tokens_per_s") for r in rows if r["config"] == "seed"), None)
+    print("\n| configuration | GPUs | tokens/s | vs seed | step s | peak GiB | MFU | launch→step 1 s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        rel = f"{tps / base:.2f}×" if tps and base else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+        print(f"| {r['config']} | {r['gpus']} | {tps:,.0f} | {rel} | {r.get('step_time_s')} | {r.get('peak_gib')} | {mfu} | "
+              f"{r.get('launch_to_first_step_s', '')} |" if tps else f"| {r['config']} | {r['gpus']} | failed (rc {r.get('rc')}) |")
+
+
+if __name__ == "__main__":
+    main()

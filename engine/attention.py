@@ -1,0 +1,112 @@
+"""Attention for packed rows: variable-length (per example) causal attention, no mask tensor.
+
+A packed micro-batch is one row of many examples laid end to end, described by ``cu_seq_lens_q``
+(the cumulative example lengths, int32, the names transformers' flash-attention path uses) and
+``max_length_q``. On a GPU this runs PyTorch's own FlashAttention varlen kernel
+(``torch.nn.attention.varlen.varlen_attn``): no ``L × L`` mask is ever built, and padding costs
+nothing. On the CPU it runs SDPA example by example (same result; used by the tests).
+
+Registered in transformers as the ``voxtui`` attention implementation. Calls without
+``cu_seq_lens_q`` (padded evaluation batches, generation) take the ordinary SDPA path with the mask
+transformers builds for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "voxtui"
+_registered = False
+
+
+def register() -> str:
+    """Make ``attn_implementation="voxtui"`` known to transformers (idempotent); returns the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        def mask(*args, **kwargs):
+            # no 2-D mask: a packed row (varlen attention needs no mask) or one unpadded sequence
+            # (plain causal SDPA); otherwise SDPA's padding mask
+            if kwargs.get("attention_mask") is None:
+                return None
+            return sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(NAME, attention_forward)
+        AttentionMaskInterface.register(NAME, mask)
+        _registered = True
+    return NAME
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention-function contract: (batch, heads, seq, dim) in, (batch, seq, heads, dim) out."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed attention expects one row per micro-batch")
+    max_len = int(kwargs.get("max_length_q") or query.shape[2])
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    if query.device.type == "cuda":
+        out = _varlen_cuda(q, k, v, cu, max_len, scaling)
+    else:
+        out = _varlen_reference(q, k, v, cu, scaling)
+    return out[None], None
+
+
+_VARLEN_PARAMS: set[str] | None = None
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
+    global _VARLEN_PARAMS
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _VARLEN_PARAMS is None:
+        _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
+    extra = {}
+    if "is_causal" in _VARLEN_PARAMS:  # torch 2.10
+        extra["is_causal"] = True
+    else:  # torch 2.11+
+        extra["window_size"] = (-1, 0)
+    if "scale" in _VARLEN_PARAMS and scaling is not None:
+        extra["scale"] = scaling
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+
+@torch.compiler.disable
+def _varlen_reference(q, k, v, cu, scaling):
+    """Example-by-example causal SDPA: what the varlen kernel computes, for the CPU."""
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        if groups > 1:
+            ks = ks.repeat_interleave(groups, dim=0)
+            vs = vs.repeat_interleave(groups, dim=0)
+        out[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+    return out
