@@ -88,11 +88,36 @@ def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in _VARLEN_PARAMS:
             extra["enable_gqa"] = True
-        else:
+        elif not _gqa_native(q.device):
             groups = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+
+_GQA_NATIVE: bool | None = None
+
+
+def _gqa_native(device) -> bool:
+    """Whether this torch's varlen kernel takes fewer key/value heads than query heads as they are
+    (FlashAttention supports it; older wrappers may refuse). Checked once against repeated heads."""
+    global _GQA_NATIVE
+    if _GQA_NATIVE is None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        extra = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(40, 8, 64, device=device, dtype=torch.bfloat16, generator=g)
+        k = torch.randn(40, 2, 64, device=device, dtype=torch.bfloat16, generator=g)
+        v = torch.randn(40, 2, 64, device=device, dtype=torch.bfloat16, generator=g)
+        cu = torch.tensor([0, 17, 40], dtype=torch.int32, device=device)
+        try:
+            a = varlen_attn(q, k, v, cu, cu, 23, 23, **extra)
+            b = varlen_attn(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), cu, cu, 23, 23, **extra)
+            _GQA_NATIVE = bool(torch.allclose(a.float(), b.float(), atol=1e-2))
+        except (RuntimeError, ValueError):
+            _GQA_NATIVE = False
+    return _GQA_NATIVE
 
 
 @torch.compiler.disable

@@ -199,11 +199,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class CausalLMLoss(nn.Module):
     """(summed token loss, tokens) for a batch, computing logits only where labels are set.
 
-    Wraps the PEFT model so that DDP sees one forward. The head runs in chunks of ``chunk`` rows,
-    each under activation checkpointing, so logits never exist for more than ``chunk`` tokens.
+    Wraps the PEFT model so that DDP sees one forward. The frozen head and the cross-entropy run fused,
+    ``chunk`` target rows at a time (``fused_head_ce``): logits never exist for more than ``chunk``
+    tokens, and the gradient for the hidden states is made in the same pass, so nothing is recomputed.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 4096) -> None:
+    def __init__(self, model: nn.Module, chunk: int = 1024) -> None:
         super().__init__()
         self.model = model
         self.chunk = chunk
@@ -223,17 +224,54 @@ class CausalLMLoss(nn.Module):
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         # position t predicts token t+1
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, target_idx)
-        head = base.get_output_embeddings()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, h.shape[0], self.chunk):
+        return fused_head_ce(h, base.get_output_embeddings().weight, targets, self.chunk), targets.shape[0]
+
+
+def fused_head_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``h @ weight.T`` against ``targets``, chunk by chunk, for a frozen head."""
+    if weight.requires_grad:  # a trainable head needs its own gradient: recompute instead
+        total = h.new_zeros((), dtype=torch.float32)
+        for i in range(0, h.shape[0], chunk):
             total = total + torch.utils.checkpoint.checkpoint(
-                _head_ce, head.weight, h[i:i + self.chunk], targets[i:i + self.chunk], use_reentrant=False)
-        return total, targets.shape[0]
+                _head_ce, weight, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+        return total
+    return _FusedHeadCE.apply(h, weight, targets, chunk)
 
 
 def _head_ce(weight, h, y):
     logits = torch.nn.functional.linear(h, weight).float()
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+class _FusedHeadCE(torch.autograd.Function):
+    """Forward computes the loss and, when a gradient will be needed, d(loss)/dh for each chunk
+    (softmax − one-hot, times the head); backward only scales it. Logits live one chunk at a time,
+    in fp32 for the softmax."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        need_grad = h.requires_grad
+        dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need_grad else None
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, h.shape[0], chunk):
+                y = targets[i:i + chunk]
+                logits = torch.nn.functional.linear(h[i:i + chunk].to(dtype), weight).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                    grad_h[i:i + chunk] = probs.to(dtype) @ weight
+        ctx.save_for_backward(grad_h)
+        ctx.h_dtype = h.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype)).to(ctx.h_dtype), None, None, None
 
 
 @torch.no_grad()

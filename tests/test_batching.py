@@ -112,3 +112,23 @@ def test_cache_hit_and_long_rows(tmp_path, fmt):
     ids, p = first.example(0)
     assert (m["labels"][0, :p] == -100).all() and m["labels"][0, len(ids) - 1] == fmt.eos
     json.dumps({"ok": True})
+
+
+def test_fused_head_ce_matches_cross_entropy():
+    """The fused head + cross-entropy gives the loss and the hidden-state gradient of the plain
+    computation, across chunk boundaries; without a gradient it only computes the loss."""
+    from engine.modeling import fused_head_ce
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 16, dtype=torch.float64)
+    y = torch.randint(0, 50, (23,))
+    h1 = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_()
+    fused = fused_head_ce(h1, w, y, chunk=5)
+    plain = torch.nn.functional.cross_entropy(h2 @ w.T, y, reduction="sum")
+    assert torch.allclose(fused.double(), plain, rtol=1e-6)
+    (fused * 0.37).backward()
+    (plain * 0.37).backward()
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)  # fp32 softmax
+    with torch.no_grad():
+        assert torch.allclose(fused_head_ce(h1, w, y, chunk=4).double(), plain, rtol=1e-6)
