@@ -34,19 +34,22 @@ COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--ev
           "--preview_steps", "0", "--log_steps", "1"]
 CONFIGS: dict[str, list[str]] = {
     # bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory)
-    "bf16-packed": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"],
+    "bf16-packed": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
+    "bf16-packed-compiled-dropout": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                     "--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
     "bf16-packed-compiled-quiet": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
                                    "--compile", "--telemetry_interval", "0"],
-    # the same with previews every 10 steps: each preview's cost, amortised at the default interval
+    # the same with previews every 5 steps and no time budget: what each preview costs
     "bf16-packed-compiled-previews": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                      "--compile", "--preview_steps", "10", "--preview_count", "4"],
+                                      "--compile", "--preview_steps", "5", "--preview_count", "4",
+                                      "--preview_budget", "0"],
     "bf16-packed-compiled-nodrop": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
                                     "--compile", "--lora_dropout", "0"],
-    "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt"],
+    "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
     # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
-    "nf4-packed": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"],
+    "nf4-packed": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--no-compile"],
     "nf4-packed-compiled": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--compile"],
 }
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
@@ -199,7 +202,7 @@ def summarize(run_dir: Path, warm: int, launched: float) -> dict:
     )
     if previews:
         costs = [b["time"] - a["time"] - b["step_time"] for a, b in zip(steps, steps[1:]) if a["step"] in preview_steps]
-        out["preview_cost_s"] = statistics.median(costs) if costs else None
+        out["preview_costs_s"] = [round(c, 2) for c in costs]
     return out
 
 

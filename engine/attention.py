@@ -22,9 +22,13 @@ NAME = "voxtui"
 _registered = False
 
 
-def register() -> str:
-    """Make ``attn_implementation="voxtui"`` known to transformers (idempotent); returns the name."""
+def register(device: torch.device | None = None) -> str:
+    """Make ``attn_implementation="voxtui"`` known to transformers (idempotent); returns the name.
+    On a GPU, also settles once (eagerly, never inside a compiled region) how the varlen kernel takes
+    grouped key/value heads."""
     global _registered
+    if device is not None and device.type == "cuda" and varlen_available():
+        prepare_cuda(device)
     if not _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -72,12 +76,29 @@ def varlen_available() -> bool:
     return True
 
 
-def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
+def prepare_cuda(device) -> None:
     global _VARLEN_PARAMS
     from torch.nn.attention.varlen import varlen_attn
 
     if _VARLEN_PARAMS is None:
         _VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters)
+        _gqa_native(device)
+
+
+def gqa_mode() -> str:
+    """How grouped-query attention reaches the kernel (for the log)."""
+    if _VARLEN_PARAMS is None:
+        return "n/a"
+    if "enable_gqa" in _VARLEN_PARAMS:
+        return "enable_gqa"
+    return "native" if _GQA_NATIVE else "repeated key/value heads"
+
+
+def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
+    from torch.nn.attention.varlen import varlen_attn
+
+    if _VARLEN_PARAMS is None:
+        prepare_cuda(q.device)
     extra = {}
     if "is_causal" in _VARLEN_PARAMS:  # torch 2.10
         extra["is_causal"] = True
@@ -88,7 +109,7 @@ def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in _VARLEN_PARAMS:
             extra["enable_gqa"] = True
-        elif not _gqa_native(q.device):
+        elif not _GQA_NATIVE:
             groups = q.shape[1] // k.shape[1]
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)

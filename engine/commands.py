@@ -32,8 +32,9 @@ def demo(args) -> int:
     print(analyze.render(analyze.analyze(str(TRAIN), str(model), max_len=256)), end="\n\n")
     print(audit.render(audit.audit(str(VAL), against=str(TRAIN), max_len=256, model=str(model))), end="\n\n")
     cfg = TrainConfig(model_id=str(model), train_jsonl=str(TRAIN), val_jsonl=str(VAL), quant="none", bf16=False,
-                      max_len=256, per_device_bsz=4, epochs=3, lr=1e-2, warmup_steps=10, eval_steps=40,
-                      save_steps=40, preview_steps=20, preview_count=4, max_new_tokens=24, nproc=args.nproc,
+                      max_len=256, per_device_bsz=2, epochs=3, lr=1e-2, warmup_steps=10, eval_steps=40,
+                      save_steps=40, preview_steps=20, preview_count=4, max_new_tokens=24, preview_budget=0.25,
+                      nproc=args.nproc,
                       output_dir=str(Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")))
     cfg.validate()
     rc = start(cfg, detach=True)

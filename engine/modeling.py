@@ -73,7 +73,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from engine.attention import register
 
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
-    kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register()}
+    kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register(device)}
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
@@ -101,7 +101,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if cfg.compile:
+    if cfg.compile and device.type == "cuda":
         compile_layers(model)
     return model, removed
 

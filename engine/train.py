@@ -147,6 +147,9 @@ class Trainer:
         self.tb = None
         self.telemetry = None
         self.saved_step = -1
+        self.preview_cost = 0.0  # seconds the last previews took (all ranks agree)
+        self.since_preview = 0.0  # training seconds since then (slowest rank)
+        self.preview_pending = False
 
     # ---- output
     def emit(self, event) -> None:
@@ -223,10 +226,10 @@ class Trainer:
         self.model.train()
         self.log(f"model loaded in {time.perf_counter() - t0:.1f}s")
         if cfg.packing:
-            from engine.attention import varlen_available
+            from engine.attention import gqa_mode, varlen_available
 
-            kind = ("varlen FlashAttention (torch.nn.attention.varlen)" if d.device.type == "cuda" and varlen_available()
-                    else "SDPA example by example")
+            kind = (f"varlen FlashAttention (torch.nn.attention.varlen, grouped heads: {gqa_mode()})"
+                    if d.device.type == "cuda" and varlen_available() else "SDPA example by example")
             self.log(f"packed rows of {cfg.per_device_bsz * cfg.max_len} tokens, attention: {kind}")
         rows, trainable, total = param_table(self.model, removed=self.model_removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
@@ -403,8 +406,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             self.micro += cfg.grad_accum
-            if not nonfinite:
-                    times = gathered[:, 3]
+            times = gathered[:, 3]
             toks = gathered[:, 1]
             slowest = float(times.max())
             tps = float(toks.sum()) / max(slowest, 1e-9)
@@ -430,8 +432,11 @@ class Trainer:
                 if self.evaluate() == "early_stop":
                     self.save(reason="early_stop")
                     return "early_stopped"
-            if self._due(cfg.preview_steps) or "preview" in actions:
-                self.run_previews()
+            self.since_preview += slowest
+            if self._due(cfg.preview_steps):
+                self.preview_pending = True
+            if "preview" in actions or (self.preview_pending and self._preview_affordable()):
+                self._timed_previews()
             if self._due(cfg.save_steps) or "save" in actions:
                 self.save(reason="periodic")
             if "pause" in actions:
@@ -473,6 +478,21 @@ class Trainer:
         after = self.micro + cfg.grad_accum
         self._next = ((id(plan), after), self._pool.submit(build, plan, after)) if after + cfg.grad_accum <= len(plan) else None
         return micro
+
+    def _preview_affordable(self) -> bool:
+        """Whether the training time since the last preview pays for one within --preview_budget
+        (the same answer on every rank: both numbers come from collectives)."""
+        b = self.cfg.preview_budget
+        return b <= 0 or self.since_preview * b >= self.preview_cost
+
+    def _timed_previews(self) -> None:
+        t = time.perf_counter()
+        self.run_previews()
+        cost = float(self.d.broadcast(time.perf_counter() - t))
+        if self.preview_cost == 0.0 and self.cfg.preview_budget > 0:
+            self.log(f"previews take {cost:.1f}s: with --preview_budget {self.cfg.preview_budget:g} the next runs "
+                     f"after at least {cost / self.cfg.preview_budget:.0f}s of training")
+        self.preview_cost, self.since_preview, self.preview_pending = cost, 0.0, False
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.total_steps

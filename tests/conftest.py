@@ -65,7 +65,7 @@ def train_args(model: Path, out: Path, train: Path, val: Path | None = None, **f
     """Flags for a small, exact CPU run of the worker (fp32, no quantisation unless asked)."""
     base = {"model_id": model, "train_jsonl": train, "output_dir": out, "quant": "none", "bf16": False,
             "per_device_bsz": 2, "max_steps": 6, "lr": 5e-3, "warmup_steps": 1, "save_steps": 0, "eval_steps": 0,
-            "preview_steps": 0, "seed": 1, "telemetry_interval": 0.5}
+            "preview_steps": 0, "preview_budget": 0, "packing": False, "seed": 1, "telemetry_interval": 0.5}
     if val is not None:
         base["val_jsonl"] = val
     base.update(flags)

@@ -29,6 +29,19 @@ def steps(events):
     return out
 
 
+def test_previews_stay_within_their_time_budget(tmp_path, tiny_model, data):
+    """A preview due every step is postponed while the training since the last one is too short to
+    pay for it within --preview_budget; the first one always runs, and the log says why."""
+    train, val = data
+    out = tmp_path / "run"
+    proc = worker(train_args(tiny_model, out, train, val, max_steps=6, preview_steps=1, preview_count=2,
+                             max_new_tokens=3, preview_budget=0.01))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    previews = [e for e in read_events(out) if e["type"] == "preview"]
+    assert {e["step"] for e in previews} == {1}
+    assert "previews take" in proc.stderr and "--preview_budget 0.01" in proc.stderr
+
+
 def test_single_rank_learns_and_writes_the_run_folder(tmp_path, tiny_model, data):
     train, val = data
     out = tmp_path / "run"
