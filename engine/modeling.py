@@ -257,13 +257,18 @@ class _FusedHeadCE(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, h.shape[0], chunk):
                 y = targets[i:i + chunk]
+                rows = torch.arange(y.shape[0], device=y.device)
+                # one fp32 (chunk × vocab) buffer, worked in place: max, exp, sum, then the softmax itself
                 logits = torch.nn.functional.linear(h[i:i + chunk].to(dtype), weight).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                target_logit = logits[rows, y]
+                top = logits.amax(dim=-1, keepdim=True)
+                sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                total += (sums.log() + top).squeeze(1).sub(target_logit).sum()
                 if need_grad:
-                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                    probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+                    probs = logits.div_(sums)
+                    probs[rows, y] -= 1.0
                     grad_h[i:i + chunk] = probs.to(dtype) @ weight
+                del logits
         ctx.save_for_backward(grad_h)
         ctx.h_dtype = h.dtype
         return total

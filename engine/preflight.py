@@ -202,19 +202,36 @@ def check_model(cfg: TrainConfig, r: Report) -> dict | None:
 
 def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None) -> dict:
     """A per-GPU estimate in GiB (weights, adapter + optimiser, activations, loss head, overhead) for
-    batches of ``seq_len`` tokens (the data's p99 when known, else --max_len; packing fills --max_len)."""
+    batches of ``seq_len`` tokens (the data's p99 when known, else --max_len; packing fills --max_len).
+    Activation bytes per token and layer are the ones measured on an H200 (docs/benchmarks.md):
+    about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout."""
     bsz = bsz or cfg.per_device_bsz
     g = 2**30
     weights = (m["llm_linear"] * (0.53 if cfg.quant == "nf4" else 2) + m["embed_head"] * 2) / g
     adapter = m["lora"] * 16 / g  # fp32 weight + grad + two Adam moments
     tokens = bsz * (cfg.max_len if cfg.packing or not seq_len else min(seq_len, cfg.max_len))
     H, inter, n = m["hidden"], m["intermediate"], m["layers"]
-    per_layer = tokens * (16 * H + 6 * inter)  # bytes of bf16 activations kept by one decoder layer
+    per_token = 16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)
+    per_layer = tokens * per_token  # bytes of bf16 activations kept by one decoder layer
     acts = (n * tokens * H * 2 + per_layer) / g if cfg.grad_ckpt else n * per_layer / g
-    head = min(tokens, 4096) * m["vocab"] * 4 * 3 / g
+    head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
     base = weights + adapter + acts + head
     return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
             "loss_head": round(head, 2), "overhead": round(0.1 * base + 0.8, 2), "total": round(1.1 * base + 0.8, 2)}
+
+
+def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None) -> tuple[dict, dict] | None:
+    """The fastest memory setting that fits in 90% of ``free_gib`` at this batch, in the order measured
+    on an H200 (docs/benchmarks.md): bf16 LoRA without checkpointing, bf16 with, NF4 with. Returns the
+    changed fields and the estimate, or None when nothing fits."""
+    import msgspec
+
+    for quant, ckpt in (("none", False), ("none", True), ("nf4", True)):
+        trial = msgspec.structs.replace(cfg, quant=quant, grad_ckpt=ckpt)
+        est = estimate_memory(trial, m, seq_len=seq_len)
+        if est["total"] <= 0.9 * free_gib:
+            return {"quant": quant, "grad_ckpt": ckpt}, est
+    return None
 
 
 def check_memory(cfg: TrainConfig, r: Report, m: dict | None, system: dict, lengths: dict) -> None:
@@ -228,11 +245,13 @@ def check_memory(cfg: TrainConfig, r: Report, m: dict | None, system: dict, leng
         level = "fail" if est["total"] > free else "warn" if est["total"] > 0.9 * free else "ok"
         r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
                                            f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
-        if cfg.quant == "nf4":
-            bf16 = estimate_memory(TrainConfig(**{**{k: getattr(cfg, k) for k in cfg.__struct_fields__}, "quant": "none"}), m, seq_len=seq)
-            if bf16["total"] < 0.8 * free:
-                r.add("memory", "recommend", "info", f"bf16 LoRA (--quant none) would fit ({bf16['total']:.1f} GiB) "
-                                                     "and runs faster than NF4 on this GPU (docs/benchmarks.md)")
+        best = fastest_fit(cfg, m, free, seq)
+        if best is not None and best[0] != {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt}:
+            fields, fit = best
+            flags = f"--quant {fields['quant']} " + ("--grad_ckpt" if fields["grad_ckpt"] else "--no-grad_ckpt")
+            r.add("memory", "recommend", "info",
+                  f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB); on an H200 bf16 LoRA without "
+                  "checkpointing trains 1.7× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)
     else:
         import psutil
 
