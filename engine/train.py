@@ -240,7 +240,10 @@ class Trainer:
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.loss_module = DDP(self.loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+            # buffers (rotary tables) never change: no broadcast before each forward; gradients live in the
+            # all-reduce buckets (no copy)
+            self.loss_module = DDP(self.loss_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                   broadcast_buffers=False, gradient_as_bucket_view=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                            fused=d.device.type == "cuda")
