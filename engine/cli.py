@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "encrypted and authenticated with CURVE; the keys are in engine.json (0600)")
     p.set_defaults(handler="engine.runner:cmd_run")
 
-    eng = sub.add_parser("engine", help="runs on this machine: list, status, stop")
+    eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, replay")
     esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
     p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age")
     p.add_argument("--runs", default="runs", metavar="DIR")
@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN")
     p.add_argument("--wait", type=float, default=120.0, metavar="S", help="seconds to wait for the engine to exit")
     p.set_defaults(handler="engine.runner:cmd_engine")
+    p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
+                        description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "
+                                    "with their recorded times, then waits; attach to it, stop it with engine stop.")
+    p.add_argument("events", metavar="EVENTS.jsonl")
+    p.add_argument("--run-dir", metavar="DIR", help="the new run folder (default runs/replay-<name>)")
+    p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events per second (default: all at once)")
+    p.set_defaults(handler="engine.replay:cmd_replay")
 
     p = sub.add_parser("infer", help="generations and metrics from a run's checkpoint",
                        description="Base model + adapter with the run's own config. Without --checkpoint: lora_final, "

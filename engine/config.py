@@ -182,7 +182,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for name in FIELDS:
         default = getattr(defaults, name)
-        help_text = f"{docs.get(name, '')} (default: {default if default != '' else 'none'})"
+        help_text = f"{docs.get(name, '')} (default: {default if default != '' else 'none'})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):

@@ -252,8 +252,9 @@ class Engine:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                      cwd=os.getcwd())
         log.close()
-        self.emit(Status(state="starting", message=f"engine {os.getpid()} started torchrun {self.proc.pid} "
-                                                   f"with {self.nproc} rank(s)"))
+        if self.worker_cmd is None:  # a stand-in worker (a replay, a benchmark) speaks for itself
+            self.emit(Status(state="starting", message=f"engine {os.getpid()} started torchrun {self.proc.pid} "
+                                                       f"with {self.nproc} rank(s)"))
 
     # ---- events
     def emit(self, event) -> None:
@@ -382,7 +383,8 @@ class Engine:
         return r
 
     def _apply(self, cmd) -> Reply:
-        if self.state in ("finished", "failed"):
+        worker_alive = self.proc is not None and self.proc.poll() is None
+        if self.state in ("finished", "failed") and not (isinstance(cmd, Stop) and worker_alive):
             return Reply(status="error", reason=f"the run has {self.state}", state=self.state)
         match cmd:
             case SetPreviewParams():

@@ -148,10 +148,13 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     progress.close()
     ordered = [done[i] for i in range(len(rows))]
     result = score_rows(ordered)
+    per_row = [{"index": r["index"], "line": r["line"], **metrics.per_row(r["prediction"], r["output"])}
+               for r in ordered]
     with atomic_write(out_dir / "per_row.jsonl") as f:  # ROUGE-L, Distinct-1/2, exact match, length ratio per row
-        for r in ordered:
-            f.write(json.dumps({"index": r["index"], "line": r["line"],
-                                **metrics.per_row(r["prediction"], r["output"])}) + "\n")
+        for p in per_row:
+            f.write(json.dumps(p) + "\n")
+    samples = [{"line": r["line"], "prompt": r["prompt"][:300], "prediction": r["prediction"][:500],
+                "reference": r["output"][:500], "rougeL": p.get("rougeL")} for r, p in zip(ordered[:SAMPLES], per_row)]
     if ppl:
         result.update(metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size))
     result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
@@ -159,8 +162,11 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     write_json(out_dir / "metrics.json", result)
     emit("finished", done=len(rows), metrics={k: result[k] for k in ("rougeL", "bleu", "distinct_1", "distinct_2",
                                                                     "perplexity") if k in result},
-         path=str(out_dir))
+         path=str(out_dir), samples=samples)
     return result
+
+
+SAMPLES = 5  # sample generations carried by the "finished" event, for the dashboard
 
 
 def score_rows(rows: list[dict]) -> dict:

@@ -172,6 +172,7 @@ class Inference(Message, tag="inference"):
     metrics: dict = {}
     path: str = ""
     message: str = ""
+    samples: list[dict] = []  # on "finished": the first rows, {line, prompt, prediction, reference, rougeL}
 
 
 Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack | Inference

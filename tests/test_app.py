@@ -179,3 +179,35 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
     asyncio.run(flow())
     with EngineClient(run) as c:
         assert c.send(Stop()).status == "ok"
+
+
+def test_checkpoints_tab_shows_sample_generations_of_a_finished_job():
+    """A finished inference job's sample generations appear under the metrics table, beside their
+    references (markup in the text is shown as text)."""
+    from textual.app import App
+
+    from app.state import RunState
+    from app.widgets.checkpoints import Checkpoints
+    from engine.protocol import Checkpoint, Inference
+
+    state = RunState()
+    state.apply(Checkpoint(seq=1, step=4, path="runs/x/checkpoints/checkpoint-4"))
+    state.apply(Inference(seq=2, name="checkpoint-4-val", checkpoint="checkpoint-4", state="finished", done=2, total=2,
+                          metrics={"rougeL": 0.5},
+                          samples=[{"line": 3, "prompt": "Describe [b]fever[/b].", "prediction": "Fever is heat.",
+                                    "reference": "Fever is a high temperature.", "rougeL": 0.4}]))
+
+    class Host(App):
+        def compose(self):
+            yield Checkpoints()
+
+    async def flow():
+        app = Host()
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.query_one(Checkpoints).show(state)
+            await pilot.pause(0.2)
+            text = screen_text(app.export_screenshot())
+            assert "checkpoint-4-val" in text and "Fever is heat." in text and "Fever is a high temperature." in text
+            assert "[b]fever[/b]" in text and "line 3 ROUGE-L 0.40" in text
+
+    asyncio.run(flow())
