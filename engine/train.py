@@ -302,12 +302,12 @@ class Trainer:
     def plan(self, epoch: int) -> list:
         """This rank's micro-batches of ``epoch`` (and, in ``self.global_targets``, every micro-batch
         index's target-token count summed over all ranks: the loss normaliser, known without a collective)."""
-        from engine.batching import plan_epoch
+        from engine.batching import plan_epoch_all
 
         if epoch not in self.plan_cache:
             cfg, d = self.cfg, self.d
-            plans = [plan_epoch(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, r, d.world, cfg.max_len,
-                                cfg.packing, cfg.group_by_length) for r in range(d.world)]
+            plans = plan_epoch_all(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, d.world, cfg.max_len,
+                                   cfg.packing, cfg.group_by_length)
             per_example = self.train_tok.lengths - self.train_tok.prompt_lens
             self.global_targets = [sum(int(per_example[x]) for p in plans for row in p[i] for x in row)
                                    for i in range(len(plans[0]))]
