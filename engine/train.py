@@ -493,8 +493,12 @@ class Trainer:
         self.run_previews()
         cost = float(self.d.broadcast(time.perf_counter() - t))
         if self.preview_cost == 0.0 and self.cfg.preview_budget > 0:
-            self.log(f"previews take {cost:.1f}s: with --preview_budget {self.cfg.preview_budget:g} the next runs "
-                     f"after at least {cost / self.cfg.preview_budget:.0f}s of training")
+            from engine.protocol import Log
+
+            message = (f"previews take {cost:.1f}s: with --preview_budget {self.cfg.preview_budget:g} the next runs "
+                       f"after at least {cost / self.cfg.preview_budget:.0f}s of training")
+            self.log(message)
+            self.emit(Log(level="info", message=message))
         self.preview_cost, self.since_preview, self.preview_pending = cost, 0.0, False
 
     def _due(self, every: int) -> bool:

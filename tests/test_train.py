@@ -40,6 +40,7 @@ def test_previews_stay_within_their_time_budget(tmp_path, tiny_model, data):
     previews = [e for e in read_events(out) if e["type"] == "preview"]
     assert {e["step"] for e in previews} == {1}
     assert "previews take" in proc.stderr and "--preview_budget 0.01" in proc.stderr
+    assert any(e["type"] == "log" and "previews take" in e["message"] for e in read_events(out))  # the TUI sees it
 
 
 def test_single_rank_learns_and_writes_the_run_folder(tmp_path, tiny_model, data):
@@ -189,6 +190,40 @@ def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data
     assert got == reference  # same data order, same dropout masks: the same losses, bit for bit
     events = read_events(run)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_packed_two_ranks_stop_then_exact_resume(tmp_path, tiny_model):
+    """The default batching (packed rows, varlen attention): two ranks, a graceful stop (SIGTERM) after a
+    checkpoint, then --resume logs the uninterrupted run's losses bit for bit."""
+    import signal
+    import time
+
+    rows = write_jsonl(tmp_path / "d.jsonl", memorable_rows(80))
+    common = {"max_steps": 8, "save_steps": 2, "per_device_bsz": 2, "max_len": 40, "packing": True,
+              "lora_dropout": 0.1, "cache_dir": tmp_path / "c"}
+    ref = worker(train_args(tiny_model, tmp_path / "ref", rows, **common), nproc=2)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    reference = steps(read_events(tmp_path / "ref"))
+    assert sorted(reference) == list(range(1, 9))
+    assert "packed rows of 80 tokens" in ref.stderr
+    first = next(e for e in read_events(tmp_path / "ref") if e["type"] == "step")
+    assert first["pad_frac"] < 0.25 and first["tokens"] > 2 * 40  # rows hold several examples
+
+    run = tmp_path / "stopped"
+    proc = worker(train_args(tiny_model, run, rows, **common), nproc=2, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoints" / "checkpoint-2").is_dir():
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on; the workers save at the next boundary
+    proc.wait(timeout=120)
+    from engine.checkpoint import latest_checkpoint
+
+    saved = int(latest_checkpoint(run / "checkpoints").name.split("-")[1])
+    assert saved < 8, "the run ended before the stop could interrupt it"
+    resumed = worker(["--resume", str(run)], nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert steps(read_events(run)) == reference
 
 
 def test_early_stopping(tmp_path, tiny_model, data):
