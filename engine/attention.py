@@ -99,11 +99,7 @@ def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
 
     if _VARLEN_PARAMS is None:
         prepare_cuda(q.device)
-    extra = {}
-    if "is_causal" in _VARLEN_PARAMS:  # torch 2.10
-        extra["is_causal"] = True
-    else:  # torch 2.11+
-        extra["window_size"] = (-1, 0)
+    extra = _causal()
     if "scale" in _VARLEN_PARAMS and scaling is not None:
         extra["scale"] = scaling
     if k.shape[1] != q.shape[1]:
@@ -119,6 +115,11 @@ def _varlen_cuda(q, k, v, cu, max_len: int, scaling):
 _GQA_NATIVE: bool | None = None
 
 
+def _causal() -> dict:
+    """Causal masking in this torch's varlen signature: ``is_causal`` (2.10) or a window (2.11+)."""
+    return {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+
+
 def _gqa_native(device) -> bool:
     """Whether this torch's varlen kernel takes fewer key/value heads than query heads as they are
     (FlashAttention supports it; older wrappers may refuse). Checked once against repeated heads."""
@@ -126,7 +127,7 @@ def _gqa_native(device) -> bool:
     if _GQA_NATIVE is None:
         from torch.nn.attention.varlen import varlen_attn
 
-        extra = {"is_causal": True} if "is_causal" in _VARLEN_PARAMS else {"window_size": (-1, 0)}
+        extra = _causal()
         g = torch.Generator(device=device).manual_seed(0)
         q = torch.randn(40, 8, 64, device=device, dtype=torch.bfloat16, generator=g)
         k = torch.randn(40, 2, 64, device=device, dtype=torch.bfloat16, generator=g)

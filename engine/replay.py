@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 def cmd_replay(args) -> int:
     """``voxtui engine replay``: start a detached engine serving the recorded run."""
     from engine.client import engine_alive
-    from engine.runner import engine_info
+    from engine.runner import engine_info, launch_detached
 
     events = Path(args.events)
     read_recorded(events)  # check it before anything is created
@@ -91,20 +90,9 @@ def cmd_replay(args) -> int:
         shutil.copyfile(events.parent / "config.toml", run_dir / "config.toml")
     worker = [sys.executable, "-m", "engine.replay", str(events.resolve()), "--engine",
               str((run_dir / "engine.json").resolve()), "--rate", str(args.rate)]
-    log = open(run_dir / "engine.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), "--worker_cmd", json.dumps(worker)],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=os.getcwd())
-    log.close()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if engine_info(run_dir).get("pid") == proc.pid:
-            break
-        if proc.poll() is not None:
-            raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
-        time.sleep(0.1)
+    pid = launch_detached(run_dir, ["--worker_cmd", json.dumps(worker)])
     print(run_dir)
-    print(f"engine {proc.pid} replays {events}; attach with: voxtui attach {run_dir}; "
+    print(f"engine {pid} replays {events}; attach with: voxtui attach {run_dir}; "
           f"end it with: voxtui engine stop {run_dir}", file=sys.stderr)
     return 0
 

@@ -30,6 +30,25 @@ def engine_info(run_dir: Path) -> dict:
         return {}
 
 
+def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
+    """Start ``python -m engine.daemon RUN_DIR …`` in a session of its own (it survives the SSH
+    session), logging to engine.log; returns its pid once it has written engine.json."""
+    old_pid = engine_info(run_dir).get("pid")
+    log = open(run_dir / "engine.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), *daemon_args], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
+    log.close()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        info = engine_info(run_dir)
+        if info.get("pid") == proc.pid and info.get("pid") != old_pid:
+            break
+        if proc.poll() is not None:
+            raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
+        time.sleep(0.1)
+    return proc.pid
+
+
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
           skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
     """Create (or reopen) the run folder, run preflight, start the engine."""
@@ -71,21 +90,9 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                       "--node_rank 1", "--node_rank k"),
                   b=f"--resume {run_dir}" if resume_dir else f"--config {run_dir / 'config.toml'}"), file=sys.stderr)
     if detach:
-        old_pid = engine_info(run_dir).get("pid")
-        log = open(run_dir / "engine.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), *args], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
-        log.close()
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            info = engine_info(run_dir)
-            if info.get("pid") == proc.pid and info.get("pid") != old_pid:
-                break
-            if proc.poll() is not None:
-                raise UsageError(f"the engine exited at once (code {proc.returncode}); see {run_dir / 'engine.log'}")
-            time.sleep(0.1)
+        pid = launch_detached(run_dir, args)
         print(run_dir)
-        print(f"engine {proc.pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
+        print(f"engine {pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
         return 0
     from engine.daemon import run_engine
 

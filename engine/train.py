@@ -150,6 +150,8 @@ class Trainer:
         self.preview_cost = 0.0  # seconds the last previews took (all ranks agree)
         self.since_preview = 0.0  # training seconds since then (slowest rank)
         self.preview_pending = False
+        self._pool = None  # the helper thread that builds the next step's tensors (_micro_batches)
+        self._next = None
 
     # ---- output
     def emit(self, event) -> None:
@@ -470,9 +472,8 @@ class Trainer:
                 out.append(m)
             return out
 
-        if not hasattr(self, "_pool"):
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate")
-            self._next = None
         key = (id(plan), self.micro)
         if self._next is not None and self._next[0] == key:
             micro = self._next[1].result()
@@ -726,6 +727,8 @@ class Trainer:
 
         if self.telemetry is not None:
             self.telemetry.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if state in ("finished", "stopped", "early_stopped"):
             message = {"finished": "done", "stopped": "stopped on request", "early_stopped": "early stopping"}[state]
             self.emit(Status(state="finished", step=self.step, message=message))
