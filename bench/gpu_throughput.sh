@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/throughput.py on a GPU machine (the device tool), on a full-size random-weight Voxtral.
-#   bash bench/gpu_throughput.sh [NPROC] [CONFIGS]     results: $OUT (or ./gpu-out)/throughput.jsonl + logs
+#   bash bench/gpu_throughput.sh [NPROC] [CONFIGS]
+# results: $OUT (or ./gpu-out)/throughput.jsonl; each run's log and events.jsonl: $OUT/wNPROC.tar.gz
 set -uo pipefail
 NPROC=${1:-1}
 ONLY=${2:-seed,bf16-packed,bf16-packed-compiled,nf4-packed-compiled,bf16-packed-compiled-quiet}
@@ -10,6 +11,9 @@ python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch
 [ -f /tmp/voxtral-random/config.json ] || python3 bench/random_voxtral.py /tmp/voxtral-random 2>&1 | grep -v Warn | tail -2
 [ -f /tmp/medqa-synth.jsonl ] || python3 bench/synth.py /tmp/medqa-synth.jsonl 6000 380 1024
 [ -f /tmp/medqa-synth-val.jsonl ] || python3 bench/synth.py /tmp/medqa-synth-val.jsonl 64 380 1024 1
+W="$OUT/w$NPROC"  # logs and events of this call's runs, packed into one file at the end (the device tool returns 8)
 python3 bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.jsonl --val /tmp/medqa-synth-val.jsonl \
-  --out "$OUT" --nproc "$NPROC" --only "$ONLY" --timeout 300 --steps "${STEPS:-15}" 2>&1 | grep -v -i warn
-for f in "$OUT"/*.log; do echo "== $f"; grep -E "attention|model loaded|audio tower|Error|error" "$f" | head -8; done
+  --out "$W" --nproc "$NPROC" --only "$ONLY" --timeout 300 --steps "${STEPS:-15}" 2>&1 | grep -v -i warn
+cat "$W/throughput.jsonl" >> "$OUT/throughput.jsonl"
+for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|Error|error" "$f" | sort -u | head -8; done
+tar -czf "$OUT/w$NPROC.tar.gz" -C "$W" . && rm -rf "$W"

@@ -48,10 +48,17 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-nodrop": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
                                     "--compile", "--lora_dropout", "0"],
     "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
+    # several GPUs: the adapter gradients summed by torch's DistributedDataParallel instead of one flat
+    # all-reduce per step (the default); "-split" lets dynamo split each compiled layer at DDP's buckets
+    "bf16-packed-compiled-ddp": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                 "--compile", "--grad_sync", "ddp"],
+    "bf16-packed-compiled-ddp-split": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                       "--compile", "--grad_sync", "ddp"],
     # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
     "nf4-packed": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--no-compile"],
     "nf4-packed-compiled": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--compile"],
 }
+ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 
@@ -170,8 +177,11 @@ def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
     log = Path(args.out) / f"{name}-n{args.nproc}.log"
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env={**env, **ENV.get(name, {})}, stdout=f, stderr=subprocess.STDOUT,
+                            timeout=args.timeout).returncode
     out = summarize(run_dir, args.warm, t0)
+    if (run_dir / "events.jsonl").exists():  # kept beside the results: every step's times
+        (Path(args.out) / f"{name}-n{args.nproc}.events.jsonl").write_bytes((run_dir / "events.jsonl").read_bytes())
     out.update(rc=rc, command=" ".join(cmd[cmd.index("engine.train") - 1:]))
     return out
 
@@ -193,6 +203,9 @@ def summarize(run_dir: Path, warm: int, launched: float) -> dict:
         tokens_per_s=sum(t for _, t in spans) / wall if wall else None,
         tokens_per_s_reported=statistics.median(e["tokens_per_s"] for e in steady),
         step_time_s=statistics.median(s for s, _ in spans) if spans else None,
+        step_time_mean_s=wall / len(spans) if spans else None,
+        step_time_max_s=max(s for s, _ in spans) if spans else None,
+        worker_step_time_s=statistics.median(e["step_time"] for e in steady),
         tokens_per_step=statistics.median(e["tokens"] for e in steady),
         pad_frac=statistics.median(e["pad_frac"] for e in steady),
         peak_gib=max(e.get("mem_peak") or 0 for e in steps) or None,

@@ -226,6 +226,31 @@ def test_packed_two_ranks_stop_then_exact_resume(tmp_path, tiny_model):
     assert steps(read_events(run)) == reference
 
 
+def test_two_ranks_flat_gradient_sync_trains_as_ddp(tmp_path, tiny_model):
+    """The default two-rank gradient sync (one all-reduce of a flat buffer per step, no DDP wrapper) logs
+    the same losses and saves the same adapter as torch's DistributedDataParallel, with gradient
+    accumulation (the all-reduce waits for the step's last micro-batch)."""
+    from safetensors.torch import load_file
+
+    rows = write_jsonl(tmp_path / "d.jsonl", memorable_rows(64))
+    common = {"max_steps": 4, "per_device_bsz": 2, "max_len": 40, "packing": True, "grad_accum": 2,
+              "lora_dropout": 0.1, "cache_dir": tmp_path / "c"}
+    runs, logs = {}, {}
+    for mode in ("flat", "ddp"):
+        proc = worker(train_args(tiny_model, tmp_path / mode, rows, grad_sync=mode, **common), nproc=2)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs[mode], logs[mode] = steps(read_events(tmp_path / mode)), proc.stderr
+    assert "2 ranks: one all-reduce of" in logs["flat"] and "all-reduce" not in logs["ddp"]
+    assert sorted(runs["flat"]) == [1, 2, 3, 4]
+    assert runs["flat"] == pytest.approx(runs["ddp"], rel=1e-6)
+    assert runs["flat"][4] < runs["flat"][1]
+    a, b = (load_file(str(tmp_path / m / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors"))
+            for m in ("flat", "ddp"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
 def test_early_stopping(tmp_path, tiny_model, data):
     train, val = data
     out = tmp_path / "es"
