@@ -410,6 +410,7 @@ class Trainer:
         self.emit(Status(state="running", step=self.step))
         fault_nan = int(os.environ.get("VOXTUI_FAULT_NAN_STEP", "0"))
         packed = cfg.packing
+        ddp = d.world > 1 and self.grad_sync is None  # else one rank, or the flat all-reduce after the backward
         while self.step < self.total_steps:
             plan = self.plan(self.epoch)
             if self.micro + cfg.grad_accum > len(plan):
@@ -423,7 +424,6 @@ class Trainer:
             for i, m in enumerate(micro):
                 batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
                 sync = i == len(micro) - 1
-                ddp = d.world > 1 and self.grad_sync is None
                 ctx = self.loss_module.no_sync() if ddp and not sync else contextlib.nullcontext()
                 with ctx, self._autocast():
                     total, _ = self.loss_module(**batch)
