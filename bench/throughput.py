@@ -32,31 +32,27 @@ sys.path.insert(0, str(ROOT))
 
 COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--eval_steps", "0",
           "--preview_steps", "0", "--log_steps", "1"]
+# bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory)
+BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"]
+# QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
+NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 CONFIGS: dict[str, list[str]] = {
-    # bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory)
-    "bf16-packed": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
-    "bf16-packed-compiled-dropout": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                     "--compile", "--lora_dropout", "0.05"],
-    "bf16-packed-compiled": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
+    "bf16-packed": BF16 + ["--no-compile"],
+    "bf16-packed-compiled": BF16 + ["--compile"],
+    "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
+    "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
-    "bf16-packed-compiled-quiet": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                   "--compile", "--telemetry_interval", "0"],
+    "bf16-packed-compiled-quiet": BF16 + ["--compile", "--telemetry_interval", "0"],
     # the same with previews every 5 steps and no time budget: what each preview costs
-    "bf16-packed-compiled-previews": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                      "--compile", "--preview_steps", "5", "--preview_count", "4",
-                                      "--preview_budget", "0"],
-    "bf16-packed-compiled-nodrop": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                    "--compile", "--lora_dropout", "0"],
+    "bf16-packed-compiled-previews": BF16 + ["--compile", "--preview_steps", "5", "--preview_count", "4",
+                                             "--preview_budget", "0"],
     "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
     # several GPUs: the adapter gradients summed by torch's DistributedDataParallel instead of one flat
     # all-reduce per step (the default); "-split" lets dynamo split each compiled layer at DDP's buckets
-    "bf16-packed-compiled-ddp": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                 "--compile", "--grad_sync", "ddp"],
-    "bf16-packed-compiled-ddp-split": ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                       "--compile", "--grad_sync", "ddp"],
-    # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
-    "nf4-packed": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--no-compile"],
-    "nf4-packed-compiled": ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt", "--compile"],
+    "bf16-packed-compiled-ddp": BF16 + ["--compile", "--grad_sync", "ddp"],
+    "bf16-packed-compiled-ddp-split": BF16 + ["--compile", "--grad_sync", "ddp"],
+    "nf4-packed": NF4 + ["--no-compile"],
+    "nf4-packed-compiled": NF4 + ["--compile"],
 }
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]

@@ -76,9 +76,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     norms, activations and LoRA arithmetic; about 20 s at start, cached on disk. Not used on the CPU."""
     grad_sync: Literal["flat", "ddp"] = "flat"
     """Several GPUs: how the adapter gradients are summed. flat: one all-reduce of all of them after the
-    step's backward (27 M values for r=16: about a millisecond over NVLink), the model runs exactly as on one
-    GPU; ddp: torch's DistributedDataParallel, which overlaps bucketed all-reduces with the backward
-    (worth trying across nodes on a slow network, or with a large --lora_r)."""
+    step's backward (27 M values for r=16: a two-H200 step is as long as a one-H200 step), the model runs
+    exactly as on one GPU; ddp: torch's DistributedDataParallel, which overlaps bucketed all-reduces with
+    the backward (worth trying across nodes on a slow network, or with a large --lora_r)."""
     group_by_length: bool = True
     """Without packing: batch rows of similar length together (the seed's grouping)."""
     seed: int = 42
