@@ -97,20 +97,17 @@ class FlatGradSync:
         self.buffers = []
         for dtype in sorted({p.dtype for p in params}, key=str):
             group = [p for p in params if p.dtype == dtype]
-            flat = torch.zeros(sum(p.numel() for p in group), dtype=dtype, device=d.device)
-            offset = 0
-            for p in group:
-                p.grad = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            sizes = [p.numel() for p in group]
+            flat = torch.zeros(sum(sizes), dtype=dtype, device=d.device)
+            for p, g in zip(group, flat.split(sizes)):
+                p.grad = g.view_as(p)
             self.buffers.append(flat)
             # every rank starts from rank 0's adapter weights (as DDP's constructor does)
             weights = torch.cat([p.detach().reshape(-1) for p in group])
             d.dist.broadcast(weights, src=0)
-            offset = 0
             with torch.no_grad():
-                for p in group:
-                    p.copy_(weights[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+                for p, w in zip(group, weights.split(sizes)):
+                    p.copy_(w.view_as(p))
 
     def all_reduce(self) -> None:
         for flat in self.buffers:
@@ -278,7 +275,7 @@ class Trainer:
         self.matmul_params = matmul_params(self.model)
         self.peak = peak_flops(cfg, d.device)
         self.loss_module = CausalLMLoss(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if d.world > 1 and cfg.grad_sync == "flat":
             self.grad_sync = FlatGradSync(params, d)
             self.log(f"{d.world} ranks: one all-reduce of {sum(p.numel() for p in params):,} gradient values per step")
@@ -436,8 +433,7 @@ class Trainer:
             if self.grad_sync is not None:
                 self.grad_sync.all_reduce()
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in self.model.parameters() if p.requires_grad],
-                cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                self.trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)  # the step's GPU work counts in its time (the gather below waits anyway)
             step_time = time.perf_counter() - t0
