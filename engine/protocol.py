@@ -34,6 +34,9 @@ class Status(Message, tag="status"):
     state: str  # starting | running | paused | stopping | finished | failed
     message: str = ""
     step: int = 0
+    # on finished: completed (all steps) | stopped (on request) | early_stopped | engine_lost (the workers
+    # saved and stopped because their engine went away); empty otherwise
+    outcome: str = ""
 
 
 class Step(Message, tag="step"):
@@ -159,6 +162,7 @@ class Ack(Message, tag="ack"):
     id: str
     command: str
     step: int = 0
+    params: dict = {}  # set_preview_params: the preview parameters now in force (temperature, top_p, max_new_tokens)
 
 
 class Inference(Message, tag="inference"):

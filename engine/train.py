@@ -600,14 +600,12 @@ class Trainer:
             return set()
         commands = self.d.broadcast(commands if self.d.main else None)
         actions = set()
-        from engine.protocol import Ack
-
         for c in commands:
+            if isinstance(c, SetPreviewParams):
+                self._set_preview(c)
             if c.id:
-                self.emit(Ack(id=c.id, command=c.type, step=self.step))
+                self._ack(c)
             match c:
-                case SetPreviewParams():
-                    self._set_preview(c)
                 case PreviewNow():
                     actions.add("preview")
                 case SaveCheckpoint():
@@ -621,7 +619,7 @@ class Trainer:
         return actions
 
     def _pause(self) -> str:
-        from engine.protocol import Ack, Resume, Status, Stop
+        from engine.protocol import Resume, Status, Stop
 
         self.emit(Status(state="paused", step=self.step))
         self.log(f"paused at step {self.step}")
@@ -630,16 +628,22 @@ class Trainer:
             commands = self.d.broadcast(commands if self.d.main else None)
             kinds = {type(c) for c in commands}
             for c in commands:
-                if c.id:
-                    self.emit(Ack(id=c.id, command=c.type, step=self.step))
                 if c.type == "set_preview_params":
                     self._set_preview(c)
+                if c.id:
+                    self._ack(c)
             if Stop in kinds:
                 return "stop"
             if Resume in kinds:
                 self.emit(Status(state="running", step=self.step))
                 return "resume"
             time.sleep(0.2)
+
+    def _ack(self, c) -> None:
+        from engine.protocol import Ack
+
+        params = dict(self.preview) if c.type == "set_preview_params" else {}
+        self.emit(Ack(id=c.id, command=c.type, step=self.step, params=params))
 
     def _set_preview(self, c) -> None:
         for k in ("temperature", "top_p", "max_new_tokens"):
@@ -783,8 +787,11 @@ class Trainer:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if state in ("finished", "stopped", "early_stopped"):
-            message = {"finished": "done", "stopped": "stopped on request", "early_stopped": "early stopping"}[state]
-            self.emit(Status(state="finished", step=self.step, message=message))
+            lost = state == "stopped" and getattr(self, "inbox", None) is not None and self.inbox.engine_lost
+            outcome = "engine_lost" if lost else {"finished": "completed"}.get(state, state)
+            message = {"completed": "done", "stopped": "stopped on request", "early_stopped": "early stopping",
+                       "engine_lost": "the engine went away: saved and stopped"}[outcome]
+            self.emit(Status(state="finished", step=self.step, message=message, outcome=outcome))
         elif state == "error":
             self.emit(Status(state="failed", step=self.step, message=error))
         elif state == "save_failed":
