@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+from engine.runfolder import CKPT_RE, complete_checkpoints, latest_checkpoint  # noqa: F401 (re-exported)
 
 
 def rng_state() -> dict:
@@ -80,23 +79,6 @@ def save_checkpoint(ckpt_root: Path, step: int, peft_model, optimizer, scheduler
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    out = []
-    for p in ckpt_root.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file() and (p / "adapter_model.safetensors").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = complete_checkpoints(ckpt_root)
-    return done[-1][1] if done else None
 
 
 def remove_partial(ckpt_root: Path) -> list[Path]:

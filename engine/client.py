@@ -26,6 +26,7 @@ import zmq
 
 from engine.daemon import sign
 from engine.protocol import Message, Reply, Request, event_decoder, reply_decoder
+from engine.runfolder import complete_checkpoints, engine_info  # noqa: F401 (read-only run-folder views for clients)
 
 
 class EngineLost(ConnectionError):

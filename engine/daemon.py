@@ -405,7 +405,7 @@ class Engine:
 
     def start_inference(self, cmd) -> Reply:
         """``voxtui infer`` as its own process; its progress and results come back as events."""
-        from engine.checkpoint import complete_checkpoints
+        from engine.runfolder import complete_checkpoints
 
         try:
             from engine.config import read_toml
