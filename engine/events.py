@@ -68,13 +68,81 @@ class JsonlSink:
             self._f.close()
 
 
-class PushSink:
-    """Sends events to the engine (PUSH → its PULL); the engine numbers and stores them."""
+SPOOL_SEGMENT = 5000  # events per spool file; the engine deletes a file once every event in it is stored
 
-    def __init__(self, endpoint: str, run: str = "") -> None:
+
+def worker_id() -> str:
+    """This process, unique across restarts and machines: ``<host>-<pid>-<start>`` (file-name safe)."""
+    import re
+    import socket
+    import time
+
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}-{int(time.time() * 1000):x}"
+
+
+class Spool:
+    """Every event a worker sends, also appended (flushed) to ``runs/<run>/spool/<worker>.<first wseq>.jsonl``.
+
+    The engine records each event's ``worker`` and ``wseq``; when an engine dies, the next one replays the
+    spooled events it never stored, in order, so nothing trained while no engine listened is lost. Files
+    hold ``SPOOL_SEGMENT`` events each, so the engine can delete the ones it has stored while the run goes on.
+    """
+
+    def __init__(self, folder: str | os.PathLike, worker: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.worker = worker
+        self._f = None
+        self._count = 0
+
+    def write(self, wseq: int, data: bytes) -> None:
+        if self._f is None or self._count >= SPOOL_SEGMENT:
+            if self._f is not None:
+                self._f.close()
+            self._f = open(self.folder / f"{self.worker}.{wseq:012d}.jsonl", "ab")
+            self._count = 0
+        self._f.write(data + b"\n")
+        self._f.flush()  # in the page cache: it survives this process being killed
+        self._count += 1
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_spool(folder: Path) -> dict[str, list[tuple[int, Path]]]:
+    """Spool files by worker: ``{worker: [(first wseq, path), …]}`` in order."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    if not folder.is_dir():
+        return out
+    for p in folder.glob("*.jsonl"):
+        worker, _, first = p.stem.rpartition(".")
+        if worker and first.isdigit():
+            out.setdefault(worker, []).append((int(first), p))
+    for files in out.values():
+        files.sort()
+    return out
+
+
+def spool_worker_pid(worker: str) -> int | None:
+    """The pid in a worker id made by ``worker_id()`` (``<host>-<pid>-<start>``)."""
+    parts = worker.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+class PushSink:
+    """Sends events to the engine (PUSH → its PULL); the engine numbers and stores them. With ``spool``
+    (a folder), every event is first appended to this worker's spool there (see ``Spool``)."""
+
+    def __init__(self, endpoint: str, run: str = "", spool: str | os.PathLike | None = None) -> None:
         import zmq
 
         self.run = run
+        self.worker = worker_id()
+        self.wseq = 0
+        self._spool = Spool(spool, self.worker) if spool else None
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PUSH)
         self._sock.setsockopt(zmq.LINGER, 2000)
@@ -85,16 +153,25 @@ class PushSink:
     def emit(self, event: Message) -> None:
         import zmq
 
-        event.run = self.run
         with self._lock:
+            self.wseq += 1
+            event.worker, event.wseq = self.worker, self.wseq
+            data = event_encoder.encode(stamp(event, 0, self.run))
+            if self._spool is not None:
+                try:
+                    self._spool.write(self.wseq, data)
+                except OSError:
+                    pass  # a full disk must not stop training; the engine, if it listens, still stores it
             try:
-                self._sock.send(event_encoder.encode(stamp(event, 0, self.run)), zmq.NOBLOCK)
+                self._sock.send(data, zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the engine is not reading: never block training on telemetry
 
     def close(self) -> None:
         with self._lock:
             self._sock.close()
+            if self._spool is not None:
+                self._spool.close()
 
 
 class NullSink:

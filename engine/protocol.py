@@ -20,6 +20,10 @@ class Message(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Fals
     time: float = 0.0
     run: str = ""
     v: int = PROTOCOL_VERSION
+    # under the engine: which worker process sent it and its own count (1, 2, …), so that events a worker
+    # kept in its spool while its engine was gone are replayed once and in order (docs/protocol.md)
+    worker: str = ""
+    wseq: int = 0
 
     @property
     def type(self) -> str:

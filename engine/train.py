@@ -219,7 +219,7 @@ class Trainer:
         run_id = self.run_dir.name
         endpoints = (engine or {}).get("endpoints", engine or {})
         if engine:
-            self.sink = PushSink(endpoints["worker_events"], run_id)
+            self.sink = PushSink(endpoints["worker_events"], run_id, spool=self.run_dir / "spool")
         else:
             self.sink = JsonlSink(self.run_dir / "events.jsonl", run_id) if d.main and not cfg.engine else NullSink()
         self.inbox = ControlInbox(endpoints.get("worker_control") if engine else None,
