@@ -20,7 +20,9 @@ from engine.util import UsageError
 
 # Kinds that make a row unusable; the others (control_chars, duplicate, too_long, leak) flag a usable row.
 FATAL_KINDS = ("bad_encoding", "invalid_json", "not_object", "missing_field", "wrong_type", "empty_field")
-DEFECT_KINDS = FATAL_KINDS + ("control_chars", "duplicate", "too_long", "leak")
+# Kinds about the file as a whole (reported on line 0): no_rows, an empty file or one of blank lines only.
+FILE_KINDS = ("no_rows",)
+DEFECT_KINDS = FILE_KINDS + FATAL_KINDS + ("control_chars", "duplicate", "too_long", "leak")
 
 # C0 and C1 control characters other than tab, newline and carriage return.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -77,6 +79,20 @@ def open_checked(path: str | os.PathLike) -> int:
     return os.path.getsize(p)
 
 
+def check_outputs(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None]) -> None:
+    """UsageError when an output (``{"--json": path}``; ``-`` is stdout) names an input or another output."""
+    from engine.util import same_file
+
+    seen: list[tuple[str, str | os.PathLike]] = [(k, v) for k, v in inputs.items() if v]
+    for flag, out in outputs.items():
+        if not out or out == "-":
+            continue
+        for other_flag, other in seen:
+            if same_file(out, other):
+                raise UsageError(f"{flag} {os.fspath(out)}: would overwrite {other_flag}")
+        seen.append((flag, out))
+
+
 def parse_line(raw: bytes) -> tuple[Example | None, list[tuple[str, str]]]:
     """Parse one non-blank line into an example and its defects (never raises)."""
     try:
@@ -87,6 +103,8 @@ def parse_line(raw: bytes) -> tuple[Example | None, list[tuple[str, str]]]:
         obj = _decoder.decode(text)
     except msgspec.DecodeError as e:
         return None, [("invalid_json", str(e))]
+    except RecursionError:
+        return None, [("invalid_json", "nested too deeply")]
     if not isinstance(obj, dict):
         return None, [("not_object", f"a JSON {_json_type(obj)}, not an object")]
     if "messages" in obj and "instruction" not in obj:

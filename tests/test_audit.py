@@ -56,7 +56,23 @@ def test_bom_crlf_blank_lines_are_not_defects(tmp_path):
 
 def test_empty_file(tmp_path):
     f = write_jsonl(tmp_path / "empty.jsonl", [], raw=b"")
-    assert audit(str(f)) == {"file": str(f), "rows": 0, "valid": 0, "defects": [], "counts": {}}
+    assert audit(str(f)) == {"file": str(f), "rows": 0, "valid": 0, "counts": {"no_rows": 1},
+                             "defects": [{"line": 0, "kind": "no_rows", "detail": "the file is empty"}]}
+    blank = write_jsonl(tmp_path / "blank.jsonl", [], raw=b"\r\n  \n\t\n")
+    assert audit(str(blank))["defects"] == [{"line": 0, "kind": "no_rows", "detail": "the file holds only blank lines"}]
+
+
+def test_strict_fails_an_empty_file(tmp_path):
+    """An empty file (or one of blank lines) is a defect: no rows. --strict exits 1 and says why."""
+    for name, raw in (("empty.jsonl", b""), ("blank.jsonl", b"\n\n   \n")):
+        f = write_jsonl(tmp_path / name, [], raw=raw)
+        proc = voxtui("data", "audit", f, "--strict")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "no_rows" in proc.stdout and "file" in proc.stdout and "Traceback" not in proc.stderr
+        assert voxtui("data", "audit", f).returncode == 0  # without --strict: the audit ran
+        assert f.read_bytes() == raw
+    proc = voxtui("data", "audit", tmp_path / "empty.jsonl", "--strict", "--json", "-")
+    assert proc.returncode == 1 and json.loads(proc.stdout)["counts"] == {"no_rows": 1}
 
 
 @pytest.mark.slow
@@ -84,6 +100,9 @@ def test_cli_exit_codes_and_json(tmp_path):
     assert voxtui("data", "audit", f, "--max-len", "-3").returncode == 2
     stdout_json = voxtui("data", "audit", f, "--json", "-")
     assert json.loads(stdout_json.stdout)["rows"] == 2  # --json - keeps stdout pure JSON
+    before = digest(f)
+    over = voxtui("data", "audit", f, "--json", f)
+    assert over.returncode == 2 and "would overwrite the input" in over.stderr and digest(f) == before
 
 
 def test_parallel_scan_matches_inline(tmp_path, monkeypatch):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 
-from engine.data.scan import Scan, scan_file
-from engine.formatting import load_format
-from engine.rows import DEFECT_KINDS
+from engine.data.scan import Scan, data_format, scan_file
+from engine.rows import DEFECT_KINDS, check_outputs
 from engine.util import write_json
 
 
 def audit(path: str, against: str | None = None, max_len: int | None = None, model: str | None = None,
           workers: int | None = None) -> dict:
-    fmt = load_format(model) if max_len else None
+    fmt = data_format(model) if max_len else None
     scan = scan_file(path, fmt, keys=True, workers=workers, label="audit")
     defects = list(scan.defects)
     defects += duplicates(scan)
@@ -24,8 +24,11 @@ def audit(path: str, against: str | None = None, max_len: int | None = None, mod
     if against:
         other = scan_file(against, None, keys=True, workers=workers, label="against")
         defects += leaks(scan, other)
+    if scan.rows == 0:
+        empty = os.path.getsize(path) == 0
+        defects.append((0, "no_rows", "the file is empty" if empty else "the file holds only blank lines"))
     defects.sort(key=lambda d: (d[0], DEFECT_KINDS.index(d[1])))
-    bad_lines = {d[0] for d in defects}
+    bad_lines = {d[0] for d in defects if d[0] > 0}
     counts = Counter(kind for _, kind, _ in defects)
     return {
         "file": path,
@@ -70,13 +73,15 @@ def render(report: dict, limit: int = 50) -> str:
     if report["counts"]:
         out.append("  " + ", ".join(f"{k}: {n}" for k, n in report["counts"].items()))
     for d in report["defects"][:limit]:
-        out.append(f"  line {d['line']:>7}  {d['kind']:<14} {d['detail'][:120]}")
+        where = f"line {d['line']:>7}" if d["line"] else f"{'file':<12}"
+        out.append(f"  {where}  {d['kind']:<14} {d['detail'][:120]}")
     if len(report["defects"]) > limit:
         out.append(f"  … and {len(report['defects']) - limit} more (--json for the full list)")
     return "\n".join(out)
 
 
 def main(args) -> int:
+    check_outputs({"the input": args.file, "--against": args.against}, {"--json": args.json})
     report = audit(args.file, args.against, args.max_len, args.model, args.workers)
     if args.json:
         write_json(args.json, report)
