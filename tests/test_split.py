@@ -62,3 +62,36 @@ def test_split_cli(tmp_path):
     same = voxtui("data", "split", f, "--train", f, "--val", tmp_path / "v.jsonl")
     assert same.returncode == 2 and "overwrite the input" in same.stderr
     assert voxtui("data", "split", f, "--train", tmp_path / "a", "--val", tmp_path / "b", "--val-frac", "1.5").returncode == 2
+
+
+def test_split_without_usable_rows_writes_nothing(tmp_path):
+    """No usable row (empty file, blank lines, every row broken), or none left for train: exit 2 with one
+    line, no output created or overwritten, input untouched."""
+    cases = {
+        "empty.jsonl": b"",
+        "blank.jsonl": b"\n  \r\n\n",
+        "broken.jsonl": b'{"instruction": "q"}\n[1, 2]\n{oops\n\xff\xfe\n',
+        "one-prompt.jsonl": b'{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": "b"}\n',
+    }
+    for name, raw in cases.items():
+        f = write_jsonl(tmp_path / name, [], raw=raw)
+        train, val, rep = tmp_path / "t.jsonl", tmp_path / "v.jsonl", tmp_path / "r.json"
+        train.write_text("old train\n")  # an earlier split's output stays as it was
+        args = ["data", "split", f, "--train", train, "--val", val, "--report", rep]
+        proc = voxtui(*args, *(["--val-frac", "0.5"] if name == "one-prompt.jsonl" else []))
+        assert proc.returncode == 2, (name, proc.stdout, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "nothing written" in proc.stderr and "Traceback" not in proc.stderr
+        assert train.read_text() == "old train\n" and not val.exists() and not rep.exists()
+        assert f.read_bytes() == raw
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    broken = voxtui("data", "split", tmp_path / "broken.jsonl", "--train", tmp_path / "a", "--val", tmp_path / "b")
+    assert "4 row(s) dropped" in broken.stderr and "line 1 missing_field" in broken.stderr
+
+
+def test_split_report_may_not_overwrite(tmp_path):
+    f = write_jsonl(tmp_path / "all.jsonl", make_rows(30))
+    before = digest(f)
+    for rep in (f, tmp_path / "t.jsonl"):
+        proc = voxtui("data", "split", f, "--train", tmp_path / "t.jsonl", "--val", tmp_path / "v.jsonl", "--report", rep)
+        assert proc.returncode == 2 and "would overwrite" in proc.stderr
+    assert digest(f) == before and not (tmp_path / "t.jsonl").exists()

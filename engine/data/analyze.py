@@ -6,13 +6,13 @@ import sys
 
 import numpy as np
 
-from engine.data.scan import percentiles, scan_file
-from engine.formatting import load_format
+from engine.data.scan import data_format, percentiles, scan_file
+from engine.rows import check_outputs
 from engine.util import write_json
 
 
 def analyze(path: str, model: str | None = None, max_len: int | None = None, workers: int | None = None) -> dict:
-    fmt = load_format(model)
+    fmt = data_format(model)
     scan = scan_file(path, fmt, workers=workers, label="analyze")
     total = scan.total_len
     report = {
@@ -49,6 +49,10 @@ def histogram(values: np.ndarray, bins: int = 16) -> list[dict]:
 def render(report: dict) -> str:
     out = [f"{report['file']}: {report['rows']} rows, {report['usable']} usable"
            + (f", {report['invalid']} broken (see `voxtui data audit`)" if report["invalid"] else "")]
+    if not report["usable"]:
+        out.append("no usable row: nothing to measure" if report["rows"] else
+                   "no rows: the file is empty or holds only blank lines")
+        return "\n".join(out)
     out.append(f"tokens: {report['tokens']['total']:,} total ({report['tokens']['prompt']:,} prompt, "
                f"{report['tokens']['target']:,} target)")
     out.append(f"{'':8}{'min':>8}{'mean':>10}{'p50':>8}{'p90':>8}{'p95':>8}{'p99':>8}{'max':>8}")
@@ -69,6 +73,7 @@ def render(report: dict) -> str:
 
 
 def main(args) -> int:
+    check_outputs({"the input": args.file}, {"--json": args.json})
     report = analyze(args.file, args.model, args.max_len, args.workers)
     if args.json:
         write_json(args.json, report)

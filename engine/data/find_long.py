@@ -8,14 +8,13 @@ import sys
 
 import numpy as np
 
-from engine.data.scan import scan_file
-from engine.formatting import load_format
-from engine.rows import iter_lines
+from engine.data.scan import data_format, scan_file
+from engine.rows import check_outputs, iter_lines, parse_line
 from engine.util import atomic_write, write_json
 
 
 def find_long(path: str, max_len: int, model: str | None = None, workers: int | None = None) -> dict:
-    fmt = load_format(model)
+    fmt = data_format(model)
     scan = scan_file(path, fmt, workers=workers, label="find-long")
     total = scan.total_len
     over = total > max_len
@@ -52,12 +51,16 @@ def write_rows(path: str, report: dict, out: str) -> None:
         for lineno, raw in iter_lines(path):
             r = wanted.get(lineno)
             if r is not None:
-                f.write(json.dumps({**r, "row": json.loads(raw)}, ensure_ascii=False) + "\n")
+                ex, _ = parse_line(raw)  # the parser that measured it (a long row is always a usable one)
+                f.write(json.dumps({**r, "row": ex.record}, ensure_ascii=False) + "\n")
 
 
 def render(report: dict, limit: int = 20) -> str:
     rem = report["remedies"]
     out = [f"{report['file']}: {report['long']} of {report['usable']} rows exceed {report['max_len']} tokens"]
+    if not report["usable"]:
+        out.append("  no usable row to measure" + (f" ({report['rows']} broken; `voxtui data audit` says why)"
+                                                  if report["rows"] else " (the file holds no rows)"))
     for r in report["long_rows"][:limit]:
         out.append(f"  line {r['line']:>7}  {r['total_tokens']:>7} tokens (prompt {r['prompt_tokens']}, "
                    f"target {r['target_tokens']}, over by {r['over_by']})")
@@ -76,6 +79,7 @@ def render(report: dict, limit: int = 20) -> str:
 
 
 def main(args) -> int:
+    check_outputs({"the input": args.file}, {"--out": args.out, "--json": args.json})
     report = find_long(args.file, args.max_len, args.model, args.workers)
     if args.out:
         write_rows(args.file, report, args.out)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.formatting import ChatFormat
+from engine.formatting import ChatFormat, resolve_tokenizer_file
 from engine.rows import iter_lines, open_checked, parse_line, prompt_key, row_key
 from engine.util import Progress
 
@@ -22,6 +22,23 @@ CHUNK_LINES = 4096
 INLINE_BELOW = 8 << 20  # files smaller than this are scanned in-process
 
 _fmt: ChatFormat | None = None  # the worker's formatter (inherited through fork)
+
+
+_formats: dict[tuple, ChatFormat] = {}
+
+
+def data_format(model: str | os.PathLike | None = None) -> ChatFormat:
+    """``load_format(model)``, kept for the life of the process (keyed by the tokenizer file, its size and
+    modification time), so a process that runs several tools (preflight: audit, then analyze) loads it once."""
+    path = resolve_tokenizer_file(model)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    fmt = _formats.get(key)
+    if fmt is None:
+        if len(_formats) >= 4:
+            _formats.pop(next(iter(_formats)))
+        fmt = _formats[key] = ChatFormat(path)
+    return fmt
 
 
 @dataclass

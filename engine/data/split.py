@@ -10,8 +10,8 @@ import hashlib
 import json
 import sys
 
-from engine.formatting import load_format
-from engine.rows import clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
+from engine.data.scan import data_format
+from engine.rows import check_outputs, clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
 from engine.util import Progress, UsageError, atomic_write, same_file, write_json
 
 
@@ -25,7 +25,7 @@ def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: 
             raise UsageError(f"{out}: output would overwrite the input")
     if same_file(train_out, val_out):
         raise UsageError("--train and --val name the same file")
-    fmt = load_format(model) if max_len else None
+    fmt = data_format(model) if max_len else None
 
     kept: list[tuple[int, dict, bytes]] = []  # (line, cleaned record, prompt key)
     dropped: list[dict] = []
@@ -77,6 +77,12 @@ def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: 
             break
         val_idx.update(groups[pkey])
 
+    if not kept:
+        raise UsageError(f"{path}: no usable row, nothing written ({_why_none(path, dropped)})")
+    if len(val_idx) == len(kept):
+        raise UsageError(f"{path}: every usable row would go to val ({len(kept)} row(s) sharing "
+                         f"{len(groups)} prompt(s)), none to train; nothing written (lower --val-frac or add rows)")
+
     n_train = n_val = 0
     with atomic_write(train_out) as ft, atomic_write(val_out) as fv:
         for i, (_, record, _) in enumerate(kept):
@@ -92,6 +98,17 @@ def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: 
         "rows": len(kept) + len(dropped), "kept": len(kept), "train": n_train, "val": n_val,
         "cleaned": cleaned, "truncated": truncated, "dropped": dropped,
     }
+
+
+def _why_none(path: str, dropped: list[dict]) -> str:
+    if not dropped:
+        return "the file is empty or holds only blank lines"
+    counts: dict[str, int] = {}
+    for d in dropped:
+        counts[d["reason"]] = counts.get(d["reason"], 0) + 1
+    first = dropped[0]
+    return (f"{len(dropped)} row(s) dropped: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+            + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {path}` lists them")
 
 
 def _truncate_target(record: dict, text: str) -> dict:
@@ -114,6 +131,7 @@ def render(report: dict, limit: int = 20) -> str:
 
 
 def main(args) -> int:
+    check_outputs({"the input": args.file}, {"--train": args.train, "--val": args.val, "--report": args.report})
     report = split(args.file, args.train, args.val, args.val_frac, args.seed, args.max_len, args.long, args.model)
     if args.report:
         write_json(args.report, report)
