@@ -26,7 +26,7 @@ import zmq
 
 from engine.daemon import sign
 from engine.protocol import Message, Reply, Request, event_decoder, reply_decoder
-from engine.runfolder import complete_checkpoints, engine_info  # noqa: F401 (read-only run-folder views for clients)
+from engine.runfolder import checkpoint_states, complete_checkpoints, engine_info, final_adapter, inference_results, inference_samples  # noqa: F401 (read-only run-folder views for clients)
 
 
 class EngineLost(ConnectionError):

@@ -39,3 +39,104 @@ def engine_info(run_dir: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid runs (a zombie does not)."""
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def checkpoint_states(ckpt_root: Path) -> list[dict]:
+    """The complete checkpoints on disk now, oldest first, each with what its ``trainer_state.json`` says:
+    ``{"step", "name", "path", "best_step", "best_loss", "reason", "time"}`` (None where unreadable)."""
+    out = []
+    for step, path in complete_checkpoints(ckpt_root):
+        state = _read_json(path / "trainer_state.json")
+        out.append({"step": step, "name": path.name, "path": str(path), "best_step": state.get("best_step"),
+                    "best_loss": state.get("best_loss"), "reason": state.get("reason", ""),
+                    "time": state.get("time")})
+    return out
+
+
+def final_adapter(run_dir: Path) -> Path | None:
+    """``lora_final/`` when it holds a complete adapter (it is written under a temp name and renamed)."""
+    path = Path(run_dir) / "lora_final"
+    return path if (path / "adapter_model.safetensors").is_file() else None
+
+
+def inference_results(run_dir: Path) -> dict[str, dict]:
+    """The inference jobs under ``runs/<run>/infer/``, by name. A finished one: its ``metrics.json`` with
+    ``"state": "finished"``; one without metrics yet (running, or interrupted): ``"state": "incomplete"``,
+    ``"done"`` (rows generated so far) and its ``params``."""
+    root = Path(run_dir) / "infer"
+    out: dict[str, dict] = {}
+    if not root.is_dir():
+        return out
+    for job in sorted(root.iterdir()):
+        if not job.is_dir() or job.name.startswith("."):
+            continue
+        metrics = _read_json(job / "metrics.json")
+        if metrics:
+            out[job.name] = {**metrics, "state": "finished", "path": str(job)}
+            continue
+        params = _read_json(job / "params.json")
+        if not params:
+            continue
+        try:
+            with open(job / "generations.jsonl", "rb") as f:
+                done = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        except OSError:
+            done = 0
+        out[job.name] = {"state": "incomplete", "done": done, "params": params,
+                         "checkpoint": params.get("checkpoint", ""), "path": str(job)}
+    return out
+
+
+def inference_samples(job_dir: Path, n: int = 5) -> list[dict]:
+    """The first ``n`` rows of a finished job (by input order), as the engine's ``inference`` event carries
+    them: ``{line, prompt, prediction, reference, rougeL}``."""
+    job_dir = Path(job_dir)
+    rows: dict[int, dict] = {}
+    try:
+        with open(job_dir / "generations.jsonl", encoding="utf-8") as f:
+            for text in f:
+                try:
+                    r = json.loads(text)
+                    index = int(r["index"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if index < n:
+                    rows[index] = r
+                    if len(rows) == n:
+                        break
+    except OSError:
+        return []
+    scores: dict[int, float] = {}
+    try:
+        with open(job_dir / "per_row.jsonl", encoding="utf-8") as f:
+            for _, text in zip(range(n), f):
+                try:
+                    p = json.loads(text)
+                    scores[int(p["index"])] = p.get("rougeL")
+                except (ValueError, KeyError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return [{"line": r.get("line"), "prompt": str(r.get("prompt", ""))[:300],
+             "prediction": str(r.get("prediction", ""))[:500], "reference": str(r.get("output", ""))[:500],
+             "rougeL": scores.get(i)} for i, r in sorted(rows.items())]
