@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -18,12 +19,17 @@ from pathlib import Path
 from engine.util import Progress, UsageError, atomic_write, write_json
 
 
-def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    from engine.checkpoint import complete_checkpoints
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the run's complete checkpoints, oldest first (the seed's layout: checkpoint-N in DIR)."""
+    from engine.runfolder import complete_checkpoints
 
-    root = run_dir / "checkpoints"
+    return complete_checkpoints(run_dir / "checkpoints") or complete_checkpoints(run_dir)
+
+
+def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """checkpoint-``step``, else lora_final (lora_stage1), else the latest complete checkpoint (torch-free)."""
     if step is not None:
-        done = dict(complete_checkpoints(root))
+        done = dict(checkpoints(run_dir))
         if step not in done:
             have = ", ".join(str(s) for s in done) or "none"
             raise UsageError(f"{run_dir}: no complete checkpoint-{step} (complete: {have})")
@@ -31,7 +37,7 @@ def pick_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     for final in (run_dir / "lora_final", run_dir / "lora_stage1"):
         if (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file():
             return final
-    done = complete_checkpoints(root) or complete_checkpoints(run_dir)  # the seed's layout: checkpoint-N in DIR
+    done = checkpoints(run_dir)
     if not done:
         raise UsageError(f"{run_dir}: no lora_final and no complete checkpoint")
     return done[-1][1]
@@ -43,11 +49,18 @@ def run_config(run_dir: Path):
     from engine.config import TrainConfig, read_toml
 
     if (run_dir / "config.toml").is_file():
-        return msgspec.convert(read_toml(run_dir / "config.toml"), TrainConfig)
+        try:
+            return msgspec.convert(read_toml(run_dir / "config.toml"), TrainConfig)
+        except msgspec.ValidationError as e:
+            raise UsageError(f"{run_dir / 'config.toml'}: {e}") from None
     # the seed's output_dir: the adapter config names the base model
     ckpt = pick_checkpoint(run_dir)
-    base = json.loads((ckpt / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
+    try:
+        adapter = json.loads((ckpt / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{ckpt}/adapter_config.json: cannot read it ({e})") from None
+    base = adapter.get("base_model_name_or_path") if isinstance(adapter, dict) else None
+    if not base or not isinstance(base, str):
         raise UsageError(f"{run_dir}: no config.toml and no base model in {ckpt}/adapter_config.json")
     return TrainConfig(model_id=base, train_jsonl="-")
 
@@ -195,16 +208,75 @@ def _run_dir(args) -> Path:
     return find_run(args.run)
 
 
-def cmd_infer(args) -> int:
-    from engine.checkpoint import complete_checkpoints
+DEVICE_RE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
 
+
+def check_data(path: str) -> int:
+    """The number of rows of an inference data file; UsageError naming the first broken line (torch-free)."""
+    from engine.rows import iter_lines, open_checked, parse_line
+
+    open_checked(path)
+    rows, bad = 0, []
+    for lineno, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        ex, defects = parse_line(raw)
+        if ex is None:
+            bad.append((lineno, *defects[0]))
+        else:
+            rows += 1
+    if bad:
+        line, kind, detail = bad[0]
+        more = f" (and {len(bad) - 1} more broken rows; `voxtui data audit {path}` lists them)" if len(bad) > 1 else ""
+        raise UsageError(f"{path}:{line}: {kind}: {detail}{more}")
+    if not rows:
+        raise UsageError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return rows
+
+
+def check_infer_args(args) -> tuple[Path, str]:
+    """Every argument of ``voxtui infer``, checked before torch is imported: the parameters, the run
+    folder and its config, the checkpoint, the data file and its rows. Returns ``(run_dir, data)``."""
+    from engine.rows import check_outputs
+
+    problems = []
+    if not 0 <= args.temperature <= 2:
+        problems.append(f"--temperature must be in [0, 2] (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
+    if not DEVICE_RE.fullmatch(args.device):
+        problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps (got {args.device!r})")
+    if args.name is not None and (not args.name.strip() or args.name in (".", "..") or "/" in args.name
+                                  or "\\" in args.name or "\0" in args.name):
+        problems.append(f"--name must be a plain folder name (got {args.name!r})")
+    if args.checkpoint is not None and args.checkpoint < 0:
+        problems.append(f"--checkpoint must be a step, 0 or more (got {args.checkpoint})")
+    if args.checkpoint is not None and args.all_checkpoints:
+        problems.append("--checkpoint and --all-checkpoints: give one")
+    if problems:
+        raise UsageError("; ".join(problems))
     run_dir = _run_dir(args)
     data = args.data or args.jsonl
     if not data:
         raise UsageError("--data FILE is required")
-    from engine.rows import open_checked
+    if args.all_checkpoints:
+        if not checkpoints(run_dir):
+            raise UsageError(f"{run_dir}: no complete checkpoint")
+    else:
+        pick_checkpoint(run_dir, args.checkpoint)
+    run_config(run_dir)
+    check_data(data)
+    check_outputs({"--data": data}, {"--json": args.json})
+    return run_dir, data
 
-    open_checked(data)
+
+def cmd_infer(args) -> int:
+    try:
+        run_dir, data = check_infer_args(args)
+    except UsageError as e:
+        if args.events:  # started by the engine: say why in the run's event stream too
+            _failed(args, Path(args.output_dir or args.run or "").name, e)
+        raise
     common = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity}
     sink = None
@@ -215,24 +287,23 @@ def cmd_infer(args) -> int:
     try:
         if args.all_checkpoints:
             table = []
-            for step, _ in complete_checkpoints(run_dir / "checkpoints"):
+            for step, _ in checkpoints(run_dir):
                 m = infer(run_dir, data, checkpoint=step, sink=sink, **common)
                 table.append({"checkpoint": f"checkpoint-{step}", "step": step,
                               **{k: m.get(k) for k in ("rougeL", "bleu", "distinct_1", "distinct_2", "perplexity")}})
             if args.json:
                 write_json(args.json, table)
-            print(f"{'checkpoint':<20}{'rougeL':>9}{'bleu':>8}{'dist-1':>8}{'dist-2':>8}{'ppl':>12}")
-            for t in table:
-                print(f"{t['checkpoint']:<20}{t['rougeL']:>9.4f}{t['bleu']:>8.2f}{t['distinct_1']:>8.3f}"
-                      f"{t['distinct_2']:>8.3f}{t['perplexity'] if t['perplexity'] is not None else float('nan'):>12.2f}")
+            if args.json != "-":
+                print(f"{'checkpoint':<20}{'rougeL':>9}{'bleu':>8}{'dist-1':>8}{'dist-2':>8}{'ppl':>12}")
+                for t in table:
+                    ppl = t["perplexity"] if t["perplexity"] is not None else float("nan")
+                    print(f"{t['checkpoint']:<20}{t['rougeL']:>9.4f}{t['bleu']:>8.2f}{t['distinct_1']:>8.3f}"
+                          f"{t['distinct_2']:>8.3f}{ppl:>12.2f}")
             return 0
         m = infer(run_dir, data, checkpoint=args.checkpoint, name=args.name, sink=sink, **common)
     except BaseException as e:
         if sink is not None:
-            from engine.protocol import Inference
-
-            sink.emit(Inference(name=args.name or "", checkpoint=str(args.checkpoint or ""), state="failed",
-                                message=f"{type(e).__name__}: {e}"))
+            _failed(args, run_dir.name, e, sink)
         raise
     finally:
         if sink is not None:
@@ -242,6 +313,23 @@ def cmd_infer(args) -> int:
     if args.json != "-":
         print(render(m))
     return 0
+
+
+def _failed(args, run: str, error: BaseException, sink=None) -> None:
+    """An ``inference`` event in state ``failed`` to the engine that started this job."""
+    from engine.protocol import Inference
+
+    own = sink is None
+    if own:
+        from engine.events import PushSink
+
+        sink = PushSink(args.events, run)
+    try:
+        sink.emit(Inference(name=args.name or "", checkpoint=str(args.checkpoint or ""), state="failed",
+                            message=f"{type(error).__name__}: {error}"))
+    finally:
+        if own:
+            sink.close()
 
 
 def render(m: dict) -> str:
@@ -260,44 +348,84 @@ def render(m: dict) -> str:
     return "\n".join(out)
 
 
-def cmd_score(args) -> int:
-    from engine.rows import iter_lines, open_checked
+def read_predictions(path: str) -> tuple[list[dict], list[dict]]:
+    """The rows of a predictions file that hold string ``prediction`` and ``output``, and every other
+    non-blank line as ``{"line", "reason", "detail"}`` (never raises on a bad row)."""
+    import msgspec
 
-    open_checked(args.file)
-    rows = []
-    for lineno, raw in iter_lines(args.file):
+    from engine.rows import _json_type, iter_lines
+
+    decoder = msgspec.json.Decoder()
+    rows, bad = [], []
+    for lineno, raw in iter_lines(path):
         if not raw.strip():
             continue
+        reason = detail = ""
         try:
-            r = json.loads(raw)
-        except ValueError as e:
-            raise UsageError(f"{args.file}:{lineno}: invalid_json: {e}") from None
-        if not isinstance(r, dict):
-            raise UsageError(f"{args.file}:{lineno}: not_object")
-        for k in ("prediction", "output"):
-            if not isinstance(r.get(k), str):
-                raise UsageError(f"{args.file}:{lineno}: missing_field: {k} (a string) is needed")
-        rows.append(r)
+            r = decoder.decode(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            reason, detail = "bad_encoding", f"invalid UTF-8 at byte {e.start}"
+        except msgspec.DecodeError as e:
+            reason, detail = "invalid_json", str(e)
+        except RecursionError:
+            reason, detail = "invalid_json", "nested too deeply"
+        else:
+            if not isinstance(r, dict):
+                reason, detail = "not_object", f"a JSON {_json_type(r)}, not an object"
+            else:
+                for k in ("prediction", "output"):
+                    if r.get(k) is None:
+                        reason, detail = "missing_field", f"{k} (a string) is needed"
+                        break
+                    if not isinstance(r[k], str):
+                        reason, detail = "wrong_type", f"{k} is a {_json_type(r[k])}, not a string"
+                        break
+        if reason:
+            bad.append({"line": lineno, "reason": reason, "detail": detail})
+        else:
+            rows.append(r)
+    return rows, bad
+
+
+BAD_ROWS_SHOWN = 20  # bad rows listed on stderr; the JSON report holds them all
+
+
+def cmd_score(args) -> int:
+    from engine.rows import check_outputs, open_checked
+
+    open_checked(args.file)
+    check_outputs({"the input": args.file}, {"--json": args.json})
+    rows, bad = read_predictions(args.file)
     if not rows:
-        raise UsageError(f"{args.file}: no rows")
+        if not bad:
+            raise UsageError(f"{args.file}: no rows (the file is empty or holds only blank lines)")
+        first = bad[0]
+        raise UsageError(f"{args.file}: no row to score: {len(bad)} bad row(s); line {first['line']}: "
+                         f"{first['reason']}: {first['detail']}")
+    for b in bad[:BAD_ROWS_SHOWN]:
+        print(f"{args.file}:{b['line']}: {b['reason']}: {b['detail']}", file=sys.stderr)
+    if len(bad) > BAD_ROWS_SHOWN:
+        print(f"{args.file}: … and {len(bad) - BAD_ROWS_SHOWN} more bad rows (--json lists them all)", file=sys.stderr)
     m = score_rows(rows)
     m["file"] = args.file
+    m["bad_rows"] = bad
     if args.json:
         write_json(args.json, m)
     if args.json != "-":
         print(render(m))
+        if bad:
+            print(f"  skipped      {len(bad)} bad row(s) (listed on stderr)")
     return 0
 
 
 def cmd_export(args) -> int:
-    import torch
-
-    run_dir = _run_dir(args)
+    run_dir = _run_dir(args)  # every argument is checked before torch is imported
     ckpt = pick_checkpoint(run_dir, args.checkpoint)
     cfg = run_config(run_dir)
     out = Path(args.merge)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out}: exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out}: exists and is not an empty folder")
+    import torch
     from peft import PeftModel
     from transformers import VoxtralForConditionalGeneration
 

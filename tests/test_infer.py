@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import read_events, train_args, voxtui, worker, write_jsonl
+from conftest import digest, read_events, train_args, voxtui, worker, write_jsonl
 
 ROWS = [{"instruction": f"Which organ does condition {i} affect?", "output": f"Condition {i} affects organ {i % 5}."}
         for i in range(12)] + [{"instruction": f"증상 {i}번은 무엇인가요?", "output": f"증상 {i}번은 두통입니다."} for i in range(6)]
@@ -72,6 +72,10 @@ def test_incomplete_checkpoints_are_never_used(run, tmp_path):
     assert pick_checkpoint(copy, 3).name == "checkpoint-3"
     bad = voxtui("infer", "--run", copy, "--data", run[1], "--checkpoint", "9")
     assert bad.returncode == 2 and "no complete checkpoint-9" in bad.stderr
+    seed = tmp_path / "seed"  # the seed's layout: checkpoint-N straight in --output_dir
+    shutil.copytree(copy / "checkpoints" / "checkpoint-3", seed / "checkpoint-3")
+    shutil.copytree(half, seed / "checkpoint-9")
+    assert pick_checkpoint(seed, 3) == seed / "checkpoint-3" and pick_checkpoint(seed) == seed / "checkpoint-3"
 
 
 def test_our_loader_equals_peft_and_perplexity_is_direct(run, tiny_model):
@@ -124,9 +128,143 @@ def test_score_command(tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout)
     assert m["rougeL"] == pytest.approx((10 / 11 + 1.0) / 2) and m["exact_match"] == 0.5 and "perplexity" not in m
-    bad = write_jsonl(tmp_path / "b.jsonl", [{"prediction": "x", "output": "y"}, {"prediction": "x"}])
-    proc = voxtui("score", bad)
-    assert proc.returncode == 2 and ":2: missing_field: output" in proc.stderr
+    assert m["bad_rows"] == []
+
+
+def test_score_reports_bad_rows_and_scores_the_rest(tmp_path):
+    """Each bad row is named on stderr (line and why) and in the JSON; the good rows are scored."""
+    rows = [{"prediction": "the cat", "output": "the cat"},      # 1
+            {"prediction": "x"},                                  # 2 missing output
+            b"{oops",                                             # 3 not JSON
+            b"",                                                  # 4 blank: not a row
+            [1, 2],                                               # 5 not an object
+            {"prediction": 3, "output": "y"},                     # 6 prediction not a string
+            b'{"prediction": "caf\xe9", "output": "x"}',         # 7 not UTF-8
+            {"prediction": None, "output": "y"},                  # 8 null prediction
+            b"[" * 5000 + b"]" * 5000,                            # 9 nested too deeply
+            {"prediction": "a dog", "output": "the dog", "extra": {"k": [1]}}]  # 10
+    f = write_jsonl(tmp_path / "p.jsonl", rows)
+    before = digest(f)
+    proc = voxtui("score", f, "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert m["rows"] == 2 and m["exact_match"] == 0.5
+    assert [(b["line"], b["reason"]) for b in m["bad_rows"]] == [
+        (2, "missing_field"), (3, "invalid_json"), (5, "not_object"), (6, "wrong_type"), (7, "bad_encoding"),
+        (8, "missing_field"), (9, "invalid_json")]
+    assert all(b["detail"] for b in m["bad_rows"])
+    err = proc.stderr.splitlines()
+    assert err[0] == f"{f}:2: missing_field: output (a string) is needed" and len(err) == 7
+    assert f"{f}:6: wrong_type: prediction is a number, not a string" in err and "Traceback" not in proc.stderr
+    text = voxtui("score", f)
+    assert text.returncode == 0 and "skipped      7 bad row(s)" in text.stdout
+    assert digest(f) == before
+
+
+def test_score_without_a_scorable_row_exits_2(tmp_path):
+    for name, raw in (("empty.jsonl", b""), ("blank.jsonl", b"\n \r\n"),
+                      ("bad.jsonl", b'{"prediction": "x"}\nnope\n')):
+        f = write_jsonl(tmp_path / name, [], raw=raw)
+        proc = voxtui("score", f, "--json", tmp_path / "m.json")
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("voxtui: error: "), proc.stderr
+        assert f.read_bytes() == raw and not (tmp_path / "m.json").exists()
+    assert "2 bad row(s); line 1: missing_field" in proc.stderr
+    f = write_jsonl(tmp_path / "ok.jsonl", [{"prediction": "a", "output": "a"}])
+    same = voxtui("score", f, "--json", f)
+    assert same.returncode == 2 and "would overwrite the input" in same.stderr
+    assert json.loads(f.read_text()) == {"prediction": "a", "output": "a"}
+
+
+CHECK = """
+import contextlib, io, json, sys
+from engine.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+    out.append([rc, err.getvalue()])
+print(json.dumps({"results": out, "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_infer_checks_every_argument_before_importing_torch(run, tmp_path):
+    """A bad call of `voxtui infer` (or export) exits 2 with one line, before torch is ever imported."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out, val = run
+    broken = write_jsonl(tmp_path / "broken.jsonl", [ROWS[0], b"{oops", [1], ROWS[1]])
+    empty = write_jsonl(tmp_path / "empty.jsonl", [], raw=b"\n\n")
+    bad_cfg = tmp_path / "bad-config"
+    shutil.copytree(out, bad_cfg)
+    (bad_cfg / "config.toml").write_text("lr = [\n")
+    r, v = str(out), str(val)
+    cases = [
+        ([], "name the run: --run RUN"),
+        (["--run", str(tmp_path / "nope"), "--data", v], "no such run"),
+        (["--output_dir", str(tmp_path / "nope"), "--data", v], "no such folder"),
+        (["--run", r], "--data FILE is required"),
+        (["--run", r, "--data", str(tmp_path / "nope.jsonl")], "no such file"),
+        (["--run", r, "--data", str(tmp_path)], "is a folder"),
+        (["--run", r, "--data", str(broken)], f"{broken}:2: invalid_json"),
+        (["--run", r, "--data", str(empty)], "no rows"),
+        (["--run", r, "--data", v, "--checkpoint", "9"], "no complete checkpoint-9 (complete: 3, 6)"),
+        (["--run", r, "--data", v, "--checkpoint", "-1"], "--checkpoint must be a step"),
+        (["--run", r, "--data", v, "--checkpoint", "3", "--all-checkpoints"], "give one"),
+        (["--run", r, "--data", v, "--temperature", "2.5"], "--temperature must be in [0, 2] (got 2.5)"),
+        (["--run", r, "--data", v, "--temperature", "-0.1"], "--temperature must be in [0, 2]"),
+        (["--run", r, "--data", v, "--temperature", "nan"], "--temperature must be in [0, 2]"),
+        (["--run", r, "--data", v, "--top_p", "0"], "--top_p must be in (0, 1] (got 0.0)"),
+        (["--run", r, "--data", v, "--top_p", "1.01"], "--top_p must be in (0, 1]"),
+        (["--run", r, "--data", v, "--device", "gpu0"], "--device must be"),
+        (["--run", r, "--data", v, "--name", "../elsewhere"], "--name must be a plain folder name"),
+        (["--run", r, "--data", v, "--json", v], "would overwrite --data"),
+        (["--run", str(bad_cfg), "--data", v], "config.toml"),
+        (["--run", r, "--data", v, "--batch_size", "0"], "--batch_size: expected a number above 0"),
+        (["--run", r, "--data", v, "--max_new_tokens", "-5"], "--max_new_tokens: expected a number above 0"),
+    ]
+    export = [(["export", "--run", r, "--checkpoint", "9", "--merge", str(tmp_path / "m")], "no complete checkpoint-9"),
+              (["export", "--run", r, "--merge", str(val)], "exists and is not an empty folder")]
+    argv = [["infer", *a] for a, _ in cases] + [a for a, _ in export]
+    proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(argv)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    for (args, want), (rc, err) in zip(cases + export, got["results"]):
+        assert rc == 2, (args, rc, err)
+        assert want in err.splitlines()[-1], (args, err)
+        assert err.startswith("usage:") or err.count("\n") == 1, (args, err)  # argparse's own errors: usage + one line
+    assert not got["torch"] and not got["transformers"]
+    assert not (out / "infer" / "elsewhere").exists() and not (out.parent / "elsewhere").exists()
+    # and through the real command line
+    bare = voxtui("infer")
+    assert bare.returncode == 2 and bare.stderr == "voxtui: error: name the run: --run RUN (or the seed's --output_dir DIR)\n"
+
+
+def test_infer_started_by_the_engine_reports_a_bad_call(tmp_path):
+    """With --events (the engine started it), a bad call also arrives as an inference event, state failed."""
+    import zmq
+
+    from engine.protocol import event_decoder
+
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        proc = voxtui("infer", "--run", tmp_path / "gone", "--data", tmp_path / "v.jsonl", "--events",
+                      f"tcp://127.0.0.1:{port}")
+        assert proc.returncode == 2 and "no such run" in proc.stderr
+        assert pull.poll(10_000), "no event"
+        ev = event_decoder.decode(pull.recv())
+        assert ev.type == "inference" and ev.state == "failed" and "no such run" in ev.message
+    finally:
+        pull.close(linger=0)
 
 
 def test_run_inference_from_the_engine(tmp_path, tiny_model, run):
