@@ -26,7 +26,14 @@ import zmq
 
 from engine.daemon import sign
 from engine.protocol import Message, Reply, Request, event_decoder, reply_decoder
-from engine.runfolder import checkpoint_states, complete_checkpoints, engine_info, final_adapter, inference_results, inference_samples  # noqa: F401 (read-only run-folder views for clients)
+from engine.runfolder import (  # noqa: F401 (read-only run-folder views for clients)
+    checkpoint_states,
+    complete_checkpoints,
+    engine_info,
+    final_adapter,
+    inference_results,
+    inference_samples,
+)
 
 
 class EngineLost(ConnectionError):
@@ -34,13 +41,19 @@ class EngineLost(ConnectionError):
 
 
 def engine_alive(info: dict) -> bool:
+    """Whether the engine that wrote ``info`` (engine.json) runs: its pid exists, is not a zombie, and
+    is the same process (started before it wrote the file, so a reused pid does not count)."""
     import psutil
 
     pid = info.get("pid")
-    if not pid or "stopped" in info:
+    if not isinstance(pid, int) or pid <= 0 or "stopped" in info:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
+        started = info.get("started")
+        if isinstance(started, (int, float)) and proc.create_time() > started + 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 
@@ -52,10 +65,12 @@ class EngineClient:
         (``--listen``), as from another machine with a copy of engine.json."""
         path = Path(target)
         self.run_dir = path if path.is_dir() else path.parent
-        info_path = path / "engine.json" if path.is_dir() else path
-        self.info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        self.key = bytes.fromhex(self.info.get("key", ""))
-        self.endpoints = self.info.get("endpoints", {})
+        self.info = engine_info(self.run_dir) if path.is_dir() else _read_info(path)
+        try:
+            self.key = bytes.fromhex(str(self.info.get("key", "")))
+        except ValueError:
+            raise ValueError(f"{self.run_dir / 'engine.json'}: the key is not hex") from None
+        self.endpoints = self.info.get("endpoints", {}) if isinstance(self.info.get("endpoints"), dict) else {}
         self.curve = None
         if remote:
             r = self.info.get("remote")
@@ -65,6 +80,7 @@ class EngineClient:
             self.curve = r
         self.lost_after = lost_after
         self.request_timeout = request_timeout
+        self.command_attempts = 3  # a command unanswered in request_timeout is sent again, same id
         self.last = 0  # seq of the last event handed out
         self._ctx = zmq.Context.instance()
         self._sub = None
@@ -111,19 +127,27 @@ class EngineClient:
     def __exit__(self, *exc):
         self.close()
 
-    def _request(self, req: Request) -> tuple[Reply, list[bytes]]:
-        req.time = time.time()
-        req.nonce = secrets.token_hex(8)
-        payload = msgspec.json.encode(req)
-        self._dealer.send_multipart([b"", payload, sign(self.key, payload)])
-        if not self._dealer.poll(int(self.request_timeout * 1000)):
+    def _request(self, req: Request, attempts: int = 1) -> tuple[Reply, list[bytes]]:
+        """Send ``req`` and wait for its reply; after a timeout, send it again (a fresh nonce, the same
+        command id: the engine applies a command once and answers a retry with the first reply)."""
+        for attempt in range(attempts):
+            req.time = time.time()
+            req.nonce = secrets.token_hex(8)
+            payload = msgspec.json.encode(req)
+            self._dealer.send_multipart([b"", payload, sign(self.key, payload)])
+            if self._dealer.poll(int(self.request_timeout * 1000)):
+                break
             self._new_dealer()  # drop the unanswered request so a late reply cannot be mistaken for the next
-            raise EngineLost(f"no reply from the engine in {self.request_timeout:.0f} s")
+            if attempt == attempts - 1 or not (self.curve or engine_alive(self.info)):
+                raise EngineLost(f"no reply from the engine in {self.request_timeout * (attempt + 1):.0f} s")
         frames = self._dealer.recv_multipart()
         if frames and frames[0] == b"":
             frames = frames[1:]
         self._last_heard = time.monotonic()
-        return reply_decoder.decode(frames[0]), frames[1:]
+        try:
+            return reply_decoder.decode(frames[0]), frames[1:]
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError, IndexError) as e:
+            raise EngineLost(f"an unreadable reply from the engine ({type(e).__name__})") from None
 
     # ---- the API
     def history(self) -> list[Message]:
@@ -140,8 +164,11 @@ class EngineClient:
         while True:
             reply, lines = self._request(Request(op="history", after=after))
             if reply.status != "ok":
-                raise RuntimeError(reply.reason)
-            out.extend(event_decoder.decode(line) for line in lines)
+                raise EngineLost(f"history refused: {reply.reason}")
+            for line in lines:
+                ev = _decode_event(line)
+                if ev is not None:
+                    out.append(ev)
             after = reply.last
             if not reply.more or not lines:
                 return out
@@ -154,11 +181,8 @@ class EngineClient:
                 for line in f:
                     if not line.endswith(b"\n") or not line.strip():
                         continue  # a torn last line is not an event yet
-                    try:
-                        ev = event_decoder.decode(line)
-                    except msgspec.DecodeError:
-                        continue
-                    if ev.seq > after:
+                    ev = _decode_event(line)
+                    if ev is not None and ev.seq > after:
                         out.append(ev)
         return out
 
@@ -185,18 +209,21 @@ class EngineClient:
             wait = 250 if deadline is None else max(0, min(250, int((deadline - time.monotonic()) * 1000)))
             if self._sub.poll(wait):
                 while self._sub.poll(0):
-                    kind, data = self._sub.recv_multipart()
+                    frames = self._sub.recv_multipart()
                     self._last_heard = time.monotonic()
+                    if len(frames) != 2:
+                        continue  # not a message of this protocol: dropped
+                    kind, data = frames
                     top = max([self.last] + [e.seq for e in self._buffer])
                     if kind == b"ev":
-                        ev = event_decoder.decode(data)
-                        if ev.seq <= top:
-                            continue  # already have it
+                        ev = _decode_event(data)
+                        if ev is None or ev.seq <= top:
+                            continue  # unreadable, or already have it
                         if ev.seq > top + 1:  # a gap: the engine dropped messages for us; re-sync
                             self._buffer += self._history_after(top)
                         self._buffer.append(ev)
                     elif kind == b"hb":
-                        hb = json.loads(data)
+                        hb = _decode_heartbeat(data)
                         if hb.get("seq", 0) > top:  # events we never saw (missed while joining, or dropped)
                             self._buffer += self._history_after(top)
                         if hb.get("exiting"):
@@ -218,7 +245,7 @@ class EngineClient:
             return Reply(status="error", reason="the engine is not running")
         if not command.id:
             command.id = secrets.token_hex(8)
-        reply, _ = self._request(Request(op="command", command=command))
+        reply, _ = self._request(Request(op="command", command=command), attempts=self.command_attempts)
         return reply
 
     def status(self) -> Reply:
@@ -233,6 +260,32 @@ class EngineClient:
 
     async def asend(self, command) -> Reply:
         return await asyncio.to_thread(self.send, command)
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _decode_event(raw: bytes) -> Message | None:
+    """An event from bytes another process wrote, or None when they are not one (any decode failure)."""
+    try:
+        return event_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
+        return None
+
+
+def _decode_heartbeat(raw: bytes) -> dict:
+    try:
+        hb = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    if not isinstance(hb, dict) or not isinstance(hb.get("seq", 0), int):
+        return {}
+    return hb
 
 
 def list_runs(root: str | os.PathLike = "runs") -> list[dict]:

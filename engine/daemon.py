@@ -11,6 +11,7 @@ health of the run. It never imports Textual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from engine.events import last_seq
+from engine.events import last_seq, spooled_events
 from engine.protocol import (
     CLIENT_COMMANDS,
     PROTOCOL_VERSION,
@@ -46,6 +48,7 @@ from engine.protocol import (
     request_decoder,
     stamp,
 )
+from engine.runfolder import engine_info, pid_alive
 
 HEARTBEAT_S = 1.0
 MAX_CLIENT_MSG = 1 << 20
@@ -57,9 +60,53 @@ def sign(key: bytes, payload: bytes) -> bytes:
     return hmac.new(key, payload, "sha256").hexdigest().encode()
 
 
-def _endpoint(run_dir: Path, name: str) -> str:
-    path = (run_dir / f"{name}.sock").resolve()
-    return f"ipc://{path}" if len(str(path)) < 100 else "tcp://127.0.0.1:*"
+def decode(decoder: msgspec.json.Decoder, raw: bytes):
+    """``(message, None)`` or ``(None, reason)``: the one guard around every decode of bytes that came
+    from another process (any decode failure, not only the expected one, is an answer, never a crash)."""
+    try:
+        return decoder.decode(raw), None
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+        return None, f"{type(e).__name__}: {e}"[:300]
+
+
+SOCKET_BASES = ("/tmp", tempfile.gettempdir())
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """A private folder (0700, owned by this user) with a short path for this engine's Unix sockets:
+    ``/tmp/voxtui-<uid>/<pid>-XXXX/``. Other users can neither connect nor read the sockets, whatever the
+    run folder's path; the folder is removed when the engine closes, and stale ones of dead engines at
+    start. (Not $XDG_RUNTIME_DIR: logind removes it when the SSH session that started the engine ends.)"""
+    import stat
+
+    uid = os.getuid()
+    bases = [Path(b) / f"voxtui-{uid}" for b in dict.fromkeys(SOCKET_BASES)] + [run_dir / ".sockets"]
+    for base in bases:
+        try:
+            base.mkdir(mode=0o700, parents=False, exist_ok=True)
+            st = os.lstat(base)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue  # a symlink or someone else's folder: not ours to trust
+            if st.st_mode & 0o077:
+                os.chmod(base, 0o700)
+            _remove_stale_socket_dirs(base)
+            path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))  # mkdtemp makes it 0700
+            if len(str(path / "w-control.sock")) < 100:
+                return path
+            os.rmdir(path)
+        except OSError:
+            continue
+    raise RuntimeError("no private folder with a short path for the engine's sockets (tried "
+                       + ", ".join(map(str, bases)) + ")")
+
+
+def _remove_stale_socket_dirs(base: Path) -> None:
+    import psutil
+
+    for d in base.iterdir():
+        pid = d.name.split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
@@ -67,7 +114,51 @@ def _bind(sock: zmq.Socket, endpoint: str) -> str:
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
+def _write_private_json(path: Path, obj: dict) -> None:
+    """Atomically, readable by this user only (engine.json holds the key)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """A line cut short when the last writer was killed was never stored nor published: drop it, so
+    the next event starts on a line of its own."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            nl = f.read(step).rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos + nl + 1)
+                return
+        f.truncate(0)
+
+
+def _printable(text: str) -> str:
+    """Text from a run, safe to print on a terminal: control characters (ANSI escapes among them) shown
+    as escapes."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _one_line(ev) -> str | None:
+    line = _describe(ev)
+    return _printable(line) if line is not None else None
+
+
+def _describe(ev) -> str | None:
     match ev.type:
         case "status":
             return f"[{ev.state}] {ev.message}".rstrip()
@@ -163,12 +254,26 @@ class Engine:
         self.exit_code = 0
         self.echo = False  # print a line per notable event (foreground `voxtui run`)
         self.infer_procs: list[subprocess.Popen] = []
+        self.relayed: dict[str, int] = {}  # worker id → the highest wseq stored from it
+        self.bad_worker_messages = 0
+        self.kill_at: float | None = None  # SIGTERM sent to the workers: SIGKILL what is left at this time
+        self.dying: list = []
+        self.final_status: Status | None = None  # the workers' finished / failed status
+        self.final_at = float("inf")
+        self.failed_message = ""  # set when the engine itself calls the run failed (a rank died)
+        self._watcher = None
+        self.auth = None
+        self.sockets: Path | None = None
+        self._gpu_count: int | None = None
+        self.events_file = None
+        self.pull = self.wpub = self.pub = self.router = self.remote_pub = self.remote_router = None
 
     # ---- setup
     def open(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        previous = engine_info(self.run_dir)
         self.events_path = self.run_dir / "events.jsonl"
+        _cut_torn_tail(self.events_path)
         self.seq = last_seq(self.events_path)
         self.offsets = self._index()
         self.events_file = open(self.events_path, "ab")
@@ -182,22 +287,60 @@ class Engine:
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_CLIENT_MSG)
         for s in (self.pull, self.wpub, self.pub, self.router):
             s.setsockopt(zmq.LINGER, 0)
-        self.endpoints = {
-            "events": _bind(self.pub, _endpoint(self.run_dir, "events")),
-            "control": _bind(self.router, _endpoint(self.run_dir, "control")),
-            "worker_events": _bind(self.pull, _endpoint(self.run_dir, "w-events")),
-            "worker_control": _bind(self.wpub, _endpoint(self.run_dir, "w-control")),
-        }
-        self.remote_pub = self.remote_router = None
+        self.sockets = socket_dir(self.run_dir)
+        self.endpoints = {name: _bind(sock, f"ipc://{self.sockets / name}.sock") for name, sock in (
+            ("events", self.pub), ("control", self.router), ("worker_events", self.pull),
+            ("worker_control", self.wpub))}
         info = {"pid": os.getpid(), "run": self.run, "host": socket.gethostname(), "version": PROTOCOL_VERSION,
                 "started": time.time(), "key": self.key.hex(), "endpoints": self.endpoints, "nproc": self.nproc}
         if self.listen:
             info["remote"] = self._listen_remote(ctx)
-        tmp = self.run_dir / ".engine.json.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f, indent=2)
-        os.replace(tmp, self.run_dir / "engine.json")
+        self._recover(previous)
+        _write_private_json(self.run_dir / "engine.json", info)
+
+    def _recover(self, previous: dict) -> None:
+        """After an engine that ended without closing (killed, machine lost): record that, then store the
+        events its workers kept in their spool and it never stored, in their order."""
+        from engine.events import read_spool
+
+        crashed = previous.get("pid") and "stopped" not in previous and previous.get("pid") != os.getpid()
+        pending = self._spooled(read_spool(self.spool_dir))
+        if crashed:
+            self.emit(Alert(level="error", kind="engine_lost",
+                            message=f"the previous engine (pid {previous['pid']}) ended without closing (killed?) "
+                                    f"after event {self.seq}; {len(pending)} event(s) its workers kept are stored "
+                                    "below"))
+        for ev in pending:
+            self.emit(ev, relay=True)
+        if pending:
+            os.fsync(self.events_file.fileno())
+        self._prune_spool(final=True)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.run_dir / "spool"
+
+    def _spooled(self, spool: dict) -> list:
+        return spooled_events(self.events_path, spool, self.relayed)
+
+    def _prune_spool(self, final: bool = False) -> None:
+        """Delete spool files whose events are all stored: every file but a worker's newest while it
+        runs; at the end (``final``), the newest too, once its events are stored (or stored now)."""
+        from engine.events import read_spool, spool_worker_pid
+
+        spool = read_spool(self.spool_dir)
+        if final:
+            for ev in self._spooled({w: f for w, f in spool.items() if not pid_alive(spool_worker_pid(w))}):
+                self.emit(ev, relay=True)  # sent while nobody read, or dropped in transit: stored now
+        for worker, files in spool.items():
+            stored = self.relayed.get(worker, 0)
+            done_with = not pid_alive(spool_worker_pid(worker)) and final
+            for (_, path), nxt in zip(files, [f for f, _ in files[1:]] + [None]):
+                if (nxt is not None and nxt - 1 <= stored) or done_with:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        with contextlib.suppress(OSError):
+            self.spool_dir.rmdir()  # only when empty
 
     def _listen_remote(self, ctx) -> dict:
         """Client sockets on ``--listen tcp://HOST:PORT`` (PORT for events, PORT+1 for control), always
@@ -257,8 +400,13 @@ class Engine:
                                                        f"with {self.nproc} rank(s)"))
 
     # ---- events
-    def emit(self, event) -> None:
-        """Number, store (flushed) and publish one event."""
+    def emit(self, event, relay: bool = False) -> None:
+        """Number, store (flushed) and publish one event (``relay``: one a worker sent, whose worker id and
+        count are kept so that its spool is replayed once)."""
+        if relay and event.worker:
+            self.relayed[event.worker] = max(self.relayed.get(event.worker, 0), event.wseq)
+        elif not relay:
+            event.worker, event.wseq = "", 0
         self.seq += 1
         data = event_encoder.encode(stamp(event, self.seq, self.run))
         self.offsets.append(self.events_file.tell())
@@ -281,18 +429,24 @@ class Engine:
                     pass
 
     def on_worker_event(self, raw: bytes) -> None:
-        try:
-            ev = event_decoder.decode(raw)
-        except msgspec.DecodeError:
+        ev, why = decode(event_decoder, raw)
+        if ev is None:
+            self.bad_worker_messages += 1
+            if self.bad_worker_messages <= 10 or self.bad_worker_messages % 1000 == 0:
+                print(f"engine: dropped an undecodable worker message ({self.bad_worker_messages} so far): {why}",
+                      file=sys.stderr, flush=True)
             return
-        ev.time = ev.time or time.time()
+        if ev.worker and ev.wseq <= self.relayed.get(ev.worker, 0):
+            return  # already stored (replayed from the worker's spool)
+        ev.time = ev.time if ev.time > 0 else time.time()
         if ev.type == "ack":
             self.unacked.pop(ev.id, None)
         if ev.type == "step":
             self.last_step_time = time.monotonic()
         if ev.type == "status" and ev.state in ("finished", "failed"):
             self.final_status = ev  # the run's outcome, checked again once torchrun has exited
-        self.emit(ev)
+            self.final_at = time.monotonic()
+        self.emit(ev, relay=True)
         alerts = self.health.step(ev) if ev.type == "step" else self.health.telemetry(ev) if ev.type == "telemetry" else []
         for a in alerts:
             self.emit(a)
@@ -332,24 +486,18 @@ class Engine:
         payload, signature = body
         if not hmac.compare_digest(sign(self.key, payload), signature):
             return reply(Reply(status="error", reason="unauthenticated: bad signature"))
-        try:
-            req = request_decoder.decode(payload)
-        except msgspec.DecodeError as e:
-            return reply(Reply(status="error", reason=f"malformed request: {e}"))
-        if abs(time.time() - req.time) > REPLAY_WINDOW_S:
-            return reply(Reply(status="error", reason="stale request (clock skew or replay)"))
-        if req.nonce:
-            if req.nonce in self.nonces and req.op != "command":
-                return reply(Reply(status="error", reason="replayed request"))
-            self.nonces[req.nonce] = time.time()
-            while len(self.nonces) > 10_000:
-                self.nonces.popitem(last=False)
+        req, why = decode(request_decoder, payload)
+        if req is None:
+            return reply(Reply(status="error", reason=f"malformed request: {why}"))
+        problem = self._check_request(req)
+        if problem:
+            return reply(Reply(status="error", reason=problem))
         match req.op:
             case "history":
                 limit = max(1, min(req.limit, 5000))
                 after = max(0, req.after)
                 lines = self._read_events(after, limit)
-                last = after + len(lines)
+                last = min(after, self.seq) + len(lines)
                 reply(Reply(status="ok", last=last, more=last < self.seq, state=self.state), lines)
             case "status":
                 reply(Reply(status="ok", last=self.seq, state=self.state))
@@ -357,6 +505,23 @@ class Engine:
                 reply(self.on_command(req.command))
             case _:
                 reply(Reply(status="error", reason=f"unknown op {req.op!r}"))
+
+    def _check_request(self, req) -> str:
+        """Why a signed request is refused ('' when it is not): version, freshness, a nonce used once."""
+        if req.v != PROTOCOL_VERSION or (req.command is not None and req.command.v != PROTOCOL_VERSION):
+            return f"unsupported protocol version (this engine speaks v={PROTOCOL_VERSION})"
+        now = time.time()
+        if not abs(now - req.time) <= REPLAY_WINDOW_S:  # also refuses NaN
+            return "stale request (clock skew or replay)"
+        if not 8 <= len(req.nonce) <= 64:
+            return "a request needs a nonce: a fresh string of 8 to 64 characters"
+        if req.nonce in self.nonces:
+            return "replayed request"
+        while self.nonces and (len(self.nonces) >= 100_000
+                               or now - next(iter(self.nonces.values())) > 2 * REPLAY_WINDOW_S):
+            self.nonces.popitem(last=False)  # older than any request the clock check still admits
+        self.nonces[req.nonce] = now
+        return ""
 
     def _read_events(self, after: int, limit: int) -> list[bytes]:
         if after >= self.seq:
@@ -433,16 +598,18 @@ class Engine:
         return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=self.state)
 
     def inference_device(self) -> str:
-        """A GPU that training does not use, else the CPU (so inference never starves training)."""
-        try:
-            import pynvml
+        """A GPU that training does not use, else the CPU (so inference never starves training). NVML is
+        asked once."""
+        if self._gpu_count is None:
+            try:
+                import pynvml
 
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            pynvml.nvmlShutdown()
-        except Exception:
-            count = 0
-        return f"cuda:{self.nproc}" if count > self.nproc else "cpu"
+                pynvml.nvmlInit()
+                self._gpu_count = pynvml.nvmlDeviceGetCount()
+                pynvml.nvmlShutdown()
+            except Exception:
+                self._gpu_count = 0
+        return f"cuda:{self.nproc}" if self._gpu_count > self.nproc else "cpu"
 
     # ---- supervision
     def _descendants(self) -> list:
@@ -468,24 +635,28 @@ class Engine:
                     continue
                 if "RANK" in env and p.ppid() == self.proc.pid:
                     self.ranks[int(env["RANK"])] = p.pid
-            final = getattr(self, "final_status", None)
+            final = self.final_status
             if not self.stopping and not self.rank_alerted and (final is None or final.state == "failed"):
                 now = time.monotonic()
                 self._watch_ranks()
                 if self.gone:
                     # the rank that went first is at fault; a rank that ends normally is followed at once
-                    # by the run's final status, so wait briefly for one before calling it a death
+                    # by the run's final status, so wait briefly for one before calling it a death. A rank
+                    # that leaves after the workers reported their failure (with its reason) did not die.
                     rank = min(self.gone, key=lambda r: (self.gone[r], r))
-                    if now - self.gone[rank] > 3.0 or (final is not None and final.state == "failed"):
+                    before_final = final is None or self.gone[rank] < self.final_at
+                    if before_final and (now - self.gone[rank] > 3.0 or final is not None):
                         self.rank_alerted = True
                         self.emit(Alert(level="error", kind="rank_died", rank=rank,
                                         message=f"rank {rank} (pid {self.ranks[rank]}) exited unexpectedly; "
                                                 "stopping the other ranks"))
                         self.failed_message = f"rank {rank} died"
-                        self.kill_workers()
+                        self.kill_workers(wait=False)
+            self._reap()
             if self.stopping and time.monotonic() > self.stop_deadline:
+                self.stop_deadline = float("inf")
                 self.emit(Alert(level="warning", kind="stop_timeout", message="workers did not stop in time: killing them"))
-                self.kill_workers()
+                self.kill_workers(wait=False)
             if (not self.stopping and self.state == "running"
                     and time.monotonic() - self.last_step_time > self.stall_timeout):
                 self.last_step_time = time.monotonic()
@@ -496,8 +667,10 @@ class Engine:
         self.infer_procs = [p for p in self.infer_procs if p.poll() is None]
         if self.infer_procs:
             return True  # inference jobs started from this run finish before the engine leaves
-        final = getattr(self, "final_status", None)
-        failed = getattr(self, "failed_message", None)
+        self._drain()
+        self._prune_spool(final=True)  # events that never reached this engine are stored now, in order
+        final = self.final_status
+        failed = self.failed_message
         if failed:
             self.emit(Status(state="failed", message=failed))
             self.exit_code = 1
@@ -516,7 +689,7 @@ class Engine:
 
         import psutil
 
-        if getattr(self, "_watcher", None) is not None or len(self.ranks) < self.nproc:
+        if self._watcher is not None or len(self.ranks) < self.nproc:
             return
 
         def watch():
@@ -542,32 +715,40 @@ class Engine:
         self._watcher = threading.Thread(target=watch, name="voxtui-rank-watch", daemon=True)
         self._watcher.start()
 
-    def kill_workers(self, grace: float = 5.0) -> None:
-        """SIGTERM torchrun and every descendant, then SIGKILL what is left after ``grace``."""
+    def kill_workers(self, grace: float = 5.0, wait: bool = True) -> None:
+        """SIGTERM torchrun, every descendant and every rank seen, then SIGKILL what is left after ``grace``:
+        here (``wait``), or from the loop (``_reap``), which never blocks on it."""
         import psutil
 
         procs = self._descendants()
-        try:
-            procs.append(psutil.Process(self.proc.pid))
-        except psutil.Error:
-            pass
+        for pid in [self.proc.pid, *self.ranks.values()]:
+            with contextlib.suppress(psutil.Error):
+                if all(p.pid != pid for p in procs):
+                    procs.append(psutil.Process(pid))
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=grace)
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
+        self.dying, self.kill_at = procs, time.monotonic() + grace
+        if wait:
+            _, alive = psutil.wait_procs(procs, timeout=grace)
+            self.kill_at = time.monotonic()
+            self._reap()
+            psutil.wait_procs(alive, timeout=grace)
+            if self.proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=grace)
+
+    def _reap(self) -> None:
+        """SIGKILL the processes told to end that are still there past their grace."""
+        import psutil
+
+        if self.kill_at is None or time.monotonic() < self.kill_at:
+            return
+        for p in self.dying:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+        self.kill_at = None
 
     # ---- main loop
     def serve(self) -> int:
@@ -583,24 +764,27 @@ class Engine:
         next_check = 0.0
         running = True
         disk_check = 0.0
+        spool_check = 0.0
         while running:
             for sock, _ in poller.poll(100):
                 if sock is self.pull:
                     for _ in range(1000):
                         try:
-                            self.on_worker_event(self.pull.recv(zmq.NOBLOCK))
+                            raw = self.pull.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        self._guarded(self.on_worker_event, raw)
                 else:  # the local or the remote (CURVE) ROUTER
                     for _ in range(100):
                         try:
-                            self.on_request(sock.recv_multipart(zmq.NOBLOCK), sock)
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                        self._guarded(self.on_request, frames, sock)
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.25
-                running = self.supervise()
+                running = self._guarded(self.supervise, default=True)
             if now >= next_tick:
                 next_tick = now + HEARTBEAT_S
                 self._publish([b"hb", json.dumps({"seq": self.seq, "state": self.state, "time": time.time()}).encode()])
@@ -612,17 +796,42 @@ class Engine:
                         self.wpub.send(data)  # the workers ignore ids they have applied
                 if now >= disk_check:
                     disk_check = now + 30
-                    self._check_disk()
-        # drain what the workers sent last, then say goodbye
-        while True:
-            try:
-                self.on_worker_event(self.pull.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                break
+                    self._guarded(self._check_disk)
+                if now >= spool_check:
+                    spool_check = now + 30
+                    self._guarded(self._prune_spool)
+                    self._guarded(self._touch_sockets)
         self._publish([b"hb", json.dumps({"seq": self.seq, "state": self.state, "time": time.time(),
                                           "exiting": True}).encode()])
-        time.sleep(0.3)
+        time.sleep(0.1)
         return self.exit_code
+
+    def _guarded(self, fn, *args, default=None):
+        """One message or check that fails unexpectedly is logged (engine.log) and skipped; the engine,
+        and with it the run, keeps going."""
+        try:
+            return fn(*args)
+        except Exception:
+            import traceback
+
+            print(f"engine: {getattr(fn, '__name__', fn)} failed (the engine keeps serving):", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            return default
+
+    def _drain(self) -> None:
+        """Store what the workers sent last."""
+        while True:
+            try:
+                raw = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._guarded(self.on_worker_event, raw)
+
+    def _touch_sockets(self) -> None:
+        """Keep /tmp cleaners (systemd-tmpfiles ages files by their times) away from a long run's sockets."""
+        for p in [self.sockets, *self.sockets.iterdir()]:
+            os.utime(p)
 
     def _check_disk(self) -> None:
         usage = shutil.disk_usage(self.run_dir)
@@ -631,25 +840,22 @@ class Engine:
                             message=f"{usage.free / 2**30:.1f} GiB free on the run's disk"))
 
     def close(self) -> None:
-        if getattr(self, "_watcher", None) is not None:
+        if self._watcher is not None:
             self._watch_stop.set()
-        self.events_file.close()
+        if self.events_file is not None:
+            self.events_file.close()
         for s in (self.pull, self.wpub, self.pub, self.router, self.remote_pub, self.remote_router):
             if s is not None:
                 s.close()
-        if getattr(self, "auth", None) is not None:
+        if self.auth is not None:
             self.auth.stop()
-        try:
-            info = json.loads((self.run_dir / "engine.json").read_text())
-            info["stopped"] = time.time()
-            info["state"] = self.state
-            tmp = self.run_dir / ".engine.json.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f, indent=2)
-            os.replace(tmp, self.run_dir / "engine.json")
-        except (OSError, ValueError):
-            pass
+        if self.sockets is not None:
+            shutil.rmtree(self.sockets, ignore_errors=True)
+        info = engine_info(self.run_dir)
+        if info.get("pid") == os.getpid():
+            info.update(stopped=time.time(), state=self.state)
+            with contextlib.suppress(OSError):
+                _write_private_json(self.run_dir / "engine.json", info)
 
 
 class _AllowKeys:
@@ -674,12 +880,12 @@ def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_
 
 def run_engine(run_dir: Path, nproc: int, resume: bool, alert_action: str = "warn",
                stall_timeout: float = 600.0, echo: bool = False, nnodes: int = 1, rdzv_endpoint: str = "",
-               listen: str = "") -> int:
+               listen: str = "", worker_cmd: list[str] | None = None) -> int:
     engine = Engine(run_dir, nproc, resume, stall_timeout=stall_timeout, alert_action=alert_action, nnodes=nnodes,
-                    rdzv_endpoint=rdzv_endpoint, listen=listen)
+                    rdzv_endpoint=rdzv_endpoint, listen=listen, worker_cmd=worker_cmd)
     engine.echo = echo
-    engine.open()
     try:
+        engine.open()
         engine.spawn()
         return engine.serve()
     finally:
@@ -700,16 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default="", help="tcp://HOST:PORT for clients on other machines (CURVE)")
     p.add_argument("--worker_cmd", default="", help=argparse.SUPPRESS)  # JSON list: a stand-in worker (benchmarks)
     a = p.parse_args(argv)
-    if a.worker_cmd:
-        engine = Engine(Path(a.run_dir), a.nproc, worker_cmd=json.loads(a.worker_cmd))
-        engine.open()
-        try:
-            engine.spawn()
-            return engine.serve()
-        finally:
-            engine.close()
     return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, nnodes=a.nnodes,
-                      rdzv_endpoint=a.rdzv_endpoint, listen=a.listen)
+                      rdzv_endpoint=a.rdzv_endpoint, listen=a.listen,
+                      worker_cmd=json.loads(a.worker_cmd) if a.worker_cmd else None)
 
 
 if __name__ == "__main__":

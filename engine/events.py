@@ -126,6 +126,77 @@ def read_spool(folder: Path) -> dict[str, list[tuple[int, Path]]]:
     return out
 
 
+def stored_wseq(events_path: Path, worker: str) -> int:
+    """The highest ``wseq`` of ``worker`` in events.jsonl (0 if none), read backwards until found."""
+    if not events_path.exists():
+        return 0
+    needle = b'"worker":' + json.dumps(worker).encode()
+    for line in lines_backwards(events_path):
+        if needle in line:
+            ev = decode_event(line)
+            if ev is not None and ev.worker == worker:
+                return ev.wseq
+    return 0
+
+
+def spooled_events(events_path: Path, spool: dict[str, list[tuple[int, Path]]], stored: dict[str, int]) -> list:
+    """The spooled events not yet in events.jsonl (``stored``: worker → highest wseq stored, filled in
+    from the file where missing), merged by time with each worker's own order kept."""
+    import heapq
+
+    streams = []
+    for worker, files in spool.items():
+        if worker not in stored:
+            stored[worker] = stored_wseq(events_path, worker)
+        mine = []
+        for _, path in files:
+            try:
+                lines = path.read_bytes().split(b"\n")
+            except OSError:
+                continue
+            for line in lines:
+                ev = decode_event(line) if line.strip() else None
+                if ev is not None and ev.worker == worker and ev.wseq > stored[worker]:
+                    mine.append(ev)
+        mine.sort(key=lambda e: e.wseq)
+        streams.append(mine)
+    return list(heapq.merge(*streams, key=lambda e: e.time))
+
+
+def lines_backwards(path: Path, block: int = 1 << 20):
+    """The complete lines of a file, last first (a torn last line, with no newline yet, is skipped)."""
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        buf = b""
+        torn = True  # what follows the last newline is not a line yet
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            lines = (f.read(step) + buf).split(b"\n")
+            buf = lines.pop(0)  # its start may lie in the block before
+            if torn and lines:
+                lines.pop()
+                torn = False
+            for line in reversed(lines):
+                if line.strip():
+                    yield line
+        if not torn and buf.strip():
+            yield buf
+
+
+def decode_event(raw: bytes) -> Message | None:
+    """An event from bytes another process wrote, or None when they are not one (any decode failure)."""
+    import msgspec
+
+    from engine.protocol import event_decoder
+
+    try:
+        return event_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
+        return None
+
+
 def spool_worker_pid(worker: str) -> int | None:
     """The pid in a worker id made by ``worker_id()`` (``<host>-<pid>-<start>``)."""
     parts = worker.rsplit("-", 2)

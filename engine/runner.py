@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from engine.config import TrainConfig, read_toml, resolve, write_config
+from engine.runfolder import engine_info, pid_alive
 from engine.util import UsageError, write_json
 
 RUNS = Path("runs")
@@ -23,11 +24,7 @@ def find_run(name: str) -> Path:
     raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
 
 
-def engine_info(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "engine.json").read_text())
-    except (OSError, ValueError):
-        return {}
+FINAL = ("finished", "failed")
 
 
 def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
@@ -51,32 +48,41 @@ def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
 
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
           skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
-    """Create (or reopen) the run folder, run preflight, start the engine."""
-    from engine.client import engine_alive
+    """Run preflight, then create (or reopen) the run folder and start the engine. A no-go creates
+    nothing; an existing folder keeps its permissions (a new one is made 0700)."""
     from engine.preflight import preflight, render
 
     run_dir = resume_dir or Path(cfg.output_dir or RUNS / time.strftime("%Y%m%d-%H%M%S"))
     if resume_dir is None and (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir}: already holds a run (continue it with --resume {run_dir})")
-    if engine_alive(engine_info(run_dir)):
-        raise UsageError(f"{run_dir}: its engine is running (pid {engine_info(run_dir)['pid']})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: not a folder")
+    wait_for_previous(run_dir)
     cfg.output_dir = str(run_dir)
     cfg.engine = ""
-    write_config(cfg, run_dir / "config.toml")
     if not skip_preflight:
         report = report or preflight(cfg, str(run_dir / "config.toml"))
-        write_json(run_dir / "preflight.json", report)
         if report["verdict"] == "no-go":
             print(render(report), file=sys.stderr)
-            print(f"voxtui: preflight says no-go; nothing started (report: {run_dir / 'preflight.json'})", file=sys.stderr)
+            print("voxtui: preflight says no-go; nothing started" + (
+                "" if resume_dir else f", no run folder made ({run_dir})"), file=sys.stderr)
+            if resume_dir:
+                write_json(run_dir / "preflight.json", report)
             return 1
         for c in report["checks"]:
             if c["level"] in ("warn", "fail"):
                 print(f"preflight {c['level']}: {c['message']}", file=sys.stderr)
-    if nnodes > 1 and not rdzv_endpoint:
-        raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
+    if not run_dir.exists():
+        run_dir.mkdir(mode=0o700, parents=True)
+    elif resume_dir is None and run_dir.stat().st_mode & 0o077:
+        print(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so are the "
+              f"events and checkpoints written in it (engine.json is 0600 and the sockets live in a private "
+              f"folder); `chmod 700 {run_dir}` keeps them private", file=sys.stderr)
+    write_config(cfg, run_dir / "config.toml")
+    if report is not None:
+        write_json(run_dir / "preflight.json", report)
     args = ["--nproc", str(cfg.nproc), "--alert_action", cfg.alert_action] + (["--resume"] if resume_dir else [])
     if listen:
         args += ["--listen", listen]
@@ -101,6 +107,35 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                       rdzv_endpoint=rdzv_endpoint, listen=listen)
 
 
+def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
+    """Before a run folder gets a new engine: its old engine must be gone (one that is only finishing is
+    waited for), and so must workers that outlived it (they save and stop within about 30 s of losing it)."""
+    from engine.client import engine_alive
+    from engine.events import read_spool, spool_worker_pid
+
+    def busy() -> str:
+        info = engine_info(run_dir)
+        if engine_alive(info):
+            return f"its engine (pid {info['pid']})"
+        pids = [p for p in map(spool_worker_pid, read_spool(run_dir / "spool")) if pid_alive(p)]
+        return f"workers of its last engine (pid {', '.join(map(str, pids))})" if pids else ""
+
+    what = busy()
+    if not what:
+        return
+    last = _last(run_dir, "status")
+    if what.startswith("its engine") and not (last and last.get("state") in FINAL):
+        raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {run_dir})")
+    print(f"{run_dir}: waiting for {what} to exit…", file=sys.stderr)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        what = busy()
+        if not what:
+            return
+    raise UsageError(f"{run_dir}: {what} still running after {timeout:.0f} s")
+
+
 def cmd_run(args) -> int:
     if args.resume:
         run_dir = find_run(args.resume)
@@ -115,42 +150,70 @@ def cmd_run(args) -> int:
                  rdzv_endpoint=args.rdzv_endpoint, listen=args.listen)
 
 
-def _tail_events(run_dir: Path, limit: int = 400) -> list[dict]:
+def _last(run_dir: Path, kind: str) -> dict | None:
+    """The last event of one type in events.jsonl, read backwards (however many others follow it)."""
+    from engine.events import lines_backwards
+
     path = run_dir / "events.jsonl"
     if not path.exists():
-        return []
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 256 * 1024))
-        lines = f.read().split(b"\n")[-limit:]
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+        return None
+    needle = f'"type":"{kind}"'.encode()  # the tag comes first; inside a JSON string a quote is escaped
+    for line in lines_backwards(path):
+        if needle in line:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("type") == kind:
+                return ev
+    return None
+
+
+def _spooled(run_dir: Path) -> list:
+    """Events the workers kept while no engine stored them (replayed by the next engine)."""
+    from engine.events import read_spool, spooled_events
+
+    spool = read_spool(run_dir / "spool")
+    return spooled_events(run_dir / "events.jsonl", spool, {}) if spool else []
 
 
 def summary(run_dir: Path) -> dict:
+    """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
+    window of recent events. States: new, starting, running, paused, stopping, finished (all steps, or
+    early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
+    continues it)."""
     from engine.client import engine_alive
+    from engine.runfolder import latest_checkpoint
 
-    events = _tail_events(run_dir)
     info = engine_info(run_dir)
     alive = engine_alive(info)
-    state = next((e["state"] for e in reversed(events) if e.get("type") == "status"), "new")
-    if not alive and state in ("starting", "running", "paused", "stopping"):
-        state = "crashed" if info else state  # the engine died without a final status
-    step = next((e for e in reversed(events) if e.get("type") == "step"), {})
+    status, step = _last(run_dir, "status"), _last(run_dir, "step")
+    if not alive:
+        for ev in _spooled(run_dir):  # what the workers did after their engine went away
+            if ev.type == "status":
+                status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
+            elif ev.type == "step":
+                step = {"step": ev.step, "loss": ev.loss}
+    state = status.get("state", "new") if status else "new"
+    outcome = status.get("outcome", "") if status else ""
+    if state == "finished" and outcome == "stopped":
+        state = "stopped"
+    elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
+                                                                and (state != "new" or info)):
+        state = "crashed"  # the engine died before the run ended
+    elif state == "new" and alive:
+        state = "starting"
     cfg = {}
     try:
         cfg = read_toml(run_dir / "config.toml")
     except UsageError:
         pass
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
     mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
-    return {"run": run_dir.name, "path": str(run_dir), "state": state, "engine_pid": info.get("pid") if alive else None,
-            "step": step.get("step", 0), "loss": step.get("loss"), "model": cfg.get("model_id", ""),
+    return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
+            "message": (status or {}).get("message", ""), "engine_pid": info.get("pid") if alive else None,
+            "step": (step or {}).get("step", 0), "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
+            "checkpoint": str(ckpt) if ckpt else None,
             "age_s": round(time.time() - mtime, 1) if mtime else None}
 
 

@@ -110,26 +110,43 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
 
 
 def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
+    """Steps trained while no engine listens are kept (the workers' spool) and stored, in order, by the
+    next engine, after an event that records the crash; every command reports the true state."""
     run = start_detached(tiny_model, tmp_path / "runs", "orphan", train_file, max_steps=100000, save_steps=0,
                          env={"VOXTUI_ENGINE_TIMEOUT": "4"})
     info = json.loads((run / "engine.json").read_text())
-    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
+    assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "running"
     workers = descendants_of(info["pid"])
     os.kill(info["pid"], signal.SIGKILL)
+    stored_before = max(e["step"] for e in read_events(run) if e["type"] == "step")
     # the workers notice the engine is gone, save at the next step boundary, and exit
     wait_for(lambda: gone(workers), timeout=90)
     from engine.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt is not None
-    assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "crashed"
     step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert step > stored_before  # they trained on for a few steps with nobody listening
+    status = json.loads(voxtui("engine", "status", run, "--json", "-").stdout)
+    assert status["state"] == "crashed" and status["step"] == step and status["checkpoint"] == str(ckpt)
+    assert "crashed" in voxtui("engine", "list", "--runs", run.parent, check=True).stdout
     proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "finished", timeout=180)
     events = read_events(run)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert max(e["step"] for e in events if e["type"] == "step") == step + 3
+    lost = next(i for i, e in enumerate(events) if e["type"] == "alert" and e["kind"] == "engine_lost")
+    assert all(e["type"] != "step" or e["step"] <= stored_before for e in events[:lost])
+    orphaned = [e for e in events[lost:] if e.get("worker") == events[lost + 1]["worker"]]
+    assert [e["step"] for e in orphaned if e["type"] == "step"] == list(range(stored_before + 1, step + 1))
+    assert [e["wseq"] for e in orphaned] == sorted(e["wseq"] for e in orphaned)
+    assert orphaned[-1]["type"] == "status" and orphaned[-1]["outcome"] == "engine_lost"
+    trained = {e["step"] for e in events if e["type"] == "step"}
+    assert trained == set(range(1, step + 4))  # every trained step is in the record
+    assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "finished"
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
+    assert not (run / "spool").exists()  # stored, then removed
 
 
 def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, train_file):
@@ -145,12 +162,12 @@ def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, t
         assert sock.poll(5000), "the engine did not answer"
         return reply_decoder.decode(sock.recv_multipart()[1])
 
-    good = msgspec.json.encode(Request(op="status", time=time.time(), nonce="n1"))
+    good = msgspec.json.encode(Request(op="status", time=time.time(), nonce="nonce-0001"))
     assert ask(good, b"0" * 64).reason.startswith("unauthenticated")
     assert ask(good).status == "error"  # a missing signature frame
     assert ask(good, sign(key, good)).status == "ok"
     assert ask(good, sign(key, good)).reason == "replayed request"
-    stale = msgspec.json.encode(Request(op="status", time=time.time() - 3600, nonce="n2"))
+    stale = msgspec.json.encode(Request(op="status", time=time.time() - 3600, nonce="nonce-0002"))
     assert "stale" in ask(stale, sign(key, stale)).reason
     import random
 
@@ -162,7 +179,7 @@ def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, t
                            b'{"op": "status", "evil": 1}'])
         assert ask(junk, sign(key, junk)).status == "error"
     sock.send_multipart([b"", b"x" * (2 << 20), b"sig"])  # over the size cap: dropped, never a crash
-    heartbeat = msgspec.json.encode(Request(op="command", command=Stop(id="s"), time=time.time(), nonce="n3"))
+    heartbeat = msgspec.json.encode(Request(op="command", command=Stop(id="s"), time=time.time(), nonce="nonce-0003"))
     assert ask(heartbeat, sign(key, heartbeat)).status == "ok"  # the engine still serves
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)
     sock.close()
