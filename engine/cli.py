@@ -149,16 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>)")
     p.add_argument("--batch_size", type=_positive_int, default=8)
     p.add_argument("--max_new_tokens", type=_positive_int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="in [0, 2]; 0: greedy (default)")
+    p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--no-perplexity", dest="no_perplexity", action="store_true", help="skip teacher-forced perplexity")
     p.add_argument("--events", help=argparse.SUPPRESS)  # the engine's PULL endpoint, when it starts the job
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON (- for stdout)")
     p.set_defaults(handler="engine.infer:cmd_infer")
 
-    p = sub.add_parser("score", help="metrics for rows that hold prediction and the reference output")
+    p = sub.add_parser("score", help="metrics for rows that hold prediction and the reference output",
+                       description="Scores every row holding the strings prediction and output; a bad line is "
+                                   "named on stderr, skipped, and listed in the JSON's bad_rows. Exit 2 when no "
+                                   "row can be scored.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(handler="engine.infer:cmd_score")
