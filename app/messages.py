@@ -14,18 +14,32 @@ class EventsReceived(Message):
 
 
 class EngineLost(Message):
+    """The engine stopped answering (no heartbeat); the stream reconnects with back-off."""
+
     def __init__(self, reason: str) -> None:
         super().__init__()
         self.reason = reason
 
 
-class EngineBack(Message):
-    pass
+class EngineSeen(Message):
+    """Whether an engine process serves the run now (from engine.json and its pid), on every change."""
+
+    def __init__(self, live: bool, pid: int | None) -> None:
+        super().__init__()
+        self.live, self.pid = live, pid
 
 
 class CommandReplied(Message):
-    """The engine's reply to a command the user sent."""
+    """The engine's reply to a command the user sent (``key``: what the screen marked in flight)."""
 
-    def __init__(self, command: str, status: str, reason: str) -> None:
+    def __init__(self, command: str, status: str, reason: str, key: str = "") -> None:
         super().__init__()
-        self.command, self.status, self.reason = command, status, reason
+        self.command, self.status, self.reason, self.key = command, status, reason, key
+
+
+class DiskScanned(Message):
+    """What the run folder holds now: complete checkpoints, lora_final, inference jobs."""
+
+    def __init__(self, checkpoints: list | None, final: str | None, inference: dict | None, error: str = "") -> None:
+        super().__init__()
+        self.checkpoints, self.final, self.inference, self.error = checkpoints, final, inference, error

@@ -1,4 +1,5 @@
-"""Everything the dashboard shows, folded from the run's events (no Textual here: plain data)."""
+"""Everything the dashboard shows, folded from the run's events and what its folder holds now (no
+Textual here: plain data)."""
 
 from __future__ import annotations
 
@@ -6,27 +7,43 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+FINAL = ("finished", "failed")
+UNFINISHED = ("starting", "running", "paused", "stopping")
+OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
+            "engine_lost": "engine lost (the workers saved and stopped)"}
+EVENTS_KEPT = 5000  # the Events tab shows these (the newest ones)
+
 
 @dataclass
 class RunState:
     run: str = ""
     last_seq: int = 0
-    state: str = "new"
+    state: str = "new"  # the last status event's state
     status_message: str = ""
+    outcome: str = ""  # Status.outcome of a finished run
     info: dict = field(default_factory=dict)  # run_info
+    config: dict = field(default_factory=dict)  # run_info.config
     params: dict = field(default_factory=dict)  # param_table
-    steps: list = field(default_factory=list)  # (step, loss, lr, grad_norm, tokens_per_s, mfu)
+    preview_params: dict = field(default_factory=dict)  # temperature / top_p / max_new_tokens in force
+    steps: list = field(default_factory=list)  # (step, loss, lr, grad_norm, tokens_per_s, mfu, time)
     last_step: object = None
     evals: list = field(default_factory=list)  # (step, loss, ppl)
-    best: tuple | None = None
+    best: tuple | None = None  # (best_step, best_loss) of the latest eval
     previews: dict = field(default_factory=dict)  # index → list of preview events (history)
     checkpoints: dict = field(default_factory=dict)  # step → checkpoint event
     alerts: deque = field(default_factory=lambda: deque(maxlen=200))
     telemetry: object = None
     inference: dict = field(default_factory=dict)  # name → latest inference event
-    events: deque = field(default_factory=lambda: deque(maxlen=5000))
+    events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     started: float | None = None
     gaps: int = 0
+    # the truth outside the events: is an engine process serving this run (None: not known yet)?
+    engine_live: bool | None = None
+    engine_pid: int | None = None
+    # the run folder now (read by the screen every few seconds): complete checkpoints, lora_final, inference
+    disk_checkpoints: list | None = None  # [{"step", "name", "path", "best_step", "best_loss", "reason", …}]
+    disk_final: str | None = None  # lora_final's path
+    disk_inference: dict = field(default_factory=dict)  # name → metrics.json (+ state) or progress
 
     def apply(self, ev) -> None:
         if ev.seq <= self.last_seq:
@@ -39,12 +56,17 @@ class RunState:
         match ev.type:
             case "status":
                 self.state, self.status_message = ev.state, ev.message
+                self.outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
                 if ev.state == "running" and self.started is None:
                     self.started = ev.time
             case "run_info":
                 self.info = {"model_id": ev.model_id, "world_size": ev.world_size, "device": ev.device,
                              "total_steps": ev.total_steps, "steps_per_epoch": ev.steps_per_epoch,
                              "train_rows": ev.train_rows, "val_rows": ev.val_rows}
+                self.config = ev.config if isinstance(ev.config, dict) else {}
+                for k in ("temperature", "top_p", "max_new_tokens"):
+                    if k in self.config:
+                        self.preview_params[k] = self.config[k]
             case "param_table":
                 self.params = {"rows": ev.rows, "trainable": ev.trainable, "total": ev.total}
             case "step":
@@ -63,6 +85,28 @@ class RunState:
                 self.telemetry = ev
             case "inference":
                 self.inference[ev.name] = ev
+            case "ack":
+                params = getattr(ev, "params", None)
+                if ev.command == "set_preview_params" and isinstance(params, dict):
+                    self.preview_params.update({k: v for k, v in params.items()
+                                                if k in ("temperature", "top_p", "max_new_tokens")})
+
+    @property
+    def crashed(self) -> bool:
+        """The run did not finish, and no engine serves it: it was killed (or its machine went away)."""
+        return self.engine_live is False and self.state in UNFINISHED
+
+    @property
+    def shown_state(self) -> str:
+        """The state as it is, not as the last event left it: "crashed" when no engine serves an
+        unfinished run."""
+        return "crashed" if self.crashed else self.state
+
+    def outcome_text(self) -> str:
+        """How a finished run ended, in words ("" when not finished or not said)."""
+        if self.state != "finished":
+            return ""
+        return OUTCOMES.get(self.outcome, self.outcome)
 
     @property
     def step(self) -> int:
@@ -74,7 +118,7 @@ class RunState:
 
     def eta_s(self) -> float | None:
         """Seconds left at the pace of the last 20 steps."""
-        if len(self.steps) < 2 or not self.total_steps or self.state in ("finished", "failed"):
+        if len(self.steps) < 2 or not self.total_steps or self.state in FINAL or self.crashed:
             return None
         recent = self.steps[-20:]
         (s0, *_, t0), (s1, *_, t1) = recent[0], recent[-1]
@@ -87,6 +131,34 @@ class RunState:
 
     def age(self) -> float:
         return time.time() - self.events[-1].time if self.events else 0.0
+
+    def best_step(self) -> int | None:
+        """The run's current best step: the latest eval's, else the newest checkpoint's trainer_state."""
+        if self.best and self.best[0]:
+            return int(self.best[0])
+        for c in reversed(self.disk_checkpoints or []):
+            if isinstance(c.get("best_step"), int) and c["best_step"] > 0:
+                return c["best_step"]
+        return None
+
+    def val_loss_at(self, step: int) -> float | None:
+        """The validation loss measured at ``step`` (eval events, a checkpoint event, else its trainer_state)."""
+        for st, loss, _ in reversed(self.evals):
+            if st == step:
+                return loss
+        ev = self.checkpoints.get(step)
+        if ev is not None and ev.val_loss is not None:
+            return ev.val_loss
+        for c in self.disk_checkpoints or []:
+            if c["step"] == step and c.get("best_step") == step and isinstance(c.get("best_loss"), (int, float)):
+                return float(c["best_loss"])
+        return None
+
+    def is_final_checkpoint(self, step: int) -> bool:
+        ev = self.checkpoints.get(step)
+        if ev is not None and ev.final:
+            return True
+        return any(c["step"] == step and c.get("reason") == "final" for c in self.disk_checkpoints or [])
 
 
 def fmt_duration(s: float | None) -> str:

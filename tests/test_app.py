@@ -103,8 +103,8 @@ def test_run_picker_and_a_finished_run(finished_runs):
             await pilot.pause(0.5)
             table = app.screen.query_one(DataTable)
             assert table.row_count == 2
-            names = {table.get_row_at(i)[0] for i in range(2)}
-            assert names == {"alpha", "beta"} and table.get_row_at(0)[1] == "finished"
+            names = {str(table.get_row_at(i)[0]) for i in range(2)}  # cells are Text: run names are data
+            assert names == {"alpha", "beta"} and str(table.get_row_at(0)[1]) == "finished"
             await pilot.press("enter")
             await wait_until(pilot, lambda: isinstance(app.screen, RunScreen) and app.state.state == "finished")
             assert app.state.step == 4 and app.state.total_steps == 4

@@ -14,9 +14,33 @@ from conftest import ROOT
 RECORDED = Path(__file__).parent / "data" / "recorded_run"
 
 
+def recorded_checkpoints(run: Path) -> None:
+    """The checkpoint folders the recorded run had on disk (the Checkpoints tab lists what is on disk):
+    each with its trainer_state.json as the worker wrote it (step, best step and loss, reason) and an
+    adapter file; lora_final after the final one. The weights themselves are not needed to list them."""
+    import json
+
+    best_loss = None
+    for line in (RECORDED / "events.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        if ev["type"] == "eval":
+            best_step, best_loss = ev["best_step"], ev["best_loss"]
+        if ev["type"] == "checkpoint":
+            folder = run / "checkpoints" / f"checkpoint-{ev['step']}"
+            folder.mkdir(parents=True)
+            (folder / "trainer_state.json").write_text(json.dumps(
+                {"step": ev["step"], "best_step": best_step, "best_loss": best_loss, "time": ev["time"],
+                 "reason": "final" if ev["final"] else "periodic"}))
+            (folder / "adapter_model.safetensors").write_bytes(b"")
+            if ev["final"]:
+                (run / "lora_final").mkdir()
+                (run / "lora_final" / "adapter_model.safetensors").write_bytes(b"")
+
+
 @pytest.fixture(scope="module")
 def replayed(tmp_path_factory):
-    """A real engine replaying the recorded run (the folder keeps the recorded name)."""
+    """A real engine replaying the recorded run (the folder keeps the recorded name), with the run's
+    checkpoint folders."""
     from engine.client import engine_alive
     from engine.runner import engine_info
 
@@ -29,6 +53,7 @@ def replayed(tmp_path_factory):
             break
         time.sleep(0.1)
     assert engine_alive(engine_info(run))
+    recorded_checkpoints(run)
     yield run
     subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
 

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
+from app.text import assemble, lines
+
 
 class Confirm(ModalScreen[bool]):
     BINDINGS = [Binding("y", "yes", "Yes"), Binding("n,escape", "no", "No")]
 
-    def __init__(self, question: str) -> None:
+    def __init__(self, question: str | Text) -> None:
         super().__init__()
-        self.question = question
+        self.question = question if isinstance(question, Text) else assemble(question)
 
     def compose(self) -> ComposeResult:
         with Grid(id="confirm"):
-            yield Label(self.question, id="confirm-question")
+            yield Label(self.question, id="confirm-question", markup=False)
             yield Button("Yes (y)", variant="error", id="yes")
             yield Button("No (n)", variant="primary", id="no")
 
@@ -32,23 +35,26 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(False)
 
 
-KEYS = """[b]voxtui keys[/b]
-
-1–6     Overview, GPUs, Previews, Checkpoints, Preflight, Events
-n       preview now            s   save a checkpoint now
-e       evaluate now           p   pause / resume
-x       stop the run (asks first; the workers save, then exit)
-Ctrl+P  command palette        ?   this help
-q       quit the dashboard (the run keeps going; `voxtui attach RUN` comes back)
-In Previews: edit temperature / top-p / max tokens, Enter or Apply sends them.
-"""
+KEYS = lines(
+    assemble(("voxtui keys", "bold")),
+    "",
+    "1–6     Overview, GPUs, Previews, Checkpoints, Preflight, Events",
+    "n       preview now            s   save a checkpoint now",
+    "e       evaluate now           p   pause / resume",
+    "x       stop the run (asks first; the workers save, then exit)",
+    "Ctrl+P  command palette        ?   this help",
+    "Esc     leave a text field (then 1–6 switch tabs again)",
+    "q       quit (the run keeps going; `voxtui attach RUN` comes back)",
+    "Previews: Enter or Apply sends the temperature / top-p / max tokens",
+    "          you changed (the others stay as they are).",
+)
 
 
 class Help(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def compose(self) -> ComposeResult:
-        yield Static(KEYS, id="help")
+        yield Static(KEYS, id="help", markup=False)
 
     def action_dismiss(self) -> None:
         self.dismiss(None)

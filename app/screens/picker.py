@@ -8,6 +8,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from app.text import assemble, data
 from engine.client import age_text, list_runs
 
 
@@ -26,7 +27,7 @@ class RunPicker(Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(id="picker-title")
+        yield Static(id="picker-title", markup=False)
         yield DataTable(id="picker-table", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -41,10 +42,14 @@ class RunPicker(Screen):
         self.paths = [r["path"] for r in runs]
         for r in runs:
             loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "–"
-            table.add_row(r["run"], r["state"], r["model"][-32:], str(r["step"]), loss, age_text(r["age_s"]))
+            model = str(r["model"] or "")
+            table.add_row(data(r["run"], limit=40), data(r["state"], limit=12),
+                          data(("…" + model[-31:]) if len(model) > 32 else model), data(r["step"], limit=10),
+                          loss, age_text(r["age_s"]))
+        root = data(self.root, limit=60)
         self.query_one("#picker-title", Static).update(
-            f"{len(runs)} run(s) under {self.root}/ — Enter attaches" if runs else
-            f"no runs under {self.root}/ (start one with `voxtui run … --detach` or `voxtui demo`)")
+            assemble(f"{len(runs)} run(s) under ", root, "/ — Enter attaches") if runs else
+            assemble("no runs under ", root, "/ (start one with `voxtui run … --detach` or `voxtui demo`)"))
         table.focus()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
-from app.messages import CommandReplied, EngineBack, EngineLost, EventsReceived
+from app.messages import CommandReplied, DiskScanned, EngineLost, EngineSeen, EventsReceived
 from app.screens.dialogs import Confirm, Help
+from app.state import FINAL
+from app.text import assemble, data, lines, plain
 from app.widgets.checkpoints import Checkpoints
 from app.widgets.events_log import EventsLog
 from app.widgets.hardware import Hardware
@@ -30,11 +38,15 @@ from engine.protocol import (
 )
 
 TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events")
+COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
+REQUEST_TIMEOUT_S = 5.0  # one try
+DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read this often
 
 
 class RunScreen(Screen):
     BINDINGS = [
         *[Binding(str(i + 1), f"tab('{t}')", t.title(), show=False) for i, t in enumerate(TABS)],
+        Binding("escape", "leave_input", "Leave field", show=False),
         Binding("n", "preview_now", "Preview"),
         Binding("s", "save", "Save"),
         Binding("e", "eval_now", "Eval"),
@@ -48,11 +60,16 @@ class RunScreen(Screen):
         super().__init__()
         self.run_dir = Path(run_dir)
         self._dirty = False
-        self._last_render = 0.0
+        self._scan_soon = False
+        self._last_scan = 0.0
+        self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
+        self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
+        self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name → inference job started here
+        self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(id="banner")
+        yield Static(id="banner", markup=False)
         with TabbedContent(id="tabs"):
             with TabPane("Overview", id="overview"):
                 yield Overview()
@@ -63,17 +80,19 @@ class RunScreen(Screen):
             with TabPane("Checkpoints", id="checkpoints"):
                 yield Checkpoints()
             with TabPane("Preflight", id="preflight"):
-                yield Static(id="preflight-report")
+                yield Static(id="preflight-report", markup=False)
             with TabPane("Events", id="events"):
                 yield EventsLog()
         yield Footer()
 
     def on_mount(self) -> None:
-        self.title = f"voxtui — {self.run_dir.name}"
+        self.title = "voxtui — " + plain(self.run_dir.name, limit=60)
         self.query_one("#banner", Static).display = False
         self.show_preflight()
         self.follow()
+        self.scan_disk()
         self.set_interval(0.03, self.render_if_dirty)  # at most ~30 redraws a second, only when there is news
+        self.set_interval(1.0, self.tick)
 
     @work(thread=True, exclusive=True, group="engine")
     def follow(self) -> None:
@@ -89,96 +108,281 @@ class RunScreen(Screen):
         state = self.app.state
         for ev in message.events:
             state.apply(ev)
+            if ev.type in ("checkpoint", "inference"):
+                self._scan_soon = True
         self._dirty = True
 
     def render_if_dirty(self) -> None:
+        if self._scan_soon and time.monotonic() - self._last_scan > 0.5:
+            self._scan_soon = False
+            self.scan_disk()
         if not self._dirty:
             return
         self._dirty = False
         self.rendered_seq = self.app.state.last_seq
         s = self.app.state
         active = self.query_one(TabbedContent).active
-        panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "checkpoints": Checkpoints,
-                 "events": EventsLog}
-        if active in panes:
-            self.query_one(panes[active]).show(s)
-        self.sub_title = f"{s.state} · step {s.step}"
+        if active == "checkpoints":
+            self.query_one(Checkpoints).show(s, self.running_offline())
+        else:
+            panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog}
+            if active in panes:
+                self.query_one(panes[active]).show(s)
+        self.sub_title = plain(f"{s.shown_state} · step {s.step}", limit=60)
+        self.show_banner()
+
+    def tick(self) -> None:
+        """Once a second: the folder now and then, jobs started here, the banner's ages."""
+        if time.monotonic() - self._last_scan >= DISK_EVERY_S:
+            self.scan_disk()
+        for name, proc in list(self.offline.items()):
+            code = proc.poll()
+            if code is not None:
+                del self.offline[name]
+                log = self.run_dir / "infer.log"
+                if code == 0:
+                    self.notify(f"inference on {name} finished", markup=False)
+                else:
+                    self.notify(f"inference on {name} failed (exit code {code}); see {log}", severity="error",
+                                markup=False, timeout=15)
+                self._dirty = True
+        if self.app.state.crashed:
+            self.show_banner()
 
     @on(TabbedContent.TabActivated)
     def tab_changed(self) -> None:
         self._dirty = True
         self.render_if_dirty()
 
+    # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
-        banner = self.query_one("#banner", Static)
-        banner.update(f"ENGINE LOST — {message.reason}; reconnecting…")
-        banner.display = True
+        self._lost_reason = message.reason or "no heartbeat"
+        self._dirty = True
+        self.show_banner()
 
-    def on_engine_back(self, message: EngineBack) -> None:
-        self.query_one("#banner", Static).display = False
-        self.notify("engine reconnected")
+    def on_engine_seen(self, message: EngineSeen) -> None:
+        s = self.app.state
+        was = s.engine_live
+        s.engine_live, s.engine_pid = message.live, message.pid
+        if message.live:
+            if self._lost_reason or was is False:
+                self.notify("engine reconnected" if self._lost_reason else "the engine is running again", markup=False)
+            self._lost_reason = ""
+        elif s.state in FINAL:
+            self._lost_reason = ""  # the engine is done with a finished run: nothing is lost
+        self._dirty = True
+        self.show_banner()
+
+    def banner_text(self):
+        """The red line under the header: the engine is gone (crashed run) or silent (reconnecting)."""
+        s = self.app.state
+        if s.crashed:
+            pid = f"pid {s.engine_pid} gone" if s.engine_pid else "no engine.json"
+            last = ""
+            if s.events:
+                from engine.client import age_text
+
+                last = f"; last event {age_text(max(s.age(), 0))} ago (step {s.step})"
+            return assemble(f"ENGINE LOST — the engine is not running ({pid}){last} — `voxtui run --resume ",
+                            data(self.run_dir, limit=80), "` continues from the latest checkpoint")
+        if self._lost_reason and not s.engine_live:
+            return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
+        return None
+
+    def show_banner(self) -> None:
+        banner = self.query_one("#banner", Static)
+        text = self.banner_text()
+        if text is not None:
+            banner.update(text)
+        banner.display = text is not None
+
+    # ---- the run folder (a thread: a slow disk never stalls the screen)
+    @work(thread=True, exclusive=True, group="disk")
+    def scan_disk(self) -> None:
+        from engine.client import checkpoint_states, final_adapter, inference_results, inference_samples
+
+        self._last_scan = time.monotonic()
+        try:
+            ckpts = checkpoint_states(self.run_dir / "checkpoints")
+            final = final_adapter(self.run_dir)
+            jobs = inference_results(self.run_dir)
+            for name, d in jobs.items():
+                if d["state"] == "finished":
+                    key = (name, repr(d.get("time")))
+                    if key not in self._samples:
+                        self._samples[key] = inference_samples(Path(d["path"]))
+                    d["samples"] = self._samples[key]
+        except Exception as e:  # an odd run folder must never end the dashboard: say so, keep the last view
+            self.post_message(DiskScanned(None, None, None, error=f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(DiskScanned(ckpts, str(final) if final else None, jobs))
+
+    def on_disk_scanned(self, message: DiskScanned) -> None:
+        s = self.app.state
+        if message.error:
+            self.query_one(Checkpoints).note(f"could not read {self.run_dir}: {message.error}")
+            return
+        s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
+        if self.query_one(TabbedContent).active == "checkpoints":
+            self._dirty = True
+
+    def running_offline(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.offline.items() if p.poll() is None}
 
     def show_preflight(self) -> None:
         widget = self.query_one("#preflight-report", Static)
         path = self.run_dir / "preflight.json"
         if not path.exists():
-            widget.update("no preflight report in this run folder")
+            widget.update(assemble("no preflight report in this run folder"))
             return
-        report = json.loads(path.read_text())
-        colors = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "red"}
-        lines = [f"[b]verdict: {report['verdict'].upper()}[/b]", ""]
-        lines += [f"[{colors[c['level']]}]{c['level']:>4}[/] {c['area']:<7} {c['message']}" for c in report["checks"]]
-        lines += ["", f"launch: {report['command']}"]
-        widget.update("\n".join(lines))
-
-    # ---- commands (sent from a thread; the reply comes back as a message)
-    @work(thread=True, group="commands")
-    def send(self, command) -> None:
-        from engine.client import EngineClient
-
         try:
-            with EngineClient(self.run_dir) as client:
-                reply = client.send(command)
-            self.post_message(CommandReplied(command.type, reply.status, reply.reason))
-        except Exception as e:  # engine gone mid-send
-            self.post_message(CommandReplied(command.type, "error", str(e)))
+            report = json.loads(path.read_text(encoding="utf-8"))
+            checks = report.get("checks", [])
+            colors = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "red"}
+            rows = [assemble(("verdict: ", "bold"), data(str(report.get("verdict", "?")).upper(), "bold", limit=20)), ""]
+            for c in checks:
+                level = str(c.get("level", ""))
+                rows.append(assemble((f"{plain(level, limit=4):>4}", colors.get(level, "")), " ",
+                                     data(f"{plain(c.get('area', ''), limit=7):<7}"), " ",
+                                     data(c.get("message", ""), limit=2000, one_line=False)))
+            rows += ["", assemble("launch: ", data(report.get("command", ""), limit=2000, one_line=False))]
+            widget.update(lines(*rows))
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            widget.update(assemble(f"{path}: not a readable preflight report (", data(f"{type(e).__name__}: {e}",
+                                                                                   limit=200), ")"))
+
+    # ---- commands (sent from a thread, retried with the same id; the reply comes back as a message)
+    def command(self, command, key: str = "") -> bool:
+        """Send ``command`` unless the same one (``key``) is still waiting for its reply."""
+        key = key or command.type
+        if key in self.in_flight:
+            self.notify(f"{command.type}: already sent; waiting for the engine's reply", severity="warning",
+                        markup=False)
+            return False
+        command.id = command.id or secrets.token_hex(8)
+        self.in_flight[key] = command.type
+        self.sync_buttons()
+        self.send(command, key)
+        return True
+
+    @work(thread=True, group="commands")
+    def send(self, command, key: str) -> None:
+        from engine.client import EngineClient, EngineLost
+
+        deadline, tries = time.monotonic() + COMMAND_WAIT_S, 0
+        while True:
+            tries += 1
+            try:
+                with EngineClient(self.run_dir, request_timeout=REQUEST_TIMEOUT_S) as client:
+                    reply = client.send(command)  # the same id on every try: the engine applies it once
+                status, reason = reply.status, reply.reason
+                break
+            except EngineLost:
+                if time.monotonic() >= deadline:
+                    status, reason = "error", (f"no reply from the engine in {COMMAND_WAIT_S:.0f} s ({tries} tries, "
+                                               f"id {command.id}); it may still apply it")
+                    break
+                time.sleep(0.2)
+            except Exception as e:  # engine gone mid-send, an unreadable engine.json, …
+                status, reason = "error", f"{type(e).__name__}: {e}"
+                break
+        self.post_message(CommandReplied(command.type, status, reason, key))
 
     def on_command_replied(self, message: CommandReplied) -> None:
+        self.in_flight.pop(message.key, None)
+        self.sync_buttons()
         text = f"{message.command}: {message.status}" + (f" — {message.reason}" if message.reason else "")
-        self.notify(text, severity="information" if message.status == "ok" else "error")
+        self.notify(plain(text, limit=400), severity="information" if message.status == "ok" else "error",
+                    markup=False)
         if message.command == "set_preview_params":
             self.query_one(Previews).show_reply(message.status, message.reason or "applied at the next step")
 
+    def sync_buttons(self) -> None:
+        busy = set(self.in_flight) | {f"infer:{name}" for name in self.running_offline()}
+        self.query_one(Checkpoints).sync_buttons(busy)
+        self.query_one("#pv-apply").disabled = "set_preview_params" in busy
+        self.query_one("#pv-now").disabled = "preview_now" in busy
+
     @on(Previews.ParamsRequested)
     def params(self, m: Previews.ParamsRequested) -> None:
-        self.send(SetPreviewParams(temperature=m.temperature, top_p=m.top_p, max_new_tokens=m.max_new_tokens))
+        self.command(SetPreviewParams(**m.changed))
 
     @on(Previews.PreviewRequested)
     def action_preview_now(self) -> None:
-        self.send(PreviewNow())
+        self.command(PreviewNow())
 
     @on(Checkpoints.InferenceRequested)
     def infer(self, m: Checkpoints.InferenceRequested) -> None:
-        self.send(RunInference(checkpoint=m.step))
+        s = self.app.state
+        if s.engine_live and s.state not in FINAL:
+            self.command(RunInference(checkpoint=m.step), key=f"infer:{m.name}")
+        else:
+            self.infer_without_engine(m.step, m.name)
+
+    def infer_args(self, step: int | None, data_file: str, run: str) -> list[str]:
+        return ["--run", run, *(["--checkpoint", str(step)] if step is not None else []), "--data", data_file]
+
+    def infer_without_engine(self, step: int | None, name: str) -> None:
+        """No engine serves the run (it finished, or crashed): ``voxtui infer`` as a process of its own
+        (it outlives the dashboard); its results are read from infer/*/metrics.json."""
+        ck = self.query_one(Checkpoints)
+        running = self.offline.get(name)
+        if running is not None and running.poll() is None:
+            self.notify(f"inference on {name} is already running (pid {running.pid})", severity="warning",
+                        markup=False)
+            return
+        data_file = str(self.app.state.config.get("val_jsonl") or "")
+        how = shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE", str(self.run_dir))])
+        if not data_file or not Path(data_file).is_file():
+            why = "this run has no val_jsonl" if not data_file else f"{data_file} is not a file here"
+            text = f"the engine is not running and {why}; run inference with: {how}"
+            ck.note(text)
+            self.notify(plain(text, limit=400), severity="warning", markup=False, timeout=20)
+            return
+        argv = [sys.executable, "-m", "engine", "infer", *self.infer_args(step, data_file, str(self.run_dir.resolve()))]
+        try:
+            log = open(self.run_dir / "infer.log", "ab")
+        except OSError as e:
+            text = f"cannot write {self.run_dir / 'infer.log'} ({e.strerror}); run inference with: {how}"
+            ck.note(text)
+            self.notify(plain(text, limit=400), severity="error", markup=False, timeout=20)
+            return
+        with log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=os.getcwd())
+        self.offline[name] = proc
+        text = f"inference on {name} started without the engine (pid {proc.pid}; log {self.run_dir / 'infer.log'})"
+        ck.note(text)
+        self.notify(plain(text, limit=400), markup=False)
+        self.sync_buttons()
+        self._dirty = True
 
     def action_tab(self, tab: str) -> None:
+        # a widget focused in the pane being left would pull its pane back (TabPane.Focused): let go first
+        self.set_focus(None)
         self.query_one(TabbedContent).active = tab
 
+    def action_leave_input(self) -> None:
+        if isinstance(self.focused, Input):
+            self.set_focus(None)
+
     def action_save(self) -> None:
-        self.send(SaveCheckpoint())
+        self.command(SaveCheckpoint())
 
     def action_eval_now(self) -> None:
-        self.send(EvalNow())
+        self.command(EvalNow())
 
     def action_pause(self) -> None:
-        self.send(Resume() if self.app.state.state == "paused" else Pause())
+        self.command(Resume() if self.app.state.state == "paused" else Pause(), key="pause/resume")
 
     def action_stop(self) -> None:
         def done(yes: bool | None) -> None:
             if yes:
-                self.send(Stop())
+                self.command(Stop())
 
-        self.app.push_screen(Confirm("Stop the run? The workers save a checkpoint, then exit."), done)
+        name = self.app.state.run or self.run_dir.name
+        self.app.push_screen(Confirm(lines(assemble("Stop the run ", data(name, "bold", limit=40), "?"),
+                                           "The workers save a checkpoint, then exit.")), done)
 
     def action_help(self) -> None:
         self.app.push_screen(Help())

@@ -1,23 +1,30 @@
-"""Checkpoints: complete ones with step and val loss; run inference on one or all; metrics by step, and
-the sample generations of the selected inference job beside their references."""
+"""Checkpoints: the complete ones on disk now (pruned ones gone, ones saved after the engine died
+included, lora_final too) with step, val loss, the one best and final; run inference on one or all;
+metrics by job (finished jobs from infer/*/metrics.json on disk, running ones from events), and the
+sample generations of the selected job beside their references."""
 
 from __future__ import annotations
 
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
-from textual.markup import escape
 from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
 from app.state import RunState
+from app.text import assemble, data, lines
+
+METRICS = (("rougeL", "{:.4f}"), ("distinct_1", "{:.4f}"), ("distinct_2", "{:.4f}"), ("bleu", "{:.2f}"),
+           ("perplexity", "{:.2f}"))
 
 
 class Checkpoints(Vertical):
     class InferenceRequested(Message):
-        def __init__(self, step: int | None) -> None:
+        """Inference on a checkpoint: ``step`` (None: lora_final), ``name`` (its folder)."""
+
+        def __init__(self, step: int | None, name: str) -> None:
             super().__init__()
-            self.step = step
+            self.step, self.name = step, name
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="ck-table", cursor_type="row", zebra_stripes=True)
@@ -25,59 +32,111 @@ class Checkpoints(Vertical):
             yield Button("Infer selected", id="ck-one")
             yield Button("Infer all", id="ck-all")
         yield DataTable(id="ck-metrics", cursor_type="row")
-        yield Static(id="ck-note")
-        yield Static(id="ck-samples")
+        yield Static(id="ck-note", markup=False)
+        yield Static(id="ck-samples", markup=False)
 
     def on_mount(self) -> None:
         self.query_one("#ck-table", DataTable).add_columns("step", "val loss", "best", "final", "checkpoint")
         self.query_one("#ck-metrics", DataTable).add_columns("job", "state", "rows", "ROUGE-L", "Distinct-1",
                                                            "Distinct-2", "BLEU", "ppl")
-        self._steps: list[int] = []
+        self._rows: list[tuple[int | None, str]] = []  # (step or None for lora_final, folder name)
+        self._shown_rows: list = []
         self._jobs: list[str] = []
-        self._state: RunState | None = None
+        self._job_view: dict = {}
+        self.busy: set[str] = set()  # "infer:<name>" keys in flight
 
-    def selected_step(self) -> int | None:
-        table = self.query_one("#ck-table", DataTable)
-        if not self._steps:
+    def selected(self) -> tuple[int | None, str] | None:
+        if not self._rows:
             return None
-        return self._steps[min(table.cursor_row, len(self._steps) - 1)]
+        table = self.query_one("#ck-table", DataTable)
+        return self._rows[min(max(table.cursor_row, 0), len(self._rows) - 1)]
 
     @on(Button.Pressed, "#ck-one")
     def one(self) -> None:
-        step = self.selected_step()
-        if step is None:
-            self.query_one("#ck-note", Static).update("no checkpoint yet")
+        chosen = self.selected()
+        if chosen is None:
+            self.note("no checkpoint yet")
             return
-        self.post_message(self.InferenceRequested(step))
+        self.post_message(self.InferenceRequested(*chosen))
 
     @on(Button.Pressed, "#ck-all")
     def all(self) -> None:
-        for step in self._steps:
-            self.post_message(self.InferenceRequested(step))
+        for step, name in self._rows:
+            self.post_message(self.InferenceRequested(step, name))
 
-    def show(self, s: RunState) -> None:
+    def note(self, text: str) -> None:
+        self.query_one("#ck-note", Static).update(data(text, limit=400))
+
+    def sync_buttons(self, busy: set[str] | None = None) -> None:
+        """"Infer selected" is off while the selected checkpoint's request is in flight; "Infer all"
+        while any is."""
+        if busy is not None:
+            self.busy = busy
+        chosen = self.selected()
+        self.query_one("#ck-one", Button).disabled = chosen is not None and f"infer:{chosen[1]}" in self.busy
+        self.query_one("#ck-all", Button).disabled = any(k.startswith("infer:") for k in self.busy)
+
+    @on(DataTable.RowHighlighted, "#ck-table")
+    def _checkpoint_highlighted(self) -> None:
+        self.sync_buttons()
+
+    def show(self, s: RunState, running: dict | None = None) -> None:
+        """``running``: checkpoint name → pid of inference jobs this dashboard started without an engine."""
+        running = running or {}
         table = self.query_one("#ck-table", DataTable)
-        steps = sorted(s.checkpoints)
-        if steps != self._steps:
-            self._steps = steps
-            row = table.cursor_row
+        rows: list[tuple[int | None, str]] = [(c["step"], c["name"]) for c in s.disk_checkpoints or []]
+        best = s.best_step()
+        final_step = next((st for st, _ in reversed(rows) if st is not None and s.is_final_checkpoint(st)), None)
+        if s.disk_final:
+            rows.append((None, "lora_final"))
+        shown = []
+        for step, name in rows:
+            if step is None:
+                shown.append(("–" if final_step is None else str(final_step), "–", "", "final", name))
+                continue
+            loss = s.val_loss_at(step)
+            shown.append((str(step), f"{loss:.4f}" if loss is not None else "–", "★" if step == best else "",
+                          "final" if s.is_final_checkpoint(step) else "", name))
+        if shown != self._shown_rows:
+            chosen = self.selected()
+            self._rows, self._shown_rows = rows, shown
             table.clear()
-            for st in steps:
-                c = s.checkpoints[st]
-                table.add_row(str(st), f"{c.val_loss:.4f}" if c.val_loss is not None else "–",
-                              "★" if c.best else "", "final" if c.final else "", c.path.rsplit("/", 1)[-1])
-            if steps:
-                table.move_cursor(row=min(row, len(steps) - 1))
-        self._state = s
+            for cells in shown:
+                table.add_row(*(data(c, limit=60) for c in cells))
+            if rows:
+                table.move_cursor(row=rows.index(chosen) if chosen in rows else len(rows) - 1)
+        if s.disk_checkpoints is not None and not rows:
+            self.note("no complete checkpoint in the run folder yet")
+        self.sync_buttons()
+        self._show_jobs(s, running)
+
+    def _show_jobs(self, s: RunState, running: dict) -> None:
+        """One row per job: finished ones from disk (the truth), else the latest event."""
+        view: dict[str, dict] = {}
+        for name, d in s.disk_inference.items():
+            state = d.get("state", "")
+            if state == "incomplete" and str(d.get("checkpoint")) in running:
+                state = "running"
+            view[name] = {"state": state, "rows": str(d["rows"]) if "rows" in d else f"{d.get('done', 0)}/?",
+                          "metrics": d, "samples": d.get("samples") or []}
+        for name, ev in s.inference.items():
+            disk = view.get(name)
+            if disk is not None and disk["state"] == "finished":
+                if not disk["samples"]:
+                    disk["samples"] = list(getattr(ev, "samples", None) or [])
+                continue
+            view[name] = {"state": ev.state, "rows": f"{ev.done}/{ev.total}", "metrics": ev.metrics or {},
+                          "samples": list(getattr(ev, "samples", None) or []), "message": ev.message}
         metrics = self.query_one("#ck-metrics", DataTable)
         row = metrics.cursor_row
         metrics.clear()
-        self._jobs = sorted(s.inference)
-        for name, ev in sorted(s.inference.items()):
-            m = ev.metrics
-            cell = lambda k, f="{:.4f}", m=m: f.format(m[k]) if k in m and m[k] is not None else "–"  # noqa: E731
-            metrics.add_row(name, ev.state, f"{ev.done}/{ev.total}", cell("rougeL"), cell("distinct_1"),
-                            cell("distinct_2"), cell("bleu", "{:.2f}"), cell("perplexity", "{:.2f}"))
+        self._jobs = sorted(view)
+        self._job_view = view
+        for name in self._jobs:
+            v = view[name]
+            m = v["metrics"] if isinstance(v["metrics"], dict) else {}
+            cells = [fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "–" for k, fmt in METRICS]
+            metrics.add_row(data(name, limit=60), data(v["state"], limit=20), data(v["rows"], limit=20), *cells)
         if self._jobs:
             metrics.move_cursor(row=min(max(row, 0), len(self._jobs) - 1))
         self._show_samples()
@@ -88,29 +147,33 @@ class Checkpoints(Vertical):
 
     def _show_samples(self) -> None:
         box = self.query_one("#ck-samples", Static)
-        s = self._state
-        if s is None or not self._jobs:
+        if not self._jobs:
             box.update("")
             box.display = False
             return
-        name = self._jobs[min(self.query_one("#ck-metrics", DataTable).cursor_row, len(self._jobs) - 1)]
-        ev = s.inference[name]
-        samples = getattr(ev, "samples", None) or []
+        name = self._jobs[min(max(self.query_one("#ck-metrics", DataTable).cursor_row, 0), len(self._jobs) - 1)]
+        v = self._job_view[name]
+        samples = [x for x in v["samples"] if isinstance(x, dict)]
         if not samples:
-            text = f"{name}: sample generations appear when the job finishes" if ev.state != "finished" else ""
-            box.update(text)
-            box.display = bool(text)
+            if v["state"] == "failed":
+                text = assemble(data(name, "bold", limit=60), " failed: ", data(v.get("message", ""), limit=300))
+            elif v["state"] != "finished":
+                text = assemble(data(name, limit=60), ": sample generations appear when the job finishes")
+            else:
+                text = None
+            box.update(text or "")
+            box.display = text is not None
             return
-        lines = [f"[b]{name}[/b] — sample generations (line: prompt → prediction | reference)"]
+        rows = [assemble(data(name, "bold", limit=60), " — sample generations (line: prompt → prediction | reference)")]
         for x in samples:
-            score = f" ROUGE-L {x['rougeL']:.2f}" if x.get("rougeL") is not None else ""
-            lines.append(f"[dim]line {x.get('line', '?')}{score}[/dim] {escape(_one_line(x.get('prompt', ''), 80))}")
-            lines.append(f"  → {escape(_one_line(x.get('prediction', ''), 160))}")
-            lines.append(f"  [dim]| {escape(_one_line(x.get('reference', ''), 160))}[/dim]")
-        box.update("\n".join(lines))
+            score = f" ROUGE-L {x['rougeL']:.2f}" if isinstance(x.get("rougeL"), (int, float)) else ""
+            rows.append(assemble((f"line {plain_line(x.get('line'))}{score}", "dim"), " ",
+                                 data(x.get("prompt", ""), limit=80)))
+            rows.append(assemble("  → ", data(x.get("prediction", ""), limit=160)))
+            rows.append(assemble(("  | ", "dim"), data(x.get("reference", ""), "dim", limit=160)))
+        box.update(lines(*rows))
         box.display = True
 
 
-def _one_line(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+def plain_line(value) -> str:
+    return str(value) if isinstance(value, int) else "?"

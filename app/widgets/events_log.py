@@ -1,63 +1,83 @@
-"""Every event, filterable by type and searchable by text."""
+"""Every event, filterable by type and searchable by text: the history (the newest SHOWN of the events
+kept) as soon as the tab opens, then live ones appended."""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Input, RichLog
 
 from app.state import RunState
+from app.text import assemble, data
+
+SHOWN = 2000
 
 
-def describe(ev) -> str:
+def describe(ev) -> Text:
     match ev.type:
         case "step":
             loss = f"{ev.loss:.4f}" if ev.loss is not None else "non-finite"
-            return f"step {ev.step} loss {loss} lr {ev.lr:.2e} {ev.tokens_per_s:,.0f} tok/s"
+            return assemble(f"step {ev.step} loss {loss} lr {ev.lr:.2e} {ev.tokens_per_s:,.0f} tok/s")
         case "status":
-            return f"{ev.state} {ev.message}"
+            return assemble(data(ev.state, limit=20), " ", data(getattr(ev, "outcome", ""), limit=20), " ",
+                            data(ev.message, limit=300))
         case "alert":
-            return f"{ev.level} {ev.kind}: {ev.message}"
+            return assemble(data(ev.level, limit=10), " ", data(ev.kind, limit=40), ": ", data(ev.message, limit=300))
+        case "log":
+            return assemble(data(ev.level, limit=10), f" rank {ev.rank}: ", data(ev.message, limit=300))
         case "eval":
-            return f"step {ev.step} val loss {ev.loss:.4f} ppl {ev.ppl:.2f}"
+            return assemble(f"step {ev.step} val loss {ev.loss:.4f} ppl {ev.ppl:.2f}")
         case "preview":
-            return f"step {ev.step} #{ev.index} T={ev.temperature:g}: {ev.text[:60]}"
+            return assemble(f"step {ev.step} #{ev.index} T={ev.temperature:g}: ", data(ev.text, limit=80))
         case "checkpoint":
-            return f"step {ev.step} {ev.path}"
+            return assemble(f"step {ev.step} ", data(ev.path, limit=200))
         case "telemetry":
-            return f"{ev.host} gpus={len(ev.gpus)} rss={ev.rss or 0:.2f}GiB"
+            return assemble(data(ev.host, limit=60), f" gpus={len(ev.gpus)} rss={ev.rss or 0:.2f}GiB")
         case "ack":
-            return f"{ev.command} applied at step {ev.step}"
+            return assemble(data(ev.command, limit=40), f" applied at step {ev.step}")
         case "inference":
-            return f"{ev.name} {ev.state} {ev.done}/{ev.total}"
-    return ev.type
+            return assemble(data(ev.name, limit=80), " ", data(ev.state, limit=20), f" {ev.done}/{ev.total} ",
+                            data(ev.message, limit=200))
+        case "run_info":
+            return assemble(data(ev.model_id, limit=100), f" on {ev.world_size} rank(s), {ev.total_steps} steps")
+    return assemble(ev.type)
 
 
 class EventsLog(Vertical):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter: a type (step, alert…) or any text", id="ev-filter")
-        yield RichLog(id="ev-log", max_lines=2000, wrap=False)
-        self._shown = 0
+        yield RichLog(id="ev-log", max_lines=SHOWN, wrap=False, markup=False)
+
+    def on_mount(self) -> None:
+        self._written = 0  # seq of the newest event written to the log
         self._filter = ""
 
     @on(Input.Changed, "#ev-filter")
     def refilter(self, event: Input.Changed) -> None:
         self._filter = event.value.strip().lower()
-        self._shown = 0
+        self._written = 0
         self.query_one("#ev-log", RichLog).clear()
         self.show(self.app.state)  # type: ignore[attr-defined]
 
-    def matches(self, ev, line: str) -> bool:
+    def line(self, ev) -> Text | None:
+        text = assemble(f"{ev.seq:>6} {ev.type:<10} ", describe(ev))
         f = self._filter
-        return not f or ev.type == f or f in line.lower()
+        return text if not f or ev.type == f or f in text.plain.lower() else None
 
     def show(self, s: RunState) -> None:
         log = self.query_one("#ev-log", RichLog)
-        events = list(s.events)
-        start = 0 if self._shown == 0 else len(events) - max(s.last_seq - self._shown, 0)
-        for ev in events[max(start, 0):]:
-            line = f"{ev.seq:>6} {ev.type:<10} {describe(ev)}"
-            if self.matches(ev, line):
-                log.write(line)
-        self._shown = s.last_seq
+        new = []
+        for ev in reversed(s.events):  # the newest first, back to what the log already has
+            if ev.seq <= self._written:
+                break
+            line = self.line(ev)
+            if line is not None:
+                new.append(line)
+                if len(new) >= SHOWN:
+                    break
+        if s.events:
+            self._written = max(self._written, s.events[-1].seq)
+        for line in reversed(new):
+            log.write(line)

@@ -1,5 +1,9 @@
 """Previews: the latest generation per prompt, one prompt's history beside its reference, and the
-controls for temperature / top-p / max new tokens and "preview now"."""
+controls for temperature / top-p / max new tokens and "preview now".
+
+The inputs show the values in force (the run's config, then the latest accepted change: the ``ack`` of
+``set_preview_params`` carries them); Apply sends only the fields the user changed (a missing field is
+unchanged for the engine). An input being edited is never overwritten by news from the run."""
 
 from __future__ import annotations
 
@@ -8,17 +12,29 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
 
 from app.state import RunState
+from app.text import assemble, data, lines
+
+# input id, protocol field, parse, format, check
+FIELDS = (
+    ("pv-temperature", "temperature", float, lambda v: f"{float(v):g}",
+     lambda v: None if 0 <= v <= 2 else "temperature must be in [0, 2]"),
+    ("pv-top-p", "top_p", float, lambda v: f"{float(v):g}",
+     lambda v: None if 0 < v <= 1 else "top-p must be in (0, 1]"),
+    ("pv-max", "max_new_tokens", int, lambda v: str(int(v)),
+     lambda v: None if 1 <= v <= 4096 else "max new tokens must be in [1, 4096]"),
+)
 
 
 class Previews(Vertical):
     class ParamsRequested(Message):
-        """The user asked for new preview parameters (already validated)."""
+        """The user asked for new preview parameters (validated; only the changed ones)."""
 
-        def __init__(self, temperature: float, top_p: float, max_new_tokens: int) -> None:
+        def __init__(self, changed: dict) -> None:
             super().__init__()
-            self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+            self.changed = changed
 
     class PreviewRequested(Message):
         pass
@@ -26,45 +42,73 @@ class Previews(Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="pv-controls"):
             yield Label("temp")
-            yield Input(value="0.7", id="pv-temperature", type="number", max_length=5)
+            yield Input(id="pv-temperature", type="number", max_length=6, placeholder="–")
             yield Label("top-p")
-            yield Input(value="0.9", id="pv-top-p", type="number", max_length=5)
+            yield Input(id="pv-top-p", type="number", max_length=6, placeholder="–")
             yield Label("max")
-            yield Input(value="64", id="pv-max", type="integer", max_length=4)
+            yield Input(id="pv-max", type="integer", max_length=4, placeholder="–")
             yield Button("Apply", id="pv-apply", variant="primary")
             yield Button("Preview now", id="pv-now")
-        yield Static(id="pv-reply")
+        yield Static(id="pv-reply", markup=False)
         with Horizontal(id="pv-body"):
-            yield OptionList(id="pv-prompts")
+            yield OptionList(id="pv-prompts", markup=False)
             with VerticalScroll(id="pv-detail"):
-                yield Static(id="pv-text")
+                yield Static(id="pv-text", markup=False)
         self.selected = 0
         self._count = 0
+        self._prompts: list = []
+        self.in_force: dict = {}  # field → the value in force that the input was last filled with
+        self._filled: dict = {}  # field → the text put into the input then
 
-    def values(self) -> tuple[float, float, int] | str:
-        try:
-            t = float(self.query_one("#pv-temperature", Input).value)
-            p = float(self.query_one("#pv-top-p", Input).value)
-            n = int(self.query_one("#pv-max", Input).value)
-        except ValueError:
-            return "temperature, top-p and max tokens must be numbers"
-        if not 0 <= t <= 2:
-            return "temperature must be in [0, 2]"
-        if not 0 < p <= 1:
-            return "top-p must be in (0, 1]"
-        if not 1 <= n <= 4096:
-            return "max new tokens must be in [1, 4096]"
-        return t, p, n
+    def fill(self, params: dict) -> None:
+        """Show the values in force, except in an input that is focused or holds the user's own edit."""
+        focused = self.app.focused
+        for input_id, key, parse, fmt, _ in FIELDS:
+            if params.get(key) is None:
+                continue
+            try:
+                text = fmt(params[key])
+            except (TypeError, ValueError):
+                continue
+            box = self.query_one(f"#{input_id}", Input)
+            edited = box.value != self._filled.get(key, "")
+            if box is focused or (edited and box.value != text):
+                continue
+            self.in_force[key] = parse(text)
+            self._filled[key] = text
+            if box.value != text:
+                box.value = text
+
+    def changed(self) -> dict | str:
+        """The fields whose input differs from the value in force (checked), or what is wrong."""
+        out = {}
+        for input_id, key, parse, _, check in FIELDS:
+            text = self.query_one(f"#{input_id}", Input).value.strip()
+            if not text:
+                continue  # empty: unchanged
+            try:
+                value = parse(text)
+            except ValueError:
+                return "temperature, top-p and max tokens must be numbers"
+            problem = check(value)
+            if problem:
+                return problem
+            if value != self.in_force.get(key):
+                out[key] = value
+        return out
 
     @on(Button.Pressed, "#pv-apply")
     @on(Input.Submitted)
     def apply(self) -> None:
-        v = self.values()
+        v = self.changed()
         if isinstance(v, str):
             self.show_reply("error", v)
             return
-        self.show_reply("pending", "sent; applied when the engine replies ok")
-        self.post_message(self.ParamsRequested(*v))
+        if not v:
+            self.show_reply("unchanged", "nothing to send: these are the values in force")
+            return
+        self.show_reply("pending", "sent " + ", ".join(f"{k}={v[k]:g}" for k in v) + "; applied when the engine replies ok")
+        self.post_message(self.ParamsRequested(v))
 
     @on(Button.Pressed, "#pv-now")
     def now(self) -> None:
@@ -72,32 +116,42 @@ class Previews(Vertical):
 
     @on(OptionList.OptionHighlighted, "#pv-prompts")
     def pick(self, event: OptionList.OptionHighlighted) -> None:
-        self.selected = event.option_index
+        self.selected = self._prompts[event.option_index] if event.option_index < len(self._prompts) else 0
         self.show_detail(self.app.state)  # type: ignore[attr-defined]
 
     def show_reply(self, status: str, reason: str) -> None:
         color = {"ok": "green", "error": "red"}.get(status, "yellow")
-        self.query_one("#pv-reply", Static).update(f"[{color}]{status}[/] {reason}")
+        self.query_one("#pv-reply", Static).update(assemble((status, color), " ", data(reason, limit=300)))
 
     def show(self, s: RunState) -> None:
+        self.fill(s.preview_params)
         prompts = self.query_one("#pv-prompts", OptionList)
         if len(s.previews) != self._count:
             self._count = len(s.previews)
+            self._prompts = sorted(s.previews)
             prompts.clear_options()
-            prompts.add_options([f"{i}: {evs[-1].prompt[:40]}" for i, evs in sorted(s.previews.items())])
-            prompts.highlighted = min(self.selected, max(self._count - 1, 0))
+            prompts.add_options([Option(assemble(f"{i}: ", data(s.previews[i][-1].prompt, limit=40)))
+                                 for i in self._prompts])
+            if self.selected not in s.previews and self._prompts:
+                self.selected = self._prompts[0]
+            if self._prompts:
+                prompts.highlighted = self._prompts.index(self.selected)
         self.show_detail(s)
 
     def show_detail(self, s: RunState) -> None:
         text = self.query_one("#pv-text", Static)
         history = s.previews.get(self.selected)
         if not history:
-            text.update("no previews yet (they come every --preview_steps, or press Preview now)")
+            text.update(assemble("no previews yet (they come every --preview_steps, or press Preview now)"))
             return
         last = history[-1]
-        lines = [f"[b]prompt[/b] {last.prompt}", f"[b]reference[/b] {last.reference}", ""]
+        rows = [assemble(("prompt", "bold"), " ", data(last.prompt, limit=2000, one_line=False)),
+                assemble(("reference", "bold"), " ", data(last.reference, limit=2000, one_line=False)), ""]
         for ev in reversed(history[-8:]):
             score = f" rougeL {ev.rougeL:.3f}" if ev.rougeL is not None else ""
-            lines.append(f"[b]step {ev.step}[/b] T={ev.temperature:g} top-p={ev.top_p:g} max={ev.max_new_tokens}"
-                         f"{score} (rank {ev.rank})\n{ev.text}\n")
-        text.update("\n".join(lines))
+            rows.append(assemble((f"step {ev.step}", "bold"),
+                                 f" T={ev.temperature:g} top-p={ev.top_p:g} max={ev.max_new_tokens}{score} "
+                                 f"(rank {ev.rank})"))
+            rows.append(data(ev.text, limit=4000, one_line=False))
+            rows.append("")
+        text.update(lines(*rows))

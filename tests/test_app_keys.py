@@ -1,0 +1,84 @@
+"""Keys 1–6 switch tabs wherever focus is, except in a text field (digits go into it); Escape leaves a
+text field. Pilot presses real keys in the dashboard attached to a real engine replaying the recorded run."""
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+from test_snapshots import RECORDED, recorded_checkpoints
+
+from conftest import ROOT
+
+TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events")
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory):
+    from engine.client import engine_alive, engine_info
+
+    run = tmp_path_factory.mktemp("keys") / "recorded_run"
+    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(RECORDED / "events.jsonl"), "--run-dir",
+                    str(run)], cwd=ROOT, check=True, capture_output=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and '"finished"' not in (run / "events.jsonl").read_text():
+        time.sleep(0.1)
+    assert engine_alive(engine_info(run))
+    recorded_checkpoints(run)
+    yield run
+    subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
+
+
+@pytest.mark.slow
+def test_digits_switch_tabs_wherever_focus_is_but_in_a_text_field(replayed):
+    from textual.widgets import Button, DataTable, Input, OptionList, TabbedContent
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(replayed))
+        app.animation_level = "none"  # the tab underline's glide: Pilot would wait for it at every key
+        async with app.run_test(size=(100, 30)) as pilot:
+            for _ in range(100):
+                if app.state.state == "finished" and app.state.disk_checkpoints:
+                    break
+                await pilot.pause(0.05)
+            tabs = app.screen.query_one(TabbedContent)
+            checked = []
+            for i, tab in enumerate(TABS):
+                await pilot.press(str(i + 1))
+                await pilot.pause(0.1)
+                assert tabs.active == tab, f"key {i + 1} with nothing focused"
+                pane = app.screen.query_one(f"#{tab}")
+                focusable = [w for w in pane.query("*") if isinstance(w, (DataTable, OptionList, Button, Input))]
+                for w in focusable:
+                    await pilot.press(str(i + 1))
+                    await pilot.pause(0.1)
+                    if isinstance(w, (DataTable, OptionList)) and w.region.area:
+                        await pilot.click(w)  # as a user does
+                    else:
+                        w.focus()  # a click on a button would press it
+                    await pilot.pause(0.1)
+                    assert app.focused is w and tabs.active == tab
+                    if isinstance(w, Input):
+                        before = w.value
+                        await pilot.press("end", "4")  # a digit typed into a field is text, not a tab key
+                        await pilot.pause(0.1)
+                        assert tabs.active == tab and w.value == before + "4" and app.focused is w
+                        w.value = before
+                        await pilot.press("escape")  # leaves the field …
+                        await pilot.pause(0.1)
+                        assert app.focused is None and tabs.active == tab
+                    other = (i + 1) % len(TABS)
+                    await pilot.press(str(other + 1))  # … so that a digit switches tabs again
+                    await pilot.pause(0.1)
+                    assert tabs.active == TABS[other], f"{w!r} in {tab}: key {other + 1} left it on {tabs.active}"
+                    checked.append((tab, type(w).__name__))
+            await pilot.press("q")
+        return checked
+
+    checked = asyncio.run(flow())
+    kinds = {k for _, k in checked}
+    assert {"DataTable", "OptionList", "Button", "Input"} <= kinds, checked
+    assert {t for t, _ in checked} >= {"gpus", "previews", "checkpoints", "events"}
