@@ -34,6 +34,7 @@ class Tokenized:
     dropped: int = 0
     truncated: int = 0
     cache_hit: bool = False
+    shortest_dropped: int = 0  # the smallest --max_len that would have kept a dropped row (0: none dropped)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,14 +63,19 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
         target = Path(cache_dir) / f"{cache_key(path, fmt, max_len, long)}.npz"
         if target.exists():
             z = np.load(target)
-            return Tokenized(z["ids"], z["offsets"], z["prompt_lens"], int(z["dropped"]), int(z["truncated"]), True)
+            shortest = int(z["shortest_dropped"]) if "shortest_dropped" in z.files else 0
+            return Tokenized(z["ids"], z["offsets"], z["prompt_lens"], int(z["dropped"]), int(z["truncated"]), True,
+                             shortest)
     examples = [ex for _, ex in read_examples(path)]
-    pieces, prompt_lens, dropped, truncated = [], [], 0, 0
+    pieces, prompt_lens, dropped, truncated, shortest = [], [], 0, 0, 0
     for i in range(0, len(examples), 2048):
         for prompt, answer in fmt.encode(examples[i:i + 2048]):
             if len(prompt) + len(answer) > max_len:
                 if long == "drop" or len(prompt) >= max_len:
                     dropped += 1
+                    # truncation keeps a row whose prompt and one target token fit
+                    need = len(prompt) + len(answer) if long == "drop" else len(prompt) + 1
+                    shortest = min(shortest or need, need)
                     continue
                 answer = answer[: max_len - len(prompt)]
                 truncated += 1
@@ -80,13 +86,14 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
         ids=np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         prompt_lens=np.asarray(prompt_lens, np.int32), dropped=dropped, truncated=truncated,
+        shortest_dropped=shortest,
     )
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, ids=tok.ids, offsets=tok.offsets, prompt_lens=tok.prompt_lens,
-                     dropped=dropped, truncated=truncated)
+                     dropped=dropped, truncated=truncated, shortest_dropped=shortest)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -94,24 +101,25 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
 
 
 def plan_epoch(tok: Tokenized, epoch: int, seed: int, bsz: int, rank: int, world: int, max_len: int,
-               packing: bool, group_by_length: bool) -> list[list[list[int]]]:
+               packing: bool, group_by_length: bool, budget: int = 0) -> list[list[list[int]]]:
     """This rank's micro-batches for ``epoch``: each a list of rows, each row a list of example indices."""
-    return plan_epoch_all(tok, epoch, seed, bsz, world, max_len, packing, group_by_length)[rank]
+    return plan_epoch_all(tok, epoch, seed, bsz, world, max_len, packing, group_by_length, budget)[rank]
 
 
 def plan_epoch_all(tok: Tokenized, epoch: int, seed: int, bsz: int, world: int, max_len: int, packing: bool,
-                   group_by_length: bool) -> list[list[list[list[int]]]]:
+                   group_by_length: bool, budget: int = 0) -> list[list[list[list[int]]]]:
     """Every rank's micro-batches for ``epoch`` (index: rank), computed once.
 
-    Packed: each micro-batch is one row of whole examples filling a budget of ``bsz × max_len`` tokens,
-    so every rank of a step carries (almost) the same number of tokens. Every rank gets the same
-    number of micro-batches (the tail that cannot fill all ranks is dropped).
+    Packed: each micro-batch is one row of whole examples filling a budget of ``budget`` tokens (0:
+    ``bsz × max_len``; ``plan_run`` picks it), so every rank of a step carries (almost) the same number
+    of tokens. Every rank gets the same number of micro-batches (the tail that cannot fill all ranks is
+    dropped).
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(tok))
     lengths = tok.lengths
     if packing:
-        rows = _pack(order, lengths, bsz * max_len)
+        rows = _pack(order, lengths, budget or bsz * max_len)
         rows = [rows[i] for i in rng.permutation(len(rows))]
         steps = len(rows) // world
         return [[[rows[s * world + r]] for s in range(steps)] for r in range(world)]
@@ -130,6 +138,121 @@ def plan_epoch_all(tok: Tokenized, epoch: int, seed: int, bsz: int, world: int, 
     steps = len(order) // per_step
     return [[[[int(x)] for x in order[s * per_step + r * bsz: s * per_step + (r + 1) * bsz]] for s in range(steps)]
             for r in range(world)]
+
+
+@dataclass
+class RunPlan:
+    """What a run will do with its training rows: the one computation that ``voxtui preflight`` and the
+    worker share (``plan_run``), so they cannot disagree."""
+
+    rows: int  # training rows kept (after --long)
+    dropped: int
+    truncated: int
+    world: int  # ranks
+    grad_accum: int
+    packing: bool
+    asked_budget: int  # --per_device_bsz × --max_len
+    budget: int  # tokens per packed row actually used (≤ asked_budget); 0 without packing
+    micro_per_rank: int  # micro-batches per rank in epoch 0
+    steps_per_epoch: int
+    total_steps: int
+    problem: str = ""  # why no optimizer step can run, and the fix; empty when the plan works
+    plans: list | None = None  # epoch 0, every rank's micro-batches (not part of the summary)
+
+    @property
+    def shrunk(self) -> bool:
+        return self.packing and 0 < self.budget < self.asked_budget
+
+    def summary(self) -> str:
+        if self.problem:
+            return self.problem
+        text = (f"{self.rows} training rows → {self.micro_per_rank} micro-batch(es) per rank on {self.world} "
+                f"rank(s) × grad_accum {self.grad_accum}: {self.steps_per_epoch} step(s) per epoch, "
+                f"{self.total_steps} step(s) in all")
+        if self.shrunk:
+            text += (f"; packed rows shrunk from {self.asked_budget} to {self.budget} tokens, since rows of "
+                     f"{self.asked_budget} would make fewer than {self.world * self.grad_accum} micro-batches "
+                     f"(ranks × grad_accum)")
+        return text
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "dropped": self.dropped, "truncated": self.truncated, "world": self.world,
+                "grad_accum": self.grad_accum, "packing": self.packing, "asked_budget": self.asked_budget,
+                "budget": self.budget, "shrunk": self.shrunk, "micro_batches_per_rank": self.micro_per_rank,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "problem": self.problem}
+
+
+def plan_run(tok: Tokenized, cfg, world: int, source: str = "") -> RunPlan:
+    """Rows kept, micro-batches per rank, steps per epoch and in all, for ``cfg`` (a TrainConfig) on
+    ``world`` ranks, or the problem that stops any step from running and the change that fixes it.
+
+    Packed rows that are fewer than ranks × grad_accum get a smaller budget: ``total tokens ÷ (ranks ×
+    grad_accum)``, never below the longest example, which makes at least that many rows in every epoch."""
+    import math
+
+    acc, asked = cfg.grad_accum, cfg.per_device_bsz * cfg.max_len
+    need = world * acc
+    budget = asked if cfg.packing else 0
+    name = source or cfg.train_jsonl
+
+    def plan(b: int) -> list:
+        return plan_epoch_all(tok, 0, cfg.seed, cfg.per_device_bsz, world, cfg.max_len, cfg.packing,
+                              cfg.group_by_length, b)
+
+    def result(plans: list | None, problem: str = "") -> RunPlan:
+        micro = len(plans[0]) if plans else 0
+        spe = micro // acc if not problem else 0
+        total = (cfg.max_steps or max(math.ceil(cfg.epochs * spe), 1)) if not problem else 0
+        return RunPlan(len(tok), tok.dropped, tok.truncated, world, acc, cfg.packing, asked, budget, micro, spe,
+                       total, problem, plans if not problem else None)
+
+    if len(tok) == 0:
+        if tok.dropped:
+            floor = (f": raise --max_len to at least {tok.shortest_dropped} (the shortest formatted example"
+                     + (", with one target token" if cfg.long == "truncate" else "") + ")") if tok.shortest_dropped else ""
+            return result(None, f"{name}: every row ({tok.dropped}) is longer than --max_len {cfg.max_len}"
+                                f" (--long {cfg.long}){floor}")
+        return result(None, f"{name}: the file is empty: no training rows")
+    plans = plan(budget)
+    if len(plans[0]) >= acc:
+        return result(plans)
+    lengths = tok.lengths
+    if cfg.packing:
+        longest, total = int(lengths.max()), int(lengths.sum())
+        budget = max(longest, min(asked, total // need))
+        plans = plan(budget)
+        if len(plans[0]) >= acc:
+            return result(plans)
+        made = len(plan_epoch_all(tok, 0, cfg.seed, cfg.per_device_bsz, 1, cfg.max_len, True, False, longest)[0])
+        what = (f"{len(tok)} rows make at most {made} packed row(s) (rows of {longest} tokens, the longest "
+                f"example), fewer than {world} rank(s) × grad_accum {acc} = {need}")
+        fixes = _fixes(made, world, acc, cfg.nproc)
+        if len(tok) // need:  # unpacked rows of one example each are more micro-batches than packed rows
+            fixes.append(f"--no-packing --per_device_bsz {min(len(tok) // need, cfg.per_device_bsz)}")
+    else:
+        bsz = cfg.per_device_bsz
+        what = (f"{len(tok)} rows make {len(tok) // (bsz * world)} batch(es) of --per_device_bsz {bsz} per rank "
+                f"on {world} rank(s), fewer than grad_accum {acc}")
+        fixes = [f"--per_device_bsz ≤ {len(tok) // need}"] if len(tok) // need else []
+        fixes += _fixes(len(tok) // bsz, world, acc, cfg.nproc) if len(tok) // bsz else []
+        if not fixes:
+            fixes = ["--per_device_bsz 1 with " + _fixes(len(tok), world, acc, cfg.nproc)[0]]
+    if tok.dropped:
+        fixes.append(f"a larger --max_len (it dropped {tok.dropped} row(s))")
+    return result(plans, f"{name}: {what}, so no optimizer step can run: use " + ", or ".join(fixes))
+
+
+def _fixes(units: int, world: int, acc: int, nproc: int) -> list[str]:
+    """Ways to need at most ``units`` micro-batches (``units`` ≥ 1): fewer ranks, a smaller grad_accum,
+    or both."""
+    out = []
+    if units // acc and world == nproc:
+        out.append(f"--nproc ≤ {units // acc}")
+    if units // world:
+        out.append(f"--grad_accum ≤ {units // world}")
+    if not out:
+        out.append(f"--nproc ≤ {units} with --grad_accum 1" if world == nproc else "fewer ranks with --grad_accum 1")
+    return out
 
 
 def _pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> list[list[int]]:

@@ -7,7 +7,9 @@ same fields; flags override it; the resolved config is saved as ``runs/<run>/con
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +21,11 @@ DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Everything a run needs. Each field is also a ``--flag`` of the same name."""
+class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict=True):
+    """Everything a run needs. Each field is also a ``--flag`` of the same name.
+
+    ``bf16 = "auto"`` (the default) is settled when the config is made (``bf16_auto``): an instance
+    always holds true or false, and ``bf16_reason`` says why when it was chosen here."""
 
     model_id: str = DEFAULT_MODEL
     """Hub id or local folder of a VoxtralForConditionalGeneration checkpoint."""
@@ -48,8 +53,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0: off)."""
-    bf16: bool = True
-    """bf16 weights and compute (on a GPU that supports it; fp32 otherwise)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 weights and compute. No flag (auto): bf16 where the hardware has it, a GPU of compute
+    capability 8.0 or newer or a CPU with bf16 units (avx512_bf16 / amx_bf16), fp32 elsewhere (where bf16 is
+    emulated and many times slower); the run's config.toml records the choice, preflight says why."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere and newer."""
     grad_ckpt: bool = True
@@ -125,6 +132,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: str = ""
     """The engine's endpoints file (engine.json) when running under voxtui run; empty: standalone."""
 
+    def __post_init__(self) -> None:
+        self.bf16_reason = ""  # not a field: why "auto" chose what it chose (empty: set explicitly)
+        if self.bf16 == "auto":
+            self.bf16, self.bf16_reason = bf16_auto()
+
     def validate(self) -> None:
         """Collect every problem, then raise once."""
         problems = []
@@ -184,11 +196,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field, defaulting to None so that only flags actually given override the TOML."""
     parser.add_argument("--config", metavar="RUN.toml", help="TOML file with the same fields; flags override it")
     docs = field_docs()
-    defaults = TrainConfig()
+    defaults = {f.name: f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
+                for f in msgspec.structs.fields(TrainConfig)}
     for name in FIELDS:
-        default = getattr(defaults, name)
+        default = defaults[name]
         help_text = f"{docs.get(name, '')} (default: {default if default != '' else 'none'})".replace("%", "%%")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or name == "bf16":
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):
             parser.add_argument(f"--{name}", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -209,7 +222,8 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     try:
         cfg = msgspec.convert(values, TrainConfig)
     except msgspec.ValidationError as e:
-        raise UsageError(f"config: {e}") from None
+        where = f"{args.config}: " if getattr(args, "config", None) else ""
+        raise UsageError(f"{where}config: {_field_error(e)}") from None
     cfg.validate()
     return cfg
 
@@ -224,12 +238,103 @@ def read_toml(path: str | os.PathLike) -> dict:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, not a TOML config file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}): a config file is UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: {e}") from None
+        raise UsageError(f"{path}: {str(e).splitlines()[0] if str(e) else 'not valid TOML'}") from None
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)}")
     return data
+
+
+def _field_error(e: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.per_device_bsz`" as "per_device_bsz: expected int, got str"."""
+    text = str(e).splitlines()[0] if str(e) else "invalid value"
+    msg, _, where = text.rpartition(" - at ")
+    if msg and where.startswith("`$."):
+        field = where.strip("`")[2:]
+        return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "")
+    return text
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_auto() -> tuple[bool, str]:
+    """What ``bf16 = "auto"`` means on this machine, and why: bf16 on GPUs of compute capability 8.0 or
+    newer (all of those the worker would use); with no CUDA GPU, bf16 where the CPU has bf16 units
+    (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo) and fp32 elsewhere, since the worker keeps bf16
+    weights on the CPU and without those units every bf16 matmul is emulated. Needs no torch import."""
+    gpus = _gpus()
+    if gpus:
+        names = ", ".join(sorted({name for name, _ in gpus}))
+        old = [(name, cc) for name, cc in gpus if cc < (8, 0)]
+        if old:
+            name, cc = old[0]
+            return False, (f"{name} has compute capability {cc[0]}.{cc[1]}, below 8.0: no bf16 units, "
+                           "so fp32")
+        return True, f"{names}: compute capability 8.0 or newer has bf16 units"
+    flags = _cpu_flags()
+    have = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if have:
+        return True, f"no CUDA GPU, and this CPU has bf16 units ({', '.join(have)})"
+    return False, ("no CUDA GPU, and this CPU has no bf16 units (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): "
+                   "bf16 would be emulated, many times slower than fp32")
+
+
+def _gpus() -> list[tuple[str, tuple[int, int]]]:
+    """(name, compute capability) of each CUDA GPU the worker would see: through torch when it is
+    imported already, else through NVML (none when torch is a CPU build or CUDA_VISIBLE_DEVICES hides them)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if not torch.cuda.is_available():
+            return []
+        return [(torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+                for i in range(torch.cuda.device_count())]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    try:
+        from importlib.metadata import version
+
+        if "+cpu" in version("torch"):
+            return []
+    except Exception:
+        pass
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            out = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                out.append((name.decode() if isinstance(name, bytes) else name,
+                            tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no NVML: no GPU the worker could use either
+        return []
+    if visible:
+        picked = [int(x) for x in visible.split(",") if x.strip().isdigit()]
+        if picked and len(picked) == len(visible.split(",")):
+            out = [out[i] for i in picked if i < len(out)]
+    return out
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -78,8 +78,6 @@ def check_system(cfg: TrainConfig, r: Report) -> dict:
         r.add("system", "gpus", "ok", f"{len(info['gpus'])} GPU(s), driver {driver}, CUDA {torch.version.cuda}: {gpus}")
         if cfg.nproc > len(info["gpus"]):
             r.add("system", "nproc", "fail", f"--nproc {cfg.nproc} but only {len(info['gpus'])} GPU(s)")
-        if cfg.bf16 and not torch.cuda.is_bf16_supported():
-            r.add("system", "bf16", "fail", "this GPU has no bf16: use --no-bf16")
         if cfg.nproc > 1 and not torch.distributed.is_nccl_available():
             r.add("system", "nccl", "fail", "several ranks on GPUs need NCCL, which this torch build lacks")
     else:
@@ -87,6 +85,7 @@ def check_system(cfg: TrainConfig, r: Report) -> dict:
                                         "far too slow for a 3B model)")
         if cfg.quant == "nf4":
             r.add("system", "nf4-cpu", "info", "NF4 on the CPU works with bitsandbytes ≥ 0.49 but is slow")
+    check_bf16(cfg, r)
     cores = os.cpu_count() or 1
     if cores < cfg.nproc:
         r.add("system", "cpus", "warn", f"{cores} CPU core(s) for {cfg.nproc} ranks")
@@ -107,6 +106,62 @@ def check_system(cfg: TrainConfig, r: Report) -> dict:
     r.add("system", "dataloader", "ok", "data is pre-tokenised and collated in the training process: "
                                        "no dataloader workers are needed")
     return info
+
+
+def check_bf16(cfg: TrainConfig, r: Report) -> None:
+    """What --bf16 is and why: auto's choice (``engine.config.bf16_auto``), or the flag / config value,
+    with a warning when bf16 is asked for on hardware that has to emulate it."""
+    from engine.config import bf16_auto
+
+    on = "bf16" if cfg.bf16 else "fp32"
+    chosen = getattr(cfg, "bf16_reason", "")
+    if chosen:
+        r.add("system", "bf16", "ok", f"bf16: chose {on} because {chosen} (auto; --bf16 or --no-bf16 overrides)",
+              bf16=cfg.bf16, auto=True)
+        return
+    auto, why = bf16_auto()
+    if cfg.bf16 == auto:
+        r.add("system", "bf16", "ok", f"bf16: {on}, as set (auto would choose the same: {why})", bf16=cfg.bf16, auto=False)
+    elif cfg.bf16:
+        r.add("system", "bf16", "fail" if _gpu_lacks_bf16() else "warn",
+              f"bf16: bf16 as set, but {why}: leave the flag out (auto) or use --no-bf16", bf16=True, auto=False)
+    else:
+        r.add("system", "bf16", "info", f"bf16: fp32 as set; auto would choose bf16 ({why}), which is faster and "
+                                        "takes half the memory for the weights", bf16=False, auto=False)
+
+
+def _gpu_lacks_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+
+
+def check_plan(cfg: TrainConfig, r: Report, tok=None):
+    """The plan the worker will make (``engine.batching.plan_run``, the same code): rows kept after
+    --long, micro-batches per rank, steps per epoch and in all, a shrunk packing budget; no-go with the
+    fix when no optimizer step can run. Returns the tokenised rows (reused after a probe)."""
+    from engine import batching
+    from engine.formatting import load_format
+    from engine.util import UsageError
+
+    r.checks = [c for c in r.checks if c["name"] != "plan"]
+    if any(c["area"] == "data" and c["name"] == "train" and c["level"] == "fail" for c in r.checks):
+        return None  # the data check has said what is wrong with the file
+    if tok is None:
+        try:
+            fmt = load_format(cfg.model_id)
+            tok = batching.tokenize(cfg.train_jsonl, fmt, cfg.max_len, cfg.long, _cache_dir(cfg))
+        except UsageError as e:
+            r.add("plan", "plan", "fail", f"cannot tokenize the training rows as the worker will: {e}")
+            return None
+    plan = batching.plan_run(tok, cfg, cfg.nproc)
+    r.add("plan", "plan", "fail" if plan.problem else "ok", plan.summary(), plan=plan.as_dict())
+    return tok
+
+
+def _cache_dir(cfg: TrainConfig) -> str:
+    """The worker's token cache (``--cache_dir``, else ``_cache`` beside the run folder): preflight fills it."""
+    return cfg.cache_dir or str(Path(cfg.output_dir or "runs/run").parent / "_cache")
 
 
 def check_data(cfg: TrainConfig, r: Report) -> dict:
@@ -309,10 +364,14 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
     r = Report()
     system = check_system(cfg, r)
     lengths = check_data(cfg, r)
+    tok = check_plan(cfg, r)
     m = check_model(cfg, r)
     check_memory(cfg, r, m, system, lengths)
     if probe and r.verdict != "no-go":
+        batch = (cfg.per_device_bsz, cfg.grad_accum)
         check_probe(cfg, r, lengths)  # rescales the batch in cfg, so the command below uses it
+        if (cfg.per_device_bsz, cfg.grad_accum) != batch and tok is not None:
+            check_plan(cfg, r, tok)  # the plan of the batch the command launches
     return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path),
             "config": to_toml(cfg)}
 

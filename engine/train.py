@@ -139,8 +139,15 @@ def resolve_run(args: argparse.Namespace, d: Dist) -> tuple[TrainConfig, Path, b
     return cfg, run_dir, False
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
+def lr_lambda(warmup: int, total: int, min_ratio: float, start: int = 0, start_ratio: float | None = None):
+    """The learning rate as a share of --lr after ``step`` scheduler steps: linear warm-up, then a cosine
+    to ``min_ratio`` at ``total``. With ``start_ratio`` (a resume that changed the total): from step
+    ``start`` on, a cosine from ``start_ratio`` (the share in force at the checkpoint) to ``min_ratio`` at
+    ``total``, so the rate never jumps."""
     def f(step: int) -> float:
+        if start_ratio is not None and step >= start:
+            progress = (step - start) / max(total - start, 1)
+            return min_ratio + (start_ratio - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if warmup and step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(total - warmup, 1)
@@ -254,6 +261,16 @@ class Trainer:
         self.log(f"data: {len(self.train_tok)} train rows ({'cache hit' if self.train_tok.cache_hit else 'tokenized'}"
                  f" in {time.perf_counter() - t0:.2f}s), {self.train_tok.truncated} truncated, "
                  f"{self.train_tok.dropped} dropped over --max_len {cfg.max_len}")
+        # the plan preflight computed too (batching.plan_run): a run that cannot make one step stops here,
+        # before the model loads, with the change that fixes it
+        self.run_plan = batching.plan_run(self.train_tok, cfg, d.world)
+        if self.run_plan.problem:
+            raise UsageError(self.run_plan.problem)
+        self.log(f"plan: {self.run_plan.summary()}")
+        if self.run_plan.shrunk:
+            from engine.protocol import Log
+
+            self.emit(Log(level="info", message=self.run_plan.summary()))
         self.previews = self._preview_rows()
 
         # model
@@ -268,7 +285,7 @@ class Trainer:
 
             kind = (f"varlen FlashAttention (torch.nn.attention.varlen, grouped heads: {gqa_mode()})"
                     if d.device.type == "cuda" and varlen_available() else "SDPA example by example")
-            self.log(f"packed rows of {cfg.per_device_bsz * cfg.max_len} tokens, attention: {kind}")
+            self.log(f"packed rows of {self.run_plan.budget} tokens, attention: {kind}")
         rows, trainable, total = param_table(self.model, removed=self.model_removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
@@ -293,13 +310,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                            fused=d.device.type == "cuda")
         self.plan_cache: dict[int, list] = {}
-        self.steps_per_epoch = max(len(self.plan(0)) // cfg.grad_accum, 1)
-        self.total_steps = cfg.max_steps or max(math.ceil(cfg.epochs * self.steps_per_epoch), 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
-        if len(self.plan(0)) < cfg.grad_accum:
-            raise UsageError(f"{len(self.train_tok)} training rows make {len(self.plan(0))} micro-batches per rank, "
-                             f"fewer than --grad_accum {cfg.grad_accum}: lower --per_device_bsz or --grad_accum")
+        self.steps_per_epoch = self.run_plan.steps_per_epoch
+        self.total_steps = self.run_plan.total_steps
+        self.schedule = {"total": self.total_steps, "start": 0, "start_ratio": None}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         if self.resuming:
             self._restore()
         if d.main:
@@ -357,8 +371,11 @@ class Trainer:
 
         if epoch not in self.plan_cache:
             cfg, d = self.cfg, self.d
-            plans = plan_epoch_all(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, d.world, cfg.max_len,
-                                   cfg.packing, cfg.group_by_length)
+            if epoch == 0 and self.run_plan.plans is not None:
+                plans = self.run_plan.plans
+            else:
+                plans = plan_epoch_all(self.train_tok, epoch, cfg.seed, cfg.per_device_bsz, d.world, cfg.max_len,
+                                       cfg.packing, cfg.group_by_length, self.run_plan.budget)
             per_example = self.train_tok.lengths - self.train_tok.prompt_lens
             self.global_targets = [sum(int(per_example[x]) for p in plans for row in p[i] for x in row)
                                    for i in range(len(plans[0]))]
@@ -385,6 +402,7 @@ class Trainer:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step, self.epoch, self.micro = state["step"], state["epoch"], state["micro"]
+        self._resume_schedule(state)
         self.best_loss = state.get("best_loss") if state.get("best_loss") is not None else math.inf
         self.best_step, self.bad_evals = state.get("best_step", 0), state.get("bad_evals", 0)
         self.preview.update(state.get("preview", {}))
@@ -395,6 +413,37 @@ class Trainer:
         if rng is not None:
             checkpoint.set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro})")
+
+    def _lr_lambda(self):
+        s = self.schedule
+        return lr_lambda(self.cfg.warmup_steps, s["total"], self.cfg.min_lr_ratio, s["start"], s["start_ratio"])
+
+    def _resume_schedule(self, state: dict) -> None:
+        """The learning-rate schedule after a resume. The same total: the run's own schedule, exactly. A
+        different total (a new --max_steps or --epochs, another rank count): the warm-up, if not over, goes
+        on into the new total's cosine; past it, the rate in force at the checkpoint decays by a cosine to
+        --min_lr_ratio × --lr at the new total, so it never jumps back up."""
+        saved = state.get("schedule") or {"total": state.get("total_steps"), "start": 0, "start_ratio": None}
+        if saved["total"] == self.total_steps:
+            self.schedule = dict(saved)
+        else:
+            from engine.protocol import Log
+
+            lr, base = self.scheduler.get_last_lr()[0], self.scheduler.base_lrs[0]
+            floor = self.cfg.min_lr_ratio * base
+            if self.step < self.cfg.warmup_steps and saved.get("start_ratio") is None:
+                self.schedule = {"total": self.total_steps, "start": 0, "start_ratio": None}
+                message = (f"resume: {saved['total']} steps before, {self.total_steps} now; still warming up "
+                           f"(step {self.step} of {self.cfg.warmup_steps}): the warm-up goes on, then a cosine to "
+                           f"{floor:.3g} at step {self.total_steps}")
+            else:
+                self.schedule = {"total": self.total_steps, "start": self.step, "start_ratio": lr / base}
+                message = (f"resume: {saved['total']} steps before, {self.total_steps} now: the learning rate "
+                           f"goes on from {lr:.3g} (in force at step {self.step}) and decays by a cosine to "
+                           f"{floor:.3g} at step {self.total_steps}")
+            self.log(message)
+            self.emit(Log(level="info", message=message))
+        self.scheduler.lr_lambdas = [self._lr_lambda() for _ in self.scheduler.lr_lambdas]
 
     # ---- the loop
     def train(self) -> str:
@@ -518,7 +567,7 @@ class Trainer:
         def build(p, start):
             out = []
             for i in range(cfg.grad_accum):
-                m = collate(self.train_tok, p[start + i], self.fmt.pad, packed, budget=cfg.per_device_bsz * cfg.max_len,
+                m = collate(self.train_tok, p[start + i], self.fmt.pad, packed, budget=self.run_plan.budget,
                             max_len=cfg.max_len)
                 if pin:
                     m = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in m.items()}
@@ -749,7 +798,7 @@ class Trainer:
             state = {"step": self.step, "epoch": self.epoch, "micro": self.micro, "world_size": d.world,
                      "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
                      "best_step": self.best_step, "bad_evals": self.bad_evals, "preview": self.preview,
-                     "total_steps": self.total_steps, "reason": reason, "time": time.time(),
+                     "total_steps": self.total_steps, "schedule": self.schedule, "reason": reason, "time": time.time(),
                      "model_id": self.cfg.model_id,
                      "config": {k: getattr(self.cfg, k) for k in self.cfg.__struct_fields__}}
             slow = float(os.environ.get("VOXTUI_FAULT_SLOW_SAVE", "0"))

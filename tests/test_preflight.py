@@ -14,7 +14,11 @@ def test_go_on_the_tiny_model(tmp_path, tiny_model):
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["verdict"] in ("go", "warn")  # warn: no GPU on this machine
     areas = {c["area"] for c in report["checks"]}
-    assert areas == {"system", "data", "model", "memory"}
+    assert areas == {"system", "data", "plan", "model", "memory"}
+    plan = next(c for c in report["checks"] if c["name"] == "plan")["plan"]
+    # 20 short rows packed into one row of 4 × 1024 tokens would be one micro-batch for two ranks: shrunk
+    assert plan["rows"] == 20 and plan["world"] == 2 and plan["shrunk"] and plan["micro_batches_per_rank"] >= 1
+    assert plan["total_steps"] == plan["steps_per_epoch"] >= 1 and not plan["problem"]
     assert not [c for c in report["checks"] if c["level"] == "fail"]
     assert report["command"].startswith("torchrun --standalone --nproc_per_node 2 -m engine.train")
     assert f"--model_id {tiny_model}" in report["command"]
