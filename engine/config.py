@@ -258,6 +258,8 @@ def _field_error(e: msgspec.ValidationError) -> str:
     msg, _, where = text.rpartition(" - at ")
     if msg and where.startswith("`$."):
         field = where.strip("`")[2:]
+        if field == "bf16":
+            return 'bf16: must be true, false or "auto"'
         return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "")
     return text
 

@@ -1,0 +1,107 @@
+"""The config file and --bf16: an unreadable config is one line and exit 2; an absent --bf16 means bf16
+where the hardware has it, preflight says what it chose and why, and the run's config.toml holds the choice."""
+
+import json
+import sys
+
+import pytest
+import tomllib
+
+from conftest import train_args, voxtui, worker, write_jsonl
+
+
+def rows(n):
+    return [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(n)]
+
+
+def one_line_usage_error(proc, *words):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("voxtui: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr and all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize("tool", [("preflight",), ("run",)])
+def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, tool):
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'lr = 0.001\n# caf\xe9 au lait\n')
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text('per_device_bsz = "four"\n')
+    bad_bf16 = tmp_path / "bf16.toml"
+    bad_bf16.write_text('bf16 = "yes"\n')
+    cases = ((latin1, ("latin1.toml", "UTF-8")), (tmp_path, (str(tmp_path), "folder")),
+             (wrong_type, ("wrong.toml", "per_device_bsz", "int")), (bad_bf16, ("bf16.toml", "bf16")))
+    for config, words in cases:
+        proc = voxtui(*tool, "--config", config, "--train_jsonl", train, "--output_dir", tmp_path / "run", cwd=tmp_path)
+        one_line_usage_error(proc, *words)
+    assert latin1.read_bytes() == b'lr = 0.001\n# caf\xe9 au lait\n'  # the input untouched
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_worker_reads_a_bad_config_as_a_usage_error(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe lr = 1\n")
+    proc = subprocess.run([sys.executable, "-m", "engine.train", "--config", str(bad)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    one_line_usage_error(proc, "bad.toml", "UTF-8")
+
+
+def expected_bf16() -> bool:
+    """This machine's answer, found independently of engine.config: a CPU run (no CUDA) uses bf16 only
+    when /proc/cpuinfo lists bf16 units."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule is tested on a machine without CUDA")
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def test_bf16_auto_is_chosen_reported_and_saved(tmp_path, tiny_model):
+    from engine.config import TrainConfig, resolve, to_toml
+    from engine.train import build_parser
+
+    want = expected_bf16()
+    train = write_jsonl(tmp_path / "t.jsonl", rows(8))
+    proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--quant", "none", "--json", "-",
+                  cwd=tmp_path)
+    report = json.loads(proc.stdout)
+    check = next(c for c in report["checks"] if c["name"] == "bf16")
+    assert check["auto"] is True and check["bf16"] is want
+    assert check["message"].startswith(f"bf16: chose {'bf16' if want else 'fp32'} because ")
+    assert ("bf16 units (" in check["message"]) if want else ("no bf16 units" in check["message"])
+    assert f"bf16 = {'true' if want else 'false'}" in report["config"].splitlines()
+
+    # an explicit flag or TOML value wins; "auto" in a TOML file means the same as no flag
+    for flags, value in ((["--bf16"], True), (["--no-bf16"], False)):
+        proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--quant", "none", *flags,
+                      "--json", "-", cwd=tmp_path)
+        check = next(c for c in json.loads(proc.stdout)["checks"] if c["name"] == "bf16")
+        assert check["auto"] is False and check["bf16"] is value and "as set" in check["message"]
+    toml = tmp_path / "run.toml"
+    for text, value in (('bf16 = "auto"\n', want), ("bf16 = false\n", False), ("bf16 = true\n", True)):
+        toml.write_text(text + f'train_jsonl = "{train}"\n')
+        cfg = resolve(build_parser().parse_args(["--config", str(toml)]))
+        assert cfg.bf16 is value and f"bf16 = {str(value).lower()}" in to_toml(cfg)
+    assert TrainConfig().bf16 is want
+
+    # the worker, with no flag: its config.toml holds the concrete choice
+    args = train_args(tiny_model, tmp_path / "run", train, max_steps=1)
+    args.remove("--no-bf16")
+    run = worker(args)
+    assert run.returncode == 0, run.stdout + run.stderr
+    saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert saved["bf16"] is want
+
+
+def test_help_tells_the_bf16_default():
+    for tool in (("run", "--help"), ("preflight", "--help")):
+        text = " ".join(voxtui(*tool).stdout.split())
+        assert "--bf16, --no-bf16 bf16 weights and compute. No flag (auto)" in text
+        assert "(default: auto)" in text and "avx512_bf16" in text

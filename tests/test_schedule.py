@@ -1,0 +1,71 @@
+"""The learning-rate schedule across a resume that changes the total (a larger --max_steps): the rate in
+force at the checkpoint decays by a cosine to the floor at the new total, with no jump back up."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from conftest import read_events, train_args, worker, write_jsonl
+
+LR, FLOOR = 5e-3, 0.1
+
+
+def lrs(run) -> dict[int, float]:
+    """The last logged lr of each step (a resumed run logs some steps twice)."""
+    return {e["step"]: e["lr"] for e in read_events(run) if e["type"] == "step"}
+
+
+def final_lr(run, step: int) -> float:
+    """The rate in force after the last step (what the next step would use), from the final checkpoint."""
+    opt = torch.load(run / "checkpoints" / f"checkpoint-{step}" / "optimizer.pt", weights_only=False)
+    return opt["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, tiny_model):
+    rows = [{"instruction": f"Say {i}.", "output": f"It is {i * 3}."} for i in range(16)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    common = {"lr": LR, "min_lr_ratio": FLOOR, "warmup_steps": 2, "save_steps": 3, "cache_dir": tmp_path / "c"}
+    first = tmp_path / "first"
+    proc = worker(train_args(tiny_model, first, train, max_steps=6, **common))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before = lrs(first)
+    assert sorted(before) == list(range(1, 7)) and final_lr(first, 6) == pytest.approx(FLOOR * LR)
+
+    # a finished run of N steps, resumed to 2N: it stays at the floor (it was there already)
+    done = tmp_path / "done"
+    shutil.copytree(first, done)
+    proc = worker(["--resume", str(done), "--max_steps", "12"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = lrs(done)
+    assert sorted(after) == list(range(1, 13))
+    assert all(after[s] == pytest.approx(FLOOR * LR, rel=1e-9) for s in range(7, 13)), after
+    assert final_lr(done, 12) == pytest.approx(FLOOR * LR)
+
+    # resumed from the middle (checkpoint-3, as after a crash) to 12 steps: step 4 uses the rate the
+    # first run used, then it only goes down, reaching the floor at step 12
+    mid = tmp_path / "mid"
+    shutil.copytree(first, mid)
+    shutil.rmtree(mid / "checkpoints" / "checkpoint-6")
+    proc = worker(["--resume", str(mid), "--max_steps", "12"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = lrs(mid)
+    assert after[4] == pytest.approx(before[4], rel=1e-12)
+    seq = [after[s] for s in range(3, 13)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(seq, seq[1:])), seq  # never up after the resume point
+    assert after[5] > before[5]  # the longer run decays more slowly than the 6-step one did
+    assert after[12] > FLOOR * LR and final_lr(mid, 12) == pytest.approx(FLOOR * LR)
+    assert f"learning rate goes on from {before[4]:.3g}" in proc.stderr
+    logs = [e["message"] for e in read_events(mid) if e["type"] == "log"]
+    assert any("6 steps before, 12 now" in m and "decays by a cosine" in m for m in logs), logs
+    # the schedule is the cosine it describes: from the rate at step 3 to the floor at step 12
+    r3 = before[4] / LR
+    for s in range(4, 13):
+        want = FLOOR + (r3 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (s - 1 - 3) / 9))
+        assert after[s] == pytest.approx(want * LR, rel=1e-9)
+
+    # resumed again with the same total: the run's own (continued) schedule, not a new one
+    state = json.loads((mid / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
+    assert state["schedule"] == {"total": 12, "start": 3, "start_ratio": pytest.approx(r3)}
