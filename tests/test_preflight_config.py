@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-import tomllib
 
 from conftest import train_args, voxtui, worker, write_jsonl
 
@@ -96,7 +95,9 @@ def test_bf16_auto_is_chosen_reported_and_saved(tmp_path, tiny_model):
     args.remove("--no-bf16")
     run = worker(args)
     assert run.returncode == 0, run.stdout + run.stderr
-    saved = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    from engine.config import read_toml
+
+    saved = read_toml(tmp_path / "run" / "config.toml")
     assert saved["bf16"] is want
 
 
