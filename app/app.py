@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual.app import App, SystemCommand
 
 from app.screens.picker import RunPicker
@@ -10,7 +12,7 @@ from app.state import RunState
 
 
 class VoxApp(App):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "voxtui"
 
     def __init__(self, run: str | None = None, runs_root: str = "runs") -> None:

@@ -12,6 +12,7 @@ RUN_FILES = ("config.toml", "events.jsonl", "engine.json")
 
 
 def is_run(path: Path) -> bool:
+    """A run folder holds at least one of config.toml, events.jsonl, engine.json."""
     return path.is_dir() and any((path / f).is_file() for f in RUN_FILES)
 
 
@@ -25,25 +26,31 @@ def attach(args) -> int:
         print(f"voxtui: error: {run}: no such run", file=sys.stderr)
         return 2
     if run and not is_run(Path(run)):
-        print(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES[:-1])} or {RUN_FILES[-1]})",
-              file=sys.stderr)
+        print(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES)})", file=sys.stderr)
         return 2
-    app = VoxApp(run, args.runs)
-    app.run()
-    error = app._exception  # the first unhandled exception (Textual has printed its traceback above)
-    if error is not None or (app.return_code or 0) != 0:
-        where = ""
-        if error is not None:
-            path = Path(tempfile.gettempdir()) / f"voxtui-attach-{time.strftime('%Y%m%d-%H%M%S')}.log"
-            try:
-                path.write_text("".join(traceback.format_exception(type(error), error, error.__traceback__)))
-                where = f"; traceback above and in {path}"
-            except OSError:
-                where = "; traceback above"
-        what = f"{type(error).__name__}: {error}" if error is not None else f"exit code {app.return_code}"
-        print(f"voxtui: error: the dashboard failed ({' '.join(what.split())[:300]}){where}. "
-              "The run itself is not affected.", file=sys.stderr)
-        return 1
-    print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
-          file=sys.stderr)
-    return 0
+    code = run_dashboard(VoxApp(run, args.runs))
+    if code == 0:
+        print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
+              file=sys.stderr)
+    return code
+
+
+def run_dashboard(app, headless: bool = False) -> int:
+    """Run the app; 0 when it was quit, else 1 after one line on stderr that says what failed and where
+    the traceback is (Textual prints it above as the app ends; a plain copy goes to a file)."""
+    app.run(headless=headless)
+    error = app._exception  # the first unhandled exception: App.run() returns after one, with return_code 1
+    if error is None and not app.return_code:
+        return 0
+    where = ""
+    if error is not None:
+        path = Path(tempfile.gettempdir()) / f"voxtui-attach-{time.strftime('%Y%m%d-%H%M%S')}-{id(app):x}.log"
+        try:
+            path.write_text("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+            where = f"; traceback above and in {path}"
+        except OSError:
+            where = "; traceback above"
+    what = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error is not None else \
+        f"exit code {app.return_code}"
+    print(f"voxtui: error: the dashboard failed ({what}){where}. The run itself is not affected.", file=sys.stderr)
+    return 1

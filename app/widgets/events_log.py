@@ -81,3 +81,6 @@ class EventsLog(Vertical):
             self._written = max(self._written, s.events[-1].seq)
         for line in reversed(new):
             log.write(line)
+        if new and log.auto_scroll:
+            # once the layout has settled: a long line's horizontal scrollbar must not hide the newest one
+            log.call_after_refresh(log.scroll_end, animate=False)

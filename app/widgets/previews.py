@@ -68,8 +68,8 @@ class Previews(Vertical):
                 continue
             try:
                 text = fmt(params[key])
-            except (TypeError, ValueError):
-                continue
+            except (TypeError, ValueError, OverflowError):
+                continue  # not a number: nothing to show
             box = self.query_one(f"#{input_id}", Input)
             edited = box.value != self._filled.get(key, "")
             if box is focused or (edited and box.value != text):
@@ -88,7 +88,7 @@ class Previews(Vertical):
                 continue  # empty: unchanged
             try:
                 value = parse(text)
-            except ValueError:
+            except (ValueError, OverflowError):
                 return "temperature, top-p and max tokens must be numbers"
             problem = check(value)
             if problem:

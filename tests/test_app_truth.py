@@ -1,0 +1,245 @@
+"""The dashboard shows what is true now, not only what the events said: a run whose engine was killed
+is shown crashed (on a fresh attach too), a finished run its outcome; checkpoints and inference results
+come from the run folder; the Events tab opens with the history. Real engines (``voxtui engine replay``
+serving recorded events), Pilot, and the real ``voxtui attach`` command line."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_app import screen_text
+from test_snapshots import RECORDED
+
+from conftest import ROOT, descendants_of, voxtui, write_jsonl
+
+RECORDED_EVENTS = [json.loads(line) for line in (RECORDED / "events.jsonl").read_text().splitlines()]
+
+
+def replay(events: list[dict], run: Path, rate: float = 0.0, wait_seq: int | None = None) -> dict:
+    """A real engine serving ``events`` from ``run``; returns its engine.json once they are stored."""
+    from engine.client import engine_alive, engine_info
+
+    src = write_jsonl(run.parent / f"{run.name}.events.jsonl", events)
+    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(src), "--run-dir", str(run), "--rate",
+                    str(rate)], cwd=ROOT, check=True, capture_output=True)
+    info = engine_info(run)
+    assert engine_alive(info)
+    deadline = time.time() + 30
+    while wait_seq and time.time() < deadline:
+        lines = (run / "events.jsonl").read_text().splitlines() if (run / "events.jsonl").exists() else []
+        if len(lines) >= wait_seq:
+            break
+        time.sleep(0.05)
+    return info
+
+
+def stop(run: Path) -> None:
+    subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
+
+
+async def settle(pilot, pred, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("timed out")
+
+
+def test_attach_refuses_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    proc = voxtui("attach", tmp_path / "photos")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"voxtui: error: {tmp_path / 'photos'}: not a run folder (no config.toml, events.jsonl, engine.json)"]
+    assert voxtui("attach", tmp_path / "nothing").returncode == 2
+
+
+def test_a_crashed_dashboard_says_so_and_exits_non_zero(capsys):
+    """App.run() returns after an unhandled exception: attach must not then say "detached" and exit 0."""
+    from app.app import VoxApp
+    from app.main import run_dashboard
+
+    class Broken(VoxApp):  # a real app that really fails while running (as a markup error did)
+        def on_mount(self) -> None:
+            raise RuntimeError("[/__w/pytorch/pair.cc:553] closing tag does not match")
+
+    assert run_dashboard(Broken(None, "nowhere"), headless=True) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("voxtui: error: the dashboard failed (RuntimeError: [/__w/pytorch/pair.cc:553] closing tag")
+    log = Path(err.split(" and in ")[1].split(". The run")[0])
+    assert "RuntimeError" in log.read_text() and "on_mount" in log.read_text()
+    log.unlink()
+
+
+def test_a_fresh_attach_to_a_killed_engine_shows_the_run_crashed(tmp_path):
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+
+    run = tmp_path / "killed"
+    running = RECORDED_EVENTS[:17]  # through step 5: the last status is "running"
+    info = replay(running, run, wait_seq=17)
+    workers = descendants_of(info["pid"])
+    os.kill(info["pid"], signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(120, 30)) as pilot:
+            await settle(pilot, lambda: app.state.last_seq == 17 and app.state.engine_live is False)
+            await pilot.pause(0.2)
+            assert app.state.state == "running" and app.state.shown_state == "crashed"
+            banner = app.screen.query_one("#banner", Static)
+            assert banner.display
+            text = screen_text(app.export_screenshot())
+            assert "CRASHED" in text and "RUNNING" not in text
+            assert f"ENGINE LOST — the engine is not running (pid {info['pid']} gone)" in text
+            said = " ".join(str(banner.render()).split())
+            assert f"`voxtui run --resume {run}` continues from the latest checkpoint" in said and "(step 5)" in said
+            assert "crashed · step 5" in text  # the header too
+            await pilot.press("q")
+
+    asyncio.run(flow())
+
+
+def test_a_finished_run_shows_its_outcome(tmp_path):
+    from app.app import VoxApp
+
+    run = tmp_path / "early"
+    events = RECORDED_EVENTS[:-1] + [{**RECORDED_EVENTS[-1], "outcome": "early_stopped", "message": "no improvement"}]
+    replay(events, run, wait_seq=len(events))
+    try:
+        async def flow():
+            app = VoxApp(str(run))
+            app.animation_level = "none"
+            async with app.run_test(size=(120, 30)) as pilot:
+                await settle(pilot, lambda: app.state.state == "finished" and app.state.engine_live)
+                await pilot.pause(0.2)
+                text = screen_text(app.export_screenshot())
+                assert "FINISHED" in text and "early stopping" in text and "ENGINE LOST" not in text
+                await pilot.press("q")
+
+        asyncio.run(flow())
+    finally:
+        stop(run)
+
+
+def write_checkpoint(run: Path, step: int, best_step: int, best_loss: float, reason: str = "periodic") -> None:
+    folder = run / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "best_step": best_step,
+                                                           "best_loss": best_loss, "reason": reason}))
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+
+
+@pytest.mark.slow
+def test_checkpoints_and_inference_results_come_from_the_run_folder(tmp_path):
+    """The events announced checkpoints 2, 4 and 6, each "best" when saved. On disk: 2 was pruned,
+    8 was saved after the engine's last word. Shown: 4, 6, 8 with one ★ (the best step now, 6), and a
+    checkpoint saved later appears by itself; an inference job's metrics.json on disk is listed."""
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+
+    run = tmp_path / "ckpts"
+    replay(RECORDED_EVENTS, run, wait_seq=len(RECORDED_EVENTS))
+    best = RECORDED_EVENTS[18]["best_loss"]  # the eval at step 6
+    write_checkpoint(run, 4, 4, RECORDED_EVENTS[12]["best_loss"])
+    write_checkpoint(run, 6, 6, best, "final")
+    write_checkpoint(run, 8, 6, best)
+    job = run / "infer" / "checkpoint-6-val"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"rows": 2, "rougeL": 0.25, "bleu": 3.5, "distinct_1": 0.5,
+                                                  "distinct_2": 0.75, "perplexity": 12.5, "checkpoint": "checkpoint-6",
+                                                  "time": 1.0}))
+    (job / "generations.jsonl").write_text(
+        json.dumps({"index": 1, "line": 2, "prompt": "Describe b.", "output": "B is [b]bold[/b].",
+                    "prediction": "B is bad."}) + "\n" +
+        json.dumps({"index": 0, "line": 1, "prompt": "Describe a.", "output": "A is mild.", "prediction": "A [/INST]"})
+        + "\n")
+    (job / "per_row.jsonl").write_text(json.dumps({"index": 0, "line": 1, "rougeL": 0.4}) + "\n")
+    try:
+        async def flow():
+            app = VoxApp(str(run))
+            app.animation_level = "none"
+            async with app.run_test(size=(160, 50)) as pilot:
+                await settle(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
+                await pilot.press("4")
+                table = app.screen.query_one("#ck-table", DataTable)
+                await settle(pilot, lambda: table.row_count == 3)
+                rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
+                assert [r[0] for r in rows] == ["4", "6", "8"]
+                assert [r[2] for r in rows] == ["", "★", ""]  # exactly one best: the run's best step now
+                assert rows[1][1] == f"{best:.4f}" and rows[1][3] == "final" and rows[2][1] == "–"
+                await pilot.pause(0.3)
+                text = screen_text(app.export_screenshot())
+                assert "checkpoint-2" not in text  # pruned: gone from disk
+                assert "checkpoint-6-val" in text and "0.2500" in text and "12.50" in text
+                assert "A [/INST]" in text and "A is mild." in text and "ROUGE-L 0.40" in text  # its samples, from disk
+                write_checkpoint(run, 10, 6, best)  # saved now: shown without any event
+                await settle(pilot, lambda: table.row_count == 4, timeout=10)
+                assert str(table.get_row_at(3)[0]) == "10"
+                await pilot.press("q")
+
+        asyncio.run(flow())
+    finally:
+        stop(run)
+
+
+@pytest.mark.slow
+def test_events_tab_opens_with_the_history_then_follows(tmp_path):
+    from textual.widgets import Input, RichLog
+
+    from app.app import VoxApp
+
+    run = tmp_path / "live"
+    replay(RECORDED_EVENTS, run, rate=4)  # about five seconds of live events
+    try:
+        async def flow():
+            app = VoxApp(str(run))
+            app.animation_level = "none"
+            async with app.run_test(size=(100, 30)) as pilot:
+                await settle(pilot, lambda: app.state.last_seq >= 8)
+                await pilot.press("6")
+                await pilot.pause(0.2)
+                log = app.screen.query_one("#ev-log", RichLog)
+                seen = app.state.last_seq
+                assert len(log.lines) >= seen - 1 and log.lines[0].text.startswith("     1 status")
+                await settle(pilot, lambda: app.state.state == "finished")
+                await pilot.pause(0.3)
+                seqs = [int(s.text.split()[0]) for s in log.lines]
+                assert seqs == list(range(1, len(RECORDED_EVENTS) + 1))  # history, then live: no gap, no repeat
+                box = app.screen.query_one("#ev-filter", Input)
+                box.focus()
+                await pilot.press(*"checkpoint")
+                await pilot.pause(0.2)
+                assert [s.text.split()[1] for s in log.lines] == ["checkpoint"] * 3
+                await pilot.press("escape", "1")
+                await pilot.pause(0.2)
+                assert app.screen.query_one("TabbedContent").active == "overview"
+                await pilot.press("q")
+
+        asyncio.run(flow())
+    finally:
+        stop(run)
+
+
+def test_a_straggler_is_only_a_rank_clearly_slower_than_the_others():
+    from app.widgets.hardware import straggler
+
+    assert straggler([0.5]) is None
+    assert straggler([0.31, 0.31]) is None  # a CPU run's equal ranks
+    assert straggler([0.30, 0.33]) is None  # within 20 %
+    assert straggler([0.30, 0.45]) == 1
+    assert straggler([1.0, 1.02, 0.98, 1.6]) == 3
+    assert straggler([1.0, 1.1, 0.95, 1.15]) is None
