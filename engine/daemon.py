@@ -243,6 +243,7 @@ class Engine:
         self.proc: subprocess.Popen | None = None
         self.ranks: dict[int, int] = {}  # rank → pid
         self.gone: dict[int, float] = {}  # rank → when its process was first seen gone
+        self.killed: dict[int, int | None] = {}  # rank → the signal that ended it (0: it exited; None: unknown)
         self.rank_alerted = False
         self.stopping = False
         self.stop_deadline = 0.0
@@ -331,7 +332,7 @@ class Engine:
         spool = read_spool(self.spool_dir)
         if final:
             for ev in self._spooled({w: f for w, f in spool.items() if not pid_alive(spool_worker_pid(w))}):
-                self.emit(ev, relay=True)  # sent while nobody read, or dropped in transit: stored now
+                self.on_worker_message(ev)  # sent while nobody read, or dropped in transit: stored now
         for worker, files in spool.items():
             stored = self.relayed.get(worker, 0)
             done_with = not pid_alive(spool_worker_pid(worker)) and final
@@ -436,6 +437,10 @@ class Engine:
                 print(f"engine: dropped an undecodable worker message ({self.bad_worker_messages} so far): {why}",
                       file=sys.stderr, flush=True)
             return
+        self.on_worker_message(ev)
+
+    def on_worker_message(self, ev) -> None:
+        """A worker's event, from its socket or (sent while nobody read) from its spool."""
         if ev.worker and ev.wseq <= self.relayed.get(ev.worker, 0):
             return  # already stored (replayed from the worker's spool)
         ev.time = ev.time if ev.time > 0 else time.time()
@@ -641,11 +646,13 @@ class Engine:
                 self._watch_ranks()
                 if self.gone:
                     # the rank that went first is at fault; a rank that ends normally is followed at once
-                    # by the run's final status, so wait briefly for one before calling it a death. A rank
-                    # that leaves after the workers reported their failure (with its reason) did not die.
+                    # by the run's final status, so wait briefly for one before calling it a death.
+                    # A rank killed by a signal died, whatever followed; one that exited after the workers
+                    # reported their failure (with its reason) did not.
                     rank = min(self.gone, key=lambda r: (self.gone[r], r))
-                    before_final = final is None or self.gone[rank] < self.final_at
-                    if before_final and (now - self.gone[rank] > 3.0 or final is not None):
+                    died = self.killed.get(rank) or (final is None and now - self.gone[rank] > 3.0) or (
+                        final is not None and self.killed.get(rank) is None and self.gone[rank] < self.final_at)
+                    if died:
                         self.rank_alerted = True
                         self.emit(Alert(level="error", kind="rank_died", rank=rank,
                                         message=f"rank {rank} (pid {self.ranks[rank]}) exited unexpectedly; "
@@ -708,6 +715,7 @@ class Engine:
                     except psutil.NoSuchProcess:
                         alive = False
                     if not alive:
+                        self.killed[rank] = _exit_signal(p.pid)  # readable while torchrun has not reaped it
                         self.gone[rank] = time.monotonic()
                 time.sleep(0.02)
 
@@ -868,6 +876,17 @@ class _AllowKeys:
         import zmq.utils.z85
 
         return zmq.utils.z85.encode(key) in self.keys if len(key) == 32 else key in self.keys
+
+
+def _exit_signal(pid: int) -> int | None:
+    """The signal that ended a zombie process (0 when it exited by itself), from /proc; None when unknown
+    (already reaped, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[49]) & 0x7F  # field 52, exit_code (Linux ≥ 3.5), as waitpid's status
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
