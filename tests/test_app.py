@@ -33,13 +33,16 @@ async def wait_until(pilot, pred, timeout=90.0):
 
 
 def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path, tiny_model):
-    from textual.widgets import Input, Static
+    """The preview inputs start at the run's own values; changing the temperature sends the temperature
+    alone (top-p and max new tokens stay as the run has them); an input being edited is not overwritten
+    by the events that keep coming; the Events tab opens with the whole history."""
+    from textual.widgets import Input, RichLog, Static
 
     from app.app import VoxApp
 
     train = write_jsonl(tmp_path / "t.jsonl", rows(40))
     run = start_detached(tiny_model, tmp_path / "runs", "tui", train, nproc=1, max_steps=100000, preview_file=train,
-                         preview_count=2, max_new_tokens=4)
+                         preview_count=2, max_new_tokens=4, top_p=0.8)
 
     async def flow():
         app = VoxApp(str(run))
@@ -47,32 +50,93 @@ def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path,
             await wait_until(pilot, lambda: app.state.step > 0)
             assert app.state.state == "running" and app.state.last_seq > 0
             await pilot.press("3")  # Previews
-            temp = app.screen.query_one("#pv-temperature", Input)
+            await pilot.pause(0.3)
+            temp, top_p, most = (app.screen.query_one(f"#{i}", Input) for i in ("pv-temperature", "pv-top-p", "pv-max"))
+            assert (temp.value, top_p.value, most.value) == ("0.7", "0.8", "4")  # the run's values, not defaults
             temp.focus()
+            await pilot.pause(0.2)
+            assert "0.7" in screen_text(app.export_screenshot())  # wide enough: a focused 0.7 is not ".7"
             temp.value = ""
             await pilot.press("0", ".", "3", "enter")
             reply = app.screen.query_one("#pv-reply", Static)
             await wait_until(pilot, lambda: "ok" in str(reply.render()))
-            app.screen.set_focus(None)  # leave the input so that "n" is a key binding, not text
+            await wait_until(pilot, lambda: any(e.type == "ack" and e.command == "set_preview_params"
+                                                for e in app.state.events))
+            ack = next(e for e in app.state.events if e.type == "ack" and e.command == "set_preview_params")
+            assert ack.params == {"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 4}  # only the temperature changed
+            await pilot.press("escape")  # leave the input so that "n" is a key binding, not text
+            assert app.focused is None
             await pilot.press("n")  # preview now
             await wait_until(pilot, lambda: any(e.temperature == 0.3 for evs in app.state.previews.values() for e in evs))
             await pilot.pause(0.5)
             detail = str(app.screen.query_one("#pv-text", Static).render())
-            assert "T=0.3" in detail
+            assert "T=0.3 top-p=0.8 max=4" in detail
+            # the user's edit in a focused input survives the events that arrive meanwhile
+            top_p.focus()
+            await pilot.press("end", "5")
+            seq = app.state.last_seq
+            await wait_until(pilot, lambda: app.state.last_seq > seq + 3)
+            await pilot.pause(0.3)
+            assert top_p.value == "0.85" and temp.value == "0.3"
+            top_p.value = "0.8"
             # an invalid value is refused before it is sent
             temp.focus()
             temp.value = "5"
             await pilot.press("enter")
             assert "error" in str(reply.render())
             await pilot.press("escape")
-            await pilot.press("6")  # Events
+            await pilot.press("6")  # Events: the history at once, then live
             await pilot.pause(0.5)
+            log = app.screen.query_one("#ev-log", RichLog)
+            assert log.lines[0].text.startswith("     1 status") and len(log.lines) >= min(seq, 2000)
             await pilot.press("q")
         return app
 
     asyncio.run(flow())
     info = json.loads((run / "engine.json").read_text())
     assert engine_alive(info)  # quitting the dashboard never stops the run
+    with EngineClient(run) as c:
+        assert c.send(Stop()).status == "ok"
+
+
+@pytest.mark.slow
+def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
+    """The engine does not answer for a while (stopped with SIGSTOP): "save" is retried with the same id
+    until it answers, and pressed again meanwhile it is not sent twice: exactly one checkpoint is saved."""
+    import os
+    import signal
+
+    from app.app import VoxApp
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(40))
+    run = start_detached(tiny_model, tmp_path / "runs", "retry", train, nproc=1, max_steps=100000)
+    info = json.loads((run / "engine.json").read_text())
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_until(pilot, lambda: app.state.step > 0)
+            os.kill(info["pid"], signal.SIGSTOP)
+            try:
+                await pilot.press("s")
+                await pilot.pause(0.5)
+                await pilot.press("s")  # still waiting: not sent again
+                await pilot.pause(0.3)
+                notes = [str(n.message) for n in app._notifications]
+                assert any("already sent" in n for n in notes)
+                await pilot.pause(7.0)  # past one try's timeout (5 s)
+            finally:
+                os.kill(info["pid"], signal.SIGCONT)
+            await wait_until(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")
+                                                for n in app._notifications), timeout=40)
+            await wait_until(pilot, lambda: any(e.type == "checkpoint" for e in app.state.events), timeout=60)
+            await pilot.pause(2.0)
+            acks = [e for e in app.state.events if e.type == "ack" and e.command == "save_checkpoint"]
+            assert len(acks) == 1 and not any("no reply" in str(n.message) for n in app._notifications)
+            assert len([e for e in app.state.events if e.type == "checkpoint"]) == 1
+            await pilot.press("q")
+
+    asyncio.run(flow())
     with EngineClient(run) as c:
         assert c.send(Stop()).status == "ok"
 
@@ -164,6 +228,10 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
             t0 = time.monotonic()
             await wait_until(pilot, lambda: banner.display, timeout=15)
             assert time.monotonic() - t0 < 6 and "ENGINE LOST" in str(banner.render())
+            # no engine process: the run is shown crashed, with how to continue it
+            await wait_until(pilot, lambda: app.state.shown_state == "crashed", timeout=15)
+            said = " ".join(str(banner.render()).split())
+            assert f"the engine is not running (pid {info['pid']} gone)" in said and "voxtui run --resume" in said
             # the orphaned workers save and stop; then the run is resumed by a new engine
             await wait_until(pilot, lambda: all(not psutil.pid_exists(p) or
                                                 psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in workers),
@@ -172,6 +240,7 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
             proc = voxtui("run", "--resume", run, "--detach", "--skip_preflight")
             assert proc.returncode == 0, proc.stderr
             await wait_until(pilot, lambda: not banner.display and app.state.last_seq > before + 3, timeout=90)
+            assert app.state.shown_state in ("starting", "running") and app.state.engine_live
             seqs = [e.seq for e in app.state.events]
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and app.state.gaps == 0  # no gap, no duplicate
             await pilot.press("q")
@@ -211,3 +280,38 @@ def test_checkpoints_tab_shows_sample_generations_of_a_finished_job():
             assert "[b]fever[/b]" in text and "line 3 ROUGE-L 0.40" in text
 
     asyncio.run(flow())
+
+
+@pytest.mark.slow
+def test_infer_selected_without_an_engine_runs_it_and_shows_the_results(finished_runs):
+    """A finished run has no engine: "Infer selected" starts ``voxtui infer`` on its own (detached, log
+    in infer.log) and the results appear from infer/*/metrics.json."""
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+
+    run = finished_runs / "beta"
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(160, 50)) as pilot:
+            await wait_until(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
+            await pilot.press("4")
+            table = app.screen.query_one("#ck-table", DataTable)
+            await wait_until(pilot, lambda: table.row_count >= 2)
+            names = [str(table.get_row_at(i)[4]) for i in range(table.row_count)]
+            assert names == ["checkpoint-2", "checkpoint-4", "lora_final"]
+            table.move_cursor(row=1)
+            await pilot.click("#ck-one")
+            await pilot.pause(0.3)
+            assert any("started without the engine" in str(n.message) for n in app._notifications)
+            assert app.screen.query_one("#ck-one").disabled  # running already: it cannot be started twice
+            metrics = app.screen.query_one("#ck-metrics", DataTable)
+            await wait_until(pilot, lambda: metrics.row_count and str(metrics.get_row_at(0)[1]) == "finished",
+                             timeout=240)
+            row = [str(c) for c in metrics.get_row_at(0)]
+            assert row[0] == "checkpoint-4-t" and row[2] == "16" and row[3] != "–"
+            await pilot.press("q")
+
+    asyncio.run(flow())
+    assert (run / "infer" / "checkpoint-4-t" / "metrics.json").is_file() and (run / "infer.log").is_file()

@@ -145,7 +145,8 @@ class RunScreen(Screen):
                 else:
                     self.notify(f"inference on {name} failed (exit code {code}); see {log}", severity="error",
                                 markup=False, timeout=15)
-                self._dirty = True
+                self.sync_buttons()
+                self._scan_soon = self._dirty = True
         if self.app.state.crashed:
             self.show_banner()
 
