@@ -17,26 +17,14 @@ from engine.protocol import AnyCommand, Message, command_decoder, event_encoder,
 
 
 def last_seq(path: Path) -> int:
-    """The sequence number of the last complete line of an events file (0 if none)."""
+    """The sequence number of the last event in an events file (0 if none); a torn last line, or a line
+    that is not an event, is passed over."""
     if not path.exists():
         return 0
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        end = f.tell()
-        block = b""
-        pos = end
-        while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            block = f.read(step) + block
-            lines = block.split(b"\n")
-            for line in reversed(lines[1:] if pos > 0 else lines):
-                if line.strip():
-                    try:
-                        return int(json.loads(line)["seq"])
-                    except (ValueError, KeyError):
-                        continue  # a torn last line: look further back
+    for line in lines_backwards(path):
+        ev = decode_event(line)
+        if ev is not None:
+            return ev.seq
     return 0
 
 

@@ -162,7 +162,7 @@ def _last(run_dir: Path, kind: str) -> dict | None:
         if needle in line:
             try:
                 ev = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(ev, dict) and ev.get("type") == kind:
                 return ev
