@@ -36,7 +36,7 @@ def engine_info(run_dir: Path) -> dict:
     """``engine.json`` (pid, endpoints, key, …), or {} when missing or unreadable."""
     try:
         info = json.loads((Path(run_dir) / "engine.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return info if isinstance(info, dict) else {}
 
@@ -56,7 +56,7 @@ def pid_alive(pid: int | None) -> bool:
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

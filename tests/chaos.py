@@ -31,7 +31,6 @@ from conftest import descendants_of, read_events, start_detached, voxtui, write_
 
 FAULTS = ("kill_rank", "kill_engine", "pause_engine", "stall_engine", "graceful_stop", "commands", "clients")
 ENGINE_TIMEOUT = 4  # seconds without the engine's heartbeat before the workers save and stop
-ENV = {"VOXTUI_ENGINE_TIMEOUT": str(ENGINE_TIMEOUT)}
 
 
 def wait_for(pred, timeout=120.0, every=0.1, what="a condition"):
@@ -252,11 +251,23 @@ class Chaos:
 
     # ---- the whole thing
     def go(self) -> dict:
+        """The whole scenario (VOXTUI_ENGINE_TIMEOUT set for every engine and worker it starts)."""
+        saved = os.environ.get("VOXTUI_ENGINE_TIMEOUT")
+        os.environ["VOXTUI_ENGINE_TIMEOUT"] = str(ENGINE_TIMEOUT)
+        try:
+            return self._go()
+        finally:
+            if saved is None:
+                os.environ.pop("VOXTUI_ENGINE_TIMEOUT", None)
+            else:
+                os.environ["VOXTUI_ENGINE_TIMEOUT"] = saved
+
+    def _go(self) -> dict:
         rows = [{"instruction": f"Question {i} about symptom {i % 7}?", "output": f"Answer {i}: rest and water."}
                 for i in range(96)]
         self.root.mkdir(parents=True, exist_ok=True)
         train = write_jsonl(self.root / "train.jsonl", rows)
-        self.run = start_detached(self.model, self.root / "runs", "chaos", train, nproc=2, env=ENV,
+        self.run = start_detached(self.model, self.root / "runs", "chaos", train, nproc=2,
                                   max_steps=self.max_steps, preview_file=train, preview_count=2,
                                   max_new_tokens=4, preview_steps=0, lr=1e-3,
                                   save_steps=5)

@@ -31,6 +31,12 @@ json_like = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
                          max_leaves=12)
 
 
+def stored(run: Path) -> list[dict]:
+    """events.jsonl as a reader sees it while the engine writes: every complete line is an event."""
+    data = (run / "events.jsonl").read_bytes()
+    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+
+
 def mangled_json() -> st.SearchStrategy[bytes]:
     """Requests that are almost right: real field names with generated values, invalid UTF-8 spliced in."""
     fields = st.fixed_dictionaries({}, optional={"op": st.sampled_from(["history", "status", "command", "x"]) | json_like, "time": json_like,
@@ -100,14 +106,14 @@ def test_the_reported_bad_bytes_get_an_answer_and_the_engine_keeps_serving(engin
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(info["endpoints"]["worker_events"])
-    n = len(read_events(run))
+    n = len(stored(run))
     push.send(bad)
     push.send(b'{"type":"log","message":"\xff\xfe"}')
     push.send(event_encoder.encode(Log(message="still here")))
     deadline = time.time() + 10
-    while len(read_events(run)) == n and time.time() < deadline:
+    while len(stored(run)) == n and time.time() < deadline:
         time.sleep(0.05)
-    events = read_events(run)
+    events = stored(run)
     assert events[-1]["type"] == "log" and events[-1]["message"] == "still here"  # the bad ones were dropped
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     assert d.status_ok() and engine_alive(info)
@@ -156,7 +162,7 @@ def test_worker_events_socket_fuzz(engine_run, messages):
     try:
         deadline = time.time() + 10
         while time.time() < deadline:
-            events = read_events(run)  # every stored line is JSON (read_events would raise otherwise)
+            events = stored(run)  # every stored line is JSON (read_events would raise otherwise)
             if events and events[-1].get("message") == marker:
                 break
             time.sleep(0.02)
@@ -282,3 +288,17 @@ def test_long_run_folder_paths_keep_private_sockets(tmp_path):
             time.sleep(0.1)
     sockets = Path(info["endpoints"]["events"][len("ipc://"):]).parent
     assert not sockets.exists()  # removed with the engine: no stale sockets
+
+
+def test_the_engine_answers_run_inference_at_once_and_never_loads_torch(engine_run):
+    """Its loop never waits on heavy work: asking for inference is answered within a second."""
+    from engine.protocol import RunInference
+
+    run, info = engine_run
+    with EngineClient(run, request_timeout=1.0) as c:
+        c.command_attempts = 1
+        t0 = time.monotonic()
+        reply = c.send(RunInference(data=str(RECORDED)))
+        assert time.monotonic() - t0 < 1.0 and reply.status == "error"  # no checkpoint (or the run has ended)
+    maps = Path(f"/proc/{info['pid']}/maps").read_text()
+    assert "libtorch" not in maps
