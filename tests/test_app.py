@@ -125,6 +125,8 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
                 notes = [str(n.message) for n in app._notifications]
                 assert any("already sent" in n for n in notes)
                 await pilot.pause(7.0)  # past one try's timeout (5 s)
+                banner = str(app.screen.query_one("#banner").render())
+                assert banner.startswith("ENGINE LOST — no heartbeat") and "reconnecting" in banner
             finally:
                 os.kill(info["pid"], signal.SIGCONT)
             await wait_until(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")

@@ -141,10 +141,9 @@ class RunScreen(Screen):
                 del self.offline[name]
                 log = self.run_dir / "infer.log"
                 if code == 0:
-                    self.notify(f"inference on {name} finished", markup=False)
+                    self.say(f"inference on {name} finished")
                 else:
-                    self.notify(f"inference on {name} failed (exit code {code}); see {log}", severity="error",
-                                markup=False, timeout=15)
+                    self.say(f"inference on {name} failed (exit code {code}); see {log}", "error", timeout=15)
                 self.sync_buttons()
                 self._scan_soon = self._dirty = True
         if self.app.state.crashed:
@@ -167,7 +166,7 @@ class RunScreen(Screen):
         s.engine_live, s.engine_pid = message.live, message.pid
         if message.live:
             if self._lost_reason or was is False:
-                self.notify("engine reconnected" if self._lost_reason else "the engine is running again", markup=False)
+                self.say("engine reconnected" if self._lost_reason else "the engine is running again")
             self._lost_reason = ""
         elif s.state in FINAL:
             self._lost_reason = ""  # the engine is done with a finished run: nothing is lost
@@ -186,7 +185,7 @@ class RunScreen(Screen):
                 last = f"; last event {age_text(max(s.age(), 0))} ago (step {s.step})"
             return assemble(f"ENGINE LOST — the engine is not running ({pid}){last} — `voxtui run --resume ",
                             data(self.run_dir, limit=80), "` continues from the latest checkpoint")
-        if self._lost_reason and not s.engine_live:
+        if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
         return None
 
@@ -252,13 +251,17 @@ class RunScreen(Screen):
             widget.update(assemble(f"{path}: not a readable preflight report (", data(f"{type(e).__name__}: {e}",
                                                                                    limit=200), ")"))
 
+    def say(self, text: str, severity: str = "information", timeout: float | None = None) -> None:
+        """A notice: its text holds run data (names, paths, the engine's reasons), so never markup."""
+        self.notify(plain(text, limit=400), severity=severity, markup=False,
+                    **({"timeout": timeout} if timeout is not None else {}))
+
     # ---- commands (sent from a thread, retried with the same id; the reply comes back as a message)
     def command(self, command, key: str = "") -> bool:
         """Send ``command`` unless the same one (``key``) is still waiting for its reply."""
         key = key or command.type
         if key in self.in_flight:
-            self.notify(f"{command.type}: already sent; waiting for the engine's reply", severity="warning",
-                        markup=False)
+            self.say(f"{command.type}: already sent; waiting for the engine's reply", "warning")
             return False
         command.id = command.id or secrets.token_hex(8)
         self.in_flight[key] = command.type
@@ -293,8 +296,7 @@ class RunScreen(Screen):
         self.in_flight.pop(message.key, None)
         self.sync_buttons()
         text = f"{message.command}: {message.status}" + (f" — {message.reason}" if message.reason else "")
-        self.notify(plain(text, limit=400), severity="information" if message.status == "ok" else "error",
-                    markup=False)
+        self.say(text, "information" if message.status == "ok" else "error")
         if message.command == "set_preview_params":
             self.query_one(Previews).show_reply(message.status, message.reason or "applied at the next step")
 
@@ -316,12 +318,14 @@ class RunScreen(Screen):
     def infer(self, m: Checkpoints.InferenceRequested) -> None:
         s = self.app.state
         if s.engine_live and s.state not in FINAL:
-            self.command(RunInference(checkpoint=m.step), key=f"infer:{m.name}")
-        else:
-            self.infer_without_engine(m.step, m.name)
+            for step, name in m.every or [(m.step, m.name)]:
+                self.command(RunInference(checkpoint=step), key=f"infer:{name}")
+        else:  # every checkpoint: one job after the other (--all-checkpoints), not one process each
+            self.infer_without_engine(m.step, "all" if m.every else m.name)
 
-    def infer_args(self, step: int | None, data_file: str, run: str) -> list[str]:
-        return ["--run", run, *(["--checkpoint", str(step)] if step is not None else []), "--data", data_file]
+    def infer_args(self, step: int | None, data_file: str, run: str, every: bool = False) -> list[str]:
+        which = ["--all-checkpoints"] if every else ["--checkpoint", str(step)] if step is not None else []
+        return ["--run", run, *which, "--data", data_file]
 
     def infer_without_engine(self, step: int | None, name: str) -> None:
         """No engine serves the run (it finished, or crashed): ``voxtui infer`` as a process of its own
@@ -329,32 +333,34 @@ class RunScreen(Screen):
         ck = self.query_one(Checkpoints)
         running = self.offline.get(name)
         if running is not None and running.poll() is None:
-            self.notify(f"inference on {name} is already running (pid {running.pid})", severity="warning",
-                        markup=False)
+            self.say(f"inference on {name} is already running (pid {running.pid})", "warning")
             return
         data_file = str(self.app.state.config.get("val_jsonl") or "")
-        how = shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE", str(self.run_dir))])
+        every = name == "all"
+        how = shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE", str(self.run_dir), every)])
         if not data_file or not Path(data_file).is_file():
             why = "this run has no val_jsonl" if not data_file else f"{data_file} is not a file here"
             text = f"the engine is not running and {why}; run inference with: {how}"
             ck.note(text)
-            self.notify(plain(text, limit=400), severity="warning", markup=False, timeout=20)
+            self.say(text, "warning", timeout=20)
             return
-        argv = [sys.executable, "-m", "engine", "infer", *self.infer_args(step, data_file, str(self.run_dir.resolve()))]
+        argv = [sys.executable, "-m", "engine", "infer",
+                *self.infer_args(step, data_file, str(self.run_dir.resolve()), every)]
         try:
             log = open(self.run_dir / "infer.log", "ab")
         except OSError as e:
             text = f"cannot write {self.run_dir / 'infer.log'} ({e.strerror}); run inference with: {how}"
             ck.note(text)
-            self.notify(plain(text, limit=400), severity="error", markup=False, timeout=20)
+            self.say(text, "error", timeout=20)
             return
         with log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=os.getcwd())
         self.offline[name] = proc
-        text = f"inference on {name} started without the engine (pid {proc.pid}; log {self.run_dir / 'infer.log'})"
+        what = "every checkpoint" if every else name
+        text = f"inference on {what} started without the engine (pid {proc.pid}; log {self.run_dir / 'infer.log'})"
         ck.note(text)
-        self.notify(plain(text, limit=400), markup=False)
+        self.say(text)
         self.sync_buttons()
         self._dirty = True
 

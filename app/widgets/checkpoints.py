@@ -20,11 +20,12 @@ METRICS = (("rougeL", "{:.4f}"), ("distinct_1", "{:.4f}"), ("distinct_2", "{:.4f
 
 class Checkpoints(Vertical):
     class InferenceRequested(Message):
-        """Inference on a checkpoint: ``step`` (None: lora_final), ``name`` (its folder)."""
+        """Inference on a checkpoint: ``step`` (None: lora_final), ``name`` (its folder); or, with
+        ``every``, on each of these (step, name) ("Infer all")."""
 
-        def __init__(self, step: int | None, name: str) -> None:
+        def __init__(self, step: int | None, name: str, every: list | None = None) -> None:
             super().__init__()
-            self.step, self.name = step, name
+            self.step, self.name, self.every = step, name, every
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="ck-table", cursor_type="row", zebra_stripes=True)
@@ -61,8 +62,10 @@ class Checkpoints(Vertical):
 
     @on(Button.Pressed, "#ck-all")
     def all(self) -> None:
-        for step, name in self._rows:
-            self.post_message(self.InferenceRequested(step, name))
+        if not self._rows:
+            self.note("no checkpoint yet")
+            return
+        self.post_message(self.InferenceRequested(None, "all", every=list(self._rows)))
 
     def note(self, text: str) -> None:
         self.query_one("#ck-note", Static).update(data(text, limit=400))
@@ -115,7 +118,7 @@ class Checkpoints(Vertical):
         view: dict[str, dict] = {}
         for name, d in s.disk_inference.items():
             state = d.get("state", "")
-            if state == "incomplete" and str(d.get("checkpoint")) in running:
+            if state == "incomplete" and (str(d.get("checkpoint")) in running or "all" in running):
                 state = "running"
             view[name] = {"state": state, "rows": str(d["rows"]) if "rows" in d else f"{d.get('done', 0)}/?",
                           "metrics": d, "samples": d.get("samples") or []}
