@@ -203,7 +203,7 @@ EXPECTED = {  # screen → the markers that must be on it (whatever hostile text
 
 
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
                                  HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(field, min_size=48, max_size=48), long=long_line)
@@ -234,7 +234,7 @@ folder_name = st.tuples(st.integers(0, 99), hostile).map(
 
 
 @pytest.mark.slow
-@settings(max_examples=4, deadline=None, derandomize=True,
+@settings(max_examples=3, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(names=st.lists(folder_name, min_size=1, max_size=4, unique_by=lambda n: n[:11]), texts=st.lists(field, min_size=4,
                                                                                                    max_size=4))
