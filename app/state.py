@@ -93,8 +93,9 @@ class RunState:
 
     @property
     def crashed(self) -> bool:
-        """The run did not finish, and no engine serves it: it was killed (or its machine went away)."""
-        return self.engine_live is False and self.state in UNFINISHED
+        """The run did not finish, and the engine that served it is gone: killed (or its machine went
+        away). A run that never had an engine (a worker run on its own, no engine.json) is not judged."""
+        return self.engine_live is False and self.engine_pid is not None and self.state in UNFINISHED
 
     @property
     def shown_state(self) -> str:

@@ -177,13 +177,12 @@ class RunScreen(Screen):
         """The red line under the header: the engine is gone (crashed run) or silent (reconnecting)."""
         s = self.app.state
         if s.crashed:
-            pid = f"pid {s.engine_pid} gone" if s.engine_pid else "no engine.json"
             last = ""
             if s.events:
                 from engine.client import age_text
 
                 last = f"; last event {age_text(max(s.age(), 0))} ago (step {s.step})"
-            return assemble(f"ENGINE LOST — the engine is not running ({pid}){last} — `voxtui run --resume ",
+            return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             data(self.run_dir, limit=80), "` continues from the latest checkpoint")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
