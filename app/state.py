@@ -64,9 +64,10 @@ class RunState:
                              "total_steps": ev.total_steps, "steps_per_epoch": ev.steps_per_epoch,
                              "train_rows": ev.train_rows, "val_rows": ev.val_rows}
                 self.config = ev.config if isinstance(ev.config, dict) else {}
+                in_force = ev.preview if isinstance(ev.preview, dict) and ev.preview else self.config
                 for k in ("temperature", "top_p", "max_new_tokens"):
-                    if k in self.config:
-                        self.preview_params[k] = self.config[k]
+                    if k in in_force:
+                        self.preview_params[k] = in_force[k]
             case "param_table":
                 self.params = {"rows": ev.rows, "trainable": ev.trainable, "total": ev.total}
             case "step":

@@ -39,6 +39,7 @@ from engine.protocol import (
     Pause,
     Reply,
     Resume,
+    RunInference,
     SaveCheckpoint,
     SetPreviewParams,
     Status,
@@ -554,7 +555,8 @@ class Engine:
 
     def _apply(self, cmd) -> Reply:
         worker_alive = self.proc is not None and self.proc.poll() is None
-        if self.state in ("finished", "failed") and not (isinstance(cmd, Stop) and worker_alive):
+        if self.state in ("finished", "failed") and not (isinstance(cmd, Stop) and worker_alive) \
+                and not isinstance(cmd, RunInference):  # a checkpoint can be evaluated while the engine is here
             return Reply(status="error", reason=f"the run has {self.state}", state=self.state)
         match cmd:
             case SetPreviewParams():

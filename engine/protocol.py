@@ -152,6 +152,7 @@ class RunInfo(Message, tag="run_info"):
     cache_hit: bool = False
     dropped_long: int = 0
     truncated_long: int = 0
+    preview: dict = {}  # the preview parameters in force (a resumed run keeps the ones set before it stopped)
 
 
 class Log(Message, tag="log"):

@@ -107,34 +107,38 @@ def inference_results(run_dir: Path) -> dict[str, dict]:
     return out
 
 
+def _json_lines(path: Path):
+    """The JSON objects of a JSONL file another process wrote, skipping whatever is not one."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
 def inference_samples(job_dir: Path, n: int = 5) -> list[dict]:
     """The first ``n`` rows of a finished job (by input order), as the engine's ``inference`` event carries
     them: ``{line, prompt, prediction, reference, rougeL}``."""
     job_dir = Path(job_dir)
     rows: dict[int, dict] = {}
     try:
-        with open(job_dir / "generations.jsonl", encoding="utf-8") as f:
-            for text in f:
-                try:
-                    r = json.loads(text)
-                    index = int(r["index"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if index < n:
-                    rows[index] = r
-                    if len(rows) == n:
-                        break
+        for r in _json_lines(job_dir / "generations.jsonl"):
+            index = r.get("index")
+            if isinstance(index, int) and 0 <= index < n:
+                rows[index] = r
+                if len(rows) == n:
+                    break
     except OSError:
         return []
     scores: dict[int, float] = {}
     try:
-        with open(job_dir / "per_row.jsonl", encoding="utf-8") as f:
-            for _, text in zip(range(n), f):
-                try:
-                    p = json.loads(text)
-                    scores[int(p["index"])] = p.get("rougeL")
-                except (ValueError, KeyError, TypeError):
-                    continue
+        for _, p in zip(range(n), _json_lines(job_dir / "per_row.jsonl")):
+            score = p.get("rougeL")
+            if isinstance(p.get("index"), int) and isinstance(score, (int, float)):
+                scores[p["index"]] = score
     except OSError:
         pass
     return [{"line": r.get("line"), "prompt": str(r.get("prompt", ""))[:300],

@@ -325,7 +325,7 @@ class Trainer:
                           total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                           config={k: getattr(cfg, k) for k in cfg.__struct_fields__},
                           cache_hit=self.train_tok.cache_hit, dropped_long=self.train_tok.dropped,
-                          truncated_long=self.train_tok.truncated))
+                          truncated_long=self.train_tok.truncated, preview=dict(self.preview)))
         if d.local_rank == 0:
             from engine.telemetry import TelemetryThread
 
