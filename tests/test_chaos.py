@@ -7,5 +7,5 @@ from chaos import Chaos
 
 @pytest.mark.slow
 def test_chaos_one_seed(tmp_path, tiny_model):
-    result = Chaos(tmp_path, tiny_model, seed=3, faults=6, max_steps=600).go()
-    assert result["missing_steps"] == 0 and len(result["faults"]) >= 4
+    result = Chaos(tmp_path, tiny_model, seed=3, faults=5, max_steps=400).go()
+    assert result["missing_steps"] == 0 and len(result["faults"]) >= 3

@@ -19,10 +19,29 @@ def rows(n):
     return [{"instruction": f"Say the code word {i}.", "output": f"The code word {i} is {i * 7}."} for i in range(n)]
 
 
-def preflight(tmp_path, model, train, *flags):
-    proc = voxtui("preflight", "--model_id", model, "--train_jsonl", train, "--quant", "none", "--no-bf16",
-                  *map(str, flags), "--json", "-", cwd=tmp_path)
-    report = json.loads(proc.stdout)
+def preflight(tmp_path, model, train, *flags, cli=False):
+    """`voxtui preflight … --json -` through the command line (``cli``), else the same call in this
+    process (the parser, the config and preflight itself; quicker)."""
+    argv = ["preflight", "--model_id", str(model), "--train_jsonl", str(train), "--quant", "none", "--no-bf16",
+            *map(str, flags)]
+    if cli:
+        proc = voxtui(*argv, "--json", "-", cwd=tmp_path)
+        report = json.loads(proc.stdout)
+    else:
+        import os
+        import subprocess
+
+        from engine.cli import build_parser
+        from engine.config import resolve
+        from engine.preflight import preflight as run_preflight
+
+        old = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            report = run_preflight(resolve(build_parser().parse_args(argv)))
+        finally:
+            os.chdir(old)
+        proc = subprocess.CompletedProcess(argv, 1 if report["verdict"] == "no-go" else 0)
     plan = next(c for c in report["checks"] if c["name"] == "plan")
     return proc, report, plan
 
@@ -30,7 +49,7 @@ def preflight(tmp_path, model, train, *flags):
 def test_no_step_can_run_is_no_go_with_the_fix_that_works(tmp_path, tiny_model):
     # an empty file
     empty = write_jsonl(tmp_path / "empty.jsonl", [], raw=b"")
-    proc, report, plan = preflight(tmp_path, tiny_model, empty)
+    proc, report, plan = preflight(tmp_path, tiny_model, empty, cli=True)
     assert proc.returncode == 1 and report["verdict"] == "no-go"
     assert plan["level"] == "fail" and "the file is empty" in plan["message"]
 

@@ -29,6 +29,7 @@ def test_a_no_go_creates_no_run_folder_and_leaves_an_existing_one_as_it_was(tmp_
 
 
 def test_a_go_into_an_existing_folder_keeps_its_mode_and_says_so(tmp_path, tiny_model):
+    """(A folder voxtui makes is 0700: tests/test_engine.py checks it.)"""
     train = write_jsonl(tmp_path / "t.jsonl", rows(16))
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -39,6 +40,3 @@ def test_a_go_into_an_existing_folder_keeps_its_mode_and_says_so(tmp_path, tiny_
     assert stat.S_IMODE((mine / "engine.json").stat().st_mode) == 0o600
     status = json.loads(voxtui("engine", "status", mine, "--json", "-", check=True).stdout)
     assert status["state"] == "finished" and status["outcome"] == "completed"
-    new = tmp_path / "runs" / "new"
-    assert voxtui("run", *train_args(tiny_model, new, train, max_steps=1, nproc=1)).returncode == 0
-    assert stat.S_IMODE(new.stat().st_mode) == 0o700
