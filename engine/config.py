@@ -319,8 +319,15 @@ def _gpus() -> list[tuple[str, tuple[int, int]]]:
                             tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))))
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no NVML: no GPU the worker could use either
-        return []
+    except Exception:  # no NVML: ask torch (a CUDA build; slower to import, so only now)
+        try:
+            import torch
+        except ImportError:
+            return []
+        if not torch.cuda.is_available():
+            return []
+        return [(torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+                for i in range(torch.cuda.device_count())]
     if visible:
         picked = [int(x) for x in visible.split(",") if x.strip().isdigit()]
         if picked and len(picked) == len(visible.split(",")):

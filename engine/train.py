@@ -192,6 +192,7 @@ class Trainer:
         self.preview_cost = 0.0  # seconds the last previews took (all ranks agree)
         self.since_preview = 0.0  # training seconds since then (slowest rank)
         self.preview_pending = False
+        self._score_failed = False  # a preview's ROUGE-L could not be computed (said once)
         self.grad_sync = None  # FlatGradSync with several ranks and --grad_sync flat
         self._pool = None  # the helper thread that builds the next step's tensors (_micro_batches)
         self._next = None
@@ -772,15 +773,30 @@ class Trainer:
         for rank, part in enumerate(everything):
             for i, text in part:
                 _, prompt, reference = self.previews[i]
-                from engine.metrics import rouge_l
-
                 ev = Preview(step=self.step, prompt=prompt, text=text, temperature=float(p["temperature"]),
                              top_p=float(p["top_p"]), max_new_tokens=int(p["max_new_tokens"]), index=i,
                              reference=reference, rank=rank, seed=seed,
-                             rougeL=rouge_l(text, reference) if reference else None)
+                             rougeL=self._preview_score(text, reference) if reference else None)
                 self.emit(ev)
                 if self.tb is not None:
                     self.tb.add_text(f"preview/{i}", f"**prompt** {prompt}\n\n**output** {text}", self.step)
+
+    def _preview_score(self, text: str, reference: str) -> float | None:
+        """A preview's ROUGE-L, best effort: a score that cannot be computed (rouge-score missing, say) is
+        left out, once said, and never stops training."""
+        from engine.metrics import rouge_l
+
+        try:
+            return rouge_l(text, reference)
+        except Exception as e:
+            if not self._score_failed:
+                from engine.protocol import Log
+
+                self._score_failed = True
+                message = f"previews go without ROUGE-L: {type(e).__name__}: {e}"
+                self.log(message)
+                self.emit(Log(level="warning", message=message))
+            return None
 
     def save(self, reason: str, final: bool = False) -> bool:
         """Write a checkpoint (rank 0; the others wait). A failed write (a full disk, say) is reported
