@@ -92,7 +92,7 @@ def socket_dir(run_dir: Path) -> Path:
                 os.chmod(base, 0o700)
             _remove_stale_socket_dirs(base)
             path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))  # mkdtemp makes it 0700
-            if len(str(path / "w-control.sock")) < 100:
+            if len(str(path / "worker_control.sock")) < 100:  # the longest name, within sun_path's 108 bytes
                 return path
             os.rmdir(path)
         except OSError:

@@ -27,20 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import descendants_of, read_events, start_detached, voxtui, write_jsonl  # noqa: E402
+from conftest import descendants_of, read_events, start_detached, voxtui, wait_for, write_jsonl  # noqa: E402
 
 FAULTS = ("kill_rank", "kill_engine", "pause_engine", "stall_engine", "graceful_stop", "commands", "clients")
 ENGINE_TIMEOUT = 4  # seconds without the engine's heartbeat before the workers save and stop
-
-
-def wait_for(pred, timeout=120.0, every=0.1, what="a condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:

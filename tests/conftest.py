@@ -103,6 +103,19 @@ def start_detached(model: Path, runs: Path, name: str, train: Path, nproc: int =
     return runs / name
 
 
+def wait_for(pred, timeout: float = 120.0, every: float = 0.2, what: str = "a condition"):
+    """Poll ``pred`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def descendants_of(pid: int) -> list[int]:
     import psutil
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import zmq
 
-from conftest import descendants_of, read_events, start_detached, voxtui, write_jsonl
+from conftest import descendants_of, read_events, start_detached, voxtui, wait_for, write_jsonl
 from engine.client import EngineClient, engine_alive
 from engine.daemon import sign
 from engine.protocol import Request, SetPreviewParams, Stop, reply_decoder
@@ -23,16 +23,6 @@ def rows(n):
 @pytest.fixture(scope="module")
 def train_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("edata") / "t.jsonl", rows(64))
-
-
-def wait_for(pred, timeout=120, every=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 def gone(pids):
