@@ -302,3 +302,15 @@ def test_the_engine_answers_run_inference_at_once_and_never_loads_torch(engine_r
         assert time.monotonic() - t0 < 1.0 and reply.status == "error"  # no checkpoint (or the run has ended)
     maps = Path(f"/proc/{info['pid']}/maps").read_text()
     assert "libtorch" not in maps
+
+
+def test_the_minimal_client_in_docs_protocol_md_works(engine_run, capsys):
+    """A client written from docs/protocol.md alone: its example runs against a real engine."""
+    import re
+
+    run, _ = engine_run
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    code = re.search(r"A minimal client.*?```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code.replace("runs/RUN/engine.json", str(run / "engine.json")), "protocol.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "'status': 'ok'" in out and "'status'" in out and "run_info" in out

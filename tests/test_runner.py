@@ -4,7 +4,7 @@ import json
 import os
 import stat
 
-from conftest import train_args, voxtui, write_jsonl
+from conftest import read_events, start_detached, train_args, voxtui, wait_for, write_jsonl
 
 
 def rows(n):
@@ -40,3 +40,38 @@ def test_a_go_into_an_existing_folder_keeps_its_mode_and_says_so(tmp_path, tiny_
     assert stat.S_IMODE((mine / "engine.json").stat().st_mode) == 0o600
     status = json.loads(voxtui("engine", "status", mine, "--json", "-", check=True).stdout)
     assert status["state"] == "finished" and status["outcome"] == "completed"
+
+
+def test_stop_is_stopped_the_engine_leaves_at_once_and_resume_follows(tmp_path, tiny_model):
+    """A graceful stop is listed as stopped (not finished); the engine leaves within seconds of the run's
+    end, and a resume right after is accepted (it waits for an engine that is only finishing)."""
+    train = write_jsonl(tmp_path / "t.jsonl", rows(32))
+    run = start_detached(tiny_model, tmp_path / "runs", "s", train, nproc=1, max_steps=100000, save_steps=0)
+    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    assert voxtui("engine", "stop", run).returncode == 0
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "stopped" and status["outcome"] == "stopped"
+    step = status["step"]
+    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 2), "--detach")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: read_events(run)[-1].get("outcome") == "completed", timeout=120)
+    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach")  # at once
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: read_events(run)[-1].get("outcome") == "completed"
+             and max(e["step"] for e in read_events(run) if e["type"] == "step") == step + 3, timeout=120)
+    wait_for(lambda: "stopped" in json.loads((run / "engine.json").read_text()), timeout=30)
+    end = read_events(run)[-1]["time"]
+    assert json.loads((run / "engine.json").read_text())["stopped"] - end < 5.0  # no lingering
+
+
+def test_a_worker_that_refuses_its_plan_is_failed_with_its_reason_and_no_rank_death(tmp_path, tiny_model):
+    train = write_jsonl(tmp_path / "t.jsonl", rows(6))
+    run = tmp_path / "runs" / "refused"
+    proc = voxtui("run", *train_args(tiny_model, run, train, grad_accum=64), "--nproc", "2", "--skip_preflight",
+                  "--detach")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: (run / "events.jsonl").exists() and read_events(run)[-1].get("state") == "failed", timeout=120)
+    wait_for(lambda: "stopped" in json.loads((run / "engine.json").read_text()), timeout=30)
+    events = read_events(run)
+    assert not [e for e in events if e["type"] == "alert" and e["kind"] == "rank_died"]
+    assert "--grad_accum" in events[-1]["message"] or any("--grad_accum" in e.get("message", "") for e in events)
