@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autorun", action="store_true", help="on go or warn, start the run (detached)")
     p.add_argument("--probe", action="store_true", help="run a few real steps to find the largest per-device batch "
                                                        "that fits; rescale --grad_accum to keep the effective batch")
-    p.set_defaults(handler="engine.preflight:main")
+    p.set_defaults(handler="engine.daemon.launch:cmd_preflight")
 
     p = sub.add_parser("run", help="start the engine for a new run (or --resume RUN)",
                        description="Creates runs/<run>/ (or --output_dir), writes the resolved config, runs "
@@ -112,29 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="", metavar="tcp://HOST:PORT",
                    help="also accept clients from other machines on PORT (events) and PORT+1 (control), "
                         "encrypted and authenticated with CURVE; the keys are in engine.json (0600)")
-    p.set_defaults(handler="engine.runner:cmd_run")
+    p.set_defaults(handler="engine.daemon.launch:cmd_run")
 
     eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, replay")
     esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
     p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age")
     p.add_argument("--runs", default="runs", metavar="DIR")
     p.add_argument("--json", metavar="OUT")
-    p.set_defaults(handler="engine.runner:cmd_engine")
+    p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("status", help="one run's state")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--json", metavar="OUT")
-    p.set_defaults(handler="engine.runner:cmd_engine")
+    p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("stop", help="stop a run gracefully (the workers save first)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--wait", type=float, default=120.0, metavar="S", help="seconds to wait for the engine to exit")
-    p.set_defaults(handler="engine.runner:cmd_engine")
+    p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
                         description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "
                                     "with their recorded times, then waits; attach to it, stop it with engine stop.")
     p.add_argument("events", metavar="EVENTS.jsonl")
     p.add_argument("--run-dir", metavar="DIR", help="the new run folder (default runs/replay-<name>)")
     p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events per second (default: all at once)")
-    p.set_defaults(handler="engine.replay:cmd_replay")
+    p.set_defaults(handler="engine.daemon.replay:cmd_replay")
 
     p = sub.add_parser("infer", help="generations and metrics from a run's checkpoint",
                        description="Base model + adapter with the run's own config. Without --checkpoint: lora_final, "
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-perplexity", dest="no_perplexity", action="store_true", help="skip teacher-forced perplexity")
     p.add_argument("--events", help=argparse.SUPPRESS)  # the engine's PULL endpoint, when it starts the job
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON (- for stdout)")
-    p.set_defaults(handler="engine.infer:cmd_infer")
+    p.set_defaults(handler="engine.eval.infer:cmd_infer")
 
     p = sub.add_parser("score", help="metrics for rows that hold prediction and the reference output",
                        description="Scores every row holding the strings prediction and output; a bad line is "
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "row can be scored.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", metavar="OUT")
-    p.set_defaults(handler="engine.infer:cmd_score")
+    p.set_defaults(handler="engine.eval.infer:cmd_score")
 
     p = sub.add_parser("export", help="merge a run's adapter into the base weights for serving")
     p.add_argument("--run", metavar="RUN")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="N")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.set_defaults(handler="engine.infer:cmd_export")
+    p.set_defaults(handler="engine.eval.infer:cmd_export")
 
     p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
     p.add_argument("run", nargs="?", metavar="RUN")

@@ -13,7 +13,6 @@ falls silent for ``lost_after`` seconds (heartbeats come every second).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -21,41 +20,26 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import zmq
 
-from engine.daemon import sign
-from engine.protocol import Message, Reply, Request, event_decoder, reply_decoder
-from engine.runfolder import (  # noqa: F401 (read-only run-folder views for clients)
+from engine.eventlog import decode_event
+from engine.protocol import Message, Reply, Request, decode, reply_decoder
+from engine.runs import (  # noqa: F401 (the run folder's views, for clients: the dashboard imports them from here)
     checkpoint_states,
     complete_checkpoints,
+    engine_alive,
     engine_info,
     final_adapter,
     inference_results,
     inference_samples,
+    list_runs,
+    read_engine_info,
 )
+from engine.session import Session
 
 
 class EngineLost(ConnectionError):
     """The engine stopped answering (no heartbeat for a few seconds)."""
-
-
-def engine_alive(info: dict) -> bool:
-    """Whether the engine that wrote ``info`` (engine.json) runs: its pid exists, is not a zombie, and
-    is the same process (started before it wrote the file, so a reused pid does not count)."""
-    import psutil
-
-    pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0 or "stopped" in info:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        started = info.get("started")
-        if isinstance(started, (int, float)) and proc.create_time() > started + 1.0:
-            return False
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class EngineClient:
@@ -65,11 +49,12 @@ class EngineClient:
         (``--listen``), as from another machine with a copy of engine.json."""
         path = Path(target)
         self.run_dir = path if path.is_dir() else path.parent
-        self.info = engine_info(self.run_dir) if path.is_dir() else _read_info(path)
+        self.info = engine_info(self.run_dir) if path.is_dir() else read_engine_info(path)
         try:
             self.key = bytes.fromhex(str(self.info.get("key", "")))
         except ValueError:
             raise ValueError(f"{self.run_dir / 'engine.json'}: the key is not hex") from None
+        self.session = Session(self.key)
         self.endpoints = self.info.get("endpoints", {}) if isinstance(self.info.get("endpoints"), dict) else {}
         self.curve = None
         if remote:
@@ -131,10 +116,7 @@ class EngineClient:
         """Send ``req`` and wait for its reply; after a timeout, send it again (a fresh nonce, the same
         command id: the engine applies a command once and answers a retry with the first reply)."""
         for attempt in range(attempts):
-            req.time = time.time()
-            req.nonce = secrets.token_hex(8)
-            payload = msgspec.json.encode(req)
-            self._dealer.send_multipart([b"", payload, sign(self.key, payload)])
+            self._dealer.send_multipart([b"", *self.session.sign_request(req)])
             if self._dealer.poll(int(self.request_timeout * 1000)):
                 break
             self._new_dealer()  # drop the unanswered request so a late reply cannot be mistaken for the next
@@ -144,10 +126,10 @@ class EngineClient:
         if frames and frames[0] == b"":
             frames = frames[1:]
         self._last_heard = time.monotonic()
-        try:
-            return reply_decoder.decode(frames[0]), frames[1:]
-        except (msgspec.DecodeError, UnicodeDecodeError, ValueError, IndexError) as e:
-            raise EngineLost(f"an unreadable reply from the engine ({type(e).__name__})") from None
+        reply, why = decode(reply_decoder, frames[0]) if frames else (None, "no frames")
+        if reply is None:
+            raise EngineLost(f"an unreadable reply from the engine ({why})")
+        return reply, frames[1:]
 
     # ---- the API
     def history(self) -> list[Message]:
@@ -166,7 +148,7 @@ class EngineClient:
             if reply.status != "ok":
                 raise EngineLost(f"history refused: {reply.reason}")
             for line in lines:
-                ev = _decode_event(line)
+                ev = decode_event(line)
                 if ev is not None:
                     out.append(ev)
             after = reply.last
@@ -181,7 +163,7 @@ class EngineClient:
                 for line in f:
                     if not line.endswith(b"\n") or not line.strip():
                         continue  # a torn last line is not an event yet
-                    ev = _decode_event(line)
+                    ev = decode_event(line)
                     if ev is not None and ev.seq > after:
                         out.append(ev)
         return out
@@ -216,7 +198,7 @@ class EngineClient:
                     kind, data = frames
                     top = max([self.last] + [e.seq for e in self._buffer])
                     if kind == b"ev":
-                        ev = _decode_event(data)
+                        ev = decode_event(data)
                         if ev is None or ev.seq <= top:
                             continue  # unreadable, or already have it
                         if ev.seq > top + 1:  # a gap: the engine dropped messages for us; re-sync
@@ -255,27 +237,6 @@ class EngineClient:
         return reply
 
     # ---- async (for the TUI and other asyncio code)
-    async def ahistory(self) -> list[Message]:
-        return await asyncio.to_thread(self.history)
-
-    async def asend(self, command) -> Reply:
-        return await asyncio.to_thread(self.send, command)
-
-
-def _read_info(path: Path) -> dict:
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _decode_event(raw: bytes) -> Message | None:
-    """An event from bytes another process wrote, or None when they are not one (any decode failure)."""
-    try:
-        return event_decoder.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError):
-        return None
 
 
 def _decode_heartbeat(raw: bytes) -> dict:
@@ -286,13 +247,6 @@ def _decode_heartbeat(raw: bytes) -> dict:
     if not isinstance(hb, dict) or not isinstance(hb.get("seq", 0), int):
         return {}
     return hb
-
-
-def list_runs(root: str | os.PathLike = "runs") -> list[dict]:
-    """The runs under ``root`` (state, step, loss, model, age), newest first: for run pickers."""
-    from engine.runner import list_runs as _list
-
-    return _list(Path(root))
 
 
 def age_text(seconds: float | None) -> str:

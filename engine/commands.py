@@ -19,8 +19,8 @@ def demo(args) -> int:
     import time
 
     from engine.config import TrainConfig
+    from engine.daemon.launch import start
     from engine.data import analyze, audit
-    from engine.runner import start
     from engine.samples import TRAIN, VAL
     from engine.tiny import write_tiny_model
 

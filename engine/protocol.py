@@ -288,3 +288,12 @@ def stamp(event: Message, seq: int, run: str = "") -> Message:
     event.time = event.time or time.time()
     event.run = run or event.run
     return event
+
+
+def decode(decoder: msgspec.json.Decoder, raw: bytes):
+    """``(message, None)`` or ``(None, reason)``: the one guard around every decode of bytes that came
+    from another process (any decode failure, not only the expected one, is an answer, never a crash)."""
+    try:
+        return decoder.decode(raw), None
+    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+        return None, f"{type(e).__name__}: {e}"[:300]

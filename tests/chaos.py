@@ -229,7 +229,7 @@ class Chaos:
 
     def unless_completed(self, state: str) -> str:
         """``state``, unless the workers trained the last step before the fault reached them."""
-        from engine.runfolder import latest_checkpoint
+        from engine.runs import latest_checkpoint
 
         ckpt = latest_checkpoint(self.run / "checkpoints")
         step = json.loads((ckpt / "trainer_state.json").read_text())["step"] if ckpt else 0
@@ -290,7 +290,7 @@ class Chaos:
         return self.verify(follower)
 
     def verify(self, follower: Follower) -> dict:
-        from engine.runfolder import latest_checkpoint
+        from engine.runs import latest_checkpoint
 
         events = read_events(self.run)
         seqs = [e["seq"] for e in events]

@@ -55,7 +55,7 @@ def seed_events(path: Path) -> Path:
 def engine(tmp_path_factory):
     """A real engine serving a run whose folder name holds markup; events are pushed into it later."""
     from engine.client import engine_alive, engine_info
-    from engine.events import PushSink
+    from engine.worker.sinks import PushSink
 
     base = tmp_path_factory.mktemp("markup")
     run = base / RUN_NAME

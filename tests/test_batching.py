@@ -1,12 +1,11 @@
 """Batch plans, packing and the loss: deterministic, sharded, and packing changes nothing but speed."""
 
-import json
 
 import numpy as np
 import torch
 
 from conftest import write_jsonl
-from engine.batching import collate, plan_epoch, tokenize
+from engine.worker.batching import collate, plan_epoch_all, tokenize
 
 
 def rows(n):
@@ -16,9 +15,9 @@ def rows(n):
 
 def test_plan_is_deterministic_sharded_and_grouped(tmp_path, fmt):
     tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(103))), fmt, 512, "truncate", None)
-    a = [plan_epoch(tok, 0, 7, 4, r, 2, 512, False, True) for r in range(2)]
-    assert a == [plan_epoch(tok, 0, 7, 4, r, 2, 512, False, True) for r in range(2)]
-    assert a != [plan_epoch(tok, 1, 7, 4, r, 2, 512, False, True) for r in range(2)]
+    a = plan_epoch_all(tok, 0, 7, 4, 2, 512, False, True)
+    assert a == plan_epoch_all(tok, 0, 7, 4, 2, 512, False, True)
+    assert a != plan_epoch_all(tok, 1, 7, 4, 2, 512, False, True)
     assert len(a[0]) == len(a[1]) == 103 // 8
     seen = [x for r in a for b in r for row in b for x in row]
     assert len(seen) == len(set(seen))  # no example on two ranks
@@ -30,7 +29,7 @@ def test_plan_is_deterministic_sharded_and_grouped(tmp_path, fmt):
 
 def test_packing_plan_fits_balances_and_covers(tmp_path, fmt):
     tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(200))), fmt, 128, "truncate", None)
-    plans = [plan_epoch(tok, 0, 1, 2, r, 2, 128, True, True) for r in range(2)]
+    plans = plan_epoch_all(tok, 0, 1, 2, 2, 128, True, True)
     assert len(plans[0]) == len(plans[1]) > 0
     for plan in plans:
         for batch in plan:
@@ -61,7 +60,7 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
     """The same examples packed into one row (varlen attention, restarted positions) or padded give
     the same summed loss, token count and adapter gradients."""
     from engine.config import TrainConfig
-    from engine.modeling import CausalLMLoss, load_model
+    from engine.worker.modeling import CausalLMLoss, load_model
 
     tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(6))), fmt, 256, "truncate", None)
     cfg = TrainConfig(model_id=tiny_model, train_jsonl="x", quant="none", bf16=False, grad_ckpt=False, lora_dropout=0.0)
@@ -111,13 +110,12 @@ def test_cache_hit_and_long_rows(tmp_path, fmt):
     m = collate(first, [[0]], fmt.pad, packed=False)
     ids, p = first.example(0)
     assert (m["labels"][0, :p] == -100).all() and m["labels"][0, len(ids) - 1] == fmt.eos
-    json.dumps({"ok": True})
 
 
 def test_fused_head_ce_matches_cross_entropy():
     """The fused head + cross-entropy gives the loss and the hidden-state gradient of the plain
     computation, across chunk boundaries; without a gradient it only computes the loss."""
-    from engine.modeling import fused_head_ce
+    from engine.worker.modeling import fused_head_ce
 
     torch.manual_seed(0)
     w = torch.randn(50, 16, dtype=torch.float64)

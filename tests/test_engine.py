@@ -12,8 +12,8 @@ import zmq
 
 from conftest import descendants_of, read_events, start_detached, voxtui, wait_for, write_jsonl
 from engine.client import EngineClient, engine_alive
-from engine.daemon import sign
 from engine.protocol import Request, SetPreviewParams, Stop, reply_decoder
+from engine.session import sign
 
 
 def rows(n):
@@ -88,7 +88,7 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
     assert alert["rank"] == 1 and time.time() - killed < 30
     wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "failed", timeout=30)
     wait_for(lambda: gone(engine_tree), timeout=30)  # engine, torchrun and every rank: nothing left behind
-    from engine.checkpoint import latest_checkpoint
+    from engine.worker.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run / "checkpoints")
     from peft import PeftModel
@@ -112,7 +112,7 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     stored_before = max(e["step"] for e in read_events(run) if e["type"] == "step")
     # the workers notice the engine is gone, save at the next step boundary, and exit
     wait_for(lambda: gone(workers), timeout=90)
-    from engine.checkpoint import latest_checkpoint
+    from engine.worker.checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt is not None
@@ -291,8 +291,9 @@ def test_remote_clients_need_curve(tmp_path, tiny_model, train_file):
     stranger.close()
     # with the keys from engine.json: history, live events and commands
     client = EngineClient(run, remote=True)
-    assert client.history()[0].seq == 1
-    ev = next(client.events(timeout=30))
-    assert ev.seq == client.last
+    history = client.history()
+    assert history[0].seq == 1
+    ev = next(client.events(timeout=30))  # the live stream continues right after the history
+    assert ev.seq == history[-1].seq + 1
     assert client.send(Stop()).status == "ok"
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)

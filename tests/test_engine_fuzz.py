@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from conftest import ROOT, read_events
 from engine.client import EngineClient, EngineLost, engine_alive
-from engine.daemon import sign
 from engine.protocol import Log, Request, Stop, event_encoder, reply_decoder
+from engine.session import sign
 
 RECORDED = ROOT / "tests" / "data" / "recorded_run" / "events.jsonl"
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -235,7 +235,7 @@ def test_client_survives_whatever_its_engine_sends(tmp_path_factory, published, 
 @given(st.lists(st.one_of(st.binary(max_size=200), json_like.map(lambda v: json.dumps(v).encode())), max_size=6))
 def test_worker_control_inbox_drops_garbage(messages):
     """What a worker reads from the engine's control socket: only well-formed commands come out."""
-    from engine.events import ControlInbox
+    from engine.worker.sinks import ControlInbox
 
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)

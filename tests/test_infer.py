@@ -57,7 +57,7 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
 
 
 def test_incomplete_checkpoints_are_never_used(run, tmp_path):
-    from engine.infer import pick_checkpoint
+    from engine.eval.infer import pick_checkpoint
 
     out, _ = run
     copy = tmp_path / "copy"
@@ -82,9 +82,9 @@ def test_our_loader_equals_peft_and_perplexity_is_direct(run, tiny_model):
     from peft import PeftModel
     from transformers import VoxtralForConditionalGeneration
 
+    from engine.eval.infer import load_for_inference
+    from engine.eval.metrics import perplexity
     from engine.formatting import load_format
-    from engine.infer import load_for_inference
-    from engine.metrics import perplexity
     from engine.rows import read_examples
 
     out, val = run

@@ -7,7 +7,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from engine import metrics
+from engine.eval import metrics
 
 
 def test_rouge_l_on_ascii_equals_stock_rouge_score():

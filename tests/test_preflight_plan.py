@@ -1,4 +1,4 @@
-"""The batch plan: preflight and the worker compute it with one function (``engine.batching.plan_run``),
+"""The batch plan: preflight and the worker compute it with one function (``engine.worker.batching.plan_run``),
 so a run that cannot make one optimizer step is a no-go with the change that fixes it, and a file too
 small for the packing budget gets a smaller budget instead of a refusal."""
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import read_events, train_args, voxtui, worker, write_jsonl
-from engine.batching import Tokenized, plan_run
 from engine.config import TrainConfig
+from engine.worker.batching import Tokenized, plan_run
 
 
 def rows(n):
@@ -95,8 +95,8 @@ def test_a_small_file_packs_smaller_rows_and_trains(tmp_path, tiny_model, fmt):
     import torch
     from transformers import VoxtralForConditionalGeneration
 
-    from engine.batching import tokenize
     from engine.formatting import load_format
+    from engine.worker.batching import tokenize
 
     train = write_jsonl(tmp_path / "t48.jsonl", rows(48))
     _, report, plan = preflight(tmp_path, tiny_model, train, "--nproc", 2)

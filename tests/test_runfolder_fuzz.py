@@ -30,8 +30,8 @@ FILES = ("events.jsonl", "engine.json", "config.toml", "preflight.json", "checkp
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(FILES), st.one_of(junk, lines), min_size=1))
 def test_readers_of_a_run_folder_never_crash(tmp_path_factory, files):
-    from engine import client, runfolder
-    from engine.runner import list_runs, summary
+    from engine import client, runs
+    from engine.daemon.launch import list_runs, summary
 
     run = tmp_path_factory.mktemp("runs") / "r"
     for name, data in files.items():
@@ -46,11 +46,10 @@ def test_readers_of_a_run_folder_never_crash(tmp_path_factory, files):
     c = client.EngineClient(run)
     c.history()
     list(c.events(timeout=0.1))
-    for fn in ("checkpoint_states", "inference_results", "final_adapter"):
-        if hasattr(runfolder, fn):
-            getattr(runfolder, fn)(run / "checkpoints" if fn == "checkpoint_states" else run)
-    if hasattr(runfolder, "inference_samples"):
-        runfolder.inference_samples(run / "infer" / "job")
+    runs.checkpoint_states(run / "checkpoints")
+    runs.inference_results(run)
+    runs.final_adapter(run)
+    runs.inference_samples(run / "infer" / "job")
 
 
 def test_engine_status_on_garbage_is_one_line(tmp_path):

@@ -42,7 +42,7 @@ def replayed(tmp_path_factory):
     """A real engine replaying the recorded run (the folder keeps the recorded name), with the run's
     checkpoint folders."""
     from engine.client import engine_alive
-    from engine.runner import engine_info
+    from engine.daemon.launch import engine_info
 
     run = tmp_path_factory.mktemp("replay") / "recorded_run"
     subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(RECORDED / "events.jsonl"), "--run-dir",

@@ -179,7 +179,7 @@ def test_two_ranks_kill_during_save_then_exact_resume(tmp_path, tiny_model, data
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     psutil.wait_procs([psutil.Process(p) for p in group if psutil.pid_exists(p)], timeout=10)
-    from engine.checkpoint import latest_checkpoint
+    from engine.worker.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(ckpts).name == "checkpoint-2"
 
@@ -217,7 +217,7 @@ def test_packed_two_ranks_stop_then_exact_resume(tmp_path, tiny_model):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on; the workers save at the next boundary
     proc.wait(timeout=120)
-    from engine.checkpoint import latest_checkpoint
+    from engine.worker.checkpoint import latest_checkpoint
 
     saved = int(latest_checkpoint(run / "checkpoints").name.split("-")[1])
     assert saved < 8, "the run ended before the stop could interrupt it"
@@ -263,7 +263,7 @@ def test_early_stopping(tmp_path, tiny_model, data):
     assert [e["step"] for e in evals] == [2, 4, 6] and [e["improved"] for e in evals] == [True, False, False]
     assert evals[-1]["patience_left"] == 0 and evals[0]["best_step"] == 2
     assert events[-1]["state"] == "finished" and events[-1]["message"] == "early stopping"
-    from engine.checkpoint import complete_checkpoints
+    from engine.worker.checkpoint import complete_checkpoints
 
     assert 2 in [s for s, _ in complete_checkpoints(out / "checkpoints")]  # the best is kept
 
@@ -271,7 +271,7 @@ def test_early_stopping(tmp_path, tiny_model, data):
 def test_lora_targets_only_the_language_model_in_both_layouts():
     import re
 
-    from engine.modeling import lora_target_regex
+    from engine.worker.modeling import lora_target_regex
 
     rx = re.compile(lora_target_regex(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     assert rx.fullmatch("model.language_model.layers.3.self_attn.q_proj")  # transformers 5.x
@@ -301,7 +301,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
         saved = [e["step"] for e in events if e["type"] == "checkpoint"]
         assert saved and saved == list(range(1, len(saved) + 1)) and failed[0]["step"] == saved[-1] + 1
         assert events[-1]["state"] == "failed"
-        from engine.checkpoint import latest_checkpoint
+        from engine.worker.checkpoint import latest_checkpoint
 
         assert latest_checkpoint(ckpts).name == f"checkpoint-{saved[-1]}"
         assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp")]

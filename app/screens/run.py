@@ -119,7 +119,6 @@ class RunScreen(Screen):
         if not self._dirty:
             return
         self._dirty = False
-        self.rendered_seq = self.app.state.last_seq
         s = self.app.state
         active = self.query_one(TabbedContent).active
         if active == "checkpoints":

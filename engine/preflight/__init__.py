@@ -7,7 +7,6 @@ import os
 import shlex
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 from engine.config import TrainConfig, to_toml
@@ -137,12 +136,12 @@ def _gpu_lacks_bf16() -> bool:
 
 
 def check_plan(cfg: TrainConfig, r: Report, tok=None):
-    """The plan the worker will make (``engine.batching.plan_run``, the same code): rows kept after
+    """The plan the worker will make (``engine.worker.batching.plan_run``, the same code): rows kept after
     --long, micro-batches per rank, steps per epoch and in all, a shrunk packing budget; no-go with the
     fix when no optimizer step can run. Returns the tokenised rows (reused after a probe)."""
-    from engine import batching
     from engine.formatting import load_format
     from engine.util import UsageError
+    from engine.worker import batching
 
     r.checks = [c for c in r.checks if c["name"] != "plan"]
     if any(c["area"] == "data" and c["name"] == "train" and c["level"] == "fail" for c in r.checks):
@@ -213,7 +212,7 @@ def check_model(cfg: TrainConfig, r: Report) -> dict | None:
     import torch
     from transformers import AutoConfig
 
-    from engine.modeling import lora_target_regex
+    from engine.worker.modeling import lora_target_regex
 
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model_id)
@@ -337,7 +336,7 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None) -> str:
 
 
 def check_probe(cfg: TrainConfig, r: Report, lengths: dict) -> dict | None:
-    from engine.probe import probe
+    from engine.preflight.probe import probe
 
     seq = cfg.max_len if cfg.packing or "train" not in lengths else int(min(cfg.max_len, lengths["train"]["max"]))
     try:
@@ -382,24 +381,3 @@ def render(report: dict) -> str:
     out.append(f"\nverdict: {report['verdict'].upper()}")
     out.append(f"launch:  {report['command']}")
     return "\n".join(out)
-
-
-def main(args) -> int:
-    from engine.config import resolve
-    from engine.util import write_json
-
-    cfg = resolve(args)
-    report = preflight(cfg, None if args.probe else args.config, probe=args.probe)
-    if args.json:
-        write_json(args.json, report)
-    if args.json != "-":
-        print(render(report))
-    if args.autorun and report["verdict"] in ("go", "warn"):
-        from engine.runner import start
-
-        return start(cfg, detach=True, report=report)
-    return 0 if report["verdict"] != "no-go" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
 import json
 import os
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
-from engine.events import last_seq, spooled_events
+from engine.eventlog import last_seq, spooled_events
 from engine.protocol import (
     CLIENT_COMMANDS,
     PROTOCOL_VERSION,
@@ -44,32 +43,17 @@ from engine.protocol import (
     SetPreviewParams,
     Status,
     Stop,
+    decode,
     event_decoder,
     event_encoder,
-    request_decoder,
     stamp,
 )
-from engine.runfolder import engine_info, pid_alive
+from engine.runs import engine_info, pid_alive, write_engine_info
+from engine.session import Session
 
 HEARTBEAT_S = 1.0
 MAX_CLIENT_MSG = 1 << 20
 MAX_WORKER_MSG = 16 << 20
-REPLAY_WINDOW_S = 300.0
-
-
-def sign(key: bytes, payload: bytes) -> bytes:
-    return hmac.new(key, payload, "sha256").hexdigest().encode()
-
-
-def decode(decoder: msgspec.json.Decoder, raw: bytes):
-    """``(message, None)`` or ``(None, reason)``: the one guard around every decode of bytes that came
-    from another process (any decode failure, not only the expected one, is an answer, never a crash)."""
-    try:
-        return decoder.decode(raw), None
-    except (msgspec.DecodeError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
-        return None, f"{type(e).__name__}: {e}"[:300]
-
-
 SOCKET_BASES = ("/tmp", tempfile.gettempdir())
 
 
@@ -113,15 +97,6 @@ def _remove_stale_socket_dirs(base: Path) -> None:
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
     sock.bind(endpoint)
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-
-def _write_private_json(path: Path, obj: dict) -> None:
-    """Atomically, readable by this user only (engine.json holds the key)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -250,7 +225,7 @@ class Engine:
         self.stop_deadline = 0.0
         self.replies: OrderedDict[str, Reply] = OrderedDict()
         self.unacked: dict[str, tuple[bytes, float]] = {}
-        self.nonces: OrderedDict[str, float] = OrderedDict()
+        self.session = Session(self.key)
         self.health = Health()
         self.last_step_time = time.monotonic()
         self.exit_code = 0
@@ -298,12 +273,12 @@ class Engine:
         if self.listen:
             info["remote"] = self._listen_remote(ctx)
         self._recover(previous)
-        _write_private_json(self.run_dir / "engine.json", info)
+        write_engine_info(self.run_dir, info)
 
     def _recover(self, previous: dict) -> None:
         """After an engine that ended without closing (killed, machine lost): record that, then store the
         events its workers kept in their spool and it never stored, in their order."""
-        from engine.events import read_spool
+        from engine.eventlog import read_spool
 
         crashed = previous.get("pid") and "stopped" not in previous and previous.get("pid") != os.getpid()
         pending = self._spooled(read_spool(self.spool_dir))
@@ -328,7 +303,7 @@ class Engine:
     def _prune_spool(self, final: bool = False) -> None:
         """Delete spool files whose events are all stored: every file but a worker's newest while it
         runs; at the end (``final``), the newest too, once its events are stored (or stored now)."""
-        from engine.events import read_spool, spool_worker_pid
+        from engine.eventlog import read_spool, spool_worker_pid
 
         spool = read_spool(self.spool_dir)
         if final:
@@ -487,16 +462,8 @@ class Engine:
         def reply(r: Reply, extra: list[bytes] = ()) -> None:
             router.send_multipart([ident, b"", msgspec.json.encode(r), *extra])
 
-        if len(body) != 2:
-            return reply(Reply(status="error", reason="expected two frames: request and signature"))
-        payload, signature = body
-        if not hmac.compare_digest(sign(self.key, payload), signature):
-            return reply(Reply(status="error", reason="unauthenticated: bad signature"))
-        req, why = decode(request_decoder, payload)
+        req, problem = self.session.verify(body)
         if req is None:
-            return reply(Reply(status="error", reason=f"malformed request: {why}"))
-        problem = self._check_request(req)
-        if problem:
             return reply(Reply(status="error", reason=problem))
         match req.op:
             case "history":
@@ -511,23 +478,6 @@ class Engine:
                 reply(self.on_command(req.command))
             case _:
                 reply(Reply(status="error", reason=f"unknown op {req.op!r}"))
-
-    def _check_request(self, req) -> str:
-        """Why a signed request is refused ('' when it is not): version, freshness, a nonce used once."""
-        if req.v != PROTOCOL_VERSION or (req.command is not None and req.command.v != PROTOCOL_VERSION):
-            return f"unsupported protocol version (this engine speaks v={PROTOCOL_VERSION})"
-        now = time.time()
-        if not abs(now - req.time) <= REPLAY_WINDOW_S:  # also refuses NaN
-            return "stale request (clock skew or replay)"
-        if not 8 <= len(req.nonce) <= 64:
-            return "a request needs a nonce: a fresh string of 8 to 64 characters"
-        if req.nonce in self.nonces:
-            return "replayed request"
-        while self.nonces and (len(self.nonces) >= 100_000
-                               or now - next(iter(self.nonces.values())) > 2 * REPLAY_WINDOW_S):
-            self.nonces.popitem(last=False)  # older than any request the clock check still admits
-        self.nonces[req.nonce] = now
-        return ""
 
     def _read_events(self, after: int, limit: int) -> list[bytes]:
         if after >= self.seq:
@@ -577,7 +527,7 @@ class Engine:
 
     def start_inference(self, cmd) -> Reply:
         """``voxtui infer`` as its own process; its progress and results come back as events."""
-        from engine.runfolder import complete_checkpoints
+        from engine.runs import complete_checkpoints
 
         try:
             from engine.config import read_toml
@@ -865,7 +815,7 @@ class Engine:
         if info.get("pid") == os.getpid():
             info.update(stopped=time.time(), state=self.state)
             with contextlib.suppress(OSError):
-                _write_private_json(self.run_dir / "engine.json", info)
+                write_engine_info(self.run_dir, info)
 
 
 class _AllowKeys:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.runfolder import CKPT_RE, complete_checkpoints, latest_checkpoint  # noqa: F401 (re-exported)
+from engine.runs import CKPT_RE, complete_checkpoints, latest_checkpoint  # noqa: F401 (re-exported)
 
 
 def rng_state() -> dict:

@@ -70,7 +70,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from peft import LoraConfig, get_peft_model
     from transformers import VoxtralForConditionalGeneration
 
-    from engine.attention import register
+    from engine.worker.attention import register
 
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
     kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register(device)}
@@ -215,7 +215,7 @@ class CausalLMLoss(nn.Module):
         computed by ``collate`` on the host, so nothing here waits for the GPU."""
         base = _unwrap(self.model)
         extra = {}
-        if cu_seq_lens_q is not None:  # a packed row: varlen attention (engine.attention)
+        if cu_seq_lens_q is not None:  # a packed row: varlen attention (engine.worker.attention)
             torch._dynamo.maybe_mark_dynamic(cu_seq_lens_q, 0)  # examples per row vary: compile once for all
             extra = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_q,
                      "max_length_q": max_length_q, "max_length_k": max_length_q}

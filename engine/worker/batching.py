@@ -7,7 +7,7 @@ tokenisation. Loss applies to the target (answer + EOS) only.
 A plan is the list of micro-batches of one epoch for one rank: a seeded shuffle of (seed, epoch),
 then either length grouping (similar lengths together, so little padding, and the ranks of one step
 get batches of similar length) or packing (whole examples laid end to end in one row per micro-batch,
-up to a token budget, attended example by example with varlen attention — see ``engine.attention``).
+up to a token budget, attended example by example with varlen attention — see ``engine.worker.attention``).
 """
 
 from __future__ import annotations
@@ -98,12 +98,6 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
             os.fsync(f.fileno())
         os.replace(tmp, target)
     return tok
-
-
-def plan_epoch(tok: Tokenized, epoch: int, seed: int, bsz: int, rank: int, world: int, max_len: int,
-               packing: bool, group_by_length: bool, budget: int = 0) -> list[list[list[int]]]:
-    """This rank's micro-batches for ``epoch``: each a list of rows, each row a list of example indices."""
-    return plan_epoch_all(tok, epoch, seed, bsz, world, max_len, packing, group_by_length, budget)[rank]
 
 
 def plan_epoch_all(tok: Tokenized, epoch: int, seed: int, bsz: int, world: int, max_len: int, packing: bool,

@@ -123,8 +123,8 @@ def perplexity(model, fmt, examples, device, batch_size: int = 8) -> dict:
     """Teacher-forced perplexity of the references: exp(summed NLL of target tokens / their count)."""
     import torch
 
-    from engine.batching import Tokenized, collate
-    from engine.modeling import CausalLMLoss
+    from engine.worker.batching import Tokenized, collate
+    from engine.worker.modeling import CausalLMLoss
 
     pairs = fmt.encode(examples)
     import numpy as np

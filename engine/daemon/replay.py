@@ -45,10 +45,10 @@ def read_recorded(path: Path) -> list:
 
 def worker_main(argv: list[str] | None = None) -> int:
     """The stand-in worker the engine spawns: push the recorded events, then wait for a stop."""
-    from engine.events import ControlInbox, PushSink
     from engine.protocol import Status, Stop
+    from engine.worker.sinks import ControlInbox, PushSink
 
-    p = argparse.ArgumentParser(prog="python -m engine.replay")
+    p = argparse.ArgumentParser(prog="python -m engine.daemon.replay")
     p.add_argument("events")
     p.add_argument("--engine", required=True)
     p.add_argument("--rate", type=float, default=0.0)
@@ -75,7 +75,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 def cmd_replay(args) -> int:
     """``voxtui engine replay``: start a detached engine serving the recorded run."""
     from engine.client import engine_alive
-    from engine.runner import engine_info, launch_detached
+    from engine.daemon.launch import engine_info, launch_detached
 
     events = Path(args.events)
     read_recorded(events)  # check it before anything is created
@@ -88,7 +88,7 @@ def cmd_replay(args) -> int:
     os.chmod(run_dir, 0o700)
     if (events.parent / "config.toml").is_file():
         shutil.copyfile(events.parent / "config.toml", run_dir / "config.toml")
-    worker = [sys.executable, "-m", "engine.replay", str(events.resolve()), "--engine",
+    worker = [sys.executable, "-m", "engine.daemon.replay", str(events.resolve()), "--engine",
               str((run_dir / "engine.json").resolve()), "--rate", str(args.rate)]
     pid = launch_detached(run_dir, ["--worker_cmd", json.dumps(worker)])
     print(run_dir)

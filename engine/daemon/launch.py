@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from engine.config import TrainConfig, read_toml, resolve, write_config
-from engine.runfolder import engine_info, pid_alive
+from engine.config import TrainConfig, resolve, write_config
+from engine.runs import (
+    FINAL,
+    engine_info,
+    find_run,
+    last_event,
+    list_runs,
+    merge_saved_config,
+    new_run_dir,
+    pid_alive,
+    summary,
+)
 from engine.util import UsageError, write_json
-
-RUNS = Path("runs")
-
-
-def find_run(name: str) -> Path:
-    p = Path(name)
-    for cand in (p, RUNS / name):
-        if (cand / "config.toml").is_file() or (cand / "events.jsonl").is_file():
-            return cand
-    raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
-
-
-FINAL = ("finished", "failed")
 
 
 def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
@@ -52,7 +48,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     nothing; an existing folder keeps its permissions (a new one is made 0700)."""
     from engine.preflight import preflight, render
 
-    run_dir = resume_dir or Path(cfg.output_dir or RUNS / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = resume_dir or Path(cfg.output_dir or new_run_dir())
     if resume_dir is None and (run_dir / "events.jsonl").exists():
         raise UsageError(f"{run_dir}: already holds a run (continue it with --resume {run_dir})")
     if nnodes > 1 and not rdzv_endpoint:
@@ -87,7 +83,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if listen:
         args += ["--listen", listen]
     if nnodes > 1:
-        from engine.daemon import launch_args
+        from engine.daemon.engine import launch_args
 
         args += ["--nnodes", str(nnodes), "--rdzv_endpoint", rdzv_endpoint]
         print("on each other node k = 1 … {n}, with the same files at the same paths (a shared filesystem):\n  "
@@ -100,7 +96,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
         print(run_dir)
         print(f"engine {pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
         return 0
-    from engine.daemon import run_engine
+    from engine.daemon.engine import run_engine
 
     print(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)", file=sys.stderr)
     return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True, nnodes=nnodes,
@@ -111,7 +107,7 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     """Before a run folder gets a new engine: its old engine must be gone (one that is only finishing is
     waited for), and so must workers that outlived it (they save and stop within about 30 s of losing it)."""
     from engine.client import engine_alive
-    from engine.events import read_spool, spool_worker_pid
+    from engine.eventlog import read_spool, spool_worker_pid
 
     def busy() -> str:
         info = engine_info(run_dir)
@@ -123,7 +119,7 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     what = busy()
     if not what:
         return
-    last = _last(run_dir, "status")
+    last = last_event(run_dir, "status")
     if what.startswith("its engine") and not (last and last.get("state") in FINAL):
         raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {run_dir})")
     print(f"{run_dir}: waiting for {what} to exit…", file=sys.stderr)
@@ -136,93 +132,30 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     raise UsageError(f"{run_dir}: {what} still running after {timeout:.0f} s")
 
 
+def cmd_preflight(args) -> int:
+    """``voxtui preflight``: the report (``--json`` too), and with ``--autorun`` on go or warn the run."""
+    from engine.preflight import preflight, render
+
+    cfg = resolve(args)
+    report = preflight(cfg, None if args.probe else args.config, probe=args.probe)
+    if args.json:
+        write_json(args.json, report)
+    if args.json != "-":
+        print(render(report))
+    if args.autorun and report["verdict"] in ("go", "warn"):
+        return start(cfg, detach=True, report=report)
+    return 0 if report["verdict"] != "no-go" else 1
+
+
 def cmd_run(args) -> int:
     if args.resume:
         run_dir = find_run(args.resume)
-        for name, value in read_toml(run_dir / "config.toml").items():
-            if getattr(args, name, None) is None:
-                setattr(args, name, value)
-        args.output_dir = str(run_dir)
+        merge_saved_config(args, run_dir)
         args.config = None
         return start(resolve(args), args.detach, resume_dir=run_dir, skip_preflight=args.skip_preflight,
                      nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, listen=args.listen)
     return start(resolve(args), args.detach, skip_preflight=args.skip_preflight, nnodes=args.nnodes,
                  rdzv_endpoint=args.rdzv_endpoint, listen=args.listen)
-
-
-def _last(run_dir: Path, kind: str) -> dict | None:
-    """The last event of one type in events.jsonl, read backwards (however many others follow it)."""
-    from engine.events import lines_backwards
-
-    path = run_dir / "events.jsonl"
-    if not path.exists():
-        return None
-    needle = f'"type":"{kind}"'.encode()  # the tag comes first; inside a JSON string a quote is escaped
-    for line in lines_backwards(path):
-        if needle in line:
-            try:
-                ev = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(ev, dict) and ev.get("type") == kind:
-                return ev
-    return None
-
-
-def _spooled(run_dir: Path) -> list:
-    """Events the workers kept while no engine stored them (replayed by the next engine)."""
-    from engine.events import read_spool, spooled_events
-
-    spool = read_spool(run_dir / "spool")
-    return spooled_events(run_dir / "events.jsonl", spool, {}) if spool else []
-
-
-def summary(run_dir: Path) -> dict:
-    """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
-    window of recent events. States: new, starting, running, paused, stopping, finished (all steps, or
-    early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
-    continues it)."""
-    from engine.client import engine_alive
-    from engine.runfolder import latest_checkpoint
-
-    info = engine_info(run_dir)
-    alive = engine_alive(info)
-    status, step = _last(run_dir, "status"), _last(run_dir, "step")
-    if not alive:
-        for ev in _spooled(run_dir):  # what the workers did after their engine went away
-            if ev.type == "status":
-                status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
-            elif ev.type == "step":
-                step = {"step": ev.step, "loss": ev.loss}
-    state = status.get("state", "new") if status else "new"
-    outcome = status.get("outcome", "") if status else ""
-    if state == "finished" and outcome == "stopped":
-        state = "stopped"
-    elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
-                                                                and (state != "new" or info)):
-        state = "crashed"  # the engine died before the run ended
-    elif state == "new" and alive:
-        state = "starting"
-    cfg = {}
-    try:
-        cfg = read_toml(run_dir / "config.toml")
-    except UsageError:
-        pass
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
-    return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
-            "message": (status or {}).get("message", ""), "engine_pid": info.get("pid") if alive else None,
-            "step": (step or {}).get("step", 0), "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
-            "checkpoint": str(ckpt) if ckpt else None,
-            "age_s": round(time.time() - mtime, 1) if mtime else None}
-
-
-def list_runs(root: Path = RUNS) -> list[dict]:
-    if not root.is_dir():
-        return []
-    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
-            and ((p / "config.toml").exists() or (p / "events.jsonl").exists())]
-    return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
 
 
 def cmd_engine(args) -> int:

@@ -15,7 +15,7 @@ def _try(cfg: TrainConfig, model, bsz: int, seq: int, device, steps: int = 2) ->
     """Peak memory and tokens/s for ``steps`` steps at ``bsz × seq``; None when it does not fit."""
     import torch
 
-    from engine.modeling import CausalLMLoss
+    from engine.worker.modeling import CausalLMLoss
 
     loss_fn = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,7 +58,7 @@ def probe(cfg: TrainConfig, seq: int, max_batch: int = 64) -> dict:
     leaves under 10% free); returns the results and the recommended batch / grad_accum."""
     import torch
 
-    from engine.modeling import load_model
+    from engine.worker.modeling import load_model
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     effective = cfg.per_device_bsz * cfg.grad_accum

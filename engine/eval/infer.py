@@ -21,7 +21,7 @@ from engine.util import Progress, UsageError, atomic_write, write_json
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of the run's complete checkpoints, oldest first (the seed's layout: checkpoint-N in DIR)."""
-    from engine.runfolder import complete_checkpoints
+    from engine.runs import complete_checkpoints
 
     return complete_checkpoints(run_dir / "checkpoints") or complete_checkpoints(run_dir)
 
@@ -70,7 +70,7 @@ def load_base(cfg, device, quant: str | None = None, dtype=None):
     import torch
     from transformers import VoxtralForConditionalGeneration
 
-    from engine.modeling import _drop_audio_tower, nf4_config
+    from engine.worker.modeling import _drop_audio_tower, nf4_config
 
     quant = cfg.quant if quant is None else quant
     dtype = dtype or (torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
@@ -94,11 +94,11 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
           device: str = "auto", model=None, sink=None, ppl: bool = True) -> dict:
     import torch
 
-    from engine import metrics
+    from engine.eval import metrics
     from engine.formatting import file_digest, load_format
-    from engine.modeling import generate
     from engine.protocol import Inference
     from engine.rows import read_examples
+    from engine.worker.modeling import generate
 
     ckpt = pick_checkpoint(run_dir, checkpoint)
     rows = list(read_examples(data))
@@ -183,7 +183,7 @@ SAMPLES = 5  # sample generations carried by the "finished" event, for the dashb
 
 
 def score_rows(rows: list[dict]) -> dict:
-    from engine import metrics
+    from engine.eval import metrics
 
     preds = [r["prediction"] for r in rows]
     refs = [r["output"] for r in rows]
@@ -196,7 +196,7 @@ def score_rows(rows: list[dict]) -> dict:
 
 
 def _run_dir(args) -> Path:
-    from engine.runner import find_run
+    from engine.daemon.launch import find_run
 
     if getattr(args, "output_dir", None):
         p = Path(args.output_dir)
@@ -281,7 +281,7 @@ def cmd_infer(args) -> int:
               "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity}
     sink = None
     if args.events:
-        from engine.events import PushSink
+        from engine.worker.sinks import PushSink
 
         sink = PushSink(args.events, run_dir.name)
     try:
@@ -321,7 +321,7 @@ def _failed(args, run: str, error: BaseException, sink=None) -> None:
 
     own = sink is None
     if own:
-        from engine.events import PushSink
+        from engine.worker.sinks import PushSink
 
         sink = PushSink(args.events, run)
     try:

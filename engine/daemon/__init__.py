@@ -1,0 +1,3 @@
+"""The engine process, one per run (``python -m engine.daemon RUN_DIR``, started by ``voxtui run``): it
+supervises torchrun, stores and relays the workers' events, and answers clients. ``launch`` holds
+``voxtui run`` and ``voxtui engine list | status | stop``; ``replay`` a recorded run served by a real engine."""

@@ -1,0 +1,5 @@
+import sys
+
+from engine.daemon.engine import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: ``voxtui infer`` / ``score`` / ``export`` (``infer``) and the metrics (``metrics``)."""

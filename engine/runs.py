@@ -1,0 +1,287 @@
+"""The run folder's one owner: where a run lives and what its files say (docs/engine.md).
+
+``runs/<run>/`` holds config.toml, engine.json (0600), events.jsonl, spool/, checkpoints/, lora_final/,
+infer/. Finding a run, naming a new one, merging a resumed run's saved config into flags, reading and
+writing engine.json, whether its engine lives, the state a run is in (from the process and the files,
+never from a window of recent lines), complete checkpoints and inference results: all here, and none of
+it imports torch, so the engine's loop, ``voxtui engine list`` and the dashboard stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from engine.eventlog import lines_backwards, read_spool, spooled_events
+from engine.util import UsageError
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+RUNS = Path("runs")
+FINAL = ("finished", "failed")
+
+
+def new_run_dir() -> Path:
+    """Where a run without ``--output_dir`` goes: ``runs/<YYYYmmdd-HHMMSS>``."""
+    return RUNS / time.strftime("%Y%m%d-%H%M%S")
+
+
+def find_run(name: str) -> Path:
+    """A run folder by path, or by name under ``runs/``."""
+    p = Path(name)
+    for cand in (p, RUNS / name):
+        if (cand / "config.toml").is_file() or (cand / "events.jsonl").is_file():
+            return cand
+    raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
+
+
+def merge_saved_config(args, run_dir: Path) -> None:
+    """A resumed run: the fields saved in its config.toml fill every flag not given again."""
+    from engine.config import read_toml
+
+    for name, value in read_toml(run_dir / "config.toml").items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.output_dir = str(run_dir)
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first (a ``checkpoint-<step>`` folder exists only
+    once it is complete: it is written under a temp name and renamed)."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    out = []
+    for p in ckpt_root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file() and (p / "adapter_model.safetensors").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_root)
+    return done[-1][1] if done else None
+
+
+def engine_info(run_dir: Path) -> dict:
+    """``engine.json`` (pid, endpoints, key, …), or {} when missing or unreadable."""
+    return read_engine_info(Path(run_dir) / "engine.json")
+
+
+def read_engine_info(path: Path) -> dict:
+    try:
+        info = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def write_engine_info(run_dir: Path, info: dict) -> None:
+    """engine.json, atomically and readable by this user only (it holds the key)."""
+    path = Path(run_dir) / "engine.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(tmp, path)
+
+
+def engine_alive(info: dict) -> bool:
+    """Whether the engine that wrote ``info`` (engine.json) runs: its pid exists, is not a zombie, and
+    is the same process (started before it wrote the file, so a reused pid does not count)."""
+    import psutil
+
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or "stopped" in info:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        started = info.get("started")
+        if isinstance(started, (int, float)) and proc.create_time() > started + 1.0:
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid runs (a zombie does not)."""
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def checkpoint_states(ckpt_root: Path) -> list[dict]:
+    """The complete checkpoints on disk now, oldest first, each with what its ``trainer_state.json`` says:
+    ``{"step", "name", "path", "best_step", "best_loss", "reason", "time"}`` (None where unreadable)."""
+    out = []
+    for step, path in complete_checkpoints(ckpt_root):
+        state = _read_json(path / "trainer_state.json")
+        out.append({"step": step, "name": path.name, "path": str(path), "best_step": state.get("best_step"),
+                    "best_loss": state.get("best_loss"), "reason": state.get("reason", ""),
+                    "time": state.get("time")})
+    return out
+
+
+def final_adapter(run_dir: Path) -> Path | None:
+    """``lora_final/`` when it holds a complete adapter (it is written under a temp name and renamed)."""
+    path = Path(run_dir) / "lora_final"
+    return path if (path / "adapter_model.safetensors").is_file() else None
+
+
+def inference_results(run_dir: Path) -> dict[str, dict]:
+    """The inference jobs under ``runs/<run>/infer/``, by name. A finished one: its ``metrics.json`` with
+    ``"state": "finished"``; one without metrics yet (running, or interrupted): ``"state": "incomplete"``,
+    ``"done"`` (rows generated so far) and its ``params``."""
+    root = Path(run_dir) / "infer"
+    out: dict[str, dict] = {}
+    if not root.is_dir():
+        return out
+    for job in sorted(root.iterdir()):
+        if not job.is_dir() or job.name.startswith("."):
+            continue
+        metrics = _read_json(job / "metrics.json")
+        if metrics:
+            out[job.name] = {**metrics, "state": "finished", "path": str(job)}
+            continue
+        params = _read_json(job / "params.json")
+        if not params:
+            continue
+        try:
+            with open(job / "generations.jsonl", "rb") as f:
+                done = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        except OSError:
+            done = 0
+        out[job.name] = {"state": "incomplete", "done": done, "params": params,
+                         "checkpoint": params.get("checkpoint", ""), "path": str(job)}
+    return out
+
+
+def _json_lines(path: Path):
+    """The JSON objects of a JSONL file another process wrote, skipping whatever is not one."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                value = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(value, dict):
+                yield value
+
+
+def inference_samples(job_dir: Path, n: int = 5) -> list[dict]:
+    """The first ``n`` rows of a finished job (by input order), as the engine's ``inference`` event carries
+    them: ``{line, prompt, prediction, reference, rougeL}``."""
+    job_dir = Path(job_dir)
+    rows: dict[int, dict] = {}
+    try:
+        for r in _json_lines(job_dir / "generations.jsonl"):
+            index = r.get("index")
+            if isinstance(index, int) and 0 <= index < n:
+                rows[index] = r
+                if len(rows) == n:
+                    break
+    except OSError:
+        return []
+    scores: dict[int, float] = {}
+    try:
+        for _, p in zip(range(n), _json_lines(job_dir / "per_row.jsonl")):
+            score = p.get("rougeL")
+            if isinstance(p.get("index"), int) and isinstance(score, (int, float)):
+                scores[p["index"]] = score
+    except OSError:
+        pass
+    return [{"line": r.get("line"), "prompt": str(r.get("prompt", ""))[:300],
+             "prediction": str(r.get("prediction", ""))[:500], "reference": str(r.get("output", ""))[:500],
+             "rougeL": scores.get(i)} for i, r in sorted(rows.items())]
+
+
+# ---------------------------------------------------------------------------- a run's state
+
+
+def last_event(run_dir: Path, kind: str) -> dict | None:
+    """The last event of one type in events.jsonl, read backwards (however many others follow it)."""
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return None
+    needle = f'"type":"{kind}"'.encode()  # the tag comes first; inside a JSON string a quote is escaped
+    for line in lines_backwards(path):
+        if needle in line:
+            try:
+                ev = json.loads(line)
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(ev, dict) and ev.get("type") == kind:
+                return ev
+    return None
+
+
+def spooled(run_dir: Path) -> list:
+    """Events the workers kept while no engine stored them (replayed by the next engine)."""
+    spool = read_spool(run_dir / "spool")
+    return spooled_events(run_dir / "events.jsonl", spool, {}) if spool else []
+
+
+def summary(run_dir: Path) -> dict:
+    """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
+    window of recent events. States: new, starting, running, paused, stopping, finished (all steps, or
+    early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
+    continues it)."""
+    from engine.config import read_toml
+
+    info = engine_info(run_dir)
+    alive = engine_alive(info)
+    status, step = last_event(run_dir, "status"), last_event(run_dir, "step")
+    if not alive:
+        for ev in spooled(run_dir):  # what the workers did after their engine went away
+            if ev.type == "status":
+                status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
+            elif ev.type == "step":
+                step = {"step": ev.step, "loss": ev.loss}
+    state = status.get("state", "new") if status else "new"
+    outcome = status.get("outcome", "") if status else ""
+    if state == "finished" and outcome == "stopped":
+        state = "stopped"
+    elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
+                                                                and (state != "new" or info)):
+        state = "crashed"  # the engine died before the run ended
+    elif state == "new" and alive:
+        state = "starting"
+    cfg = {}
+    try:
+        cfg = read_toml(run_dir / "config.toml")
+    except UsageError:
+        pass
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
+    return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
+            "message": (status or {}).get("message", ""), "engine_pid": info.get("pid") if alive else None,
+            "step": (step or {}).get("step", 0), "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
+            "checkpoint": str(ckpt) if ckpt else None,
+            "age_s": round(time.time() - mtime, 1) if mtime else None}
+
+
+def list_runs(root: str | os.PathLike = RUNS) -> list[dict]:
+    """The runs under ``root`` (state, step, loss, model, age), newest first: for pickers and listings."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
+            and ((p / "config.toml").exists() or (p / "events.jsonl").exists())]
+    return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
