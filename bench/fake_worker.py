@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.events import PushSink  # noqa: E402
 from engine.protocol import RunInfo, Status, Step  # noqa: E402
+from engine.worker.sinks import PushSink  # noqa: E402
 
 
 def main(engine_json: str, rate: float, seconds: float) -> None:

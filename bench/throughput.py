@@ -104,9 +104,9 @@ def seed_method(model_dir: str, data: str, steps: int, warm: int, bsz: int = 6) 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, VoxtralForConditionalGeneration
 
-    from engine.batching import tokenize
     from engine.formatting import load_format
-    from engine.modeling import lora_target_regex
+    from engine.worker.batching import tokenize
+    from engine.worker.modeling import lora_target_regex
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     fmt = load_format(model_dir)
