@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from engine.protocol import preview_param_problems
 from engine.util import UsageError, atomic_write
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-3B-2507"
@@ -163,12 +164,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append(f"--lr must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if not 0 <= self.temperature <= 2:
-            problems.append(f"--temperature must be in [0, 2] (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top_p must be in (0, 1] (got {self.top_p})")
-        if not 1 <= self.max_new_tokens <= 4096:
-            problems.append(f"--max_new_tokens must be in [1, 4096] (got {self.max_new_tokens})")
+        problems += preview_param_problems(self.temperature, self.top_p, self.max_new_tokens, got=True,
+                                           names={k: f"--{k}" for k in ("temperature", "top_p", "max_new_tokens")})
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad or not self.lora_targets:
             problems.append(f"--lora_targets must be among {','.join(LORA_TARGETS)} (got {','.join(self.lora_targets)})")

@@ -198,20 +198,40 @@ class Command(msgspec.Struct, kw_only=True, tag_field="type", forbid_unknown_fie
         return self.__struct_config__.tag
 
 
+# The limits of the preview (sampling) parameters, owned here and nowhere else: the dashboard's inputs,
+# this command, the run's config (--temperature, --top_p, --max_new_tokens) and `voxtui infer` all ask
+# preview_param_problems.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0  # [0, 2]; 0: greedy
+TOP_P_MIN, TOP_P_MAX = 0.0, 1.0  # (0, 1]: 0 itself would keep no token
+MAX_NEW_TOKENS_MIN, MAX_NEW_TOKENS_MAX = 1, 4096  # [1, 4096]
+
+
+def preview_param_problems(temperature: float | None = None, top_p: float | None = None,
+                           max_new_tokens: int | None = None, *, names: dict[str, str] | None = None,
+                           got: bool = False) -> list[str]:
+    """What is wrong with these preview parameters, one line each (empty: nothing). ``None`` is not
+    checked (unchanged / not given). ``names`` maps a field to the name the user typed (``--top_p``,
+    ``top-p``); ``got`` adds the value given. NaN is out of every range."""
+    names = names or {}
+    out = []
+    for field, value, ok, limits in (
+            ("temperature", temperature, lambda v: TEMPERATURE_MIN <= v <= TEMPERATURE_MAX,
+             f"[{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}]"),
+            ("top_p", top_p, lambda v: TOP_P_MIN < v <= TOP_P_MAX, f"({TOP_P_MIN:g}, {TOP_P_MAX:g}]"),
+            ("max_new_tokens", max_new_tokens, lambda v: MAX_NEW_TOKENS_MIN <= v <= MAX_NEW_TOKENS_MAX,
+             f"[{MAX_NEW_TOKENS_MIN}, {MAX_NEW_TOKENS_MAX}]")):
+        if value is not None and not ok(value):
+            out.append(f"{names.get(field, field)} must be in {limits}" + (f" (got {value})" if got else ""))
+    return out
+
+
 class SetPreviewParams(Command, tag="set_preview_params"):
     temperature: float | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None
 
     def problems(self) -> list[str]:
-        out = []
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            out.append("temperature must be in [0, 2]")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            out.append("top_p must be in (0, 1]")
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 4096:
-            out.append("max_new_tokens must be in [1, 4096]")
-        return out
+        return preview_param_problems(self.temperature, self.top_p, self.max_new_tokens)
 
 
 class PreviewNow(Command, tag="preview_now"):

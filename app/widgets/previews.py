@@ -16,15 +16,13 @@ from textual.widgets.option_list import Option
 
 from app.state import RunState
 from app.text import assemble, data, lines
+from engine.protocol import preview_param_problems
 
-# input id, protocol field, parse, format, check
+# input id, protocol field, parse, format, label (the limits are the protocol's: preview_param_problems)
 FIELDS = (
-    ("pv-temperature", "temperature", float, lambda v: f"{float(v):g}",
-     lambda v: None if 0 <= v <= 2 else "temperature must be in [0, 2]"),
-    ("pv-top-p", "top_p", float, lambda v: f"{float(v):g}",
-     lambda v: None if 0 < v <= 1 else "top-p must be in (0, 1]"),
-    ("pv-max", "max_new_tokens", int, lambda v: str(int(v)),
-     lambda v: None if 1 <= v <= 4096 else "max new tokens must be in [1, 4096]"),
+    ("pv-temperature", "temperature", float, lambda v: f"{float(v):g}", "temperature"),
+    ("pv-top-p", "top_p", float, lambda v: f"{float(v):g}", "top-p"),
+    ("pv-max", "max_new_tokens", int, lambda v: str(int(v)), "max new tokens"),
 )
 
 
@@ -82,7 +80,7 @@ class Previews(Vertical):
     def changed(self) -> dict | str:
         """The fields whose input differs from the value in force (checked), or what is wrong."""
         out = {}
-        for input_id, key, parse, _, check in FIELDS:
+        for input_id, key, parse, _, label in FIELDS:
             text = self.query_one(f"#{input_id}", Input).value.strip()
             if not text:
                 continue  # empty: unchanged
@@ -90,9 +88,9 @@ class Previews(Vertical):
                 value = parse(text)
             except (ValueError, OverflowError):
                 return "temperature, top-p and max tokens must be numbers"
-            problem = check(value)
-            if problem:
-                return problem
+            problems = preview_param_problems(**{key: value}, names={key: label})
+            if problems:
+                return problems[0]
             if value != self.in_force.get(key):
                 out[key] = value
         return out
