@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "row can be scored.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", metavar="OUT")
-    p.set_defaults(handler="engine.eval.infer:cmd_score")
+    p.set_defaults(handler="engine.eval.score:cmd_score")
 
     p = sub.add_parser("export", help="merge a run's adapter into the base weights for serving")
     p.add_argument("--run", metavar="RUN")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=int, metavar="N")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.set_defaults(handler="engine.eval.infer:cmd_export")
+    p.set_defaults(handler="engine.eval.export:cmd_export")
 
     p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
     p.add_argument("run", nargs="?", metavar="RUN")

@@ -1,4 +1,5 @@
-"""``voxtui infer``, ``voxtui score`` and ``voxtui export``: generations and metrics from a checkpoint.
+"""``voxtui infer``: generations and metrics from a checkpoint (``voxtui score``: engine/eval/score.py,
+``voxtui export``: engine/eval/export.py).
 
 Without ``--checkpoint`` the run's ``lora_final`` is used, else its latest *complete* checkpoint (a
 half-written one is never taken). The base model and template come from the run's own config.
@@ -9,13 +10,11 @@ interrupted job resumes where it stopped) and ``metrics.json`` (written atomical
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import sys
 import time
 from pathlib import Path
 
+from engine.eval.score import render, score_rows
 from engine.util import Progress, UsageError, atomic_write, write_json
 
 
@@ -92,13 +91,13 @@ def load_for_inference(run_dir: Path, ckpt: Path, device):
 def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None, batch_size: int = 8,
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
           device: str = "auto", model=None, sink=None, ppl: bool = True) -> dict:
+    """Generate for every row of ``data`` with a checkpoint of the run (resuming a job stopped midway),
+    then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json."""
     import torch
 
-    from engine.eval import metrics
     from engine.formatting import file_digest, load_format
     from engine.protocol import Inference
     from engine.rows import read_examples
-    from engine.worker.modeling import generate
 
     ckpt = pick_checkpoint(run_dir, checkpoint)
     rows = list(read_examples(data))
@@ -110,10 +109,42 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     name = name or f"{ckpt.name}-{Path(data).stem}"
     out_dir = run_dir / "infer" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())), "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "top_p": top_p, "seed": seed, "batch_size": batch_size}
-    gen_path = out_dir / "generations.jsonl"
-    state_path = out_dir / "params.json"
+    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+              "batch_size": batch_size}
+    done = _resume(out_dir, params)
+
+    def emit(state, **kw):
+        if sink is not None:
+            sink.emit(Inference(name=name, checkpoint=ckpt.name, state=state, total=len(rows), **kw))
+
+    emit("started", done=len(done))
+    fmt = load_format(cfg.model_id)
+    if model is None:
+        model, _ = load_for_inference(run_dir, ckpt, dev)
+    _generate(model, fmt, rows, done, out_dir / "generations.jsonl", params, dev, f"infer {name}",
+              lambda: emit("progress", done=len(done)))
+    result, samples = _score(out_dir, [done[i] for i in range(len(rows))])
+    if ppl:
+        from engine.eval import metrics
+
+        result.update(metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size))
+    result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
+                   "time": time.time()})
+    write_json(out_dir / "metrics.json", result)
+    emit("finished", done=len(rows), metrics={k: result[k] for k in FINISHED_METRICS if k in result},
+         path=str(out_dir), samples=samples)
+    return result
+
+
+SAMPLES = 5  # sample generations carried by the "finished" event, for the dashboard
+FINISHED_METRICS = ("rougeL", "bleu", "distinct_1", "distinct_2", "perplexity")  # carried by the "finished" event
+
+
+def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
+    """The rows a job with the same ``params`` already generated (by index), with generations.jsonl
+    rewritten to hold only them (a torn last line is gone); a job with other parameters starts afresh."""
+    gen_path, state_path = out_dir / "generations.jsonl", out_dir / "params.json"
     done: dict[int, dict] = {}
     if gen_path.exists() and state_path.exists() and json.loads(state_path.read_text()) == params:
         for line in gen_path.read_text(encoding="utf-8").splitlines():
@@ -126,29 +157,29 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
         gen_path.unlink(missing_ok=True)
         with atomic_write(state_path) as f:
             json.dump(params, f, indent=2)
-    # rewrite the kept rows so a torn tail is gone, then append
-    with atomic_write(gen_path) as f:
+    with atomic_write(gen_path) as f:  # rewrite the kept rows so a torn tail is gone; then append
         for r in done.values():
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return done
 
-    def emit(state, **kw):
-        if sink is not None:
-            sink.emit(Inference(name=name, checkpoint=ckpt.name, state=state, total=len(rows), **kw))
 
-    emit("started", done=len(done))
-    fmt = load_format(cfg.model_id)
-    if model is None:
-        model, _ = load_for_inference(run_dir, ckpt, dev)
+def _generate(model, fmt, rows: list, done: dict[int, dict], gen_path: Path, params: dict, dev, label: str,
+              progressed) -> None:
+    """Generate the rows not ``done`` yet, shortest prompt first, in batches; each batch is appended to
+    ``gen_path`` and flushed (so a stopped job resumes there), then ``progressed()`` is called."""
+    from engine.worker.modeling import generate
+
+    batch_size = params["batch_size"]
     todo = [i for i in range(len(rows)) if i not in done]
     prompts = fmt.encode_prompt([ex for _, ex in rows])
     todo.sort(key=lambda i: len(prompts[i]))
-    progress = Progress(len(rows), f"infer {name}", unit=" rows")
+    progress = Progress(len(rows), label, unit=" rows")
     progress.update(len(done))
     with open(gen_path, "a", encoding="utf-8") as f:
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
-            outs = generate(model, [prompts[i] for i in batch], max_new_tokens, temperature, top_p,
-                            seed + batch[0], fmt.eos, fmt.pad, dev)
+            outs = generate(model, [prompts[i] for i in batch], params["max_new_tokens"], params["temperature"],
+                            params["top_p"], params["seed"] + batch[0], fmt.eos, fmt.pad, dev)
             for i, o in zip(batch, outs):
                 line, ex = rows[i]
                 r = {"index": i, "line": line, "prompt": ex.prompt_text, "output": ex.target_text,
@@ -157,45 +188,31 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
             f.flush()
             progress.update(len(batch))
-            emit("progress", done=len(done))
+            progressed()
     progress.close()
-    ordered = [done[i] for i in range(len(rows))]
+
+
+def _score(out_dir: Path, ordered: list[dict]) -> tuple[dict, list[dict]]:
+    """Corpus metrics of the generations, per_row.jsonl (ROUGE-L, Distinct-1/2, exact match, length ratio
+    per row), and the first rows as samples for the dashboard."""
+    from engine.eval import metrics
+
     result = score_rows(ordered)
     per_row = [{"index": r["index"], "line": r["line"], **metrics.per_row(r["prediction"], r["output"])}
                for r in ordered]
-    with atomic_write(out_dir / "per_row.jsonl") as f:  # ROUGE-L, Distinct-1/2, exact match, length ratio per row
+    with atomic_write(out_dir / "per_row.jsonl") as f:
         for p in per_row:
             f.write(json.dumps(p) + "\n")
     samples = [{"line": r["line"], "prompt": r["prompt"][:300], "prediction": r["prediction"][:500],
                 "reference": r["output"][:500], "rougeL": p.get("rougeL")} for r, p in zip(ordered[:SAMPLES], per_row)]
-    if ppl:
-        result.update(metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size))
-    result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
-                   "time": time.time()})
-    write_json(out_dir / "metrics.json", result)
-    emit("finished", done=len(rows), metrics={k: result[k] for k in ("rougeL", "bleu", "distinct_1", "distinct_2",
-                                                                    "perplexity") if k in result},
-         path=str(out_dir), samples=samples)
-    return result
-
-
-SAMPLES = 5  # sample generations carried by the "finished" event, for the dashboard
-
-
-def score_rows(rows: list[dict]) -> dict:
-    from engine.eval import metrics
-
-    preds = [r["prediction"] for r in rows]
-    refs = [r["output"] for r in rows]
-    out = metrics.corpus(preds, refs)
-    out["ci95"] = metrics.bootstrap(preds, refs)
-    return out
+    return result, samples
 
 
 # ----------------------------------------------------------------------------------------- commands
 
 
-def _run_dir(args) -> Path:
+def run_dir_of(args) -> Path:
+    """The run folder ``--run`` or ``--output_dir`` names (UsageError when there is none)."""
     from engine.daemon.launch import find_run
 
     if getattr(args, "output_dir", None):
@@ -237,13 +254,12 @@ def check_data(path: str) -> int:
 def check_infer_args(args) -> tuple[Path, str]:
     """Every argument of ``voxtui infer``, checked before torch is imported: the parameters, the run
     folder and its config, the checkpoint, the data file and its rows. Returns ``(run_dir, data)``."""
+    from engine.protocol import preview_param_problems
     from engine.rows import check_outputs
 
-    problems = []
-    if not 0 <= args.temperature <= 2:
-        problems.append(f"--temperature must be in [0, 2] (got {args.temperature})")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top_p must be in (0, 1] (got {args.top_p})")
+    # the sampling limits of previews (--max_new_tokens here is the evaluation's, any length above 0)
+    problems = preview_param_problems(args.temperature, args.top_p, got=True,
+                                      names={"temperature": "--temperature", "top_p": "--top_p"})
     if not DEVICE_RE.fullmatch(args.device):
         problems.append(f"--device must be auto, cpu, cuda, cuda:N or mps (got {args.device!r})")
     if args.name is not None and (not args.name.strip() or args.name in (".", "..") or "/" in args.name
@@ -255,7 +271,7 @@ def check_infer_args(args) -> tuple[Path, str]:
         problems.append("--checkpoint and --all-checkpoints: give one")
     if problems:
         raise UsageError("; ".join(problems))
-    run_dir = _run_dir(args)
+    run_dir = run_dir_of(args)
     data = args.data or args.jsonl
     if not data:
         raise UsageError("--data FILE is required")
@@ -290,7 +306,7 @@ def cmd_infer(args) -> int:
             for step, _ in checkpoints(run_dir):
                 m = infer(run_dir, data, checkpoint=step, sink=sink, **common)
                 table.append({"checkpoint": f"checkpoint-{step}", "step": step,
-                              **{k: m.get(k) for k in ("rougeL", "bleu", "distinct_1", "distinct_2", "perplexity")}})
+                              **{k: m.get(k) for k in FINISHED_METRICS}})
             if args.json:
                 write_json(args.json, table)
             if args.json != "-":
@@ -330,117 +346,3 @@ def _failed(args, run: str, error: BaseException, sink=None) -> None:
     finally:
         if own:
             sink.close()
-
-
-def render(m: dict) -> str:
-    ci = m.get("ci95", {})
-
-    def f(k, fmt="{:.4f}"):
-        v = fmt.format(m[k])
-        return v + (f" [{fmt.format(ci[k][0])}, {fmt.format(ci[k][1])}]" if k in ci else "")
-
-    out = [f"{m.get('checkpoint', 'predictions')}: {m['rows']} rows",
-           f"  ROUGE-L      {f('rougeL')}", f"  BLEU         {f('bleu', '{:.2f}')}",
-           f"  Distinct-1   {f('distinct_1')}", f"  Distinct-2   {f('distinct_2')}",
-           f"  exact match  {f('exact_match')}", f"  length ratio {m['length_ratio']:.3f}"]
-    if "perplexity" in m:
-        out.append(f"  perplexity   {m['perplexity']:.3f} ({m['tokens']} reference tokens)")
-    return "\n".join(out)
-
-
-def read_predictions(path: str) -> tuple[list[dict], list[dict]]:
-    """The rows of a predictions file that hold string ``prediction`` and ``output``, and every other
-    non-blank line as ``{"line", "reason", "detail"}`` (never raises on a bad row)."""
-    import msgspec
-
-    from engine.rows import _json_type, iter_lines
-
-    decoder = msgspec.json.Decoder()
-    rows, bad = [], []
-    for lineno, raw in iter_lines(path):
-        if not raw.strip():
-            continue
-        reason = detail = ""
-        try:
-            r = decoder.decode(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            reason, detail = "bad_encoding", f"invalid UTF-8 at byte {e.start}"
-        except msgspec.DecodeError as e:
-            reason, detail = "invalid_json", str(e)
-        except RecursionError:
-            reason, detail = "invalid_json", "nested too deeply"
-        else:
-            if not isinstance(r, dict):
-                reason, detail = "not_object", f"a JSON {_json_type(r)}, not an object"
-            else:
-                for k in ("prediction", "output"):
-                    if r.get(k) is None:
-                        reason, detail = "missing_field", f"{k} (a string) is needed"
-                        break
-                    if not isinstance(r[k], str):
-                        reason, detail = "wrong_type", f"{k} is a {_json_type(r[k])}, not a string"
-                        break
-        if reason:
-            bad.append({"line": lineno, "reason": reason, "detail": detail})
-        else:
-            rows.append(r)
-    return rows, bad
-
-
-BAD_ROWS_SHOWN = 20  # bad rows listed on stderr; the JSON report holds them all
-
-
-def cmd_score(args) -> int:
-    from engine.rows import check_outputs, open_checked
-
-    open_checked(args.file)
-    check_outputs({"the input": args.file}, {"--json": args.json})
-    rows, bad = read_predictions(args.file)
-    if not rows:
-        if not bad:
-            raise UsageError(f"{args.file}: no rows (the file is empty or holds only blank lines)")
-        first = bad[0]
-        raise UsageError(f"{args.file}: no row to score: {len(bad)} bad row(s); line {first['line']}: "
-                         f"{first['reason']}: {first['detail']}")
-    for b in bad[:BAD_ROWS_SHOWN]:
-        print(f"{args.file}:{b['line']}: {b['reason']}: {b['detail']}", file=sys.stderr)
-    if len(bad) > BAD_ROWS_SHOWN:
-        print(f"{args.file}: … and {len(bad) - BAD_ROWS_SHOWN} more bad rows (--json lists them all)", file=sys.stderr)
-    m = score_rows(rows)
-    m["file"] = args.file
-    m["bad_rows"] = bad
-    if args.json:
-        write_json(args.json, m)
-    if args.json != "-":
-        print(render(m))
-        if bad:
-            print(f"  skipped      {len(bad)} bad row(s) (listed on stderr)")
-    return 0
-
-
-def cmd_export(args) -> int:
-    run_dir = _run_dir(args)  # every argument is checked before torch is imported
-    ckpt = pick_checkpoint(run_dir, args.checkpoint)
-    cfg = run_config(run_dir)
-    out = Path(args.merge)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out}: exists and is not an empty folder")
-    import torch
-    from peft import PeftModel
-    from transformers import VoxtralForConditionalGeneration
-
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    base = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, dtype=dtype)  # full model, audio included
-    merged = PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload()
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    from engine.formatting import resolve_tokenizer_file
-
-    shutil.copyfile(resolve_tokenizer_file(cfg.model_id), tmp / "tekken.json")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    print(out)
-    print(f"merged {ckpt} into {cfg.model_id} ({args.dtype})", file=sys.stderr)
-    return 0
