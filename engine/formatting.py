@@ -146,6 +146,57 @@ class ChatFormat:
         return self.tekken.decode([i for i in ids if i >= self._offset], special_token_policy=SpecialTokenPolicy.IGNORE)
 
 
+# ----------------------------------------------------------------------------- rows over --max_len
+#
+# The one rule, used by the worker's tokenisation (engine.worker.batching.tokenize) and by every data tool
+# (analyze, audit, find-long, split) and preflight, so their counts are the trainer's:
+#   * a row fits when prompt + target (answer + EOS) ≤ max_len tokens; otherwise it is over;
+#   * --long drop: an over row is dropped;
+#   * --long truncate: the answer is cut so that prompt + answer + EOS = max_len: the target keeps
+#     max_len - prompt tokens and still ends with EOS (so a file that `voxtui data split` truncated trains
+#     exactly as the worker truncates the original, and fits --max_len); the prompt is never cut, and a row
+#     whose prompt leaves no room for one answer token and the EOS (prompt > max_len - 2) is dropped.
+
+MIN_TRUNCATED_TARGET = 2  # one answer token and the EOS
+
+
+def over_max_len(prompt_len, target_len, max_len: int):
+    """Whether a row is longer than ``max_len`` (ints, or numpy arrays elementwise)."""
+    return prompt_len + target_len > max_len
+
+
+def kept_target_len(prompt_len, target_len, max_len: int, long: str):
+    """The target tokens a row keeps under ``max_len`` and ``--long`` (``"truncate"`` or ``"drop"``):
+    all of them when it fits, ``max_len - prompt_len`` when truncated, 0 when dropped. Takes ints (and
+    returns an int) or numpy arrays (elementwise)."""
+    if isinstance(prompt_len, int) and isinstance(target_len, int):  # one row: plain arithmetic, same rule
+        if not over_max_len(prompt_len, target_len, max_len):
+            return target_len
+        room = max_len - prompt_len
+        return room if long == "truncate" and room >= MIN_TRUNCATED_TARGET else 0
+    import numpy as np
+
+    room = max_len - np.asarray(prompt_len)
+    cut = np.where(room >= MIN_TRUNCATED_TARGET, room, 0) if long == "truncate" else 0
+    out = np.where(over_max_len(np.asarray(prompt_len), np.asarray(target_len), max_len), cut, target_len)
+    return int(out) if np.ndim(out) == 0 else out.astype(np.int64)
+
+
+def fit_target(prompt: list[int], target: list[int], max_len: int, long: str) -> list[int] | None:
+    """``target`` as the row keeps it under ``max_len`` (the answer cut before its EOS when truncated),
+    or None when the row is dropped."""
+    keep = kept_target_len(len(prompt), len(target), max_len, long)
+    if keep == 0:
+        return None
+    return target if keep == len(target) else [*target[:keep - 1], target[-1]]
+
+
+def shortest_max_len(prompt_len: int, target_len: int, long: str) -> int:
+    """The smallest ``--max_len`` under which a row is kept (whole with ``drop``, cut with ``truncate``)."""
+    whole = prompt_len + target_len
+    return whole if long == "drop" else min(whole, prompt_len + MIN_TRUNCATED_TARGET)
+
+
 @lru_cache(maxsize=8)
 def file_digest(path: str) -> str:
     """The first 16 hex digits of a file's SHA-256 (cached by path)."""

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from engine.data.scan import data_format, percentiles, scan_file
+from engine.formatting import over_max_len
 from engine.rows import check_outputs
 from engine.util import write_json
 
@@ -15,6 +16,7 @@ def analyze(path: str, model: str | None = None, max_len: int | None = None, wor
     fmt = data_format(model)
     scan = scan_file(path, fmt, workers=workers, label="analyze")
     total = scan.total_len
+    over = over_max_len(scan.prompt_len, scan.target_len, max_len) if max_len else np.zeros(len(total), bool)
     report = {
         "file": path,
         "tokenizer": str(fmt.path),
@@ -28,11 +30,11 @@ def analyze(path: str, model: str | None = None, max_len: int | None = None, wor
             "target": percentiles(scan.target_len),
         },
         "max_len": max_len,
-        "over_max_len": int((total > max_len).sum()) if max_len else 0,
+        "over_max_len": int(over.sum()),
         "histogram": histogram(total),
     }
     if max_len:
-        report["over_max_len_lines"] = scan.lines[total > max_len][:1000].tolist()
+        report["over_max_len_lines"] = scan.lines[over][:1000].tolist()
     return report
 
 

@@ -7,6 +7,7 @@ import sys
 from collections import Counter
 
 from engine.data.scan import Scan, data_format, scan_file
+from engine.formatting import over_max_len
 from engine.rows import DEFECT_KINDS, check_outputs
 from engine.util import write_json
 
@@ -18,9 +19,9 @@ def audit(path: str, against: str | None = None, max_len: int | None = None, mod
     defects = list(scan.defects)
     defects += duplicates(scan)
     if max_len:
-        total = scan.total_len
+        total, over = scan.total_len, over_max_len(scan.prompt_len, scan.target_len, max_len)
         defects += [(int(line), "too_long", f"{int(n)} tokens > {max_len}")
-                    for line, n in zip(scan.lines[total > max_len], total[total > max_len])]
+                    for line, n in zip(scan.lines[over], total[over])]
     if against:
         other = scan_file(against, None, keys=True, workers=workers, label="against")
         defects += leaks(scan, other)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from engine.data.scan import data_format, scan_file
+from engine.formatting import kept_target_len, over_max_len
 from engine.rows import check_outputs, iter_lines, parse_line
 from engine.util import atomic_write, write_json
 
@@ -17,9 +18,11 @@ def find_long(path: str, max_len: int, model: str | None = None, workers: int | 
     fmt = data_format(model)
     scan = scan_file(path, fmt, workers=workers, label="find-long")
     total = scan.total_len
-    over = total > max_len
+    over = over_max_len(scan.prompt_len, scan.target_len, max_len)
     p99 = int(np.ceil(np.percentile(total, 99))) if len(total) else 0
-    prompt_over = scan.prompt_len[over] >= max_len  # truncating the target cannot save these
+    # what --long truncate keeps of each long row (the worker's rule): 0 when the prompt leaves no room
+    kept = kept_target_len(scan.prompt_len[over], scan.target_len[over], max_len, "truncate")
+    saved = kept > 0
     rows = [{"line": int(line), "prompt_tokens": int(p), "target_tokens": int(t), "total_tokens": int(p + t),
              "over_by": int(p + t - max_len)}
             for line, p, t in zip(scan.lines[over], scan.prompt_len[over], scan.target_len[over])]
@@ -31,9 +34,9 @@ def find_long(path: str, max_len: int, model: str | None = None, workers: int | 
         "long": len(rows),
         "remedies": {
             "truncate": {
-                "rows_truncated": int((~prompt_over).sum()),
-                "target_tokens_lost": int(np.minimum(total[over] - max_len, scan.target_len[over])[~prompt_over].sum()),
-                "rows_unsaveable": int(prompt_over.sum()),
+                "rows_truncated": int(saved.sum()),
+                "target_tokens_lost": int((scan.target_len[over] - kept)[saved].sum()),
+                "rows_unsaveable": int((~saved).sum()),
             },
             "drop": {"rows_lost": len(rows), "tokens_lost": int(total[over].sum()),
                      "fraction_of_rows": round(len(rows) / max(len(total), 1), 6)},
@@ -70,7 +73,8 @@ def render(report: dict, limit: int = 20) -> str:
         t, d, p = rem["truncate"], rem["drop"], rem["raise_to_p99"]
         out.append("remedies:")
         out.append(f"  --long truncate: {t['rows_truncated']} rows lose {t['target_tokens_lost']:,} target tokens"
-                   + (f"; {t['rows_unsaveable']} rows have a prompt alone over the limit and are dropped"
+                   + (f"; {t['rows_unsaveable']} rows have a prompt that leaves no room for an answer token "
+                      "and are dropped"
                       if t["rows_unsaveable"] else ""))
         out.append(f"  --long drop:     {d['rows_lost']} rows ({d['fraction_of_rows']:.2%}) and {d['tokens_lost']:,} tokens lost")
         out.append(f"  --max_len {p['max_len']} (p99): {p['rows_still_long']} rows still long; "

@@ -11,6 +11,7 @@ import json
 import sys
 
 from engine.data.scan import data_format
+from engine.formatting import kept_target_len
 from engine.rows import check_outputs, clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
 from engine.util import Progress, UsageError, atomic_write, same_file, write_json
 
@@ -55,33 +56,23 @@ def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: 
         seen[key] = lineno
         if fmt is not None:
             (prompt, target), = fmt.encode([ex])
-            if len(prompt) + len(target) > max_len:
-                room = max_len - len(prompt) - 1  # tokens left for the answer before EOS
-                if long == "drop" or room <= 0:
+            keep = kept_target_len(len(prompt), len(target), max_len, long)  # the worker's rule
+            if keep < len(target):
+                record = _truncated(record, fmt, target, keep) if keep else None
+                if record is None:
                     dropped.append({"line": lineno, "reason": "too_long",
                                     "detail": f"{len(prompt) + len(target)} tokens > {max_len}"})
                     continue
-                record = _truncate_target(record, fmt.decode(target[:room]).rstrip("\ufffd"))
                 truncated += 1
         kept.append((lineno, record, prompt_key(ex)))
     progress.close()
 
-    # Whole prompt groups go to one side, chosen by a seeded hash, until val holds its share.
-    groups: dict[bytes, list[int]] = {}
-    for i, (_, _, pkey) in enumerate(kept):
-        groups.setdefault(pkey, []).append(i)
-    order = sorted(groups, key=lambda k: hashlib.blake2b(k, key=str(seed).encode()[:64], digest_size=8).digest())
-    want, val_idx = round(val_frac * len(kept)), set()
-    for pkey in order:
-        if len(val_idx) >= want:
-            break
-        val_idx.update(groups[pkey])
-
+    val_idx, groups = _val_rows(kept, val_frac, seed)
     if not kept:
         raise UsageError(f"{path}: no usable row, nothing written ({_why_none(path, dropped)})")
     if len(val_idx) == len(kept):
         raise UsageError(f"{path}: every usable row would go to val ({len(kept)} row(s) sharing "
-                         f"{len(groups)} prompt(s)), none to train; nothing written (lower --val-frac or add rows)")
+                         f"{groups} prompt(s)), none to train; nothing written (lower --val-frac or add rows)")
 
     n_train = n_val = 0
     with atomic_write(train_out) as ft, atomic_write(val_out) as fv:
@@ -100,6 +91,21 @@ def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: 
     }
 
 
+def _val_rows(kept: list[tuple[int, dict, bytes]], val_frac: float, seed: int) -> tuple[set[int], int]:
+    """Which kept rows go to val, and how many prompt groups there are: whole prompt groups go to one
+    side, chosen by a seeded hash, until val holds its share."""
+    groups: dict[bytes, list[int]] = {}
+    for i, (_, _, pkey) in enumerate(kept):
+        groups.setdefault(pkey, []).append(i)
+    order = sorted(groups, key=lambda k: hashlib.blake2b(k, key=str(seed).encode()[:64], digest_size=8).digest())
+    want, val_idx = round(val_frac * len(kept)), set()
+    for pkey in order:
+        if len(val_idx) >= want:
+            break
+        val_idx.update(groups[pkey])
+    return val_idx, len(groups)
+
+
 def _why_none(path: str, dropped: list[dict]) -> str:
     if not dropped:
         return "the file is empty or holds only blank lines"
@@ -109,6 +115,18 @@ def _why_none(path: str, dropped: list[dict]) -> str:
     first = dropped[0]
     return (f"{len(dropped)} row(s) dropped: " + ", ".join(f"{k} {n}" for k, n in counts.items())
             + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {path}` lists them")
+
+
+def _truncated(record: dict, fmt, target: list[int], keep: int) -> dict | None:
+    """``record`` with its answer cut to the ``keep - 1`` tokens the worker keeps before the EOS, as text
+    (a character split by the cut is left out, as is white space at the end); a token fewer while the text
+    re-encodes longer than that (rare: tokens decoded and encoded again may merge differently). None
+    when no answer text is left."""
+    for cut in range(keep - 1, 0, -1):
+        text = fmt.decode(target[:cut]).rstrip("\ufffd").strip()
+        if text and len(fmt.encode_texts([text])[0]) + 1 <= keep:  # the answer, then its EOS
+            return _truncate_target(record, text)
+    return None
 
 
 def _truncate_target(record: dict, text: str) -> dict:

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.formatting import ChatFormat
+from engine.formatting import ChatFormat, fit_target, shortest_max_len
 from engine.rows import read_examples
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: truncated targets keep their EOS (engine.formatting's rule); full_lengths
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Tokenized:
     truncated: int = 0
     cache_hit: bool = False
     shortest_dropped: int = 0  # the smallest --max_len that would have kept a dropped row (0: none dropped)
+    full_lengths: np.ndarray | None = None  # every usable row's formatted length before --long (dropped ones too)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -63,37 +64,35 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
         target = Path(cache_dir) / f"{cache_key(path, fmt, max_len, long)}.npz"
         if target.exists():
             z = np.load(target)
-            shortest = int(z["shortest_dropped"]) if "shortest_dropped" in z.files else 0
             return Tokenized(z["ids"], z["offsets"], z["prompt_lens"], int(z["dropped"]), int(z["truncated"]), True,
-                             shortest)
+                             int(z["shortest_dropped"]), z["full_lengths"])
     examples = [ex for _, ex in read_examples(path)]
-    pieces, prompt_lens, dropped, truncated, shortest = [], [], 0, 0, 0
+    pieces, prompt_lens, full, dropped, truncated, shortest = [], [], [], 0, 0, 0
     for i in range(0, len(examples), 2048):
-        for prompt, answer in fmt.encode(examples[i:i + 2048]):
-            if len(prompt) + len(answer) > max_len:
-                if long == "drop" or len(prompt) >= max_len:
-                    dropped += 1
-                    # truncation keeps a row whose prompt and one target token fit
-                    need = len(prompt) + len(answer) if long == "drop" else len(prompt) + 1
-                    shortest = min(shortest or need, need)
-                    continue
-                answer = answer[: max_len - len(prompt)]
-                truncated += 1
-            pieces.append(np.asarray(prompt + answer, np.int32))
+        for prompt, target_ids in fmt.encode(examples[i:i + 2048]):
+            full.append(len(prompt) + len(target_ids))
+            kept = fit_target(prompt, target_ids, max_len, long)  # the one --max_len rule (engine.formatting)
+            if kept is None:
+                dropped += 1
+                need = shortest_max_len(len(prompt), len(target_ids), long)
+                shortest = min(shortest or need, need)
+                continue
+            truncated += len(kept) < len(target_ids)
+            pieces.append(np.asarray(prompt + kept, np.int32))
             prompt_lens.append(len(prompt))
     lengths = np.array([len(p) for p in pieces], np.int64)
     tok = Tokenized(
         ids=np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         prompt_lens=np.asarray(prompt_lens, np.int32), dropped=dropped, truncated=truncated,
-        shortest_dropped=shortest,
+        shortest_dropped=shortest, full_lengths=np.asarray(full, np.int64),
     )
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, ids=tok.ids, offsets=tok.offsets, prompt_lens=tok.prompt_lens,
-                     dropped=dropped, truncated=truncated, shortest_dropped=shortest)
+                     dropped=dropped, truncated=truncated, shortest_dropped=shortest, full_lengths=tok.full_lengths)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -203,7 +202,7 @@ def plan_run(tok: Tokenized, cfg, world: int, source: str = "") -> RunPlan:
     if len(tok) == 0:
         if tok.dropped:
             floor = (f": raise --max_len to at least {tok.shortest_dropped} (the shortest formatted example"
-                     + (", with one target token" if cfg.long == "truncate" else "") + ")") if tok.shortest_dropped else ""
+                     + (", its answer cut to one token and the EOS" if cfg.long == "truncate" else "") + ")") if tok.shortest_dropped else ""
             return result(None, f"{name}: every row ({tok.dropped}) is longer than --max_len {cfg.max_len}"
                                 f" (--long {cfg.long}){floor}")
         return result(None, f"{name}: the file is empty: no training rows")
