@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from engine.formatting import ChatFormat, fit_target, shortest_max_len
 from engine.rows import read_examples
@@ -46,6 +45,17 @@ class Tokenized:
 
     def example(self, i: int) -> tuple[np.ndarray, int]:
         return self.ids[self.offsets[i]:self.offsets[i + 1]], int(self.prompt_lens[i])
+
+
+def cache_dir_for(cfg, run_dir: str | os.PathLike | None = None) -> str:
+    """Where a run's tokenised rows are cached: ``--cache_dir``, else ``_cache`` beside the run folder
+    (``run_dir``, else ``--output_dir``, else a new run under runs/). The worker and preflight both ask
+    here, so preflight fills the cache the worker then reads."""
+    if cfg.cache_dir:
+        return cfg.cache_dir
+    from engine.runs import RUNS
+
+    return str(Path(run_dir or cfg.output_dir or RUNS / "new").parent / "_cache")
 
 
 def cache_key(path: str, fmt: ChatFormat, max_len: int, long: str) -> str:
@@ -99,6 +109,12 @@ def tokenize(path: str, fmt: ChatFormat, max_len: int, long: str, cache_dir: str
     return tok
 
 
+def packed_budget(per_device_bsz: int, max_len: int) -> int:
+    """The tokens of one packed micro-batch as asked: ``--per_device_bsz × --max_len`` (the one place this
+    product is made; ``plan_run`` may shrink it for a small file, and its ``budget`` is then what is used)."""
+    return per_device_bsz * max_len
+
+
 def plan_epoch_all(tok: Tokenized, epoch: int, seed: int, bsz: int, world: int, max_len: int, packing: bool,
                    group_by_length: bool, budget: int = 0) -> list[list[list[list[int]]]]:
     """Every rank's micro-batches for ``epoch`` (index: rank), computed once.
@@ -112,7 +128,7 @@ def plan_epoch_all(tok: Tokenized, epoch: int, seed: int, bsz: int, world: int, 
     order = rng.permutation(len(tok))
     lengths = tok.lengths
     if packing:
-        rows = _pack(order, lengths, budget or bsz * max_len)
+        rows = _pack(order, lengths, budget or packed_budget(bsz, max_len))
         rows = [rows[i] for i in rng.permutation(len(rows))]
         steps = len(rows) // world
         return [[[rows[s * world + r]] for s in range(steps)] for r in range(world)]
@@ -144,7 +160,7 @@ class RunPlan:
     world: int  # ranks
     grad_accum: int
     packing: bool
-    asked_budget: int  # --per_device_bsz × --max_len
+    asked_budget: int  # packed_budget(--per_device_bsz, --max_len)
     budget: int  # tokens per packed row actually used (≤ asked_budget); 0 without packing
     micro_per_rank: int  # micro-batches per rank in epoch 0
     steps_per_epoch: int
@@ -183,7 +199,7 @@ def plan_run(tok: Tokenized, cfg, world: int, source: str = "") -> RunPlan:
     grad_accum)``, never below the longest example, which makes at least that many rows in every epoch."""
     import math
 
-    acc, asked = cfg.grad_accum, cfg.per_device_bsz * cfg.max_len
+    acc, asked = cfg.grad_accum, packed_budget(cfg.per_device_bsz, cfg.max_len)
     need = world * acc
     budget = asked if cfg.packing else 0
     name = source or cfg.train_jsonl
@@ -288,6 +304,8 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
     padded to ``budget`` tokens (a fixed shape) with padding split into pieces of at most ``max_len``,
     positions restarting at each example, and ``cu_seq_lens_q`` / ``max_length_q`` for varlen attention.
     """
+    import torch
+
     rows = []
     for items in batch:
         ids, labels, pos, seg = [], [], [], []
