@@ -1,0 +1,95 @@
+"""Preflight's data and plan checks. Each file is audited (broken rows, duplicates, leakage), then
+tokenised once, as the worker will: with the run's own tokenizer (``load_format(cfg.model_id)``), by
+``engine.worker.batching.tokenize`` into the token cache the worker then reads (its key: the file's
+bytes, the tokenizer, --max_len, --long). The length check and the plan both read those rows."""
+
+from __future__ import annotations
+
+from engine.config import TrainConfig
+
+
+def tokenize_as_worker(cfg: TrainConfig, path: str):
+    """``path``'s rows as the worker tokenises them (``batching.Tokenized``), read from or written to its
+    cache. UsageError when the tokenizer cannot be had or a row is broken."""
+    from engine.formatting import load_format
+    from engine.worker import batching
+
+    return batching.tokenize(path, load_format(cfg.model_id), cfg.max_len, cfg.long, batching.cache_dir_for(cfg))
+
+
+def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
+    """The audit and length checks of train and val. Returns the length statistics of each file's
+    formatted rows (``{"train": {"p50", "p99", "max", …}}``) and its tokenised rows, for the plan."""
+    from engine.data.audit import audit
+    from engine.rows import FATAL_KINDS
+    from engine.util import UsageError
+
+    lengths: dict = {}
+    toks: dict = {}
+    for name, path, against in (("train", cfg.train_jsonl, cfg.val_jsonl or None), ("val", cfg.val_jsonl, None)):
+        if not path:
+            if name == "val":
+                r.add("data", "val", "warn", "no --val_jsonl: no evaluation, early stopping or best checkpoint")
+            continue
+        try:
+            rep = audit(path, against=against)  # parses rows; no tokenizing without --max-len
+        except UsageError as e:
+            r.add("data", name, "fail", str(e))
+            continue
+        fatal = [d for d in rep["defects"] if d["kind"] in FATAL_KINDS]
+        if fatal:
+            first = ", ".join(f"line {d['line']} {d['kind']}" for d in fatal[:5])
+            r.add("data", name, "fail", f"{path}: {len(fatal)} broken row(s) ({first}); clean it with "
+                                        f"`voxtui data split` or fix those lines", defects=len(fatal))
+        else:
+            r.add("data", name, "ok", f"{path}: {rep['rows']} rows")
+        for kind, level in (("duplicate", "warn"), ("leak", "warn"), ("control_chars", "info")):
+            n = rep["counts"].get(kind, 0)
+            if n:
+                what = {"leak": f"also stand in {against}", "duplicate": "are duplicates",
+                        "control_chars": "hold control characters"}[kind]
+                r.add("data", f"{name}-{kind}", level, f"{n} row(s) of {path} {what}")
+        if not fatal:
+            try:
+                toks[name] = tokenize_as_worker(cfg, path)
+            except UsageError as e:
+                r.add("data", f"{name}-length", "warn", f"length check skipped: {e}")
+                continue
+            lengths[name] = _check_lengths(cfg, r, name, toks[name])
+    return lengths, toks
+
+
+def _check_lengths(cfg: TrainConfig, r, name: str, tok) -> dict:
+    """The length distribution of a file's formatted rows and how many are over --max_len (the worker's
+    counts: each one is truncated or dropped)."""
+    from engine.data.scan import percentiles
+
+    stats = percentiles(tok.full_lengths)
+    over = tok.truncated + tok.dropped
+    level = "warn" if over / max(len(tok.full_lengths), 1) > 0.01 else "ok"
+    r.add("data", f"{name}-length", level,
+          f"p50 {stats['p50']:.0f}, p99 {stats['p99']:.0f}, max {stats['max']} tokens; {over} row(s) over "
+          f"--max_len {cfg.max_len} (--long {cfg.long})", p99=stats["p99"])
+    return stats
+
+
+def check_plan(cfg: TrainConfig, r, tok=None):
+    """The plan the worker will make (``engine.worker.batching.plan_run``, the same code): rows kept after
+    --long, micro-batches per rank, steps per epoch and in all, a shrunk packing budget; no-go with the
+    fix when no optimizer step can run. ``tok``: the training rows ``check_data`` tokenised (else they
+    are tokenised here). Returns them (reused after a probe)."""
+    from engine.util import UsageError
+    from engine.worker import batching
+
+    r.checks = [c for c in r.checks if c["name"] != "plan"]
+    if any(c["area"] == "data" and c["name"] == "train" and c["level"] == "fail" for c in r.checks):
+        return None  # the data check has said what is wrong with the file
+    if tok is None:
+        try:
+            tok = tokenize_as_worker(cfg, cfg.train_jsonl)
+        except UsageError as e:
+            r.add("plan", "plan", "fail", f"cannot tokenize the training rows as the worker will: {e}")
+            return None
+    plan = batching.plan_run(tok, cfg, cfg.nproc)
+    r.add("plan", "plan", "fail" if plan.problem else "ok", plan.summary(), plan=plan.as_dict())
+    return tok

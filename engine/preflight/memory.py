@@ -1,0 +1,141 @@
+"""Preflight's model and memory checks: the model's parameter counts (from its config, on the meta device),
+a per-GPU memory estimate against the free memory with the fastest setting that fits, and with
+``--probe`` real steps per batch size (``engine.preflight.probe``)."""
+
+from __future__ import annotations
+
+from engine.config import TrainConfig
+from engine.worker.batching import packed_budget
+
+
+def check_model(cfg: TrainConfig, r) -> dict | None:
+    import torch
+    from transformers import AutoConfig
+
+    from engine.worker.modeling import lora_target_regex
+
+    try:
+        mcfg = AutoConfig.from_pretrained(cfg.model_id)
+    except Exception as e:
+        r.add("model", "config", "fail", f"{cfg.model_id}: cannot load its config ({type(e).__name__}: "
+                                         f"{str(e).splitlines()[0] if str(e) else ''})")
+        return None
+    if getattr(mcfg, "model_type", "") != "voxtral":
+        r.add("model", "config", "fail", f"{cfg.model_id} is a {mcfg.model_type!r} model, not Voxtral")
+        return None
+    from transformers import VoxtralForConditionalGeneration
+
+    with torch.device("meta"):
+        model = VoxtralForConditionalGeneration(mcfg)
+    import re
+
+    rx = re.compile(lora_target_regex(cfg.lora_targets))
+    total = audio = embed = lin = lora = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and rx.fullmatch(name):
+            lora += cfg.lora_r * (mod.in_features + mod.out_features)
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if "audio_tower" in name or "multi_modal_projector" in name:
+            audio += p.numel()
+        elif "embed_tokens" in name or "lm_head" in name:
+            embed += p.numel()
+        elif p.dim() == 2:
+            lin += p.numel()
+    tc = mcfg.text_config
+    info = {"total": total, "audio": audio, "embed_head": embed, "llm_linear": lin, "lora": lora,
+            "hidden": tc.hidden_size, "intermediate": tc.intermediate_size, "layers": tc.num_hidden_layers,
+            "vocab": tc.vocab_size}
+    r.add("model", "config", "ok", f"{cfg.model_id}: {total / 1e9:.2f} B parameters (language model linears "
+                                   f"{lin / 1e9:.2f} B, embedding + head {embed / 1e9:.2f} B, audio tower + projector "
+                                   f"{audio / 1e9:.2f} B: frozen and not kept on the device)")
+    r.add("model", "trainable", "ok", f"LoRA r={cfg.lora_r} α={cfg.lora_alpha} on {','.join(cfg.lora_targets)}: "
+                                      f"{lora:,} trainable parameters ({100 * lora / total:.2f}%), all in the language model")
+    return info
+
+
+def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None) -> dict:
+    """A per-GPU estimate in GiB (weights, adapter + optimiser, activations, loss head, overhead) for
+    batches of ``seq_len`` tokens (the data's p99 when known, else --max_len; packing fills --max_len).
+    Activation bytes per token and layer are the ones measured on an H200 (docs/benchmarks.md):
+    about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout."""
+    bsz = bsz or cfg.per_device_bsz
+    g = 2**30
+    weights = (m["llm_linear"] * (0.53 if cfg.quant == "nf4" else 2) + m["embed_head"] * 2) / g
+    adapter = m["lora"] * 16 / g  # fp32 weight + grad + two Adam moments
+    # packed: one row of the packed budget; padded: bsz rows of the p99 length (at most --max_len)
+    tokens = packed_budget(bsz, cfg.max_len) if cfg.packing or not seq_len else bsz * min(seq_len, cfg.max_len)
+    H, inter, n = m["hidden"], m["intermediate"], m["layers"]
+    per_token = 16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)
+    per_layer = tokens * per_token  # bytes of bf16 activations kept by one decoder layer
+    acts = (n * tokens * H * 2 + per_layer) / g if cfg.grad_ckpt else n * per_layer / g
+    head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
+    base = weights + adapter + acts + head
+    return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
+            "loss_head": round(head, 2), "overhead": round(0.1 * base + 0.8, 2), "total": round(1.1 * base + 0.8, 2)}
+
+
+def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None) -> tuple[dict, dict] | None:
+    """The fastest memory setting that fits in 90% of ``free_gib`` at this batch, in the order measured
+    on an H200 (docs/benchmarks.md): bf16 LoRA without checkpointing, bf16 with, NF4 with. Returns the
+    changed fields and the estimate, or None when nothing fits."""
+    import msgspec
+
+    for quant, ckpt in (("none", False), ("none", True), ("nf4", True)):
+        trial = msgspec.structs.replace(cfg, quant=quant, grad_ckpt=ckpt)
+        est = estimate_memory(trial, m, seq_len=seq_len)
+        if est["total"] <= 0.9 * free_gib:
+            return {"quant": quant, "grad_ckpt": ckpt}, est
+    return None
+
+
+def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dict) -> None:
+    if m is None:
+        return
+    seq = int(lengths["train"]["p99"]) if "train" in lengths else None
+    est = estimate_memory(cfg, m, seq_len=seq)
+    parts = ", ".join(f"{k} {v}" for k, v in est.items() if k != "total")
+    if system["gpus"]:
+        free = min(g["free_gib"] for g in system["gpus"][: cfg.nproc])
+        level = "fail" if est["total"] > free else "warn" if est["total"] > 0.9 * free else "ok"
+        r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
+                                           f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
+        best = fastest_fit(cfg, m, free, seq)
+        if best is not None and best[0] != {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt}:
+            fields, fit = best
+            flags = f"--quant {fields['quant']} " + ("--grad_ckpt" if fields["grad_ckpt"] else "--no-grad_ckpt")
+            r.add("memory", "recommend", "info",
+                  f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB); on an H200 bf16 LoRA without "
+                  "checkpointing trains 1.7× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)
+    else:
+        import psutil
+
+        avail = psutil.virtual_memory().available / 2**30
+        need = est["total"] * cfg.nproc
+        r.add("memory", "estimate", "fail" if need > avail else "ok",
+              f"about {need:.1f} GiB of host memory for {cfg.nproc} CPU rank(s) ({parts}); {avail:.1f} GiB available",
+              estimate=est)
+
+
+def check_probe(cfg: TrainConfig, r, lengths: dict) -> dict | None:
+    from engine.preflight.probe import probe
+
+    seq = cfg.max_len if cfg.packing or "train" not in lengths else int(min(cfg.max_len, lengths["train"]["max"]))
+    try:
+        result = probe(cfg, seq)
+    except Exception as e:
+        r.add("memory", "probe", "fail", f"probe failed: {type(e).__name__}: {e}")
+        return None
+    rec = result["recommended"]
+    if rec is None:
+        r.add("memory", "probe", "fail", f"not even batch 1 × {seq} tokens fits on {result['device']}", probe=result)
+        return result
+    tried = ", ".join(f"{x['batch']}: {x['tokens_per_s']:,.0f} tok/s" + (f" {x['peak_gib']} GiB" if x["peak_gib"] else "")
+                      for x in result["modes"][cfg.quant])
+    r.add("memory", "probe", "ok", f"measured on {result['device']} at {seq} tokens ({tried}); for the effective batch "
+                                   f"{result['effective_batch']}: --per_device_bsz {rec['per_device_bsz']} --grad_accum "
+                                   f"{rec['grad_accum']}", probe=result)
+    if rec["quant"] != cfg.quant:
+        r.add("memory", "probe-quant", "info", f"recommend --quant {rec['quant']}: {rec['why']}")
+    cfg.per_device_bsz, cfg.grad_accum = rec["per_device_bsz"], rec["grad_accum"]
+    return result
