@@ -83,7 +83,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if listen:
         args += ["--listen", listen]
     if nnodes > 1:
-        from engine.daemon.engine import launch_args
+        from engine.daemon.supervisor import launch_args
 
         args += ["--nnodes", str(nnodes), "--rdzv_endpoint", rdzv_endpoint]
         print("on each other node k = 1 … {n}, with the same files at the same paths (a shared filesystem):\n  "

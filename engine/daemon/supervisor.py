@@ -1,0 +1,190 @@
+"""The torchrun group of one engine: spawned, its ranks found, watched, and ended.
+
+torchrun runs in a session of its own (the terminal's Ctrl-C reaches only the engine). Its ranks are
+found among its children by their ``RANK``; once all are known, a thread notes every 20 ms when each
+one's process ends, and by which signal (read from /proc while torchrun has not reaped it), so the
+rank that went first — the one at fault — can be named. Ending the group is SIGTERM to torchrun and
+every descendant, then SIGKILL to what is left after a grace period, without blocking the engine's
+loop. Nothing here emits events: the engine decides what a death means for the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.protocol import Status
+
+WATCH_EVERY = 0.02  # seconds between two looks at the ranks
+EXIT_WAIT = 3.0  # a rank gone with no final status for this long died (a normal end reports at once)
+
+
+def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
+    """torchrun's launch flags: standalone on one machine, c10d rendezvous across several."""
+    if nnodes <= 1:
+        return ["--standalone", "--nproc_per_node", str(nproc)]
+    return ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--nproc_per_node", str(nproc),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", rdzv_endpoint, "--rdzv_id", run]
+
+
+def torchrun_cmd(run_dir: Path, nproc: int, resume: bool, nnodes: int = 1, rdzv_endpoint: str = "") -> list[str]:
+    """``torchrun … -m engine.train`` for this node (rank 0 of the rendezvous) of the run."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", *launch_args(run_dir.name, nproc, nnodes, 0, rdzv_endpoint),
+        "-m", "engine.train", "--engine", str(run_dir / "engine.json"),
+    ] + (["--resume", str(run_dir)] if resume else ["--config", str(run_dir / "config.toml")])
+
+
+def exit_signal(pid: int) -> int | None:
+    """The signal that ended a zombie process (0 when it exited by itself), from /proc; None when unknown
+    (already reaped, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[49]) & 0x7F  # field 52, exit_code (Linux ≥ 3.5), as waitpid's status
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class Supervisor:
+    """torchrun (``proc``) and the ranks of this node (``ranks``: rank → pid)."""
+
+    def __init__(self, nproc: int) -> None:
+        self.nproc = nproc
+        self.proc: subprocess.Popen | None = None
+        self.ranks: dict[int, int] = {}  # rank → pid
+        self.gone: dict[int, float] = {}  # rank → when its process was first seen gone (monotonic)
+        self.killed: dict[int, int | None] = {}  # rank → the signal that ended it (0: it exited; None: unknown)
+        self.kill_at: float | None = None  # SIGTERM sent: SIGKILL what is left of ``dying`` at this time
+        self.dying: list = []
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+
+    def spawn(self, cmd: list[str], log: Path) -> int:
+        """Start the group in a session of its own, its output appended to ``log``; returns its pid."""
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=os.getcwd())
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """torchrun's exit code, or None while it runs."""
+        return self.proc.poll()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _descendants(self) -> list:
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def discover_ranks(self) -> None:
+        """Note the ranks that have appeared: torchrun's children with a ``RANK`` in their environment."""
+        import psutil
+
+        for p in self._descendants():
+            if p.pid in self.ranks.values():
+                continue
+            try:
+                env = p.environ()
+            except psutil.Error:
+                continue
+            if "RANK" in env and p.ppid() == self.proc.pid:
+                self.ranks[int(env["RANK"])] = p.pid
+
+    def first_death(self, final: Status | None, final_at: float) -> int | None:
+        """The rank at fault once one has died (None until then), ``final`` being the workers' final status
+        if one came (at ``final_at``). Starts the watcher once every rank is known.
+
+        The rank that went first is at fault; a rank that ends normally is followed at once by the run's
+        final status, so one gone without it is given a moment before it counts as a death. A rank
+        killed by a signal died, whatever followed; one that exited after the workers reported their
+        failure (with its reason) did not."""
+        now = time.monotonic()
+        self._watch_ranks()
+        if not self.gone:
+            return None
+        rank = min(self.gone, key=lambda r: (self.gone[r], r))
+        died = self.killed.get(rank) or (final is None and now - self.gone[rank] > EXIT_WAIT) or (
+            final is not None and self.killed.get(rank) is None and self.gone[rank] < final_at)
+        return rank if died else None
+
+    def _watch_ranks(self) -> None:
+        """A thread that notes, every 20 ms, when each rank's process ends: the first to go is at fault
+        (the others fail a moment later, when a collective finds their peer gone)."""
+        if self._watcher is not None or len(self.ranks) < self.nproc:
+            return
+        self._watcher = threading.Thread(target=self._watch, name="voxtui-rank-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        import psutil
+
+        procs = {}
+        for rank, pid in self.ranks.items():
+            try:
+                procs[rank] = psutil.Process(pid)
+            except psutil.NoSuchProcess:
+                self.gone.setdefault(rank, time.monotonic())
+        while len(self.gone) < len(self.ranks) and not self._watch_stop.is_set():
+            for rank, p in procs.items():
+                if rank in self.gone:
+                    continue
+                try:
+                    alive = p.status() != psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    alive = False
+                if not alive:
+                    self.killed[rank] = exit_signal(p.pid)  # readable while torchrun has not reaped it
+                    self.gone[rank] = time.monotonic()
+            time.sleep(WATCH_EVERY)
+
+    def kill(self, grace: float = 5.0, wait: bool = True) -> None:
+        """SIGTERM torchrun, every descendant and every rank seen, then SIGKILL what is left after ``grace``:
+        here (``wait``), or from the engine's loop (``reap``), which never blocks on it."""
+        import psutil
+
+        procs = self._descendants()
+        for pid in [self.proc.pid, *self.ranks.values()]:
+            with contextlib.suppress(psutil.Error):
+                if all(p.pid != pid for p in procs):
+                    procs.append(psutil.Process(pid))
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGTERM)
+        self.dying, self.kill_at = procs, time.monotonic() + grace
+        if wait:
+            _, alive = psutil.wait_procs(procs, timeout=grace)
+            self.kill_at = time.monotonic()
+            self.reap()
+            psutil.wait_procs(alive, timeout=grace)
+            if self.proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=grace)
+
+    def reap(self) -> None:
+        """SIGKILL the processes told to end that are still there past their grace."""
+        import psutil
+
+        if self.kill_at is None or time.monotonic() < self.kill_at:
+            return
+        for p in self.dying:
+            with contextlib.suppress(psutil.Error):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+        self.kill_at = None
+
+    def close(self) -> None:
+        """Stop the watcher thread (it is a daemon thread: it never holds the engine up)."""
+        self._watch_stop.set()
