@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 
 from engine.protocol import GpuStat, Telemetry
@@ -40,13 +41,21 @@ def sample_gpus(pynvml, handles) -> list[GpuStat]:
 
 
 class TelemetryThread(threading.Thread):
-    """Samples every ``interval`` seconds and hands a Telemetry event to ``emit``."""
+    """Samples every ``interval`` seconds and hands a Telemetry event to ``emit``. What fails is said once
+    on stderr (NVML that will not start: no GPU figures; a sample or its ``emit``: that sample is skipped),
+    and never stops the thread or the run."""
 
     def __init__(self, emit, interval: float, gpu_indices: list[int] | None, rank: int = 0) -> None:
         super().__init__(name="voxtui-telemetry", daemon=True)
         self.emit, self.interval, self.rank = emit, interval, rank
         self.gpu_indices = gpu_indices
-        self._stop = threading.Event()
+        self._halt = threading.Event()  # not ``_stop``: threading.Thread has a method of that name (join calls it)
+        self._said: set[str] = set()
+
+    def _say_once(self, what: str, e: BaseException) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            print(f"[voxtui] telemetry: {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def run(self) -> None:
         host = socket.gethostname()
@@ -58,13 +67,14 @@ class TelemetryThread(threading.Thread):
                 _nvml.nvmlInit()
                 pynvml = _nvml
                 handles = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in self.gpu_indices]
-            except Exception:
+            except Exception as e:
                 pynvml = None
+                self._say_once("no GPU figures (NVML did not start)", e)
         import psutil
 
         proc = psutil.Process()
         proc.cpu_percent(None)
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 ev = Telemetry(host=host, rank=self.rank, cpu_percent=proc.cpu_percent(None),
                                rss=proc.memory_info().rss / 2**30,
@@ -72,8 +82,8 @@ class TelemetryThread(threading.Thread):
                 if pynvml is not None:
                     ev.gpus = sample_gpus(pynvml, handles)
                 self.emit(ev)
-            except Exception:
-                continue
+            except Exception as e:
+                self._say_once("a sample failed and was skipped (further failures go unsaid)", e)
         if pynvml is not None:
             try:
                 pynvml.nvmlShutdown()
@@ -81,4 +91,4 @@ class TelemetryThread(threading.Thread):
                 pass
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
