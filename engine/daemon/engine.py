@@ -63,6 +63,9 @@ STOP_TIMEOUT_S = 120.0  # workers asked to stop that are still running then are 
 
 
 class Engine:
+    """One run's engine: ``open`` (the folder, the log, the sockets, engine.json), ``spawn`` (torchrun),
+    ``serve`` (the loop, until the run is over and its inference jobs have ended), ``close``."""
+
     def __init__(self, run_dir: Path, nproc: int = 1, resume: bool = False, stall_timeout: float = 600.0,
                  alert_action: str = "warn", worker_cmd: list[str] | None = None, nnodes: int = 1,
                  rdzv_endpoint: str = "", listen: str = "", stop_timeout: float = STOP_TIMEOUT_S,
