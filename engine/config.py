@@ -132,6 +132,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     """What the engine does on a health alert (loss spike, grad-norm blow-up, throughput drop, throttling)."""
     engine: str = ""
     """The engine's endpoints file (engine.json) when running under voxtui run; empty: standalone."""
+    engine_timeout: float = 30.0
+    """Under voxtui run: seconds without the engine's heartbeat after which the workers save and stop
+    (the environment variable VOXTUI_ENGINE_TIMEOUT, when set, overrides it; tests set it low)."""
 
     def __post_init__(self) -> None:
         self.bf16_reason = ""  # not a field: why "auto" chose what it chose (empty: set explicitly)
@@ -158,6 +161,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append("set --epochs above 0 or --max_steps")
         if not 0 <= self.preview_budget < 1:
             problems.append(f"--preview_budget must be in [0, 1) (got {self.preview_budget})")
+        if not self.engine_timeout > 0:
+            problems.append(f"--engine_timeout must be above 0 (got {self.engine_timeout})")
         if self.telemetry_interval < 0:
             problems.append(f"--telemetry_interval must be 0 (off) or more (got {self.telemetry_interval})")
         if self.lr <= 0:

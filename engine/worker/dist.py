@@ -2,7 +2,8 @@
 
 ``Dist`` reads torchrun's environment (gloo on the CPU, NCCL on GPUs; a no-op on one process).
 ``FlatGradSync`` keeps every adapter gradient as a view into one flat buffer per dtype and sums them
-with one all-reduce per optimizer step (``--grad_sync flat``, the default; docs/benchmarks.md).
+with one all-reduce per optimizer step (``--grad_sync flat``, the default; docs/benchmarks.md);
+``data_parallel`` picks it, or torch's DDP (``--grad_sync ddp``).
 """
 
 from __future__ import annotations
@@ -100,3 +101,25 @@ class FlatGradSync:
     def zero(self) -> None:
         for flat in self.buffers:
             flat.zero_()
+
+
+def data_parallel(loss_module, params: list, d: Dist, mode: str, compiled: bool, split_graphs: bool = False):
+    """``loss_module`` as the step runs it on ``d.world`` ranks, and the flat gradient sync (None unless
+    ``mode`` is "flat" with several ranks). One rank: the module as it is. "flat": the module as it is, its
+    gradients summed by ``FlatGradSync``. "ddp": the module in torch's DistributedDataParallel."""
+    if d.world == 1:
+        return loss_module, None
+    if mode == "flat":
+        return loss_module, FlatGradSync(params, d)
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    cuda = d.device.type == "cuda"
+    if compiled and cuda and not split_graphs:
+        # each decoder layer is its own compiled graph, so DDP's hooks already fire layer by layer;
+        # dynamo's DDPOptimizer would split every layer's graph at bucket edges (less fusion, more memory)
+        torch._dynamo.config.optimize_ddp = False
+    # buffers (rotary tables) never change: no broadcast before each forward; gradients live in the
+    # all-reduce buckets (no copy)
+    return DDP(loss_module, device_ids=[d.local_rank] if cuda else None, broadcast_buffers=False,
+               gradient_as_bucket_view=True), None

@@ -1,0 +1,63 @@
+"""Environment knobs for tests and benchmarks: the one place the worker reads the environment for them.
+
+None of them is needed to train; a run is configured by its TrainConfig (engine/config.py). They are read
+once per process (``knobs()``), and a value that is not a number stops the worker with one line (exit 2).
+
+``VOXTUI_FAULT_NAN_STEP=N``
+    step N's loss is made NaN (the tests of ``--on_nan``)
+``VOXTUI_FAULT_SLOW_SAVE=S``
+    every checkpoint write sleeps S seconds midway (the tests that kill a run while it saves)
+``VOXTUI_ENGINE_TIMEOUT=S``
+    overrides ``--engine_timeout`` for this process, without changing the run's config.toml (the engine
+    and chaos tests stop engines on purpose, and set it low for every process they start)
+``VOXTUI_DDP_SPLIT_GRAPHS=1``
+    with ``--grad_sync ddp`` and ``--compile`` on GPUs, leaves dynamo's DDPOptimizer on, which splits each
+    compiled layer at DDP's buckets (the comparison in bench/throughput.py; docs/benchmarks.md)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from engine.util import UsageError
+
+
+@dataclass(frozen=True)
+class Knobs:
+    nan_step: int = 0  # 0: no fault
+    slow_save: float = 0.0  # seconds; 0: no fault
+    engine_timeout: float | None = None  # None: --engine_timeout holds
+    ddp_split_graphs: bool = False
+
+
+def _number(name: str, kind: type, env) -> int | float | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UsageError(f"{name}={text}: not {'a whole number' if kind is int else 'a number'}") from None
+    if value < 0 or (kind is float and value != value):
+        raise UsageError(f"{name}={text}: must be 0 or more")
+    return value
+
+
+def read(env=None) -> Knobs:
+    """The knobs in ``env`` (default: this process's environment)."""
+    env = os.environ if env is None else env
+    timeout = _number("VOXTUI_ENGINE_TIMEOUT", float, env)
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"VOXTUI_ENGINE_TIMEOUT={env['VOXTUI_ENGINE_TIMEOUT']}: must be above 0")
+    return Knobs(nan_step=_number("VOXTUI_FAULT_NAN_STEP", int, env) or 0,
+                 slow_save=_number("VOXTUI_FAULT_SLOW_SAVE", float, env) or 0.0,
+                 engine_timeout=timeout,
+                 ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1")
+
+
+@functools.cache
+def knobs() -> Knobs:
+    """This process's knobs, read once."""
+    return read()

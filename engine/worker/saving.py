@@ -1,0 +1,82 @@
+"""Checkpoints at step boundaries, and a resumed run's start from the latest complete one.
+
+checkpoint.py writes and reads the files (atomically); here: a save is rank 0's while the others wait,
+every rank's RNG goes with it, and one that fails (a full disk, say) is reported, leaves the previous
+checkpoint as it was and does not end the run. The trainer decides what its trainer_state.json holds
+and takes its own state back from it (trainer.py: ``_trainer_state``, ``_restore``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from engine.protocol import Alert, Checkpoint
+from engine.worker.dist import Dist
+from engine.worker.report import Report
+
+
+class Saver:
+    def __init__(self, run_dir: Path, keep: int, d: Dist, out: Report, slow_save: float = 0.0) -> None:
+        self.run_dir, self.root, self.keep = run_dir, run_dir / "checkpoints", keep
+        self.d, self.out = d, out
+        self.slow_save = slow_save  # knobs.py: the tests kill a run while it saves
+
+    def save(self, model, optimizer, scheduler, state: dict | None, final: bool = False) -> bool:
+        """``checkpoint-<step>`` with ``state`` as its trainer_state.json (rank 0's; None on the others),
+        and with ``final`` the adapter in lora_final/ too. Every rank returns whether it was written."""
+        from engine.worker import checkpoint
+
+        d = self.d
+        states = d.gather(checkpoint.rng_state())
+        ok = True
+        if d.main:
+            step, slow = state["step"], self.slow_save
+            try:
+                path = checkpoint.save_checkpoint(self.root, step, model, optimizer, scheduler, states, state,
+                                                  slow_hook=(lambda: time.sleep(slow)) if slow else None)
+                checkpoint.prune(self.root, self.keep, state["best_step"] or None)
+                if final:
+                    checkpoint.save_adapter_atomically(model, self.run_dir / "lora_final")
+            except Exception as e:  # OSError, or safetensors' own error for the same full disk
+                ok = False
+                previous = checkpoint.latest_checkpoint(self.root)
+                reason_text = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+                msg = (f"checkpoint at step {step} not written: {reason_text}; "
+                       + (f"{previous} is intact" if previous else "no earlier checkpoint exists"))
+                self.out.emit(Alert(level="error", kind="checkpoint_failed", step=step, message=msg))
+                self.out.log(msg)
+            if ok:
+                best = state["best_step"] == step and state["best_loss"] is not None
+                self.out.emit(Checkpoint(step=step, path=str(path), best=best,
+                                         val_loss=state["best_loss"] if best else None, final=final))
+                self.out.log(f"checkpoint {path} ({state['reason']})")
+            self.out.board.flush()
+        d.barrier()
+        return bool(d.broadcast(ok))
+
+    def restore(self, model, optimizer, scheduler) -> tuple[Path, dict] | None:
+        """The latest complete checkpoint's adapter, optimizer, scheduler and this rank's RNG, loaded; its
+        path and trainer state, for the trainer to take its own back (None: no checkpoint yet)."""
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from engine.worker import checkpoint
+
+        path = checkpoint.latest_checkpoint(self.root)
+        if path is None:
+            self.out.log("resume: no complete checkpoint yet, starting from step 0")
+            return None
+        state = checkpoint.load_trainer_state(path)
+        device = self.d.device
+        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {path} does not fit this model: {result.unexpected_keys[:3]}")
+        opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        rng = checkpoint.load_rng(path, self.d.rank)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+        return path, state

@@ -1,0 +1,66 @@
+"""One optimizer step's arithmetic on this rank (docs/training.md: loss, several GPUs, optimiser).
+
+``Update.gradients`` runs forward and backward over the step's micro-batches, each loss scaled so that the
+step's gradient is the mean over every rank's target tokens (DDP averages the ranks' gradients on the last
+micro-batch; the flat sync sums them after it), then clips them; ``apply`` (AdamW) or ``skip`` ends the
+step. No collective but the gradient sync: the trainer's one all-gather per step follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from engine.config import TrainConfig
+from engine.worker.dist import Dist
+
+
+class Update:
+    def __init__(self, loss_module, params: list, grad_sync, optimizer, cfg: TrainConfig, d: Dist) -> None:
+        """``loss_module``: modeling.CausalLMLoss, maybe in DDP; ``grad_sync``: dist.FlatGradSync or None
+        (dist.data_parallel made both)."""
+        self.loss_module, self.params, self.grad_sync, self.optimizer = loss_module, params, grad_sync, optimizer
+        self.cfg, self.d = cfg, d
+        self.ddp = d.world > 1 and grad_sync is None  # else one rank, or the flat all-reduce after the backward
+        self.max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        self.bf16 = cfg.bf16 and d.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def gradients(self, micro: list[dict], n_global: float, poison: bool = False):
+        """The step's gradients over ``micro`` (collated micro-batches), summed over the ranks and clipped,
+        not yet applied; returns this rank's summed loss (a device tensor) and the norm before clipping.
+        ``n_global``: the step's target tokens over every rank; ``poison``: a NaN loss (knobs.py)."""
+        d, ddp, scale = self.d, self.ddp, self.d.world if self.ddp else 1
+        loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
+        for i, m in enumerate(micro):
+            batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
+            sync = i == len(micro) - 1
+            ctx = self.loss_module.no_sync() if ddp and not sync else contextlib.nullcontext()
+            with ctx, self.autocast():
+                total, _ = self.loss_module(**batch)
+                if poison:
+                    total = total * float("nan")
+                # DDP averages the ranks' gradients, the flat sync sums them: either way the mean over
+                # every rank's target tokens
+                (total * (scale / max(n_global, 1.0))).backward()
+            loss_sum += total.detach().double()
+        if self.grad_sync is not None:
+            self.grad_sync.all_reduce()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize(d.device)  # the step's GPU work counts in its time (the gather waits anyway)
+        return loss_sum, grad_norm
+
+    def apply(self) -> None:
+        self.optimizer.step()
+        self.skip()
+
+    def skip(self) -> None:
+        """Drops the step's gradients."""
+        if self.grad_sync is not None:
+            self.grad_sync.zero()  # the gradients stay views into the all-reduce buffers
+        else:
+            self.optimizer.zero_grad(set_to_none=True)

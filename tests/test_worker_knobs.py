@@ -1,0 +1,80 @@
+"""The worker's patience with a silent engine (--engine_timeout, and VOXTUI_ENGINE_TIMEOUT over it), and
+the test and benchmark knobs read in one place (engine/worker/knobs.py)."""
+
+import json
+import time
+
+import pytest
+import zmq
+
+from conftest import train_args, worker, write_jsonl
+from engine.protocol import event_decoder
+from engine.util import UsageError
+from engine.worker.knobs import Knobs, read
+
+
+def test_knobs_are_read_from_the_environment_and_checked():
+    assert read({}) == Knobs()
+    assert read({"VOXTUI_FAULT_NAN_STEP": "3", "VOXTUI_FAULT_SLOW_SAVE": "2.5", "VOXTUI_ENGINE_TIMEOUT": "4",
+                 "VOXTUI_DDP_SPLIT_GRAPHS": "1"}) == Knobs(nan_step=3, slow_save=2.5, engine_timeout=4.0,
+                                                            ddp_split_graphs=True)
+    assert read({"VOXTUI_DDP_SPLIT_GRAPHS": "yes", "VOXTUI_FAULT_NAN_STEP": ""}) == Knobs()  # "1" only; empty: unset
+    for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
+                      ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
+                      ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
+                      ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more")]:
+        with pytest.raises(UsageError, match=says):
+            read(env)
+
+
+def test_engine_timeout_is_a_checked_config_field(tmp_path):
+    from engine.config import read_toml, resolve, to_toml
+    from engine.train import build_parser
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "output": "b"}])
+    cfg = resolve(build_parser().parse_args(["--train_jsonl", str(train), "--engine_timeout", "7.5"]))
+    assert cfg.engine_timeout == 7.5
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert read_toml(tmp_path / "c.toml")["engine_timeout"] == 7.5  # what a resume reads back
+    with pytest.raises(UsageError, match=r"--engine_timeout must be above 0 \(got 0.0\)"):
+        resolve(build_parser().parse_args(["--train_jsonl", str(train), "--engine_timeout", "0"]))
+
+
+def silent_engine(tmp_path):
+    """The sockets of an engine that never sends a heartbeat, and the engine.json naming them."""
+    ctx = zmq.Context.instance()
+    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
+    ev, ctl = f"ipc://{tmp_path}/ev.sock", f"ipc://{tmp_path}/ctl.sock"
+    pull.bind(ev)
+    pub.bind(ctl)
+    (tmp_path / "engine.json").write_text(json.dumps({"worker_events": ev, "worker_control": ctl}))
+    return pull, pub
+
+
+@pytest.mark.parametrize("flag,env", [("2", {}), ("600", {"VOXTUI_ENGINE_TIMEOUT": "2"})])
+def test_a_silent_engine_stops_the_worker_after_its_timeout(tmp_path, tiny_model, flag, env):
+    """No heartbeat for --engine_timeout seconds (or VOXTUI_ENGINE_TIMEOUT's, which wins and is not saved
+    in config.toml): the worker saves, stops and says the engine went away."""
+    pull, pub = silent_engine(tmp_path)
+    rows = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(40)])
+    out = tmp_path / "run"
+    proc = worker(train_args(tiny_model, out, rows, max_steps=100000, engine=tmp_path / "engine.json",
+                             engine_timeout=flag), env=env, wait=False)
+    seen = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            while pull.poll(200):
+                seen.append(event_decoder.decode(pull.recv()))
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
+        while pull.poll(500):
+            seen.append(event_decoder.decode(pull.recv()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pull.close()
+        pub.close()
+    last = seen[-1]
+    assert last.type == "status" and last.state == "finished" and last.outcome == "engine_lost", seen[-3:]
+    assert any(e.type == "checkpoint" for e in seen)
+    assert f"engine_timeout = {float(flag)!r}" in (out / "config.toml").read_text()
