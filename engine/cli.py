@@ -68,16 +68,8 @@ def _data_parsers(sub) -> None:
     p.set_defaults(handler="engine.data.split:main")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="voxtui",
-        description="Fine-tune the language model inside Mistral's Voxtral on text: data tools, preflight, "
-                    "a headless training engine and a terminal dashboard.",
-    )
-    parser.add_argument("--version", action="version", version=f"voxtui {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _data_parsers(sub)
-
+def _model_parsers(sub) -> None:
+    """voxtui model tiny."""
     model = sub.add_parser("model", help="model helpers")
     msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
     p = msub.add_parser("tiny", help="write a small random-weight Voxtral with the real Tekken tokenizer")
@@ -86,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler="engine.commands:model_tiny")
 
+
+def _run_parsers(sub) -> None:
+    """voxtui preflight, run, engine list | status | stop | replay."""
     from engine.config import add_flags
 
     p = sub.add_parser("preflight", help="system, data, model and memory checks: go / warn / no-go and the launch command",
@@ -136,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events per second (default: all at once)")
     p.set_defaults(handler="engine.daemon.replay:cmd_replay")
 
+
+def _eval_parsers(sub) -> None:
+    """voxtui infer, score, export."""
     p = sub.add_parser("infer", help="generations and metrics from a run's checkpoint",
                        description="Base model + adapter with the run's own config. Without --checkpoint: lora_final, "
                                    "else the latest complete checkpoint. Results: runs/<run>/infer/<name>/.")
@@ -174,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.set_defaults(handler="engine.eval.export:cmd_export")
 
+
+def _app_parsers(sub) -> None:
+    """voxtui attach, demo."""
     p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
     p.add_argument("run", nargs="?", metavar="RUN")
     p.add_argument("--runs", default="runs", metavar="DIR")
@@ -185,7 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attach", dest="no_attach", action="store_true",
                    help="start the run and return (attach later with voxtui attach)")
     p.set_defaults(handler="engine.commands:demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxtui",
+        description="Fine-tune the language model inside Mistral's Voxtral on text: data tools, preflight, "
+                    "a headless training engine and a terminal dashboard.",
+    )
+    parser.add_argument("--version", action="version", version=f"voxtui {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _data_parsers(sub)
+    for add in (_model_parsers, _run_parsers, _eval_parsers, _app_parsers):
+        add(sub)
     return parser
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,9 +65,11 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
     tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(6))), fmt, 256, "truncate", None)
     cfg = TrainConfig(model_id=tiny_model, train_jsonl="x", quant="none", bf16=False, grad_ckpt=False, lora_dropout=0.0)
     model, _ = load_model(cfg, torch.device("cpu"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero; make the adapters matter
-            torch.nn.init.normal_(p, std=0.02)
+    gen = torch.Generator().manual_seed(1)  # the test's own random state, whatever ran before it
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; make the adapters matter
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     loss = CausalLMLoss(model, chunk=7)  # a small chunk exercises the chunked head
     unpacked = collate(tok, [[i] for i in range(6)], fmt.pad, packed=False)
     packed = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256)
@@ -92,8 +94,9 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
             direct += torch.nn.functional.cross_entropy(logits[p - 1:], x[0, p:], reduction="sum").item()
     assert int(na) == int(nb) == int(sum(len(tok.example(i)[0]) - tok.example(i)[1] for i in range(6)))
     assert torch.isclose(a, b, rtol=1e-5) and abs(float(a) - direct) / direct < 1e-5
-    for k in grads[0]:
-        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6), k
+    for k in grads[0]:  # fp32 sums in another order: equal to 1e-4 of the values, or 1e-6 of the tensor's scale
+        scale = float(grads[0][k].abs().max())
+        assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * max(scale, 1.0)), k
 
 
 def test_cache_hit_and_long_rows(tmp_path, fmt):
