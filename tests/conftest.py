@@ -116,6 +116,32 @@ def wait_for(pred, timeout: float = 120.0, every: float = 0.2, what: str = "a co
     raise AssertionError(f"timed out waiting for {what}")
 
 
+async def pilot_wait(pilot, pred, timeout: float = 90.0, every: float = 0.2) -> None:
+    """In a Pilot test: let the app run until ``pred()`` holds, or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await pilot.pause(every)
+    raise AssertionError("timed out")
+
+
+def engine_sockets(folder: Path):
+    """The worker-side sockets of an engine played by the test (PULL for events, PUB for commands) and
+    the engine.json that names them, as `--engine` takes it."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
+    ev, ctl = f"ipc://{folder}/ev.sock", f"ipc://{folder}/ctl.sock"
+    pull.bind(ev)
+    pub.bind(ctl)
+    (folder / "engine.json").write_text(json.dumps({"worker_events": ev, "worker_control": ctl}))
+    return pull, pub
+
+
 def descendants_of(pid: int) -> list[int]:
     import psutil
 

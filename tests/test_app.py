@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import start_detached, write_jsonl
+from conftest import pilot_wait, start_detached, write_jsonl
 from engine.client import EngineClient, engine_alive
 from engine.protocol import Stop
 
@@ -21,15 +21,6 @@ def screen_text(svg: str) -> str:
     import re
 
     return html.unescape(re.sub(r"<[^>]+>", "", svg)).replace("\xa0", " ")
-
-
-async def wait_until(pilot, pred, timeout=90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await pilot.pause(0.2)
-    raise AssertionError("timed out")
 
 
 def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path, tiny_model):
@@ -47,7 +38,7 @@ def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path,
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.state.step > 0)
+            await pilot_wait(pilot, lambda: app.state.step > 0)
             assert app.state.state == "running" and app.state.last_seq > 0
             await pilot.press("3")  # Previews
             await pilot.pause(0.3)
@@ -59,15 +50,15 @@ def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path,
             temp.value = ""
             await pilot.press("0", ".", "3", "enter")
             reply = app.screen.query_one("#pv-reply", Static)
-            await wait_until(pilot, lambda: "ok" in str(reply.render()))
-            await wait_until(pilot, lambda: any(e.type == "ack" and e.command == "set_preview_params"
+            await pilot_wait(pilot, lambda: "ok" in str(reply.render()))
+            await pilot_wait(pilot, lambda: any(e.type == "ack" and e.command == "set_preview_params"
                                                 for e in app.state.events))
             ack = next(e for e in app.state.events if e.type == "ack" and e.command == "set_preview_params")
             assert ack.params == {"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 4}  # only the temperature changed
             await pilot.press("escape")  # leave the input so that "n" is a key binding, not text
             assert app.focused is None
             await pilot.press("n")  # preview now
-            await wait_until(pilot, lambda: any(e.temperature == 0.3 for evs in app.state.previews.values() for e in evs))
+            await pilot_wait(pilot, lambda: any(e.temperature == 0.3 for evs in app.state.previews.values() for e in evs))
             await pilot.pause(0.5)
             detail = str(app.screen.query_one("#pv-text", Static).render())
             assert "T=0.3 top-p=0.8 max=4" in detail
@@ -75,7 +66,7 @@ def test_keyboard_flow_changes_temperature_and_next_preview_carries_it(tmp_path,
             top_p.focus()
             await pilot.press("end", "5")
             seq = app.state.last_seq
-            await wait_until(pilot, lambda: app.state.last_seq > seq + 3)
+            await pilot_wait(pilot, lambda: app.state.last_seq > seq + 3)
             await pilot.pause(0.3)
             assert top_p.value == "0.85" and temp.value == "0.3"
             top_p.value = "0.8"
@@ -115,7 +106,7 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.state.step > 0)
+            await pilot_wait(pilot, lambda: app.state.step > 0)
             os.kill(info["pid"], signal.SIGSTOP)
             try:
                 await pilot.press("s")
@@ -129,9 +120,9 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
                 assert banner.startswith("ENGINE LOST — no heartbeat") and "reconnecting" in banner
             finally:
                 os.kill(info["pid"], signal.SIGCONT)
-            await wait_until(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")
+            await pilot_wait(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")
                                                 for n in app._notifications), timeout=40)
-            await wait_until(pilot, lambda: any(e.type == "checkpoint" for e in app.state.events), timeout=60)
+            await pilot_wait(pilot, lambda: any(e.type == "checkpoint" for e in app.state.events), timeout=60)
             await pilot.pause(2.0)
             acks = [e for e in app.state.events if e.type == "ack" and e.command == "save_checkpoint"]
             assert len(acks) == 1 and not any("no reply" in str(n.message) for n in app._notifications)
@@ -172,7 +163,7 @@ def test_run_picker_and_a_finished_run(finished_runs):
             names = {str(table.get_row_at(i)[0]) for i in range(2)}  # cells are Text: run names are data
             assert names == {"alpha", "beta"} and str(table.get_row_at(0)[1]) == "finished"
             await pilot.press("enter")
-            await wait_until(pilot, lambda: isinstance(app.screen, RunScreen) and app.state.state == "finished")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, RunScreen) and app.state.state == "finished")
             assert app.state.step == 4 and app.state.total_steps == 4
             await pilot.press("question_mark")
             await pilot.pause(0.3)
@@ -190,7 +181,7 @@ def test_every_tab_renders(finished_runs, size):
     async def flow():
         app = VoxApp(str(finished_runs / "alpha"))
         async with app.run_test(size=size) as pilot:
-            await wait_until(pilot, lambda: app.state.state == "finished")
+            await pilot_wait(pilot, lambda: app.state.state == "finished")
             shown = {}
             for key, tab in zip("123456", ("overview", "gpus", "previews", "checkpoints", "preflight", "events")):
                 await pilot.press(key)
@@ -222,26 +213,26 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(80, 24)) as pilot:
-            await wait_until(pilot, lambda: app.state.step > 0)
+            await pilot_wait(pilot, lambda: app.state.step > 0)
             info = json.loads((run / "engine.json").read_text())
             workers = descendants_of(info["pid"])
             os.kill(info["pid"], signal.SIGKILL)
             banner = app.screen.query_one("#banner", Static)
             t0 = time.monotonic()
-            await wait_until(pilot, lambda: banner.display, timeout=15)
+            await pilot_wait(pilot, lambda: banner.display, timeout=15)
             assert time.monotonic() - t0 < 6 and "ENGINE LOST" in str(banner.render())
             # no engine process: the run is shown crashed, with how to continue it
-            await wait_until(pilot, lambda: app.state.shown_state == "crashed", timeout=15)
+            await pilot_wait(pilot, lambda: app.state.shown_state == "crashed", timeout=15)
             said = " ".join(str(banner.render()).split())
             assert f"the engine is not running (pid {info['pid']} gone)" in said and "voxtui run --resume" in said
             # the orphaned workers save and stop; then the run is resumed by a new engine
-            await wait_until(pilot, lambda: all(not psutil.pid_exists(p) or
+            await pilot_wait(pilot, lambda: all(not psutil.pid_exists(p) or
                                                 psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in workers),
                              timeout=60)
             before = app.state.last_seq
             proc = voxtui("run", "--resume", run, "--detach", "--skip_preflight")
             assert proc.returncode == 0, proc.stderr
-            await wait_until(pilot, lambda: not banner.display and app.state.last_seq > before + 3, timeout=90)
+            await pilot_wait(pilot, lambda: not banner.display and app.state.last_seq > before + 3, timeout=90)
             assert app.state.shown_state in ("starting", "running") and app.state.engine_live
             seqs = [e.seq for e in app.state.events]
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and app.state.gaps == 0  # no gap, no duplicate
@@ -297,10 +288,10 @@ def test_infer_selected_without_an_engine_runs_it_and_shows_the_results(finished
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(160, 50)) as pilot:
-            await wait_until(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
+            await pilot_wait(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
             await pilot.press("4")
             table = app.screen.query_one("#ck-table", DataTable)
-            await wait_until(pilot, lambda: table.row_count >= 2)
+            await pilot_wait(pilot, lambda: table.row_count >= 2)
             names = [str(table.get_row_at(i)[4]) for i in range(table.row_count)]
             assert names == ["checkpoint-2", "checkpoint-4", "lora_final"]
             table.move_cursor(row=1)
@@ -309,7 +300,7 @@ def test_infer_selected_without_an_engine_runs_it_and_shows_the_results(finished
             assert any("started without the engine" in str(n.message) for n in app._notifications)
             assert app.screen.query_one("#ck-one").disabled  # running already: it cannot be started twice
             metrics = app.screen.query_one("#ck-metrics", DataTable)
-            await wait_until(pilot, lambda: metrics.row_count and str(metrics.get_row_at(0)[1]) == "finished",
+            await pilot_wait(pilot, lambda: metrics.row_count and str(metrics.get_row_at(0)[1]) == "finished",
                              timeout=240)
             row = [str(c) for c in metrics.get_row_at(0)]
             assert row[0] == "checkpoint-4-t" and row[2] == "16" and row[3] != "–"

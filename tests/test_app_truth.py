@@ -16,7 +16,7 @@ import pytest
 from test_app import screen_text
 from test_snapshots import RECORDED
 
-from conftest import ROOT, descendants_of, voxtui, write_jsonl
+from conftest import ROOT, descendants_of, pilot_wait, voxtui, write_jsonl
 
 RECORDED_EVENTS = [json.loads(line) for line in (RECORDED / "events.jsonl").read_text().splitlines()]
 
@@ -41,15 +41,6 @@ def replay(events: list[dict], run: Path, rate: float = 0.0, wait_seq: int | Non
 
 def stop(run: Path) -> None:
     subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
-
-
-async def settle(pilot, pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError("timed out")
 
 
 def test_attach_refuses_a_folder_that_is_not_a_run(tmp_path):
@@ -96,7 +87,7 @@ def test_a_fresh_attach_to_a_killed_engine_shows_the_run_crashed(tmp_path):
         app = VoxApp(str(run))
         app.animation_level = "none"
         async with app.run_test(size=(120, 30)) as pilot:
-            await settle(pilot, lambda: app.state.last_seq == 17 and app.state.engine_live is False)
+            await pilot_wait(pilot, lambda: app.state.last_seq == 17 and app.state.engine_live is False)
             await pilot.pause(0.2)
             assert app.state.state == "running" and app.state.shown_state == "crashed"
             banner = app.screen.query_one("#banner", Static)
@@ -123,7 +114,7 @@ def test_a_finished_run_shows_its_outcome(tmp_path):
             app = VoxApp(str(run))
             app.animation_level = "none"
             async with app.run_test(size=(120, 30)) as pilot:
-                await settle(pilot, lambda: app.state.state == "finished" and app.state.engine_live)
+                await pilot_wait(pilot, lambda: app.state.state == "finished" and app.state.engine_live)
                 await pilot.pause(0.2)
                 text = screen_text(app.export_screenshot())
                 assert "FINISHED" in text and "early stopping" in text and "ENGINE LOST" not in text
@@ -173,10 +164,10 @@ def test_checkpoints_and_inference_results_come_from_the_run_folder(tmp_path):
             app = VoxApp(str(run))
             app.animation_level = "none"
             async with app.run_test(size=(160, 50)) as pilot:
-                await settle(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
+                await pilot_wait(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints)
                 await pilot.press("4")
                 table = app.screen.query_one("#ck-table", DataTable)
-                await settle(pilot, lambda: table.row_count == 3)
+                await pilot_wait(pilot, lambda: table.row_count == 3)
                 rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
                 assert [r[0] for r in rows] == ["4", "6", "8"]
                 assert [r[2] for r in rows] == ["", "★", ""]  # exactly one best: the run's best step now
@@ -187,7 +178,7 @@ def test_checkpoints_and_inference_results_come_from_the_run_folder(tmp_path):
                 assert "checkpoint-6-val" in text and "0.2500" in text and "12.50" in text
                 assert "A [/INST]" in text and "A is mild." in text and "ROUGE-L 0.40" in text  # its samples, from disk
                 write_checkpoint(run, 10, 6, best)  # saved now: shown without any event
-                await settle(pilot, lambda: table.row_count == 4, timeout=10)
+                await pilot_wait(pilot, lambda: table.row_count == 4, timeout=10)
                 assert str(table.get_row_at(3)[0]) == "10"
                 await pilot.press("q")
 
@@ -209,13 +200,13 @@ def test_events_tab_opens_with_the_history_then_follows(tmp_path):
             app = VoxApp(str(run))
             app.animation_level = "none"
             async with app.run_test(size=(100, 30)) as pilot:
-                await settle(pilot, lambda: app.state.last_seq >= 8)
+                await pilot_wait(pilot, lambda: app.state.last_seq >= 8)
                 await pilot.press("6")
                 await pilot.pause(0.2)
                 log = app.screen.query_one("#ev-log", RichLog)
                 seen = app.state.last_seq
                 assert len(log.lines) >= seen - 1 and log.lines[0].text.startswith("     1 status")
-                await settle(pilot, lambda: app.state.state == "finished")
+                await pilot_wait(pilot, lambda: app.state.state == "finished")
                 await pilot.pause(0.3)
                 seqs = [int(s.text.split()[0]) for s in log.lines]
                 assert seqs == list(range(1, len(RECORDED_EVENTS) + 1))  # history, then live: no gap, no repeat

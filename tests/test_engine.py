@@ -25,6 +25,12 @@ def train_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("edata") / "t.jsonl", rows(64))
 
 
+def last_state(run):
+    """The state of the last event when it is a status (one read of the file: it grows meanwhile)."""
+    last = read_events(run)[-1]
+    return last["state"] if last["type"] == "status" else None
+
+
 def gone(pids):
     return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
 
@@ -86,7 +92,7 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
     alert = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert" and e["kind"] == "rank_died"), None),
                      timeout=30)
     assert alert["rank"] == 1 and time.time() - killed < 30
-    wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "failed", timeout=30)
+    wait_for(lambda: last_state(run) == "failed", timeout=30)
     wait_for(lambda: gone(engine_tree), timeout=30)  # engine, torchrun and every rank: nothing left behind
     from engine.worker.checkpoint import latest_checkpoint
 
@@ -123,7 +129,7 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     assert "crashed" in voxtui("engine", "list", "--runs", run.parent, check=True).stdout
     proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach")
     assert proc.returncode == 0, proc.stderr
-    wait_for(lambda: read_events(run)[-1]["type"] == "status" and read_events(run)[-1]["state"] == "finished", timeout=180)
+    wait_for(lambda: last_state(run) == "finished", timeout=180)
     events = read_events(run)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     lost = next(i for i, e in enumerate(events) if e["type"] == "alert" and e["kind"] == "engine_lost")

@@ -1,16 +1,14 @@
 """Commands reach the worker over real ZeroMQ sockets (as the engine will send them) and act at a
 step boundary; SIGTERM means save, then exit 0; the config comes from TOML + flags."""
 
-import json
 import os
 import signal
 import time
 
 import msgspec
 import pytest
-import zmq
 
-from conftest import read_events, train_args, worker, write_jsonl
+from conftest import engine_sockets, read_events, train_args, worker, write_jsonl
 from engine.protocol import Pause, PreviewNow, Resume, SetPreviewParams, Stop, event_decoder
 
 
@@ -22,12 +20,7 @@ def rows(n):
 def test_engine_commands_over_zmq(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "t.jsonl", rows(40))
     val = write_jsonl(tmp_path / "v.jsonl", rows(3))
-    ctx = zmq.Context.instance()
-    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
-    ev_ep, ctl_ep = f"ipc://{tmp_path}/events.sock", f"ipc://{tmp_path}/control.sock"
-    pull.bind(ev_ep)
-    pub.bind(ctl_ep)
-    (tmp_path / "engine.json").write_text(json.dumps({"worker_events": ev_ep, "worker_control": ctl_ep}))
+    pull, pub = engine_sockets(tmp_path)  # this test plays the engine
     out = tmp_path / "run"
     proc = worker(train_args(tiny_model, out, train, val, max_steps=100000, preview_count=2,
                              engine=tmp_path / "engine.json"), wait=False)

@@ -1,13 +1,11 @@
 """The worker's patience with a silent engine (--engine_timeout, and VOXTUI_ENGINE_TIMEOUT over it), and
 the test and benchmark knobs read in one place (engine/worker/knobs.py)."""
 
-import json
 import time
 
 import pytest
-import zmq
 
-from conftest import train_args, worker, write_jsonl
+from conftest import engine_sockets, train_args, worker, write_jsonl
 from engine.protocol import event_decoder
 from engine.util import UsageError
 from engine.worker.knobs import Knobs, read
@@ -40,22 +38,11 @@ def test_engine_timeout_is_a_checked_config_field(tmp_path):
         resolve(build_parser().parse_args(["--train_jsonl", str(train), "--engine_timeout", "0"]))
 
 
-def silent_engine(tmp_path):
-    """The sockets of an engine that never sends a heartbeat, and the engine.json naming them."""
-    ctx = zmq.Context.instance()
-    pull, pub = ctx.socket(zmq.PULL), ctx.socket(zmq.PUB)
-    ev, ctl = f"ipc://{tmp_path}/ev.sock", f"ipc://{tmp_path}/ctl.sock"
-    pull.bind(ev)
-    pub.bind(ctl)
-    (tmp_path / "engine.json").write_text(json.dumps({"worker_events": ev, "worker_control": ctl}))
-    return pull, pub
-
-
 @pytest.mark.parametrize("flag,env", [("2", {}), ("600", {"VOXTUI_ENGINE_TIMEOUT": "2"})])
 def test_a_silent_engine_stops_the_worker_after_its_timeout(tmp_path, tiny_model, flag, env):
     """No heartbeat for --engine_timeout seconds (or VOXTUI_ENGINE_TIMEOUT's, which wins and is not saved
     in config.toml): the worker saves, stops and says the engine went away."""
-    pull, pub = silent_engine(tmp_path)
+    pull, pub = engine_sockets(tmp_path)
     rows = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(40)])
     out = tmp_path / "run"
     proc = worker(train_args(tiny_model, out, rows, max_steps=100000, engine=tmp_path / "engine.json",
