@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 from engine.eventlog import Spool, last_seq, worker_id
-from engine.protocol import AnyCommand, Message, command_decoder, event_encoder, stamp
+from engine.protocol import AnyCommand, Message, command_decoder, decode, event_encoder, stamp
 
 
 class JsonlSink:
@@ -108,6 +109,7 @@ class ControlInbox:
         self._pending: list[AnyCommand] = []
         self._sock = None
         self._seen: dict[str, None] = {}
+        self.dropped = 0  # unreadable frames from the engine
         self.engine_timeout = engine_timeout
         self.last_heartbeat = time.monotonic()
         self.engine_lost = False
@@ -147,10 +149,13 @@ class ControlInbox:
                     raw = self._sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                try:
-                    cmd = command_decoder.decode(raw)
-                except Exception:
-                    continue  # the engine validates; a bad frame here is dropped
+                cmd, why = decode(command_decoder, raw)
+                if cmd is None:  # the engine sends only what it validated: say it, drop it
+                    self.dropped += 1
+                    if self.dropped == 1:
+                        print(f"[voxtui] dropped an unreadable command from the engine ({why}); "
+                              "further ones go unsaid", file=sys.stderr, flush=True)
+                    continue
                 if isinstance(cmd, Heartbeat):
                     self.last_heartbeat = time.monotonic()
                     continue
