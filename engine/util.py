@@ -1,7 +1,8 @@
-"""Small shared helpers: one-line errors, atomic file writes, a stderr progress bar."""
+"""Small shared helpers: one-line errors, atomic file writes, a stderr progress bar (rich)."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -58,7 +59,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 class Progress:
-    """A progress bar on stderr, only when stderr is a terminal (or ``force``); never on stdout."""
+    """A progress bar (``rich.progress``) on stderr, only when stderr is a terminal (or ``force``); never
+    on stdout, and nothing at all when stderr is not a terminal. ``update(n)`` adds ``n`` done (bytes by
+    default, ``unit`` says otherwise); ``close()`` leaves the finished bar on its line.
+
+    The bar redraws from ``update`` (at most every 0.2 s) rather than from a thread, so the data tools'
+    forked worker pools never inherit a drawing thread; output on stdout is never redirected into it.
+    """
 
     def __init__(self, total: int, label: str, unit: str = "B", force: bool = False) -> None:
         self.total = max(total, 1)
@@ -66,24 +73,54 @@ class Progress:
         self.unit = unit
         self.done = 0
         self.enabled = force or sys.stderr.isatty()
-        self._start = time.monotonic()
         self._last = 0.0
+        self._bar = None
+        if self.enabled:
+            self._start(force)
+
+    def _start(self, force: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+        from rich.text import Text
+
+        console = Console(file=sys.stderr, force_terminal=True if force else None, highlight=False)
+        self._bar = RichProgress(TextColumn("{task.fields[label]}", markup=False), BarColumn(bar_width=30),
+                                 TaskProgressColumn(), _speed_column(self.unit), TimeRemainingColumn(),
+                                 console=console, auto_refresh=False, redirect_stdout=False,
+                                 redirect_stderr=False)
+        self._task = self._bar.add_task("", total=self.total, label=Text(self.label))
+        self._bar.start()
+        atexit.register(self.close)  # an error that skips close() still gives the cursor back
 
     def update(self, n: int) -> None:
         self.done += n
+        if self._bar is None:
+            return
+        self._bar.update(self._task, completed=min(self.done, self.total))
         now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.done >= self.total):
+        if now - self._last > 0.2 or self.done >= self.total:
             self._last = now
-            frac = min(self.done / self.total, 1.0)
-            bar = "#" * int(frac * 30)
-            rate = self.done / max(now - self._start, 1e-9)
-            sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {_human(rate)}{self.unit}/s")
-            sys.stderr.flush()
+            self._bar.refresh()
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            atexit.unregister(self.close)
+            bar.stop()  # draws the bar once more, then a newline and the cursor back
+
+
+def _speed_column(unit: str):
+    """A rich progress column: the rate in ``Progress``'s unit (``12.3kB/s``, ``4.0 rows/s``)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("–" if speed is None else f"{_human(speed)}{unit}/s", style="progress.data.speed")
+
+    return SpeedColumn()
 
 
 def _human(x: float) -> str:
