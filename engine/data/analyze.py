@@ -65,13 +65,35 @@ def render(report: dict) -> str:
     hist = report["histogram"]
     if hist:
         out.append("total tokens per row:")
-        peak = max(b["count"] for b in hist) or 1
-        for b in hist:
-            bar = "█" * round(40 * b["count"] / peak)
-            out.append(f"  {b['lo']:>7}–{b['hi']:<7} {bar:<40} {b['count']}")
+        out.extend(histogram_lines(hist, report["max_len"]))
     if report["max_len"]:
         out.append(f"over --max-len {report['max_len']}: {report['over_max_len']} rows")
     return "\n".join(out)
+
+
+BAR_WIDTH = 40
+EIGHTHS = " ▏▎▍▌▋▊▉"
+
+
+def bar(count: int, peak: int, width: int = BAR_WIDTH) -> str:
+    """``count`` as a bar of ``width`` cells at ``peak``, in eighths of a cell; any non-zero count shows."""
+    if count <= 0 or peak <= 0:
+        return ""
+    eighths = max(1, round(8 * width * count / peak))
+    return "█" * (eighths // 8) + EIGHTHS[eighths % 8].strip()
+
+
+def histogram_lines(hist: list[dict], max_len: int | None = None) -> list[str]:
+    """The histogram drawn in text, one line a bin: ``lo–hi  bar  count``. With ``max_len``, a rule
+    stands before the first bin whose rows are all over it."""
+    peak = max(b["count"] for b in hist)
+    out, marked = [], False
+    for b in hist:
+        if max_len and not marked and b["lo"] > max_len:
+            out.append(f"  {'':>7} {'─' * 8} over --max-len {max_len} {'─' * 8}")
+            marked = True
+        out.append(f"  {b['lo']:>7}–{b['hi']:<7} {bar(b['count'], peak):<{BAR_WIDTH}} {b['count']}")
+    return out
 
 
 def main(args) -> int:
@@ -81,4 +103,6 @@ def main(args) -> int:
         write_json(args.json, report)
     if args.json != "-":
         print(render(report), file=sys.stdout)
+    elif sys.stderr.isatty():  # stdout holds the JSON: the report and its histogram go to the terminal
+        print(render(report), file=sys.stderr)
     return 0

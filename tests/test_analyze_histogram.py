@@ -1,0 +1,81 @@
+"""``voxtui data analyze``'s token-length histogram drawn in the terminal: on stdout with the text report,
+on stderr (a terminal only) when stdout carries the JSON; the JSON itself unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_progress import run_with_stderr
+
+from conftest import write_jsonl
+from engine.data.analyze import BAR_WIDTH, analyze, histogram, histogram_lines, render
+
+ROWS = [{"instruction": f"question {i}?", "output": "word " * (1 + (i * 7) % 60)} for i in range(120)]
+LINE = re.compile(r"^  +(\d+)–(\d+) +([█▏▎▍▌▋▊▉]*) +(\d+)$")
+
+
+def cells(bar: str) -> float:
+    return sum(1 if c == "█" else (" ▏▎▍▌▋▊▉".index(c) / 8) for c in bar)
+
+
+def parsed(lines: list[str]) -> list[tuple[int, int, str, int]]:
+    rows = [LINE.match(line) for line in lines]
+    return [(int(m[1]), int(m[2]), m[3], int(m[4])) for m in rows if m]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=400), st.none() | st.integers(1, 5000))
+def test_bars_proportional_and_every_row_counted(values, max_len):
+    hist = histogram(np.asarray(values))
+    drawn = histogram_lines(hist, max_len)
+    bins = parsed(drawn)
+    assert [(lo, hi, n) for lo, hi, _, n in bins] == [(b["lo"], b["hi"], b["count"]) for b in hist]
+    assert sum(n for *_, n in bins) == len(values)
+    peak = max(n for *_, n in bins)
+    for _, _, bar, n in bins:
+        assert (bar != "") == (n > 0)  # a bin with rows always shows, an empty one never
+        assert abs(cells(bar) - BAR_WIDTH * n / peak) <= 1 / 16 + 1e-9 or (n > 0 and cells(bar) == 1 / 8)
+    assert max(len(line) for line in drawn) <= 80  # fits an 80-column terminal
+    rules = [i for i, line in enumerate(drawn) if "over --max-len" in line]
+    first_over = next((i for i, b in enumerate(hist) if max_len and b["lo"] > max_len), None)
+    if first_over is None:
+        assert rules == []
+    else:  # the rule stands right before the first bin whose rows are all over --max-len
+        assert rules == [first_over] and all(b["lo"] > max_len for b in hist[first_over:])
+        assert all(b["lo"] <= max_len for b in hist[:first_over])
+
+
+def test_render_draws_the_report_histogram(tmp_path):
+    report = analyze(str(write_jsonl(tmp_path / "d.jsonl", ROWS)), max_len=40)
+    text = render(report).splitlines()
+    assert "total tokens per row:" in text and text[-1] == f"over --max-len 40: {report['over_max_len']} rows"
+    bins = parsed(text)
+    assert [n for *_, n in bins] == [b["count"] for b in report["histogram"]] and sum(n for *_, n in bins) == 120
+    assert max(cells(bar) for _, _, bar, _ in bins) == BAR_WIDTH
+
+
+def test_cli_histogram_where_the_output_contract_allows(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    base = [sys.executable, "-m", "engine", "data", "analyze", str(data), "--max-len", "40"]
+    # text report: the histogram on stdout, nothing on stderr (a pipe)
+    code, out, err = run_with_stderr(base, tty=False)
+    assert code == 0 and err == b""
+    assert len(parsed(out.decode().splitlines())) == 16 and "over --max-len 40 ─" in out.decode()
+    # --json -: stdout is exactly the JSON; the histogram goes to stderr only when it is a terminal
+    code, out, err = run_with_stderr([*base, "--json", "-"], tty=False)
+    assert code == 0 and err == b""
+    report = json.loads(out)
+    assert sum(b["count"] for b in report["histogram"]) == 120
+    code, out, err = run_with_stderr([*base, "--json", "-"], tty=True)
+    assert code == 0 and json.loads(out) == report
+    drawn = parsed(err.decode().replace("\r\n", "\n").splitlines())
+    assert [n for *_, n in drawn] == [b["count"] for b in report["histogram"]]
+    # --json FILE: the file holds the JSON, stdout the text report with its histogram
+    code, out, err = run_with_stderr([*base, "--json", str(tmp_path / "a.json")], tty=False)
+    assert code == 0 and json.loads((tmp_path / "a.json").read_text()) == report
+    assert len(parsed(out.decode().splitlines())) == 16
