@@ -133,7 +133,7 @@ def _run_parsers(sub) -> None:
 
 
 def _eval_parsers(sub) -> None:
-    """voxtui infer, score, export."""
+    """voxtui infer, score, export, export-metrics."""
     p = sub.add_parser("infer", help="generations and metrics from a run's checkpoint",
                        description="Base model + adapter with the run's own config. Without --checkpoint: lora_final, "
                                    "else the latest complete checkpoint. Results: runs/<run>/infer/<name>/.")
@@ -171,6 +171,23 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.set_defaults(handler="engine.eval.export:cmd_export")
+
+    p = sub.add_parser("export-metrics", help="every scalar of a run by step, as CSV or JSON",
+                       description="Reads the run's events.jsonl (no engine needed; a running run is read as far as "
+                                   "it has got): one row per step, one column per scalar (train/loss, train/lr, "
+                                   "train/grad_norm, perf/tokens_per_s, perf/mfu, mem/peak_gib, eval/loss, eval/ppl, "
+                                   "infer/rougeL, gpu/0/util, host/rss_gib, …; docs/evaluation.md). A line that is not "
+                                   "a usable event stops it with exit 2 and one line naming the line and field "
+                                   "(--skip-bad reads past them); so does a RUN with no scalars. The output file is "
+                                   "written under a temp name and renamed.")
+    p.add_argument("run", metavar="RUN", help="a run folder, a name under runs/, or an events.jsonl file")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--csv", metavar="OUT", help="write CSV to OUT (the default, to stdout; - for stdout)")
+    out.add_argument("--json", metavar="OUT", help='write {"run", "columns", "rows", …} as JSON to OUT (- for stdout)')
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true",
+                   help="read past lines that are not usable events (each named on stderr, the first 20) instead "
+                        "of stopping at the first")
+    p.set_defaults(handler="engine.eval.export_metrics:cmd_export_metrics")
 
 
 def _app_parsers(sub) -> None:
