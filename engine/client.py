@@ -34,6 +34,9 @@ from engine.runs import (  # noqa: F401 (the run folder's views, for clients: th
     inference_samples,
     list_runs,
     read_engine_info,
+    read_events,
+    run_config,
+    summary,
 )
 from engine.session import Session
 

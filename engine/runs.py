@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from engine.eventlog import lines_backwards, read_spool, spooled_events
+from engine.eventlog import decode_event, lines_backwards, read_spool, spooled_events
 from engine.util import UsageError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -285,3 +285,58 @@ def list_runs(root: str | os.PathLike = RUNS) -> list[dict]:
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
             and ((p / "config.toml").exists() or (p / "events.jsonl").exists())]
     return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
+
+
+# ---------------------------------------------------------------------------- a run's events, read from its folder
+
+
+def read_events(run_dir: Path, offset: int = 0, types: tuple[str, ...] | None = None,
+                max_bytes: int | None = None) -> tuple[list, int]:
+    """The events of ``runs/<run>/events.jsonl`` from byte ``offset`` on, decoded and in order, and the
+    offset after the last complete line: call again with it to read only what was appended since (a
+    torn last line, still being written, is left for that call). A line that is not an event is passed
+    over. ``types``: only events of these types (the others are skipped before decoding: the engine
+    writes the type tag first on a line). ``max_bytes``: stop after about this much (at least one whole
+    line), so a big file can be read a piece at a time; the offset returned says where to go on. A file
+    shorter than ``offset`` (replaced) is read from the start. No engine is needed: a finished or
+    crashed run is read the same way as a running one."""
+    path = Path(run_dir) / "events.jsonl"
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return [], 0
+    wanted = set(types) if types is not None else None
+    needles = tuple(f'{{"type":"{t}"'.encode() for t in types) if types is not None else ()
+    out, rest = [], b""
+    budget = max_bytes if max_bytes is not None else 1 << 62
+    with f:
+        if os.fstat(f.fileno()).st_size < offset:
+            offset = 0
+        f.seek(offset)
+        start = offset
+        while budget > 0 or offset == start:  # past the budget, only until one whole line is read
+            block = f.read(min(max(budget, 1 << 16), 1 << 23))
+            if not block:
+                break
+            budget -= len(block)
+            parts = (rest + block).split(b"\n")
+            rest = parts.pop()  # not a line until its newline is written
+            for line in parts:
+                offset += len(line) + 1
+                if not line.strip() or (wanted is not None and line.startswith(b'{"type":"')
+                                        and not line.startswith(needles)):
+                    continue
+                ev = decode_event(line)
+                if ev is not None and (wanted is None or ev.type in wanted):
+                    out.append(ev)
+    return out, offset
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's ``config.toml`` as a dict ({} when missing or unreadable)."""
+    from engine.config import read_toml
+
+    try:
+        return read_toml(Path(run_dir) / "config.toml")
+    except UsageError:
+        return {}

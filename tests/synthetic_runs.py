@@ -21,10 +21,10 @@ def config(**changes) -> dict:
 
 def run_events(steps: int = 12, *, lr: float = 0.005, loss0: float = 4.0, decay: float = 0.15, tokens: int = 400,
                tokens_per_s: float = 900.0, eval_every: int = 4, save_every: int = 4, preview_every: int = 6,
-               gpus: int = 2, ranks: int = 1, state: str = "finished", model: str = "/tmp/tiny1",
+               gpus: int = 2, ranks: int = 1, telemetry: bool = True, state: str = "finished", model: str = "/tmp/tiny1",
                cfg: dict | None = None, inference: dict[int, dict] | None = None) -> list:
     """The events of a run of ``steps`` steps: status, param table, run_info, then per step a step event, a
-    telemetry sample per rank (``gpus`` GPUs each; 0: a CPU run), evaluations, checkpoints and previews
+    telemetry sample per rank (``gpus`` GPUs each; 0: a CPU run; none without ``telemetry``), evaluations, checkpoints and previews
     every few steps, ``inference`` jobs ({checkpoint step: metrics}) finished after their checkpoint, and
     a last status (``state``: finished, or running for a run whose engine died: crashed)."""
     from engine.protocol import (
@@ -54,7 +54,7 @@ def run_events(steps: int = 12, *, lr: float = 0.005, loss0: float = 4.0, decay:
                         epoch=s / steps, tokens=tokens, tokens_per_s_rank=[(tokens_per_s + 10 * s) / ranks] * ranks,
                         step_time=tokens / (tokens_per_s + 10 * s), step_time_rank=[tokens / (tokens_per_s + 10 * s)] * ranks,
                         mfu=0.25 if gpus else None, mem_allocated=2.0, mem_reserved=3.0, mem_peak=2.5 + s / 100))
-        for r in range(ranks):
+        for r in range(ranks if telemetry else 0):
             evs.append(Telemetry(host="node0", rank=r, rss=1.0 + s / 10, cpu_percent=50.0 + r,
                                  gpus=[GpuStat(index=r * gpus + g, name="H200", util=80.0 + g, mem_used=20.0 + s,
                                                mem_total=140.0, power=300.0 + 10 * g, temp=60.0, sm_clock=1900.0)

@@ -1,0 +1,232 @@
+"""Compare runs: marking in the picker, `c`, the curves by step or by tokens seen, the differing config,
+a running run followed, a resumed run's redone steps, and a 100k-step events.jsonl read without holding
+up the screen. Real run folders built from the protocol's own event structs (tests/synthetic_runs.py),
+read by the real app under Textual's Pilot; no engine (finished and crashed runs need none)."""
+
+import asyncio
+import time
+
+import pytest
+from synthetic_runs import encode, make_run, run_events
+
+from conftest import pilot_wait
+
+LONG = "lower-lr-[bold]with[i]-a-really-quite-long-descriptive-run-name-2024"  # markup is data here
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare") / "runs"
+    make_run(root, "baseline", inference={4: {"rougeL": 0.3, "bleu": 2.0}}, infer_files={8: {"rougeL": 0.4, "bleu": 3.0}})
+    make_run(root, LONG, config_changes={"lr": 0.001, "lora_r": 32}, loss0=5.0, decay=0.1, tokens=600,
+             inference={4: {"rougeL": 0.2, "bleu": 1.0}})
+    make_run(root, "crashed", config_changes={"lr": 0.002, "packing": True}, steps=7, state="running", tokens=300)
+    return root
+
+
+def screen_text(app) -> str:
+    import html
+    import re
+
+    return html.unescape(re.sub(r"<[^>]+>", "", app.export_screenshot())).replace("\xa0", " ")
+
+
+def table_rows(app):
+    from textual.widgets import DataTable
+
+    table = app.screen.query_one(DataTable)
+    return {str(table.get_row_at(i)[0]): [str(c) for c in table.get_row_at(i)] for i in range(table.row_count)}
+
+
+def test_mark_compare_and_toggle_alignment(runs):
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.screens.compare import CompareScreen
+    from app.screens.picker import RunPicker
+    from app.widgets.compare import ConfigDiff, Legend
+
+    steps = {name: [e for e in run_events(**kw) if e.type == "step"] for name, kw in
+             (("baseline", {}), (LONG, {"loss0": 5.0, "decay": 0.1, "tokens": 600}))}
+
+    async def flow():
+        app = VoxApp(None, str(runs))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            picker = app.screen
+            table = picker.query_one(DataTable)
+            order = [str(table.get_row_at(i)[0]) for i in range(3)]
+            # space marks the highlighted run and moves on; space on a marked run unmarks it
+            table.move_cursor(row=order.index("baseline"))
+            await pilot.press("space")
+            table.move_cursor(row=order.index("crashed"))
+            await pilot.press("space")
+            table.move_cursor(row=order.index("crashed"))
+            await pilot.press("space")
+            table.move_cursor(row=[str(table.get_row_at(i)[0]) for i in range(3)].index(LONG[:23] + "…"))
+            await pilot.press("space")
+            assert [p.rsplit("/", 1)[-1] for p in picker.marked] == ["baseline", LONG]
+            rows = table_rows(app)
+            assert rows["baseline"][-1] == " ●" and rows["crashed"][-1] == "" and rows[LONG[:23] + "…"][-1] == " ■"
+            assert "2 marked" in str(picker.query_one("#picker-title").render())
+            await pilot.press("c")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded, timeout=20)
+            screen = app.screen
+            assert [r.name for r in screen.runs] == ["baseline", LONG]
+            legend = str(screen.query_one(Legend).render())
+            assert "● baseline finished @12" in legend and "■ lower-lr-[bold]" in legend  # markup shown as text
+            # by step: every logged step's loss, in order; val loss at the evaluations; inference by checkpoint
+            base, other = screen.runs
+            assert base.series("train") == ([e.step for e in steps["baseline"]], [e.loss for e in steps["baseline"]])
+            assert base.series("val")[0] == [4, 8, 12]
+            assert base.series("rougeL") == ([4, 8], [0.3, 0.4])  # the event at 4, metrics.json at 8
+            assert other.series("rougeL") == ([4], [0.2])
+            assert {p.id for p in screen.query("PlotextPlot")} == {"cmp-train", "cmp-val", "cmp-metric", "cmp-tps"}
+            shown = screen_text(app)
+            for title in ("train loss · step", "val loss · step", "ROUGE-L (inference) · step", "tokens/s · step"):
+                assert title in shown, title
+            # `a`: by tokens seen (the run with 600 tokens a step is further along at each step)
+            await pilot.press("a")
+            await pilot.pause(0.2)
+            assert screen.by_tokens and "train loss · tokens seen" in screen_text(app)
+            xs, ys = other.series("train", by_tokens=True)
+            assert xs == [600 * e.step for e in steps[LONG]] and ys == [e.loss for e in steps[LONG]]
+            assert base.series("val", by_tokens=True)[0] == [400 * 4, 400 * 8, 400 * 12]
+            assert other.series("rougeL", by_tokens=True)[0] == [600 * 4]
+            await pilot.press("a")
+            await pilot.pause(0.1)
+            assert not screen.by_tokens
+            await pilot.press("m")  # the next inference metric
+            assert screen.metric == "bleu"
+            # the config values that differ, side by side; each run's own folder not among them
+            await pilot.press("2")
+            await pilot.pause(0.2)
+            diff = screen.query_one(ConfigDiff).query_one(DataTable)
+            keys = [str(diff.get_row_at(i)[0]) for i in range(diff.row_count)]
+            assert keys == ["model_id", "lr", "lora_r"]
+            assert [str(c) for c in diff.get_row_at(1)] == ["lr", "0.005", "0.001"]
+            assert [str(c) for c in diff.get_row_at(2)] == ["lora_r", "16", "32"]
+            await pilot.press("escape")
+            await pilot.pause(0.1)
+            assert isinstance(app.screen, RunPicker) and len(app.screen.marked) == 2
+
+    asyncio.run(flow())
+
+
+def test_c_with_nothing_marked_compares_the_highlighted_run_and_says_so(runs):
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.screens.compare import CompareScreen
+    from app.widgets.compare import ConfigDiff
+
+    async def flow():
+        app = VoxApp(None, str(runs))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            table = app.screen.query_one(DataTable)
+            table.move_cursor(row=[str(table.get_row_at(i)[0]) for i in range(3)].index("crashed"))
+            await pilot.press("c")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded, timeout=20)
+            assert [r.name for r in app.screen.runs] == ["crashed"] and app.screen.runs[0].state == "crashed"
+            assert any("no runs marked" in str(n.message) for n in app._notifications)
+            assert "the configs are the same" in str(app.screen.query_one(ConfigDiff).query_one("#cmp-config-note").render())
+
+    asyncio.run(flow())
+
+
+def test_picker_at_80_columns_cuts_a_long_name_so_every_column_shows(runs):
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(None, str(runs))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            table = app.screen.query_one(DataTable)
+            assert [str(c.label) for c in table.ordered_columns] == ["run", "state", "model", "step", "loss", "age", "cmp"]
+            assert sum(c.get_render_width(table) for c in table.ordered_columns) <= 78
+            names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+            assert LONG[:23] + "…" in names
+            await pilot.resize_terminal(160, 50)  # more room: more of the name
+            await pilot.pause(0.3)
+            names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+            assert LONG[:39] + "…" in names
+
+    asyncio.run(flow())
+
+
+def test_a_running_run_is_followed_and_a_resume_redoes_its_steps(tmp_path):
+    """Steps appended to events.jsonl show up at the next read; a resumed run logs the steps after its
+    checkpoint again: the redone ones replace the first ones; a torn last line waits for its newline."""
+    from app.app import VoxApp
+    from app.screens.compare import CompareScreen
+    from engine.protocol import Step
+
+    run = make_run(tmp_path / "runs", "live", steps=8, state="running")
+
+    async def flow():
+        app = VoxApp(None, str(tmp_path / "runs"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+            await pilot.press("c")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded, timeout=20)
+            series = app.screen.runs[0]
+            assert series.series("train")[0] == list(range(1, 9))
+            redone = [Step(step=s, loss=0.125 * s, lr=0.1, grad_norm=1.0, tokens_per_s=50.0, tokens=100) for s in (5, 6, 7, 8, 9)]
+            lines = encode(redone, "live").split(b"\n")
+            with open(run / "events.jsonl", "ab") as f:
+                f.write(b"\n".join(lines[:4]) + b"\n" + lines[4][:20])  # step 9 torn: being written
+            app.screen.action_reload()
+            await pilot_wait(pilot, lambda: series.series("train")[1][4] == 0.625, timeout=10)
+            xs, ys = series.series("train")
+            assert xs == [1, 2, 3, 4, 5, 6, 7, 8]  # not 9 yet: its line has no newline
+            assert ys[4:] == [0.125 * s for s in (5, 6, 7, 8)]
+            assert series.series("val")[0] == [4]  # the evaluation at 8 was redone away
+            with open(run / "events.jsonl", "ab") as f:
+                f.write(lines[4][20:] + b"\n")
+            app.screen.action_reload()
+            await pilot_wait(pilot, lambda: series.series("train")[0][-1] == 9, timeout=10)
+            assert series.tokens_at(9) == series.tokens_at(4) + 5 * 100
+
+    asyncio.run(flow())
+
+
+def test_a_100k_step_run_loads_a_piece_at_a_time_without_holding_up_the_screen(tmp_path):
+    """100,000 steps (about 25 MB): read and folded on a worker thread a piece at a time; the app's loop
+    keeps answering (the longest stall is measured ~0.03 s here; a fold on the loop would stall for
+    seconds) and the screen says how far it has read meanwhile."""
+    from app.app import VoxApp
+    from app.screens.compare import CompareScreen
+    from app.widgets.compare import Legend
+
+    make_run(tmp_path / "runs", "big", steps=100_000, telemetry=False, eval_every=1000, save_every=0, preview_every=0)
+
+    async def flow():
+        app = VoxApp(None, str(tmp_path / "runs"))
+        stalls, seen_reading = [], []
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.3)
+
+            async def probe():
+                while True:
+                    t = time.perf_counter()
+                    await asyncio.sleep(0.005)
+                    stalls.append(time.perf_counter() - t)
+                    if isinstance(app.screen, CompareScreen) and "reading" in str(app.screen.query_one(Legend).render()):
+                        seen_reading.append(True)
+
+            task = asyncio.create_task(probe())
+            await pilot.press("c")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded
+                             and not app.screen.runs[0].loading, timeout=60, every=0.05)
+            task.cancel()
+            series = app.screen.runs[0]
+            xs, ys = series.series("train")
+            assert len(series.step_x) == 100_000 and xs[0] == 1 and xs[-1] == 100_000 and len(xs) <= 401
+            assert series.series("val")[0][-1] == 100_000
+            assert seen_reading, "the legend never said it was reading"
+            assert max(stalls) < 0.5, max(stalls)
+
+    asyncio.run(flow())
