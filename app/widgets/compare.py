@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from app.compare import METRICS, NOT_COMPARED, RunSeries, differing_config
-from app.text import assemble, data
+from app.text import assemble, data, plain
 
 # one colour and one point marker per run, the same in the legend and in every plot
 PALETTE = ((86, 156, 255), (255, 160, 64), (90, 200, 110), (240, 90, 90), (190, 130, 255), (70, 210, 210),
@@ -31,17 +31,26 @@ class Legend(Static):
     DEFAULT_CSS = "Legend { height: auto; max-height: 3; padding: 0 1; }"
 
     def show(self, runs: list[RunSeries]) -> None:
-        width = max(self.size.width, 40)
-        name_limit = max(8, width // max(len(runs), 1) - 16)
+        tails = [f"reading {100 * r.offset // max(r.size, 1)}%" if r.loading else f"{plain(r.state, 12)} @{r.step}"
+                 for r in runs]
+        limits = share(self.size.width - 2 - sum(4 + len(t) for t in tails), [len(r.name) for r in runs])
         parts: list = []
-        for i, r in enumerate(runs):
+        for i, (r, tail, limit) in enumerate(zip(runs, tails, limits)):
             parts += [("  " if i else ""), (MARKERS[i % len(MARKERS)] + " ", f"bold {colour(i)}"),
-                      data(r.name, f"bold {colour(i)}", limit=name_limit), " "]
-            if r.loading:
-                parts.append((f"reading {100 * r.offset // max(r.size, 1)}%", "yellow"))
-            else:
-                parts += [data(r.state, "dim", limit=12), (f" @{r.step}", "dim")]
+                      data(r.name, f"bold {colour(i)}", limit=limit), " ",
+                      (tail, "yellow" if r.loading else "dim")]
         self.update(assemble(*parts))
+
+
+def share(room: int, wants: list[int], least: int = 8) -> list[int]:
+    """Cut ``room`` columns among names that want ``wants`` characters: the short ones whole, the rest
+    evenly (each gets at least ``least``)."""
+    out = [0] * len(wants)
+    left = max(room, least * len(wants))
+    for n, i in enumerate(sorted(range(len(wants)), key=wants.__getitem__)):
+        out[i] = max(least, min(wants[i], left // (len(wants) - n)))
+        left -= out[i]
+    return out
 
 
 PLOTS = (("train", "train loss"), ("val", "val loss"), ("metric", ""), ("tps", "tokens/s"))
