@@ -9,16 +9,40 @@ from textual.app import App, SystemCommand
 from app.screens.picker import RunPicker
 from app.screens.run import RunScreen
 from app.state import RunState
+from app.text import plain
+
+NOTICES_KEPT = 20
 
 
 class VoxApp(App):
     CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "voxtui"
 
-    def __init__(self, run: str | None = None, runs_root: str = "runs") -> None:
+    def __init__(self, run: str | None = None, runs_root: str = "runs", notify: bool = True) -> None:
+        """``notify``: a bell and a desktop-notification escape when a run ends or raises an error alert
+        (off: ``voxtui attach --no-notify``)."""
         super().__init__()
         self.run_path, self.runs_root = run, runs_root
         self.state = RunState()
+        self.terminal_notify = notify
+        self.notices_sent: list[str] = []  # the escape sequences written, newest last (the last NOTICES_KEPT)
+
+    def notify_terminal(self, title: str, body: str) -> None:
+        """The terminal bell, then a desktop notification: OSC 9 (iTerm2, Windows Terminal, kitty, WezTerm)
+        and OSC 777 (urxvt, foot, Ghostty, VTE terminals); a terminal that knows neither ignores them.
+        ``title`` and ``body`` are a run's data: control characters and the separators are taken out."""
+        if not self.terminal_notify:
+            return
+
+        def clean(text: str) -> str:
+            return "".join(c for c in plain(text, limit=200) if c.isprintable() and c != ";")
+
+        title, body = clean(title), clean(body)
+        seq = f"\a\x1b]9;{title}: {body}\x07\x1b]777;notify;{title};{body}\x07"
+        self.notices_sent = [*self.notices_sent[-(NOTICES_KEPT - 1):], seq]
+        if self._driver is not None:  # the headless driver (tests) writes nothing
+            self._driver.write(seq)
+            self._driver.flush()
 
     def on_mount(self) -> None:
         if self.run_path:
@@ -40,6 +64,7 @@ class VoxApp(App):
                 ("Evaluate now", screen.action_eval_now, "validation loss at the next step"),
                 ("Pause / resume", screen.action_pause, "pause or resume training"),
                 ("Stop run", screen.action_stop, "save, then stop (asks first)"),
+                ("Save screen as SVG", screen.action_export_svg, "into the run folder (key o)"),
                 ("Keys", screen.action_help, "show the keys"),
             ):
                 yield SystemCommand(name, help_text, action)

@@ -28,7 +28,7 @@ def attach(args) -> int:
     if run and not is_run(Path(run)):
         print(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES)})", file=sys.stderr)
         return 2
-    code = run_dashboard(VoxApp(run, args.runs))
+    code = run_dashboard(VoxApp(run, args.runs, notify=not getattr(args, "no_notify", False)))
     if code == 0:
         print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
               file=sys.stderr)

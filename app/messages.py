@@ -43,3 +43,19 @@ class DiskScanned(Message):
     def __init__(self, checkpoints: list | None, final: str | None, inference: dict | None, error: str = "") -> None:
         super().__init__()
         self.checkpoints, self.final, self.inference, self.error = checkpoints, final, inference, error
+
+
+class ConfigRead(Message):
+    """The run folder's config.toml as read ({} and ``error`` when missing or unreadable)."""
+
+    def __init__(self, config: dict, error: str = "") -> None:
+        super().__init__()
+        self.config, self.error = config, error
+
+
+class LogRead(Message):
+    """Lines appended to one of the run's log files since the last read (Logs tab)."""
+
+    def __init__(self, file: str, lines: list, offset: int, pending: bytes) -> None:
+        super().__init__()
+        self.file, self.lines, self.offset, self.pending = file, lines, offset, pending

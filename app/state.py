@@ -12,6 +12,8 @@ UNFINISHED = ("starting", "running", "paused", "stopping")
 OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
             "engine_lost": "engine lost (the workers saved and stopped)"}
 EVENTS_KEPT = 5000  # the Events tab shows these (the newest ones)
+TELEMETRY_KEPT = 20000  # telemetry samples kept for the Charts tab (about 11 hours at one every 2 s)
+RANK_TIMES_KEPT = 10  # the last steps' per-rank step times (the straggler rule takes their median)
 
 
 @dataclass
@@ -32,7 +34,14 @@ class RunState:
     previews: dict = field(default_factory=dict)  # index → list of preview events (history)
     checkpoints: dict = field(default_factory=dict)  # step → checkpoint event
     alerts: deque = field(default_factory=lambda: deque(maxlen=200))
-    telemetry: object = None
+    telemetry: object = None  # the latest telemetry event (any rank)
+    telemetry_by_rank: dict = field(default_factory=dict)  # (host, rank) → its latest telemetry event
+    # the Charts tab's series besides ``steps``: torch memory by step (step, allocated, reserved, peak GiB), and
+    # telemetry over time (time, step, ((rank, gpu index, util %, memory GiB, power W), …), cpu %, rss GiB,
+    # host memory fraction)
+    memory: list = field(default_factory=list)
+    telemetry_history: deque = field(default_factory=lambda: deque(maxlen=TELEMETRY_KEPT))
+    rank_times: deque = field(default_factory=lambda: deque(maxlen=RANK_TIMES_KEPT))  # step_time_rank lists
     inference: dict = field(default_factory=dict)  # name → latest inference event
     events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     started: float | None = None
@@ -73,6 +82,10 @@ class RunState:
             case "step":
                 self.last_step = ev
                 self.steps.append((ev.step, ev.loss, ev.lr, ev.grad_norm, ev.tokens_per_s, ev.mfu, ev.time))
+                if ev.mem_allocated or ev.mem_reserved or ev.mem_peak:
+                    self.memory.append((ev.step, ev.mem_allocated, ev.mem_reserved, ev.mem_peak))
+                if ev.step_time_rank:
+                    self.rank_times.append(list(ev.step_time_rank))
             case "eval":
                 self.evals.append((ev.step, ev.loss, ev.ppl))
                 self.best = (ev.best_step, ev.best_loss)
@@ -84,6 +97,10 @@ class RunState:
                 self.alerts.append(ev)
             case "telemetry":
                 self.telemetry = ev
+                self.telemetry_by_rank[(ev.host, ev.rank)] = ev
+                self.telemetry_history.append((ev.time, self.step, tuple(
+                    (ev.rank, g.index, g.util, g.mem_used, g.power) for g in ev.gpus), ev.cpu_percent, ev.rss,
+                    ev.mem_used_frac))
             case "inference":
                 self.inference[ev.name] = ev
             case "ack":
@@ -109,6 +126,27 @@ class RunState:
         if self.state != "finished":
             return ""
         return OUTCOMES.get(self.outcome, self.outcome)
+
+    def gpus(self) -> list:
+        """(host, GpuStat) of every GPU, from each rank's latest telemetry, by host and index."""
+        seen = {}
+        for (host, _), t in self.telemetry_by_rank.items():
+            for g in t.gpus:
+                seen[(str(host), g.index)] = g
+        return [(host, seen[(host, i)]) for host, i in sorted(seen)]
+
+    def rank_step_times(self) -> list[float]:
+        """Each rank's median step time over the last steps (RANK_TIMES_KEPT), for ranks that reported one."""
+        import statistics
+
+        if not self.rank_times:
+            return []
+        ranks = max(len(r) for r in self.rank_times)
+        out = []
+        for i in range(ranks):
+            times = [r[i] for r in self.rank_times if i < len(r) and isinstance(r[i], (int, float))]
+            out.append(statistics.median(times) if times else 0.0)
+        return out
 
     @property
     def step(self) -> int:

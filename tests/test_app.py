@@ -300,10 +300,10 @@ def test_infer_selected_without_an_engine_runs_it_and_shows_the_results(finished
             assert any("started without the engine" in str(n.message) for n in app._notifications)
             assert app.screen.query_one("#ck-one").disabled  # running already: it cannot be started twice
             metrics = app.screen.query_one("#ck-metrics", DataTable)
-            await pilot_wait(pilot, lambda: metrics.row_count and str(metrics.get_row_at(0)[1]) == "finished",
+            await pilot_wait(pilot, lambda: metrics.row_count and str(metrics.get_row_at(0)[0]) == "finished",
                              timeout=240)
             row = [str(c) for c in metrics.get_row_at(0)]
-            assert row[0] == "checkpoint-4-t" and row[2] == "16" and row[3] != "–"
+            assert row[7] == "checkpoint-4-t" and row[1] == "16" and row[2] != "–"  # state, rows, ROUGE-L, …, job
             await pilot.press("q")
 
     asyncio.run(flow())

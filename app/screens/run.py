@@ -1,4 +1,5 @@
-"""One run: tabs for the overview, hardware, previews, checkpoints, preflight and events."""
+"""One run: tabs for the overview, hardware, previews, checkpoints, preflight, events, charts,
+evaluations, config & model, and logs."""
 
 from __future__ import annotations
 
@@ -17,13 +18,25 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
 
-from app.messages import CommandReplied, DiskScanned, EngineLost, EngineSeen, EventsReceived
+from app.messages import (
+    CommandReplied,
+    ConfigRead,
+    DiskScanned,
+    EngineLost,
+    EngineSeen,
+    EventsReceived,
+    LogRead,
+)
 from app.screens.dialogs import Confirm, Help
-from app.state import FINAL
+from app.state import FINAL, UNFINISHED
 from app.text import assemble, data, lines, plain
+from app.widgets.charts import Charts
 from app.widgets.checkpoints import Checkpoints
+from app.widgets.config import ConfigView
+from app.widgets.evaluations import Evaluations
 from app.widgets.events_log import EventsLog
 from app.widgets.hardware import Hardware
+from app.widgets.logs import Logs, read_new
 from app.widgets.overview import Overview
 from app.widgets.previews import Previews
 from engine.protocol import (
@@ -37,7 +50,15 @@ from engine.protocol import (
     Stop,
 )
 
-TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events")
+# tab id, its key, its title
+TABS = (("overview", "1", "Overview"), ("gpus", "2", "GPUs"), ("previews", "3", "Previews"),
+        ("checkpoints", "4", "Checkpoints"), ("preflight", "5", "Preflight"), ("events", "6", "Events"),
+        ("charts", "7", "Charts"), ("evals", "8", "Evals"), ("config", "9", "Config"), ("logs", "0", "Logs"))
+PLOTS_EVERY_S = 1.0  # plots (Overview, Charts, Evals) are redrawn at most this often: light over a slow link
+LOG_EVERY_S = 0.5  # the followed log is read this often while the Logs tab shows
+# keys that act in one tab only: action → tab
+TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs"}
+NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start still notify (clock skew)
 COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
 REQUEST_TIMEOUT_S = 5.0  # one try
 DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read this often
@@ -45,7 +66,13 @@ DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read th
 
 class RunScreen(Screen):
     BINDINGS = [
-        *[Binding(str(i + 1), f"tab('{t}')", t.title(), show=False) for i, t in enumerate(TABS)],
+        *[Binding(key, f"tab('{t}')", title, show=False) for t, key, title in TABS],
+        Binding("w", "window", "Window", show=False),
+        Binding("l", "log_scale", "Log scale", show=False),
+        Binding("f", "follow", "Follow", show=False),
+        Binding("slash", "search", "Search", show=False),
+        Binding("right_square_bracket", "next_log", "Next log", show=False),
+        Binding("o", "export_svg", "SVG", show=False),
         Binding("escape", "leave_input", "Leave field", show=False),
         Binding("n", "preview_now", "Preview"),
         Binding("s", "save", "Save"),
@@ -66,6 +93,11 @@ class RunScreen(Screen):
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
         self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name → inference job started here
         self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
+        self._plots_dirty = True  # news the plots of the tab showing have not drawn yet
+        self._plots_at = 0.0
+        self._log_at = 0.0
+        self._since = time.time()  # only events from now on notify (not the history of what happened before)
+        self._notified: set = set()
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -83,14 +115,24 @@ class RunScreen(Screen):
                 yield Static(id="preflight-report", markup=False)
             with TabPane("Events", id="events"):
                 yield EventsLog()
+            with TabPane("Charts", id="charts"):
+                yield Charts()
+            with TabPane("Evals", id="evals"):
+                yield Evaluations()
+            with TabPane("Config", id="config"):
+                yield ConfigView()
+            with TabPane("Logs", id="logs"):
+                yield Logs()
         yield Footer()
 
     def on_mount(self) -> None:
         self.title = "voxtui — " + plain(self.run_dir.name, limit=60)
         self.query_one("#banner", Static).display = False
         self.show_preflight()
+        self.query_one(Logs).run_dir = self.run_dir
         self.follow()
         self.scan_disk()
+        self.read_config()
         self.set_interval(0.03, self.render_if_dirty)  # at most ~30 redraws a second, only when there is news
         self.set_interval(1.0, self.tick)
 
@@ -110,25 +152,38 @@ class RunScreen(Screen):
             state.apply(ev)
             if ev.type in ("checkpoint", "inference"):
                 self._scan_soon = True
+            if ev.time >= self._since - NOTIFY_SLACK_S:
+                self.maybe_notify(ev)
         self._dirty = True
 
     def render_if_dirty(self) -> None:
-        if self._scan_soon and time.monotonic() - self._last_scan > 0.5:
+        now = time.monotonic()
+        if self._scan_soon and now - self._last_scan > 0.5:
             self._scan_soon = False
             self.scan_disk()
-        if not self._dirty:
-            return
-        self._dirty = False
-        s = self.app.state
         active = self.query_one(TabbedContent).active
-        if active == "checkpoints":
-            self.query_one(Checkpoints).show(s, self.running_offline())
-        else:
-            panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog}
-            if active in panes:
-                self.query_one(panes[active]).show(s)
-        self.sub_title = plain(f"{s.shown_state} · step {s.step}", limit=60)
-        self.show_banner()
+        s = self.app.state
+        if active == "logs" and now - self._log_at >= LOG_EVERY_S:
+            self._log_at = now
+            self.read_log()
+        if self._dirty:
+            self._dirty = False
+            self._plots_dirty = True
+            if active == "checkpoints":
+                self.query_one(Checkpoints).show(s, self.running_offline())
+            else:
+                panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog,
+                         "evals": Evaluations, "config": ConfigView}
+                if active in panes:
+                    self.query_one(panes[active]).show(s)
+            self.sub_title = plain(f"{s.shown_state} · step {s.step}", limit=60)
+            self.show_banner()
+        if self._plots_dirty and s.events and now - self._plots_at >= PLOTS_EVERY_S:  # (the first, the history: at once)
+            panes = {"overview": Overview, "charts": Charts, "evals": Evaluations}
+            if active in panes:  # another tab's plots are drawn when it is opened
+                self._plots_dirty = False
+                self._plots_at = now
+                self.query_one(panes[active]).show_plots(s)
 
     def tick(self) -> None:
         """Once a second: the folder now and then, jobs started here, the banner's ages."""
@@ -151,7 +206,16 @@ class RunScreen(Screen):
     @on(TabbedContent.TabActivated)
     def tab_changed(self) -> None:
         self._dirty = True
+        self._plots_at = self._log_at = 0.0  # the tab opened shows its plots and its log at once
+        self.refresh_bindings()
         self.render_if_dirty()
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """The Charts and Logs keys act only in their tab (elsewhere the key does nothing)."""
+        tab = TAB_ACTIONS.get(action)
+        if tab is not None:
+            return self.query_one(TabbedContent).active == tab
+        return True
 
     # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
@@ -163,6 +227,8 @@ class RunScreen(Screen):
         s = self.app.state
         was = s.engine_live
         s.engine_live, s.engine_pid = message.live, message.pid
+        if was and not message.live and s.state in UNFINISHED and s.engine_pid is not None:
+            self.notify_terminal("crashed", "the engine is gone", ("crashed", s.engine_pid))
         if message.live:
             if self._lost_reason or was is False:
                 self.say("engine reconnected" if self._lost_reason else "the engine is running again")
@@ -221,8 +287,41 @@ class RunScreen(Screen):
             self.query_one(Checkpoints).note(f"could not read {self.run_dir}: {message.error}")
             return
         s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
-        if self.query_one(TabbedContent).active == "checkpoints":
+        if self.query_one(TabbedContent).active in ("checkpoints", "evals"):
             self._dirty = True
+
+    @work(thread=True, exclusive=True, group="config")
+    def read_config(self) -> None:
+        """config.toml (the resolved config the run was started with), for the Config tab."""
+        from engine.client import run_config
+
+        path = self.run_dir / "config.toml"
+        try:
+            config = run_config(self.run_dir)
+        except Exception as e:  # never the end of the dashboard
+            self.post_message(ConfigRead({}, f"{path}: {type(e).__name__}: {e}"))
+            return
+        error = "" if config else (f"{path.name} is not readable TOML" if path.is_file() else "")
+        self.post_message(ConfigRead(config, error))
+
+    def on_config_read(self, message: ConfigRead) -> None:
+        view = self.query_one(ConfigView)
+        view.file_config, view.file_error = message.config, message.error
+        if self.query_one(TabbedContent).active == "config":
+            self._dirty = True
+
+    @work(thread=True, exclusive=True, group="log")
+    def read_log(self) -> None:
+        logs = self.query_one(Logs)
+        if not logs.follow and logs.file_offset:
+            return  # not following: what is shown stays as it is
+        file, path, offset, pending = logs.file, logs.path, logs.file_offset, logs.pending
+        new, offset, pending = read_new(path, offset, pending)
+        if new or offset != logs.file_offset:
+            self.post_message(LogRead(file, new, offset, pending))
+
+    def on_log_read(self, message: LogRead) -> None:
+        self.query_one(Logs).added(message.file, message.lines, message.offset, message.pending)
 
     def running_offline(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.offline.items() if p.poll() is None}
@@ -361,6 +460,57 @@ class RunScreen(Screen):
         self.say(text)
         self.sync_buttons()
         self._dirty = True
+
+    # ---- notifications: a bell and a desktop-notification escape when the run ends or raises an error
+    def maybe_notify(self, ev) -> None:
+        if ev.type == "status" and ev.state in FINAL:
+            outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
+            self.notify_terminal(ev.state, outcome or ev.message or ev.state, ("status", ev.seq))
+        elif ev.type == "alert" and ev.level == "error":
+            self.notify_terminal(f"error: {ev.kind}", ev.message, ("alert", ev.seq))
+
+    def notify_terminal(self, what: str, detail: str, key) -> None:
+        if key in self._notified:
+            return
+        self._notified.add(key)
+        name = self.app.state.run or self.run_dir.name
+        self.app.notify_terminal(f"voxtui: {plain(name, limit=40)} {plain(what, limit=40)}", plain(detail, limit=200))
+
+    # ---- tabs and their keys
+    def action_window(self) -> None:
+        self.query_one(Charts).cycle_window()
+        self._plots_dirty, self._plots_at = True, 0.0
+
+    def action_log_scale(self) -> None:
+        self.query_one(Charts).toggle_log()
+        self._plots_dirty, self._plots_at = True, 0.0
+
+    def action_follow(self) -> None:
+        self.query_one(Logs).toggle_follow()
+        self._log_at = 0.0
+
+    def action_search(self) -> None:
+        self.query_one("#log-search", Input).focus()
+
+    def action_next_log(self) -> None:
+        self.query_one(Logs).next_file()
+        self._log_at = 0.0
+
+    def action_export_svg(self) -> None:
+        """The screen as it is now, as SVG: into the run folder (else the current folder)."""
+        tab = self.query_one(TabbedContent).active or "screen"
+        name = f"voxtui-{plain(self.run_dir.name, limit=40)}-{tab}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        errors = []
+        for folder in (self.run_dir, Path.cwd()):
+            try:
+                path = self.app.save_screenshot(filename=name, path=str(folder))
+            except OSError as e:
+                errors.append(f"{folder}: {e.strerror or e}")
+                continue
+            self.say(f"saved the screen as {path}")
+            return
+        self.say("could not save the screen: " + "; ".join(errors), "error", timeout=15)
 
     def action_tab(self, tab: str) -> None:
         # a widget focused in the pane being left would pull its pane back (TabPane.Focused): let go first

@@ -38,8 +38,8 @@ class Checkpoints(Vertical):
 
     def on_mount(self) -> None:
         self.query_one("#ck-table", DataTable).add_columns("step", "val loss", "best", "final", "checkpoint")
-        self.query_one("#ck-metrics", DataTable).add_columns("job", "state", "rows", "ROUGE-L", "Distinct-1",
-                                                           "Distinct-2", "BLEU", "ppl")
+        self.query_one("#ck-metrics", DataTable).add_columns("state", "rows", "ROUGE-L", "Distinct-1", "Distinct-2",
+                                                           "BLEU", "ppl", "job")
         self._rows: list[tuple[int | None, str]] = []  # (step or None for lora_final, folder name)
         self._shown_rows: list = []
         self._jobs: list[str] = []
@@ -139,7 +139,8 @@ class Checkpoints(Vertical):
             v = view[name]
             m = v["metrics"] if isinstance(v["metrics"], dict) else {}
             cells = [fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "–" for k, fmt in METRICS]
-            metrics.add_row(data(name, limit=60), data(v["state"], limit=20), data(v["rows"], limit=20), *cells)
+            # the job's name last: a long one never pushes the metrics off an 80-column screen
+            metrics.add_row(data(v["state"], limit=20), data(v["rows"], limit=20), *cells, data(name, limit=60))
         if self._jobs:
             metrics.move_cursor(row=min(max(row, 0), len(self._jobs) - 1))
         self._show_samples()

@@ -39,21 +39,36 @@ class Overview(Vertical):
         yield Static(id="ov-alerts", markup=False)
 
     def show(self, s: RunState) -> None:
+        """The text (cheap; at every news): state, progress, ETA, the latest alerts."""
         last = s.last_step
         loss = f"{last.loss:.4f}" if last is not None and last.loss is not None else "–"
         tps = f"{last.tokens_per_s:,.0f}" if last is not None else "–"
-        best = f"{s.best[1]:.4f} @ {s.best[0]}" if s.best else "–"
+        best = f"{s.best[1]:.4f} @{s.best[0]}" if s.best else "–"
+        ranks = s.info.get("world_size", "?")
+        device = s.info.get("device", "")
+        # three short lines, the important first: nothing that matters is cut at 80 columns
         self.query_one("#ov-head", Static).update(lines(
             state_line(s),
-            assemble(f"step {s.step}/{s.total_steps or '?'}  epoch {s.epoch():.2f}  loss {loss}  best val {best}  "
-                     f"{tps} tok/s  ETA {fmt_duration(s.eta_s())}  ranks {s.info.get('world_size', '?')}  ",
-                     data(s.info.get("model_id", ""), limit=80))))
+            assemble(f"step {s.step}/{s.total_steps or '?'}  ETA {fmt_duration(s.eta_s())}  epoch {s.epoch():.2f}  "
+                     f"loss {loss}  best val {best}"),
+            assemble(f"{tps} tok/s  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""),
+                     "  ", data(s.info.get("model_id", ""), limit=80))))
         bar = self.query_one("#ov-progress", ProgressBar)
         bar.update(total=s.total_steps or None, progress=s.step)
+        alerts = list(s.alerts)[-3:]
+        text = lines(*(assemble(data(a.level, "red" if a.level == "error" else "yellow", limit=10), " ",
+                                data(a.kind, limit=40),
+                                ": ", data(a.message, limit=400)) for a in alerts))
+        self.query_one("#ov-alerts", Static).update(text if alerts else assemble("no alerts"))
+
+    def show_plots(self, s: RunState) -> None:
+        """The loss plot and the sparklines: drawn at a bounded rate by the screen (they are most of the
+        bytes sent to the terminal)."""
         plot = self.query_one("#ov-plot", PlotextPlot)
         plt = plot.plt
         plt.clear_data()
-        plt.title("loss")
+        plt.title("loss (7: every curve)")
+        plt.xlabel("step")
         stride = max(1, len(s.steps) // 400)  # a terminal plot shows a few hundred points at most
         pts = [(st, lo) for st, lo, *_ in s.steps[::stride] if lo is not None and math.isfinite(lo)]
         if pts:
@@ -69,8 +84,3 @@ class Overview(Vertical):
             label = {"lr": "lr", "gn": "grad norm", "tps": "tokens/s", "mfu": "MFU"}[key]
             now = f" {values[-1]:.3g}" if values else ""
             self.query_one(f"#ov-{key}-label", Label).update(label + now)
-        alerts = list(s.alerts)[-3:]
-        text = lines(*(assemble(data(a.level, "red" if a.level == "error" else "yellow", limit=10), " ",
-                                data(a.kind, limit=40),
-                                ": ", data(a.message, limit=400)) for a in alerts))
-        self.query_one("#ov-alerts", Static).update(text if alerts else assemble("no alerts"))

@@ -1,0 +1,132 @@
+"""Evaluations: every validation (step, loss, perplexity, the best one marked), and the checkpoint
+matrix — each finished inference job by its checkpoint's step, with ROUGE-L, BLEU, Distinct-1/2 and
+perplexity, the bootstrap 95% intervals where the job's metrics.json has them — as a table and
+a plot."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import DataTable, Static
+from textual_plotext import PlotextPlot
+
+from app.state import RunState
+from app.text import assemble, data
+
+# metrics.json key, column, format; BLEU is 0–100, the others 0–1
+MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", "{:.1f}"), ("distinct_1", "D-1", "{:.3f}"),
+          ("distinct_2", "D-2", "{:.3f}"), ("perplexity", "ppl", "{:.2f}"))
+INTERVALS = ("rougeL", "bleu")  # shown with their 95% interval
+PLOTTED = (("rougeL", "ROUGE-L", 1.0), ("bleu", "BLEU/100", 0.01), ("distinct_1", "Distinct-1", 1.0),
+           ("distinct_2", "Distinct-2", 1.0))
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def job_step(s: RunState, checkpoint: str) -> int | None:
+    """The step of a job's checkpoint: checkpoint-N → N; lora_final → the final checkpoint's step (else
+    the last step)."""
+    m = re.fullmatch(r"checkpoint-(\d+)", checkpoint or "")
+    if m:
+        return int(m.group(1))
+    if checkpoint == "lora_final":
+        finals = [c["step"] for c in s.disk_checkpoints or [] if s.is_final_checkpoint(c["step"])]
+        finals += [st for st in s.checkpoints if s.is_final_checkpoint(st)]
+        return max(finals) if finals else s.step or None
+    return None
+
+
+def matrix(s: RunState) -> list[dict]:
+    """One row per finished job, by step then name: {"step", "name", "metrics", "ci"}; a job's
+    metrics.json on disk wins over its event (it holds the intervals)."""
+    jobs: dict[str, dict] = {}
+    for name, ev in s.inference.items():
+        if ev.state == "finished" and isinstance(ev.metrics, dict):
+            jobs[name] = {"checkpoint": ev.checkpoint, "metrics": ev.metrics, "ci": {}}
+    for name, d in s.disk_inference.items():
+        if d.get("state") == "finished":
+            ci = d.get("ci95") if isinstance(d.get("ci95"), dict) else {}
+            jobs[name] = {"checkpoint": str(d.get("checkpoint", "")), "metrics": d, "ci": ci}
+    rows = []
+    for name, j in jobs.items():
+        step = job_step(s, j["checkpoint"])
+        rows.append({"step": step, "name": name, "metrics": j["metrics"], "ci": j["ci"]})
+    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    v = row["metrics"].get(key)
+    if not _num(v):
+        return "–"
+    out = fmt.format(v)
+    bounds = row["ci"].get(key) if key in INTERVALS else None
+    if isinstance(bounds, list) and len(bounds) == 2 and all(_num(b) for b in bounds):
+        out += f" [{fmt.format(bounds[0])}–{fmt.format(bounds[1])}]"
+    return out
+
+
+class Evaluations(VerticalScroll):
+    def compose(self) -> ComposeResult:
+        yield Static(id="evl-head", markup=False)
+        yield DataTable(id="evl-table", cursor_type="row", zebra_stripes=True)
+        yield Static(id="evl-matrix-head", markup=False)
+        yield DataTable(id="evl-matrix", cursor_type="row", zebra_stripes=True)
+        yield PlotextPlot(id="evl-plot")
+
+    def on_mount(self) -> None:
+        self.query_one("#evl-table", DataTable).add_columns("step", "val loss", "perplexity", "best")
+        self.query_one("#evl-matrix", DataTable).add_columns("step", *(c for _, c, _ in MATRIX), "job")
+        self._evals: list = []
+        self._matrix: list = []
+
+    def show(self, s: RunState) -> None:
+        best = s.best_step()
+        shown = [(st, lo, ppl, st == best) for st, lo, ppl in s.evals]
+        if shown != self._evals:
+            self._evals = shown
+            table = self.query_one("#evl-table", DataTable)
+            table.clear()
+            for st, lo, ppl, is_best in shown:
+                table.add_row(str(st), f"{lo:.4f}" if _num(lo) else "–", f"{ppl:,.2f}" if _num(ppl) else "–",
+                              "★ best" if is_best else "")
+        head = (f"{len(s.evals)} evaluation(s); best val loss {s.best[1]:.4f} at step {s.best[0]}"
+                if s.best and _num(s.best[1]) else "no evaluation yet (every --eval_steps, or press e)")
+        self.query_one("#evl-head", Static).update(assemble((head, "bold")))
+        rows = matrix(s)
+        view = [(r["step"], r["name"], *(cell(r, k, f) for k, _, f in MATRIX)) for r in rows]
+        if view != self._matrix:
+            self._matrix = view
+            table = self.query_one("#evl-matrix", DataTable)
+            table.clear()
+            for step, name, *cells in view:
+                table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(name, limit=60))
+        self.query_one("#evl-matrix-head", Static).update(assemble((
+            "checkpoint matrix by step (brackets: 95% bootstrap intervals)" if rows else
+            "checkpoint matrix: no finished inference job yet (Checkpoints tab: Infer selected / Infer all)", "bold")))
+        self.query_one("#evl-plot", PlotextPlot).display = bool(rows)
+
+    def show_plots(self, s: RunState) -> None:
+        rows = [r for r in matrix(s) if r["step"] is not None]
+        plot = self.query_one("#evl-plot", PlotextPlot)
+        if not rows:
+            return
+        plt = plot.plt
+        plt.clear_figure()
+        plt.title("checkpoint metrics by step (bars: 95% intervals)")
+        plt.xlabel("step")
+        plt.ylabel("score")
+        for key, label, scale in PLOTTED:
+            pts = [(r["step"], r["metrics"][key] * scale) for r in rows if _num(r["metrics"].get(key))]
+            if not pts:
+                continue
+            plt.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="o" if len(pts) == 1 else None)
+            for r in rows:
+                bounds = r["ci"].get(key)
+                if isinstance(bounds, list) and len(bounds) == 2 and all(_num(b) for b in bounds):
+                    plt.plot([r["step"], r["step"]], [bounds[0] * scale, bounds[1] * scale], color="gray")
+        plot.refresh()

@@ -1,0 +1,378 @@
+"""The run screen's Charts, Evals, Config and Logs tabs, its keys (window, log scale, follow, search,
+next log, SVG export), the terminal notifications and the 80-column layout: Pilot drives the real app on
+run folders built from real protocol events (tests/tabs_run.py; no engine: a finished run is read from
+its events.jsonl)."""
+
+import asyncio
+import io
+import json
+import time
+
+import pytest
+import tabs_run
+
+
+def screen_text(app) -> str:
+    """What the terminal shows now, as plain text."""
+    from rich.console import Console
+
+    console = Console(width=app.size.width, height=app.size.height, file=io.StringIO(), force_terminal=True,
+                      color_system="standard", record=True, legacy_windows=False)
+    console.print(app.screen._compositor.render_update(full=True, screen_stack=[]))
+    return console.export_text()
+
+
+async def loaded(app, pilot) -> None:
+    for _ in range(200):
+        if app.state.state == "finished" and app.state.disk_inference:
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("the run was not loaded")
+
+
+@pytest.fixture
+def run(tmp_path):
+    return tabs_run.build(tmp_path)
+
+
+def rows(table) -> list[list[str]]:
+    return [[str(getattr(c, "plain", c)) for c in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+def test_charts_window_and_log_scale_evals_config(run):
+    from textual.widgets import DataTable, TabbedContent
+    from textual_plotext import PlotextPlot
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await loaded(app, pilot)
+            tabs = app.screen.query_one(TabbedContent)
+            await pilot.press("7")
+            await pilot.pause(0.3)
+            assert tabs.active == "charts"
+            head = app.screen.query_one("#ch-head").render().plain
+            assert "last 200 steps" in head and "loss scale: linear" in head
+            shown = {p.id for p in app.screen.query(PlotextPlot) if p.display and p.id.startswith("ch-")}
+            assert shown == {"ch-loss", "ch-lr", "ch-gn", "ch-tps", "ch-mfu", "ch-mem", "ch-gpu-util", "ch-gpu-mem",
+                             "ch-gpu-power"}  # a GPU run: no CPU plot
+            loss = app.screen.query_one("#ch-loss", PlotextPlot)
+
+            def drawn() -> str:
+                return loss.render().plain
+
+            assert "41.0" in drawn() and "step" in drawn() and "train" in drawn() and "val" in drawn()
+            util = app.screen.query_one("#ch-gpu-util", PlotextPlot).render().plain
+            assert "GPU 0" in util and "GPU 1" in util and "GPU utilisation" in util
+            await pilot.press("w")  # 1000 steps: all of this run
+            await pilot.pause(0.2)
+            assert "last 1000 steps" in app.screen.query_one("#ch-head").render().plain
+            assert "41.0" not in drawn() and "1.0" in drawn()
+            await pilot.press("w", "w")  # all, then back to 200
+            await pilot.pause(0.2)
+            assert "last 200 steps" in app.screen.query_one("#ch-head").render().plain and "41.0" in drawn()
+            await pilot.press("l")
+            await pilot.pause(0.2)
+            assert "loss scale: log" in app.screen.query_one("#ch-head").render().plain
+            assert "log scale" in drawn()
+            await pilot.press("l")
+            await pilot.pause(0.2)
+            assert "log scale" not in drawn()
+
+            await pilot.press("8")
+            await pilot.pause(0.3)
+            evals = rows(app.screen.query_one("#evl-table", DataTable))
+            assert [r[0] for r in evals] == ["40", "80", "120", "160", "200", "240"]
+            assert [r[0] for r in evals if "best" in r[3]] == ["200"]
+            matrix = rows(app.screen.query_one("#evl-matrix", DataTable))
+            assert [r[0] for r in matrix] == ["80", "160", "240"]
+            assert matrix[0][1] == "0.312 [0.281–0.344]" and matrix[2][2] == "13.9 [11.9–16.0]"
+            plot = app.screen.query_one("#evl-plot", PlotextPlot).render().plain
+            assert "ROUGE-L" in plot and "BLEU/100" in plot
+
+            await pilot.press("9")
+            await pilot.pause(0.3)
+            params = rows(app.screen.query_one("#cfg-params", DataTable))
+            assert params[0][:2] == ["audio_tower (frozen, removed after loading)", "removed"]
+            assert ["language_model.layers (lora)", "trainable", "14.7M", "0"] in params
+            config = dict(r[:2] for r in rows(app.screen.query_one("#cfg-table", DataTable)))
+            assert config["lr"] == "0.0002" and config["lora_targets"] == "q_proj, k_proj, v_proj, o_proj"
+            assert "config.toml" in app.screen.query_one("#cfg-head").render().plain
+            # the Charts keys act in the Charts tab only
+            await pilot.press("w")
+            await pilot.pause(0.1)
+            assert "last 200 steps" in app.screen.query_one("#ch-head").render().plain
+            await pilot.press("q")
+
+    asyncio.run(flow())
+
+
+def test_config_without_config_toml_is_the_reported_one(run):
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+
+    (run / "config.toml").unlink()
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("9")
+            await pilot.pause(0.3)
+            assert "as the run reported it" in app.screen.query_one("#cfg-head").render().plain
+            config = dict(r[:2] for r in rows(app.screen.query_one("#cfg-table", DataTable)))
+            assert config["model_id"] == tabs_run.CONFIG["model_id"]
+
+    asyncio.run(flow())
+
+
+def test_logs_follow_search_and_files(run):
+    from textual.widgets import Input, RichLog, TabbedContent
+
+    from app.app import VoxApp
+
+    def log_lines(app) -> list[str]:
+        return [strip.text.rstrip() for strip in app.screen.query_one("#log-text", RichLog).lines]
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("0")
+            await pilot.pause(0.6)
+            assert app.screen.query_one(TabbedContent).active == "logs"
+            shown = log_lines(app)
+            assert len(shown) == len(tabs_run.WORKER_LOG)
+            # data, never markup; the escape drawn as a visible symbol, not sent to the terminal
+            assert "[rank0] step 40 val loss 2.3100 [/INST] ␛[31mred␛[0m" in shown
+            with open(run / "worker.log", "a") as f:
+                f.write("[rank0] a line written later\n[rank0] torn")
+            await pilot.pause(1.2)
+            assert log_lines(app)[-1] == "[rank0] a line written later"  # followed; the torn line waits
+            await pilot.press("f")  # follow off: what is shown stays
+            await pilot.pause(0.1)
+            assert "follow: off" in app.screen.query_one("#log-status").render().plain
+            with open(run / "worker.log", "a") as f:
+                f.write(" line\n[rank0] after the pause\n")
+            await pilot.pause(1.2)
+            assert log_lines(app)[-1] == "[rank0] a line written later"
+            await pilot.press("f")
+            await pilot.pause(1.2)
+            assert log_lines(app)[-2:] == ["[rank0] torn line", "[rank0] after the pause"]
+            await pilot.press("slash")
+            await pilot.pause(0.1)
+            assert app.focused is app.screen.query_one("#log-search", Input)
+            await pilot.press(*"RANK1")  # case-insensitive
+            await pilot.pause(0.3)
+            assert log_lines(app) == [line for line in tabs_run.WORKER_LOG if "rank1" in line]
+            assert "2 of 13 lines match" in app.screen.query_one("#log-status").render().plain
+            await pilot.press("escape")
+            app.screen.query_one("#log-search", Input).value = ""
+            await pilot.press("right_square_bracket")  # the next log file: engine.log
+            await pilot.pause(1.0)
+            assert log_lines(app) == ["engine: listening", "engine: workers started (pid 4242)", "engine: run finished"]
+            assert "engine.log" in app.screen.query_one("#log-status").render().plain
+
+    asyncio.run(flow())
+
+
+def test_export_svg_writes_the_screen_into_the_run_folder(run):
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("8")
+            await pilot.pause(0.3)
+            await pilot.press("o")
+            await pilot.pause(0.3)
+            return [n.message for n in app._notifications]
+
+    notices = asyncio.run(flow())
+    saved = list(run.glob("voxtui-tabs_run-evals-*.svg"))
+    assert len(saved) == 1
+    svg = saved[0].read_text()
+    assert svg.lstrip().startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert "checkpoint&#160;matrix" in svg or "checkpoint matrix" in svg
+    assert any(str(saved[0]) in n for n in notices)
+
+
+def fresh(*events):
+    for i, ev in enumerate(events):
+        ev.seq, ev.time, ev.run = 10_000 + i, time.time(), tabs_run.NAME
+    return list(events)
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["notify", "no-notify"])
+def test_notify_on_finish_failure_and_error_alerts(run, notify):
+    from app.app import VoxApp
+    from app.messages import EventsReceived
+    from engine.protocol import Alert, Status
+
+    async def flow():
+        app = VoxApp(str(run), notify=notify)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await loaded(app, pilot)
+            assert app.notices_sent == []  # the history of a run that finished before: no notification
+            app.screen.post_message(EventsReceived(fresh(
+                Alert(level="warning", kind="loss_spike", message="not notified"),
+                Alert(level="error", kind="rank_died", message="rank 1 exited\x1b]0;x\x07; code 1"),
+                Status(state="failed", message="workers exited with code 1"))))
+            await pilot.pause(0.3)
+            return list(app.notices_sent)
+
+    sent = asyncio.run(flow())
+    if not notify:
+        assert sent == []
+        return
+    assert len(sent) == 2
+    alert, failed = sent
+    assert alert.startswith("\a\x1b]9;voxtui: tabs_run error: rank_died: rank 1 exited")
+    assert "\x1b]777;notify;voxtui: tabs_run error: rank_died;rank 1 exited" in alert
+    # the run's text cannot end the escape early or start another: no control character, no separator
+    for seq in sent:
+        body = seq[1:].replace("\x1b]9;", "", 1).replace("\x1b]777;notify;", "", 1)
+        assert "\x1b" not in body and body.count("\x07") == 2
+    assert "failed" in failed and "workers exited with code 1" in failed
+
+
+def test_attach_passes_no_notify(monkeypatch, tmp_path):
+    """``voxtui attach --no-notify`` turns the notifications off (the flag as the CLI's parser sets it)."""
+    import argparse
+
+    import app.main as main
+
+    made = {}
+
+    def run_dashboard(app, headless=False):
+        made["notify"] = app.terminal_notify
+        return 0
+
+    monkeypatch.setattr(main, "run_dashboard", run_dashboard)
+    run = tabs_run.build(tmp_path)
+    for flag, expected in ((True, False), (False, True)):
+        assert main.attach(argparse.Namespace(run=str(run), runs=str(tmp_path), no_notify=flag)) == 0
+        assert made["notify"] is expected
+    assert main.attach(argparse.Namespace(run=str(run), runs=str(tmp_path))) == 0  # a parser without the flag
+    assert made["notify"] is True
+
+
+def test_80_columns_nothing_important_cut(run):
+    from textual.widgets import Input
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await loaded(app, pilot)
+            await pilot.pause(0.3)
+            overview = screen_text(app)
+            await pilot.press("4")
+            await pilot.pause(0.3)
+            checkpoints = screen_text(app)
+            await pilot.press("3")
+            await pilot.pause(0.3)
+            box = app.screen.query_one("#pv-temperature", Input)
+            box.focus()
+            await pilot.press("end")
+            await pilot.pause(0.2)
+            previews = screen_text(app)
+            tabs = screen_text(app).splitlines()[1]
+            await pilot.press("escape", "2")
+            await pilot.pause(0.3)
+            gpus = screen_text(app)
+            return overview, checkpoints, previews, tabs, gpus
+
+    overview, checkpoints, previews, tabs, gpus = asyncio.run(flow())
+    assert "ETA –" in overview and "best val 1.5800 @200" in overview
+    assert "2 ranks (cuda)  mistralai/Voxtral-Mini-3B-2507" in overview
+    header = next(line for line in checkpoints.splitlines() if "ROUGE-L" in line)
+    assert header.split()[:8] == ["state", "rows", "ROUGE-L", "Distinct-1", "Distinct-2", "BLEU", "ppl", "job"]
+    assert " 0.7 " in previews
+    assert tabs.split() == ["Overview", "GPUs", "Previews", "Checkpoints", "Preflight", "Events", "Charts", "Evals",
+                            "Config", "Logs"]
+    assert "straggler: step time > 1.2× the others' median" in gpus
+
+
+def test_a_cpu_run_hides_the_gpu_table_and_equal_ranks_are_no_stragglers(tmp_path):
+    import msgspec
+
+    from app.app import VoxApp
+    from engine.protocol import RunInfo, Status, Step, Telemetry
+
+    run = tmp_path / "cpu_run"
+    run.mkdir()
+    evs = [Status(state="running"), RunInfo(model_id="tiny", world_size=2, device="cpu", train_rows=4, val_rows=0,
+                                            total_steps=20, steps_per_epoch=10)]
+    for s in range(1, 13):
+        # rank 1 reported no time on two steps (0): never a straggler by the others' zero
+        evs.append(Step(step=s, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, step_time=0.31,
+                        step_time_rank=[0.31, 0.0 if s in (5, 12) else 0.31], tokens_per_s_rank=[50.0, 50.0]))
+        evs.append(Telemetry(host="vm", rank=0, cpu_percent=99.0, rss=1.2, mem_used_frac=0.4))
+    for i, ev in enumerate(evs, 1):
+        ev.seq, ev.time, ev.run = i, tabs_run.T0 + i, "cpu_run"
+    (run / "events.jsonl").write_bytes(b"".join(msgspec.json.encode(ev) + b"\n" for ev in evs))
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(80, 24)) as pilot:
+            for _ in range(100):
+                if app.state.step == 12:
+                    break
+                await pilot.pause(0.05)
+            await pilot.press("2")
+            await pilot.pause(0.3)
+            assert app.screen.query_one("#hw-gpus").display is False
+            text = screen_text(app)
+            await pilot.press("7")
+            await pilot.pause(0.3)
+            from textual_plotext import PlotextPlot
+
+            shown = {p.id for p in app.screen.query(PlotextPlot) if p.display and p.id.startswith("ch-")}
+            head = app.screen.query_one("#ch-head").render().plain
+            return text, shown, head
+
+    text, shown, head = asyncio.run(flow())
+    assert "CPU run on vm" in text and "GPU  name" not in text
+    assert "straggler" in text and " straggler\n" not in text.replace(" ", " ")
+    assert "ch-cpu" in shown and not shown & {"ch-gpu-util", "ch-gpu-mem", "ch-gpu-power", "ch-mfu", "ch-mem"}
+    assert "not recorded: MFU" in head
+
+
+def test_straggler_rule_takes_the_median_of_recent_steps():
+    from app.state import RunState
+    from app.widgets.hardware import straggler
+    from engine.protocol import Step
+
+    assert straggler([0.31, 0.0]) is None  # a rank with no time is not the measure of the others
+    assert straggler([0.31, float("nan"), 0.31]) is None
+    assert straggler([0.30, 0.45, 0.0]) == 1
+    s = RunState()
+    for i in range(1, 21):
+        slow = 0.5 if i == 20 else 0.3  # one slow step of rank 1 is noise, not a straggler
+        s.apply(Step(step=i, loss=1.0, lr=1.0, grad_norm=1.0, tokens_per_s=1.0, step_time_rank=[0.3, slow], seq=i))
+    assert straggler(s.rank_step_times()) is None
+    for i in range(21, 27):
+        s.apply(Step(step=i, loss=1.0, lr=1.0, grad_norm=1.0, tokens_per_s=1.0, step_time_rank=[0.3, 0.5], seq=i))
+    assert straggler(s.rank_step_times()) == 1  # slower over most of the last 10 steps
+
+
+def test_state_keeps_each_ranks_telemetry_and_the_memory_series():
+    from app.state import RunState
+    from engine.protocol import GpuStat, Step, Telemetry
+
+    s = RunState()
+    s.apply(Step(step=1, loss=1.0, lr=1.0, grad_norm=1.0, tokens_per_s=1.0, mem_allocated=2.0, mem_reserved=3.0,
+                 mem_peak=4.0, seq=1))
+    s.apply(Telemetry(host="h", rank=0, gpus=[GpuStat(index=0, util=90.0)], seq=2))
+    s.apply(Telemetry(host="h", rank=1, gpus=[GpuStat(index=1, util=80.0)], seq=3))
+    s.apply(Telemetry(host="h", rank=0, gpus=[GpuStat(index=0, util=70.0)], seq=4))
+    assert [(h, g.index, g.util) for h, g in s.gpus()] == [("h", 0, 70.0), ("h", 1, 80.0)]
+    assert s.memory == [(1, 2.0, 3.0, 4.0)]
+    assert [h[1] for h in s.telemetry_history] == [1, 1, 1]
+    assert json.dumps([list(h[2]) for h in s.telemetry_history])  # plain data
