@@ -21,7 +21,7 @@ from test_app import screen_text
 
 from conftest import ROOT, write_jsonl
 
-TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events")
+TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events", "charts", "evals", "config", "logs")
 RUN_NAME = "Z00run[INST] [b]런 [link=https:x] \x1b[7m ل"  # the folder's name (no "/" in a file name)
 
 PIECES = ["[b]", "[/b]", "[/]", "[/INST]", "[INST]", "[link=https://example.com/x]", "[/link]",
@@ -166,7 +166,7 @@ async def visit(run: Path, size: tuple[int, int], last_seq: int) -> dict[str, st
                 break
             await pilot.pause(0.05)
         assert app.state.last_seq >= last_seq, "the pushed events did not arrive"
-        for key, tab in zip("123456", TABS):
+        for key, tab in zip("1234567890", TABS):
             await pilot.press(key)
             await pilot.pause(0.15)
             assert app.screen.query_one(TabbedContent).active == tab
