@@ -12,8 +12,66 @@ UNFINISHED = ("starting", "running", "paused", "stopping")
 OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
             "engine_lost": "engine lost (the workers saved and stopped)"}
 EVENTS_KEPT = 5000  # the Events tab shows these (the newest ones)
-TELEMETRY_KEPT = 20000  # telemetry samples kept for the Charts tab (about 11 hours at one every 2 s)
+RECENT_KEPT = 2000  # per-step and telemetry rows kept at full resolution (the newest); older ones are thinned
+OLDER_KEPT = 2000  # at most this many older rows, evenly spread over the run's start (the "all" window)
 RANK_TIMES_KEPT = 10  # the last steps' per-rank step times (the straggler rule takes their median)
+
+
+class History:
+    """A run's rows over time (steps, torch memory, telemetry), bounded however long the run: the newest
+    ``recent`` at full resolution, the older ones thinned to every 2nd, 4th, 8th, … row (the stride doubles
+    whenever more than ``older`` are held), so the whole run is still covered by at most
+    ``recent + older + recent // 4`` rows. Reads like a list (len, iteration, indexing, slices)."""
+
+    def __init__(self, recent: int = RECENT_KEPT, older: int = OLDER_KEPT) -> None:
+        self.recent, self.older = recent, older
+        self._new: list = []  # the newest rows, every one
+        self._old: list = []  # older rows: those whose index (in the order appended) is a multiple of _stride
+        self._stride = 1
+        self._moved = 0  # rows that have left _new (kept in _old or dropped)
+        self.appended = 0  # rows ever appended
+
+    def append(self, row) -> None:
+        self._new.append(row)
+        self.appended += 1
+        if len(self._new) > self.recent + max(1, self.recent // 4):  # move the oldest quarter out, thinned
+            chunk = len(self._new) - self.recent
+            for i, r in enumerate(self._new[:chunk], start=self._moved):
+                if i % self._stride == 0:
+                    self._old.append(r)
+            del self._new[:chunk]
+            self._moved += chunk
+            while len(self._old) > self.older:  # indexes 0, s, 2s, …: every other one is 0, 2s, 4s, …
+                self._old = self._old[::2]
+                self._stride *= 2
+
+    def __len__(self) -> int:
+        return len(self._old) + len(self._new)
+
+    def __iter__(self):
+        yield from self._old
+        yield from self._new
+
+    def __reversed__(self):
+        yield from reversed(self._new)
+        yield from reversed(self._old)
+
+    def __bool__(self) -> bool:
+        return bool(self._new or self._old)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice) and key.step in (None, 1) and key.stop is None and isinstance(key.start, int) \
+                and -len(self._new) <= key.start < 0:
+            return self._new[key.start:]  # the newest rows (the common case: cheap)
+        if isinstance(key, int) and -len(self._new) <= key < 0:
+            return self._new[key]
+        return list(self)[key]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, History)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} rows of {self.appended}, older every {self._stride})"
 
 
 @dataclass
@@ -27,7 +85,8 @@ class RunState:
     config: dict = field(default_factory=dict)  # run_info.config
     params: dict = field(default_factory=dict)  # param_table
     preview_params: dict = field(default_factory=dict)  # temperature / top_p / max_new_tokens in force
-    steps: list = field(default_factory=list)  # (step, loss, lr, grad_norm, tokens_per_s, mfu, time)
+    # (step, loss, lr, grad_norm, tokens_per_s, mfu, time): the newest steps all, older ones thinned (History)
+    steps: History = field(default_factory=History)
     last_step: object = None
     evals: list = field(default_factory=list)  # (step, loss, ppl)
     best: tuple | None = None  # (best_step, best_loss) of the latest eval
@@ -38,9 +97,9 @@ class RunState:
     telemetry_by_rank: dict = field(default_factory=dict)  # (host, rank) → its latest telemetry event
     # the Charts tab's series besides ``steps``: torch memory by step (step, allocated, reserved, peak GiB), and
     # telemetry over time (time, step, ((rank, gpu index, util %, memory GiB, power W), …), cpu %, rss GiB,
-    # host memory fraction)
-    memory: list = field(default_factory=list)
-    telemetry_history: deque = field(default_factory=lambda: deque(maxlen=TELEMETRY_KEPT))
+    # host memory fraction); both bounded the same way as ``steps``
+    memory: History = field(default_factory=History)
+    telemetry_history: History = field(default_factory=History)
     rank_times: deque = field(default_factory=lambda: deque(maxlen=RANK_TIMES_KEPT))  # step_time_rank lists
     inference: dict = field(default_factory=dict)  # name → latest inference event
     events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
