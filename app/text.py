@@ -67,3 +67,15 @@ def assemble(*parts: object) -> Text:
 def lines(*rows: Text | str) -> Text:
     """Rows joined by newlines."""
     return Text("\n", end="").join(r if isinstance(r, Text) else assemble(r) for r in rows)
+
+
+def show_text(widget, content: Text | str) -> bool:
+    """``widget.update(content)`` (a Static or Label) unless it shows exactly that already: an update repaints
+    the widget's lines even when nothing changed, and those are bytes sent to the terminal at every redraw.
+    Use it for every update of that widget (it remembers what it last set). True when it updated."""
+    key = (content.plain, tuple(content.spans), str(content.style)) if isinstance(content, Text) else content
+    if getattr(widget, "_voxtui_shown", None) == key:
+        return False
+    widget._voxtui_shown = key
+    widget.update(content)
+    return True

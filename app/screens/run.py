@@ -29,7 +29,7 @@ from app.messages import (
 )
 from app.screens.dialogs import Confirm, Help
 from app.state import FINAL, UNFINISHED
-from app.text import assemble, data, lines, plain
+from app.text import assemble, data, lines, plain, show_text
 from app.widgets.charts import Charts
 from app.widgets.checkpoints import Checkpoints
 from app.widgets.config import ConfigView
@@ -55,6 +55,10 @@ TABS = (("overview", "1", "Overview"), ("gpus", "2", "GPUs"), ("previews", "3", 
         ("checkpoints", "4", "Checkpoints"), ("preflight", "5", "Preflight"), ("events", "6", "Events"),
         ("charts", "7", "Charts"), ("evals", "8", "Evals"), ("config", "9", "Config"), ("logs", "0", "Logs"))
 PLOTS_EVERY_S = 1.0  # plots (Overview, Charts, Evals) are redrawn at most this often: light over a slow link
+REDRAW_GAP_S = 0.02  # news is drawn at once after a quiet spell, and a burst at most this often
+# tabs whose widgets are redrawn less often than the news comes (what they show changes slowly, or a
+# redraw repaints much of the screen): tab → seconds between redraws
+PANE_EVERY_S = {"gpus": 1.0, "events": 0.5}
 LOG_EVERY_S = 0.5  # the followed log is read this often while the Logs tab shows
 # keys that act in one tab only: action → tab
 TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs"}
@@ -87,6 +91,10 @@ class RunScreen(Screen):
         super().__init__()
         self.run_dir = Path(run_dir)
         self._dirty = False
+        self._pane_at = 0.0  # when the tab showing was last redrawn
+        self._redraw_at = 0.0  # when the last redraw ran
+        self._wake_at: float | None = None  # when the pending redraw timer fires (None: none pending)
+        self._wake_timer = None
         self._scan_soon = False
         self._last_scan = 0.0
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
@@ -95,7 +103,6 @@ class RunScreen(Screen):
         self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
         self._plots_dirty = True  # news the plots of the tab showing have not drawn yet
         self._plots_at = 0.0
-        self._log_at = 0.0
         self._since = time.time()  # only events from now on notify (not the history of what happened before)
         self._notified: set = set()
 
@@ -133,8 +140,10 @@ class RunScreen(Screen):
         self.follow()
         self.scan_disk()
         self.read_config()
-        self.set_interval(0.03, self.render_if_dirty)  # at most ~30 redraws a second, only when there is news
+        # no timer runs while nothing happens: news asks for a redraw (wake), the 1 s tick looks at the folder,
+        # the log is polled only while the Logs tab shows
         self.set_interval(1.0, self.tick)
+        self._log_timer = self.set_interval(LOG_EVERY_S, self.poll_log, pause=True)
 
     @work(thread=True, exclusive=True, group="engine")
     def follow(self) -> None:
@@ -154,36 +163,84 @@ class RunScreen(Screen):
                 self._scan_soon = True
             if ev.time >= self._since - NOTIFY_SLACK_S:
                 self.maybe_notify(ev)
+        self.mark_dirty()
+
+    def mark_dirty(self) -> None:
+        """There is news to show: redraw now if the screen has been quiet, else soon (a burst coalesces)."""
         self._dirty = True
+        self.wake()
+
+    def wake(self, delay: float = 0.0) -> None:
+        """Run render_if_dirty in ``delay`` seconds (not sooner than REDRAW_GAP_S after the last redraw);
+        an earlier pending wake-up stands. Nothing ticks while nothing is new."""
+        now = time.monotonic()
+        at = max(now + delay, self._redraw_at + REDRAW_GAP_S)
+        if self._wake_at is not None and self._wake_at <= at + 0.001:
+            return
+        if self._wake_timer is not None:
+            self._wake_timer.stop()
+            self._wake_timer = None
+        if not self.is_attached:  # closing (or not mounted yet): nothing to draw on
+            return
+        if at <= now:
+            self._wake_at = None
+            self.render_if_dirty()
+            return
+        self._wake_at = at
+        self._wake_timer = self.set_timer(max(at - now, 0.001), self._woken)
+
+    def _woken(self) -> None:
+        self._wake_at, self._wake_timer = None, None
+        self.render_if_dirty()
 
     def render_if_dirty(self) -> None:
         now = time.monotonic()
-        if self._scan_soon and now - self._last_scan > 0.5:
-            self._scan_soon = False
-            self.scan_disk()
+        self._redraw_at = now
+        if self._scan_soon:
+            if now - self._last_scan > 0.5:
+                self._scan_soon = False
+                self.scan_disk()
+            else:
+                self.wake(0.5 - (now - self._last_scan))
         active = self.query_one(TabbedContent).active
         s = self.app.state
-        if active == "logs" and now - self._log_at >= LOG_EVERY_S:
-            self._log_at = now
-            self.read_log()
         if self._dirty:
-            self._dirty = False
             self._plots_dirty = True
-            if active == "checkpoints":
-                self.query_one(Checkpoints).show(s, self.running_offline())
+            wait = PANE_EVERY_S.get(active, 0.0) - (now - self._pane_at)
+            if wait > 0:  # this tab is redrawn at a slower pace: later, with whatever came meanwhile
+                self.wake(wait)
             else:
-                panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog,
-                         "evals": Evaluations, "config": ConfigView}
-                if active in panes:
-                    self.query_one(panes[active]).show(s)
-            self.sub_title = plain(f"{s.shown_state} · step {s.step}", limit=60)
+                self._dirty = False
+                self._pane_at = now
+                if active == "checkpoints":
+                    self.query_one(Checkpoints).show(s, self.running_offline())
+                else:
+                    panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog,
+                             "evals": Evaluations, "config": ConfigView}
+                    if active in panes:
+                        self.query_one(panes[active]).show(s)
+            # the state only: a sub-title repaints the whole screen, so it changes only when the state does
+            # (the step is in the Overview's head)
+            sub_title = plain(s.shown_state, limit=60)
+            if sub_title != self.sub_title:
+                self.sub_title = sub_title
             self.show_banner()
-        if self._plots_dirty and s.events and now - self._plots_at >= PLOTS_EVERY_S:  # (the first, the history: at once)
+        if self._plots_dirty and s.events:
             panes = {"overview": Overview, "charts": Charts, "evals": Evaluations}
-            if active in panes:  # another tab's plots are drawn when it is opened
+            wait = PLOTS_EVERY_S - (now - self._plots_at)  # (the first, the history: at once)
+            if active not in panes:  # another tab's plots are drawn when it is opened
+                pass
+            elif wait > 0:
+                self.wake(wait)
+            else:
                 self._plots_dirty = False
                 self._plots_at = now
                 self.query_one(panes[active]).show_plots(s)
+
+    def poll_log(self) -> None:
+        """Every LOG_EVERY_S while the Logs tab shows: what the followed log has gained."""
+        if self.query_one(TabbedContent).active == "logs":
+            self.read_log()
 
     def tick(self) -> None:
         """Once a second: the folder now and then, jobs started here, the banner's ages."""
@@ -199,14 +256,21 @@ class RunScreen(Screen):
                 else:
                     self.say(f"inference on {name} failed (exit code {code}); see {log}", "error", timeout=15)
                 self.sync_buttons()
-                self._scan_soon = self._dirty = True
+                self._scan_soon = True
+                self.mark_dirty()
         if self.app.state.crashed:
             self.show_banner()
 
     @on(TabbedContent.TabActivated)
     def tab_changed(self) -> None:
         self._dirty = True
-        self._plots_at = self._log_at = 0.0  # the tab opened shows its plots and its log at once
+        self._pane_at = self._plots_at = 0.0  # the tab opened shows its widgets and its plots at once
+        logs = self.query_one(TabbedContent).active == "logs"
+        if logs:
+            self._log_timer.resume()
+            self.poll_log()  # and its log
+        else:
+            self._log_timer.pause()
         self.refresh_bindings()
         self.render_if_dirty()
 
@@ -220,7 +284,7 @@ class RunScreen(Screen):
     # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
         self._lost_reason = message.reason or "no heartbeat"
-        self._dirty = True
+        self.mark_dirty()
         self.show_banner()
 
     def on_engine_seen(self, message: EngineSeen) -> None:
@@ -235,7 +299,7 @@ class RunScreen(Screen):
             self._lost_reason = ""
         elif s.state in FINAL:
             self._lost_reason = ""  # the engine is done with a finished run: nothing is lost
-        self._dirty = True
+        self.mark_dirty()
         self.show_banner()
 
     def banner_text(self):
@@ -257,7 +321,7 @@ class RunScreen(Screen):
         banner = self.query_one("#banner", Static)
         text = self.banner_text()
         if text is not None:
-            banner.update(text)
+            show_text(banner, text)
         banner.display = text is not None
 
     # ---- the run folder (a thread: a slow disk never stalls the screen)
@@ -288,7 +352,7 @@ class RunScreen(Screen):
             return
         s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
         if self.query_one(TabbedContent).active in ("checkpoints", "evals"):
-            self._dirty = True
+            self.mark_dirty()
 
     @work(thread=True, exclusive=True, group="config")
     def read_config(self) -> None:
@@ -308,7 +372,7 @@ class RunScreen(Screen):
         view = self.query_one(ConfigView)
         view.file_config, view.file_error = message.config, message.error
         if self.query_one(TabbedContent).active == "config":
-            self._dirty = True
+            self.mark_dirty()
 
     @work(thread=True, exclusive=True, group="log")
     def read_log(self) -> None:
@@ -459,7 +523,7 @@ class RunScreen(Screen):
         ck.note(text)
         self.say(text)
         self.sync_buttons()
-        self._dirty = True
+        self.mark_dirty()
 
     # ---- notifications: a bell and a desktop-notification escape when the run ends or raises an error
     def maybe_notify(self, ev) -> None:
@@ -480,21 +544,23 @@ class RunScreen(Screen):
     def action_window(self) -> None:
         self.query_one(Charts).cycle_window()
         self._plots_dirty, self._plots_at = True, 0.0
+        self.wake()
 
     def action_log_scale(self) -> None:
         self.query_one(Charts).toggle_log()
         self._plots_dirty, self._plots_at = True, 0.0
+        self.wake()
 
     def action_follow(self) -> None:
         self.query_one(Logs).toggle_follow()
-        self._log_at = 0.0
+        self.poll_log()
 
     def action_search(self) -> None:
         self.query_one("#log-search", Input).focus()
 
     def action_next_log(self) -> None:
         self.query_one(Logs).next_file()
-        self._log_at = 0.0
+        self.poll_log()
 
     def action_export_svg(self) -> None:
         """The screen as it is now, as SVG: into the run folder (else the current folder)."""

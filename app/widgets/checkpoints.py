@@ -12,7 +12,8 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
 from app.state import RunState
-from app.text import assemble, data, lines
+from app.text import assemble, data, lines, show_text
+from app.widgets.tables import fill_table
 
 METRICS = (("rougeL", "{:.4f}"), ("distinct_1", "{:.4f}"), ("distinct_2", "{:.4f}"), ("bleu", "{:.2f}"),
            ("perplexity", "{:.2f}"))
@@ -132,16 +133,16 @@ class Checkpoints(Vertical):
                           "samples": list(getattr(ev, "samples", None) or []), "message": ev.message}
         metrics = self.query_one("#ck-metrics", DataTable)
         row = metrics.cursor_row
-        metrics.clear()
         self._jobs = sorted(view)
         self._job_view = view
+        table_rows = []
         for name in self._jobs:
             v = view[name]
             m = v["metrics"] if isinstance(v["metrics"], dict) else {}
             cells = [fmt.format(m[k]) if isinstance(m.get(k), (int, float)) else "–" for k, fmt in METRICS]
             # the job's name last: a long one never pushes the metrics off an 80-column screen
-            metrics.add_row(data(v["state"], limit=20), data(v["rows"], limit=20), *cells, data(name, limit=60))
-        if self._jobs:
+            table_rows.append((data(v["state"], limit=20), data(v["rows"], limit=20), *cells, data(name, limit=60)))
+        if fill_table(metrics, table_rows) and self._jobs and metrics.cursor_row != row:
             metrics.move_cursor(row=min(max(row, 0), len(self._jobs) - 1))
         self._show_samples()
 
@@ -152,7 +153,7 @@ class Checkpoints(Vertical):
     def _show_samples(self) -> None:
         box = self.query_one("#ck-samples", Static)
         if not self._jobs:
-            box.update("")
+            show_text(box, "")
             box.display = False
             return
         name = self._jobs[min(max(self.query_one("#ck-metrics", DataTable).cursor_row, 0), len(self._jobs) - 1)]
@@ -165,7 +166,7 @@ class Checkpoints(Vertical):
                 text = assemble(data(name, limit=60), ": sample generations appear when the job finishes")
             else:
                 text = None
-            box.update(text or "")
+            show_text(box, text or "")
             box.display = text is not None
             return
         rows = [assemble(data(name, "bold", limit=60), " — sample generations (line: prompt → prediction | reference)")]
@@ -175,7 +176,7 @@ class Checkpoints(Vertical):
                                  data(x.get("prompt", ""), limit=80)))
             rows.append(assemble("  → ", data(x.get("prediction", ""), limit=160)))
             rows.append(assemble(("  | ", "dim"), data(x.get("reference", ""), "dim", limit=160)))
-        box.update(lines(*rows))
+        show_text(box, lines(*rows))
         box.display = True
 
 

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from app.state import RunState
-from app.text import assemble, data
+from app.text import assemble, data, show_text
 
 # metrics.json key, column, format; BLEU is 0–100, the others 0–1
 MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", "{:.1f}"), ("distinct_1", "D-1", "{:.3f}"),
@@ -96,7 +96,7 @@ class Evaluations(VerticalScroll):
                               "★ best" if is_best else "")
         head = (f"{len(s.evals)} evaluation(s); best val loss {s.best[1]:.4f} at step {s.best[0]}"
                 if s.best and _num(s.best[1]) else "no evaluation yet (every --eval_steps, or press e)")
-        self.query_one("#evl-head", Static).update(assemble((head, "bold")))
+        show_text(self.query_one("#evl-head", Static), assemble((head, "bold")))
         rows = matrix(s)
         view = [(r["step"], r["name"], *(cell(r, k, f) for k, _, f in MATRIX)) for r in rows]
         if view != self._matrix:
@@ -105,7 +105,7 @@ class Evaluations(VerticalScroll):
             table.clear()
             for step, name, *cells in view:
                 table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(name, limit=60))
-        self.query_one("#evl-matrix-head", Static).update(assemble((
+        show_text(self.query_one("#evl-matrix-head", Static), assemble((
             "checkpoint matrix by step (brackets: 95% bootstrap intervals)" if rows else
             "checkpoint matrix: no finished inference job yet (Checkpoints tab: Infer selected / Infer all)", "bold")))
         self.query_one("#evl-plot", PlotextPlot).display = bool(rows)

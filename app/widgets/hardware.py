@@ -10,7 +10,8 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 from app.state import RANK_TIMES_KEPT, RunState
-from app.text import assemble, data
+from app.text import assemble, data, show_text
+from app.widgets.tables import fill_table
 
 STRAGGLER = 1.2  # a rank is a straggler when its step time is above this × the median of the others
 STRAGGLER_RULE = f"straggler: step time > {STRAGGLER:g}× the others' median (over the last {RANK_TIMES_KEPT} steps)"
@@ -45,31 +46,32 @@ class Hardware(Vertical):
         t = s.telemetry
         host = self.query_one("#hw-host", Static)
         gpus = self.query_one("#hw-gpus", DataTable)
-        gpus.clear()
+        gpu_rows = []
         every = s.gpus()
         hosts = {h for h, _ in every}
         if t is None:
-            host.update(assemble("no telemetry yet"))
+            show_text(host, assemble("no telemetry yet"))
         elif not every:
-            host.update(assemble("CPU run on ", data(t.host, limit=60),
-                                 f": process CPU {t.cpu_percent or 0:.0f}%, RSS {t.rss or 0:.2f} GiB, "
-                                 f"host memory {100 * (t.mem_used_frac or 0):.0f}% used"))
+            show_text(host, assemble("CPU run on ", data(t.host, limit=60),
+                                     f": process CPU {t.cpu_percent or 0:.0f}%, RSS {t.rss or 0:.2f} GiB, "
+                                     f"host memory {100 * (t.mem_used_frac or 0):.0f}% used"))
         else:
-            host.update(assemble(f"{len(every)} GPU(s) on ", data(", ".join(sorted(hosts)), limit=60)))
+            show_text(host, assemble(f"{len(every)} GPU(s) on ", data(", ".join(sorted(hosts)), limit=60)))
             for h, g in every:
                 where = f"{h}:" if len(hosts) > 1 else ""
-                gpus.add_row(data(f"{where}{g.index}", limit=30), data(g.name, limit=40), f"{g.util:.0f}",
-                             f"{g.mem_used:.1f}/{g.mem_total:.0f}", f"{g.power:.0f}", f"{g.temp:.0f}",
-                             f"{g.sm_clock:.0f}", data(",".join(map(str, g.throttle)) or "–", limit=60))
+                gpu_rows.append((data(f"{where}{g.index}", limit=30), data(g.name, limit=40), f"{g.util:.0f}",
+                                 f"{g.mem_used:.1f}/{g.mem_total:.0f}", f"{g.power:.0f}", f"{g.temp:.0f}",
+                                 f"{g.sm_clock:.0f}", data(",".join(map(str, g.throttle)) or "–", limit=60)))
+        fill_table(gpus, gpu_rows)
         gpus.display = bool(every)
-        ranks = self.query_one("#hw-ranks", DataTable)
-        ranks.clear()
+        rank_rows = []
         last = s.last_step
         if last is not None and last.step_time_rank:
             slow = straggler(s.rank_step_times())
             tps_rank = list(last.tokens_per_s_rank) + [None] * len(last.step_time_rank)
             for r, st in enumerate(last.step_time_rank):
                 tps = tps_rank[r]
-                ranks.add_row(str(r), f"{st:.3f}", f"{tps:,.0f}" if tps is not None else "–",
-                              "straggler" if r == slow else "")
+                rank_rows.append((str(r), f"{st:.3f}", f"{tps:,.0f}" if tps is not None else "–",
+                                  "straggler" if r == slow else ""))
+        fill_table(self.query_one("#hw-ranks", DataTable), rank_rows)
         self.query_one("#hw-rule", Static).display = last is not None and len(last.step_time_rank) > 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
+from rich.segment import Segment
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from app.state import RunState, fmt_duration
-from app.text import assemble, data, lines
+from app.text import assemble, data, lines, show_text
 
 STATE_STYLE = {"crashed": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
                "stopping": "bold yellow"}
@@ -26,16 +27,38 @@ def state_line(s: RunState, limit: int = 200):
                     "  ", data(detail, limit=limit))
 
 
+class _Runs:
+    """A renderable's segments with neighbours of one style joined: written as one run, one colour code."""
+
+    def __init__(self, renderable) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console, options):
+        yield from Segment.simplify(console.render(self.renderable, options))
+
+
+class Spark(Sparkline):
+    """A sparkline in one colour (app.tcss), its bars written as runs: Textual's own writes each bar with
+    its colour codes (≈ 36 bytes a cell, at every redraw)."""
+
+    def render(self):
+        return _Runs(super().render())
+
+
 class Overview(Vertical):
+    _bar_at: tuple = (None, -1, False)
+
     def compose(self) -> ComposeResult:
-        yield Static(id="ov-head", markup=False)
+        with Vertical(id="ov-head"):  # three lines, each repainted only when its text changes
+            for key in ("state", "step", "speed"):
+                yield Static(id=f"ov-{key}", classes="ov-line", markup=False)
         yield ProgressBar(id="ov-progress", show_eta=False)
         with Horizontal(id="ov-body"):
             yield PlotextPlot(id="ov-plot")
             with Vertical(id="ov-side"):
                 for key, title in (("lr", "lr"), ("gn", "grad norm"), ("tps", "tokens/s"), ("mfu", "MFU")):
                     yield Label(title, id=f"ov-{key}-label", classes="spark-label", markup=False)
-                    yield Sparkline([], id=f"ov-{key}", classes="spark")
+                    yield Spark([], id=f"ov-{key}", classes="spark")
         yield Static(id="ov-alerts", markup=False)
 
     def show(self, s: RunState) -> None:
@@ -47,19 +70,25 @@ class Overview(Vertical):
         ranks = s.info.get("world_size", "?")
         device = s.info.get("device", "")
         # three short lines, the important first: nothing that matters is cut at 80 columns
-        self.query_one("#ov-head", Static).update(lines(
-            state_line(s),
-            assemble(f"step {s.step}/{s.total_steps or '?'}  ETA {fmt_duration(s.eta_s())}  epoch {s.epoch():.2f}  "
-                     f"loss {loss}  best val {best}"),
-            assemble(f"{tps} tok/s  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""),
-                     "  ", data(s.info.get("model_id", ""), limit=80))))
-        bar = self.query_one("#ov-progress", ProgressBar)
-        bar.update(total=s.total_steps or None, progress=s.step)
+        show_text(self.query_one("#ov-state", Static), state_line(s))
+        show_text(self.query_one("#ov-step", Static), assemble(
+            f"step {s.step}/{s.total_steps or '?'}  ETA {fmt_duration(s.eta_s())}  epoch {s.epoch():.2f}  "
+            f"loss {loss}  best val {best}"))
+        show_text(self.query_one("#ov-speed", Static), assemble(
+            f"{tps} tok/s  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""), "  ",
+            data(s.info.get("model_id", ""), limit=80)))
+        # the bar moved only when it can show a change: a half cell of its width, or a percent
+        bar, total = self.query_one("#ov-progress", ProgressBar), s.total_steps or None
+        quanta = max(2 * bar.size.width, 100)
+        quantum = (total, s.step * quanta // total, s.step == total) if total else (None, 0, False)
+        if quantum != self._bar_at:
+            self._bar_at = quantum
+            bar.update(total=total, progress=s.step)
         alerts = list(s.alerts)[-3:]
         text = lines(*(assemble(data(a.level, "red" if a.level == "error" else "yellow", limit=10), " ",
                                 data(a.kind, limit=40),
                                 ": ", data(a.message, limit=400)) for a in alerts))
-        self.query_one("#ov-alerts", Static).update(text if alerts else assemble("no alerts"))
+        show_text(self.query_one("#ov-alerts", Static), text if alerts else assemble("no alerts"))
 
     def show_plots(self, s: RunState) -> None:
         """The loss plot and the sparklines: drawn at a bounded rate by the screen (they are most of the
@@ -80,7 +109,9 @@ class Overview(Vertical):
         recent = s.steps[-120:]
         for key, col in (("lr", 2), ("gn", 3), ("tps", 4), ("mfu", 5)):
             values = [r[col] for r in recent if r[col] is not None and math.isfinite(r[col])]
-            self.query_one(f"#ov-{key}", Sparkline).data = values
+            spark = self.query_one(f"#ov-{key}", Spark)
+            if list(spark.data or []) != values:
+                spark.data = values
             label = {"lr": "lr", "gn": "grad norm", "tps": "tokens/s", "mfu": "MFU"}[key]
             now = f" {values[-1]:.3g}" if values else ""
-            self.query_one(f"#ov-{key}-label", Label).update(label + now)
+            show_text(self.query_one(f"#ov-{key}-label", Label), label + now)

@@ -15,7 +15,7 @@ from textual.widgets import Button, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
 
 from app.state import RunState
-from app.text import assemble, data, lines
+from app.text import assemble, data, lines, show_text
 from engine.protocol import preview_param_problems
 
 # input id, protocol field, parse, format, label (the limits are the protocol's: preview_param_problems)
@@ -140,7 +140,7 @@ class Previews(Vertical):
         text = self.query_one("#pv-text", Static)
         history = s.previews.get(self.selected)
         if not history:
-            text.update(assemble("no previews yet (they come every --preview_steps, or press Preview now)"))
+            show_text(text, assemble("no previews yet (they come every --preview_steps, or press Preview now)"))
             return
         last = history[-1]
         rows = [assemble(("prompt", "bold"), " ", data(last.prompt, limit=2000, one_line=False)),
@@ -152,4 +152,4 @@ class Previews(Vertical):
                                  f"(rank {ev.rank})"))
             rows.append(data(ev.text, limit=4000, one_line=False))
             rows.append("")
-        text.update(lines(*rows))
+        show_text(text, lines(*rows))
