@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxtui-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-gpu lint bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check engine app tests bench scripts
 	$(PY) -m pytest -q
+
+# on a CUDA machine: the GPU equivalence tests (tests/gpu; skipped elsewhere), with the system's python
+test-gpu:
+	python3 -m pytest -q -s tests/gpu
 
 lint: setup
 	$(VENV)/bin/ruff check engine app tests bench scripts

@@ -12,6 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu: marked ``gpu``, skipped where there is no CUDA (``make test-gpu`` runs them on a GPU)."""
+    gpu = [item for item in items if "/tests/gpu/" in str(item.path).replace("\\", "/")]
+    if not gpu:
+        return
+    import torch
+
+    for item in gpu:
+        item.add_marker(pytest.mark.gpu)
+        if not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA (make test-gpu on a GPU machine)"))
+
+
 def write_jsonl(path: Path, rows: list, raw: bytes | None = None) -> Path:
     """Rows as JSON lines (dicts/lists/scalars are dumped, str/bytes written as they are)."""
     if raw is None:

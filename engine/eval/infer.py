@@ -64,25 +64,11 @@ def run_config(run_dir: Path):
     return TrainConfig(model_id=base, train_jsonl="-")
 
 
-def load_base(cfg, device, quant: str | None = None, dtype=None):
-    """The base model as the run trained it (text only: the audio tower is not kept)."""
-    import torch
-    from transformers import VoxtralForConditionalGeneration
-
-    from engine.worker.modeling import _drop_audio_tower, nf4_config
-
-    quant = cfg.quant if quant is None else quant
-    dtype = dtype or (torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
-    if quant == "nf4":
-        kwargs["quantization_config"] = nf4_config(dtype)
-    model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
-    _drop_audio_tower(model)
-    return model.eval()
-
-
 def load_for_inference(run_dir: Path, ckpt: Path, device):
+    """The base + the checkpoint's adapter as PEFT loads it (un-merged)."""
     from peft import PeftModel
+
+    from engine.eval.loading import load_base
 
     cfg = run_config(run_dir)
     return PeftModel.from_pretrained(load_base(cfg, device), str(ckpt)).eval(), cfg
@@ -92,9 +78,9 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
           device: str = "auto", model=None, sink=None, ppl: bool = True) -> dict:
     """Generate for every row of ``data`` with a checkpoint of the run (resuming a job stopped midway),
-    then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json."""
-    import torch
-
+    then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json.
+    ``model``: a ``MergedModel`` to reuse (``--all-checkpoints``: the base is loaded once)."""
+    from engine.eval.loading import MergedModel
     from engine.formatting import file_digest, load_format
     from engine.protocol import Inference
     from engine.rows import read_examples
@@ -103,8 +89,7 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     rows = list(read_examples(data))
     if not rows:
         raise UsageError(f"{data}: no rows")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    dev = pick_device(device)
     cfg = run_config(run_dir)
     name = name or f"{ckpt.name}-{Path(data).stem}"
     out_dir = run_dir / "infer" / name
@@ -120,8 +105,8 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
 
     emit("started", done=len(done))
     fmt = load_format(cfg.model_id)
-    if model is None:
-        model, _ = load_for_inference(run_dir, ckpt, dev)
+    merged = (model or MergedModel(cfg, dev)).use(ckpt)
+    model = merged.model
     _generate(model, fmt, rows, done, out_dir / "generations.jsonl", params, dev, f"infer {name}",
               lambda: emit("progress", done=len(done)))
     result, samples = _score(out_dir, [done[i] for i in range(len(rows))])
@@ -135,6 +120,14 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     emit("finished", done=len(rows), metrics={k: result[k] for k in FINISHED_METRICS if k in result},
          path=str(out_dir), samples=samples)
     return result
+
+
+def pick_device(device: str):
+    """``--device``: auto is the GPU when there is one."""
+    import torch
+
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device)
 
 
 SAMPLES = 5  # sample generations carried by the "finished" event, for the dashboard
@@ -167,8 +160,9 @@ def _generate(model, fmt, rows: list, done: dict[int, dict], gen_path: Path, par
               progressed) -> None:
     """Generate the rows not ``done`` yet, shortest prompt first, in batches; each batch is appended to
     ``gen_path`` and flushed (so a stopped job resumes there), then ``progressed()`` is called."""
-    from engine.worker.modeling import generate
+    from engine.worker.decode import Decoder, generate, supported
 
+    decoder = Decoder(model) if supported(model) else None  # one decoder: its captured graph serves every batch
     batch_size = params["batch_size"]
     todo = [i for i in range(len(rows)) if i not in done]
     prompts = fmt.encode_prompt([ex for _, ex in rows])
@@ -179,7 +173,7 @@ def _generate(model, fmt, rows: list, done: dict[int, dict], gen_path: Path, par
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
             outs = generate(model, [prompts[i] for i in batch], params["max_new_tokens"], params["temperature"],
-                            params["top_p"], params["seed"] + batch[0], fmt.eos, fmt.pad, dev)
+                            params["top_p"], params["seed"] + batch[0], fmt.eos, fmt.pad, dev, decoder=decoder)
             for i, o in zip(batch, outs):
                 line, ex = rows[i]
                 r = {"index": i, "line": line, "prompt": ex.prompt_text, "output": ex.target_text,
@@ -190,6 +184,8 @@ def _generate(model, fmt, rows: list, done: dict[int, dict], gen_path: Path, par
             progress.update(len(batch))
             progressed()
     progress.close()
+    if decoder is not None:
+        decoder.release()
 
 
 def _score(out_dir: Path, ordered: list[dict]) -> tuple[dict, list[dict]]:
@@ -302,9 +298,12 @@ def cmd_infer(args) -> int:
         sink = PushSink(args.events, run_dir.name)
     try:
         if args.all_checkpoints:
+            from engine.eval.loading import MergedModel
+
+            model = MergedModel(run_config(run_dir), pick_device(args.device), swappable=True)  # the base read once; each adapter merged in turn
             table = []
             for step, _ in checkpoints(run_dir):
-                m = infer(run_dir, data, checkpoint=step, sink=sink, **common)
+                m = infer(run_dir, data, checkpoint=step, sink=sink, model=model, **common)
                 table.append({"checkpoint": f"checkpoint-{step}", "step": step,
                               **{k: m.get(k) for k in FINISHED_METRICS}})
             if args.json:

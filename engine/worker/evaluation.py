@@ -67,6 +67,9 @@ class Previews:
         self.since = 0.0  # training seconds since then (slowest rank)
         self.pending = False  # due, waiting for its budget
         self._score_failed = False  # a preview's ROUGE-L could not be computed (said once)
+        # the fast decoder, kept from one preview to the next: its cache and captured graph are made once
+        # and read the live adapter (the optimizer updates its weights in place) at every replay
+        self._decoder = None
 
     def affordable(self) -> bool:
         b = self.cfg.preview_budget
@@ -84,7 +87,8 @@ class Previews:
         self.cost, self.since, self.pending = cost, 0.0, False
 
     def run(self, model, step: int) -> None:
-        from engine.worker.modeling import eager, generate
+        from engine.worker.decode import Decoder, generate, supported
+        from engine.worker.modeling import eager
 
         if not self.rows:
             return
@@ -93,9 +97,12 @@ class Previews:
         seed = self.cfg.seed + step
         texts = []
         if mine:
+            inner = model.module if hasattr(model, "module") else model
+            if self._decoder is None and supported(inner):
+                self._decoder = Decoder(inner)
             with eager():
                 outs = generate(model, [self.rows[i][0] for i in mine], int(p.max_new_tokens), float(p.temperature),
-                                float(p.top_p), seed, fmt.eos, fmt.pad, d.device)
+                                float(p.top_p), seed, fmt.eos, fmt.pad, d.device, decoder=self._decoder)
             texts = [(i, fmt.decode(o)) for i, o in zip(mine, outs)]
         everything = d.gather(texts)
         if not d.main:
