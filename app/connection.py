@@ -5,16 +5,77 @@ before the events it relates to, so the screen never shows a dead run as running
 
 from __future__ import annotations
 
+import os
 import time
 
 from app.messages import EngineLost as EngineLostMessage
 from app.messages import EngineSeen, EventsReceived
-from engine.client import EngineClient, EngineLost
+from engine.client import EngineClient, EngineLost, decode_event
+
+
+class FileTail:
+    """The events appended to a run's events.jsonl since the last read (a run no engine serves: finished,
+    crashed, or a worker run on its own), read from where the last read ended, never the whole file
+    again: a dashboard left open on a long finished run stays idle. Complete lines only (a torn last line
+    waits); a file that shrank (replaced) is read again from its start, by seq."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, path) -> None:
+        self.path, self.offset = path, None  # None: not placed yet
+
+    def _place(self, f, size: int, last: int) -> int:
+        """Where the lines after event ``last`` start: found from the end, a block at a time (the file's
+        start when no line at or before ``last`` is found)."""
+        pos, tail = size, b""
+        while pos > 0:
+            start = max(0, pos - self.BLOCK)
+            f.seek(start)
+            buf = f.read(pos - start) + tail  # the bytes [start, start + len(buf))
+            lines = buf.split(b"\n")
+            spans, at = [], start
+            for line in lines:  # (line, offset just after its newline)
+                spans.append((line, at + len(line) + 1))
+                at += len(line) + 1
+            first = 1 if start > 0 else 0  # a block's first piece may be the end of a longer line
+            for line, after in reversed(spans[first:]):
+                if after > size or not line.strip():
+                    continue  # no newline yet (a torn last line), or empty
+                ev = decode_event(line)
+                if ev is not None and ev.seq <= last:
+                    return after
+            tail, pos = (lines[0] if first else b""), start
+        return 0
+
+    def after(self, last: int) -> list:
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if self.offset is None:
+                    self.offset = self._place(f, size, last)
+                if size < self.offset:
+                    self.offset = 0
+                if size == self.offset:
+                    return []
+                f.seek(self.offset)
+                chunk = f.read(size - self.offset)
+        except OSError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        out = []
+        for line in chunk[:end].splitlines():
+            if line.strip():
+                ev = decode_event(line)
+                if ev is not None and ev.seq > last:
+                    out.append(ev)
+        return out
 
 
 def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
     """Post EventsReceived batches until ``cancelled()``; ``post`` must be thread-safe (post_message)."""
     backoff, last, lost, client, seen = 0.5, 0, False, None, None
+    tail = None  # FileTail, once a client has found the run's folder
 
     def see(live: bool, pid) -> None:
         nonlocal seen
@@ -40,8 +101,14 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                     see(True, pid)  # after the history: it was read from this engine
                     lost = False
                 backoff = 0.5
+            if not client.live:  # no engine: what the file gained since the last look, not the whole file
+                tail = tail or FileTail(client.run_dir / "events.jsonl")
+                events = tail.after(last)
+                if events:
+                    post(EventsReceived(events))
+                    last = events[-1].seq
             batch, flushed = [], time.monotonic()
-            for ev in client.events(timeout=0.5):
+            for ev in client.events(timeout=0.5) if client.live else ():
                 batch.append(ev)
                 last = ev.seq
                 if not client.has_pending() or time.monotonic() - flushed >= batch_s:
