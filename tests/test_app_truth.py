@@ -208,7 +208,9 @@ def test_events_tab_opens_with_the_history_then_follows(tmp_path):
                 await pilot.pause(0.6)  # the log is written in batches, at most twice a second
                 assert len(log.lines) >= seen - 1 and log.lines[0].text.startswith("     1 status")
                 await pilot_wait(pilot, lambda: app.state.state == "finished")
-                await pilot.pause(0.3)
+                # the last batch is written within half a second
+                await pilot_wait(pilot, lambda: len(log.lines) >= len(RECORDED_EVENTS), timeout=5)
+                await pilot.pause(0.6)  # and nothing more comes (no repeat)
                 seqs = [int(s.text.split()[0]) for s in log.lines]
                 assert seqs == list(range(1, len(RECORDED_EVENTS) + 1))  # history, then live: no gap, no repeat
                 box = app.screen.query_one("#ev-filter", Input)

@@ -69,7 +69,7 @@ class Checkpoints(Vertical):
         self.post_message(self.InferenceRequested(None, "all", every=list(self._rows)))
 
     def note(self, text: str) -> None:
-        self.query_one("#ck-note", Static).update(data(text, limit=400))
+        show_text(self.query_one("#ck-note", Static), data(text, limit=400))
 
     def sync_buttons(self, busy: set[str] | None = None) -> None:
         """"Infer selected" is off while the selected checkpoint's request is in flight; "Infer all"
