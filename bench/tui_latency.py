@@ -10,7 +10,7 @@ message queue) and handled → redrawn (the wait for the redraw tick and the red
   (bench/fake_ranks.py): does it keep up, and does memory grow (RSS sampled every second)?
 - then, each time, idle: the dashboard's CPU with the run finished and nothing happening.
 
-    python bench/tui_latency.py [--seconds 20] [--idle 10] [--phases rate50,ranks16] [--json OUT]
+    python bench/tui_latency.py [--seconds 20] [--idle 10] [--phases rate50,ranks16] [--trace-memory] [--json OUT]
 
 What reaches a real terminal, and how late, is bench/tui_pty_bytes.py's.
 """
@@ -51,7 +51,9 @@ def pct(values: list[float], q: float) -> float | None:
     return round(1000 * v[int(q * (len(v) - 1))], 1) if v else None
 
 
-async def follow(run_dir: Path, seconds: float, idle_s: float) -> dict:
+async def follow(run_dir: Path, seconds: float, idle_s: float, trace: bool = False) -> dict:
+    import tracemalloc
+
     import psutil
 
     from app.app import VoxApp
@@ -96,12 +98,23 @@ async def follow(run_dir: Path, seconds: float, idle_s: float) -> dict:
             start = time.monotonic()
             deadline = start + seconds + 30
             next_sample = start
+            middle = None  # --trace-memory: what Python allocated, halfway through the live phase
+            if trace:
+                tracemalloc.start()
             while app.state.state != "finished" and time.monotonic() < deadline:
+                if trace and middle is None and time.monotonic() - start >= seconds / 2:
+                    middle = tracemalloc.take_snapshot()
                 if time.monotonic() >= next_sample:
                     rss.append((round(time.monotonic() - start, 1), proc.memory_info().rss / 2**20))
                     next_sample += 1.0
                 await pilot.pause(0.05)
             await pilot.pause(0.5)  # the last batch drawn
+            grew = []
+            if trace and middle is not None:  # where Python's heap grew over the second half (top 8 lines)
+                end = tracemalloc.take_snapshot()
+                tracemalloc.stop()
+                grew = [f"{d.traceback[0].filename.replace(str(ROOT) + '/', '')}:{d.traceback[0].lineno} "
+                        f"{d.size_diff / 2**10:+.0f} KiB" for d in end.compare_to(middle, "lineno")[:8]]
             behind = app.state.last_seq - seen["seq"]
             c0, t0 = proc.cpu_times(), time.monotonic()
             await pilot.pause(idle_s)
@@ -123,17 +136,18 @@ async def follow(run_dir: Path, seconds: float, idle_s: float) -> dict:
             "emit_to_handled_p50_ms": pct(transport, 0.5), "emit_to_handled_p95_ms": pct(transport, 0.95),
             "redraws": len(renders), "redraw_p50_ms": pct(renders, 0.5), "redraw_p95_ms": pct(renders, 0.95),
             "rss_mib": [round(m, 1) for _, m in rss], "rss_slope_mib_per_min_2nd_half": slope,
-            "rss_idle_mib": round(rss_idle, 1), "idle_cpu_percent": round(idle_cpu, 2)}
+            "rss_idle_mib": round(rss_idle, 1), "idle_cpu_percent": round(idle_cpu, 2),
+            **({"heap_growth_2nd_half": grew} if trace else {})}
 
 
-def phase(name: str, seconds: float, idle_s: float) -> dict:
+def phase(name: str, seconds: float, idle_s: float, trace: bool = False) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="voxtui-tui-bench-")) / name
     run_dir.mkdir(parents=True)
     engine = start_engine(run_dir, name, seconds)
     while not (run_dir / "engine.json").exists():
         time.sleep(0.05)
     try:
-        result = asyncio.run(follow(run_dir, seconds, idle_s))
+        result = asyncio.run(follow(run_dir, seconds, idle_s, trace))
     finally:
         try:  # the stand-in run has finished: the engine leaves by itself
             engine.wait(timeout=30)
@@ -149,9 +163,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--idle", type=float, default=10, help="seconds of idle after each run (CPU measured)")
     ap.add_argument("--phases", default="rate50,ranks16")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="name the lines where Python's heap grew over the live phase's second half (slower)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    results = [phase(name, a.seconds, a.idle) for name in a.phases.split(",")]
+    results = [phase(name, a.seconds, a.idle, a.trace_memory) for name in a.phases.split(",")]
     for r in results:
         print(json.dumps(r))
     if a.json:

@@ -9,6 +9,7 @@ to the time step N was emitted: the emit → terminal latency, the whole path (w
 state, widgets, Textual's compositor, the write).
 
     python bench/tui_pty_bytes.py [--cols 120 --rows 40] [--per-tab 10] [--steps 10 --telemetry 1 --ranks 8]
+                                  [--only overview,gpus] [--json OUT]
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def widgets_at(run_dir: Path, cols: int, rows: int, points: dict[str, set]) -> d
 def measure(a) -> dict:
     base = Path(tempfile.mkdtemp(prefix="voxtui-pty-bench-"))
     run_dir = base / "ptyrun"
-    seconds = a.settle + a.per_tab * len(tabs()) + 2
+    chosen = [(t, k) for t, k in tabs() if not a.only or t in a.only.split(",")]
+    seconds = a.settle + a.per_tab * len(chosen) + 2
     engine = start_engine(run_dir, a.steps, a.telemetry, a.ranks, seconds)
     while not (run_dir / "engine.json").exists():
         time.sleep(0.05)
@@ -149,7 +151,7 @@ def measure(a) -> dict:
     phases = []
     try:
         read_for(master, a.settle, chunks)  # start-up: the first full paint and the history
-        for tab, key in tabs():
+        for tab, key in chosen:
             os.write(master, key.encode())
             t0, n0 = time.time(), len(chunks)
             read_for(master, a.per_tab, chunks)
@@ -215,6 +217,7 @@ def main() -> None:
     ap.add_argument("--steps", type=float, default=10.0, help="step events a second")
     ap.add_argument("--telemetry", type=float, default=1.0, help="telemetry events a second, each rank")
     ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--only", default="", help="these tabs only (ids, comma-separated: overview,gpus,…)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dump", default=None, help="write every byte the dashboard wrote here")
     a = ap.parse_args()
