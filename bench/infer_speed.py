@@ -143,7 +143,7 @@ def main() -> int:
     from engine.config import TrainConfig
     from engine.eval.infer import load_for_inference
     from engine.eval.loading import MergedModel
-    from engine.worker.decode import Decoder, generate_hf
+    from engine.worker.decode import ATTENTIONS, Decoder, generate_hf
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,16 @@ def main() -> int:
         eager.release()
         record(out, what="decode", batch=batch, new_tokens=args.new, old_step_ms=round(o_step * 1e3, 2),
                old_tokens_per_s=round(o_tps), new_step_ms=round(n_step * 1e3, 2), new_tokens_per_s=round(n_tps),
-               new_eager_step_ms=round(e_step * 1e3, 2), speedup=round(o_step / n_step, 1))
+               new_eager_step_ms=round(e_step * 1e3, 2), speedup=round(o_step / n_step, 1), attention=dec.attention)
+        for attention in ATTENTIONS:  # each way of attending over the cache, same graph otherwise
+            if attention == dec.attention:
+                continue
+            other = Decoder(merged.model, attention=attention)
+            a_step, a_tps = step_time(lambda p, n, other=other: other.generate(p, n, pad=PAD, stop_at_eos=False),
+                                      batch, args.new)
+            other.release()
+            record(out, what="decode_attention", batch=batch, attention=attention, step_ms=round(a_step * 1e3, 2),
+                   tokens_per_s=round(a_tps), vs_default_step_ms=round(n_step * 1e3, 2))
 
     if args.profile:  # where a step's GPU time goes: kernels of 16 eager steps (and one prefill) at batch 64
         from torch.profiler import ProfilerActivity, profile

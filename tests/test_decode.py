@@ -55,6 +55,18 @@ def test_greedy_equals_hf_generate_on_the_peft_model(peft_model):
     assert full == generate_hf(model, p, 25, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"), stop_at_eos=False)
 
 
+@pytest.mark.parametrize("attention", ["efficient", "matmul"])
+def test_every_attention_variant_decodes_hf_tokens(peft_model, attention):
+    from engine.worker.decode import Decoder, generate_hf
+
+    model, _ = peft_model
+    p = prompts(5)
+    assert Decoder(model, attention=attention).generate(p, 16, eos=EOS, pad=PAD) == generate_hf(
+        model, p, 16, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Decoder(model, attention="flash")
+
+
 def test_rows_stop_at_eos_like_hf(peft_model):
     """A prompt that ends where the model says EOS right away: the row is empty; the others go on."""
     from engine.worker.decode import Decoder, generate_hf

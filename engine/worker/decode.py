@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BUCKET = 64  # prompt widths are rounded up to this, so batches of similar prompts share a captured graph
+ATTENTIONS = ("sdpa", "efficient", "matmul")
+ATTENTION = "sdpa"  # the default (bench/infer_speed.py measures the three on a GPU; docs/benchmarks.md)
 
 
 def supported(model: nn.Module) -> bool:
@@ -53,9 +55,12 @@ class Decoder:
     """Decodes batches of prompts with ``model`` (a Voxtral, PEFT-wrapped or not). ``graphs``: capture
     the step in a CUDA graph (default: on CUDA, unless a layer is 4-bit). ``fuse``: where the layers are
     plain (merged) linear layers, fuse q/k/v and gate/up into single products (the weights are
-    re-laid once, in place: no extra memory)."""
+    re-laid once, in place: no extra memory). ``attention``: how a step attends over the cache — "sdpa"
+    (PyTorch's choice of kernel), "efficient" (SDPA's memory-efficient kernel), "matmul" (two batched
+    matrix products and a softmax in fp32, as transformers' eager attention)."""
 
-    def __init__(self, model: nn.Module, graphs: bool | None = None, fuse: bool = True) -> None:
+    def __init__(self, model: nn.Module, graphs: bool | None = None, fuse: bool = True,
+                 attention: str = ATTENTION) -> None:
         from engine.worker.modeling import _unwrap, language_model
 
         self.model = model
@@ -73,6 +78,9 @@ class Decoder:
         self._graph = None
         self._state: dict = {}
         self._fused = self._fuse() if fuse else []
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)} (got {attention!r})")
+        self.attention = attention
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -219,12 +227,23 @@ class Decoder:
             s["v"][i].index_copy_(2, slot, qkv[:, :, heads + kv:].transpose(1, 2).to(s["v"][i].dtype))
             # one token per row: a key/value head's group of query heads attends as its query length
             q = qk[:, 0, :heads].reshape(batch, kv, heads // kv, dim).to(s["k"][i].dtype)
-            o = F.scaled_dot_product_attention(q, s["k"][i], s["v"][i], attn_mask=mask, scale=attn.scaling)
+            o = self._attend(q, s["k"][i], s["v"][i], mask, attn.scaling)
             x = x + attn.o_proj(o.reshape(batch, 1, heads * dim))
             x = x + self._mlp(i, layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
         s["positions"].add_(1)
         slot.add_(1)
         return self.head(_rms_norm(lm.norm, x)[:, 0])
+
+    def _attend(self, q, k, v, mask, scale) -> torch.Tensor:
+        if self.attention == "matmul":
+            scores = torch.matmul(q * scale, k.transpose(-1, -2)).float() + mask
+            return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+        if self.attention == "efficient" and q.device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     def _qkv(self, i: int, attn, h: torch.Tensor) -> torch.Tensor:
         if self._fused:

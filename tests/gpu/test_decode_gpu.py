@@ -26,17 +26,19 @@ def load(path, dtype):
     return model.eval()
 
 
-def test_fp32_greedy_is_token_for_token_hf_generate(real_width_dir):
-    """fp32, the live PEFT model (the previews' case), captured in a CUDA graph: HF's tokens exactly."""
+@pytest.mark.parametrize("attention", ["sdpa", "efficient", "matmul"])
+def test_fp32_greedy_is_token_for_token_hf_generate(real_width_dir, attention):
+    """fp32, the live PEFT model (the previews' case), captured in a CUDA graph: HF's tokens exactly,
+    with each way of attending over the cache."""
     from engine.worker.decode import Decoder, generate_hf
 
     model = with_adapter(load(real_width_dir, torch.float32))
     p = prompts(8, longest=120)
-    decoder = Decoder(model)
+    decoder = Decoder(model, attention=attention)
     assert decoder.graphs
     got = decoder.generate(p, 48, pad=PAD, stop_at_eos=False)
     assert got == generate_hf(model, p, 48, 0.0, 1.0, 0, EOS, PAD, DEV, stop_at_eos=False)
-    eager = Decoder(model, graphs=False).generate(p, 48, pad=PAD, stop_at_eos=False)
+    eager = Decoder(model, graphs=False, attention=attention).generate(p, 48, pad=PAD, stop_at_eos=False)
     assert eager == got
 
 
