@@ -70,6 +70,7 @@ class EngineClient:
         self.request_timeout = request_timeout
         self.command_attempts = 3  # a command unanswered in request_timeout is sent again, same id
         self.last = 0  # seq of the last event handed out
+        self._file_mark = (0, 0)  # events.jsonl read up to this byte offset, and the highest seq before it
         self._ctx = zmq.Context.instance()
         self._sub = None
         self._dealer = None
@@ -159,16 +160,31 @@ class EngineClient:
                 return out
 
     def _file_after(self, after: int) -> list[Message]:
+        """The events after ``after`` from events.jsonl (no engine to ask). Only what the file gained since
+        the last call is read (a finished run's dashboard asks every few seconds: re-reading a long file
+        each time would cost it the CPU); a file that shrank (replaced) or a question about events before
+        that point reads from the start. A torn last line is not an event yet."""
         path = self.run_dir / "events.jsonl"
+        try:
+            f = open(path, "rb")
+        except OSError:
+            return []
         out = []
-        if path.exists():
-            with open(path, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n") or not line.strip():
-                        continue  # a torn last line is not an event yet
-                    ev = decode_event(line)
-                    if ev is not None and ev.seq > after:
+        with f:
+            pos, seen = self._file_mark
+            if os.fstat(f.fileno()).st_size < pos or after < seen:
+                pos, seen = 0, 0
+            f.seek(pos)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a torn last line, still being written
+                pos += len(line)
+                ev = decode_event(line) if line.strip() else None
+                if ev is not None:
+                    seen = max(seen, ev.seq)
+                    if ev.seq > after:
                         out.append(ev)
+        self._file_mark = (pos, seen)
         return out
 
     def events(self, timeout: float | None = None) -> Iterator[Message]:

@@ -227,6 +227,8 @@ def test_a_100k_step_run_loads_a_piece_at_a_time_without_holding_up_the_screen(t
             assert len(series.step_x) == 100_000 and xs[0] == 1 and xs[-1] == 100_000 and len(xs) <= 401
             assert series.series("val")[0][-1] == 100_000
             assert seen_reading, "the legend never said it was reading"
-            assert max(stalls) < 0.5, max(stalls)
+            # ~0.03 s on an idle machine; a fold on the loop would stall for the whole load (seconds). The
+            # bound leaves room for a machine busy with other work (0.9 s seen with two test suites beside it)
+            assert max(stalls) < 1.5, max(stalls)
 
     asyncio.run(flow())

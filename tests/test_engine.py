@@ -197,7 +197,7 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
     reader = subprocess.Popen([sys.executable, "-c", f"from engine.client import EngineClient\n"
                                f"for ev in EngineClient({str(run)!r}).events(): pass"], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(3)
+    time.sleep(8)  # a baseline of several seconds: a busy machine's load moves step times around
     engine = psutil.Process(info["pid"])
     rss_before = engine.memory_info().rss
 
@@ -213,7 +213,8 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
     reader.kill()
     before = step_times()[2:n_before]
     assert len(during) >= 5
-    assert statistics.median(during) < 1.5 * statistics.median(before)
+    # a client the engine waited for would stall training (no steps, or steps many times longer)
+    assert statistics.median(during) < 2.0 * statistics.median(before)
     assert rss_during - rss_before < 64 * 2**20  # bounded: the engine drops what a stopped client cannot take
 
     client = EngineClient(run)
