@@ -151,6 +151,9 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1] (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="split the rows over N processes, one GPU each (without GPUs: N CPU processes); one "
+                        "merged result")
     p.add_argument("--no-perplexity", dest="no_perplexity", action="store_true", help="skip teacher-forced perplexity")
     p.add_argument("--events", help=argparse.SUPPRESS)  # the engine's PULL endpoint, when it starts the job
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON (- for stdout)")

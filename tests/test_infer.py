@@ -56,6 +56,40 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
     assert json.loads(again.stdout)["rougeL"] == m["rougeL"]
 
 
+def test_nproc_splits_the_rows_and_merges_one_result(run, tmp_path):
+    """--nproc 2 (two CPU processes here, one GPU each on a GPU machine): the same greedy generations and
+    metrics as one process, one generations.jsonl, no shard files left; a stopped sharded job's rows are
+    folded in by the next run; a device that is one GPU is refused."""
+    out, val = run
+    key = lambda rows: sorted((r["index"], r["prediction"]) for r in rows)  # noqa: E731
+    one = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "n1", "--json", tmp_path / "1.json")
+    two = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "n2", "--nproc", "2",
+                 "--json", tmp_path / "2.json")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    first = generations(out / "infer" / "n1" / "generations.jsonl")
+    assert key(generations(out / "infer" / "n2" / "generations.jsonl")) == key(first)
+    assert not (out / "infer" / "n2" / "shards").exists()
+    m1, m2 = (json.loads((tmp_path / f"{k}.json").read_text()) for k in (1, 2))
+    assert m2["rougeL"] == m1["rougeL"] and m2["tokens"] == m1["tokens"]
+    assert m2["perplexity"] == pytest.approx(m1["perplexity"], rel=1e-5)
+    # stopped midway: two rows in generations.jsonl, three in a shard file (and a torn line): the next run
+    # (any --nproc) folds them in and generates the rest
+    job = out / "infer" / "n3"
+    job.mkdir()
+    shutil.copyfile(out / "infer" / "n2" / "params.json", job / "params.json")
+    params = json.loads((job / "params.json").read_text())
+    assert "nproc" not in params  # greedy: the same job whatever --nproc
+    rows = generations(out / "infer" / "n2" / "generations.jsonl")
+    (job / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    (job / "shards").mkdir()
+    (job / "shards" / "0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2:5]) + '{"index": 7, "pre')
+    again = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "n3")
+    assert again.returncode == 0, again.stderr
+    assert key(generations(job / "generations.jsonl")) == key(first) and not (job / "shards").exists()
+    bad = voxtui("infer", "--run", out, "--data", val, "--nproc", "2", "--device", "cuda:0")
+    assert bad.returncode == 2 and "--nproc 2" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_incomplete_checkpoints_are_never_used(run, tmp_path):
     from engine.eval.infer import pick_checkpoint
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -76,11 +77,13 @@ def load_for_inference(run_dir: Path, ckpt: Path, device):
 
 def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None, batch_size: int = 8,
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-          device: str = "auto", model=None, sink=None, ppl: bool = True) -> dict:
+          device: str = "auto", model=None, sink=None, ppl: bool = True, nproc: int = 1) -> dict:
     """Generate for every row of ``data`` with a checkpoint of the run (resuming a job stopped midway),
     then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json.
-    ``model``: a ``MergedModel`` to reuse (``--all-checkpoints``: the base is loaded once)."""
+    ``model``: a ``MergedModel`` to reuse (``--all-checkpoints``: the base is loaded once). ``nproc`` > 1:
+    the rows split over that many processes, one GPU each (engine/eval/shards.py)."""
     from engine.eval.loading import MergedModel
+    from engine.eval.shards import fold_shards, run_shards
     from engine.formatting import file_digest, load_format
     from engine.protocol import Inference
     from engine.rows import read_examples
@@ -97,7 +100,10 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "batch_size": batch_size}
+    if nproc > 1 and temperature > 0:
+        params["nproc"] = nproc  # a sampled row depends on the batch it falls in
     done = _resume(out_dir, params)
+    fold_shards(out_dir, done)  # what a stopped --nproc job's shards wrote
 
     def emit(state, **kw):
         if sink is not None:
@@ -105,15 +111,33 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
 
     emit("started", done=len(done))
     fmt = load_format(cfg.model_id)
-    merged = (model or MergedModel(cfg, dev)).use(ckpt)
-    model = merged.model
-    _generate(model, fmt, rows, done, out_dir / "generations.jsonl", params, dev, f"infer {name}",
-              lambda: emit("progress", done=len(done)))
+    if nproc > 1:
+        progress = Progress(len(rows), f"infer {name}", unit=" rows")
+        progress.update(len(done))
+        shown = [len(done)]
+
+        def progressed(n: int) -> None:
+            progress.update(n - shown[0])
+            shown[0] = n
+            emit("progress", done=n)
+
+        prompts = fmt.encode_prompt([ex for _, ex in rows])
+        try:
+            perplexity = run_shards(run_dir, data, ckpt, rows, prompts, done, params, out_dir, nproc, device, ppl,
+                                    progressed)
+        finally:
+            progress.close()
+    else:
+        model = (model or MergedModel(cfg, dev)).use(ckpt).model
+        _generate(model, fmt, rows, done, out_dir / "generations.jsonl", params, dev, f"infer {name}",
+                  lambda: emit("progress", done=len(done)))
+        if ppl:
+            from engine.eval import metrics
+
+            perplexity = metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size)
     result, samples = _score(out_dir, [done[i] for i in range(len(rows))])
     if ppl:
-        from engine.eval import metrics
-
-        result.update(metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size))
+        result.update(perplexity)
     result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
                    "time": time.time()})
     write_json(out_dir / "metrics.json", result)
@@ -148,6 +172,7 @@ def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
                 break  # a torn last line: regenerate from there
     else:
         gen_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "shards", ignore_errors=True)  # a stopped --nproc job's rows, other parameters
         with atomic_write(state_path) as f:
             json.dump(params, f, indent=2)
     with atomic_write(gen_path) as f:  # rewrite the kept rows so a torn tail is gone; then append
@@ -263,6 +288,9 @@ def check_infer_args(args) -> tuple[Path, str]:
         problems.append(f"--name must be a plain folder name (got {args.name!r})")
     if args.checkpoint is not None and args.checkpoint < 0:
         problems.append(f"--checkpoint must be a step, 0 or more (got {args.checkpoint})")
+    if args.nproc > 1 and args.device not in ("auto", "cuda", "cpu"):
+        problems.append(f"--nproc {args.nproc} spreads the rows over every GPU (or CPU processes): give --device "
+                        f"auto, cuda or cpu (got {args.device})")
     if args.checkpoint is not None and args.all_checkpoints:
         problems.append("--checkpoint and --all-checkpoints: give one")
     if problems:
@@ -290,7 +318,8 @@ def cmd_infer(args) -> int:
             _failed(args, Path(args.output_dir or args.run or "").name, e)
         raise
     common = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-              "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity}
+              "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity,
+              "nproc": args.nproc}
     sink = None
     if args.events:
         from engine.worker.sinks import PushSink
@@ -300,7 +329,9 @@ def cmd_infer(args) -> int:
         if args.all_checkpoints:
             from engine.eval.loading import MergedModel
 
-            model = MergedModel(run_config(run_dir), pick_device(args.device), swappable=True)  # the base read once; each adapter merged in turn
+            # the base read once, each adapter merged in turn (with --nproc, each shard loads its own)
+            model = None if args.nproc > 1 else MergedModel(run_config(run_dir), pick_device(args.device),
+                                                            swappable=True)
             table = []
             for step, _ in checkpoints(run_dir):
                 m = infer(run_dir, data, checkpoint=step, sink=sink, model=model, **common)
