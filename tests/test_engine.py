@@ -206,7 +206,7 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
 
     n_before = len(step_times())
     os.kill(reader.pid, signal.SIGSTOP)
-    time.sleep(30)
+    time.sleep(20)
     during = step_times()[n_before:]
     rss_during = engine.memory_info().rss
     os.kill(reader.pid, signal.SIGCONT)
