@@ -36,7 +36,9 @@ def devices(device: str, nproc: int) -> list[str]:
         return [f"cuda:{k}" for k in range(nproc)]
     if device in ("auto", "cpu"):
         return ["cpu"] * nproc
-    raise UsageError(f"--nproc {nproc} spreads over every GPU: give --device auto or cuda (got {device})")
+    if device == "cuda":
+        raise UsageError("--device cuda: this machine has no GPU that torch can use")
+    raise UsageError(f"--nproc {nproc} spreads over every GPU: give --device auto, cuda or cpu (got {device})")
 
 
 def fold_shards(out_dir: Path, done: dict[int, dict]) -> int:

@@ -75,7 +75,7 @@ class Decoder:
         quantized = any(m.__class__.__name__ in ("Linear4bit", "Linear8bitLt") for m in self.lm.modules())
         self.graphs = (self.device.type == "cuda" and not quantized) if graphs is None else graphs
         self._key = None  # (batch, cache width) of the static state (and of the captured graph)
-        self._graph = None
+        self._graph = self._logits = None
         self._state: dict = {}
         self._fused = self._fuse() if fuse else []
         if attention not in ATTENTIONS:
@@ -130,7 +130,7 @@ class Decoder:
 
     def release(self) -> None:
         """Forget the captured graph and the cache (their memory goes back to torch's allocator)."""
-        self._graph = self._key = None
+        self._graph = self._key = self._logits = None
         self._state = {}
 
     # ------------------------------------------------------------------------------------------ steps
