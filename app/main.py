@@ -28,10 +28,15 @@ def attach(args) -> int:
     if run and not is_run(Path(run)):
         print(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES)})", file=sys.stderr)
         return 2
-    code = run_dashboard(VoxApp(run, args.runs, notify=not getattr(args, "no_notify", False)))
+    app = VoxApp(run, args.runs, notify=not getattr(args, "no_notify", False))
+    code = run_dashboard(app)
     if code == 0:
-        print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
-              file=sys.stderr)
+        state = getattr(app, "state", None)
+        if state is not None and (state.state in ("finished", "failed") or state.crashed):
+            print(f"left the dashboard; the run has ended ({state.shown_state})", file=sys.stderr)
+        else:
+            print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
+                  file=sys.stderr)
     return code
 
 

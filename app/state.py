@@ -177,8 +177,11 @@ class RunState:
     @property
     def shown_state(self) -> str:
         """The state as it is, not as the last event left it: "crashed" when no engine serves an
-        unfinished run."""
-        return "crashed" if self.crashed else self.state
+        unfinished run; "stopped" for a run that finished because it was asked to stop (what ``voxtui
+        engine list`` and the picker say)."""
+        if self.crashed:
+            return "crashed"
+        return "stopped" if self.state == "finished" and self.outcome == "stopped" else self.state
 
     def outcome_text(self) -> str:
         """How a finished run ended, in words ("" when not finished or not said)."""

@@ -144,7 +144,8 @@ def _eval_parsers(sub) -> None:
                    help="every complete checkpoint: a table of metrics by step")
     p.add_argument("--data", metavar="FILE", help="JSONL rows with the reference in output")
     p.add_argument("--jsonl", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>)")
+    p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>; with "
+                                  "--all-checkpoints, NAME-checkpoint-N)")
     p.add_argument("--batch_size", type=_positive_int, default=8)
     p.add_argument("--max_new_tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="in [0, 2]; 0: greedy (default)")

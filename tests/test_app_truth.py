@@ -88,10 +88,10 @@ def test_a_fresh_attach_to_a_killed_engine_shows_the_run_crashed(tmp_path):
         app.animation_level = "none"
         async with app.run_test(size=(120, 30)) as pilot:
             await pilot_wait(pilot, lambda: app.state.last_seq == 17 and app.state.engine_live is False)
+            banner = app.screen.query_one("#banner", Static)
+            await pilot_wait(pilot, lambda: banner.display)  # drawn with the next redraw (a busy machine: later)
             await pilot.pause(0.2)
             assert app.state.state == "running" and app.state.shown_state == "crashed"
-            banner = app.screen.query_one("#banner", Static)
-            assert banner.display
             text = screen_text(app.export_screenshot())
             assert "CRASHED" in text and "RUNNING" not in text
             assert f"ENGINE LOST — the engine is not running (pid {info['pid']} gone)" in text
@@ -123,6 +123,22 @@ def test_a_finished_run_shows_its_outcome(tmp_path):
         asyncio.run(flow())
     finally:
         stop(run)
+
+
+def test_a_run_stopped_on_request_is_shown_stopped_as_engine_list_says():
+    """A run that finished because it was asked to stop is "stopped" in the dashboard, as in `voxtui engine
+    list` and the picker; one that completed is "finished"."""
+    from app.state import RunState
+    from app.widgets.overview import state_line
+    from engine.protocol import Status
+
+    s = RunState()
+    s.apply(Status(seq=1, state="running", step=5))
+    s.apply(Status(seq=2, state="finished", step=21, outcome="stopped", message="stopped on request"))
+    assert s.shown_state == "stopped" and "STOPPED" in state_line(s).plain and "stopped on request" in state_line(s).plain
+    done = RunState()
+    done.apply(Status(seq=1, state="finished", step=63, outcome="completed"))
+    assert done.shown_state == "finished" and "FINISHED" in state_line(done).plain
 
 
 def write_checkpoint(run: Path, step: int, best_step: int, best_loss: float, reason: str = "periodic") -> None:

@@ -95,3 +95,25 @@ def test_data_tool_bar_on_stderr_json_on_stdout(tmp_path):
             assert b"split" in err and b"100%" in err
         else:
             assert err == b""
+
+
+def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_old_files_mode(tmp_path):
+    """Outputs are written through a temp file (mkstemp makes it 0600): a new file gets the mode open()
+    would give it, a replaced one keeps its own."""
+    import os
+
+    from engine import util
+    from engine.util import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "new.json") as f:
+            f.write("{}")
+        assert (tmp_path / "new.json").stat().st_mode & 0o777 == 0o666 & ~util._UMASK
+        (tmp_path / "kept.json").write_text("x")
+        os.chmod(tmp_path / "kept.json", 0o600)
+        with atomic_write(tmp_path / "kept.json") as f:
+            f.write("y")
+        assert (tmp_path / "kept.json").stat().st_mode & 0o777 == 0o600 and (tmp_path / "kept.json").read_text() == "y"
+    finally:
+        os.umask(old)

@@ -75,3 +75,22 @@ def test_a_worker_that_refuses_its_plan_is_failed_with_its_reason_and_no_rank_de
     events = read_events(run)
     assert not [e for e in events if e["type"] == "alert" and e["kind"] == "rank_died"]
     assert "--grad_accum" in events[-1]["message"] or any("--grad_accum" in e.get("message", "") for e in events)
+
+
+def test_a_new_runs_config_names_its_files_by_absolute_path(tmp_path, monkeypatch, tiny_model):
+    """config.toml holds the data files, the cache and a local model folder as absolute paths, so
+    `voxtui infer` and `--resume` work from any folder; a hub id stays as it is."""
+    from engine.config import TrainConfig
+    from engine.daemon.launch import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "t.jsonl").write_text("{}\n")
+    local = os.path.relpath(tiny_model, tmp_path)
+    cfg = TrainConfig(model_id=local, train_jsonl="data/t.jsonl", val_jsonl="data/t.jsonl", cache_dir="c")
+    absolute_paths(cfg)
+    assert cfg.model_id == str(tiny_model) and cfg.train_jsonl == str(tmp_path / "data" / "t.jsonl")
+    assert cfg.val_jsonl == cfg.train_jsonl and cfg.cache_dir == str(tmp_path / "c") and cfg.preview_file == ""
+    hub = TrainConfig(model_id="mistralai/Voxtral-Mini-3B-2507", train_jsonl="data/t.jsonl")
+    absolute_paths(hub)
+    assert hub.model_id == "mistralai/Voxtral-Mini-3B-2507"

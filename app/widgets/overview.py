@@ -14,7 +14,7 @@ from app.state import RunState, fmt_duration
 from app.text import assemble, data, lines, show_text
 
 STATE_STYLE = {"crashed": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
-               "stopping": "bold yellow"}
+               "stopping": "bold yellow", "stopped": "bold yellow"}
 
 
 def state_line(s: RunState, limit: int = 200):

@@ -42,6 +42,21 @@ def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
     return proc.pid
 
 
+PATH_FIELDS = ("train_jsonl", "val_jsonl", "preview_file", "cache_dir")
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    """The run's files as absolute paths in its config.toml, so ``voxtui infer`` and ``--resume`` work from
+    any folder: the data files, the cache folder, and ``model_id`` when it names a local folder (a hub id
+    stays as it is)."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, os.path.abspath(value))
+    if cfg.model_id and Path(cfg.model_id).exists():
+        cfg.model_id = os.path.abspath(cfg.model_id)
+
+
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
           skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
     """Run preflight, then create (or reopen) the run folder and start the engine. A no-go creates
@@ -56,6 +71,8 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a folder")
     wait_for_previous(run_dir)
+    if resume_dir is None:
+        absolute_paths(cfg)
     cfg.output_dir = str(run_dir)
     cfg.engine = ""
     if not skip_preflight:

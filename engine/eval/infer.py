@@ -135,7 +135,11 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
             from engine.eval import metrics
 
             perplexity = metrics.perplexity(model, fmt, [ex for _, ex in rows], dev, batch_size)
-    result, samples = _score(out_dir, [done[i] for i in range(len(rows))])
+    ordered = [done[i] for i in range(len(rows))]
+    with atomic_write(out_dir / "generations.jsonl") as f:  # in the data file's order, whatever --nproc
+        for r in ordered:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    result, samples = _score(out_dir, ordered)
     if ppl:
         result.update(perplexity)
     result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
@@ -334,7 +338,8 @@ def cmd_infer(args) -> int:
                                                             swappable=True)
             table = []
             for step, _ in checkpoints(run_dir):
-                m = infer(run_dir, data, checkpoint=step, sink=sink, model=model, **common)
+                m = infer(run_dir, data, checkpoint=step, sink=sink, model=model,
+                          name=f"{args.name}-checkpoint-{step}" if args.name else None, **common)
                 table.append({"checkpoint": f"checkpoint-{step}", "step": step,
                               **{k: m.get(k) for k in FINISHED_METRICS}})
             if args.json:
