@@ -79,3 +79,16 @@ def test_cli_histogram_where_the_output_contract_allows(tmp_path):
     code, out, err = run_with_stderr([*base, "--json", str(tmp_path / "a.json")], tty=False)
     assert code == 0 and json.loads((tmp_path / "a.json").read_text()) == report
     assert len(parsed(out.decode().splitlines())) == 16
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=300), st.integers(1, 32))
+@settings(max_examples=200, deadline=None)
+def test_every_length_falls_in_the_one_bin_whose_label_holds_it(lengths, bins):
+    """Bin labels are the whole lengths each bin holds: they never overlap, and each length is counted
+    in the bin whose [lo, hi] contains it (an edge on a whole number belongs to the bin above)."""
+    hist = histogram(np.asarray(lengths), bins)
+    assert sum(b["count"] for b in hist) == len(lengths)
+    for a, b in zip(hist, hist[1:]):
+        assert a["hi"] < b["lo"] or a["lo"] > a["hi"] or b["lo"] > b["hi"]
+    for b in hist:
+        assert b["count"] == sum(b["lo"] <= v <= b["hi"] for v in lengths)

@@ -39,13 +39,18 @@ def analyze(path: str, model: str | None = None, max_len: int | None = None, wor
 
 
 def histogram(values: np.ndarray, bins: int = 16) -> list[dict]:
-    """Equal-width bins over the observed range: ``[{"lo", "hi", "count"}]``."""
+    """Equal-width bins over the observed range: ``[{"lo", "hi", "count"}]``, ``lo`` and ``hi`` the first
+    and last whole lengths a bin holds (numpy's bins are half-open but the last: a length on an edge
+    belongs to the bin above it)."""
     if len(values) == 0:
         return []
     lo, hi = int(values.min()), int(values.max())
     edges = np.linspace(lo, max(hi, lo + 1), bins + 1)
     counts, _ = np.histogram(values, bins=edges)
-    return [{"lo": int(np.ceil(edges[i])), "hi": int(edges[i + 1]), "count": int(c)} for i, c in enumerate(counts)]
+    last = len(counts) - 1
+    return [{"lo": int(np.ceil(edges[i])),
+             "hi": int(np.floor(edges[i + 1])) if i == last else int(np.ceil(edges[i + 1])) - 1,
+             "count": int(c)} for i, c in enumerate(counts)]
 
 
 def render(report: dict) -> str:
