@@ -1,7 +1,7 @@
 """``voxtui infer --nproc N``: the rows split over N processes (one GPU each), one merged result.
 
 The rows still to generate, sorted by prompt length, are dealt round-robin to N shard processes
-(``python -m engine.eval.shards SPEC``), so each gets a like mix of short and long prompts. Each loads
+(``python -m engine.eval.shard_worker SPEC``), so each gets a like mix of short and long prompts. Each loads
 the merged model on its own device (``cuda:k``; on a machine without GPUs, the CPU) and appends its rows
 to ``infer/<name>/shards/<k>.jsonl``, flushed per batch; the parent folds them into
 ``generations.jsonl`` when they end. Perplexity is split the same way: each shard sums the negative
@@ -66,8 +66,8 @@ def fold_shards(out_dir: Path, done: dict[int, dict]) -> int:
     return added
 
 
-def run_shards(run_dir: Path, data: str, ckpt: Path, rows: list, prompts: list, done: dict[int, dict], params: dict,
-               out_dir: Path, nproc: int, device: str, ppl: bool, progressed) -> dict | None:
+def run_shards(run_dir: Path, data: str, ckpt: Path, rows: list, prompts: list, done: dict[int, dict],
+               params: dict, out_dir: Path, nproc: int, device: str, ppl: bool, progressed) -> dict | None:
     """Generate the rows not ``done`` over ``nproc`` processes and fold them in; the perplexity of every
     row's reference when ``ppl`` ({"perplexity", "nll", "tokens"}, else None)."""
     devs = devices(device, nproc)
@@ -83,8 +83,8 @@ def run_shards(run_dir: Path, data: str, ckpt: Path, rows: list, prompts: list, 
         write_json(folder / f"{k}.spec.json", spec)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if dev == "cpu" else dict(os.environ)
         log = open(folder / f"{k}.log", "wb")
-        procs.append((subprocess.Popen([sys.executable, "-m", "engine.eval.shards", str(folder / f"{k}.spec.json")],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        cmd = [sys.executable, "-m", "engine.eval.shard_worker", str(folder / f"{k}.spec.json")]
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     try:
         seen = len(done)
         while any(p.poll() is None for p, _ in procs):
@@ -129,36 +129,3 @@ def _lines(path: Path) -> int:
             return sum(1 for line in f if line.endswith(b"\n"))
     except OSError:
         return 0
-
-
-def main(spec_path: str) -> int:
-    """A shard: its rows generated into its file, its share of the perplexity summed."""
-    import torch
-
-    from engine.eval.infer import _generate, run_config
-    from engine.eval.loading import MergedModel
-    from engine.formatting import load_format
-    from engine.rows import read_examples
-
-    spec = json.loads(Path(spec_path).read_text())
-    run_dir, dev = Path(spec["run_dir"]), torch.device(spec["device"])
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    cfg = run_config(run_dir)
-    rows = list(read_examples(spec["data"]))
-    fmt = load_format(cfg.model_id)
-    model = MergedModel(cfg, dev).use(Path(spec["checkpoint"])).model
-    mine = set(spec["rows"])
-    done = {i: None for i in range(len(rows)) if i not in mine}
-    Path(spec["out"]).unlink(missing_ok=True)
-    _generate(model, fmt, rows, done, Path(spec["out"]), spec["params"], dev, "", lambda: None)
-    if spec["ppl_rows"]:
-        from engine.eval import metrics
-
-        part = metrics.perplexity(model, fmt, [rows[i][1] for i in spec["ppl_rows"]], dev, spec["params"]["batch_size"])
-        write_json(spec["ppl_out"], {"nll_sum": part["nll"] * part["tokens"], "tokens": part["tokens"]})
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
