@@ -82,13 +82,14 @@ def test_mark_compare_and_toggle_alignment(runs):
             assert base.series("rougeL") == ([4, 8], [0.3, 0.4])  # the event at 4, metrics.json at 8
             assert other.series("rougeL") == ([4], [0.2])
             assert {p.id for p in screen.query("PlotextPlot")} == {"cmp-train", "cmp-val", "cmp-metric", "cmp-tps"}
+            await pilot_wait(pilot, lambda: "tokens/s · step" in screen_text(app), timeout=15, every=0.05)
             shown = screen_text(app)
             for title in ("train loss · step", "val loss · step", "ROUGE-L (inference) · step", "tokens/s · step"):
                 assert title in shown, title
             # `a`: by tokens seen (the run with 600 tokens a step is further along at each step)
             await pilot.press("a")
-            await pilot.pause(0.2)
-            assert screen.by_tokens and "train loss · tokens seen" in screen_text(app)
+            await pilot_wait(pilot, lambda: "train loss · tokens seen" in screen_text(app), timeout=15, every=0.05)
+            assert screen.by_tokens
             xs, ys = other.series("train", by_tokens=True)
             assert xs == [600 * e.step for e in steps[LONG]] and ys == [e.loss for e in steps[LONG]]
             assert base.series("val", by_tokens=True)[0] == [400 * 4, 400 * 8, 400 * 12]

@@ -22,6 +22,17 @@ def screen_text(app) -> str:
     return console.export_text()
 
 
+async def painted(app, pilot, *texts: str, timeout: float = 15.0) -> str:
+    """The screen's text once it shows every one of `texts` (a loaded machine can take seconds to paint;
+    a fixed pause is not enough): the last text seen otherwise, for the caller's assert to print."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = screen_text(app)
+        if all(t in text for t in texts) or time.monotonic() > deadline:
+            return text
+        await pilot.pause(0.05)
+
+
 async def loaded(app, pilot) -> None:
     for _ in range(200):
         if app.state.state == "finished" and app.state.disk_inference:
@@ -88,7 +99,7 @@ def test_charts_window_and_log_scale_evals_config(run):
             assert [r[0] for r in evals if "best" in r[3]] == ["200"]
             matrix = rows(app.screen.query_one("#evl-matrix", DataTable))
             assert [r[0] for r in matrix] == ["80", "160", "240"]
-            assert matrix[0][1] == "0.312 [0.281–0.344]" and matrix[2][2] == "13.9 [11.9–16.0]"
+            assert matrix[0][1] == "0.312 [.281–.344]" and matrix[2][2] == "13.9 [11.9–16.0]"
             plot = app.screen.query_one("#evl-plot", PlotextPlot).render().plain
             assert "ROUGE-L" in plot and "BLEU/100" in plot
 
@@ -270,25 +281,25 @@ def test_80_columns_nothing_important_cut(run):
         app = VoxApp(str(run))
         async with app.run_test(size=(80, 24)) as pilot:
             await loaded(app, pilot)
-            await pilot.pause(0.3)
-            overview = screen_text(app)
+            overview = await painted(app, pilot, "ETA –", "best val 1.5800 @200", "2 ranks (cuda)")
             await pilot.press("4")
-            await pilot.pause(0.3)
-            checkpoints = screen_text(app)
+            checkpoints = await painted(app, pilot, "ROUGE-L")
             await pilot.press("3")
-            await pilot.pause(0.3)
+            await painted(app, pilot, "temperature")
             box = app.screen.query_one("#pv-temperature", Input)
             box.focus()
             await pilot.press("end")
-            await pilot.pause(0.2)
-            previews = screen_text(app)
-            tabs = screen_text(app).splitlines()[1]
+            previews = await painted(app, pilot, " 0.7 ")
+            tabs = previews.splitlines()[1]
             await pilot.press("escape", "2")
-            await pilot.pause(0.3)
-            gpus = screen_text(app)
-            return overview, checkpoints, previews, tabs, gpus
+            gpus = await painted(app, pilot, "straggler")
+            await pilot.press("8")
+            evals = await painted(app, pilot, "ckpt-240-val")
+            return overview, checkpoints, previews, tabs, gpus, evals
 
-    overview, checkpoints, previews, tabs, gpus = asyncio.run(flow())
+    overview, checkpoints, previews, tabs, gpus, evals = asyncio.run(flow())
+    matrix = [line.split() for line in evals.splitlines() if line.split()[:1] in (["80"], ["160"], ["240"])]
+    assert [row[-1] for row in matrix[-3:]] == ["ckpt-80-val", "ckpt-160-val", "ckpt-240-val"]  # the job, whole
     assert "ETA –" in overview and "best val 1.5800 @200" in overview
     assert "2 ranks (cuda)  mistralai/Voxtral-Mini-3B-2507" in overview
     header = next(line for line in checkpoints.splitlines() if "ROUGE-L" in line)
@@ -326,21 +337,20 @@ def test_a_cpu_run_hides_the_gpu_table_and_equal_ranks_are_no_stragglers(tmp_pat
                     break
                 await pilot.pause(0.05)
             await pilot.press("2")
-            await pilot.pause(0.3)
+            text = await painted(app, pilot, "CPU run on vm", "straggler")
             assert app.screen.query_one("#hw-gpus").display is False
-            text = screen_text(app)
             await pilot.press("7")
             await pilot.pause(0.3)
             from textual_plotext import PlotextPlot
 
-            shown = {p.id for p in app.screen.query(PlotextPlot) if p.display and p.id.startswith("ch-")}
+            plots = {p.id for p in app.screen.query(PlotextPlot) if p.display and p.id.startswith("ch-")}
             head = app.screen.query_one("#ch-head").render().plain
-            return text, shown, head
+            return text, plots, head
 
-    text, shown, head = asyncio.run(flow())
+    text, plots, head = asyncio.run(flow())
     assert "CPU run on vm" in text and "GPU  name" not in text
     assert "straggler" in text and " straggler\n" not in text.replace(" ", " ")
-    assert "ch-cpu" in shown and not shown & {"ch-gpu-util", "ch-gpu-mem", "ch-gpu-power", "ch-mfu", "ch-mem"}
+    assert "ch-cpu" in plots and not plots & {"ch-gpu-util", "ch-gpu-mem", "ch-gpu-power", "ch-mfu", "ch-mem"}
     assert "not recorded: MFU" in head
 
 
