@@ -104,6 +104,7 @@ class RunState:
     inference: dict = field(default_factory=dict)  # name → latest inference event
     events: deque = field(default_factory=lambda: deque(maxlen=EVENTS_KEPT))
     started: float | None = None
+    running_since: float = 0.0  # when the run last (re)entered "running": the ETA's pace is measured since
     gaps: int = 0
     # the truth outside the events: is an engine process serving this run (None: not known yet)?
     engine_live: bool | None = None
@@ -127,6 +128,8 @@ class RunState:
                 self.outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
                 if ev.state == "running" and self.started is None:
                     self.started = ev.time
+                if ev.state == "running":
+                    self.running_since = ev.time
             case "run_info":
                 self.info = {"model_id": ev.model_id, "world_size": ev.world_size, "device": ev.device,
                              "total_steps": ev.total_steps, "steps_per_epoch": ev.steps_per_epoch,
@@ -171,7 +174,11 @@ class RunState:
     @property
     def crashed(self) -> bool:
         """The run did not finish, and the engine that served it is gone: killed (or its machine went
-        away). A run that never had an engine (a worker run on its own, no engine.json) is not judged."""
+        away). A run that never had an engine (a worker run on its own, no engine.json) is not judged.
+        A run whose workers stopped because their engine was gone (finished, outcome engine_lost) is
+        crashed too, as ``voxtui engine list`` says: ``--resume`` continues it."""
+        if self.state == "finished" and self.outcome == "engine_lost":
+            return not self.engine_live
         return self.engine_live is False and self.engine_pid is not None and self.state in UNFINISHED
 
     @property
@@ -219,10 +226,14 @@ class RunState:
         return int(self.info.get("total_steps", 0))
 
     def eta_s(self) -> float | None:
-        """Seconds left at the pace of the last 20 steps."""
-        if len(self.steps) < 2 or not self.total_steps or self.state in FINAL or self.crashed:
+        """Seconds left at the pace of the last 20 steps taken since the run last resumed (a pause is no
+        part of the pace); None while paused, ended, or with too few steps to tell."""
+        if len(self.steps) < 2 or not self.total_steps or self.state in FINAL or self.crashed \
+                or self.state == "paused":
             return None
-        recent = self.steps[-20:]
+        recent = [row for row in self.steps[-20:] if row[-1] >= self.running_since]
+        if len(recent) < 2:
+            return None
         (s0, *_, t0), (s1, *_, t1) = recent[0], recent[-1]
         if s1 <= s0:
             return None

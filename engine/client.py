@@ -30,6 +30,7 @@ from engine.runs import (  # noqa: F401 (the run folder's views, for clients: th
     engine_alive,
     engine_info,
     final_adapter,
+    fold_spool,
     inference_results,
     inference_samples,
     list_runs,
@@ -79,6 +80,8 @@ class EngineClient:
         self.live = bool(self.endpoints) and (remote or engine_alive(self.info))
         if self.live:
             self._connect()
+        elif not remote:
+            fold_spool(self.run_dir)  # the workers' last events, when they outlived their engine
 
     # ---- sockets
     def _secure(self, sock: zmq.Socket) -> zmq.Socket:

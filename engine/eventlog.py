@@ -24,6 +24,30 @@ def last_seq(path: Path) -> int:
     return 0
 
 
+def cut_torn_tail(path: Path) -> None:
+    """A line cut short when the last writer was killed was never stored nor published: drop it, so
+    the next event starts on a line of its own."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            nl = f.read(step).rfind(b"\n")
+            if nl >= 0:
+                f.truncate(pos + nl + 1)
+                return
+        f.truncate(0)
+
+
 SPOOL_SEGMENT = 5000  # events per spool file; the engine deletes a file once every event in it is stored
 
 

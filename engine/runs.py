@@ -15,7 +15,15 @@ import re
 import time
 from pathlib import Path
 
-from engine.eventlog import decode_event, lines_backwards, read_spool, spooled_events
+from engine.eventlog import (
+    cut_torn_tail,
+    decode_event,
+    last_seq,
+    lines_backwards,
+    read_spool,
+    spool_worker_pid,
+    spooled_events,
+)
 from engine.util import UsageError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -215,21 +223,157 @@ def inference_samples(job_dir: Path, n: int = 5) -> list[dict]:
 # ---------------------------------------------------------------------------- a run's state
 
 
+# (events.jsonl, type) → (the file's (device, inode), the bytes read: up to the last complete line, the
+# last event of that type in them): a picker refreshing every few seconds reads only what was appended
+_LAST_EVENT: dict[tuple[str, str], tuple[tuple[int, int], int, dict | None]] = {}
+_LAST_EVENT_MAX = 4096  # entries (two per run listed): past it, the cache starts afresh
+
+
+def _event_of(line: bytes, kind: str) -> dict | None:
+    try:
+        ev = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return ev if isinstance(ev, dict) and ev.get("type") == kind else None
+
+
 def last_event(run_dir: Path, kind: str) -> dict | None:
-    """The last event of one type in events.jsonl, read backwards (however many others follow it)."""
+    """The last event of one type in events.jsonl: read backwards the first time (however many others
+    follow it), then only the lines appended since (events.jsonl only grows; a file replaced or cut
+    shorter is read backwards again)."""
     path = run_dir / "events.jsonl"
-    if not path.exists():
+    try:
+        st = path.stat()
+    except OSError:
         return None
     needle = f'"type":"{kind}"'.encode()  # the tag comes first; inside a JSON string a quote is escaped
-    for line in lines_backwards(path):
-        if needle in line:
-            try:
-                ev = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(ev, dict) and ev.get("type") == kind:
-                return ev
-    return None
+    key, ident = (str(path), kind), (st.st_dev, st.st_ino)
+    hit = _LAST_EVENT.get(key)
+    try:
+        if hit is not None and hit[0] == ident and hit[1] <= st.st_size:
+            _, done, found = hit
+            with open(path, "rb") as f:
+                f.seek(done)
+                while True:
+                    block = f.read(1 << 20)
+                    end = block.rfind(b"\n")
+                    if end < 0:  # nothing complete (a torn line waits for its newline)
+                        if len(block) == 1 << 20:  # a line of over 1 MiB: start afresh, backwards
+                            _LAST_EVENT.pop(key, None)
+                            return last_event(run_dir, kind)
+                        break
+                    for line in block[:end].split(b"\n"):
+                        if needle in line:
+                            found = _event_of(line, kind) or found
+                    done += end + 1
+                    f.seek(done)
+        else:
+            found = None
+            for line in lines_backwards(path):
+                if needle in line:
+                    found = _event_of(line, kind)
+                    if found is not None:
+                        break
+            with open(path, "rb") as f:  # where the complete lines end: the next call reads on from there
+                f.seek(max(st.st_size - (1 << 16), 0))
+                tail = f.read(1 << 16)
+            cut = tail.rfind(b"\n")
+            done = st.st_size - len(tail) + cut + 1 if cut >= 0 else (0 if st.st_size <= 1 << 16 else -1)
+            if done < 0:  # a last line of over 64 KiB still torn: read backwards again next time
+                return found
+    except OSError:
+        return None
+    if len(_LAST_EVENT) >= _LAST_EVENT_MAX:
+        _LAST_EVENT.clear()
+    _LAST_EVENT[key] = (ident, done, found)
+    return found
+
+
+LOCK_FILE = ".events.lock"
+
+
+def lock_events(run_dir: Path, wait_s: float = 0.0) -> int | None:
+    """The run's event-log lock (``flock`` on ``runs/<run>/.events.lock``): an open descriptor holding it
+    (closing it lets go; so does the process's death), or None when another process holds it for longer
+    than ``wait_s``. An engine holds it for its life; a fold of the spool takes it only when it is free.
+    A filesystem without locks: a descriptor is returned without one (the pid checks still guard)."""
+    import fcntl
+
+    fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                if wait_s:
+                    raise UsageError(f"{run_dir}: another process holds its event log (another engine?) "
+                                     f"after {wait_s:.0f} s") from None
+                return None
+            time.sleep(0.05)
+        except OSError:  # no locks here (some network filesystems)
+            return fd
+
+
+def fold_spool(run_dir: Path) -> int:
+    """Store in events.jsonl what the workers spooled and no engine stored, once the engine and those
+    workers are gone — as the next engine would on resume, for a run that gets none (its workers finished
+    it after their engine was killed): ``engine list``, the dashboard and every reader of events.jsonl
+    then see the run's last steps and its real end. Under the event-log lock, so never beside an engine;
+    each event once (a worker's count, ``wseq``, says what is stored). Returns how many were stored; 0
+    when there is nothing to do or it cannot be done now (an engine or a worker runs, the folder is not
+    writable): readers then go on as before."""
+    spool_dir = Path(run_dir) / "spool"
+    if not spool_dir.is_dir():
+        return 0
+    spool = read_spool(spool_dir)
+    if engine_alive(engine_info(run_dir)) or any(pid_alive(spool_worker_pid(w)) for w in spool):
+        return 0
+    try:
+        fd = lock_events(run_dir)
+    except OSError:
+        return 0
+    if fd is None:
+        return 0
+    from engine.protocol import Alert, event_encoder, stamp
+
+    try:
+        info = engine_info(run_dir)
+        if engine_alive(info):  # one started meanwhile (and waits for the lock)
+            return 0
+        path = Path(run_dir) / "events.jsonl"
+        spool = read_spool(spool_dir)
+        cut_torn_tail(path)
+        pending = spooled_events(path, spool, {})
+        if pending:
+            seq, run = last_seq(path), Path(run_dir).name
+            crashed = isinstance(info.get("pid"), int) and "stopped" not in info and "folded" not in info
+            if crashed:  # the record says what happened, as the next engine would have
+                pending.insert(0, Alert(level="error", kind="engine_lost", message=(
+                    f"the engine (pid {info['pid']}) ended without closing (killed?) after event {seq}; "
+                    f"{len(pending)} event(s) its workers kept are stored below")))
+            with open(path, "ab") as f:
+                for ev in pending:
+                    seq += 1
+                    f.write(event_encoder.encode(stamp(ev, seq, run)) + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if crashed:  # said once: the next engine does not say it again
+                write_engine_info(run_dir, {**info, "folded": seq})
+        for files in spool.values():  # every event in them is stored now
+            for _, p in files:
+                p.unlink(missing_ok=True)
+        try:
+            spool_dir.rmdir()
+        except OSError:
+            pass  # a file that is not a spool file: left as it is
+        return len(pending)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def spooled(run_dir: Path) -> list:
@@ -245,6 +389,7 @@ def summary(run_dir: Path) -> dict:
     continues it)."""
     from engine.config import read_toml
 
+    fold_spool(run_dir)  # the workers' last events, when their engine is gone and nobody stored them
     info = engine_info(run_dir)
     alive = engine_alive(info)
     status, step = last_event(run_dir, "status"), last_event(run_dir, "step")

@@ -145,6 +145,38 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     assert not (run / "spool").exists()  # stored, then removed
 
 
+def test_workers_that_finish_the_run_after_their_engine_was_killed(tmp_path, tiny_model, train_file):
+    """The engine killed a few steps before the end: its workers train the last steps alone and finish
+    (they wait 60 s for an engine). None comes back to store what they spooled, so the first reader that
+    finds them all gone stores it: `engine status` and `engine list` say finished with every step, the
+    record holds each step once after one engine_lost alert, and a later resume says it no second time."""
+    run = start_detached(tiny_model, tmp_path / "runs", "sprint", train_file, max_steps=30, save_steps=0,
+                         env={"VOXTUI_ENGINE_TIMEOUT": "60"})
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 3)
+    workers = descendants_of(info["pid"])
+    os.kill(info["pid"], signal.SIGKILL)
+    wait_for(lambda: gone(workers), timeout=120, what="the workers to finish alone")
+    assert max(e["step"] for e in read_events(run) if e["type"] == "step") < 30  # not stored: no engine
+    assert (run / "spool").is_dir()
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "finished" and status["step"] == 30
+    events = read_events(run)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert sorted(e["step"] for e in events if e["type"] == "step") == list(range(1, 31))
+    assert [e["kind"] for e in events if e["type"] == "alert"] == ["engine_lost"]
+    assert events[-1]["type"] == "status" and events[-1]["state"] == "finished"
+    assert not (run / "spool").exists()
+    assert "finished" in voxtui("engine", "list", "--runs", run.parent, check=True).stdout
+    assert read_events(run) == events  # read again: nothing stored twice
+    proc = voxtui("run", "--resume", run, "--max_steps", "32", "--detach")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: last_state(run) == "finished" and len(read_events(run)) > len(events), timeout=180)
+    events = read_events(run)
+    assert sorted(e["step"] for e in events if e["type"] == "step") == list(range(1, 33))
+    assert [e["kind"] for e in events if e["type"] == "alert" and e["kind"] == "engine_lost"] == ["engine_lost"]
+
+
 def test_malformed_unauthenticated_and_replayed_requests(tmp_path, tiny_model, train_file):
     run = start_detached(tiny_model, tmp_path / "runs", "fuzz", train_file, nproc=1, max_steps=100000)
     info = json.loads((run / "engine.json").read_text())

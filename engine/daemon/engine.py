@@ -120,7 +120,8 @@ class Engine:
     def _recover(self, previous: dict) -> None:
         """After an engine that ended without closing (killed, machine lost): record that, then store the
         events its workers kept in their spool and it never stored, in their order."""
-        crashed = previous.get("pid") and "stopped" not in previous and previous.get("pid") != os.getpid()
+        crashed = (previous.get("pid") and "stopped" not in previous and "folded" not in previous
+                   and previous.get("pid") != os.getpid())  # folded: a reader stored its spool, and said so
         pending = self.log.spooled()
         if crashed:
             self.emit(Alert(level="error", kind="engine_lost",

@@ -15,33 +15,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.eventlog import last_seq, read_spool, spool_worker_pid, spooled_events
+from engine.eventlog import cut_torn_tail, last_seq, read_spool, spool_worker_pid, spooled_events
 from engine.protocol import Message, event_encoder, stamp
-from engine.runs import pid_alive
+from engine.runs import lock_events, pid_alive
 
-
-def cut_torn_tail(path: Path) -> None:
-    """A line cut short when the last writer was killed was never stored nor published: drop it, so
-    the next event starts on a line of its own."""
-    if not path.exists():
-        return
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        pos = size
-        while pos > 0:
-            step = min(65536, pos)
-            pos -= step
-            f.seek(pos)
-            nl = f.read(step).rfind(b"\n")
-            if nl >= 0:
-                f.truncate(pos + nl + 1)
-                return
-        f.truncate(0)
+LOCK_WAIT_S = 30.0  # an engine waits this long for the event-log lock (a fold takes milliseconds)
 
 
 class EventStore:
@@ -55,8 +33,12 @@ class EventStore:
         self.offsets: list[int] = []  # the byte offset of event seq at index seq - 1
         self.relayed: dict[str, int] = {}  # worker id → the highest wseq stored from it
         self._f = None
+        self._lock: int | None = None
 
     def open(self) -> None:
+        """Take the run's event-log lock (held while this engine lives: nobody folds the spool into the
+        file meanwhile, and a second engine on the run waits, then refuses), then the file."""
+        self._lock = lock_events(self.path.parent, wait_s=LOCK_WAIT_S)
         cut_torn_tail(self.path)
         self.seq = last_seq(self.path)
         self.offsets = self._index()
@@ -133,3 +115,6 @@ class EventStore:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+        if self._lock is not None:
+            os.close(self._lock)  # the lock goes with it
+            self._lock = None

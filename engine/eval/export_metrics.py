@@ -252,9 +252,10 @@ def events_path(run: str) -> tuple[str, Path]:
     p = Path(run)
     if p.is_file():
         return (p.parent.name if p.name == "events.jsonl" else p.stem), p
-    from engine.runs import find_run
+    from engine.runs import find_run, fold_spool
 
     run_dir = find_run(run)
+    fold_spool(run_dir)  # the workers' last events, when they outlived their engine
     path = run_dir / "events.jsonl"
     if not path.is_file():
         raise UsageError(f"{run}: no events.jsonl in {run_dir} (has the run started?)")
