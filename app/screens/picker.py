@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.message import Message
@@ -19,6 +20,8 @@ from engine.client import age_text, list_runs
 # padding: what a narrow terminal has left is shared between the name and the model, the name first
 FIXED = 8 + 6 + 6 + 4 + 3 + 7 * 2
 NAME_MAX, MODEL_MAX = 40, 32
+REFRESH_S = 2.0  # the runs are read again this often (a thread: a slow disk never stalls the screen)
+COLUMNS = ("state", "model", "step", "loss", "age")
 
 
 def name_widths(width: int) -> tuple[int, int]:
@@ -57,36 +60,76 @@ class RunPicker(Screen):
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
         table.add_column("run", key="run")
-        table.add_columns("state", "model", "step", "loss", "age")
+        for name in COLUMNS:
+            table.add_column(name, key=name)
         table.add_column("cmp", key="mark")
         self.action_reload()
+        self._refresh = self.set_interval(REFRESH_S, self.refresh_runs)
+
+    def on_screen_suspend(self) -> None:  # a run's screen (or a comparison) covers the picker: no reading
+        self._refresh.pause()
+
+    def on_screen_resume(self) -> None:
+        self._refresh.resume()
+        self.refresh_runs()
 
     def on_resize(self) -> None:
         if self._widths != name_widths(self.size.width):
             self.fill()
 
     def action_reload(self) -> None:
-        self.runs = list_runs(self.root)
-        self.paths = [r["path"] for r in self.runs]
-        self.marked = [p for p in self.marked if p in self.paths]
-        self.fill()
+        self.show_runs(list_runs(self.root))
         self.query_one(DataTable).focus()
 
+    @work(thread=True, exclusive=True, group="picker")
+    def refresh_runs(self) -> None:
+        """New runs, and the states, steps and ages of the others, as they change (no key needed)."""
+        try:
+            found = list_runs(self.root)
+        except OSError:  # the folder went away mid-read: the next refresh reads it again
+            return
+        self.app.call_from_thread(self.show_runs, found)
+
+    def show_runs(self, found: list[dict]) -> None:
+        """The runs read: the same runs in the same order change only the cells that differ (no redraw of
+        the whole table, the cursor untouched); otherwise the table is filled again."""
+        paths = [r["path"] for r in found]
+        same = paths == self.paths and self._widths == name_widths(self.size.width)
+        self.runs, self.paths = found, paths
+        self.marked = [p for p in self.marked if p in self.paths]
+        if not same:
+            self.fill()
+            return
+        table = self.query_one(DataTable)
+        for r in found:
+            for name, cell in zip(COLUMNS, self._cells(r)):
+                if str(table.get_cell(r["path"], name)) != str(cell):
+                    table.update_cell(r["path"], name, cell)
+
+    def _cells(self, r: dict) -> list:
+        """A run's state, model, step, loss and age cells."""
+        model_limit = (self._widths or name_widths(self.size.width))[1]
+        loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "–"
+        model = str(r["model"] or "")
+        if len(model) > model_limit:
+            model = "…" + model[-(model_limit - 1):]  # the end of a path says most
+        return [data(r["state"], limit=9), data(model), data(r["step"], limit=7), loss, age_text(r["age_s"])]
+
     def fill(self) -> None:
-        """The table from ``self.runs``, the names cut to the terminal's width; the cursor stays on its row."""
+        """The table from ``self.runs``, the names cut to the terminal's width; the cursor stays on its run
+        (on its row when that run is gone)."""
         table = self.query_one(DataTable)
         row = table.cursor_row
+        try:
+            here = str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+        except Exception:  # an empty table: no row under the cursor
+            here = None
         table.clear()
-        self._widths = _, model_limit = name_widths(self.size.width)
+        self._widths = name_widths(self.size.width)
         for r in self.runs:
-            loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "–"
-            model = str(r["model"] or "")
-            if len(model) > model_limit:
-                model = "…" + model[-(model_limit - 1):]  # the end of a path says most
-            table.add_row(self._name_cell(r), data(r["state"], limit=9), data(model), data(r["step"], limit=7), loss,
-                          age_text(r["age_s"]), self._mark(r["path"]), key=r["path"])
+            table.add_row(self._name_cell(r), *self._cells(r), self._mark(r["path"]), key=r["path"])
         if self.runs:
-            table.move_cursor(row=min(row, len(self.runs) - 1))
+            table.move_cursor(row=self.paths.index(here) if here in self.paths else min(row, len(self.runs) - 1))
         self._title()
 
     def _name_cell(self, run: dict) -> Text:

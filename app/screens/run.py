@@ -62,6 +62,8 @@ PANE_EVERY_S = {"gpus": 1.0, "events": 0.5}
 LOG_EVERY_S = 0.5  # the followed log is read this often while the Logs tab shows
 # keys that act in one tab only: action → tab
 TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs"}
+# keys that command the engine: hidden once the run has ended, greyed while the engine is not seen
+ENGINE_ACTIONS = {"preview_now", "save", "eval_now", "pause", "stop"}
 NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start still notify (clock skew)
 COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
 REQUEST_TIMEOUT_S = 5.0  # one try
@@ -84,6 +86,7 @@ class RunScreen(Screen):
         Binding("p", "pause", "Pause/Resume"),
         Binding("x", "stop", "Stop"),
         Binding("question_mark", "help", "Keys"),
+        Binding("b", "back", "Runs"),
         Binding("q", "app.quit", "Quit"),
     ]
 
@@ -98,6 +101,7 @@ class RunScreen(Screen):
         self._scan_soon = False
         self._last_scan = 0.0
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
+        self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
         self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name → inference job started here
         self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
@@ -275,11 +279,22 @@ class RunScreen(Screen):
         self.render_if_dirty()
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        """The Charts and Logs keys act only in their tab (elsewhere the key does nothing)."""
+        """The Charts and Logs keys act only in their tab (elsewhere the key does nothing); the engine's
+        commands only while there is an engine to take them (the footer hides them on an ended run and
+        greys them while the engine is lost)."""
         tab = TAB_ACTIONS.get(action)
         if tab is not None:
             return self.query_one(TabbedContent).active == tab
+        if action == "back":  # only when the run was opened from the picker
+            return self.from_picker()
+        if action in ENGINE_ACTIONS:
+            ended, lost = self.engine_keys_state()
+            return False if ended else None if lost else True
         return True
+
+    def engine_keys_state(self) -> tuple[bool, bool]:
+        s = self.app.state
+        return s.state in FINAL or s.crashed, s.engine_live is False or bool(self._lost_reason)
 
     # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
@@ -323,6 +338,11 @@ class RunScreen(Screen):
         if text is not None:
             show_text(banner, text)
         banner.display = text is not None
+        keys = self.engine_keys_state()
+        if keys != self._engine_keys:  # the footer's engine keys follow the run's state
+            self._engine_keys = keys
+            self.refresh_bindings()
+            self.sync_buttons()
 
     # ---- the run folder (a thread: a slow disk never stalls the screen)
     @work(thread=True, exclusive=True, group="disk")
@@ -464,8 +484,9 @@ class RunScreen(Screen):
     def sync_buttons(self) -> None:
         busy = set(self.in_flight) | {f"infer:{name}" for name in self.running_offline()}
         self.query_one(Checkpoints).sync_buttons(busy)
-        self.query_one("#pv-apply").disabled = "set_preview_params" in busy
-        self.query_one("#pv-now").disabled = "preview_now" in busy
+        ended = self.engine_keys_state()[0]  # no worker is left to preview
+        self.query_one("#pv-apply").disabled = ended or "set_preview_params" in busy
+        self.query_one("#pv-now").disabled = ended or "preview_now" in busy
 
     @on(Previews.ParamsRequested)
     def params(self, m: Previews.ParamsRequested) -> None:
@@ -529,6 +550,10 @@ class RunScreen(Screen):
     def maybe_notify(self, ev) -> None:
         if ev.type == "status" and ev.state in FINAL:
             outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
+            if outcome == "engine_lost":  # the workers stopped without their engine: said once, as a crash
+                self.notify_terminal("crashed", "the engine is gone; the workers saved and stopped",
+                                     ("crashed", self.app.state.engine_pid))
+                return
             self.notify_terminal(ev.state, outcome or ev.message or ev.state, ("status", ev.seq))
         elif ev.type == "alert" and ev.level == "error":
             self.notify_terminal(f"error: {ev.kind}", ev.message, ("alert", ev.seq))
@@ -607,6 +632,17 @@ class RunScreen(Screen):
 
     def action_help(self) -> None:
         self.app.push_screen(Help())
+
+    def from_picker(self) -> bool:
+        from app.screens.picker import RunPicker
+
+        stack = self.app.screen_stack
+        return self in stack and stack.index(self) > 0 and isinstance(stack[stack.index(self) - 1], RunPicker)
+
+    def action_back(self) -> None:
+        """Back to the run list (the run goes on; its stream here stops)."""
+        if self.from_picker():
+            self.app.pop_screen()
 
     def on_unmount(self) -> None:
         self.workers.cancel_group(self, "engine")

@@ -66,8 +66,14 @@ def cell(row: dict, key: str, fmt: str) -> str:
     out = fmt.format(v)
     bounds = row["ci"].get(key) if key in INTERVALS else None
     if isinstance(bounds, list) and len(bounds) == 2 and all(_num(b) for b in bounds):
-        out += f" [{fmt.format(bounds[0])}–{fmt.format(bounds[1])}]"
+        lo, hi = (_short(fmt.format(b)) for b in bounds)
+        out += f" [{lo}–{hi}]"
     return out
+
+
+def _short(text: str) -> str:
+    """0.281 → .281 inside an interval (the value before it keeps its 0): the matrix fits 80 columns."""
+    return text[1:] if text.startswith("0.") else "-" + text[2:] if text.startswith("-0.") else text
 
 
 class Evaluations(VerticalScroll):
@@ -104,7 +110,8 @@ class Evaluations(VerticalScroll):
             table = self.query_one("#evl-matrix", DataTable)
             table.clear()
             for step, name, *cells in view:
-                table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(name, limit=60))
+                job = name.replace("checkpoint-", "ckpt-", 1)  # the step says which: the row fits 80 columns
+                table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(job, limit=40))
         show_text(self.query_one("#evl-matrix-head", Static), assemble((
             "checkpoint matrix by step (brackets: 95% bootstrap intervals)" if rows else
             "checkpoint matrix: no finished inference job yet (Checkpoints tab: Infer selected / Infer all)", "bold")))

@@ -1,0 +1,117 @@
+"""What the dashboard shows follows the run as it changes: the picker reads the runs again by itself (a
+new run appears, a state changes, the cursor stays on its run); the footer offers the engine's commands
+only while an engine can take them; a paused run shows no ETA and its pause is no part of the pace."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import synthetic_runs
+
+from conftest import pilot_wait
+
+
+def test_picker_follows_the_runs_without_a_key(tmp_path, monkeypatch):
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.screens import picker
+    from engine.protocol import Status
+
+    reads = []
+    real = picker.list_runs
+    monkeypatch.setattr(picker, "list_runs", lambda root: reads.append(1) or real(root))
+    root = tmp_path / "runs"
+    synthetic_runs.make_run(root, "alpha", steps=8)
+    synthetic_runs.make_run(root, "beta", steps=8, state="running")  # no engine: crashed
+
+    async def flow():
+        app = VoxApp(None, str(root))
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await pilot_wait(pilot, lambda: table.row_count == 2, timeout=15, every=0.05)
+            states = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[1]) for i in range(2)}
+            assert states == {"alpha": "finished", "beta": "crashed"}
+            row = [str(table.get_row_at(i)[0]) for i in range(2)].index("alpha")
+            table.move_cursor(row=row)
+            # a new run appears; beta gets its last status (finished): no key pressed
+            shutil.copytree(root / "alpha", root / "gamma")
+            with open(root / "beta" / "events.jsonl", "ab") as f:
+                f.write(synthetic_runs.encode([Status(state="finished", time=synthetic_runs.T0 + 500)], "beta"))
+            await pilot_wait(pilot, lambda: table.row_count == 3, timeout=3 * picker.REFRESH_S + 10, every=0.1)
+            await pilot_wait(pilot, lambda: "crashed" not in {str(table.get_row_at(i)[1]) for i in range(3)},
+                             timeout=3 * picker.REFRESH_S + 10, every=0.1)
+            # the cursor is still on alpha (not on the row it had)
+            assert str(table.get_row_at(table.cursor_row)[0]) == "alpha"
+            # attached to a run, the picker reads nothing
+            await pilot.press("enter")
+            await pilot_wait(pilot, lambda: app.screen.__class__.__name__ == "RunScreen", timeout=15)
+            before = len(reads)
+            await pilot.pause(2.5 * picker.REFRESH_S)
+            assert len(reads) == before
+            await pilot.press("b")  # back to the picker: it reads again at once
+            await pilot_wait(pilot, lambda: len(reads) > before, timeout=10, every=0.1)
+            assert app.screen.__class__.__name__ == "RunPicker" and len(app.screen_stack) == 2  # the default + it
+
+    asyncio.run(flow())
+
+
+def test_ended_run_offers_no_engine_commands_and_an_unseen_engine_greys_them(tmp_path):
+    from app.app import VoxApp
+    from engine import runs
+
+    root = tmp_path / "runs"
+    finished = synthetic_runs.make_run(root, "done", steps=8)
+    unseen = synthetic_runs.make_run(root, "unseen", steps=8, state="running")  # no engine.json: not seen yet
+    crashed = synthetic_runs.make_run(root, "gone", steps=8, state="running")
+    runs.write_engine_info(crashed, {"pid": 2**22 + 12345,  # no such process (pid_max is 2**22)
+                                        "started": time.time() - 60, "endpoints": {}})
+
+    async def check(run):
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 8, timeout=20, every=0.05)
+            await pilot.pause(0.3)
+            screen = app.screen
+            answers = {a: screen.check_action(a, ()) for a in ("stop", "pause", "save", "eval_now", "preview_now")}
+            footer = {b.key for _, b, enabled, _ in screen.active_bindings.values() if b.show and enabled}
+            buttons = (screen.query_one("#pv-apply").disabled, screen.query_one("#pv-now").disabled)
+            return answers, footer, buttons
+
+    answers, footer, buttons = asyncio.run(check(finished))
+    assert set(answers.values()) == {False}  # hidden: nothing left to command
+    assert not footer & {"n", "s", "e", "p", "x"} and {"q", "question_mark"} <= footer
+    assert buttons == (True, True)
+    answers, footer, buttons = asyncio.run(check(crashed))
+    assert set(answers.values()) == {False}  # a crashed run has ended too (resume starts a new engine)
+    assert not footer & {"n", "s", "e", "p", "x"}
+    answers, footer, buttons = asyncio.run(check(unseen))
+    assert set(answers.values()) == {None}  # greyed: no engine seen to take them
+
+
+def test_paused_run_has_no_eta_and_the_pause_is_not_part_of_the_pace():
+    from app.state import RunState
+    from engine.protocol import RunInfo, Status, Step
+
+    s = RunState()
+    seq = iter(range(1, 10_000))
+
+    def feed(ev, t):
+        ev.seq, ev.time, ev.run = next(seq), t, "r"
+        s.apply(ev)
+
+    feed(Status(state="running"), 0.0)
+    feed(RunInfo(model_id="m", world_size=1, device="cpu", train_rows=1, val_rows=0, total_steps=100,
+                 steps_per_epoch=100), 0.0)
+    for i in range(1, 11):  # 1 s a step
+        feed(Step(step=i, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0), float(i))
+    assert s.eta_s() == 90.0
+    feed(Status(state="paused"), 10.5)
+    assert s.eta_s() is None
+    feed(Status(state="running"), 1000.0)  # an hour's pause
+    assert s.eta_s() is None  # no step since the resume: too few to tell
+    for i in range(11, 14):  # 2 s a step now
+        feed(Step(step=i, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0), 1000.0 + 2 * (i - 10))
+    assert s.eta_s() == 87 * 2.0  # the pace since the resume, the pause not in it
