@@ -19,9 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/voxtui demo
 
+# the tests side by side, one process per core (pytest-xdist): many wait on engines, sockets and
+# timeouts rather than compute; `$(PY) -m pytest -q` runs them one after the other
+TEST_JOBS ?= auto
+
 test: setup
 	$(VENV)/bin/ruff check engine app tests bench scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 # on a CUDA machine: the GPU equivalence tests (tests/gpu; skipped elsewhere), with the system's python
 test-gpu:
