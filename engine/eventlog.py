@@ -53,12 +53,17 @@ SPOOL_SEGMENT = 5000  # events per spool file; the engine deletes a file once ev
 
 def worker_id() -> str:
     """This process, unique across restarts and machines: ``<host>-<pid>-<start>`` (file-name safe)."""
-    import re
-    import socket
     import time
 
-    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:40] or "host"
-    return f"{host}-{os.getpid()}-{int(time.time() * 1000):x}"
+    return f"{host_tag()}-{os.getpid()}-{int(time.time() * 1000):x}"
+
+
+def host_tag() -> str:
+    """This machine's name as worker ids carry it (file-name safe)."""
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:40] or "host"
 
 
 class Spool:
@@ -170,6 +175,11 @@ def decode_event(raw: bytes) -> Message | None:
     from engine.protocol import decode, event_decoder
 
     return decode(event_decoder, raw)[0]
+
+
+def worker_host(worker: str) -> str:
+    """The host part of a worker id made by ``worker_id()`` (``<host>-<pid>-<start>``)."""
+    return worker.rsplit("-", 2)[0]
 
 
 def spool_worker_pid(worker: str) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -223,9 +224,12 @@ def inference_samples(job_dir: Path, n: int = 5) -> list[dict]:
 # ---------------------------------------------------------------------------- a run's state
 
 
-# (events.jsonl, type) → (the file's (device, inode), the bytes read: up to the last complete line, the
-# last event of that type in them): a picker refreshing every few seconds reads only what was appended
-_LAST_EVENT: dict[tuple[str, str], tuple[tuple[int, int], int, dict | None]] = {}
+# (events.jsonl, type) → (the file's (device, inode) and the bytes just before the point read to, that
+# point: the end of the last complete line, the last event of that type before it): a picker refreshing
+# every few seconds reads only what was appended (a file replaced by one that got the same inode is told
+# by those bytes)
+_LAST_EVENT: dict[tuple[str, str], tuple[tuple, int, dict | None]] = {}
+_MARK = 64  # bytes before the point read to, kept to recognise the file
 _LAST_EVENT_MAX = 4096  # entries (two per run listed): past it, the cache starts afresh
 
 
@@ -247,10 +251,11 @@ def last_event(run_dir: Path, kind: str) -> dict | None:
     except OSError:
         return None
     needle = f'"type":"{kind}"'.encode()  # the tag comes first; inside a JSON string a quote is escaped
-    key, ident = (str(path), kind), (st.st_dev, st.st_ino)
+    key = (str(path), kind)
     hit = _LAST_EVENT.get(key)
     try:
-        if hit is not None and hit[0] == ident and hit[1] <= st.st_size:
+        if hit is not None and hit[0][:2] == (st.st_dev, st.st_ino) and hit[1] <= st.st_size \
+                and _mark(path, hit[1]) == hit[0][2]:
             _, done, found = hit
             with open(path, "rb") as f:
                 f.seek(done)
@@ -281,6 +286,7 @@ def last_event(run_dir: Path, kind: str) -> dict | None:
             done = st.st_size - len(tail) + cut + 1 if cut >= 0 else (0 if st.st_size <= 1 << 16 else -1)
             if done < 0:  # a last line of over 64 KiB still torn: read backwards again next time
                 return found
+        ident = (st.st_dev, st.st_ino, _mark(path, done))
     except OSError:
         return None
     if len(_LAST_EVENT) >= _LAST_EVENT_MAX:
@@ -289,14 +295,21 @@ def last_event(run_dir: Path, kind: str) -> dict | None:
     return found
 
 
+def _mark(path: Path, end: int) -> bytes:
+    """The bytes just before ``end`` (how the cache of ``last_event`` knows the file it read)."""
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), min(end, _MARK), max(end - _MARK, 0))
+
+
 LOCK_FILE = ".events.lock"
 
 
-def lock_events(run_dir: Path, wait_s: float = 0.0) -> int | None:
+def lock_events(run_dir: Path, wait_s: float = 0.0, need_lock: bool = False) -> int | None:
     """The run's event-log lock (``flock`` on ``runs/<run>/.events.lock``): an open descriptor holding it
     (closing it lets go; so does the process's death), or None when another process holds it for longer
     than ``wait_s``. An engine holds it for its life; a fold of the spool takes it only when it is free.
-    A filesystem without locks: a descriptor is returned without one (the pid checks still guard)."""
+    A filesystem without locks: a descriptor without one for an engine (its pid checks still guard),
+    None with ``need_lock`` (a fold is not done without the lock)."""
     import fcntl
 
     fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -314,7 +327,26 @@ def lock_events(run_dir: Path, wait_s: float = 0.0) -> int | None:
                 return None
             time.sleep(0.05)
         except OSError:  # no locks here (some network filesystems)
+            if need_lock:
+                os.close(fd)
+                return None
             return fd
+
+
+_FOLDING = threading.Lock()  # one fold at a time in this process (flock may not exclude threads everywhere)
+
+
+def this_host_runs(info: dict, workers) -> bool:
+    """Whether the engine of ``info`` and the spooling ``workers`` ran on this machine: only then does a
+    pid that is not alive here mean the process is gone (a rank on another node of a shared filesystem
+    may still be writing its spool)."""
+    import socket
+
+    from engine.eventlog import host_tag, worker_host
+
+    if info.get("host") not in (None, socket.gethostname()):
+        return False
+    return all(worker_host(w) == host_tag() for w in workers)
 
 
 def fold_spool(run_dir: Path) -> int:
@@ -322,58 +354,76 @@ def fold_spool(run_dir: Path) -> int:
     workers are gone — as the next engine would on resume, for a run that gets none (its workers finished
     it after their engine was killed): ``engine list``, the dashboard and every reader of events.jsonl
     then see the run's last steps and its real end. Under the event-log lock, so never beside an engine;
-    each event once (a worker's count, ``wseq``, says what is stored). Returns how many were stored; 0
-    when there is nothing to do or it cannot be done now (an engine or a worker runs, the folder is not
-    writable): readers then go on as before."""
+    each event once (a worker's count, ``wseq``, says what is stored). Only for an engine and workers of
+    this machine (elsewhere a pid says nothing here). Returns how many were stored; 0 when there is nothing
+    to do or it cannot be done now (an engine or a worker runs, the folder is not writable, no locks):
+    readers then go on as before."""
     spool_dir = Path(run_dir) / "spool"
     if not spool_dir.is_dir():
         return 0
     spool = read_spool(spool_dir)
-    if engine_alive(engine_info(run_dir)) or any(pid_alive(spool_worker_pid(w)) for w in spool):
+    info = engine_info(run_dir)
+    if not this_host_runs(info, spool) or engine_alive(info) \
+            or any(pid_alive(spool_worker_pid(w)) for w in spool):
         return 0
-    try:
-        fd = lock_events(run_dir)
-    except OSError:
-        return 0
-    if fd is None:
-        return 0
+    with _FOLDING:
+        try:
+            fd = lock_events(run_dir, need_lock=True)
+        except OSError:
+            return 0
+        if fd is None:
+            return 0
+        try:
+            return _fold(Path(run_dir), spool_dir)
+        except OSError:
+            return 0
+        finally:
+            os.close(fd)
+
+
+def _fold(run_dir: Path, spool_dir: Path) -> int:
     from engine.protocol import Alert, event_encoder, stamp
 
-    try:
-        info = engine_info(run_dir)
-        if engine_alive(info):  # one started meanwhile (and waits for the lock)
-            return 0
-        path = Path(run_dir) / "events.jsonl"
-        spool = read_spool(spool_dir)
-        cut_torn_tail(path)
-        pending = spooled_events(path, spool, {})
-        if pending:
-            seq, run = last_seq(path), Path(run_dir).name
-            crashed = isinstance(info.get("pid"), int) and "stopped" not in info and "folded" not in info
-            if crashed:  # the record says what happened, as the next engine would have
-                pending.insert(0, Alert(level="error", kind="engine_lost", message=(
-                    f"the engine (pid {info['pid']}) ended without closing (killed?) after event {seq}; "
-                    f"{len(pending)} event(s) its workers kept are stored below")))
-            with open(path, "ab") as f:
-                for ev in pending:
-                    seq += 1
-                    f.write(event_encoder.encode(stamp(ev, seq, run)) + b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if crashed:  # said once: the next engine does not say it again
-                write_engine_info(run_dir, {**info, "folded": seq})
-        for files in spool.values():  # every event in them is stored now
-            for _, p in files:
-                p.unlink(missing_ok=True)
-        try:
-            spool_dir.rmdir()
-        except OSError:
-            pass  # a file that is not a spool file: left as it is
-        return len(pending)
-    except OSError:
+    info = engine_info(run_dir)
+    if engine_alive(info):  # one started meanwhile (and waits for the lock)
         return 0
-    finally:
-        os.close(fd)
+    path = run_dir / "events.jsonl"
+    spool = read_spool(spool_dir)
+    cut_torn_tail(path)
+    stored: dict[str, int] = {}
+    pending = spooled_events(path, spool, stored)
+    if pending:
+        seq, run = last_seq(path), run_dir.name
+        crashed = isinstance(info.get("pid"), int) and "stopped" not in info and "folded" not in info
+        events = list(pending)
+        if crashed:  # the record says what happened, as the next engine would have
+            events.insert(0, Alert(level="error", kind="engine_lost", message=(
+                f"the engine (pid {info['pid']}) ended without closing (killed?) after event {seq}; "
+                f"{len(pending)} event(s) its workers kept are stored below")))
+        with open(path, "ab") as f:
+            for ev in events:
+                seq += 1
+                f.write(event_encoder.encode(stamp(ev, seq, run)) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for ev in pending:
+            stored[ev.worker] = max(stored.get(ev.worker, 0), ev.wseq)
+        if crashed:  # said once: the next engine does not say it again
+            write_engine_info(run_dir, {**info, "folded": seq})
+    for worker, files in spool.items():  # a file goes once every event in it is stored (one not read stays)
+        for _, p in files:
+            try:
+                wseqs = [ev.wseq for ev in map(decode_event, p.read_bytes().split(b"\n"))
+                         if ev is not None and ev.worker == worker]
+            except OSError:
+                continue
+            if all(w <= stored.get(worker, 0) for w in wseqs):
+                p.unlink(missing_ok=True)
+    try:
+        spool_dir.rmdir()
+    except OSError:
+        pass  # a file left (unread now, or not a spool file): the next fold looks again
+    return len(pending) + (1 if pending and crashed else 0)
 
 
 def spooled(run_dir: Path) -> list:

@@ -26,6 +26,8 @@ change = st.one_of(
     st.tuples(st.just("finish"), st.just([]), st.just(False)),  # the torn line gets its newline
     st.tuples(st.just("cut"), st.integers(0, 200), st.just(False)),  # shorter (a torn tail repaired)
     st.tuples(st.just("replace"), st.lists(line, max_size=3), st.just(False)),  # a new file in its place
+    # rewritten in place (the same inode: a folder deleted and a run of the same name started again)
+    st.tuples(st.just("rewrite"), st.lists(line, max_size=3), st.integers(10**8, 10**9)),
 )
 
 
@@ -57,6 +59,10 @@ def test_incremental_read_equals_a_fresh_read(tmp_path_factory, changes):
         elif what == "cut":
             size = path.stat().st_size
             os.truncate(path, max(size - arg, 0))
+        elif what == "rewrite":
+            with open(path, "r+b") as f:
+                f.truncate(0)
+                f.write(b"".join(x + b"\n" for x in arg) + f'{{"type":"note","id":{torn}}}\n'.encode())
         else:
             tmp = run / "events.tmp"
             tmp.write_bytes(b"".join(x + b"\n" for x in arg))

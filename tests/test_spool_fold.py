@@ -14,15 +14,17 @@ from hypothesis import strategies as st
 DEAD = 2**22 + 4321  # above any pid_max: no such process
 
 
-def spool_run(root, n_stored: int, spooled: list[int], worker_pid: int = DEAD, engine: dict | None = None):
+def spool_run(root, n_stored: int, spooled: list[int], worker_pid: int = DEAD, engine: dict | None = None,
+              host: str | None = None):
     """A run folder: events.jsonl with ``n_stored`` steps (the last ones carrying the worker's id, as a
     relaying engine stores them), the worker's spool with the steps ``spooled`` (wseq = step)."""
+    from engine.eventlog import host_tag
     from engine.protocol import Status, Step, event_encoder, stamp
     from engine.runs import write_engine_info
 
     run = root / "r"
     (run / "spool").mkdir(parents=True)
-    worker = f"host-{worker_pid}-18c0ffee"
+    worker = f"{host or host_tag()}-{worker_pid}-18c0ffee"
     lines = [event_encoder.encode(stamp(Status(state="running", time=1.0), 1, "r"))]
     for i in range(1, n_stored + 1):
         lines.append(event_encoder.encode(stamp(Step(step=i, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0,
@@ -83,6 +85,11 @@ def test_no_fold_beside_a_live_engine_a_held_lock_or_a_running_worker(tmp_path):
     finally:
         os.close(fd)
     assert fold_spool(run) == 3
+    # a worker, or the engine, of another machine (a shared filesystem): a pid says nothing here
+    run = spool_run(tmp_path / "e", 2, [3, 4], host="othernode")
+    assert fold_spool(run) == 0 and (run / "spool").exists()
+    run = spool_run(tmp_path / "f", 2, [3, 4], engine={"pid": DEAD, "started": 1.0, "host": "othernode"})
+    assert fold_spool(run) == 0 and (run / "spool").exists()
     # a folder it may not write: nothing happens, readers go on as before
     run = spool_run(tmp_path / "d", 2, [3, 4])
     os.chmod(run / "events.jsonl", 0o444)

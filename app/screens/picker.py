@@ -50,6 +50,7 @@ class RunPicker(Screen):
         self.runs: list[dict] = []
         self.marked: list[str] = []  # paths, in the order they were marked (the comparison's order)
         self._widths: tuple[int, int] | None = None
+        self._reading = False  # a read of the runs is under way (in a thread)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -81,14 +82,28 @@ class RunPicker(Screen):
         self.show_runs(list_runs(self.root))
         self.query_one(DataTable).focus()
 
-    @work(thread=True, exclusive=True, group="picker")
     def refresh_runs(self) -> None:
-        """New runs, and the states, steps and ages of the others, as they change (no key needed)."""
+        """New runs, and the states, steps and ages of the others, as they change (no key needed); one
+        read at a time (a slow or hung disk does not pile up threads)."""
+        if not self._reading:
+            self._reading = True
+            self.read_runs()
+
+    @work(thread=True, group="picker")
+    def read_runs(self) -> None:
         try:
             found = list_runs(self.root)
-        except OSError:  # the folder went away mid-read: the next refresh reads it again
-            return
-        self.app.call_from_thread(self.show_runs, found)
+        except Exception:  # the folder went away mid-read, …: the next refresh reads it again
+            found = None
+        try:
+            self.app.call_from_thread(self.runs_read, found)
+        except RuntimeError:  # the app is closing
+            pass
+
+    def runs_read(self, found: list[dict] | None) -> None:
+        self._reading = False
+        if found is not None:
+            self.show_runs(found)
 
     def show_runs(self, found: list[dict]) -> None:
         """The runs read: the same runs in the same order change only the cells that differ (no redraw of

@@ -106,8 +106,8 @@ class Engine:
         """The run folder, the event log, the sockets; then what an engine that died left behind, and
         engine.json for clients and workers."""
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log.open()  # the event-log lock first: a reader folding the spool has finished (and said so)
         previous = engine_info(self.run_dir)
-        self.log.open()
         self.sockets.bind()
         self.inference = InferenceJobs(self.run_dir, self.nproc, self.sockets.endpoints["worker_events"])
         info = {"pid": os.getpid(), "run": self.run, "host": socket.gethostname(), "version": PROTOCOL_VERSION,
