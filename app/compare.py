@@ -21,6 +21,9 @@ from engine.client import inference_results, read_events, run_config, summary
 TYPES = ("step", "eval", "run_info", "inference")  # what a comparison folds (telemetry, previews … are skipped)
 METRICS = (("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"))
 NOT_COMPARED = ("output_dir", "engine")  # each run's own folder and engine: they always differ
+# config keys naming files or folders: compared as the files they name (engine/daemon/launch.py stores
+# them absolute; older runs have them relative to where they were started)
+PATH_KEYS = ("train_jsonl", "val_jsonl", "preview_file", "cache_dir")
 MAX_POINTS = 400  # a terminal plot shows a few hundred points at most
 CHUNK = 1 << 20  # bytes of events.jsonl read and folded at a time (the UI waits for at most one piece)
 CKPT = re.compile(r"checkpoint-(\d+)$")
@@ -205,9 +208,25 @@ def differing_config(runs: list[RunSeries]) -> list[tuple[str, list[str]]]:
         if k in NOT_COMPARED or k == "model_id":
             continue
         values = [c.get(k, MISSING) for c in configs]
-        if any(not same(v, values[0]) for v in values[1:]):
+        compared = [as_path(r, v) if k in PATH_KEYS else v for r, v in zip(runs, values)]
+        if any(not same(v, compared[0]) for v in compared[1:]):
             rows.append((k, [shown_value(v) for v in values]))
     return rows
+
+
+def as_path(run: RunSeries, value):
+    """A file or folder named in a run's config, as the file it is: a relative path (runs made before
+    paths were stored absolute) is taken from the folder that holds runs/ — where such runs were started —
+    when it is there, so the same data file named both ways is not a difference."""
+    if not isinstance(value, str) or not value:
+        return value
+    p = Path(value)
+    if not p.is_absolute():
+        p = Path(run.path).resolve().parent.parent / p
+    try:
+        return str(p.resolve()) if p.exists() else value
+    except OSError:
+        return value
 
 
 def same(a, b) -> bool:

@@ -233,3 +233,24 @@ def test_a_100k_step_run_loads_a_piece_at_a_time_without_holding_up_the_screen(t
             assert max(stalls) < 1.5, max(stalls)
 
     asyncio.run(flow())
+
+
+def test_a_data_file_named_relative_in_an_old_run_and_absolute_in_a_new_one_is_no_difference(tmp_path):
+    """Runs made before paths were stored absolute name their data relative to where they were started
+    (the folder that holds runs/): the same file named both ways is not listed as a difference; another
+    file is."""
+    from app.compare import RunSeries, differing_config
+
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    for name in ("train.jsonl", "other.jsonl"):
+        (project / "data" / name).write_text("{}\n")
+    old = RunSeries(path=str(project / "runs" / "old"))
+    new = RunSeries(path=str(project / "runs" / "new"))
+    third = RunSeries(path=str(project / "runs" / "third"))
+    old.file_config = {"train_jsonl": "data/train.jsonl", "lr": 0.001}
+    new.file_config = {"train_jsonl": str(project / "data" / "train.jsonl"), "lr": 0.001}
+    third.file_config = {"train_jsonl": str(project / "data" / "other.jsonl"), "lr": 0.001}
+    assert [k for k, _ in differing_config([old, new])] == ["model_id"]
+    rows = dict(differing_config([old, third]))
+    assert rows["train_jsonl"] == ["data/train.jsonl", str(project / "data" / "other.jsonl")]  # shown as written
