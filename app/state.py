@@ -85,7 +85,8 @@ class RunState:
     config: dict = field(default_factory=dict)  # run_info.config
     params: dict = field(default_factory=dict)  # param_table
     preview_params: dict = field(default_factory=dict)  # temperature / top_p / max_new_tokens in force
-    # (step, loss, lr, grad_norm, tokens_per_s, mfu, time): the newest steps all, older ones thinned (History)
+    # (step, loss, lr, grad_norm, tokens_per_s, mfu, mfu_attn, time): the newest steps all, older ones thinned
+    # (History)
     steps: History = field(default_factory=History)
     last_step: object = None
     evals: list = field(default_factory=list)  # (step, loss, ppl)
@@ -143,7 +144,8 @@ class RunState:
                 self.params = {"rows": ev.rows, "trainable": ev.trainable, "total": ev.total}
             case "step":
                 self.last_step = ev
-                self.steps.append((ev.step, ev.loss, ev.lr, ev.grad_norm, ev.tokens_per_s, ev.mfu, ev.time))
+                self.steps.append((ev.step, ev.loss, ev.lr, ev.grad_norm, ev.tokens_per_s, ev.mfu, ev.mfu_attn,
+                                   ev.time))
                 if ev.mem_allocated or ev.mem_reserved or ev.mem_peak:
                     self.memory.append((ev.step, ev.mem_allocated, ev.mem_reserved, ev.mem_peak))
                 if ev.step_time_rank:

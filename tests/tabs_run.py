@@ -63,7 +63,8 @@ def events() -> list:
         out.append(Step(step=s, loss=loss, lr=lr, grad_norm=0.8 + 0.6 * math.exp(-s / 30) + 0.1 * math.cos(s),
                         tokens_per_s=10_400 + 300 * math.sin(s / 9), epoch=s / 80, tokens=15_600,
                         tokens_per_s_rank=[5_250.0, 5_150.0], step_time=1.5, step_time_rank=[1.49, 1.5],
-                        mfu=0.41 + 0.01 * math.sin(s / 7), mem_allocated=18.2 + 0.002 * s, mem_reserved=22.5,
+                        mfu=0.41 + 0.01 * math.sin(s / 7), mfu_attn=0.47 + 0.01 * math.sin(s / 7),
+                        mem_allocated=18.2 + 0.002 * s, mem_reserved=22.5,
                         mem_peak=24.1 + 0.003 * s, time=t))
         if s % 6 == 0:
             for rank in (0, 1):

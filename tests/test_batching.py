@@ -133,3 +133,42 @@ def test_fused_head_ce_matches_cross_entropy():
     assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)  # fp32 softmax
     with torch.no_grad():
         assert torch.allclose(fused_head_ce(h1, w, y, chunk=4).double(), plain, rtol=1e-6)
+
+
+def test_attention_pairs_and_the_mfu_that_counts_attention():
+    """Each micro-batch counts the causal query-key pairs of its real examples (n(n+1)/2 for n tokens; the
+    padding none), packed or not; the step event's mfu_attn adds 12 · layers · heads · head_dim FLOPs per
+    pair to the matmuls' 4 · params per token."""
+    import torch
+
+    from engine.worker.batching import collate
+    from engine.worker.report import step_event
+
+    class Tok:
+        def example(self, i):
+            n = (3, 5, 1)[i]
+            return torch.arange(10, 10 + n), 1
+
+    padded = collate(Tok(), [[0], [1], [2]], pad=0, packed=False)
+    packed = collate(Tok(), [[0, 1, 2]], pad=0, packed=True, budget=16, max_len=8)
+    assert padded["attn_pairs"] == packed["attn_pairs"] == 6 + 15 + 1
+    assert padded["slots"] == 15 and packed["slots"] == 16  # padding is no pair
+    # two ranks: [loss, real, slots, time, commands, grad norm, stop, pairs]
+    gathered = torch.tensor([[1.0, 9, 16, 0.5, 0, 1.0, 0, 22], [1.0, 9, 16, 1.0, 0, 1.0, 0, 22]], dtype=torch.float64)
+    ev = step_event(gathered, 1, 0.0, 1.0, 1.0, 1e-4, "", 1.0, flops_per_token=100, peak=1e4,
+                    device=torch.device("cpu"), flops_per_pair=12 * 2 * 4 * 8)
+    assert ev.tokens_per_s == 18.0 and ev.mfu == 18.0 * 100 / 1e4
+    assert abs(ev.mfu_attn - (ev.mfu + 44 * 12 * 2 * 4 * 8 / 1.0 / 1e4)) < 1e-12
+    no_peak = step_event(gathered, 1, 0.0, 1.0, 1.0, 1e-4, "", 1.0, 100, None, torch.device("cpu"), 768)
+    assert no_peak.mfu is None and no_peak.mfu_attn is None
+
+
+def test_attention_flops_per_pair_of_the_tiny_model(tiny_model):
+    from transformers import AutoConfig, VoxtralForConditionalGeneration
+
+    from engine.worker.modeling import attention_flops_per_pair
+
+    cfg = AutoConfig.from_pretrained(tiny_model).text_config
+    model = VoxtralForConditionalGeneration.from_pretrained(tiny_model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert attention_flops_per_pair(model) == 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim

@@ -47,7 +47,8 @@ def test_single_rank_learns_and_writes_the_run_folder(tmp_path, tiny_model, data
     train, val = data
     out = tmp_path / "run"
     proc = worker(train_args(tiny_model, out, train, val, max_steps=30, lr=1e-2, eval_steps=15, save_steps=10,
-                             preview_steps=15, preview_count=2, max_new_tokens=6, cache_dir=tmp_path / "cache"))
+                             preview_steps=15, preview_count=2, max_new_tokens=6, cache_dir=tmp_path / "cache",
+                             peak_tflops=1.0))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = read_events(out)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
@@ -76,7 +77,10 @@ def test_single_rank_learns_and_writes_the_run_folder(tmp_path, tiny_model, data
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/ppl"} <= tags
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "eval/loss", "eval/ppl", "perf/mfu",
+            "perf/mfu_attn"} <= tags
+    # the two MFU figures (a peak given: 1 TFLOP/s): the one counting attention is the larger
+    assert all(0 < e["mfu"] < e["mfu_attn"] for e in events if e["type"] == "step")
     assert len(acc.Scalars("train/loss")) == 30
 
     # the adapter is a standard PEFT adapter on the language model only, and it changes the logits

@@ -117,9 +117,12 @@ class Charts(VerticalScroll):
         self._plot("ch-loss", [("train", [(r[0], r[1]) for r in steps], ""),
                                ("val", [(st, lo) for st, lo, _ in s.evals if st > first], "o")], log=self.log_loss)
         missing = []
-        for plot_id, col, label in (("ch-lr", 2, ""), ("ch-gn", 3, ""), ("ch-tps", 4, ""), ("ch-mfu", 5, "")):
-            if not self._plot(plot_id, [(label, [(r[0], r[col]) for r in steps], "")]) and plot_id == "ch-mfu":
-                missing.append("MFU (needs --peak_tflops)")
+        for plot_id, col in (("ch-lr", 2), ("ch-gn", 3), ("ch-tps", 4)):
+            self._plot(plot_id, [("", [(r[0], r[col]) for r in steps], "")])
+        # MFU two ways: the matmuls' FLOPs alone, and with attention's (docs/training.md states both)
+        if not self._plot("ch-mfu", [("matmuls", [(r[0], r[5]) for r in steps], ""),
+                                     ("+ attention", [(r[0], r[6]) for r in steps], "")]):
+            missing.append("MFU (needs --peak_tflops)")
         mem = [m for m in s.memory if m[0] > first]
         if not self._plot("ch-mem", [("allocated", [(m[0], m[1]) for m in mem], ""),
                                      ("reserved", [(m[0], m[2]) for m in mem], ""),

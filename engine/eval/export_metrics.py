@@ -6,7 +6,7 @@ One row per step, one column per scalar. The columns are named as the worker's T
 
     step, time, epoch                                   the step event (time: its Unix time)
     train/loss, train/grad_norm, train/lr, train/tokens, train/skipped
-    perf/tokens_per_s, perf/step_time, perf/pad_frac, perf/mfu, perf/tokens_per_s/rank<r>, perf/step_time/rank<r>
+    perf/tokens_per_s, perf/step_time, perf/pad_frac, perf/mfu, perf/mfu_attn, perf/tokens_per_s/rank<r>, perf/step_time/rank<r>
     mem/allocated_gib, mem/reserved_gib, mem/peak_gib
     eval/loss, eval/ppl, eval/tokens                    the evaluation at that step
     preview/rougeL                                      the mean ROUGE-L of the previews made at that step
@@ -40,7 +40,7 @@ from engine.util import UsageError, atomic_write, same_file
 STEP_FIELDS = (  # (event field, column)
     ("epoch", "epoch"), ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/lr"),
     ("tokens", "train/tokens"), ("skipped", "train/skipped"), ("tokens_per_s", "perf/tokens_per_s"),
-    ("step_time", "perf/step_time"), ("pad_frac", "perf/pad_frac"), ("mfu", "perf/mfu"),
+    ("step_time", "perf/step_time"), ("pad_frac", "perf/pad_frac"), ("mfu", "perf/mfu"), ("mfu_attn", "perf/mfu_attn"),
     ("mem_allocated", "mem/allocated_gib"), ("mem_reserved", "mem/reserved_gib"), ("mem_peak", "mem/peak_gib"),
 )
 RANK_FIELDS = (("tokens_per_s_rank", "perf/tokens_per_s"), ("step_time_rank", "perf/step_time"))

@@ -317,6 +317,9 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
             seg.append(len(e))
         rows.append((ids, labels, pos, seg))
     real = sum(len(r[0]) for r in rows)
+    # query-key pairs causal attention computes over the real examples: an example of n tokens has
+    # n(n+1)/2 (each token attends to itself and those before it) — the MFU that counts attention
+    pairs = sum(n * (n + 1) // 2 for r in rows for n in r[3])
     if packed:
         if len(rows) != 1:
             raise ValueError("a packed micro-batch is one row")
@@ -335,7 +338,8 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
         lab[0, :len(labels)] = torch.tensor(labels)
         cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32)
         out = {"input_ids": input_ids, "labels": lab, "position_ids": torch.tensor([pos], dtype=torch.long),
-               "cu_seq_lens_q": cu, "max_length_q": int(max(max_len, max(seg))), "real_tokens": real, "slots": width}
+               "cu_seq_lens_q": cu, "max_length_q": int(max(max_len, max(seg))), "real_tokens": real, "slots": width,
+               "attn_pairs": pairs}
     else:
         width = max(len(r[0]) for r in rows)
         n = len(rows)
@@ -347,7 +351,7 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
             lab[i, :len(labels)] = torch.tensor(labels)
             attention_mask[i, :len(ids)] = 1
         out = {"input_ids": input_ids, "labels": lab, "attention_mask": attention_mask, "real_tokens": real,
-               "slots": n * width}
+               "slots": n * width, "attn_pairs": pairs}
     shifted = lab[:, 1:]
     out["target_idx"] = (shifted != -100).reshape(-1).nonzero().squeeze(1)
     out["targets"] = shifted.reshape(-1)[out["target_idx"]]

@@ -188,6 +188,17 @@ def matmul_params(model: nn.Module) -> int:
     return n + head.weight.numel()
 
 
+def attention_flops_per_pair(model: nn.Module) -> int:
+    """FLOPs a training step spends on one causal query-key pair, all layers: forward QKᵀ and P·V are two
+    products of heads × head_dim multiply-adds (4 · heads · head_dim FLOPs), the backward twice that (dQ,
+    dK, dP, dV); 12 · layers · heads · head_dim. (FlashAttention's recomputation is not counted, as the
+    matmul figure counts no checkpointing's.)"""
+    cfg = language_model(_unwrap(model)).config
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return 12 * int(cfg.num_hidden_layers) * heads * head_dim
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module"):  # DDP
         model = model.module

@@ -2,8 +2,8 @@
 on stderr and TensorBoard (rank 0 only, ``runs/<run>/tb``).
 
 TensorBoard's tags, all written here: ``train/loss``, ``train/grad_norm``, ``train/lr``,
-``perf/tokens_per_s``, ``perf/step_time``, ``perf/pad_frac``, ``perf/mfu``, ``mem/allocated_gib``,
-``mem/peak_gib`` (each logged step); ``eval/loss``, ``eval/ppl``; ``preview/<i>`` (text);
+``perf/tokens_per_s``, ``perf/step_time``, ``perf/pad_frac``, ``perf/mfu``, ``perf/mfu_attn``,
+``mem/allocated_gib``, ``mem/peak_gib`` (each logged step); ``eval/loss``, ``eval/ppl``; ``preview/<i>`` (text);
 ``gpu/<i>/{util,mem_used,power,temp,sm_clock}``, ``host/rss_gib``, ``host/cpu_percent`` (telemetry, at
 the step it arrives).
 """
@@ -86,19 +86,23 @@ def memory(device) -> dict:
 
 
 def step_event(gathered, step: int, epoch: float, loss: float, gnorm: float, lr: float, nonfinite: str,
-               slowest: float, flops_per_token: int, peak: float | None, device) -> Step:
+               slowest: float, flops_per_token: int, peak: float | None, device, flops_per_pair: int = 0) -> Step:
     """The step event from the step's all-gather (a rank per row; columns: summed loss, real tokens, token
-    slots, step time, …; ``slowest``: the largest step time). ``peak``: all ranks' FLOP/s together (None:
-    no MFU)."""
+    slots, step time, …, causal attention pairs; ``slowest``: the largest step time). ``peak``: all ranks'
+    FLOP/s together (None: no MFU). MFU: ``4 · matmul params`` FLOPs per real token; ``mfu_attn`` adds
+    ``flops_per_pair`` for every causal query-key pair of the step's real examples."""
     times = gathered[:, 3]
     toks = gathered[:, 1]
     tps = float(toks.sum()) / max(slowest, 1e-9)
+    pairs = float(gathered[:, 7].sum()) if gathered.shape[1] > 7 else 0.0
+    mfu = tps * flops_per_token / peak if peak else None
+    mfu_attn = mfu + pairs * flops_per_pair / max(slowest, 1e-9) / peak if peak and flops_per_pair else None
     return Step(step=step, loss=loss if math.isfinite(loss) else None, lr=lr,
                 grad_norm=gnorm if math.isfinite(gnorm) else None, tokens_per_s=tps, epoch=epoch,
                 tokens=int(toks.sum()), tokens_per_s_rank=[float(t / max(s, 1e-9)) for t, s in zip(toks, times)],
                 step_time=slowest, step_time_rank=[float(s) for s in times],
                 pad_frac=1 - float(gathered[:, 1].sum()) / max(float(gathered[:, 2].sum()), 1.0),
-                mfu=tps * flops_per_token / peak if peak else None, skipped=bool(nonfinite), nonfinite=nonfinite,
+                mfu=mfu, mfu_attn=mfu_attn, skipped=bool(nonfinite), nonfinite=nonfinite,
                 **memory(device))
 
 
@@ -127,6 +131,8 @@ class Board:
         w.add_scalar("perf/pad_frac", ev.pad_frac, s)
         if ev.mfu is not None:
             w.add_scalar("perf/mfu", ev.mfu, s)
+        if ev.mfu_attn is not None:
+            w.add_scalar("perf/mfu_attn", ev.mfu_attn, s)
         if ev.mem_peak:
             w.add_scalar("mem/allocated_gib", ev.mem_allocated, s)
             w.add_scalar("mem/peak_gib", ev.mem_peak, s)

@@ -120,6 +120,7 @@ class Trainer:
         from engine.protocol import ParamRow, ParamTable
         from engine.worker.modeling import (
             CausalLMLoss,
+            attention_flops_per_pair,
             load_model,
             matmul_params,
             param_table,
@@ -143,6 +144,7 @@ class Trainer:
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
         self.flops_per_token = 4 * matmul_params(self.model)  # MFU: forward and backward
+        self.flops_per_pair = attention_flops_per_pair(self.model)  # and the MFU that counts attention
         peak = peak_flops(cfg.peak_tflops, d.device)
         self.peak = peak * d.world if peak else None  # all ranks together
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -249,9 +251,10 @@ class Trainer:
         step_time = time.perf_counter() - t0
         real = sum(m["real_tokens"] for m in micro)
         slots = sum(m["slots"] for m in micro)
+        pairs = sum(m["attn_pairs"] for m in micro)
         commands, stop_signal = self.control.poll()
         gathered = d.all_gather([float(loss_sum), real, slots, step_time, float(bool(commands)),
-                                 float(grad_norm), float(stop_signal)])
+                                 float(grad_norm), float(stop_signal), float(pairs)])
         loss = float(gathered[:, 0].sum()) / max(n_global, 1.0)
         gnorm = float(gathered[0, 5])
         nonfinite = "loss" if not math.isfinite(loss) else ("grad_norm" if not math.isfinite(gnorm) else "")
@@ -266,7 +269,7 @@ class Trainer:
         slowest = float(gathered[:, 3].max())
         if d.main and (self.step % cfg.log_steps == 0 or nonfinite):
             ev = step_event(gathered, self.step, self.epoch + self.micro / max(len(plan), 1), loss, gnorm, lr,
-                            nonfinite, slowest, self.flops_per_token, self.peak, d.device)
+                            nonfinite, slowest, self.flops_per_token, self.peak, d.device, self.flops_per_pair)
             self.emit(ev)
             self.out.board.step(ev)
         # commands and signals act here, on every rank, at this step boundary
