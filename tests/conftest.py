@@ -162,3 +162,18 @@ def descendants_of(pid: int) -> list[int]:
         return [c.pid for c in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+async def until_still(pilot, timeout: float = 10.0, every: float = 0.15, looks: int = 3) -> None:
+    """In a Pilot test: let the app run until its screen stops changing (``looks`` screenshots in a row
+    the same) — a loaded machine paints a tab later than a fixed pause allows — or ``timeout`` passes."""
+    import time
+
+    deadline, last, same = time.monotonic() + timeout, None, 0
+    while time.monotonic() < deadline:
+        await pilot.pause(every)
+        shot = pilot.app.export_screenshot()
+        same = same + 1 if shot == last else 0
+        if same >= looks - 1:
+            return
+        last = shot

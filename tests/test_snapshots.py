@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, until_still
 
 RECORDED = Path(__file__).parent / "data" / "recorded_run"
 
@@ -72,7 +72,7 @@ def test_tab_snapshot(snap_compare, replayed, size, key):
         await pilot.press(key)
         await pilot.pause(0.3)
         app.screen.set_focus(None)  # no blinking cursor in the picture
-        await pilot.pause(0.1)
+        await until_still(pilot)
 
     assert snap_compare(VoxApp(str(replayed)), terminal_size=size, run_before=settle)
 
@@ -99,6 +99,7 @@ def test_picker_snapshot(snap_compare, picker_runs, size, monkeypatch):
 
     async def settle(pilot):
         await pilot.pause(0.5)
+        await until_still(pilot)
 
     monkeypatch.chdir(picker_runs.parent)  # the picker names the folder as given: "runs/" on every machine
     assert snap_compare(VoxApp(None, "runs"), terminal_size=size, run_before=settle)
@@ -120,6 +121,7 @@ def test_modal_snapshot(snap_compare, replayed, size, key):
         else:
             await pilot.press(key)
         await pilot.pause(0.4)
+        await until_still(pilot)
 
     assert snap_compare(VoxApp(str(replayed)), terminal_size=size, run_before=settle)
 

@@ -8,6 +8,8 @@ import time
 import pytest
 from synthetic_runs import make_run
 
+from conftest import until_still
+
 
 @pytest.fixture(scope="module")
 def compare_runs(tmp_path_factory):
@@ -44,7 +46,7 @@ def test_compare_snapshot(snap_compare, compare_runs, size, keys, monkeypatch):
                 await pilot.pause(0.05)
         await pilot.pause(0.3)
         pilot.app.screen.set_focus(None)  # no cursor in the picture
-        await pilot.pause(0.1)
+        await until_still(pilot)
 
     monkeypatch.chdir(compare_runs.parent)  # the picker names the folder as given: "runs/" on every machine
     assert snap_compare(VoxApp(None, "runs"), terminal_size=size, run_before=settle)

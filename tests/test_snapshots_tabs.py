@@ -6,6 +6,8 @@ Refresh after a deliberate change with ``--snapshot-update`` and look at the rep
 import pytest
 import tabs_run
 
+from conftest import until_still
+
 
 @pytest.fixture(scope="module")
 def tabs_folder(tmp_path_factory):
@@ -27,6 +29,6 @@ def test_new_tab_snapshot(snap_compare, tabs_folder, size, keys):
         await pilot.press(*keys)
         await pilot.pause(0.5)
         app.screen.set_focus(None)  # no blinking cursor in the picture
-        await pilot.pause(0.1)
+        await until_still(pilot)
 
     assert snap_compare(VoxApp(str(tabs_folder)), terminal_size=size, run_before=settle)
