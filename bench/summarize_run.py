@@ -1,4 +1,5 @@
-"""Summarise a run's events.jsonl: steady-state tokens/s, step time, MFU and peak memory.
+"""Summarise a run's events.jsonl: steady-state tokens/s, step time, MFU (and the factor by which counting
+attention raises it) and peak memory.
 
     python bench/summarize_run.py runs/RUN [--skip 5]
 """
@@ -23,6 +24,9 @@ def summarize(run: str | Path, skip: int = 5) -> dict:
         "tokens_per_s": round(statistics.median(e["tokens_per_s"] for e in steady), 1) if steady else None,
         "step_time_s": round(statistics.median(e["step_time"] for e in steady), 4) if steady else None,
         "mfu": round(statistics.median(e["mfu"] for e in steady), 4) if steady and steady[0].get("mfu") else None,
+        # the MFU that counts attention over the matmuls' alone (the worker's step events carry both)
+        "attn_factor": round(statistics.median(e["mfu_attn"] / e["mfu"] for e in steady), 4)
+        if steady and steady[0].get("mfu") and steady[0].get("mfu_attn") else None,
         "pad_frac": round(statistics.median(e["pad_frac"] for e in steady), 4) if steady else None,
         "peak_gib": round(max(e["mem_peak"] for e in steps), 2) if steps else None,
         "final_loss": steps[-1]["loss"] if steps else None,
