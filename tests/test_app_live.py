@@ -34,8 +34,8 @@ def test_picker_follows_the_runs_without_a_key(tmp_path, monkeypatch):
             await pilot_wait(pilot, lambda: table.row_count == 2, timeout=15, every=0.05)
             states = {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[1]) for i in range(2)}
             assert states == {"alpha": "finished", "beta": "crashed"}
-            row = [str(table.get_row_at(i)[0]) for i in range(2)].index("alpha")
-            table.move_cursor(row=row)
+            before = [str(table.get_row_at(i)[0]) for i in range(2)]
+            table.move_cursor(row=before.index("alpha"))
             # a new run appears; beta gets its last status (finished): no key pressed
             shutil.copytree(root / "alpha", root / "gamma")
             with open(root / "beta" / "events.jsonl", "ab") as f:
@@ -43,8 +43,16 @@ def test_picker_follows_the_runs_without_a_key(tmp_path, monkeypatch):
             await pilot_wait(pilot, lambda: table.row_count == 3, timeout=3 * picker.REFRESH_S + 10, every=0.1)
             await pilot_wait(pilot, lambda: "crashed" not in {str(table.get_row_at(i)[1]) for i in range(3)},
                              timeout=3 * picker.REFRESH_S + 10, every=0.1)
-            # the cursor is still on alpha (not on the row it had)
+            # the cursor is still on alpha; the rows listed before keep their order, the new run comes first
             assert str(table.get_row_at(table.cursor_row)[0]) == "alpha"
+            names = [str(table.get_row_at(i)[0]) for i in range(3)]
+            assert names[0] == "gamma" and names[1:] == before
+            # beta's state grew wider (crashed → finished): the column shows it whole
+            assert "finished" in [str(table.get_row_at(i)[1]) for i in range(3)]
+            # more activity elsewhere reorders nothing until r
+            (root / "alpha" / "events.jsonl").touch()
+            await pilot.pause(2.5 * picker.REFRESH_S)
+            assert [str(table.get_row_at(i)[0]) for i in range(3)] == names
             # attached to a run, the picker reads nothing
             await pilot.press("enter")
             await pilot_wait(pilot, lambda: app.screen.__class__.__name__ == "RunScreen", timeout=15)
@@ -56,6 +64,33 @@ def test_picker_follows_the_runs_without_a_key(tmp_path, monkeypatch):
             assert app.screen.__class__.__name__ == "RunPicker" and len(app.screen_stack) == 2  # the default + it
 
     asyncio.run(flow())
+
+
+def test_a_state_that_grows_wider_is_shown_whole(tmp_path):
+    """A picker that opened on runs whose states are short (crashed) widens the column when one becomes
+    finished (the cell is updated in place)."""
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.screens import picker
+    from engine.protocol import Status
+
+    root = tmp_path / "runs"
+    synthetic_runs.make_run(root, "beta", steps=8, state="running")  # no engine: crashed
+
+    async def flow():
+        app = VoxApp(None, str(root))
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.screen.query_one(DataTable)
+            await pilot_wait(pilot, lambda: table.row_count == 1, timeout=15, every=0.05)
+            with open(root / "beta" / "events.jsonl", "ab") as f:
+                f.write(synthetic_runs.encode([Status(state="finished", time=synthetic_runs.T0 + 500)], "beta"))
+            await pilot_wait(pilot, lambda: str(table.get_row_at(0)[1]) == "finished",
+                             timeout=3 * picker.REFRESH_S + 10, every=0.1)
+            column = next(c for k, c in table.columns.items() if k.value == "state")
+            return column.get_render_width(table) - 2 * table.cell_padding
+
+    assert asyncio.run(flow()) >= len("finished")
 
 
 def test_ended_run_offers_no_engine_commands_and_an_unseen_engine_greys_them(tmp_path):

@@ -41,3 +41,14 @@ def test_engine_is_headless():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_engine_status_reads_as_text(tmp_path):
+    """`voxtui engine status RUN` without --json: no Python values (None), the loss to 4 decimals."""
+    import synthetic_runs
+
+    run = synthetic_runs.make_run(tmp_path / "runs", "r", steps=8)
+    out = voxtui("engine", "status", run, check=True).stdout
+    lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert lines["state"] == "finished" and lines["engine_pid"] == "-" and "None" not in out
+    assert len(lines["loss"].split(".")[1]) == 4

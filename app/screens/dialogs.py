@@ -52,7 +52,7 @@ KEYS = lines(
     "q       quit (the run keeps going; `voxtui attach RUN` comes back)",
     "Previews: Enter or Apply sends the temperature / top-p / max tokens",
     "          you changed (the others stay as they are).",
-    "Picker: space mark   c compare the marked   b (in a run): back here",
+    "Picker: space mark, move down   c compare   b (in a run): back here",
     "Compare: a by step / tokens seen   m metric   1 2 tabs   Esc back",
 )
 

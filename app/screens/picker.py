@@ -79,7 +79,7 @@ class RunPicker(Screen):
             self.fill()
 
     def action_reload(self) -> None:
-        self.show_runs(list_runs(self.root))
+        self.show_runs(list_runs(self.root), resort=True)
         self.query_one(DataTable).focus()
 
     def refresh_runs(self) -> None:
@@ -105,9 +105,15 @@ class RunPicker(Screen):
         if found is not None:
             self.show_runs(found)
 
-    def show_runs(self, found: list[dict]) -> None:
-        """The runs read: the same runs in the same order change only the cells that differ (no redraw of
-        the whole table, the cursor untouched); otherwise the table is filled again."""
+    def show_runs(self, found: list[dict], resort: bool = False) -> None:
+        """The runs read, in a stable order: the runs already listed keep their places (a refresh never
+        moves a row under the cursor), new ones come first; ``resort`` (r, the first read): newest first.
+        The same runs change only the cells that differ (no redraw of the whole table, the cursor
+        untouched); otherwise the table is filled again, the cursor on its run."""
+        if not resort and self.paths:
+            place = {p: i for i, p in enumerate(self.paths)}
+            new = [r for r in found if r["path"] not in place]
+            found = new + sorted((r for r in found if r["path"] in place), key=lambda r: place[r["path"]])
         paths = [r["path"] for r in found]
         same = paths == self.paths and self._widths == name_widths(self.size.width)
         self.runs, self.paths = found, paths
@@ -119,7 +125,7 @@ class RunPicker(Screen):
         for r in found:
             for name, cell in zip(COLUMNS, self._cells(r)):
                 if str(table.get_cell(r["path"], name)) != str(cell):
-                    table.update_cell(r["path"], name, cell)
+                    table.update_cell(r["path"], name, cell, update_width=True)  # running → finished
 
     def _cells(self, r: dict) -> list:
         """A run's state, model, step, loss and age cells."""

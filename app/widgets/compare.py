@@ -119,7 +119,7 @@ class ConfigDiff(Vertical):
         for key, values in rows:
             table.add_row(data(key, "bold", limit=24), *(data(v, limit=limit) for v in values), key=key)
         missing = [r.name for r in runs if not r.config]
-        differ = len(rows) - 1
+        differ = sum(1 for key, values in rows if len(set(values)) > 1)  # the model row is there even when same
         note = assemble(f"{differ} config value(s) differ" if differ else "the configs are the same",
                         f" ({', '.join(NOT_COMPARED)}: each run's own, not compared)")
         if missing:

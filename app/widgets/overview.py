@@ -114,5 +114,5 @@ class Overview(Vertical):
             if list(spark.data or []) != values:
                 spark.data = values
             label = {"lr": "lr", "gn": "grad norm", "tps": "tokens/s", "mfu": "MFU"}[key]
-            now = f" {values[-1]:.3g}" if values else ""
+            now = f" {values[-1]:.3g}" if values else " –"  # (MFU: not recorded without a known peak)
             show_text(self.query_one(f"#ov-{key}-label", Label), label + now)

@@ -198,7 +198,8 @@ def cmd_engine(args) -> int:
                 write_json(args.json, s)
             else:
                 for k, v in s.items():
-                    print(f"{k:>11}: {v}")
+                    shown = "-" if v in (None, "") else f"{v:.4f}" if isinstance(v, float) and k == "loss" else v
+                    print(f"{k:>11}: {shown}")
             return 0
         case "stop":
             return stop_run(find_run(args.run), args.wait)

@@ -87,6 +87,7 @@ class Control:
                 return "stop"
             if "resume" in actions:
                 self.out.emit(Status(state="running", step=step))
+                self.out.log(f"resumed at step {step}")
                 return "resume"
             time.sleep(0.2)
 
