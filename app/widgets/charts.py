@@ -40,6 +40,14 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def step_ticks(lo: float, hi: float, n: int = 5) -> list[int]:
+    """Up to ``n`` whole steps from ``lo`` to ``hi`` for the x axis (steps are whole: no 9.5)."""
+    lo, hi = math.floor(lo), math.ceil(hi)
+    if hi - lo < n:
+        return list(range(lo, hi + 1))
+    return sorted({round(lo + (hi - lo) * i / (n - 1)) for i in range(n)})
+
+
 def thin(points: list) -> list:
     """At most about POINTS of ``points``, evenly spread, the last one kept."""
     if len(points) <= POINTS:
@@ -108,6 +116,10 @@ class Charts(VerticalScroll):
                 plt.yticks(ticks, [f"{10 ** t:.3g}" for t in ticks])
         for label, pts, marker in series:
             plt.plot([p[0] for p in pts], [p[1] for p in pts], label=label or None, marker=marker or None)
+        xs = [x for _, pts, _ in series for x, _ in pts]
+        if xs:
+            ticks = step_ticks(min(xs), max(xs))
+            plt.xticks(ticks, [str(t) for t in ticks])
         plot.refresh()
         return True
 

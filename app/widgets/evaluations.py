@@ -15,6 +15,7 @@ from textual_plotext import PlotextPlot
 
 from app.state import RunState
 from app.text import assemble, data, show_text
+from app.widgets.charts import step_ticks
 
 # metrics.json key, column, format; BLEU is 0–100, the others 0–1
 MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", "{:.1f}"), ("distinct_1", "D-1", "{:.3f}"),
@@ -136,4 +137,6 @@ class Evaluations(VerticalScroll):
                 bounds = r["ci"].get(key)
                 if isinstance(bounds, list) and len(bounds) == 2 and all(_num(b) for b in bounds):
                     plt.plot([r["step"], r["step"]], [bounds[0] * scale, bounds[1] * scale], color="gray")
+        ticks = step_ticks(min(r["step"] for r in rows), max(r["step"] for r in rows))
+        plt.xticks(ticks, [str(t) for t in ticks])
         plot.refresh()

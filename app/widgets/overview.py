@@ -12,6 +12,7 @@ from textual_plotext import PlotextPlot
 
 from app.state import RunState, fmt_duration
 from app.text import assemble, data, lines, show_text
+from app.widgets.charts import step_ticks
 
 STATE_STYLE = {"crashed": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
                "stopping": "bold yellow", "stopped": "bold yellow"}
@@ -75,8 +76,10 @@ class Overview(Vertical):
         show_text(self.query_one("#ov-step", Static), assemble(
             f"step {s.step}/{s.total_steps or '?'}  ETA {eta}  epoch {s.epoch():.2f}  "
             f"loss {loss}  best val {best}"))
+        # nothing trains now (paused, ended, crashed): the figure is the last step's
+        when = " (last)" if last is not None and (s.state != "running" or s.crashed) else ""
         show_text(self.query_one("#ov-speed", Static), assemble(
-            f"{tps} tok/s  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""), "  ",
+            f"{tps} tok/s{when}  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""), "  ",
             data(s.info.get("model_id", ""), limit=80)))
         # the bar moved only when it can show a change: a half cell of its width, or a percent
         bar, total = self.query_one("#ov-progress", ProgressBar), s.total_steps or None
@@ -106,6 +109,10 @@ class Overview(Vertical):
         evals = [(e[0], e[1]) for e in s.evals if math.isfinite(e[1])]
         if evals:
             plt.plot([e[0] for e in evals], [e[1] for e in evals], label="val", marker="o")
+        xs = [p[0] for p in pts] + [e[0] for e in evals]
+        if xs:
+            ticks = step_ticks(min(xs), max(xs))
+            plt.xticks(ticks, [str(t) for t in ticks])
         plot.refresh()
         recent = s.steps[-120:]
         for key, col in (("lr", 2), ("gn", 3), ("tps", 4), ("mfu", 5)):
