@@ -389,3 +389,16 @@ def test_state_keeps_each_ranks_telemetry_and_the_memory_series():
     assert s.memory == [(1, 2.0, 3.0, 4.0)]
     assert [h[1] for h in s.telemetry_history] == [1, 1, 1]
     assert json.dumps([list(h[2]) for h in s.telemetry_history])  # plain data
+
+
+def test_a_progress_bar_redrawn_in_place_shows_its_last_state():
+    """tqdm redraws a bar with carriage returns on one line: the Logs tab shows what a terminal would, the
+    last state (a CRLF line end is no symbol either); other control characters stay visible symbols."""
+    from app.widgets.logs import Logs
+
+    logs = Logs()
+    logs.search_text, logs.matches = "", 0  # (as on_mount sets them)
+    assert logs.line("Loading weights:   0%|\rLoading weights:  50%|\rLoading weights: 100%|").plain == \
+        "Loading weights: 100%|"
+    assert logs.line("step 3 done\r").plain == "step 3 done"
+    assert logs.line("red \x1b[31mx\rgone").plain == "gone" and "␛" in logs.line("red \x1b[31mx").plain

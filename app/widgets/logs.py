@@ -108,6 +108,8 @@ class Logs(Vertical):
 
     def line(self, raw: str) -> Text | None:
         """One line as it is shown (None: filtered out by the search)."""
+        # a progress bar redrawn in place (tqdm: "…\r…\r…"): what a terminal shows is its last state
+        raw = raw.rstrip("\r").rsplit("\r", 1)[-1]
         if self.search_text and self.search_text.lower() not in raw.lower():
             return None
         text = data(raw, limit=2000)
@@ -120,6 +122,12 @@ class Logs(Vertical):
     def search(self, event: Input.Changed) -> None:
         self.search_text = event.value.strip()
         self.redraw()
+
+    def on_resize(self) -> None:
+        """A new width rewraps the lines: following, the view stays on the last one."""
+        if self.follow:
+            log = self.query_one("#log-text", RichLog)
+            log.call_after_refresh(log.scroll_end, animate=False)
 
     def redraw(self) -> None:
         log = self.query_one("#log-text", RichLog)
