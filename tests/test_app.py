@@ -294,6 +294,10 @@ def test_infer_selected_without_an_engine_runs_it_and_shows_the_results(finished
             await pilot_wait(pilot, lambda: table.row_count >= 2)
             names = [str(table.get_row_at(i)[4]) for i in range(table.row_count)]
             assert names == ["checkpoint-2", "checkpoint-4", "lora_final"]
+            # the final checkpoint is "final"; lora_final, the same weights as an adapter alone, is "adapter"
+            # with the final step's val loss
+            final, adapter = ([str(c) for c in table.get_row_at(i)] for i in (1, 2))
+            assert final[3] == "final" and adapter[3] == "adapter" and adapter[:2] == final[:2]
             table.move_cursor(row=1)
             await pilot.click("#ck-one")
             await pilot.pause(0.3)

@@ -95,8 +95,10 @@ class Checkpoints(Vertical):
             rows.append((None, "lora_final"))
         shown = []
         for step, name in rows:
-            if step is None:
-                shown.append(("–" if final_step is None else str(final_step), "–", "", "final", name))
+            if step is None:  # the final adapter alone (the same weights as the final checkpoint, if kept)
+                loss = s.val_loss_at(final_step) if final_step is not None else None
+                shown.append(("–" if final_step is None else str(final_step),
+                              f"{loss:.4f}" if loss is not None else "–", "", "adapter", name))
                 continue
             loss = s.val_loss_at(step)
             shown.append((str(step), f"{loss:.4f}" if loss is not None else "–", "★" if step == best else "",
