@@ -36,7 +36,7 @@ class Confirm(ModalScreen[bool]):
 
 
 KEYS = lines(
-    assemble(("voxtui keys", "bold")),
+    assemble(("voxtui keys", "bold"), "   (Esc, q or ? closes this)"),
     "",
     "1–6     Overview, GPUs, Previews, Checkpoints, Preflight, Events",
     "7 8 9 0 Charts, Evals, Config (& model), Logs",
