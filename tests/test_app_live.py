@@ -88,7 +88,15 @@ def test_a_state_that_grows_wider_is_shown_whole(tmp_path):
             await pilot_wait(pilot, lambda: str(table.get_row_at(0)[1]) == "finished",
                              timeout=3 * picker.REFRESH_S + 10, every=0.1)
             column = next(c for k, c in table.columns.items() if k.value == "state")
-            return column.get_render_width(table) - 2 * table.cell_padding
+
+            def width() -> int:  # (the table measures an updated cell when it next idles)
+                return column.get_render_width(table) - 2 * table.cell_padding
+
+            try:
+                await pilot_wait(pilot, lambda: width() >= len("finished"), timeout=10, every=0.05)
+            except AssertionError:
+                pass
+            return width()
 
     assert asyncio.run(flow()) >= len("finished")
 
