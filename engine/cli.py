@@ -146,7 +146,9 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--jsonl", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>; with "
                                   "--all-checkpoints, NAME-checkpoint-N)")
-    p.add_argument("--batch_size", type=_positive_int, default=8)
+    p.add_argument("--batch_size", type=_positive_int, default=None,
+                   help="rows decoded together, continuously refilled as rows finish (default: 64 on a GPU, 8 on "
+                        "the CPU)")
     p.add_argument("--max_new_tokens", type=_positive_int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="in [0, 2]; 0: greedy (default)")
     p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1] (default 1)")

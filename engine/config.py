@@ -81,7 +81,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     example by example (varlen FlashAttention on a GPU), instead of padded rows."""
     compile: bool = True
     """On a GPU, torch.compile each decoder layer (one compiled region shared by all layers): fused
-    norms, activations and LoRA arithmetic; about 20 s at start, cached on disk. Not used on the CPU."""
+    norms, activations and LoRA arithmetic; about 20 s at start, cached on disk. The previews' decoding
+    step is compiled too (a few seconds at the first preview). Not used on the CPU."""
     grad_sync: Literal["flat", "ddp"] = "flat"
     """Several GPUs: how the adapter gradients are summed. flat: one all-reduce of all of them after the
     step's backward (27 M values for r=16: a two-H200 step is as long as a one-H200 step), the model runs

@@ -195,3 +195,124 @@ def test_bad_adapters_are_refused_in_one_line(peft_model, tmp_path):
     (tmp_path / "torn" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
     with pytest.raises(UsageError, match="cannot read it"):
         read_adapter(tmp_path / "torn")
+
+
+def test_the_functional_step_and_the_modules_path_both_decode_hf_tokens(peft_model):
+    """The step runs as functions over the layers' tensors (what is compiled on a GPU) on the PEFT model,
+    reading its live adapters; a layer it does not know runs its modules: both give HF's tokens."""
+    from engine.worker.decode import Decoder, generate_hf
+
+    model, _ = peft_model
+    p = prompts(5)
+    ref = generate_hf(model, p, 16, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"))
+    functional = Decoder(model)
+    assert functional._plans() is not None and len(functional._plans()) == len(functional.lm.layers)
+    assert all(len(proj[1]) == 1 for proj in functional._plans()[0][2])  # q, k, v: each its adapter
+    assert functional.generate(p, 16, eos=EOS, pad=PAD) == ref
+    modules = Decoder(model)
+    modules._functional = False
+    assert modules._plans() is None
+    assert modules.generate(p, 16, eos=EOS, pad=PAD) == ref
+
+
+def test_the_compiled_step_decodes_hf_tokens_and_reads_the_live_adapter(peft_model):
+    """torch.compile over the step's layer functions (aot_eager here: the same graphs Inductor gets, without
+    a C++ build on the CPU): HF's tokens, also inside the training's eager() stance, and a change of the
+    adapter's weights in place (what the optimizer does) is seen by the next generation."""
+    from engine.worker.decode import Decoder, generate_hf
+    from engine.worker.modeling import eager
+
+    model, _ = peft_model
+    p = prompts(4)
+    decoder = Decoder(model, compile="aot_eager")
+    assert decoder.compiled
+    with eager():
+        assert decoder.generate(p, 12, eos=EOS, pad=PAD) == generate_hf(model, p, 12, 0.0, 1.0, 0, EOS, PAD,
+                                                                        torch.device("cpu"))
+    b = next(w for n, w in model.named_parameters() if "lora_B" in n and "v_proj" in n)
+    saved = b.detach().clone()
+    try:
+        with torch.no_grad():
+            for n, w in model.named_parameters():
+                if "lora_B" in n:
+                    w.mul_(-3.0)
+        new_ref = generate_hf(model, p, 12, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"))
+        assert decoder.generate(p, 12, eos=EOS, pad=PAD) == new_ref
+    finally:
+        with torch.no_grad():
+            for n, w in model.named_parameters():
+                if "lora_B" in n:
+                    w.div_(-3.0)
+    assert torch.allclose(b, saved)
+    # a compiled variant per batch size: more than dynamo's default of 8 and the step stays compiled
+    for n in range(1, 11):
+        assert decoder.generate(prompts(12, seed=n, longest=20)[:n], 2, eos=EOS, pad=PAD, stop_at_eos=False)
+    assert decoder.compiled
+
+
+def test_a_compiler_that_fails_falls_back_to_the_same_math(peft_model):
+    from torch._dynamo import list_backends, register_backend
+
+    from engine.worker.decode import Decoder, generate_hf
+
+    if "voxtui_failing" not in list_backends(exclude_tags=()):
+        @register_backend(name="voxtui_failing")
+        def failing(gm, example_inputs):
+            raise RuntimeError("this compiler always fails")
+
+    model, _ = peft_model
+    p = prompts(3)
+    decoder = Decoder(model, compile="voxtui_failing")
+    with pytest.warns(UserWarning, match="decoding without torch.compile"):
+        out = decoder.generate(p, 8, eos=EOS, pad=PAD)
+    assert not decoder.compiled
+    assert out == generate_hf(model, p, 8, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"))
+
+
+def test_continuous_batching_gives_each_row_its_hf_tokens(peft_model):
+    """``stream``: 11 prompts through 3 rows; rows stop at EOS at different steps and waiting prompts take
+    their places (the ring cache wraps several times): each prompt's tokens are HF generate's for it."""
+    from engine.worker.decode import Decoder, generate_hf
+
+    model, _ = peft_model
+    p = prompts(11, seed=7, longest=50)
+    decoder = Decoder(model)
+    free = decoder.generate(p, 24, eos=EOS, pad=PAD, stop_at_eos=False)
+    # an "EOS" that rows meet at their own steps (some never): rows finish early, at different times
+    firsts = lambda t: {r.index(t) for r in free if t in r}  # noqa: E731
+    eos = max({t for r in free for t in r}, key=lambda t: len(firsts(t)))
+    ref = [generate_hf(model, [q], 24, 0.0, 1.0, 0, eos, PAD, torch.device("cpu"))[0] for q in p]
+    assert len({len(r) for r in ref}) > 2 and any(len(r) < 24 for r in ref)
+    got = dict(decoder.stream(p, 24, batch=3, eos=eos, pad=PAD, check_every=4))
+    assert sorted(got) == list(range(len(p)))
+    assert [got[i] for i in range(len(p))] == ref
+    # two rows: the shared column goes round the ring (its width) more than once
+    steps = []
+    step = decoder._step
+    decoder._step = lambda: steps.append(1) or step()
+    got = dict(decoder.stream(p * 3, 24, batch=2, eos=eos, pad=PAD, check_every=3))
+    del decoder._step
+    assert [got[i] for i in range(3 * len(p))] == ref * 3
+    assert len(steps) > 2 * decoder._key[1], (len(steps), decoder._key)
+    # every row runs max_new_tokens when there is no EOS; one row only; more rows than prompts
+    assert dict(decoder.stream(p[:4], 9, batch=1, pad=PAD)) == dict(enumerate(
+        generate_hf(model, [q], 9, 0.0, 1.0, 0, EOS, PAD, torch.device("cpu"), stop_at_eos=False)[0] for q in p[:4]))
+    assert dict(decoder.stream(p[:2], 5, batch=8, eos=eos, pad=PAD)) == {0: ref[0][:5], 1: ref[1][:5]}
+    assert list(decoder.stream([], 5, batch=4)) == [] and dict(decoder.stream(p[:2], 0, batch=4)) == {0: [], 1: []}
+    # a limit per prompt (0 included): each row its own number of HF's tokens
+    limits = [3, 0, 11, 1, 7, 24, 2]
+    got = dict(decoder.stream(p[:7], limits, batch=3, pad=PAD, check_every=2))
+    assert got == {i: ref_free[:k] for i, (k, ref_free) in enumerate(zip(limits, free))}
+    with pytest.raises(ValueError, match="2 limits for 3 prompts"):
+        list(decoder.stream(p[:3], [1, 2], batch=2))
+
+
+def test_continuous_batching_samples_reproducibly(peft_model):
+    from engine.worker.decode import Decoder
+
+    model, _ = peft_model
+    p = prompts(7, seed=8, longest=50)
+    decoder = Decoder(model)
+    a = dict(decoder.stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=3, eos=EOS, pad=PAD))
+    assert a == dict(Decoder(model).stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=3, eos=EOS, pad=PAD))
+    assert a != dict(decoder.stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=4, eos=EOS, pad=PAD))

@@ -46,6 +46,12 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
     assert voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "b").returncode == 0
     key = lambda rows: sorted((r["index"], r["prediction"]) for r in rows)  # noqa: E731
     assert key(generations(out / "infer" / "b" / "generations.jsonl")) == key(first)
+    # three rows at a time, refilled as rows finish (continuous batching): each row's tokens the same
+    c = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "c", "--batch_size", "3")
+    assert c.returncode == 0, c.stderr
+    assert key(generations(out / "infer" / "c" / "generations.jsonl")) == key(first)
+    assert json.loads((out / "infer" / "c" / "params.json").read_text())["batch_size"] == 3
+    assert json.loads((out / "infer" / "b" / "params.json").read_text())["batch_size"] == 8  # the CPU's default
     # interrupted: keep 3 rows and a torn line, then run again: it resumes, and the result is the same
     path = out / "infer" / "a" / "generations.jsonl"
     lines = path.read_text().splitlines()

@@ -75,13 +75,18 @@ def load_for_inference(run_dir: Path, ckpt: Path, device):
     return PeftModel.from_pretrained(load_base(cfg, device), str(ckpt)).eval(), cfg
 
 
-def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None, batch_size: int = 8,
+BATCH_GPU, BATCH_CPU = 64, 8  # rows decoded together when --batch_size is not given
+
+
+def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None,
+          batch_size: int | None = None,
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
           device: str = "auto", model=None, sink=None, ppl: bool = True, nproc: int = 1) -> dict:
     """Generate for every row of ``data`` with a checkpoint of the run (resuming a job stopped midway),
     then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json.
     ``model``: a ``MergedModel`` to reuse (``--all-checkpoints``: the base is loaded once). ``nproc`` > 1:
-    the rows split over that many processes, one GPU each (engine/eval/shards.py)."""
+    the rows split over that many processes, one GPU each (engine/eval/shards.py). ``batch_size``: rows
+    decoded together (default: 64 on a GPU, 8 on the CPU)."""
     from engine.eval.loading import MergedModel
     from engine.eval.shards import fold_shards, run_shards
     from engine.formatting import file_digest, load_format
@@ -93,6 +98,7 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     if not rows:
         raise UsageError(f"{data}: no rows")
     dev = pick_device(device)
+    batch_size = batch_size or (BATCH_GPU if dev.type == "cuda" else BATCH_CPU)
     cfg = run_config(run_dir)
     name = name or f"{ckpt.name}-{Path(data).stem}"
     out_dir = run_dir / "infer" / name
@@ -187,34 +193,52 @@ def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
 
 def _generate(model, fmt, rows: list, done: dict[int, dict], gen_path: Path, params: dict, dev, label: str,
               progressed) -> None:
-    """Generate the rows not ``done`` yet, shortest prompt first, in batches; each batch is appended to
-    ``gen_path`` and flushed (so a stopped job resumes there), then ``progressed()`` is called."""
+    """Generate the rows not ``done`` yet, shortest prompt first; each row is appended to ``gen_path`` as it
+    finishes and flushed at least once a second (so a stopped job resumes there), and ``progressed()`` is
+    called then. With the fast decoder, rows are continuously batched (``Decoder.stream``: a row that
+    finishes hands its place to the next prompt); otherwise HF ``generate`` runs batch after batch."""
     from engine.worker.decode import Decoder, generate, supported
 
-    decoder = Decoder(model) if supported(model) else None  # one decoder: its captured graph serves every batch
     batch_size = params["batch_size"]
     todo = [i for i in range(len(rows)) if i not in done]
     prompts = fmt.encode_prompt([ex for _, ex in rows])
     todo.sort(key=lambda i: len(prompts[i]))
     progress = Progress(len(rows), label, unit=" rows")
     progress.update(len(done))
+
+    def finished(f, pairs) -> None:
+        for i, o in pairs:
+            line, ex = rows[i]
+            r = {"index": i, "line": line, "prompt": ex.prompt_text, "output": ex.target_text,
+                 "prediction": fmt.decode(o)}
+            done[i] = r
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        progress.update(len(pairs))
+
     with open(gen_path, "a", encoding="utf-8") as f:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            outs = generate(model, [prompts[i] for i in batch], params["max_new_tokens"], params["temperature"],
-                            params["top_p"], params["seed"] + batch[0], fmt.eos, fmt.pad, dev, decoder=decoder)
-            for i, o in zip(batch, outs):
-                line, ex = rows[i]
-                r = {"index": i, "line": line, "prompt": ex.prompt_text, "output": ex.target_text,
-                     "prediction": fmt.decode(o)}
-                done[i] = r
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            progress.update(len(batch))
-            progressed()
+        if supported(model) and todo:
+            decoder = Decoder(model)  # its captured graph serves the whole job
+            model.eval()
+            said = time.monotonic()
+            for j, o in decoder.stream([prompts[i] for i in todo], params["max_new_tokens"], batch_size,
+                                       params["temperature"], params["top_p"], params["seed"], fmt.eos, fmt.pad):
+                finished(f, [(todo[j], o)])
+                if time.monotonic() - said >= 1.0:
+                    f.flush()
+                    progressed()
+                    said = time.monotonic()
+            decoder.release()
+        else:
+            for b in range(0, len(todo), batch_size):
+                batch = todo[b:b + batch_size]
+                outs = generate(model, [prompts[i] for i in batch], params["max_new_tokens"], params["temperature"],
+                                params["top_p"], params["seed"] + batch[0], fmt.eos, fmt.pad, dev)
+                finished(f, list(zip(batch, outs)))
+                f.flush()
+                progressed()
+        f.flush()
+    progressed()
     progress.close()
-    if decoder is not None:
-        decoder.release()
 
 
 def _score(out_dir: Path, ordered: list[dict]) -> tuple[dict, list[dict]]:

@@ -99,7 +99,8 @@ class Previews:
         if mine:
             inner = model.module if hasattr(model, "module") else model
             if self._decoder is None and supported(inner):
-                self._decoder = Decoder(inner)
+                # its step compiled on a GPU unless the run says --no-compile
+                self._decoder = Decoder(inner, compile=None if self.cfg.compile else False)
             with eager():
                 outs = generate(model, [self.rows[i][0] for i in mine], int(p.max_new_tokens), float(p.temperature),
                                 float(p.top_p), seed, fmt.eos, fmt.pad, d.device, decoder=self._decoder)
