@@ -316,3 +316,34 @@ def test_continuous_batching_samples_reproducibly(peft_model):
     a = dict(decoder.stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=3, eos=EOS, pad=PAD))
     assert a == dict(Decoder(model).stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=3, eos=EOS, pad=PAD))
     assert a != dict(decoder.stream(p, 12, batch=3, temperature=0.9, top_p=0.9, seed=4, eos=EOS, pad=PAD))
+
+
+def test_a_previews_cost_leaves_out_the_decoders_one_time_setup(peft_model, fmt, capsys):
+    """The preview budget waits on what previews cost, not on the decoder's compile (and, on a GPU, graph
+    capture) at the first preview: that is said apart, once, and left out."""
+    import time
+
+    import torch._dynamo
+
+    from engine.config import TrainConfig
+    from engine.worker.decode import Decoder
+    from engine.worker.dist import Dist
+    from engine.worker.evaluation import PreviewParams, Previews
+    from engine.worker.report import Report
+
+    torch._dynamo.reset()  # what this process compiled before (another test's decoder) is not reused
+    model, _ = peft_model
+    rows = [(p, f"prompt {i}", "") for i, p in enumerate(prompts(3, seed=9, longest=30))]
+    cfg = TrainConfig(model_id="tiny", train_jsonl="-", preview_budget=0.5, max_new_tokens=6)
+    previews = Previews(rows, PreviewParams.of(cfg), cfg, Dist(), fmt, Report(True))
+    previews._decoder = decoder = Decoder(model, compile="aot_eager")
+    t = time.perf_counter()
+    previews.run_timed(model, 1)
+    elapsed = time.perf_counter() - t
+    setup = decoder.setup_s
+    assert setup > 0.2  # dynamo traced the step's functions
+    assert 0 < previews.cost <= elapsed - setup + 0.01
+    said = capsys.readouterr().err
+    assert "previews take" in said and "once, to compile and capture the decoder" in said
+    previews.run_timed(model, 2)  # nothing to set up again: all of it is the previews' cost
+    assert decoder.setup_s == setup and previews.cost > 0

@@ -34,6 +34,8 @@ differ only where two top logits are within rounding (bench/infer_speed.py repor
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,6 +89,8 @@ class Decoder:
         self.graphs = (self.device.type == "cuda" and not quantized) if graphs is None else graphs
         self._key = None  # (batch, cache width) of the static state (and of the captured graph)
         self._graph = self._logits = None
+        self.setup_s = 0.0  # seconds spent compiling the step and capturing its graphs (once per shape)
+        self._warm = None  # the state's shape whose first (compiling) step ran, without graphs
         self._state: dict = {}
         self._fused = self._fuse() if fuse else []
         if attention not in ATTENTIONS:
@@ -338,9 +342,17 @@ class Decoder:
     def _step(self) -> torch.Tensor:
         """One token per row through the model; the logits of the next token (fp32)."""
         if not self.graphs:
-            return self._run().float()
+            if not self.compiled or self._warm == self._key:
+                return self._run().float()
+            t0 = time.perf_counter()  # the first compiled step of a shape compiles it: set-up, not decoding
+            logits = self._run().float()
+            self._warm = self._key
+            self.setup_s += time.perf_counter() - t0
+            return logits
         if self._graph is None:
+            t0 = time.perf_counter()  # compiling (on the host) and capturing: set-up, not decoding
             self._capture()
+            self.setup_s += time.perf_counter() - t0
         self._graph.replay()
         return self._logits
 
