@@ -53,6 +53,22 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-ddp-split": BF16 + ["--compile", "--grad_sync", "ddp"],
     "nf4-packed": NF4 + ["--no-compile"],
     "nf4-packed-compiled": NF4 + ["--compile"],
+    # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
+    "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
+    "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
+                       "--max_len", "8192"],
+    "bf16-long-32768-ckpt": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
+                             "--max_len", "32768"],
+    # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
+    "small24b-bf16": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    "small24b-nf4": NF4 + ["--compile"],
+}
+# configurations with their own training rows: (file tag, rows, median tokens, cap) for bench/synth.py, the cap
+# under --max_len (synth's token counts are estimates)
+LONG_DATA: dict[str, tuple[str, int, int, int]] = {
+    "bf16-long-8192": ("long-8192", 600, 3000, 7600),
+    "bf16-long-32768-ckpt": ("long-32768", 200, 12000, 30000),
 }
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
@@ -167,7 +183,7 @@ def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
     if args.nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                   "-m", "engine.train"]
-    cmd = launch + ["--model_id", args.model, "--train_jsonl", args.data, "--output_dir", str(run_dir),
+    cmd = launch + ["--model_id", model_of(name, args), "--train_jsonl", data_of(name, args), "--output_dir", str(run_dir),
                     "--max_steps", str(args.steps + args.warm)] + (["--val_jsonl", args.val] if args.val else []) \
         + COMMON + flags
     log = Path(args.out) / f"{name}-n{args.nproc}.log"
@@ -180,6 +196,26 @@ def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
         (Path(args.out) / f"{name}-n{args.nproc}.events.jsonl").write_bytes((run_dir / "events.jsonl").read_bytes())
     out.update(rc=rc, command=" ".join(cmd[cmd.index("engine.train") - 1:]))
     return out
+
+
+def model_of(name: str, args) -> str:
+    """The model a configuration trains: the 24B shape's own (``--model24``), else ``--model``."""
+    return args.model24 if name.startswith("small24b") else args.model
+
+
+def data_of(name: str, args) -> str:
+    """A configuration's training rows: its own long rows (made once by bench/synth.py), else ``--data``."""
+    if name not in LONG_DATA:
+        return args.data
+    tag, n, median, cap = LONG_DATA[name]
+    path = Path(args.data).with_name(f"medqa-synth-{tag}.jsonl")
+    if not path.exists():
+        from bench.synth import write_rows
+
+        tmp = path.with_suffix(".tmp")
+        write_rows(tmp, n, median, cap)
+        tmp.replace(path)
+    return str(path)
 
 
 def summarize(run_dir: Path, warm: int, launched: float) -> dict:
@@ -224,6 +260,8 @@ def summarize(run_dir: Path, warm: int, launched: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
+    p.add_argument("--model24", default="/tmp/voxtral-small-random",
+                   help="the 24B shape's random model, for the small24b-* configurations")
     p.add_argument("--data", required=True)
     p.add_argument("--val", default="")
     p.add_argument("--out", default="gpu-out")
@@ -243,7 +281,8 @@ def main() -> None:
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     peak = matmul_peak(device)
-    params = matmul_params(args.model)
+    names = [x for x in args.only.split(",") if x]
+    params = matmul_params(args.model) if any(not n.startswith("small24b") for n in names) else 0
     header = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "gpus": args.nproc, "torch": torch.__version__, "matmul_peak_tflops": round(peak / 1e12, 1),
               "matmul_params": params}
@@ -253,7 +292,8 @@ def main() -> None:
         f.write(json.dumps(header) + "\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows = []
-    for name in [x for x in args.only.split(",") if x]:
+    params24 = matmul_params(args.model24) if any(n.startswith("small24b") for n in names) else 0
+    for name in names:
         t = time.time()
         if name == "seed":
             r = subprocess.run([sys.executable, __file__, "--seed-only", "--model", args.model, "--data", args.data,
@@ -265,7 +305,7 @@ def main() -> None:
             res = run_worker(name, CONFIGS[name], args, env)
         tps = res.get("tokens_per_s")
         if tps and peak:
-            res["mfu"] = tps * 4 * params / (peak * args.nproc)
+            res["mfu"] = tps * 4 * (params24 if name.startswith("small24b") else params) / (peak * args.nproc)
             if res.get("attn_factor"):  # counting attention's FLOPs too (docs/training.md gives the formula)
                 res["mfu_attn"] = res["mfu"] * res["attn_factor"]
         res = {"config": name, "gpus": args.nproc, "wall_s": round(time.time() - t, 1),

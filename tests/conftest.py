@@ -113,7 +113,36 @@ def start_detached(model: Path, runs: Path, name: str, train: Path, nproc: int =
                           cwd=ROOT, env=full_env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == str(runs / name)
+    _DETACHED.append(runs / name)
     return runs / name
+
+
+_DETACHED: list[Path] = []  # run folders whose engines this test started (and maybe resumed): reaped after it
+
+
+@pytest.fixture(autouse=True)
+def _reap_detached_runs():
+    """After each test, the engine (and its workers) of every run it detached is killed if still alive — a
+    test that failed halfway must not leave a long run training beside the next tests."""
+    yield
+    import signal
+
+    import psutil
+
+    while _DETACHED:
+        run = _DETACHED.pop()
+        try:
+            pid = int(json.loads((run / "engine.json").read_text())["pid"])
+            engine = psutil.Process(pid)
+            if str(run) not in " ".join(engine.cmdline()):  # gone, its pid now another process's
+                continue
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            continue
+        for q in [*descendants_of(pid), pid]:
+            try:
+                os.kill(q, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def wait_for(pred, timeout: float = 120.0, every: float = 0.2, what: str = "a condition"):

@@ -232,8 +232,11 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
             before = app.state.last_seq
             proc = voxtui("run", "--resume", run, "--detach", "--skip_preflight")
             assert proc.returncode == 0, proc.stderr
-            await pilot_wait(pilot, lambda: not banner.display and app.state.last_seq > before + 3, timeout=90)
-            assert app.state.shown_state in ("starting", "running") and app.state.engine_live
+            # the first reader to find the old engine and workers gone (this dashboard, or `run --resume`)
+            # stores their spooled end (the workers' "finished") first: wait for the new engine's events
+            await pilot_wait(pilot, lambda: not banner.display and app.state.last_seq > before + 3
+                             and app.state.engine_live and app.state.shown_state in ("starting", "running"),
+                             timeout=90)
             seqs = [e.seq for e in app.state.events]
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and app.state.gaps == 0  # no gap, no duplicate
             await pilot.press("q")
