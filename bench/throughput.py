@@ -67,8 +67,8 @@ CONFIGS: dict[str, list[str]] = {
 # configurations with their own training rows: (file tag, rows, median tokens, cap) for bench/synth.py, the cap
 # under --max_len (synth's token counts are estimates)
 LONG_DATA: dict[str, tuple[str, int, int, int]] = {
-    "bf16-long-8192": ("long-8192", 600, 3000, 7600),
-    "bf16-long-32768-ckpt": ("long-32768", 200, 12000, 30000),
+    "bf16-long-8192": ("long-8192", 600, 3000, 7000),
+    "bf16-long-32768-ckpt": ("long-32768", 200, 12000, 28000),
 }
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
