@@ -139,7 +139,7 @@ def _eval_parsers(sub) -> None:
                                    "else the latest complete checkpoint. Results: runs/<run>/infer/<name>/.")
     p.add_argument("--run", metavar="RUN", help="a run folder or a name under runs/")
     p.add_argument("--output_dir", metavar="DIR", help="the seed's form: a folder with checkpoint-N or lora_stage1")
-    p.add_argument("--checkpoint", type=int, metavar="N", help="use checkpoint-N")
+    p.add_argument("--checkpoint", type=_checkpoint, metavar="N", help="use checkpoint-N (N or checkpoint-N)")
     p.add_argument("--all-checkpoints", dest="all_checkpoints", action="store_true",
                    help="every complete checkpoint: a table of metrics by step")
     p.add_argument("--data", metavar="FILE", help="JSONL rows with the reference in output")
@@ -173,7 +173,7 @@ def _eval_parsers(sub) -> None:
     p = sub.add_parser("export", help="merge a run's adapter into the base weights for serving")
     p.add_argument("--run", metavar="RUN")
     p.add_argument("--output_dir", metavar="DIR", help=argparse.SUPPRESS)
-    p.add_argument("--checkpoint", type=int, metavar="N")
+    p.add_argument("--checkpoint", type=_checkpoint, metavar="N", help="use checkpoint-N (N or checkpoint-N)")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.set_defaults(handler="engine.eval.export:cmd_export")
@@ -213,8 +213,23 @@ def _app_parsers(sub) -> None:
     p.set_defaults(handler="engine.commands:demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad call answered in one line (the usage is one ``--help`` away), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checkpoint(text: str) -> int:
+    """``--checkpoint``: a step, N, or the folder's name, checkpoint-N."""
+    try:
+        return int(text.removeprefix("checkpoint-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step N or checkpoint-N, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="voxtui",
         description="Fine-tune the language model inside Mistral's Voxtral on text: data tools, preflight, "
                     "a headless training engine and a terminal dashboard.",

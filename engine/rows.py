@@ -80,13 +80,22 @@ def open_checked(path: str | os.PathLike) -> int:
 
 
 def check_outputs(inputs: dict[str, str | os.PathLike | None], outputs: dict[str, str | os.PathLike | None]) -> None:
-    """UsageError when an output (``{"--json": path}``; ``-`` is stdout) names an input or another output."""
+    """UsageError when an output (``{"--json": path}``; ``-`` is stdout) names an input or another output,
+    a folder, or a place under a file (checked before any work, not found when writing at the end)."""
+    from pathlib import Path
+
     from engine.util import same_file
 
     seen: list[tuple[str, str | os.PathLike]] = [(k, v) for k, v in inputs.items() if v]
     for flag, out in outputs.items():
         if not out or out == "-":
             continue
+        path = Path(out)
+        if path.is_dir():
+            raise UsageError(f"{flag} {os.fspath(out)}: is a folder; name a file")
+        above = next((a for a in path.absolute().parents if a.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UsageError(f"{flag} {os.fspath(out)}: {above} is a file, not a folder")
         for other_flag, other in seen:
             if same_file(out, other):
                 raise UsageError(f"{flag} {os.fspath(out)}: would overwrite {other_flag}")
