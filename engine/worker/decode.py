@@ -127,12 +127,7 @@ class Decoder:
             return [[] for _ in prompts]
         batch = len(prompts)
         width = -(-max(len(p) for p in prompts) // BUCKET) * BUCKET
-        ids = torch.full((batch, width), pad, dtype=torch.long)
-        att = torch.zeros((batch, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            att[i, width - len(p):] = 1
-        ids, att = ids.to(self.device), att.to(self.device)
+        ids, att = (t.to(self.device) for t in _left_pad(prompts, width, pad))
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
         logits = self._prefill(ids, att, max_new_tokens)
@@ -276,13 +271,7 @@ class Decoder:
                     return
             group = [prompts[holder[r]] for r in taken]
             width = -(-max(len(p) for p in group) // BUCKET) * BUCKET
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            att = torch.zeros((len(group), width), dtype=torch.long)
-            for j, p in enumerate(group):
-                if p:
-                    ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                    att[j, width - len(p):] = 1
-            ids, att = ids.to(dev), att.to(dev)
+            ids, att = (t.to(dev) for t in _left_pad(group, width, pad))
             cache, last = self._prompt_forward(ids, att)
             r = torch.tensor(taken, dtype=torch.long, device=dev)
             cols = (torch.arange(width, device=dev) + (slot - width)) % total
@@ -602,10 +591,16 @@ def _attn_in(x, ln, qkv, cos, sin, eps: float, heads: int, kv: int, dim: int, dt
     Returns q as ``(batch, kv heads, query heads per kv head, dim)`` (a key/value head's group of query
     heads attends as its query length: no key/value repeated) and the new k, v as ``(batch, kv heads, 1,
     dim)``, all in the cache's ``dtype``."""
-    batch = x.shape[0]
     h = _rms(x, ln, eps)
     parts = _linears(h, qkv)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return _rotate_split(out, cos, sin, heads, kv, dim, dtype)
+
+
+def _rotate_split(out, cos, sin, heads: int, kv: int, dim: int, dtype):
+    """The q/k/v products of one token per row: q and k rotated, then q as ``(batch, kv heads, query heads
+    per kv head, dim)`` and k, v as ``(batch, kv heads, 1, dim)``, in ``dtype``."""
+    batch = out.shape[0]
     out = out.view(batch, 1, heads + 2 * kv, dim)
     qk = out[:, :, :heads + kv]
     # rotate_half(t) = roll(t, half) with its first half negated; that sign is already in sin
@@ -630,26 +625,30 @@ def _attn_out(x, o, wo, ln, gate_up, down, eps: float):
 def _attn_in_modules(dec: Decoder, i: int, layer: nn.Module, x, cos, sin, dtype):
     """``_attn_in`` through the layer's own modules (a layer the functional step does not know)."""
     attn = layer.self_attn
-    batch, heads, kv, dim = x.shape[0], dec.heads, dec.kv_heads, dec.head_dim
     h = _rms_norm(layer.input_layernorm, x)
     if dec._fused:
         out = F.linear(h, dec._fused[i][0])
     else:
         out = torch.cat((attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)), dim=-1)
-    out = out.view(batch, 1, heads + 2 * kv, dim)
-    qk = out[:, :, :heads + kv]
-    qk = torch.addcmul(qk * cos, qk.roll(dim // 2, dims=-1), sin)
-    q = qk[:, 0, :heads].reshape(batch, kv, heads // kv, dim).to(dtype)
-    return q, qk[:, :, heads:].transpose(1, 2).to(dtype), out[:, :, heads + kv:].transpose(1, 2).to(dtype)
+    return _rotate_split(out, cos, sin, dec.heads, dec.kv_heads, dec.head_dim, dtype)
 
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Llama RMSNorm as transformers computes it (normalised in fp32, weight applied in the input's
     dtype), the normalisation as one fused kernel."""
     eps = getattr(norm, "variance_epsilon", None)
-    if eps is None:
-        return norm(x)
-    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    return norm(x) if eps is None else _rms(x, norm.weight, eps)
+
+
+def _left_pad(prompts: list[list[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompts`` right-aligned in rows of ``width`` (ids, and the mask of their real tokens), on the CPU."""
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            att[i, width - len(p):] = 1
+    return ids, att
 
 
 def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -692,11 +691,7 @@ def generate_hf(model: nn.Module, prompts: list[list[int]], max_new_tokens: int,
     its tests and bench/infer_speed.py compare against). ``stop_at_eos=False``: every row runs
     ``max_new_tokens``."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        att[i, width - len(p):] = 1
+    ids, att = _left_pad(prompts, width, pad)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "use_cache": True}
