@@ -183,15 +183,21 @@ def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
     if args.nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                   "-m", "engine.train"]
+    measured = args.steps + args.warm
+    extra = 3 if args.profile else 0  # profiled steps come after the measured ones (the profiler slows them)
+    if extra:
+        env = {**env, "VOXTUI_PROFILE_STEPS": f"{measured + 1}:{measured + extra}"}
     cmd = launch + ["--model_id", model_of(name, args), "--train_jsonl", data_of(name, args), "--output_dir", str(run_dir),
-                    "--max_steps", str(args.steps + args.warm)] + (["--val_jsonl", args.val] if args.val else []) \
+                    "--max_steps", str(measured + extra)] + (["--val_jsonl", args.val] if args.val else []) \
         + COMMON + flags
     log = Path(args.out) / f"{name}-n{args.nproc}.log"
     t0 = time.time()
     with open(log, "w") as f:
         rc = subprocess.run(cmd, cwd=ROOT, env={**env, **ENV.get(name, {})}, stdout=f, stderr=subprocess.STDOUT,
                             timeout=args.timeout).returncode
-    out = summarize(run_dir, args.warm, t0)
+    out = summarize(run_dir, args.warm, t0, measured)
+    if (run_dir / "profile.txt").exists():
+        (Path(args.out) / f"{name}-n{args.nproc}.profile.txt").write_bytes((run_dir / "profile.txt").read_bytes())
     if (run_dir / "events.jsonl").exists():  # kept beside the results: every step's times
         (Path(args.out) / f"{name}-n{args.nproc}.events.jsonl").write_bytes((run_dir / "events.jsonl").read_bytes())
     out.update(rc=rc, command=" ".join(cmd[cmd.index("engine.train") - 1:]))
@@ -218,9 +224,10 @@ def data_of(name: str, args) -> str:
     return str(path)
 
 
-def summarize(run_dir: Path, warm: int, launched: float) -> dict:
+def summarize(run_dir: Path, warm: int, launched: float, last: int | None = None) -> dict:
+    """The run's steady steps (after ``warm``, up to step ``last``) from its events."""
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
-    steps = [e for e in events if e["type"] == "step"]
+    steps = [e for e in events if e["type"] == "step" and (last is None or e["step"] <= last)]
     previews = [e for e in events if e["type"] == "preview"]
     telemetry = [e for e in events if e["type"] == "telemetry"]
     out: dict = {"steps": len(steps), "telemetry_events": len(telemetry), "preview_events": len(previews)}
@@ -271,6 +278,8 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=5)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--profile", action="store_true",
+                   help="3 more steps under torch.profiler after the measured ones: <out>/<config>-n<N>.profile.txt")
     p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

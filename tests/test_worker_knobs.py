@@ -17,12 +17,41 @@ def test_knobs_are_read_from_the_environment_and_checked():
                  "VOXTUI_DDP_SPLIT_GRAPHS": "1"}) == Knobs(nan_step=3, slow_save=2.5, engine_timeout=4.0,
                                                             ddp_split_graphs=True)
     assert read({"VOXTUI_DDP_SPLIT_GRAPHS": "yes", "VOXTUI_FAULT_NAN_STEP": ""}) == Knobs()  # "1" only; empty: unset
+    assert read({"VOXTUI_PROFILE_STEPS": "4:6"}).profile_steps == (4, 6)
+    assert read({"VOXTUI_PROFILE_STEPS": "5"}).profile_steps == (5, 5)
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
-                      ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more")]:
+                      ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more"),
+                      ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
+                      ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
+                      ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):
             read(env)
+
+
+def test_profiled_steps_write_the_kernel_table(tmp_path, tiny_model):
+    """VOXTUI_PROFILE_STEPS=A:B: a real run writes profile.txt, time summed by kind, then the operators
+    (on the CPU: the CPU operators, since there are no kernels), and trains to its end as usual."""
+    rows = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(20)])
+    out = tmp_path / "run"
+    proc = worker(train_args(tiny_model, out, rows, max_steps=4), env={"VOXTUI_PROFILE_STEPS": "2:3"})
+    assert proc.returncode == 0, proc.stdout
+    text = (out / "profile.txt").read_text()
+    assert text.startswith("time per step (CPU operators), 2 steps profiled: ")
+    assert "matmul" in text and "aten::" in text
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+
+
+def test_kernel_kinds():
+    from engine.worker.profiling import kind
+
+    assert kind("flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>") == "attention"
+    assert kind("nvjet_hsh_256x128_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+    assert kind("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "compiled (triton)"
+    assert kind("aten::mm") == "matmul"
+    assert kind("something_else") == "other"
 
 
 def test_engine_timeout_is_a_checked_config_field(tmp_path):

@@ -13,6 +13,10 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_DDP_SPLIT_GRAPHS=1``
     with ``--grad_sync ddp`` and ``--compile`` on GPUs, leaves dynamo's DDPOptimizer on, which splits each
     compiled layer at DDP's buckets (the comparison in bench/throughput.py; docs/benchmarks.md)
+``VOXTUI_PROFILE_STEPS=A:B``
+    steps A to B (counted from 1) run under ``torch.profiler``; rank 0 writes the kernels' table, sorted by
+    device time and summed by kind (matmuls, attention, fused elementwise, ...), to ``<run>/profile.txt``
+    (``bench/throughput.py --profile``)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Knobs:
     slow_save: float = 0.0  # seconds; 0: no fault
     engine_timeout: float | None = None  # None: --engine_timeout holds
     ddp_split_graphs: bool = False
+    profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -54,7 +59,22 @@ def read(env=None) -> Knobs:
     return Knobs(nan_step=_number("VOXTUI_FAULT_NAN_STEP", int, env) or 0,
                  slow_save=_number("VOXTUI_FAULT_SLOW_SAVE", float, env) or 0.0,
                  engine_timeout=timeout,
-                 ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1")
+                 ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1",
+                 profile_steps=_steps("VOXTUI_PROFILE_STEPS", env))
+
+
+def _steps(name: str, env) -> tuple[int, int] | None:
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    first, _, last = text.partition(":")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise UsageError(f"{name}={text}: not A:B (two step numbers)") from None
+    if not 1 <= a <= b:
+        raise UsageError(f"{name}={text}: needs 1 <= A <= B")
+    return a, b
 
 
 @functools.cache

@@ -39,6 +39,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path, resuming: bool, d: Dist) -> None:
         self.cfg, self.run_dir, self.resuming, self.d = cfg, run_dir, resuming, d
         self.knobs = knobs()
+        self.profiler = None
+        if self.knobs.profile_steps and d.main:
+            from engine.worker.profiling import StepProfiler
+
+            self.profiler = StepProfiler(self.knobs.profile_steps, run_dir / "profile.txt")
         self.out = Report(d.main)
         self.step = 0
         self.epoch = 0
@@ -244,6 +249,8 @@ class Trainer:
         a stop signal wait), the update or its skip (a non-finite loss or gradient), the step event, then
         the commands. Returns the final state when the run ends here."""
         cfg, d = self.cfg, self.d
+        if self.profiler is not None:
+            self.profiler.before(self.step + 1)
         t0 = time.perf_counter()
         micro = self.feed.micro_batches(plan, self.micro)
         n_global = float(sum(self.feed.global_targets[self.micro:self.micro + cfg.grad_accum]))
@@ -266,6 +273,8 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.micro += cfg.grad_accum
+        if self.profiler is not None:
+            self.profiler.after(self.step)
         slowest = float(gathered[:, 3].max())
         if d.main and (self.step % cfg.log_steps == 0 or nonfinite):
             ev = step_event(gathered, self.step, self.epoch + self.micro / max(len(plan), 1), loss, gnorm, lr,
