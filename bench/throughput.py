@@ -39,6 +39,8 @@ NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 CONFIGS: dict[str, list[str]] = {
     "bf16-packed": BF16 + ["--no-compile"],
     "bf16-packed-compiled": BF16 + ["--compile"],
+    # the same with the fused head's softmax and gradient as eager operations (ENV below; compiled is the default)
+    "bf16-packed-compiled-eagerce": BF16 + ["--compile"],
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
@@ -53,8 +55,15 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-ddp-split": BF16 + ["--compile", "--grad_sync", "ddp"],
     "nf4-packed": NF4 + ["--no-compile"],
     "nf4-packed-compiled": NF4 + ["--compile"],
+    # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
+    "nf4-packed-compiled-bnb": NF4 + ["--compile"],
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
     "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
+    "bf16-ckpt25-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                          "--grad_ckpt_layers", "25"],
+    "bf16-ckpt23-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                          "--grad_ckpt_layers", "23"],
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
                        "--max_len", "8192"],
@@ -70,7 +79,9 @@ LONG_DATA: dict[str, tuple[str, int, int, int]] = {
     "bf16-long-8192": ("long-8192", 600, 3000, 7000),
     "bf16-long-32768-ckpt": ("long-32768", 200, 12000, 28000),
 }
-ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"}}
+ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"},
+                                  "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
+                                  "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

@@ -62,6 +62,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     """Allow TF32 matmuls on Ampere and newer."""
     grad_ckpt: bool = True
     """Gradient checkpointing of the decoder layers."""
+    grad_ckpt_layers: int = -1
+    """With --grad_ckpt: how many decoder layers (the first N) recompute their activations in the backward;
+    the others keep them, which is faster and takes more memory (preflight picks N to fit). -1: all."""
     quant: Literal["nf4", "none"] = "nf4"
     """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights."""
     lora_r: int = 16
@@ -170,6 +173,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append(f"--lr must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.grad_ckpt_layers < -1:
+            problems.append(f"--grad_ckpt_layers must be -1 (all) or 0 or more (got {self.grad_ckpt_layers})")
         problems += preview_param_problems(self.temperature, self.top_p, self.max_new_tokens, got=True,
                                            names={k: f"--{k}" for k in ("temperature", "top_p", "max_new_tokens")})
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]

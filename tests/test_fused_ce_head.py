@@ -107,3 +107,27 @@ def test_causal_lm_loss_with_a_trainable_head(tiny_model):
     assert int(n) == int((flat != -100).sum())
     assert torch.allclose(total, ref, rtol=1e-5)
     assert got.abs().sum() > 0 and torch.allclose(got, head.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, "aot_eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_compiled_chunk_matches_cross_entropy(compiled, dtype):
+    """The frozen head's path with the chunk's softmax and gradient compiled (``ce_chunk`` under
+    torch.compile; aot_eager here, Inductor on a GPU: tests/gpu) and without: the loss and the hidden
+    states' gradient of the plain computation, over chunks of 7 rows and a last one of 2 (a second shape)."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    y = torch.randint(0, 300, (23,))
+    w = torch.randn(300, 16).to(dtype)
+    h1 = torch.randn(23, 16, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_()
+    fused = fused_head_ce(h1, w, y, chunk=7, compiled=compiled)
+    ref = plain(h2.to(dtype), w, y)
+    assert torch.allclose(fused, ref, rtol=1e-5 if dtype == torch.float32 else 2e-3)
+    (fused * 0.5).backward()
+    (ref * 0.5).backward()
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(h1.grad, h2.grad, **tol)
+    assert h1.grad.abs().sum() > 0
+    with torch.no_grad():  # no gradient wanted (evaluation): the loss alone, the same
+        assert torch.allclose(fused_head_ce(h1, w, y, chunk=7, compiled=compiled), fused.detach())

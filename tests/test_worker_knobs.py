@@ -94,3 +94,23 @@ def test_a_silent_engine_stops_the_worker_after_its_timeout(tmp_path, tiny_model
     assert last.type == "status" and last.state == "finished" and last.outcome == "engine_lost", seen[-3:]
     assert any(e.type == "checkpoint" for e in seen)
     assert f"engine_timeout = {float(flag)!r}" in (out / "config.toml").read_text()
+
+
+def test_gpu_idle_gaps_are_charged_to_the_host_operation_under_way():
+    """idle_report over a timeline (µs): kernels 0–100, 100–150, 400–500, 520–600; host ops: a step
+    0–600 and inside it a sync 160–390. The 250 µs gap goes to the sync, the 20 µs one is under 50 µs."""
+    from types import SimpleNamespace as NS
+
+    from engine.worker.profiling import idle_report
+
+    def ev(kind, a, b, name="k"):
+        return NS(device_type=NS(name=kind), time_range=NS(start=a, end=b), name=name)
+
+    class Prof:
+        def events(self):
+            return [ev("CUDA", 0, 100), ev("CUDA", 100, 150), ev("CUDA", 400, 500), ev("CUDA", 520, 600),
+                    ev("CPU", 0, 600, "step"), ev("CPU", 160, 390, "cudaStreamSynchronize")]
+
+    text = idle_report(Prof(), 1, 0.0006)
+    assert "GPU busy 0.33 ms; idle in gaps of >= 50 µs 0.25 ms (1 gaps a step)" in text, text
+    assert text.splitlines()[-1].split() == ["0.25", "1", "cudaStreamSynchronize"]

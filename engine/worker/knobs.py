@@ -13,6 +13,12 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_DDP_SPLIT_GRAPHS=1``
     with ``--grad_sync ddp`` and ``--compile`` on GPUs, leaves dynamo's DDPOptimizer on, which splits each
     compiled layer at DDP's buckets (the comparison in bench/throughput.py; docs/benchmarks.md)
+``VOXTUI_NF4_BNB_FORWARD=1``
+    with --quant nf4, the 4-bit layers keep bitsandbytes' own forward instead of voxtui's traceable one
+    (engine/worker/nf4.py; the comparison in bench/throughput.py)
+``VOXTUI_EAGER_CE=1``
+    with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
+    compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
 ``VOXTUI_PROFILE_STEPS=A:B``
     steps A to B (counted from 1) run under ``torch.profiler``; rank 0 writes the kernels' table, sorted by
     device time and summed by kind (matmuls, attention, fused elementwise, ...), to ``<run>/profile.txt``
@@ -35,6 +41,8 @@ class Knobs:
     engine_timeout: float | None = None  # None: --engine_timeout holds
     ddp_split_graphs: bool = False
     profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
+    nf4_bnb_forward: bool = False
+    eager_ce: bool = False
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -60,7 +68,9 @@ def read(env=None) -> Knobs:
                  slow_save=_number("VOXTUI_FAULT_SLOW_SAVE", float, env) or 0.0,
                  engine_timeout=timeout,
                  ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1",
-                 profile_steps=_steps("VOXTUI_PROFILE_STEPS", env))
+                 profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
+                 nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
+                 eager_ce=env.get("VOXTUI_EAGER_CE") == "1")
 
 
 def _steps(name: str, env) -> tuple[int, int] | None:

@@ -37,6 +37,9 @@ class StepProfiler:
 
     def before(self, step: int) -> None:
         if step == self.first and self.prof is None:
+            import time
+
+            self.t0 = time.perf_counter()
             import torch
 
             acts = [torch.profiler.ProfilerActivity.CPU]
@@ -47,8 +50,14 @@ class StepProfiler:
 
     def after(self, step: int) -> None:
         if step == self.last and self.prof is not None:
+            import time
+
+            wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            self.out.write_text(report(self.prof, self.last - self.first + 1), encoding="utf-8")
+            n = self.last - self.first + 1
+            text = report(self.prof, n)
+            text += "\n" + idle_report(self.prof, n, wall)
+            self.out.write_text(text, encoding="utf-8")
             self.prof = None
 
 
@@ -80,3 +89,51 @@ def report(prof, steps: int) -> str:
     for name, t, n in sorted(rows, key=lambda r: -r[1])[:60]:
         out.append(f"{t / 1e3:>9.3f}{100 * t / total:>7.1f}%{n:>7}  {name[:150]} ({kind(name)})")
     return "\n".join(out) + "\n"
+
+
+def idle_report(prof, steps: int, wall: float) -> str:
+    """How long the GPU sat idle within the profiled steps (wall time less the union of its kernels), and
+    what the host was doing meanwhile: each gap of 50 µs or more is charged to the innermost host
+    operation under way at its middle."""
+    try:
+        events = list(prof.events())
+        kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                         if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+        if not kernels:
+            return f"wall time per step {1e3 * wall / steps:.2f} ms (no GPU kernels)\n"
+        busy, gaps = 0.0, []
+        start, end = kernels[0]
+        for a, b in kernels[1:]:
+            if a > end:
+                busy += end - start
+                if a - end >= 50:
+                    gaps.append((end, a))
+                start, end = a, b
+            else:
+                end = max(end, b)
+        busy += end - start
+        import bisect
+
+        host = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type.name == "CPU")
+        starts = [h[0] for h in host]
+        charged: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for a, b in gaps:
+            mid = (a + b) / 2
+            inner = "(no host operation)"
+            i = bisect.bisect_right(starts, mid) - 1
+            for j in range(i, max(i - 5000, -1), -1):  # the latest started that has not ended
+                if host[j][1] >= mid:
+                    inner = host[j][2]
+                    break
+            c = charged[inner]
+            c[0] += b - a
+            c[1] += 1
+        ms = 1e3 * wall / steps
+        out = [f"wall time per step {ms:.2f} ms; GPU busy {busy / 1e3 / steps:.2f} ms; idle in gaps of >= 50 µs "
+               f"{sum(b - a for a, b in gaps) / 1e3 / steps:.2f} ms ({len(gaps) // max(steps, 1)} gaps a step)",
+               "", f"{'ms/step':>9}{'gaps':>7}  host operation under way (innermost)"]
+        for name, (t, n) in sorted(charged.items(), key=lambda kv: -kv[1][0])[:25]:
+            out.append(f"{t / 1e3 / steps:>9.2f}{n // max(steps, 1):>7}  {name[:150]}")
+        return "\n".join(out) + "\n"
+    except Exception as e:  # a report, never a reason to stop training
+        return f"idle analysis failed: {type(e).__name__}: {e}\n"

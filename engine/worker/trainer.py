@@ -139,6 +139,11 @@ class Trainer:
         self.model, removed = load_model(cfg, d.device)
         self.model.train()
         self.log(f"model loaded in {time.perf_counter() - t0:.1f}s")
+        if cfg.grad_ckpt:
+            from engine.worker.modeling import checkpointed_layers
+
+            n, of = checkpointed_layers(self.model)
+            self.log(f"gradient checkpointing: {n} of {of} decoder layers recompute their activations")
         if cfg.packing:
             from engine.worker.attention import gqa_mode, varlen_available
 
@@ -148,12 +153,13 @@ class Trainer:
         rows, trainable, total = param_table(self.model, removed=removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
+        self.compiled_ce = cfg.compile and d.device.type == "cuda" and not self.knobs.eager_ce
         self.flops_per_token = 4 * matmul_params(self.model)  # MFU: forward and backward
         self.flops_per_pair = attention_flops_per_pair(self.model)  # and the MFU that counts attention
         peak = peak_flops(cfg.peak_tflops, d.device)
         self.peak = peak * d.world if peak else None  # all ranks together
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_module, self.grad_sync = data_parallel(CausalLMLoss(self.model), self.trainable, d, cfg.grad_sync,
+        self.loss_module, self.grad_sync = data_parallel(CausalLMLoss(self.model, compiled=self.compiled_ce), self.trainable, d, cfg.grad_sync,
                                                          cfg.compile, self.knobs.ddp_split_graphs)
         if self.grad_sync is not None:
             self.log(f"{d.world} ranks: one all-reduce of {sum(p.numel() for p in self.trainable):,} gradient "

@@ -41,14 +41,16 @@ def packed_row(seed: int = 0) -> tuple[dict, list[tuple[list[int], int]]]:
     return batch, examples
 
 
-def worker_model(path, quant: str):
-    """The model as the worker loads it (compiled layers, voxtui attention), adapters' B random."""
+def worker_model(path, quant: str, ckpt: int = 0):
+    """The model as the worker loads it (compiled layers, voxtui attention, NF4's traceable layers), adapters'
+    B random; ``ckpt``: how many layers recompute in the backward (--grad_ckpt_layers; 0: no checkpointing)."""
     from engine.config import TrainConfig
     from engine.worker.modeling import load_model
 
-    cfg = TrainConfig(model_id=str(path), train_jsonl="-", quant=quant, bf16=True, compile=True, grad_ckpt=False,
-                      lora_dropout=0.0, max_len=MAX_LEN)
+    cfg = TrainConfig(model_id=str(path), train_jsonl="-", quant=quant, bf16=True, compile=True, grad_ckpt=ckpt > 0,
+                      grad_ckpt_layers=ckpt, lora_dropout=0.0, max_len=MAX_LEN)
     model, _ = load_model(cfg, DEV)
+    model.train()  # as the worker runs it (checkpointing acts in training mode only; dropout is 0)
     g = torch.Generator(device=DEV).manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,7 +86,7 @@ def reference_model(path, quant: str, worker):
 def worker_loss_and_grads(model, batch):
     from engine.worker.modeling import CausalLMLoss
 
-    loss_fn = CausalLMLoss(model)
+    loss_fn = CausalLMLoss(model, compiled=True)  # the worker's loss on a GPU with --compile
     with torch.autocast("cuda", dtype=torch.bfloat16):
         total, n = loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in batch.items()})
     total.backward()
@@ -105,13 +107,21 @@ def reference_loss_and_grads(ref, examples):
     return total, n, grads
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant):
+@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2)])
+def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt):
+    """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), and NF4 with
+    both layers checkpointed (its default)."""
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     batch, examples = packed_row()
     assert int(batch["max_length_q"]) == MAX_LEN and len(batch["cu_seq_lens_q"]) >= len(EXAMPLES) + 1
-    model = worker_model(real_width_dir, quant)
+    model = worker_model(real_width_dir, quant, ckpt)
+    if quant == "nf4":  # the worker's 4-bit layers: voxtui's traceable forward (engine/worker/nf4.py)
+        assert sum(hasattr(m, "_nf4_meta") for m in model.modules()) == 2 * 7
+    if ckpt:
+        from engine.worker.modeling import checkpointed_layers
+
+        assert checkpointed_layers(model) == (ckpt, 2)
     ours, n, ours_g = worker_loss_and_grads(model, batch)
     ref = reference_model(real_width_dir, quant, model)
     theirs, m, ref_g = reference_loss_and_grads(ref, examples)
@@ -124,7 +134,7 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     per = {k: float(torch.nn.functional.cosine_similarity(ours_g[k].flatten(), ref_g[k].flatten(), dim=0))
            for k in ours_g}
     worst = min(per, key=per.get)
-    print(f"{quant}: loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
+    print(f"{quant} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
     assert cos_all >= 0.995

@@ -1,0 +1,72 @@
+"""engine/worker/nf4.py: the 4-bit layers' traceable forward computes what bitsandbytes' own does (loss and
+adapter gradients, exactly, on the CPU's NF4 kernels) and leaves the model's state dict as it was."""
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from engine.config import TrainConfig  # noqa: E402
+
+
+def _run(tiny_model, traced: bool):
+    from engine.worker.modeling import CausalLMLoss, load_model
+
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="nf4", bf16=False, lora_dropout=0.0,
+                      compile=False, grad_ckpt=True)
+    torch.manual_seed(0)
+    import os
+
+    os.environ["VOXTUI_NF4_BNB_FORWARD"] = "" if traced else "1"
+    from engine.worker.knobs import knobs
+
+    knobs.cache_clear()
+    try:
+        model, _ = load_model(cfg, torch.device("cpu"))
+    finally:
+        os.environ.pop("VOXTUI_NF4_BNB_FORWARD", None)
+        knobs.cache_clear()
+    model.train()
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
+    total.backward()
+    return model, float(total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_traceable_nf4_equals_bitsandbytes_forward(tiny_model):
+    bnb_model, loss0, ref = _run(tiny_model, traced=False)
+    model, loss, got = _run(tiny_model, traced=True)
+    traced = [n for n, m in model.named_modules() if hasattr(m, "_nf4_meta")]
+    assert len(traced) == 2 * 7 + 2 and all(n.endswith("base_layer") or "projector" in n for n in traced)
+    assert not any(hasattr(m, "_nf4_meta") for m in bnb_model.modules())
+    assert loss == loss0
+    assert got.keys() == ref.keys() and any(g.abs().sum() > 0 for g in got.values())
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+    assert model.state_dict().keys() == bnb_model.state_dict().keys()  # the buffers are not saved
+
+
+def test_a_traceable_layer_compiles_without_graph_breaks(tiny_model):
+    from torch._dynamo.utils import counters
+
+    from engine.worker.modeling import _unwrap, language_model
+
+    model, _, _ = _run(tiny_model, traced=True)
+    lm = language_model(_unwrap(model))
+    layer = lm.layers[0]
+    layer.gradient_checkpointing = False
+    torch._dynamo.reset()
+    counters.clear()
+    h = torch.randn(1, 8, lm.config.hidden_size, requires_grad=True)
+    pos = torch.arange(8)[None]
+    out = torch.compile(layer, backend="aot_eager")(h, position_embeddings=lm.rotary_emb(h, pos),
+                                                   attention_mask=None, position_ids=pos)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert h.grad is not None and h.grad.abs().sum() > 0
