@@ -70,3 +70,57 @@ def test_a_traceable_layer_compiles_without_graph_breaks(tiny_model):
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == 1
     assert h.grad is not None and h.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape,nested", [((96, 256), True), ((100, 64), True), ((3, 320), True),
+                                          ((64, 192), False), ((5, 128), False)])
+def test_dequantize_ops_is_bitsandbytes_bit_for_bit(shape, nested):
+    """What Inductor compiles (tensor operations) against bitsandbytes' own dequantisation, with and without
+    double quantisation, also where the 256-value blocks of absmax values do not come out even."""
+    import bitsandbytes.functional as F
+
+    from engine.worker.nf4 import dequantize_ops
+
+    torch.manual_seed(3)
+    w = torch.randn(*shape, dtype=torch.bfloat16)
+    q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    meta = (tuple(st.shape), st.blocksize, "nf4", st.state2.blocksize if nested else 0, st.dtype)
+    args = (st.absmax, st.state2.absmax, st.state2.code, st.offset) if nested else (st.absmax, None, None, None)
+    got = dequantize_ops(q, *args, st.code, meta, torch.bfloat16)
+    assert torch.equal(got, F.dequantize_4bit(q, st))
+
+
+def test_compiled_layer_dequantises_in_tensor_operations_with_the_same_gradients(tiny_model):
+    """Compiled (aot_eager: the traced graph, run eagerly), a layer takes the tensor-operation path; its output
+    and input gradient equal the uncompiled layer's (bitsandbytes' operators)."""
+    from engine.worker.modeling import _unwrap, language_model
+
+    model, _, _ = _run(tiny_model, traced=True)
+    lm = language_model(_unwrap(model))
+    layer = lm.layers[1]
+    layer.gradient_checkpointing = False
+    torch.manual_seed(4)
+    h0 = torch.randn(2, 8, lm.config.hidden_size)
+    pos = torch.arange(8)[None].expand(2, 8)
+    seen = []
+
+    def backend(gm, inputs):  # what dynamo traced, then run as aot_eager runs it
+        for sub in gm.modules():  # the graph and its subgraphs (the autograd.Function's forward, backward)
+            if isinstance(sub, torch.fx.GraphModule):
+                seen.extend(str(n.target) for n in sub.graph.nodes)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, inputs)
+
+    outs = []
+    for fn in (layer, torch.compile(layer, backend=backend)):
+        torch._dynamo.reset()
+        h = h0.clone().requires_grad_()
+        out = fn(h, position_embeddings=lm.rotary_emb(h, pos), attention_mask=None, position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), h.grad))
+    # the dequantisation is tensor operations: the 4-bit codes' shift, no bitsandbytes operator
+    assert any("rshift" in t for t in seen) and not any("bitsandbytes" in t for t in seen), seen
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)

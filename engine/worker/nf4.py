@@ -1,13 +1,15 @@
-"""NF4 linear layers that ``torch.compile`` sees through.
+"""NF4 linear layers whose weights ``torch.compile`` dequantises inside the compiled layer.
 
-bitsandbytes' ``Linear4bit.forward`` runs Python that dynamo cannot trace (its ``Params4bit`` weight, the
-``QuantState`` object, ``MatMul4Bit``): every one of a decoder layer's seven projections breaks the
-compiled layer into pieces, each run from Python. On an H200 a QLoRA step at 6 × 1024 tokens then spent
-about a third of its time with the GPU waiting for the host (docs/benchmarks.md). ``traceable`` gives each
-4-bit layer a forward over plain tensors and bitsandbytes' own registered operators — the same
-``gemm_4bit`` in the forward and the same dequantisation + product in the backward as ``MatMul4Bit`` —
-so a compiled layer is one graph. The weights, their quantisation state and what a checkpoint saves
-are unchanged (the tensors are registered again as non-persistent buffers: views, no copy).
+bitsandbytes' 4-bit operators (``gemm_4bit``, ``dequantize_4bit``, ``dequantize_blockwise``) are kernels
+registered from Python: called from a compiled layer, each one runs Python on the host (checks, buffers,
+a ctypes call) between the GPU's kernels — three times per projection and step with checkpointing
+(forward, recompute, backward), 630 calls a step for Voxtral's 30 layers. At QLoRA's small micro-batches
+the GPU then waits for the host (docs/benchmarks.md). ``traceable`` gives each 4-bit layer a forward
+whose dequantisation, while ``torch.compile`` traces, is plain tensor arithmetic (``dequantize_ops``,
+bit for bit bitsandbytes' result): Inductor makes it one kernel inside the layer's graph, and no Python
+runs per call. Uncompiled, the same layer calls bitsandbytes' operators as its own forward does. The
+weights, their quantisation state and what a checkpoint saves are unchanged (the tensors are registered
+again as non-persistent buffers: views, no copy).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import types
 import torch
 from torch import nn
 
-NAMES = ("_nf4_packed", "_nf4_absmax", "_nf4_absmax2", "_nf4_code2", "_nf4_offset")
+NAMES = ("_nf4_packed", "_nf4_absmax", "_nf4_absmax2", "_nf4_code2", "_nf4_offset", "_nf4_code")
 
 
 def traceable(model: nn.Module) -> int:
@@ -32,13 +34,13 @@ def traceable(model: nn.Module) -> int:
         qs = mod.weight.quant_state
         if qs is None or qs.quant_type not in ("nf4", "fp4") or len(qs.shape) != 2:
             continue
-        if qs.nested and qs.state2.blocksize != 256:
-            continue  # what bitsandbytes' own kernel refuses: leave it to bitsandbytes
+        if (qs.nested and qs.state2.blocksize != 256) or (qs.shape[0] * qs.shape[1]) % qs.blocksize:
+            continue  # what bitsandbytes' fused kernel refuses, or a last block cut short: left to bitsandbytes
         packed = mod.weight.data.view(-1, 1)
         if qs.nested:
-            tensors = (packed, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset.reshape(()))
+            tensors = (packed, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset.reshape(()), qs.code)
         else:
-            tensors = (packed, qs.absmax, None, None, None)
+            tensors = (packed, qs.absmax, None, None, None, qs.code)
         for name, t in zip(NAMES, tensors):
             mod.register_buffer(name, t, persistent=False)
         mod._nf4_meta = (tuple(int(s) for s in qs.shape), int(qs.blocksize), qs.quant_type,
@@ -51,14 +53,18 @@ def traceable(model: nn.Module) -> int:
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     compute = self.compute_dtype if self.compute_dtype is not None else x.dtype
     y = _NF4MatMul.apply(x.to(compute), self._nf4_packed, self._nf4_absmax, self._nf4_absmax2, self._nf4_code2,
-                         self._nf4_offset, self._nf4_meta)
+                         self._nf4_offset, self._nf4_code, self._nf4_meta)
     if self.bias is not None:
         y = y + self.bias.to(y.dtype)
     return y.to(x.dtype)
 
 
-def dequantize(packed, absmax, absmax2, code2, offset, meta, dtype) -> torch.Tensor:
-    """The layer's weight, ``(out, in)`` in ``dtype`` (what ``bitsandbytes.functional.dequantize_4bit`` makes)."""
+def dequantize(packed, absmax, absmax2, code2, offset, code, meta, dtype) -> torch.Tensor:
+    """The layer's weight, ``(out, in)`` in ``dtype``, as ``bitsandbytes.functional.dequantize_4bit`` makes it:
+    while ``torch.compile`` traces, in plain tensor operations (``dequantize_ops``: Inductor makes one kernel
+    of them, launched from the compiled graph), else by bitsandbytes' operators."""
+    if torch.compiler.is_compiling():
+        return dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta, dtype)
     shape, blocksize, quant_type, blocksize2, _ = meta
     if absmax2 is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
@@ -66,33 +72,53 @@ def dequantize(packed, absmax, absmax2, code2, offset, meta, dtype) -> torch.Ten
     return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, list(shape), dtype)
 
 
+def dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta, dtype) -> torch.Tensor:
+    """``dequantize`` in tensor operations, bit for bit what bitsandbytes' kernels compute: two 4-bit codes
+    per byte (the first in the high half) looked up in the 16-value table ``code`` and scaled by their block's
+    absmax in fp32; with double quantisation the absmax itself is an 8-bit code in ``code2`` scaled by its
+    block of ``blocksize2`` and shifted by ``offset``."""
+    shape, blocksize, _, blocksize2, _ = meta
+    if absmax2 is not None:
+        blocks = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
+        absmax = code2[absmax.long()] * absmax2[blocks] + offset
+    n = shape[0] * shape[1]
+    p = packed.reshape(-1)
+    idx = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1)[:n].long()
+    w = code[idx].view(-1, blocksize) * absmax[:, None]  # traceable() takes whole blocks only
+    return w.reshape(shape).to(dtype)
+
+
 class _NF4MatMul(torch.autograd.Function):
-    """``x @ W.T`` for a frozen 4-bit ``W``: bitsandbytes' ``gemm_4bit`` forward (dequantise + cuBLAS for a
-    training batch, its fused kernel for a few rows), the weight dequantised again for the input's gradient
-    (nothing of the size of ``W`` is kept between the passes)."""
+    """``x @ W.T`` for a frozen 4-bit ``W``, nothing of the size of ``W`` kept between the passes: the
+    forward is bitsandbytes' ``gemm_4bit`` (dequantise + cuBLAS for a training batch, its fused kernel for
+    a few rows), or under ``torch.compile`` the weight dequantised by tensor operations and one product;
+    the backward dequantises the weight again for the input's gradient, as ``MatMul4Bit`` does."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, absmax2, code2, offset, meta):
+    def forward(ctx, x, packed, absmax, absmax2, code2, offset, code, meta):
         shape, blocksize, quant_type, _, _ = meta
-        if absmax2 is not None:
+        if torch.compiler.is_compiling():
+            y = torch.nn.functional.linear(x, dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta,
+                                                              x.dtype))
+        elif absmax2 is not None:
             y = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, list(shape), absmax2, blocksize, quant_type,
                                                          None, absmax, code2, offset)
         else:
             y = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, list(shape), absmax, blocksize, quant_type)
         if absmax2 is not None:
-            ctx.save_for_backward(packed, absmax, absmax2, code2, offset)
+            ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
         else:
-            ctx.save_for_backward(packed, absmax)
+            ctx.save_for_backward(packed, absmax, code)
         ctx.meta = meta
         return y
 
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        packed, absmax = saved[0], saved[1]
-        absmax2, code2, offset = saved[2:] if len(saved) == 5 else (None, None, None)
+        packed, absmax, code = saved[:3]
+        absmax2, code2, offset = saved[3:] if len(saved) == 6 else (None, None, None)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = dequantize(packed, absmax, absmax2, code2, offset, ctx.meta, ctx.meta[4])  # as MatMul4Bit does
+            w = dequantize(packed, absmax, absmax2, code2, offset, code, ctx.meta, ctx.meta[4])  # as MatMul4Bit does
             grad_x = grad @ w.to(grad.dtype)
-        return grad_x, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None
