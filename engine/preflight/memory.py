@@ -68,7 +68,9 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
     H, inter, n = m["hidden"], m["intermediate"], m["layers"]
     per_token = 16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)
     per_layer = tokens * per_token  # bytes of bf16 activations kept by one decoder layer
-    acts = (n * tokens * H * 2 + per_layer) / g if cfg.grad_ckpt else n * per_layer / g
+    ckpt = (n if cfg.grad_ckpt_layers < 0 else min(cfg.grad_ckpt_layers, n)) if cfg.grad_ckpt else 0
+    # a checkpointed layer keeps its input; the others all they make; one layer's recompute on top
+    acts = (ckpt * tokens * H * 2 + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
     head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
     base = weights + adapter + acts + head
     return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
@@ -77,16 +79,24 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
 
 def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None) -> tuple[dict, dict] | None:
     """The fastest memory setting that fits in 90% of ``free_gib`` at this batch, in the order measured
-    on an H200 (docs/benchmarks.md): bf16 LoRA without checkpointing, bf16 with, NF4 with. Returns the
-    changed fields and the estimate, or None when nothing fits."""
+    on an H200 (docs/benchmarks.md): bf16 LoRA without checkpointing, bf16 with as few layers checkpointed
+    as fit (--grad_ckpt_layers), NF4 likewise. Returns the changed fields and the estimate, or None when
+    nothing fits."""
     import msgspec
 
-    for quant, ckpt in (("none", False), ("none", True), ("nf4", True)):
-        trial = msgspec.structs.replace(cfg, quant=quant, grad_ckpt=ckpt)
-        est = estimate_memory(trial, m, seq_len=seq_len)
-        if est["total"] <= 0.9 * free_gib:
-            return {"quant": quant, "grad_ckpt": ckpt}, est
+    n = m["layers"]
+    for quant in ("none", "nf4"):
+        for ckpt in ([0] if quant == "none" else []) + list(range(1, n + 1)):
+            fields = {"quant": quant, "grad_ckpt": ckpt > 0, "grad_ckpt_layers": -1 if ckpt in (0, n) else ckpt}
+            est = estimate_memory(msgspec.structs.replace(cfg, **fields), m, seq_len=seq_len)
+            if est["total"] <= 0.9 * free_gib:
+                return fields, est
     return None
+
+
+def _flags(fields: dict) -> str:
+    out = f"--quant {fields['quant']} " + ("--grad_ckpt" if fields["grad_ckpt"] else "--no-grad_ckpt")
+    return out + (f" --grad_ckpt_layers {fields['grad_ckpt_layers']}" if fields["grad_ckpt_layers"] >= 0 else "")
 
 
 def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dict) -> None:
@@ -101,9 +111,11 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
         r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
                                            f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
         best = fastest_fit(cfg, m, free, seq)
-        if best is not None and best[0] != {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt}:
+        now = {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt,
+               "grad_ckpt_layers": cfg.grad_ckpt_layers if cfg.grad_ckpt and 0 <= cfg.grad_ckpt_layers < m["layers"] else -1}
+        if best is not None and best[0] != now:
             fields, fit = best
-            flags = f"--quant {fields['quant']} " + ("--grad_ckpt" if fields["grad_ckpt"] else "--no-grad_ckpt")
+            flags = _flags(fields)
             r.add("memory", "recommend", "info",
                   f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB); on an H200 bf16 LoRA without "
                   "checkpointing trains 1.7× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)

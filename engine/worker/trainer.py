@@ -31,6 +31,8 @@ from engine.worker.report import Board, Report, peak_flops, step_event
 from engine.worker.saving import Saver
 from engine.worker.schedule import Schedule, resumed
 
+SETTLED = 2  # steps after which what training compiles has been compiled (Trainer._settle)
+
 
 class Trainer:
     """One run on this rank: the state exact resume needs (step, epoch, micro-batch) and the parts that
@@ -46,6 +48,7 @@ class Trainer:
             self.profiler = StepProfiler(self.knobs.profile_steps, run_dir / "profile.txt")
         self.out = Report(d.main)
         self.step = 0
+        self.steps_here = 0  # optimizer steps this process ran (a resumed run starts again at 0)
         self.epoch = 0
         self.micro = 0  # next micro-batch of the epoch's plan
         self.saved_step = -1
@@ -281,6 +284,9 @@ class Trainer:
         self.micro += cfg.grad_accum
         if self.profiler is not None:
             self.profiler.after(self.step)
+        self.steps_here += 1
+        if self.steps_here == SETTLED:
+            self._settle()
         slowest = float(gathered[:, 3].max())
         if d.main and (self.step % cfg.log_steps == 0 or nonfinite):
             ev = step_event(gathered, self.step, self.epoch + self.micro / max(len(plan), 1), loss, gnorm, lr,
@@ -292,6 +298,20 @@ class Trainer:
         if gathered[:, 6].max() > 0:
             actions.add("stop")
         return self._boundary(actions, slowest)
+
+    def _settle(self) -> None:
+        """Once the first steps have compiled what training runs: everything alive now (the model, the
+        compiled code, about a million Python objects) is frozen out of Python's garbage collector, whose
+        full collections otherwise stop a step now and then for a fraction of a second."""
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        if self.knobs.skip_guards:
+            import torch
+
+            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            self.log("VOXTUI_SKIP_GUARDS: compiled code runs without its guards from here on")
 
     def _skip_update(self, nonfinite: str) -> bool:
         """A non-finite loss or gradient: no update, an alert; with --on_nan stop, the last good state is

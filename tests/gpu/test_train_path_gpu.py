@@ -117,7 +117,9 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     assert int(batch["max_length_q"]) == MAX_LEN and len(batch["cu_seq_lens_q"]) >= len(EXAMPLES) + 1
     model = worker_model(real_width_dir, quant, ckpt)
     if quant == "nf4":  # the worker's 4-bit layers: voxtui's traceable forward (engine/worker/nf4.py)
-        assert sum(hasattr(m, "_nf4_meta") for m in model.modules()) == 2 * 7
+        from engine.worker.modeling import _unwrap, language_model
+
+        assert sum(hasattr(m, "_nf4_meta") for m in language_model(_unwrap(model)).modules()) == 2 * 7
     if ckpt:
         from engine.worker.modeling import checkpointed_layers
 
