@@ -41,6 +41,8 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled": BF16 + ["--compile"],
     # the same with the fused head's softmax and gradient as eager operations (ENV below; compiled is the default)
     "bf16-packed-compiled-eagerce": BF16 + ["--compile"],
+    # the same with q/k/v and gate/up as separate products (ENV below; fused is the default)
+    "bf16-packed-compiled-unfused": BF16 + ["--compile"],
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
@@ -84,7 +86,8 @@ LONG_DATA: dict[str, tuple[str, int, int, int]] = {
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"},
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
-                                  "nf4-packed-compiled-skipguards": {"VOXTUI_SKIP_GUARDS": "1"}}
+                                  "nf4-packed-compiled-skipguards": {"VOXTUI_SKIP_GUARDS": "1"},
+                                  "bf16-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

@@ -16,6 +16,9 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_NF4_BNB_FORWARD=1``
     with --quant nf4, the 4-bit layers keep bitsandbytes' own forward instead of voxtui's traceable one
     (engine/worker/nf4.py; the comparison in bench/throughput.py)
+``VOXTUI_UNFUSED=1``
+    with --quant none, q/k/v and gate/up stay separate products (PEFT's layers as they are) instead of one
+    fused product each (engine/worker/fusion.py; the comparison in bench/throughput.py)
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
@@ -48,6 +51,7 @@ class Knobs:
     nf4_bnb_forward: bool = False
     eager_ce: bool = False
     skip_guards: bool = False
+    unfused: bool = False
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -76,7 +80,8 @@ def read(env=None) -> Knobs:
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
-                 skip_guards=env.get("VOXTUI_SKIP_GUARDS") == "1")
+                 skip_guards=env.get("VOXTUI_SKIP_GUARDS") == "1",
+                 unfused=env.get("VOXTUI_UNFUSED") == "1")
 
 
 def _steps(name: str, env) -> tuple[int, int] | None:

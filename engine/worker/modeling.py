@@ -109,6 +109,12 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if cfg.quant == "none":
+        from engine.worker.fusion import fuse_projections
+        from engine.worker.knobs import knobs
+
+        if not knobs().unfused:
+            fuse_projections(model)  # q/k/v and gate/up: one product each (engine/worker/fusion.py)
     if cfg.compile and device.type == "cuda":
         compile_layers(model)
     return model, removed

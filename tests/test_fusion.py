@@ -1,0 +1,103 @@
+"""engine/worker/fusion.py: q/k/v and gate/up as one product each compute what PEFT's separate LoRA layers
+compute (loss, every adapter gradient), share the weights' memory, and leave generation with a KV cache,
+disabled adapters and the saved state as they were."""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+
+
+def _load(tiny_model, fused: bool, **flags):
+    from engine.worker.knobs import knobs
+    from engine.worker.modeling import load_model
+
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="none", bf16=False, compile=False,
+                      **{"lora_dropout": 0.0, "grad_ckpt": False, **flags})
+    os.environ["VOXTUI_UNFUSED"] = "" if fused else "1"
+    knobs.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model, _ = load_model(cfg, torch.device("cpu"))
+    finally:
+        os.environ.pop("VOXTUI_UNFUSED", None)
+        knobs.cache_clear()
+    for name, p in model.named_parameters():  # B starts at zero: make every adapter weight matter
+        if p.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())), std=0.05)
+    model.train()
+    return model
+
+
+def _loss_grads(model):
+    from engine.worker.modeling import CausalLMLoss
+
+    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
+    total.backward()
+    return float(total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_fused_projections_give_peft_loss_and_gradients(tiny_model, ckpt):
+    from engine.worker.modeling import _unwrap, language_model
+
+    ref_model = _load(tiny_model, fused=False, grad_ckpt=ckpt)
+    model = _load(tiny_model, fused=True, grad_ckpt=ckpt)
+    layers = language_model(_unwrap(model)).layers
+    assert all(hasattr(layer.self_attn, "_fused_qkv") and hasattr(layer.mlp, "_fused_gate_up") for layer in layers)
+    assert not any(hasattr(layer.self_attn, "_fused_qkv") for layer in language_model(_unwrap(ref_model)).layers)
+    attn = layers[0].self_attn  # the projections' weights are views into the fused one: no second copy
+    assert attn.q_proj.base_layer.weight.data_ptr() == attn._fused_qkv.data_ptr()
+    assert attn.v_proj.base_layer.weight.untyped_storage().data_ptr() == attn._fused_qkv.untyped_storage().data_ptr()
+    assert model.state_dict().keys() == ref_model.state_dict().keys()
+    loss0, ref = _loss_grads(ref_model)
+    loss, got = _loss_grads(model)
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    assert got.keys() == ref.keys() and all(g.abs().sum() > 0 for g in got.values())
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generation_and_disabled_adapters_run_the_original_forward(tiny_model):
+    """HF generate (a KV cache) and PEFT's disable_adapter: the same tokens and logits as without fusion."""
+    ref_model = _load(tiny_model, fused=False).eval()
+    model = _load(tiny_model, fused=True).eval()
+    ids = torch.tensor([[1, 3, 500, 600, 700]])
+    with torch.no_grad():
+        a = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        b = ref_model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(a, b)
+        with model.disable_adapter(), ref_model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, ref_model(input_ids=ids).logits)
+            base = model(input_ids=ids).logits
+        assert not torch.allclose(base, model(input_ids=ids).logits)  # the adapters matter again
+
+
+def test_lora_dropout_keeps_peft_layers(tiny_model):
+    from engine.worker.modeling import _unwrap, language_model
+
+    model = _load(tiny_model, fused=True, lora_dropout=0.1)
+    assert not any(hasattr(layer.self_attn, "_fused_qkv") for layer in language_model(_unwrap(model)).layers)
+
+
+def test_a_fused_layer_compiles_into_one_graph(tiny_model):
+    from torch._dynamo.utils import counters
+
+    from engine.worker.modeling import _unwrap, language_model
+
+    model = _load(tiny_model, fused=True)
+    lm = language_model(_unwrap(model))
+    torch._dynamo.reset()
+    counters.clear()
+    h = torch.randn(1, 8, lm.config.hidden_size, requires_grad=True)
+    pos = torch.arange(8)[None]
+    out = torch.compile(lm.layers[0], backend="aot_eager")(h, position_embeddings=lm.rotary_emb(h, pos),
+                                                           attention_mask=None, position_ids=pos)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
