@@ -59,6 +59,8 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled": NF4 + ["--compile"],
     # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
     "nf4-packed-compiled-bnb": NF4 + ["--compile"],
+    # the same with q/k/v and gate/up as separate products (VOXTUI_UNFUSED)
+    "nf4-packed-compiled-unfused": NF4 + ["--compile"],
     # the same with the compiled layers' guards skipped after the first steps (an experiment: VOXTUI_SKIP_GUARDS)
     "nf4-packed-compiled-skipguards": NF4 + ["--compile"],
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
@@ -87,7 +89,8 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
                                   "nf4-packed-compiled-skipguards": {"VOXTUI_SKIP_GUARDS": "1"},
-                                  "bf16-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"}}
+                                  "bf16-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"},
+                                  "nf4-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

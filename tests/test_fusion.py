@@ -15,8 +15,8 @@ def _load(tiny_model, fused: bool, **flags):
     from engine.worker.knobs import knobs
     from engine.worker.modeling import load_model
 
-    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="none", bf16=False, compile=False,
-                      **{"lora_dropout": 0.0, "grad_ckpt": False, **flags})
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", bf16=False, compile=False,
+                      **{"quant": "none", "lora_dropout": 0.0, "grad_ckpt": False, **flags})
     os.environ["VOXTUI_UNFUSED"] = "" if fused else "1"
     knobs.cache_clear()
     try:
@@ -101,3 +101,45 @@ def test_a_fused_layer_compiles_into_one_graph(tiny_model):
                                                            attention_mask=None, position_ids=pos)
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_nf4_layers_fuse_too_and_compile_to_one_dequantisation(tiny_model, ckpt):
+    """NF4 (voxtui's traceable 4-bit layers): fused, the same loss and gradients as unfused; compiled
+    (aot_eager), the three q/k/v weights are dequantised by tensor operations into one product."""
+    pytest.importorskip("bitsandbytes")
+    from torch._dynamo.utils import counters
+
+    from engine.worker.modeling import _unwrap, language_model
+
+    ref_model = _load(tiny_model, fused=False, quant="nf4", grad_ckpt=ckpt)
+    model = _load(tiny_model, fused=True, quant="nf4", grad_ckpt=ckpt)
+    lm = language_model(_unwrap(model))
+    assert all(layer.self_attn._fused_qkv is None and layer.mlp._fused_gate_up_sizes == (128, 128)
+               for layer in lm.layers)
+    loss0, ref = _loss_grads(ref_model)
+    loss, got = _loss_grads(model)
+    assert loss == pytest.approx(loss0, rel=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+    seen = []
+
+    def backend(gm, inputs):
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule):
+                seen.extend(str(n.target) for n in sub.graph.nodes)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g, bw_compiler=lambda g, _: g)(gm, inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = lm.layers[0]
+    layer.gradient_checkpointing = False
+    h = torch.randn(1, 8, lm.config.hidden_size, requires_grad=True)
+    pos = torch.arange(8)[None]
+    out = torch.compile(layer, backend=backend)(h, position_embeddings=lm.rotary_emb(h, pos), attention_mask=None,
+                                                position_ids=pos)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    assert any("rshift" in t for t in seen) and not any("bitsandbytes" in t for t in seen)

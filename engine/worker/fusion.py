@@ -34,7 +34,7 @@ def fuse_projections(model: nn.Module) -> int:
                 or not all(hasattr(mlp, x) for x in names[1]) or not hasattr(mlp, "act_fn"):
             continue
         groups = [[getattr(attn, x) for x in names[0]], [getattr(mlp, x) for x in names[1]]]
-        if not all(_fusable(m) for g in groups for m in g):
+        if not all(_fusable(m) for g in groups for m in g) or len({_nf4(_base(m)) for g in groups for m in g}) > 1:
             continue
         for owner, mods, buffer in ((attn, groups[0], "_fused_qkv"), (mlp, groups[1], "_fused_gate_up")):
             _concat(owner, mods, buffer)
@@ -54,20 +54,31 @@ def _is_lora(m: nn.Module) -> bool:
     return hasattr(m, "lora_A") and hasattr(m, "base_layer")
 
 
+def _nf4(base: nn.Module) -> bool:
+    """A 4-bit layer with voxtui's traceable forward (engine/worker/nf4.py)."""
+    return hasattr(base, "_nf4_meta")
+
+
 def _fusable(m: nn.Module) -> bool:
-    """A plain bias-free nn.Linear, or PEFT's LoRA Linear over one, with one plain adapter, no dropout."""
+    """A plain bias-free nn.Linear or traceable 4-bit layer, or PEFT's LoRA layer over one, with one plain
+    adapter, no dropout."""
     base = _base(m)
-    if type(base) is not nn.Linear or base.bias is not None:
+    if not (type(base) is nn.Linear or _nf4(base)) or base.bias is not None:
         return False
     if not _is_lora(m):
         return m is base
-    return (type(m).__name__ == "Linear" and list(m.lora_A.keys()) == [ADAPTER]
+    return (type(m).__name__ in ("Linear", "Linear4bit") and list(m.lora_A.keys()) == [ADAPTER]
             and isinstance(m.lora_dropout[ADAPTER], nn.Identity) and not getattr(m, "lora_variant", {})
             and not getattr(m, "use_dora", {}).get(ADAPTER, False) and not m.lora_bias.get(ADAPTER, False))
 
 
 def _concat(owner: nn.Module, mods: list[nn.Module], buffer: str) -> None:
-    """One (sum of outs × in) weight; each projection's weight becomes a view into it."""
+    """One (sum of outs × in) weight; each projection's weight becomes a view into it. 4-bit layers keep
+    their own weights (``fused_linear`` dequantises them into one when compiled)."""
+    if _nf4(_base(mods[0])):
+        owner.register_buffer(buffer, None, persistent=False)
+        setattr(owner, buffer + "_sizes", tuple(_base(m)._nf4_meta[0][0] for m in mods))
+        return
     weights = [_base(m).weight for m in mods]
     fused = torch.cat([w.detach() for w in weights])
     start = 0
@@ -86,10 +97,15 @@ def _active(mods) -> bool:
     return True
 
 
-def fused_linear(x: torch.Tensor, weight: torch.Tensor, mods) -> torch.Tensor:
+def fused_linear(x: torch.Tensor, weight: torch.Tensor | None, mods) -> torch.Tensor:
     """``cat([m(x) for m in mods], -1)`` for PEFT LoRA Linears (or plain ones) whose base weights are the
-    rows of ``weight``: one base product, one product for every A, then each B."""
-    y = torch.nn.functional.linear(x, weight)
+    rows of ``weight``: one base product, one product for every A, then each B. ``weight`` None: 4-bit
+    layers, dequantised into one weight while compiled (Inductor writes them into one buffer), else each
+    run by its own forward."""
+    if weight is not None:
+        y = torch.nn.functional.linear(x, weight)
+    else:
+        y = _nf4_base(x, [_base(m) for m in mods])
     lora = [m for m in mods if _is_lora(m)]
     if not lora:
         return y
@@ -104,6 +120,16 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, mods) -> torch.Tensor:
         else:
             parts.append(u.new_zeros((*u.shape[:-1], _base(m).weight.shape[0])))
     return (y + torch.cat(parts, dim=-1)).to(y.dtype)
+
+
+def _nf4_base(x: torch.Tensor, bases) -> torch.Tensor:
+    from engine.worker.nf4 import NAMES, dequantize_ops
+
+    dtype = bases[0].compute_dtype or x.dtype
+    if not torch.compiler.is_compiling():
+        return torch.cat([b(x) for b in bases], dim=-1)
+    w = torch.cat([dequantize_ops(*(getattr(b, n) for n in NAMES), b._nf4_meta, dtype) for b in bases])
+    return torch.nn.functional.linear(x.to(dtype), w).to(x.dtype)
 
 
 def _attention(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):

@@ -99,8 +99,10 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_target_regex(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    from engine.worker.fusion import fuse_projections
+    from engine.worker.knobs import knobs
+
     if cfg.quant == "nf4":
-        from engine.worker.knobs import knobs
         from engine.worker.nf4 import traceable
 
         if not knobs().nf4_bnb_forward:
@@ -109,12 +111,8 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if cfg.quant == "none":
-        from engine.worker.fusion import fuse_projections
-        from engine.worker.knobs import knobs
-
-        if not knobs().unfused:
-            fuse_projections(model)  # q/k/v and gate/up: one product each (engine/worker/fusion.py)
+    if not knobs().unfused:
+        fuse_projections(model)  # q/k/v and gate/up: one product each (engine/worker/fusion.py)
     if cfg.compile and device.type == "cuda":
         compile_layers(model)
     return model, removed
