@@ -301,8 +301,8 @@ class Trainer:
 
     def _settle(self) -> None:
         """Once the first steps have compiled what training runs: everything alive now (the model, the
-        compiled code, about a million Python objects) is frozen out of Python's garbage collector, whose
-        full collections otherwise stop a step now and then for a fraction of a second."""
+        compiled code, about a million Python objects) is frozen out of Python's garbage collector, so that
+        its occasional full collection never walks them in the middle of a step."""
         import gc
 
         gc.collect()
