@@ -41,8 +41,8 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled": BF16 + ["--compile"],
     # the same with the fused head's softmax and gradient as eager operations (ENV below; compiled is the default)
     "bf16-packed-compiled-eagerce": BF16 + ["--compile"],
-    # the same with q/k/v and gate/up as separate products (ENV below; fused is the default)
-    "bf16-packed-compiled-unfused": BF16 + ["--compile"],
+    # the same with q/k/v and gate/up as one product each (ENV below: VOXTUI_FUSION=all; separate is bf16's default)
+    "bf16-packed-compiled-fused": BF16 + ["--compile"],
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
@@ -59,7 +59,7 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled": NF4 + ["--compile"],
     # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
     "nf4-packed-compiled-bnb": NF4 + ["--compile"],
-    # the same with q/k/v and gate/up as separate products (VOXTUI_UNFUSED)
+    # the same with q/k/v and gate/up as separate products (VOXTUI_FUSION=none; fused is NF4's default)
     "nf4-packed-compiled-unfused": NF4 + ["--compile"],
     # the same with the compiled layers' guards skipped after the first steps (an experiment: VOXTUI_SKIP_GUARDS)
     "nf4-packed-compiled-skipguards": NF4 + ["--compile"],
@@ -89,8 +89,8 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
                                   "nf4-packed-compiled-skipguards": {"VOXTUI_SKIP_GUARDS": "1"},
-                                  "bf16-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"},
-                                  "nf4-packed-compiled-unfused": {"VOXTUI_UNFUSED": "1"}}
+                                  "bf16-packed-compiled-fused": {"VOXTUI_FUSION": "all"},
+                                  "nf4-packed-compiled-unfused": {"VOXTUI_FUSION": "none"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

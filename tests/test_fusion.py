@@ -17,13 +17,13 @@ def _load(tiny_model, fused: bool, **flags):
 
     cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", bf16=False, compile=False,
                       **{"quant": "none", "lora_dropout": 0.0, "grad_ckpt": False, **flags})
-    os.environ["VOXTUI_UNFUSED"] = "" if fused else "1"
+    os.environ["VOXTUI_FUSION"] = "all" if fused else "none"
     knobs.cache_clear()
     try:
         torch.manual_seed(0)
         model, _ = load_model(cfg, torch.device("cpu"))
     finally:
-        os.environ.pop("VOXTUI_UNFUSED", None)
+        os.environ.pop("VOXTUI_FUSION", None)
         knobs.cache_clear()
     for name, p in model.named_parameters():  # B starts at zero: make every adapter weight matter
         if p.requires_grad and "lora_B" in name:

@@ -18,7 +18,7 @@ def _run(tiny_model, traced: bool):
     import os
 
     os.environ["VOXTUI_NF4_BNB_FORWARD"] = "" if traced else "1"
-    os.environ["VOXTUI_UNFUSED"] = "1"  # the layers alone here; fused ones: tests/test_fusion.py
+    os.environ["VOXTUI_FUSION"] = "none"  # the layers alone here; fused ones: tests/test_fusion.py
     from engine.worker.knobs import knobs
 
     knobs.cache_clear()
@@ -26,7 +26,7 @@ def _run(tiny_model, traced: bool):
         model, _ = load_model(cfg, torch.device("cpu"))
     finally:
         os.environ.pop("VOXTUI_NF4_BNB_FORWARD", None)
-        os.environ.pop("VOXTUI_UNFUSED", None)
+        os.environ.pop("VOXTUI_FUSION", None)
         knobs.cache_clear()
     model.train()
     for name, p in model.named_parameters():

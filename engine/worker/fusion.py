@@ -1,4 +1,4 @@
-"""q/k/v and gate/up as one product each, for training with LoRA on bf16 (or fp32) weights.
+"""q/k/v and gate/up as one product each, for training with LoRA.
 
 Each Llama decoder layer reads its normed input five times for the base projections (q, k, v, gate, up)
 and five more for their adapters' A. ``fuse_projections`` concatenates each group's frozen weights once
@@ -9,6 +9,12 @@ larger products, under autograd (the frozen weights get no gradient). The attent
 rotary embedding and the attention function are the installed transformers' own. A call with a KV
 cache (generation), disabled or merged adapters, LoRA dropout or an adapter variant (DoRA) runs the
 original forward.
+
+What it bought, measured on an H200 (docs/benchmarks.md, 2026-11-29, run I): nothing. bf16 LoRA 28,707
+tokens/s fused against 28,888 separate, 60.7 against 56.2 GiB (the concatenated outputs and their sums
+are extra tensors); NF4 18,377 against 19,015. The worker fuses NF4 layers only (``VOXTUI_FUSION``,
+knobs.py), the one layout that has passed tests/gpu with voxtui's 4-bit layers so far; separate NF4
+products become the default once tests/gpu has passed on them.
 """
 
 from __future__ import annotations

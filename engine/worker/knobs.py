@@ -16,9 +16,9 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_NF4_BNB_FORWARD=1``
     with --quant nf4, the 4-bit layers keep bitsandbytes' own forward instead of voxtui's traceable one
     (engine/worker/nf4.py; the comparison in bench/throughput.py)
-``VOXTUI_UNFUSED=1``
-    with --quant none, q/k/v and gate/up stay separate products (PEFT's layers as they are) instead of one
-    fused product each (engine/worker/fusion.py; the comparison in bench/throughput.py)
+``VOXTUI_FUSION=none|nf4|all``
+    which layers run q/k/v and gate/up as one product each (engine/worker/fusion.py): NF4 ones (default),
+    none, or bf16 ones too (measured slower and larger on an H200: the comparisons in bench/throughput.py)
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
@@ -51,7 +51,7 @@ class Knobs:
     nf4_bnb_forward: bool = False
     eager_ce: bool = False
     skip_guards: bool = False
-    unfused: bool = False
+    fusion: str = "nf4"  # none | nf4 | all
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -81,7 +81,16 @@ def read(env=None) -> Knobs:
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
                  skip_guards=env.get("VOXTUI_SKIP_GUARDS") == "1",
-                 unfused=env.get("VOXTUI_UNFUSED") == "1")
+                 fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "nf4", env))
+
+
+def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if text not in options:
+        raise UsageError(f"{name}={text}: must be one of {', '.join(options)}")
+    return text
 
 
 def _steps(name: str, env) -> tuple[int, int] | None:

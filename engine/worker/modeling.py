@@ -111,7 +111,8 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
-    if not knobs().unfused:
+    fusion = knobs().fusion
+    if fusion == "all" or (fusion == "nf4" and cfg.quant == "nf4"):
         fuse_projections(model)  # q/k/v and gate/up: one product each (engine/worker/fusion.py)
     if cfg.compile and device.type == "cuda":
         compile_layers(model)
