@@ -118,7 +118,7 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
             flags = _flags(fields)
             r.add("memory", "recommend", "info",
                   f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB); on an H200 bf16 LoRA without "
-                  "checkpointing trains 1.7× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)
+                  "checkpointing trains about 1.6× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)
     else:
         import psutil
 
