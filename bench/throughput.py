@@ -61,8 +61,6 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled-bnb": NF4 + ["--compile"],
     # the same with q/k/v and gate/up as separate products (VOXTUI_FUSION=none; fused is NF4's default)
     "nf4-packed-compiled-unfused": NF4 + ["--compile"],
-    # the same with the compiled layers' guards skipped after the first steps (an experiment: VOXTUI_SKIP_GUARDS)
-    "nf4-packed-compiled-skipguards": NF4 + ["--compile"],
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
     "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
@@ -88,7 +86,6 @@ LONG_DATA: dict[str, tuple[str, int, int, int]] = {
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"},
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
-                                  "nf4-packed-compiled-skipguards": {"VOXTUI_SKIP_GUARDS": "1"},
                                   "bf16-packed-compiled-fused": {"VOXTUI_FUSION": "all"},
                                   "nf4-packed-compiled-unfused": {"VOXTUI_FUSION": "none"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]

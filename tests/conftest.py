@@ -70,8 +70,9 @@ def fmt():
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's events so far: whole lines only (the engine may be writing the last one as we read)."""
+    text = (Path(run_dir) / "events.jsonl").read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def train_args(model: Path, out: Path, train: Path, val: Path | None = None, **flags) -> list[str]:

@@ -19,8 +19,8 @@ def test_knobs_are_read_from_the_environment_and_checked():
     assert read({"VOXTUI_DDP_SPLIT_GRAPHS": "yes", "VOXTUI_FAULT_NAN_STEP": ""}) == Knobs()  # "1" only; empty: unset
     assert read({"VOXTUI_PROFILE_STEPS": "4:6"}).profile_steps == (4, 6)
     assert read({"VOXTUI_PROFILE_STEPS": "5"}).profile_steps == (5, 5)
-    assert read({"VOXTUI_SKIP_GUARDS": "1", "VOXTUI_EAGER_CE": "1", "VOXTUI_NF4_BNB_FORWARD": "1",
-                 "VOXTUI_FUSION": "all"}) == Knobs(skip_guards=True, eager_ce=True, nf4_bnb_forward=True, fusion="all")
+    assert read({"VOXTUI_EAGER_CE": "1", "VOXTUI_NF4_BNB_FORWARD": "1", "VOXTUI_FUSION": "all"}) == Knobs(
+        eager_ce=True, nf4_bnb_forward=True, fusion="all")
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),

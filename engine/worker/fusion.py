@@ -28,12 +28,10 @@ from torch import nn
 ADAPTER = "default"
 
 
-def fuse_projections(model: nn.Module) -> int:
-    """Fuses q/k/v and gate/up of every decoder layer where the layout allows; returns how many layers."""
-    from engine.worker.modeling import _unwrap, language_model
-
+def fuse_projections(layers) -> int:
+    """Fuses q/k/v and gate/up of each decoder layer of ``layers`` where the layout allows; returns how many."""
     n = 0
-    for layer in language_model(_unwrap(model)).layers:
+    for layer in layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         names = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
         if attn is None or mlp is None or not all(hasattr(attn, x) for x in names[0]) \

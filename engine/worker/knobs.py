@@ -22,10 +22,6 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
-``VOXTUI_SKIP_GUARDS=1``
-    after the first steps, compiled code runs without evaluating its guards
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: unsafe if an input changes in a way that
-    needs another compiled variant; a benchmark's experiment on the host's share of a step, never a default)
 ``VOXTUI_PROFILE_STEPS=A:B``
     steps A to B (counted from 1) run under ``torch.profiler``; rank 0 writes the kernels' table, sorted by
     device time and summed by kind (matmuls, attention, fused elementwise, ...), to ``<run>/profile.txt``
@@ -50,7 +46,6 @@ class Knobs:
     profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
     nf4_bnb_forward: bool = False
     eager_ce: bool = False
-    skip_guards: bool = False
     fusion: str = "nf4"  # none | nf4 | all
 
 
@@ -80,7 +75,6 @@ def read(env=None) -> Knobs:
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
-                 skip_guards=env.get("VOXTUI_SKIP_GUARDS") == "1",
                  fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "nf4", env))
 
 

@@ -106,14 +106,14 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
         from engine.worker.nf4 import traceable
 
         if not knobs().nf4_bnb_forward:
-            traceable(model)  # one compiled graph per layer (engine/worker/nf4.py)
+            traceable(model)  # weights dequantised inside the compiled layers (engine/worker/nf4.py)
     # adapter weights train in fp32 for stable updates; the frozen base stays in its dtype
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     fusion = knobs().fusion
     if fusion == "all" or (fusion == "nf4" and cfg.quant == "nf4"):
-        fuse_projections(model)  # q/k/v and gate/up: one product each (engine/worker/fusion.py)
+        fuse_projections(language_model(_unwrap(model)).layers)  # q/k/v and gate/up: one product each
     if cfg.compile and device.type == "cuda":
         compile_layers(model)
     return model, removed

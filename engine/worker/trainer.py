@@ -162,8 +162,9 @@ class Trainer:
         peak = peak_flops(cfg.peak_tflops, d.device)
         self.peak = peak * d.world if peak else None  # all ranks together
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_module, self.grad_sync = data_parallel(CausalLMLoss(self.model, compiled=self.compiled_ce), self.trainable, d, cfg.grad_sync,
-                                                         cfg.compile, self.knobs.ddp_split_graphs)
+        loss = CausalLMLoss(self.model, compiled=self.compiled_ce)
+        self.loss_module, self.grad_sync = data_parallel(loss, self.trainable, d, cfg.grad_sync, cfg.compile,
+                                                         self.knobs.ddp_split_graphs)
         if self.grad_sync is not None:
             self.log(f"{d.world} ranks: one all-reduce of {sum(p.numel() for p in self.trainable):,} gradient "
                      "values per step")
@@ -307,11 +308,6 @@ class Trainer:
 
         gc.collect()
         gc.freeze()
-        if self.knobs.skip_guards:
-            import torch
-
-            torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-            self.log("VOXTUI_SKIP_GUARDS: compiled code runs without its guards from here on")
 
     def _skip_update(self, nonfinite: str) -> bool:
         """A non-finite loss or gradient: no update, an alert; with --on_nan stop, the last good state is
