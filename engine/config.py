@@ -65,8 +65,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     grad_ckpt_layers: int = -1
     """With --grad_ckpt: how many decoder layers (the first N) recompute their activations in the backward;
     the others keep them, which is faster and takes more memory (preflight picks N to fit). -1: all."""
-    quant: Literal["nf4", "none"] = "nf4"
-    """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights."""
+    quant: Literal["nf4", "none", "fp8"] = "nf4"
+    """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights; fp8: the
+    language model's projections in float8 with a scale per weight row, FP8 products (GPUs of compute
+    capability 8.9+; not yet measured on a GPU, docs/training.md)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

@@ -2,7 +2,8 @@
 
 ``voxtui infer`` decodes with a **merged** model: the base loaded once, text only (the audio tower is
 dropped as it loads), a 4-bit NF4 base expanded once to its compute dtype (the very weights the run
-trained against: bitsandbytes dequantises them the same way in every forward), and the checkpoint's
+trained against: bitsandbytes dequantises them the same way in every forward), an FP8 run's projections
+rounded through FP8 by rows as its products saw them (engine/worker/fp8.py), and the checkpoint's
 LoRA product ``scale · B @ A`` added to each targeted weight in fp32, then stored in the model's dtype.
 The adapter on disk is never touched. Over several checkpoints the targeted weights as loaded are kept
 (on the GPU when it has room, else in host memory) and put back before the next adapter is merged, so
@@ -36,6 +37,11 @@ def load_base(cfg, device, quant: str | None = None, dtype=None):
         kwargs["quantization_config"] = nf4_config(dtype)
     model = VoxtralForConditionalGeneration.from_pretrained(cfg.model_id, **kwargs)
     _drop_audio_tower(model)
+    if quant == "fp8":  # the weights the run's FP8 products multiplied by, as plain weights
+        from engine.worker.fp8 import round_trip
+        from engine.worker.modeling import language_model
+
+        round_trip(language_model(model).layers)
     return model.eval()
 
 

@@ -61,7 +61,8 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
     about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout."""
     bsz = bsz or cfg.per_device_bsz
     g = 2**30
-    weights = (m["llm_linear"] * (0.53 if cfg.quant == "nf4" else 2) + m["embed_head"] * 2) / g
+    per_param = {"nf4": 0.53, "fp8": 1.0}.get(cfg.quant, 2.0)  # bytes a linear weight takes
+    weights = (m["llm_linear"] * per_param + m["embed_head"] * 2) / g
     adapter = m["lora"] * 16 / g  # fp32 weight + grad + two Adam moments
     # packed: one row of the packed budget; padded: bsz rows of the p99 length (at most --max_len)
     tokens = packed_budget(bsz, cfg.max_len) if cfg.packing or not seq_len else bsz * min(seq_len, cfg.max_len)

@@ -85,7 +85,8 @@ class Decoder:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.device = self.head.weight.device
-        quantized = any(m.__class__.__name__ in ("Linear4bit", "Linear8bitLt") for m in self.lm.modules())
+        quantized = any(m.__class__.__name__ in ("Linear4bit", "Linear8bitLt") or hasattr(m, "_fp8_scale")
+                        for m in self.lm.modules())
         self.graphs = (self.device.type == "cuda" and not quantized) if graphs is None else graphs
         self._key = None  # (batch, cache width) of the static state (and of the captured graph)
         self._graph = self._logits = None
@@ -484,7 +485,8 @@ class Decoder:
             attn, mlp = layer.self_attn, layer.mlp
             groups = ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj")))
             mods = [getattr(owner, n, None) for owner, names in groups for n in names]
-            if not all(type(m) is nn.Linear and m.bias is None for m in mods) or not hasattr(mlp, "act_fn"):
+            if not all(type(m) is nn.Linear and m.bias is None and not hasattr(m, "_fp8_scale") for m in mods) \
+                    or not hasattr(mlp, "act_fn"):
                 return []
         cached = getattr(self.lm, "_voxtui_fused", None)  # fused by an earlier decoder of this model
         if cached is not None:
@@ -522,12 +524,12 @@ class Decoder:
 
 def _linear_plan(m: nn.Module) -> tuple | None:
     """A projection as tensors: ``(weight, ((lora_A, lora_B, scale), ...))`` for a plain linear layer (no
-    adapters) or a PEFT LoRA layer (its active vanilla adapters, read live); None for anything else (a 4-bit
-    or biased layer, DoRA, an adapter in training mode with dropout)."""
+    adapters) or a PEFT LoRA layer (its active vanilla adapters, read live); None for anything else (a 4-bit,
+    FP8 or biased layer, DoRA, an adapter in training mode with dropout)."""
     if type(m) is nn.Linear:
-        return (m.weight, ()) if m.bias is None else None
+        return (m.weight, ()) if m.bias is None and not hasattr(m, "_fp8_scale") else None
     base = getattr(m, "base_layer", None)
-    if type(base) is not nn.Linear or base.bias is not None or not hasattr(m, "lora_A"):
+    if type(base) is not nn.Linear or base.bias is not None or not hasattr(m, "lora_A") or hasattr(base, "_fp8_scale"):
         return None
     if getattr(m, "disable_adapters", False) or not getattr(m, "cast_input_dtype_enabled", True):
         return None

@@ -74,6 +74,13 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from engine.worker.attention import register
 
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
+    if cfg.quant == "fp8":
+        from engine.util import UsageError
+        from engine.worker.fp8 import available
+
+        why = available(device)
+        if why:
+            raise UsageError(f"--quant fp8: {why}; use --quant none or nf4")
     kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register(device)}
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
@@ -107,6 +114,10 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
 
         if not knobs().nf4_bnb_forward:
             traceable(model)  # weights dequantised inside the compiled layers (engine/worker/nf4.py)
+    if cfg.quant == "fp8":
+        from engine.worker import fp8
+
+        fp8.quantize(language_model(_unwrap(model)).layers)  # e4m3 weights, FP8 products (engine/worker/fp8.py)
     # adapter weights train in fp32 for stable updates; the frozen base stays in its dtype
     for p in model.parameters():
         if p.requires_grad:

@@ -71,6 +71,11 @@ def reference_model(path, quant: str, worker):
         kwargs["quantization_config"] = nf4_config(torch.float32)
     base = VoxtralForConditionalGeneration.from_pretrained(path, **kwargs)
     _drop_audio_tower(base)
+    if quant == "fp8":  # the weights the worker's FP8 products multiply by, in fp32
+        from engine.worker.fp8 import round_trip
+        from engine.worker.modeling import language_model
+
+        round_trip(language_model(base).layers)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     ref = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                           target_modules=lora_target_regex(targets)))
@@ -107,12 +112,19 @@ def reference_loss_and_grads(ref, examples):
     return total, n, grads
 
 
-@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2)])
+@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2), ("fp8", 0)])
 def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt):
-    """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), and NF4 with
-    both layers checkpointed (its default)."""
+    """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), NF4 with
+    both layers checkpointed (its default), and FP8 against HF on the weights rounded through FP8: its
+    activations and gradients are rounded too, so its bounds are wider (loss 1e-2, cosine 0.99: a first
+    bound, to be set from its first GPU run)."""
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
+    if quant == "fp8":
+        from engine.worker.fp8 import available
+
+        if available(DEV):
+            pytest.skip(available(DEV))
     batch, examples = packed_row()
     assert int(batch["max_length_q"]) == MAX_LEN and len(batch["cu_seq_lens_q"]) >= len(EXAMPLES) + 1
     model = worker_model(real_width_dir, quant, ckpt)
@@ -138,5 +150,6 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     worst = min(per, key=per.get)
     print(f"{quant} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
-    assert rel <= 1e-3
-    assert cos_all >= 0.995
+    loss_bound, cos_bound = (1e-2, 0.99) if quant == "fp8" else (1e-3, 0.995)
+    assert rel <= loss_bound
+    assert cos_all >= cos_bound

@@ -1,0 +1,131 @@
+"""``--quant fp8``: the frozen base weights of the language model's projections in float8 (e4m3) with one
+scale per weight row, the adapters as they are (fp32 weights, bf16 products under autocast).
+
+Each projection's product runs as ``torch._scaled_mm`` with row-wise scales: forward, the input's rows are
+quantised (one scale per row, amax / 448) against the weight's rows; backward, the input's gradient is
+the output's gradient times the weight's scales, quantised by rows, against the weight transposed (FP8
+products take the second operand column-major: the weight's transpose is made for the product and
+dropped). Under ``torch.compile`` the quantisations are elementwise work Inductor fuses with the
+kernels around them. Shapes FP8 products do not take (dimensions not multiples of 16, e.g. a preview's
+few rows) use the weight dequantised to bf16 instead. ``dequantize`` gives the weights every product
+multiplies by, for evaluation and inference.
+
+Not yet measured on a GPU (docs/benchmarks.md): the issue's bar is ≥ 1.4× bf16 LoRA's tokens/s, a loss
+within 1% of bf16's over 200 steps, and less memory; ``tests/gpu`` holds its equivalence test.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def available(device: torch.device) -> str:
+    """Why FP8 products cannot run on ``device`` ("" when they can)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"FP8 products need a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is {major}.{minor}"
+    return ""
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (rows × k) as e4m3 and its per-row fp32 scales (rows × 1): ``x ≈ q · s``."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize(layers) -> int:
+    """The 7 projections of each decoder layer of ``layers`` (PEFT's base layer where an adapter wraps
+    one): weight → e4m3 with one fp32 scale per row (a non-persistent buffer), forward → FP8 products.
+    Only plain bias-free ``nn.Linear`` layers are taken. Returns how many."""
+    n = 0
+    for mod in _projections(layers):
+        if mod.weight.dtype != E4M3:
+            q, scale = quantize_rows(mod.weight.data)
+            mod.weight = nn.Parameter(q, requires_grad=False)
+            mod.register_buffer("_fp8_scale", scale[:, 0].contiguous(), persistent=False)
+            mod.forward = types.MethodType(_forward, mod)
+            n += 1
+    return n
+
+
+def _projections(layers):
+    """The plain bias-free ``nn.Linear`` of each projection (PEFT's base layer where an adapter wraps it)."""
+    for layer in layers:
+        for name, mod in layer.named_modules():
+            parts = name.split(".")
+            proj = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
+            if proj in PROJECTIONS and type(mod) is nn.Linear and mod.bias is None:
+                yield mod
+
+
+def round_trip(layers) -> int:
+    """For inference on a run trained with ``--quant fp8``: each projection's weight replaced by the values
+    the run's FP8 products multiplied by (quantised by rows, then back in the weight's dtype), in place, as
+    plain weights the fast decoder takes. Returns how many."""
+    n = 0
+    for mod in _projections(layers):
+        q, scale = quantize_rows(mod.weight.data)
+        mod.weight.data = (q.float() * scale).to(mod.weight.dtype)
+        n += 1
+    return n
+
+
+def dequantize(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight an FP8 layer's products multiply by, in ``dtype``."""
+    return (mod.weight.float() * mod._fp8_scale[:, None]).to(dtype)
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    return _FP8MatMul.apply(x, self.weight, self._fp8_scale)
+
+
+def _fits(*dims: int) -> bool:
+    return all(d % 16 == 0 for d in dims)
+
+
+class _FP8MatMul(torch.autograd.Function):
+    """``x @ (W_q · s).T`` for a frozen e4m3 ``W_q`` with row scales ``s``."""
+
+    @staticmethod
+    def forward(ctx, x, wq, ws):
+        out_dtype = torch.bfloat16 if x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
+            x.device.type) else torch.float32
+        ctx.save_for_backward(wq, ws)
+        ctx.out_dtype = out_dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        n, k = wq.shape
+        if _fits(x2.shape[0], k, n):
+            xq, xs = quantize_rows(x2)
+            y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].float(), out_dtype=out_dtype)
+        else:
+            w = (wq.float() * ws[:, None]).to(out_dtype)
+            y = torch.nn.functional.linear(x2.to(out_dtype), w)
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wq, ws = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            n, k = wq.shape
+            g = grad.reshape(-1, n)
+            if _fits(g.shape[0], k, n):
+                # g @ (W_q · s) = (g · s) @ W_q: the weight's row scales move onto the gradient's columns
+                gq, gs = quantize_rows(g.float() * ws[None, :])
+                ones = torch.ones((1, k), dtype=torch.float32, device=g.device)
+                grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+            else:
+                grad_x = g @ (wq.float() * ws[:, None]).to(grad.dtype)
+            grad_x = grad_x.reshape(*grad.shape[:-1], k)
+        return grad_x, None, None

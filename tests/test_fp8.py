@@ -1,0 +1,111 @@
+"""``--quant fp8`` (engine/worker/fp8.py) on the CPU, whose ``torch._scaled_mm`` takes the same row-wise
+e4m3 products: the quantisation, the product and its input gradient against the dequantised weight, the
+worker's model (e4m3 projections, fp32 adapters) against LoRA on the weights rounded through FP8, a real
+run, and the weights inference uses. Speed and the GPU's kernels: tests/gpu and docs/benchmarks.md."""
+
+import pytest
+import torch
+
+from conftest import train_args, worker, write_jsonl
+from engine.config import TrainConfig
+from engine.worker import fp8
+
+
+def test_rows_quantise_to_e4m3_with_one_scale_each():
+    torch.manual_seed(0)
+    x = torch.randn(40, 64) * torch.logspace(-3, 3, 40)[:, None]  # rows of very different sizes
+    q, s = fp8.quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (40, 1) and s.dtype == torch.float32
+    torch.testing.assert_close(s[:, 0], x.abs().amax(1) / 448)
+    back = q.float() * s
+    assert ((back - x).abs() <= 0.0625 * x.abs() + 1e-30 * s).all()  # 3 mantissa bits: within 1/16 of each value
+    assert q.float().abs().amax(1).eq(448).all()  # each row's largest value lands on e4m3's largest
+
+
+@pytest.mark.parametrize("rows", [32, 5])  # an FP8 product; a shape it does not take (the bf16 fallback)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_product_and_input_gradient_follow_the_dequantised_weight(rows, dtype):
+    torch.manual_seed(1)
+    w = torch.randn(48, 64)
+    wq, ws = fp8.quantize_rows(w)
+    ws = ws[:, 0]
+    wd = (wq.double() * ws.double()[:, None])  # what the products multiply by
+    x = torch.randn(2, rows // 2 if rows % 2 == 0 else rows, 64).to(dtype).requires_grad_()
+    y = fp8._FP8MatMul.apply(x, wq, ws)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], 48)
+    ref = x.detach().double() @ wd.T
+    g = torch.randn_like(ref)
+    y.backward(g.to(dtype))
+    gref = g @ wd
+    for got, want in ((y.detach().double(), ref), (x.grad.double(), gref)):
+        rel = (got - want).norm() / want.norm()
+        # activations (and gradients) rounded to e4m3 per row: a few percent at most; the fallback is exact
+        assert rel < (0.05 if rows % 16 == 0 else (1e-6 if dtype == torch.float32 else 1e-2)), rel
+
+
+def _load(tiny_model, quant, **flags):
+    from engine.worker.modeling import load_model
+
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", bf16=False, compile=False, lora_dropout=0.0,
+                      grad_ckpt=False, quant=quant, **flags)
+    torch.manual_seed(0)
+    model, _ = load_model(cfg, torch.device("cpu"))
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(len(name)), std=0.05)
+    return model.train()
+
+
+def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_model):
+    from engine.worker.modeling import CausalLMLoss, _unwrap, language_model, param_table
+
+    model = _load(tiny_model, "fp8")
+    layers = language_model(_unwrap(model)).layers
+    assert sum(hasattr(m, "_fp8_scale") for m in layers.modules()) == 2 * 7
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers.modules() if hasattr(m, "_fp8_scale"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    rows, n_train, total = param_table(model)
+    assert n_train == sum(p.numel() for p in trainable)
+    ref = _load(tiny_model, "none")
+    assert fp8.round_trip(language_model(_unwrap(ref)).layers) == 2 * 7
+    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])  # 16 rows: FP8
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    out = []
+    for m in (model, ref):
+        total, _ = CausalLMLoss(m)(input_ids=ids, target_idx=idx, targets=flat[idx])
+        total.backward()
+        out.append((float(total), torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])))
+    (loss, g), (loss_ref, g_ref) = out
+    assert loss == pytest.approx(loss_ref, rel=0.02)
+    assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.98
+
+
+def test_fp8_is_a_quant_choice_of_the_cli_and_runs_on_the_cpu(tmp_path):
+    from engine.config import resolve
+    from engine.train import build_parser
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "output": "b"}])
+    assert resolve(build_parser().parse_args(["--train_jsonl", str(train), "--quant", "fp8"])).quant == "fp8"
+    assert fp8.available(torch.device("cpu")) == ""  # the CPU's _scaled_mm takes e4m3
+
+
+def test_a_real_fp8_run_saves_an_adapter_that_loads_on_the_rounded_base(tmp_path, tiny_model):
+    from peft import PeftModel
+
+    from engine.eval.loading import load_base
+
+    rows = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} {i}."} for i in range(24)])
+    out = tmp_path / "run"
+    proc = worker(train_args(tiny_model, out, rows, quant="fp8", max_steps=3, packing=True))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fp8" in (out / "config.toml").read_text()
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="fp8", bf16=False)
+    base = load_base(cfg, torch.device("cpu"))
+    w = base.model.language_model.layers[0].self_attn.q_proj.weight
+    q, s = fp8.quantize_rows(w.data)
+    assert torch.equal(w.data, (q.float() * s).to(w.dtype))  # already on the FP8 grid: rounding again keeps it
+    peft = PeftModel.from_pretrained(base, str(out / "lora_final"))
+    with torch.no_grad():
+        assert torch.isfinite(peft(input_ids=torch.tensor([[1, 3, 500, 4]])).logits).all()
