@@ -3,7 +3,7 @@
 #   bash bench/gpu_throughput.sh [NPROC] [CONFIGS]
 #   PROFILE=1: each worker configuration also writes <config>-nNPROC.profile.txt (3 steps under torch.profiler)
 #   (issue 15's rows: bf16-ckpt-16gib, bf16-long-8192, bf16-long-32768-ckpt, small24b-bf16, small24b-nf4)
-# results: $OUT (or ./gpu-out)/throughput.jsonl; each run's log and events.jsonl: $OUT/wNPROC.tar.gz
+# results: $OUT (or ./gpu-out)/throughput.jsonl; each run's log and events.jsonl: $OUT/wNPROC$TAG.tar.gz
 set -uo pipefail
 NPROC=${1:-1}
 ONLY=${2:-seed,bf16-packed,bf16-packed-compiled,nf4-packed-compiled,bf16-packed-compiled-quiet}
@@ -25,4 +25,4 @@ python3 bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.
 cat "$W/throughput.jsonl" >> "$OUT/throughput.jsonl"
 for f in "$W"/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -14 "$f"; }; done
 for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|Error|error" "$f" | sort -u | head -8; done
-tar -czf "$OUT/w$NPROC.tar.gz" -C "$W" . && rm -rf "$W"
+tar -czf "$OUT/w$NPROC${TAG:-}.tar.gz" -C "$W" . && rm -rf "$W"
