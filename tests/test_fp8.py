@@ -109,3 +109,30 @@ def test_a_real_fp8_run_saves_an_adapter_that_loads_on_the_rounded_base(tmp_path
     peft = PeftModel.from_pretrained(base, str(out / "lora_final"))
     with torch.no_grad():
         assert torch.isfinite(peft(input_ids=torch.tensor([[1, 3, 500, 4]])).logits).all()
+
+
+def test_an_fp8_layer_compiles_into_one_graph_with_the_eager_results(tiny_model):
+    """What ``--compile`` does on a GPU, traced here (aot_eager): no graph break at the FP8 products, and the
+    layer's output and input gradient those of the eager layer."""
+    from torch._dynamo.utils import counters
+
+    from engine.worker.modeling import _unwrap, language_model
+
+    model = _load(tiny_model, "fp8")
+    lm = language_model(_unwrap(model))
+    layer = lm.layers[0]
+    torch.manual_seed(5)
+    h0 = torch.randn(2, 16, lm.config.hidden_size)  # 32 rows: FP8 products
+    pos = torch.arange(16)[None].expand(2, 16)
+    outs = []
+    torch._dynamo.reset()
+    counters.clear()
+    for fn in (layer, torch.compile(layer, backend="aot_eager")):
+        h = h0.clone().requires_grad_()
+        out = fn(h, position_embeddings=lm.rotary_emb(h, pos), attention_mask=None, position_ids=pos)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).sum().backward()
+        outs.append((out.detach(), h.grad))
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)

@@ -24,8 +24,9 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
 ``VOXTUI_PROFILE_STEPS=A:B``
     steps A to B (counted from 1) run under ``torch.profiler``; rank 0 writes the kernels' table, sorted by
-    device time and summed by kind (matmuls, attention, fused elementwise, ...), to ``<run>/profile.txt``
-    (``bench/throughput.py --profile``)
+    device time and summed by kind (matmuls, attention, fused elementwise, ...), and how long the GPU sat
+    idle with the host operation under way in each gap, to ``<run>/profile.txt`` (``bench/throughput.py
+    --profile``)
 """
 
 from __future__ import annotations
