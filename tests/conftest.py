@@ -69,6 +69,55 @@ def fmt():
     return load_format()
 
 
+def load_lora_model(model_dir: Path, env: dict | None = None, **flags):
+    """The worker's LoRA model (``load_model``) of ``model_dir`` on the CPU — fp32, not compiled, no dropout, no
+    checkpointing unless ``flags`` say otherwise — in training mode, each adapter's B random (seeded by its
+    name: B starts at zero, a random one makes every adapter weight matter). ``env``: worker knobs
+    (``VOXTUI_*``, engine/worker/knobs.py) in force while it loads."""
+    import zlib
+
+    import torch
+
+    from engine.config import TrainConfig
+    from engine.worker.knobs import knobs
+    from engine.worker.modeling import load_model
+
+    cfg = TrainConfig(model_id=str(model_dir), train_jsonl="x", bf16=False, compile=False,
+                      **{"quant": "none", "lora_dropout": 0.0, "grad_ckpt": False, **flags})
+    before = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    knobs.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model, _ = load_model(cfg, torch.device("cpu"))
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        knobs.cache_clear()
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+    return model.train()
+
+
+def lora_loss_and_grads(model) -> tuple[float, dict]:
+    """The worker's loss (``CausalLMLoss``) over two short rows of 8 tokens (16 positions; targets from the
+    fourth on), backward: the summed loss and every adapter weight's gradient."""
+    import torch
+
+    from engine.worker.modeling import CausalLMLoss
+
+    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
+    total.backward()
+    return float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def read_events(run_dir: Path) -> list[dict]:
     """The run's events so far: whole lines only (the engine may be writing the last one as we read)."""
     text = (Path(run_dir) / "events.jsonl").read_text()

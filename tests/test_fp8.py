@@ -6,7 +6,7 @@ run, and the weights inference uses. Speed and the GPU's kernels: tests/gpu and 
 import pytest
 import torch
 
-from conftest import train_args, worker, write_jsonl
+from conftest import load_lora_model, lora_loss_and_grads, train_args, worker, write_jsonl
 from engine.config import TrainConfig
 from engine.worker import fp8
 
@@ -43,21 +43,12 @@ def test_product_and_input_gradient_follow_the_dequantised_weight(rows, dtype):
         assert rel < (0.05 if rows % 16 == 0 else (1e-6 if dtype == torch.float32 else 1e-2)), rel
 
 
-def _load(tiny_model, quant, **flags):
-    from engine.worker.modeling import load_model
-
-    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", bf16=False, compile=False, lora_dropout=0.0,
-                      grad_ckpt=False, quant=quant, **flags)
-    torch.manual_seed(0)
-    model, _ = load_model(cfg, torch.device("cpu"))
-    for name, p in model.named_parameters():
-        if p.requires_grad and "lora_B" in name:
-            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(len(name)), std=0.05)
-    return model.train()
+def _load(tiny_model, quant):
+    return load_lora_model(tiny_model, quant=quant)
 
 
 def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_model):
-    from engine.worker.modeling import CausalLMLoss, _unwrap, language_model, param_table
+    from engine.worker.modeling import _unwrap, language_model, param_table
 
     model = _load(tiny_model, "fp8")
     layers = language_model(_unwrap(model)).layers
@@ -69,14 +60,10 @@ def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_
     assert n_train == sum(p.numel() for p in trainable)
     ref = _load(tiny_model, "none")
     assert fp8.round_trip(language_model(_unwrap(ref)).layers) == 2 * 7
-    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])  # 16 rows: FP8
-    flat = ids[:, 1:].reshape(-1)
-    idx = torch.arange(3, flat.shape[0])
     out = []
-    for m in (model, ref):
-        total, _ = CausalLMLoss(m)(input_ids=ids, target_idx=idx, targets=flat[idx])
-        total.backward()
-        out.append((float(total), torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad])))
+    for m in (model, ref):  # 16 positions: FP8 products
+        loss, grads = lora_loss_and_grads(m)
+        out.append((loss, torch.cat([grads[k].flatten() for k in sorted(grads)])))
     (loss, g), (loss_ref, g_ref) = out
     assert loss == pytest.approx(loss_ref, rel=0.02)
     assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.98

@@ -2,45 +2,17 @@
 compute (loss, every adapter gradient), share the weights' memory, and leave generation with a KV cache,
 disabled adapters and the saved state as they were."""
 
-import os
-import zlib
-
 import pytest
 import torch
 
-from engine.config import TrainConfig
+from conftest import load_lora_model, lora_loss_and_grads
 
 
 def _load(tiny_model, fused: bool, **flags):
-    from engine.worker.knobs import knobs
-    from engine.worker.modeling import load_model
-
-    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", bf16=False, compile=False,
-                      **{"quant": "none", "lora_dropout": 0.0, "grad_ckpt": False, **flags})
-    os.environ["VOXTUI_FUSION"] = "all" if fused else "none"
-    knobs.cache_clear()
-    try:
-        torch.manual_seed(0)
-        model, _ = load_model(cfg, torch.device("cpu"))
-    finally:
-        os.environ.pop("VOXTUI_FUSION", None)
-        knobs.cache_clear()
-    for name, p in model.named_parameters():  # B starts at zero: make every adapter weight matter
-        if p.requires_grad and "lora_B" in name:
-            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())), std=0.05)
-    model.train()
-    return model
+    return load_lora_model(tiny_model, env={"VOXTUI_FUSION": "all" if fused else "none"}, **flags)
 
 
-def _loss_grads(model):
-    from engine.worker.modeling import CausalLMLoss
-
-    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
-    flat = ids[:, 1:].reshape(-1)
-    idx = torch.arange(3, flat.shape[0])
-    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
-    total.backward()
-    return float(total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+_loss_grads = lora_loss_and_grads
 
 
 @pytest.mark.parametrize("ckpt", [False, True])

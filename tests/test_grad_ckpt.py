@@ -3,27 +3,16 @@
 import pytest
 import torch
 
+from conftest import load_lora_model, lora_loss_and_grads
 from engine.config import TrainConfig
 
 
 def _grads(tiny_model, **flags):
-    from engine.worker.modeling import CausalLMLoss, checkpointed_layers, load_model
+    from engine.worker.modeling import checkpointed_layers
 
-    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="none", bf16=False, lora_dropout=0.0,
-                      compile=False, **flags)
-    torch.manual_seed(0)
-    model, _ = load_model(cfg, torch.device("cpu"))
-    model.train()
-    for name, p in model.named_parameters():  # B starts at zero: make every adapter weight matter
-        if p.requires_grad and "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
-    flat = ids[:, 1:].reshape(-1)
-    target_idx = torch.arange(3, flat.shape[0])
-    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=target_idx, targets=flat[target_idx])
-    total.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return float(total), grads, checkpointed_layers(model)
+    model = load_lora_model(tiny_model, **flags)
+    loss, grads = lora_loss_and_grads(model)
+    return loss, grads, checkpointed_layers(model)
 
 
 @pytest.mark.parametrize("n,expect", [(-1, 2), (0, 0), (1, 1), (7, 2)])

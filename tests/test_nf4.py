@@ -6,38 +6,14 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from engine.config import TrainConfig  # noqa: E402
+from conftest import load_lora_model, lora_loss_and_grads  # noqa: E402
 
 
 def _run(tiny_model, traced: bool):
-    from engine.worker.modeling import CausalLMLoss, load_model
-
-    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="nf4", bf16=False, lora_dropout=0.0,
-                      compile=False, grad_ckpt=True)
-    torch.manual_seed(0)
-    import os
-
-    os.environ["VOXTUI_NF4_BNB_FORWARD"] = "" if traced else "1"
-    os.environ["VOXTUI_FUSION"] = "none"  # the layers alone here; fused ones: tests/test_fusion.py
-    from engine.worker.knobs import knobs
-
-    knobs.cache_clear()
-    try:
-        model, _ = load_model(cfg, torch.device("cpu"))
-    finally:
-        os.environ.pop("VOXTUI_NF4_BNB_FORWARD", None)
-        os.environ.pop("VOXTUI_FUSION", None)
-        knobs.cache_clear()
-    model.train()
-    for name, p in model.named_parameters():
-        if p.requires_grad and "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    ids = torch.tensor([[1, 3, 500, 600, 700, 800, 4, 900], [1, 3, 510, 610, 710, 4, 2, 2]])
-    flat = ids[:, 1:].reshape(-1)
-    idx = torch.arange(3, flat.shape[0])
-    total, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
-    total.backward()
-    return model, float(total), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    # the 4-bit layers alone here (no fusion); fused ones: tests/test_fusion.py
+    model = load_lora_model(tiny_model, env={"VOXTUI_NF4_BNB_FORWARD": "" if traced else "1", "VOXTUI_FUSION": "none"},
+                            quant="nf4", grad_ckpt=True)
+    return (model, *lora_loss_and_grads(model))
 
 
 def test_traceable_nf4_equals_bitsandbytes_forward(tiny_model):
