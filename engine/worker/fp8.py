@@ -7,8 +7,8 @@ the output's gradient times the weight's scales, quantised by rows, against the 
 products take the second operand column-major: the weight's transpose is made for the product and
 dropped). Under ``torch.compile`` the quantisations are elementwise work Inductor fuses with the
 kernels around them. Shapes FP8 products do not take (dimensions not multiples of 16, e.g. a preview's
-few rows) use the weight dequantised to bf16 instead. ``dequantize`` gives the weights every product
-multiplies by, for evaluation and inference.
+few rows) use the weight dequantised to bf16 instead. ``round_trip`` gives a bf16 model the weights every
+product multiplies by, for inference.
 
 Not yet measured on a GPU (docs/benchmarks.md): the issue's bar is ≥ 1.4× bf16 LoRA's tokens/s, a loss
 within 1% of bf16's over 200 steps, and less memory; ``tests/gpu`` holds its equivalence test.
@@ -76,14 +76,14 @@ def round_trip(layers) -> int:
     n = 0
     for mod in _projections(layers):
         q, scale = quantize_rows(mod.weight.data)
-        mod.weight.data = (q.float() * scale).to(mod.weight.dtype)
+        mod.weight.data = _weight(q, scale[:, 0], mod.weight.dtype)
         n += 1
     return n
 
 
-def dequantize(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The weight an FP8 layer's products multiply by, in ``dtype``."""
-    return (mod.weight.float() * mod._fp8_scale[:, None]).to(dtype)
+def _weight(wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight e4m3 rows ``wq`` with their scales ``ws`` stand for, in ``dtype``."""
+    return (wq.float() * ws[:, None]).to(dtype)
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,8 +108,7 @@ class _FP8MatMul(torch.autograd.Function):
             xq, xs = quantize_rows(x2)
             y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].float(), out_dtype=out_dtype)
         else:
-            w = (wq.float() * ws[:, None]).to(out_dtype)
-            y = torch.nn.functional.linear(x2.to(out_dtype), w)
+            y = torch.nn.functional.linear(x2.to(out_dtype), _weight(wq, ws, out_dtype))
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
@@ -125,6 +124,6 @@ class _FP8MatMul(torch.autograd.Function):
                 ones = torch.ones((1, k), dtype=torch.float32, device=g.device)
                 grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
             else:
-                grad_x = g @ (wq.float() * ws[:, None]).to(grad.dtype)
+                grad_x = g @ _weight(wq, ws, grad.dtype)
             grad_x = grad_x.reshape(*grad.shape[:-1], k)
         return grad_x, None, None

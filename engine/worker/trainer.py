@@ -156,13 +156,13 @@ class Trainer:
         rows, trainable, total = param_table(self.model, removed=removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
-        self.compiled_ce = cfg.compile and d.device.type == "cuda" and not self.knobs.eager_ce
         self.flops_per_token = 4 * matmul_params(self.model)  # MFU: forward and backward
         self.flops_per_pair = attention_flops_per_pair(self.model)  # and the MFU that counts attention
         peak = peak_flops(cfg.peak_tflops, d.device)
         self.peak = peak * d.world if peak else None  # all ranks together
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        loss = CausalLMLoss(self.model, compiled=self.compiled_ce)
+        # on a GPU with --compile the loss's softmax and gradient are compiled kernels (modeling.ce_chunk)
+        loss = CausalLMLoss(self.model, compiled=cfg.compile and d.device.type == "cuda" and not self.knobs.eager_ce)
         self.loss_module, self.grad_sync = data_parallel(loss, self.trainable, d, cfg.grad_sync, cfg.compile,
                                                          self.knobs.ddp_split_graphs)
         if self.grad_sync is not None:
