@@ -61,9 +61,11 @@ def test_probe_rescales_the_batch(tmp_path, tiny_model):
 def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     """Voxtral-Mini-3B's numbers: the estimate brackets what was measured on an H200 (docs/benchmarks.md:
     bf16 16 × 1024 packed, no checkpointing: 56.9 GiB; NF4 6 × 1024 with checkpointing: 6.2 GiB), and
-    the recommendation is bf16 without checkpointing on an H200, bf16 with it on a 16 GiB card, NF4 on 10 GiB."""
+    the recommendation is bf16 without checkpointing on an H200 (FP8 where the GPU takes it), else the mode and
+    the fewest checkpointed layers that fit whose measured cost per token is least, NF4 on 10 GiB."""
     from engine.config import TrainConfig
     from engine.preflight import estimate_memory, fastest_fit
+    from engine.preflight.memory import step_cost
 
     m = {"llm_linear": 3_208_826_880, "embed_head": 805_306_368, "lora": 27_033_600, "hidden": 3072,
          "intermediate": 8192, "layers": 30, "vocab": 131072}
@@ -77,12 +79,24 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
         est = estimate_memory(cfg, m)
         assert measured <= est["total"] <= 1.35 * measured, (est, measured)
     assert fastest_fit(bf16, m, 139.0)[0] == {"quant": "none", "grad_ckpt": False, "grad_ckpt_layers": -1}
+    assert fastest_fit(bf16, m, 139.0, fp8=True)[0] == {"quant": "fp8", "grad_ckpt": False, "grad_ckpt_layers": -1}
     # as few layers checkpointed as fit: the more memory, the fewer
     fit24, fit16 = fastest_fit(ckpt, m, 24.0)[0], fastest_fit(ckpt, m, 16.0)[0]
-    assert fit24["quant"] == "none" and fit24["grad_ckpt"] and 0 < fit24["grad_ckpt_layers"] < 30
-    assert fit16 == {"quant": "none", "grad_ckpt": True, "grad_ckpt_layers": fit16["grad_ckpt_layers"]}
+    assert fit24["grad_ckpt"] and 0 < fit24["grad_ckpt_layers"] < 30
+    assert fit16["grad_ckpt"] and fit24["quant"] == fit16["quant"]
     assert fit24["grad_ckpt_layers"] < fit16["grad_ckpt_layers"] <= 30
     assert estimate_memory(msgspec.structs.replace(ckpt, **fit16), m)["total"] <= 0.9 * 16.0
-    assert fastest_fit(nf4, m, 16.0)[0]["quant"] == "none"
+    # among the modes, the one whose fewest checkpointed layers that fit cost least by the measured speeds
+    for cfg, free, fp8 in ((ckpt, 16.0, False), (ckpt, 16.0, True), (nf4, 24.0, True), (bf16, 24.0, False)):
+        fields, _ = fastest_fit(cfg, m, free, fp8=fp8)
+        n_ckpt = (30 if fields["grad_ckpt_layers"] < 0 else fields["grad_ckpt_layers"]) if fields["grad_ckpt"] else 0
+        cost = step_cost(fields["quant"], n_ckpt, 30)
+        for quant in ("fp8", "none", "nf4") if fp8 else ("none", "nf4"):
+            fewest = next((k for k in range(31) if estimate_memory(msgspec.structs.replace(
+                cfg, quant=quant, grad_ckpt=k > 0, grad_ckpt_layers=-1 if k in (0, 30) else k), m)["total"]
+                <= 0.9 * free), None)
+            assert fewest is None or cost <= step_cost(quant, fewest, 30)
+    assert fastest_fit(ckpt, m, 16.0, fp8=True)[0]["quant"] == "fp8"
     assert fastest_fit(nf4, m, 10.0)[0]["quant"] == "nf4"
+    assert step_cost("fp8", 0, 30) < step_cost("none", 0, 30) < step_cost("nf4", 0, 30) < step_cost("none", 30, 30)
     assert fastest_fit(bf16, m, 4.0) is None

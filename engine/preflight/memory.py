@@ -78,21 +78,45 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
             "loss_head": round(head, 2), "overhead": round(0.1 * base + 0.8, 2), "total": round(1.1 * base + 0.8, 2)}
 
 
-def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None) -> tuple[dict, dict] | None:
-    """The fastest memory setting that fits in 90% of ``free_gib`` at this batch, in the order measured
-    on an H200 (docs/benchmarks.md): bf16 LoRA without checkpointing, bf16 with as few layers checkpointed
-    as fit (--grad_ckpt_layers), NF4 likewise. Returns the changed fields and the estimate, or None when
-    nothing fits."""
+# what a step costs per token, relative to bf16 LoRA without checkpointing, as measured on an H200
+# (docs/benchmarks.md): FP8 products 29,205 → 36,229 tokens/s (run J); NF4 about 5% more than bf16 at the
+# same checkpointing (runs G, I: 52.6 against 50.3 µs a token, all layers recomputed); recomputing every
+# layer adds 44.5% (run G: 0.412 against 0.285 s a step of 8,192 tokens), each layer its share of that
+SPEED_COST = {"fp8": 0.806, "none": 1.0, "nf4": 1.05}
+RECOMPUTE_COST = 0.445
+
+
+def step_cost(quant: str, ckpt: int, layers: int) -> float:
+    """A step's cost per token relative to bf16 LoRA without checkpointing (``SPEED_COST``)."""
+    return SPEED_COST[quant] * (1 + RECOMPUTE_COST * ckpt / max(layers, 1))
+
+
+def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None,
+                fp8: bool = False) -> tuple[dict, dict] | None:
+    """The fastest memory setting that fits in 90% of ``free_gib`` at this batch by the costs measured on
+    an H200 (``step_cost``): FP8 products (where the GPU takes them: ``fp8``), bf16 or NF4, each with as
+    few layers checkpointed (--grad_ckpt_layers) as fit. Returns the changed fields and the estimate, or
+    None when nothing fits."""
     import msgspec
 
     n = m["layers"]
-    for quant in ("none", "nf4"):
-        for ckpt in ([0] if quant == "none" else []) + list(range(1, n + 1)):
+    best = None
+    for quant in (("fp8",) if fp8 else ()) + ("none", "nf4"):
+        for ckpt in range(n + 1):
             fields = {"quant": quant, "grad_ckpt": ckpt > 0, "grad_ckpt_layers": -1 if ckpt in (0, n) else ckpt}
             est = estimate_memory(msgspec.structs.replace(cfg, **fields), m, seq_len=seq_len)
             if est["total"] <= 0.9 * free_gib:
-                return fields, est
-    return None
+                cost = step_cost(quant, ckpt, n)
+                if best is None or cost < best[0]:
+                    best = (cost, fields, est)
+                break  # more layers checkpointed only costs more
+    return None if best is None else best[1:]
+
+
+def _cost_args(fields: dict, m: dict) -> dict:
+    n = m["layers"]
+    ckpt = (n if fields["grad_ckpt_layers"] < 0 else fields["grad_ckpt_layers"]) if fields["grad_ckpt"] else 0
+    return {"quant": fields["quant"], "ckpt": min(ckpt, n), "layers": n}
 
 
 def _flags(fields: dict) -> str:
@@ -111,15 +135,16 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
         level = "fail" if est["total"] > free else "warn" if est["total"] > 0.9 * free else "ok"
         r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
                                            f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
-        best = fastest_fit(cfg, m, free, seq)
+        best = fastest_fit(cfg, m, free, seq, fp8=system.get("fp8", False))
         now = {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt,
                "grad_ckpt_layers": cfg.grad_ckpt_layers if cfg.grad_ckpt and 0 <= cfg.grad_ckpt_layers < m["layers"] else -1}
         if best is not None and best[0] != now:
             fields, fit = best
             flags = _flags(fields)
+            ratio = step_cost(**_cost_args(now, m)) / step_cost(**_cost_args(fields, m))
             r.add("memory", "recommend", "info",
-                  f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB); on an H200 bf16 LoRA without "
-                  "checkpointing trains about 1.6× faster than NF4 with it (docs/benchmarks.md)", recommend=fields)
+                  f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB), about {ratio:.2f}× this "
+                  "setting's tokens/s by the speeds measured on an H200 (docs/benchmarks.md)", recommend=fields)
     else:
         import psutil
 

@@ -146,12 +146,22 @@ def checkpointed_layers(model: nn.Module) -> tuple[int, int]:
     return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers)
 
 
-def compile_layers(model: nn.Module) -> int:
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile every decoder layer ("regional compilation": the layers share one compiled graph,
-    so the compile costs one layer, not thirty). Evaluation and generation run eagerly (``eager()``)."""
+    so the compile costs one layer, not thirty). Evaluation and generation run eagerly (``eager()``).
+
+    Each call of a compiled layer first checks dynamo's guards; by default those on the layer's modules
+    are left out (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: a third of the lookup's host
+    time, measured on the tiny model), since training never changes a layer's modules between calls: the
+    weights, adapters and flags are set before the first step, and evaluation, previews and generation run
+    eagerly. ``VOXTUI_ALL_GUARDS=1`` keeps every guard (the comparison in bench/throughput.py)."""
+    from engine.worker.knobs import knobs
+
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    options = {"guard_filter_fn": skip} if skip is not None and not knobs().all_guards else None
     layers = language_model(_unwrap(model)).layers
     for layer in layers:
-        layer.compile()
+        layer.compile(backend=backend, options=options)
     return len(layers)
 
 
@@ -168,7 +178,7 @@ def _bf16_ok(device: torch.device) -> bool:
 
 def param_table(model: nn.Module, removed: dict[str, int] | None = None) -> tuple[list[tuple[str, int, int, int]], int, int]:
     """Per part (audio tower, projector, decoder layers' base and LoRA weights, embedding, head):
-    trainable / frozen / quantised parameter counts. Quantised 4-bit weights count as their logical size."""
+    trainable / frozen / quantised (4-bit or e4m3) parameter counts. 4-bit weights count as their logical size."""
     groups: OrderedDict[str, list[int]] = OrderedDict((k, [0, n, 0]) for k, n in (removed or {}).items())
     for name, p in model.named_parameters():
         key = _group(name)
@@ -199,7 +209,7 @@ def _group(name: str) -> str:
 
 
 def _is_quantized(p: torch.Tensor) -> bool:
-    return p.__class__.__name__ == "Params4bit" or p.dtype == torch.uint8
+    return p.__class__.__name__ == "Params4bit" or p.dtype in (torch.uint8, torch.float8_e4m3fn)
 
 
 def _logical_numel(p: torch.Tensor) -> int:
