@@ -56,20 +56,14 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-ddp": BF16 + ["--compile", "--grad_sync", "ddp"],
     "bf16-packed-compiled-ddp-split": BF16 + ["--compile", "--grad_sync", "ddp"],
     # --quant fp8 at bf16's batch (the issue's bar: ≥ 1.4× bf16-packed-compiled, its loss within 1% of bf16's
-    # over 200 steps: STEPS=200 for both, then bench/compare_losses.py on their events); "-tensor": one scale
-    # per operand instead of one per row (ENV below: VOXTUI_FP8_SCALING=tensor)
+    # over 200 steps: STEPS=200 for both, then bench/compare_losses.py on their events)
     "fp8-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
-    "fp8-packed-compiled-tensor": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                   "--compile"],
     "nf4-packed": NF4 + ["--no-compile"],
     "nf4-packed-compiled": NF4 + ["--compile"],
     # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
     "nf4-packed-compiled-bnb": NF4 + ["--compile"],
     # the same with q/k/v and gate/up as one product each (VOXTUI_FUSION=nf4; separate is the default)
     "nf4-packed-compiled-fused": NF4 + ["--compile"],
-    # the same with every dynamo guard checked at each compiled layer's call (VOXTUI_ALL_GUARDS=1; the
-    # default leaves out those on the layers' modules)
-    "nf4-packed-compiled-allguards": NF4 + ["--compile"],
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
     "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
@@ -85,6 +79,9 @@ CONFIGS: dict[str, list[str]] = {
     # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
     "small24b-bf16": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
     "small24b-nf4": NF4 + ["--compile"],
+    # the same bf16 with the last 24 of 40 layers keeping their activations (the 139 GiB of an H200 allow it)
+    "small24b-bf16-ckpt16": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                             "--grad_ckpt_layers", "16"],
 }
 # configurations with their own training rows: (file tag, rows, median tokens, cap) for bench/synth.py, the cap
 # under --max_len (synth's token counts are estimates)
@@ -96,9 +93,7 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
                                   "bf16-packed-compiled-fused": {"VOXTUI_FUSION": "all"},
-                                  "nf4-packed-compiled-fused": {"VOXTUI_FUSION": "nf4"},
-                                  "fp8-packed-compiled-tensor": {"VOXTUI_FP8_SCALING": "tensor"},
-                                  "nf4-packed-compiled-allguards": {"VOXTUI_ALL_GUARDS": "1"}}
+                                  "nf4-packed-compiled-fused": {"VOXTUI_FUSION": "nf4"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

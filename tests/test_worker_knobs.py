@@ -19,16 +19,15 @@ def test_knobs_are_read_from_the_environment_and_checked():
     assert read({"VOXTUI_DDP_SPLIT_GRAPHS": "yes", "VOXTUI_FAULT_NAN_STEP": ""}) == Knobs()  # "1" only; empty: unset
     assert read({"VOXTUI_PROFILE_STEPS": "4:6"}).profile_steps == (4, 6)
     assert read({"VOXTUI_PROFILE_STEPS": "5"}).profile_steps == (5, 5)
-    assert read({"VOXTUI_EAGER_CE": "1", "VOXTUI_NF4_BNB_FORWARD": "1", "VOXTUI_FUSION": "all",
-                 "VOXTUI_FP8_SCALING": "tensor", "VOXTUI_ALL_GUARDS": "1"}) == Knobs(
-        eager_ce=True, nf4_bnb_forward=True, fusion="all", fp8_scaling="tensor", all_guards=True)
+    assert read({"VOXTUI_EAGER_CE": "1", "VOXTUI_NF4_BNB_FORWARD": "1", "VOXTUI_FUSION": "all"}) == Knobs(
+        eager_ce=True, nf4_bnb_forward=True, fusion="all")
+    assert Knobs().fusion == "none"
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more"),
                       ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
                       ({"VOXTUI_FUSION": "some"}, "VOXTUI_FUSION=some: must be one of none, nf4, all"),
-                      ({"VOXTUI_FP8_SCALING": "col"}, "VOXTUI_FP8_SCALING=col: must be one of row, tensor"),
                       ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
                       ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):

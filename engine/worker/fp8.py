@@ -1,19 +1,18 @@
-"""``--quant fp8``: the frozen base weights of the language model's projections in float8 (e4m3) with
-scales, the adapters as they are (fp32 weights, bf16 products under autocast).
+"""``--quant fp8``: the frozen base weights of the language model's projections in float8 (e4m3) with one
+scale per weight row, the adapters as they are (fp32 weights, bf16 products under autocast).
 
-Each projection's product runs as ``torch._scaled_mm``. Scales (``VOXTUI_FP8_SCALING``): ``row`` (the
-default) gives each row of both operands its own scale (amax / 448): forward, the input's rows against the
-weight's rows; backward, the input's gradient is the output's gradient times the weight's scales,
-quantised by rows, against the weight transposed. ``tensor`` gives each operand one scale (the weight's
-set once, the input's and the gradient's at each product). FP8 products take the second operand
-column-major: the weight's transpose is made for the backward's product and dropped. Under
-``torch.compile`` the quantisations are elementwise work Inductor fuses with the kernels around them.
-Shapes FP8 products do not take (dimensions not multiples of 16, e.g. a preview's few rows) use the weight
-dequantised to bf16 instead. ``round_trip`` gives a bf16 model the weights every product multiplies by,
-for inference.
+Each projection's product runs as ``torch._scaled_mm`` with row-wise scales: forward, the input's rows are
+quantised (one scale per row, amax / 448) against the weight's rows; backward, the input's gradient is
+the output's gradient times the weight's scales, quantised by rows, against the weight transposed (FP8
+products take the second operand column-major: the weight's transpose is made for the product and
+dropped). Under ``torch.compile`` the quantisations are elementwise work Inductor fuses with the
+kernels around them. Shapes FP8 products do not take (dimensions not multiples of 16, e.g. a preview's
+few rows) use the weight dequantised to bf16 instead. ``round_trip`` gives a bf16 model the weights every
+product multiplies by, for inference.
 
-Measured on an H200 (docs/benchmarks.md): 1.24× bf16 LoRA's tokens/s with row scales, the loss within
-0.4% of bf16's over 205 steps; ``tests/gpu`` holds its equivalence test.
+Measured on an H200 (docs/benchmarks.md, run J): 1.24× bf16 LoRA's tokens/s in the same run at 95% of its
+memory, the loss within 0.4% of bf16's over 205 steps; one scale per operand instead of per row measured
+2% slower (run K) and is not kept. ``tests/gpu`` holds its equivalence test.
 """
 
 from __future__ import annotations
@@ -43,40 +42,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as e4m3 and one fp32 scale (a 0-d tensor): ``x ≈ q · s``."""
-    scale = x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def scaling() -> str:
-    """``row`` or ``tensor``: how this process's FP8 products scale their operands (``VOXTUI_FP8_SCALING``)."""
-    from engine.worker.knobs import knobs
-
-    return knobs().fp8_scaling
-
-
-def quantize_weight(w: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight (out × in) as e4m3 and its scales: one per row (shape out) or one (0-d)."""
-    if how == "tensor":
-        return quantize_tensor(w)
-    q, scale = quantize_rows(w)
-    return q, scale[:, 0].contiguous()
-
-
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize(layers) -> int:
     """The 7 projections of each decoder layer of ``layers`` (PEFT's base layer where an adapter wraps
-    one): weight → e4m3 with fp32 scales (a non-persistent buffer: one per row, or one, by ``scaling()``),
-    forward → FP8 products. Only plain bias-free ``nn.Linear`` layers are taken. Returns how many."""
-    n, how = 0, scaling()
+    one): weight → e4m3 with one fp32 scale per row (a non-persistent buffer), forward → FP8 products.
+    Only plain bias-free ``nn.Linear`` layers are taken. Returns how many."""
+    n = 0
     for mod in _projections(layers):
         if mod.weight.dtype != E4M3:
-            q, scale = quantize_weight(mod.weight.data, how)
+            q, scale = quantize_rows(mod.weight.data)
             mod.weight = nn.Parameter(q, requires_grad=False)
-            mod.register_buffer("_fp8_scale", scale, persistent=False)
+            mod.register_buffer("_fp8_scale", scale[:, 0].contiguous(), persistent=False)
             mod.forward = types.MethodType(_forward, mod)
             n += 1
     return n
@@ -94,19 +72,19 @@ def _projections(layers):
 
 def round_trip(layers) -> int:
     """For inference on a run trained with ``--quant fp8``: each projection's weight replaced by the values
-    the run's FP8 products multiplied by (quantised as ``scaling()`` says, then back in the weight's dtype),
-    in place, as plain weights the fast decoder takes. Returns how many."""
-    n, how = 0, scaling()
+    the run's FP8 products multiplied by (quantised by rows, then back in the weight's dtype), in place, as
+    plain weights the fast decoder takes. Returns how many."""
+    n = 0
     for mod in _projections(layers):
-        q, scale = quantize_weight(mod.weight.data, how)
-        mod.weight.data = _weight(q, scale, mod.weight.dtype)
+        q, scale = quantize_rows(mod.weight.data)
+        mod.weight.data = _weight(q, scale[:, 0], mod.weight.dtype)
         n += 1
     return n
 
 
 def _weight(wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weight e4m3 ``wq`` with its scales ``ws`` (one per row, or one) stands for, in ``dtype``."""
-    return (wq.float() * (ws[:, None] if ws.dim() else ws)).to(dtype)
+    """The weight e4m3 rows ``wq`` with their scales ``ws`` stand for, in ``dtype``."""
+    return (wq.float() * ws[:, None]).to(dtype)
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +96,7 @@ def _fits(*dims: int) -> bool:
 
 
 class _FP8MatMul(torch.autograd.Function):
-    """``x @ (W_q · s).T`` for a frozen e4m3 ``W_q`` with row scales ``s`` (shape out) or one scale (0-d);
-    the input and its gradient are scaled the same way as the weight."""
+    """``x @ (W_q · s).T`` for a frozen e4m3 ``W_q`` with row scales ``s``."""
 
     @staticmethod
     def forward(ctx, x, wq, ws):
@@ -129,12 +106,8 @@ class _FP8MatMul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         n, k = wq.shape
         if _fits(x2.shape[0], k, n):
-            if ws.dim():
-                xq, xs = quantize_rows(x2)
-                y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :], out_dtype=out_dtype)
-            else:
-                xq, xs = quantize_tensor(x2)
-                y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=out_dtype)
+            xq, xs = quantize_rows(x2)
+            y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].float(), out_dtype=out_dtype)
         else:
             y = torch.nn.functional.linear(x2.to(out_dtype), _weight(wq, ws, out_dtype))
         return y.reshape(*x.shape[:-1], n)
@@ -146,14 +119,11 @@ class _FP8MatMul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             n, k = wq.shape
             g = grad.reshape(-1, n)
-            if _fits(g.shape[0], k, n) and ws.dim():
+            if _fits(g.shape[0], k, n):
                 # g @ (W_q · s) = (g · s) @ W_q: the weight's row scales move onto the gradient's columns
                 gq, gs = quantize_rows(g.float() * ws[None, :])
                 ones = torch.ones((1, k), dtype=torch.float32, device=g.device)
                 grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
-            elif _fits(g.shape[0], k, n):
-                gq, gs = quantize_tensor(g)
-                grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ws, out_dtype=grad.dtype)
             else:
                 grad_x = g @ _weight(wq, ws, grad.dtype)
             grad_x = grad_x.reshape(*grad.shape[:-1], k)

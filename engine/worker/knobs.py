@@ -19,12 +19,6 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_FUSION=none|nf4|all``
     which layers run q/k/v and gate/up as one product each (engine/worker/fusion.py): none (default), NF4
     ones, or all (each measured slower on an H200, bf16's also larger: the comparisons in bench/throughput.py)
-``VOXTUI_FP8_SCALING=row|tensor``
-    with --quant fp8, the FP8 products' scales: one per row of each operand (default) or one per tensor
-    (engine/worker/fp8.py; the comparison in bench/throughput.py)
-``VOXTUI_ALL_GUARDS=1``
-    with --compile on a GPU, the compiled layers check all of dynamo's guards at each call, those on the
-    layers' modules too (modeling.compile_layers; the comparison in bench/throughput.py)
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
@@ -53,9 +47,7 @@ class Knobs:
     profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
     nf4_bnb_forward: bool = False
     eager_ce: bool = False
-    all_guards: bool = False
     fusion: str = "none"  # none | nf4 | all
-    fp8_scaling: str = "row"  # row | tensor
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -84,9 +76,7 @@ def read(env=None) -> Knobs:
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
-                 all_guards=env.get("VOXTUI_ALL_GUARDS") == "1",
-                 fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
-                 fp8_scaling=_choice("VOXTUI_FP8_SCALING", ("row", "tensor"), "row", env))
+                 fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env))
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

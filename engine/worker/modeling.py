@@ -149,19 +149,11 @@ def checkpointed_layers(model: nn.Module) -> tuple[int, int]:
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """torch.compile every decoder layer ("regional compilation": the layers share one compiled graph,
     so the compile costs one layer, not thirty). Evaluation and generation run eagerly (``eager()``).
-
-    Each call of a compiled layer first checks dynamo's guards; by default those on the layer's modules
-    are left out (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: a third of the lookup's host
-    time, measured on the tiny model), since training never changes a layer's modules between calls: the
-    weights, adapters and flags are set before the first step, and evaluation, previews and generation run
-    eagerly. ``VOXTUI_ALL_GUARDS=1`` keeps every guard (the comparison in bench/throughput.py)."""
-    from engine.worker.knobs import knobs
-
-    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    options = {"guard_filter_fn": skip} if skip is not None and not knobs().all_guards else None
+    Dynamo's guards are all kept: leaving out those on the layers' modules measured no faster on an H200
+    (docs/benchmarks.md, run K), and a process that loads a second model would run the first one's graph."""
     layers = language_model(_unwrap(model)).layers
     for layer in layers:
-        layer.compile(backend=backend, options=options)
+        layer.compile(backend=backend)
     return len(layers)
 
 

@@ -112,19 +112,12 @@ def reference_loss_and_grads(ref, examples):
     return total, n, grads
 
 
-@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2), ("fp8", 0),
-                                        ("fp8:tensor", 0)])
-def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt,
-                                                                               monkeypatch):
+@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2), ("fp8", 0)])
+def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt):
     """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), NF4 with
-    both layers checkpointed (its default), and FP8 (scales by rows, its default, and by tensors) against
-    HF on the weights rounded through FP8 the same way. FP8 rounds the activations and gradients too, and
-    holds the same bounds all the same (its first run, 2026-11-29: loss 7.9e-5, cosine 0.99984)."""
-    from engine.worker.knobs import knobs
-
-    quant, _, scaling = quant.partition(":")
-    monkeypatch.setenv("VOXTUI_FP8_SCALING", scaling or "row")
-    knobs.cache_clear()
+    both layers checkpointed (its default), and FP8 against HF on the weights rounded through FP8. FP8
+    rounds the activations and gradients too, and holds the same bounds all the same (its first run,
+    2026-11-29: loss 7.9e-5, cosine 0.99984)."""
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     if quant == "fp8":
@@ -155,7 +148,7 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     per = {k: float(torch.nn.functional.cosine_similarity(ours_g[k].flatten(), ref_g[k].flatten(), dim=0))
            for k in ours_g}
     worst = min(per, key=per.get)
-    print(f"{quant}{' ' + scaling if scaling else ''} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
+    print(f"{quant} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
     assert cos_all >= 0.995
