@@ -68,7 +68,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     quant: Literal["nf4", "none", "fp8"] = "nf4"
     """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights; fp8: the
     language model's projections in float8 with a scale per weight row, FP8 products (GPUs of compute
-    capability 8.9+; not yet measured on a GPU, docs/training.md)."""
+    capability 8.9+; on an H200 1.24× bf16's tokens/s, docs/training.md)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

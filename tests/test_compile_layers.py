@@ -30,3 +30,4 @@ def test_compiled_layers_share_one_graph_and_train_like_the_eager_model(tiny_mod
     model.zero_grad()
     assert lora_loss_and_grads(model)[0] == pytest.approx(eager_loss, rel=1e-6)
     assert counters["stats"]["unique_graphs"] == 2
+

@@ -315,3 +315,13 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
         PeftModel.from_pretrained(VoxtralForConditionalGeneration.from_pretrained(tiny_model), latest_checkpoint(ckpts))
     finally:
         subprocess.run(["umount", str(ckpts)], capture_output=True)
+
+
+def test_the_parameter_table_keeps_its_columns_apart_at_any_size():
+    from engine.worker.modeling import render_param_table
+
+    rows = [("language_model.layers (base)", 0, 22_230_220_800, 0), ("language_model.layers (lora)", 92_405_760, 0, 0)]
+    text = render_param_table(rows, 92_405_760, 22_322_626_560)
+    base = text.splitlines()[1].split()
+    assert base[-3:] == ["0", "22,230,220,800", "0"]  # "022,230,220,800" before: the columns ran together
+    assert len({len(line) for line in text.splitlines()[:3]}) == 1

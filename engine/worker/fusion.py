@@ -12,9 +12,8 @@ original forward.
 
 What it bought, measured on an H200 (docs/benchmarks.md, 2026-11-29, run I): nothing. bf16 LoRA 28,707
 tokens/s fused against 28,888 separate, 60.7 against 56.2 GiB (the concatenated outputs and their sums
-are extra tensors); NF4 18,377 against 19,015. The worker fuses NF4 layers only (``VOXTUI_FUSION``,
-knobs.py), the one layout that has passed tests/gpu with voxtui's 4-bit layers so far; separate NF4
-products become the default once tests/gpu has passed on them.
+are extra tensors); NF4 18,377 against 19,015. Separate products passed tests/gpu for NF4 too (run J), so
+the worker fuses nothing unless asked (``VOXTUI_FUSION=nf4|all``, knobs.py).
 """
 
 from __future__ import annotations

@@ -211,9 +211,10 @@ def _logical_numel(p: torch.Tensor) -> int:
 
 def render_param_table(rows, trainable: int, total: int) -> str:
     width = max(len(r[0]) for r in rows) + 2 if rows else 34
-    out = [f"{'module':<{width}}{'trainable':>14}{'frozen':>14}{'quantized':>14}"]
+    col = max([14] + [len(f"{v:,}") + 2 for r in rows for v in r[1:]])  # 24B's 22,230,220,800 needs 16
+    out = [f"{'module':<{width}}{'trainable':>{col}}{'frozen':>{col}}{'quantized':>{col}}"]
     for name, t, f, q in rows:
-        out.append(f"{name:<{width}}{t:>14,}{f:>14,}{q:>14,}")
+        out.append(f"{name:<{width}}{t:>{col},}{f:>{col},}{q:>{col},}")
     out.append(f"trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)")
     return "\n".join(out)
 
