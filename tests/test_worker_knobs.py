@@ -44,7 +44,18 @@ def test_profiled_steps_write_the_kernel_table(tmp_path, tiny_model):
     text = (out / "profile.txt").read_text()
     assert text.startswith("time per step (CPU operators), 2 steps profiled: ")
     assert "matmul" in text and "aten::" in text
+    # the host's phases: each of the 2 profiled steps once each, the forward and backward inside them
+    phases = text[text.index("host time per step by phase"):].split("\n\n")[1].splitlines()[1:]
+    calls = {line.split()[2]: int(line.split()[1]) for line in phases}
+    assert {k: calls.get(k) for k in ("batch", "to_device", "forward", "backward", "clip", "control", "gather",
+                                      "optimizer", "report", "boundary")} == dict.fromkeys(
+        ("batch", "to_device", "forward", "backward", "clip", "control", "gather", "optimizer", "report",
+         "boundary"), 1), text
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    from engine.worker.profiling import phase
+
+    with phase("x") as p:  # not profiling: nothing is recorded
+        assert p is None
 
 
 def test_kernel_kinds():

@@ -1,13 +1,19 @@
 """Where a training step's time goes: ``VOXTUI_PROFILE_STEPS=A:B`` (knobs.py) runs steps A to B under
 ``torch.profiler`` and writes ``<run>/profile.txt``: the device time summed by kind of kernel (matrix
-products, attention, compiled elementwise kernels, copies, ...) and the kernels themselves, longest first.
+products, attention, compiled elementwise kernels, copies, ...) and the kernels themselves, longest first;
+the host's time in each phase of the step (``phase``: the batch, forward, backward, the step boundary's
+gather, optimizer and report, ...); and how long the GPU sat idle with what the host was doing.
 A benchmark's tool (``bench/throughput.py --profile``), never on in a user's run."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from pathlib import Path
+
+PHASE = "voxtui."  # the prefix of the host phases' ranges
+_active = False  # a profiler is recording: phase() marks ranges
 
 # kernel name → kind; the first pattern that matches wins
 KINDS: list[tuple[str, re.Pattern]] = [
@@ -25,6 +31,15 @@ def kind(name: str) -> str:
         if pattern.search(name):
             return label
     return "other"
+
+
+def phase(name: str):
+    """A named range of host work (``voxtui.<name>``) while a profile records; nothing otherwise."""
+    if not _active:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.profiler.record_function(PHASE + name)
 
 
 class StepProfiler:
@@ -47,15 +62,20 @@ class StepProfiler:
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
+            global _active
+            _active = True
 
     def after(self, step: int) -> None:
         if step == self.last and self.prof is not None:
             import time
 
             wall = time.perf_counter() - self.t0
+            global _active
+            _active = False
             self.prof.__exit__(None, None, None)
             n = self.last - self.first + 1
             text = report(self.prof, n)
+            text += "\n" + phase_report(self.prof, n, wall)
             text += "\n" + idle_report(self.prof, n, wall)
             self.out.write_text(text, encoding="utf-8")
             self.prof = None
@@ -89,6 +109,24 @@ def report(prof, steps: int) -> str:
     for name, t, n in sorted(rows, key=lambda r: -r[1])[:60]:
         out.append(f"{t / 1e3:>9.3f}{100 * t / total:>7.1f}%{n:>7}  {name[:150]} ({kind(name)})")
     return "\n".join(out) + "\n"
+
+
+def phase_report(prof, steps: int, wall: float) -> str:
+    """The host's time per step in each ``phase`` (outer phases include the inner ones)."""
+    try:
+        per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for e in prof.events():
+            if e.device_type.name == "CPU" and e.name.startswith(PHASE):
+                p = per[e.name[len(PHASE):]]
+                p[0] += e.time_range.end - e.time_range.start
+                p[1] += 1
+        out = [f"host time per step by phase (wall {1e3 * wall / steps:.2f} ms)", "",
+               f"{'ms/step':>9}{'calls':>7}  phase"]
+        for name, (t, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+            out.append(f"{t / 1e3 / steps:>9.2f}{n // max(steps, 1):>7}  {name}")
+        return "\n".join(out) + "\n"
+    except Exception as e:  # a report, never a reason to stop training
+        return f"phase analysis failed: {type(e).__name__}: {e}\n"
 
 
 def idle_report(prof, steps: int, wall: float) -> str:

@@ -14,6 +14,7 @@ import torch
 
 from engine.config import TrainConfig
 from engine.worker.dist import Dist
+from engine.worker.profiling import phase
 
 
 class Update:
@@ -36,22 +37,28 @@ class Update:
         d, ddp, scale = self.d, self.ddp, self.d.world if self.ddp else 1
         loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         for i, m in enumerate(micro):
-            batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
+            with phase("to_device"):
+                batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
             sync = i == len(micro) - 1
             ctx = self.loss_module.no_sync() if ddp and not sync else contextlib.nullcontext()
             with ctx, self.autocast():
-                total, _ = self.loss_module(**batch)
+                with phase("forward"):
+                    total, _ = self.loss_module(**batch)
                 if poison:
                     total = total * float("nan")
                 # DDP averages the ranks' gradients, the flat sync sums them: either way the mean over
                 # every rank's target tokens
-                (total * (scale / max(n_global, 1.0))).backward()
+                with phase("backward"):
+                    (total * (scale / max(n_global, 1.0))).backward()
             loss_sum += total.detach().double()
         if self.grad_sync is not None:
-            self.grad_sync.all_reduce()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+            with phase("grad_sync"):
+                self.grad_sync.all_reduce()
+        with phase("clip"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         if d.device.type == "cuda":
-            torch.cuda.synchronize(d.device)  # the step's GPU work counts in its time (the gather waits anyway)
+            with phase("wait_gpu"):
+                torch.cuda.synchronize(d.device)  # the step's GPU work counts in its time (the gather waits anyway)
         return loss_sum, grad_norm
 
     def apply(self) -> None:

@@ -27,6 +27,7 @@ from engine.util import UsageError
 from engine.worker.cli import build_parser, read_engine, resolve_run
 from engine.worker.dist import Dist, data_parallel
 from engine.worker.knobs import knobs
+from engine.worker.profiling import phase
 from engine.worker.report import Board, Report, peak_flops, step_event
 from engine.worker.saving import Saver
 from engine.worker.schedule import Schedule, resumed
@@ -262,43 +263,50 @@ class Trainer:
         if self.profiler is not None:
             self.profiler.before(self.step + 1)
         t0 = time.perf_counter()
-        micro = self.feed.micro_batches(plan, self.micro)
+        with phase("batch"):
+            micro = self.feed.micro_batches(plan, self.micro)
         n_global = float(sum(self.feed.global_targets[self.micro:self.micro + cfg.grad_accum]))
         loss_sum, grad_norm = self.update.gradients(micro, n_global, poison=self.knobs.nan_step == self.step + 1)
         step_time = time.perf_counter() - t0
         real = sum(m["real_tokens"] for m in micro)
         slots = sum(m["slots"] for m in micro)
         pairs = sum(m["attn_pairs"] for m in micro)
-        commands, stop_signal = self.control.poll()
-        gathered = d.all_gather([float(loss_sum), real, slots, step_time, float(bool(commands)),
-                                 float(grad_norm), float(stop_signal), float(pairs)])
+        with phase("control"):
+            commands, stop_signal = self.control.poll()
+        with phase("gather"):
+            gathered = d.all_gather([float(loss_sum), real, slots, step_time, float(bool(commands)),
+                                     float(grad_norm), float(stop_signal), float(pairs)])
         loss = float(gathered[:, 0].sum()) / max(n_global, 1.0)
         gnorm = float(gathered[0, 5])
         nonfinite = "loss" if not math.isfinite(loss) else ("grad_norm" if not math.isfinite(gnorm) else "")
         lr = self.scheduler.get_last_lr()[0]
         if not nonfinite:
-            self.update.apply()
+            with phase("optimizer"):
+                self.update.apply()
         elif self._skip_update(nonfinite):
             return "failed"
         self.scheduler.step()
         self.step += 1
         self.micro += cfg.grad_accum
-        if self.profiler is not None:
-            self.profiler.after(self.step)
         self.steps_here += 1
         if self.steps_here == SETTLED:
             self._settle()
         slowest = float(gathered[:, 3].max())
         if d.main and (self.step % cfg.log_steps == 0 or nonfinite):
-            ev = step_event(gathered, self.step, self.epoch + self.micro / max(len(plan), 1), loss, gnorm, lr,
-                            nonfinite, slowest, self.flops_per_token, self.peak, d.device, self.flops_per_pair)
-            self.emit(ev)
-            self.out.board.step(ev)
+            with phase("report"):
+                ev = step_event(gathered, self.step, self.epoch + self.micro / max(len(plan), 1), loss, gnorm, lr,
+                                nonfinite, slowest, self.flops_per_token, self.peak, d.device, self.flops_per_pair)
+                self.emit(ev)
+                self.out.board.step(ev)
         # commands and signals act here, on every rank, at this step boundary
-        actions = self.control.agree(commands, bool(gathered[:, 4].max()), self.step)
-        if gathered[:, 6].max() > 0:
-            actions.add("stop")
-        return self._boundary(actions, slowest)
+        with phase("boundary"):
+            actions = self.control.agree(commands, bool(gathered[:, 4].max()), self.step)
+            if gathered[:, 6].max() > 0:
+                actions.add("stop")
+            state = self._boundary(actions, slowest)
+        if self.profiler is not None:
+            self.profiler.after(self.step)  # the window ends after the boundary: a step's whole cost
+        return state
 
     def _settle(self) -> None:
         """Once the first steps have compiled what training runs: everything alive now (the model, the
