@@ -43,6 +43,9 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-eagerce": BF16 + ["--compile"],
     # the same with q/k/v and gate/up as one product each (ENV below: VOXTUI_FUSION=all; separate is bf16's default)
     "bf16-packed-compiled-fused": BF16 + ["--compile"],
+    # the same with Inductor's coordinate-descent tuning / max-autotune (ENV below: VOXTUI_INDUCTOR)
+    "bf16-packed-compiled-cdt": BF16 + ["--compile"],
+    "bf16-packed-compiled-autotune": BF16 + ["--compile"],
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
@@ -58,12 +61,15 @@ CONFIGS: dict[str, list[str]] = {
     # --quant fp8 at bf16's batch (the issue's bar: ≥ 1.4× bf16-packed-compiled, its loss within 1% of bf16's
     # over 200 steps: STEPS=200 for both, then bench/compare_losses.py on their events)
     "fp8-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
+    "fp8-packed-compiled-cdt": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                "--compile"],
     "nf4-packed": NF4 + ["--no-compile"],
     "nf4-packed-compiled": NF4 + ["--compile"],
     # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
     "nf4-packed-compiled-bnb": NF4 + ["--compile"],
     # the same with q/k/v and gate/up as one product each (VOXTUI_FUSION=nf4; separate is the default)
     "nf4-packed-compiled-fused": NF4 + ["--compile"],
+    "nf4-packed-compiled-cdt": NF4 + ["--compile"],  # Inductor's coordinate-descent tuning (VOXTUI_INDUCTOR)
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
     "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
@@ -93,7 +99,11 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
                                   "bf16-packed-compiled-eagerce": {"VOXTUI_EAGER_CE": "1"},
                                   "bf16-packed-compiled-fused": {"VOXTUI_FUSION": "all"},
-                                  "nf4-packed-compiled-fused": {"VOXTUI_FUSION": "nf4"}}
+                                  "nf4-packed-compiled-fused": {"VOXTUI_FUSION": "nf4"},
+                                  "bf16-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "bf16-packed-compiled-autotune": {"VOXTUI_INDUCTOR": "autotune"},
+                                  "nf4-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

@@ -31,3 +31,20 @@ def test_compiled_layers_share_one_graph_and_train_like_the_eager_model(tiny_mod
     assert lora_loss_and_grads(model)[0] == pytest.approx(eager_loss, rel=1e-6)
     assert counters["stats"]["unique_graphs"] == 2
 
+
+
+def test_inductor_tuning_is_what_torch_compile_takes():
+    """VOXTUI_INDUCTOR's settings are arguments torch.compile accepts (Inductor checks option names when it
+    compiles; the compile itself runs in tests/gpu and the benchmarks)."""
+    import torch._inductor.config as cfg
+
+    from engine.worker.modeling import inductor_tuning
+
+    assert inductor_tuning("default") == {}
+    assert hasattr(cfg, "coordinate_descent_tuning")
+    assert inductor_tuning("coordinate") == {"options": {"coordinate_descent_tuning": True}}
+    assert inductor_tuning("autotune")["mode"] in torch._inductor.list_mode_options()
+    for how in ("coordinate", "autotune"):
+        torch.compile(torch.nn.Linear(2, 2), **inductor_tuning(how))  # the arguments are checked here
+    with pytest.raises(RuntimeError, match="Unexpected optimization option"):  # ... as this shows
+        torch.compile(torch.nn.Linear(2, 2), options={"coordinate_descent": True})

@@ -21,13 +21,14 @@ def test_knobs_are_read_from_the_environment_and_checked():
     assert read({"VOXTUI_PROFILE_STEPS": "5"}).profile_steps == (5, 5)
     assert read({"VOXTUI_EAGER_CE": "1", "VOXTUI_NF4_BNB_FORWARD": "1", "VOXTUI_FUSION": "all"}) == Knobs(
         eager_ce=True, nf4_bnb_forward=True, fusion="all")
-    assert Knobs().fusion == "none"
+    assert Knobs().fusion == "none" and read({"VOXTUI_INDUCTOR": "autotune"}).inductor == "autotune"
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more"),
                       ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
                       ({"VOXTUI_FUSION": "some"}, "VOXTUI_FUSION=some: must be one of none, nf4, all"),
+                      ({"VOXTUI_INDUCTOR": "max"}, "VOXTUI_INDUCTOR=max: must be one of default, coordinate, autotune"),
                       ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
                       ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):

@@ -19,6 +19,11 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_FUSION=none|nf4|all``
     which layers run q/k/v and gate/up as one product each (engine/worker/fusion.py): none (default), NF4
     ones, or all (each measured slower on an H200, bf16's also larger: the comparisons in bench/throughput.py)
+``VOXTUI_INDUCTOR=default|coordinate|autotune``
+    with --compile on a GPU, how Inductor tunes the compiled layers' kernels: its defaults, coordinate
+    descent over each generated kernel's launch settings, or max-autotune (Triton templates for the
+    products too, so elementwise work can fuse into them; a longer first compile). Not measured yet: the
+    comparisons in bench/throughput.py (``-cdt``, ``-autotune``)
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
@@ -48,6 +53,7 @@ class Knobs:
     nf4_bnb_forward: bool = False
     eager_ce: bool = False
     fusion: str = "none"  # none | nf4 | all
+    inductor: str = "default"  # default | coordinate | autotune
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -76,7 +82,8 @@ def read(env=None) -> Knobs:
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
-                 fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env))
+                 fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
+                 inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env))
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

@@ -152,9 +152,23 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     Dynamo's guards are all kept: leaving out those on the layers' modules measured no faster on an H200
     (docs/benchmarks.md, run K), and a process that loads a second model would run the first one's graph."""
     layers = language_model(_unwrap(model)).layers
+    kwargs = inductor_tuning() if backend == "inductor" else {}
     for layer in layers:
-        layer.compile(backend=backend)
+        layer.compile(backend=backend, **kwargs)
     return len(layers)
+
+
+def inductor_tuning(how: str | None = None) -> dict:
+    """torch.compile's arguments for ``VOXTUI_INDUCTOR`` (knobs.py): Inductor's defaults, coordinate descent
+    over each kernel's launch settings, or max-autotune without CUDA graphs (templates for the products)."""
+    from engine.worker.knobs import knobs
+
+    how = how or knobs().inductor
+    if how == "coordinate":
+        return {"options": {"coordinate_descent_tuning": True}}
+    if how == "autotune":
+        return {"mode": "max-autotune-no-cudagraphs"}
+    return {}
 
 
 def eager():
