@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every row of issue 15 on this machine, each lever against what it replaces in the same run:
 #   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 40 minutes on an H200)
-#   PART=tests|rows|long|fp8|24b|tuning bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
+#   PART=tests|rows|long|fp8|24b|tuning|16gib bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
 #   NPROC=2 PART=rows bash bench/gpu_issue15.sh                # the same rows on two GPUs (NCCL)
 # results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/fp8-loss.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}
-PART=${PART:-tests,rows,long,fp8,24b,tuning}
+PART=${PART:-tests,rows,long,fp8,24b,tuning,16gib}
 source bench/gpu_env.sh
 has() { case ",$PART," in *,"$1",*) return 0 ;; esac; return 1; }
 
@@ -33,4 +33,7 @@ fi
 if has tuning; then  # Inductor's tuning (VOXTUI_INDUCTOR) beside its defaults, profiled: the host's phases and idle
   TAG=-tuning PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
     bf16-packed-compiled,bf16-packed-compiled-cdt,bf16-packed-compiled-autotune,fp8-packed-compiled,fp8-packed-compiled-cdt,nf4-packed-compiled,nf4-packed-compiled-cdt
+fi
+if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 with every layer checkpointed, FP8 with 24 of 30
+  TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-ckpt-16gib,fp8-ckpt24-16gib
 fi
