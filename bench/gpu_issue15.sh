@@ -30,9 +30,9 @@ fi
 if has 24b; then  # Voxtral-Small-24B's shape (builds a ~48 GB random checkpoint once)
   TAG=-24b TIMEOUT=${TIMEOUT:-900} STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" small24b-bf16,small24b-bf16-ckpt16,small24b-nf4
 fi
-if has tuning; then  # Inductor's tuning (VOXTUI_INDUCTOR) beside its defaults, profiled: the host's phases and idle
+if has tuning; then  # Inductor's tuning (VOXTUI_INDUCTOR) and 24 × 1024 micro-batches beside the defaults, profiled
   TAG=-tuning PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-packed-compiled,bf16-packed-compiled-cdt,bf16-packed-compiled-autotune,fp8-packed-compiled,fp8-packed-compiled-cdt,nf4-packed-compiled,nf4-packed-compiled-cdt
+    bf16-packed-compiled,bf16-packed-compiled-cdt,bf16-packed-compiled-autotune,bf16-packed-compiled-b24,fp8-packed-compiled,fp8-packed-compiled-cdt,fp8-packed-compiled-b24,nf4-packed-compiled,nf4-packed-compiled-cdt
 fi
 if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 with every layer checkpointed, FP8 with 24 of 30
   TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-ckpt-16gib,fp8-ckpt24-16gib

@@ -46,6 +46,11 @@ CONFIGS: dict[str, list[str]] = {
     # the same with Inductor's coordinate-descent tuning / max-autotune (ENV below: VOXTUI_INDUCTOR)
     "bf16-packed-compiled-cdt": BF16 + ["--compile"],
     "bf16-packed-compiled-autotune": BF16 + ["--compile"],
+    # a larger token budget per micro-batch (24 × 1024): the step's fixed costs over 1.5× the tokens
+    "bf16-packed-compiled-b24": ["--quant", "none", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
+                                 "--compile"],
+    "fp8-packed-compiled-b24": ["--quant", "fp8", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
+                                "--compile"],
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
