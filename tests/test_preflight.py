@@ -3,6 +3,7 @@
 import json
 
 import msgspec
+import pytest
 
 from conftest import voxtui, write_jsonl
 
@@ -100,3 +101,20 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     assert fastest_fit(nf4, m, 10.0)[0]["quant"] == "nf4"
     assert step_cost("fp8", 0, 30) < step_cost("none", 0, 30) < step_cost("nf4", 0, 30) < step_cost("none", 30, 30)
     assert fastest_fit(bf16, m, 4.0) is None
+
+
+def test_system_check_says_what_fp8_does_here():
+    """Without a GPU, --quant fp8 is noted as runnable but slow (no recommendation of FP8: no GPU to take it)."""
+    import torch
+
+    from engine.config import TrainConfig
+    from engine.preflight import Report
+    from engine.preflight.system import check_system
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU case")
+    r = Report()
+    info = check_system(TrainConfig(train_jsonl="x", quant="fp8"), r)
+    assert "fp8" not in info and info["gpus"] == []
+    lines = {c["name"]: c for c in r.checks}
+    assert lines["fp8-cpu"]["level"] == "info" and "slow" in lines["fp8-cpu"]["message"]

@@ -76,6 +76,9 @@ def check_system(cfg: TrainConfig, r) -> dict:
                                         "far too slow for a 3B model)")
         if cfg.quant == "nf4":
             r.add("system", "nf4-cpu", "info", "NF4 on the CPU works with bitsandbytes ≥ 0.49 but is slow")
+        if cfg.quant == "fp8":
+            r.add("system", "fp8-cpu", "info", "--quant fp8 on the CPU runs (torch's CPU FP8 products) but is slow; "
+                                               "its speed is a GPU's (compute capability 8.9+)")
     check_bf16(cfg, r)
     cores = os.cpu_count() or 1
     if cores < cfg.nproc:
