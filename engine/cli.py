@@ -228,6 +228,16 @@ def _checkpoint(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a step N or checkpoint-N, got {text!r}") from None
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The subcommand's parser that ``args`` came through (``voxtui data audit`` → audit's)."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[chosen]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="voxtui",
@@ -245,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # answered by the (sub)command they were given to, with its --help
+        _innermost(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     module, _, func = args.handler.partition(":")
     from importlib import import_module
 

@@ -64,9 +64,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     """Gradient checkpointing of the decoder layers."""
     grad_ckpt_layers: int = -1
     """With --grad_ckpt: how many decoder layers (the first N) recompute their activations in the backward;
-    the others keep them, which is faster and takes more memory (preflight picks N to fit). -1: all."""
+    the others keep them, which is faster and takes more memory (voxtui preflight recommends the fewest that
+    fit). -1: all."""
     quant: Literal["nf4", "none", "fp8"] = "nf4"
-    """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on bf16 weights; fp8: the
+    """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on the weights as they are (bf16,
+    or fp32 with --no-bf16); fp8: the
     language model's projections in float8 with a scale per weight row, FP8 products (GPUs of compute
     capability 8.9+; on an H200 1.24× bf16's tokens/s, docs/training.md)."""
     lora_r: int = 16
@@ -210,14 +212,28 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 for f in msgspec.structs.fields(TrainConfig)}
     for name in FIELDS:
         default = defaults[name]
-        help_text = f"{docs.get(name, '')} (default: {default if default != '' else 'none'})".replace("%", "%%")
+        doc = docs.get(name, "")
+        shown = ",".join(default) if isinstance(default, list) else default if default != "" else "none"
+        help_text = (doc if "(default:" in doc else f"{doc} (default: {shown})").replace("%", "%%")
+        values = literal_values(name)
         if isinstance(default, bool) or name == "bf16":
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):
             parser.add_argument(f"--{name}", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                                 default=None, metavar="A,B,…", help=help_text)
+        elif values:
+            parser.add_argument(f"--{name}", choices=values, default=None, metavar="{" + ",".join(values) + "}",
+                                help=help_text)
         else:
             parser.add_argument(f"--{name}", type=type(default), default=None, help=help_text)
+
+
+def literal_values(name: str) -> tuple[str, ...]:
+    """The values a ``Literal[...]`` field of TrainConfig takes (empty for other fields)."""
+    import typing
+
+    hint = typing.get_type_hints(TrainConfig).get(name)
+    return tuple(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else ()
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
@@ -270,6 +286,9 @@ def _field_error(e: msgspec.ValidationError) -> str:
         field = where.strip("`")[2:]
         if field == "bf16":
             return 'bf16: must be true, false or "auto"'
+        values = literal_values(field) if field in FIELDS else ()
+        if values:
+            return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "") + f" (one of {', '.join(values)})"
         return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "")
     return text
 

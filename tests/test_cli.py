@@ -29,6 +29,17 @@ def test_help_imports_nothing_heavy():
 def test_bad_arguments_exit_2():
     assert voxtui("data", "nope").returncode == 2
     assert voxtui().returncode == 2
+    # answered by the command they were given to, which names its own --help
+    for cmd, name, extra in ((["run", "--max_stpes", "2"], "voxtui run", "--max_stpes 2"),
+                             (["data", "analyze", "x.jsonl", "--bogus"], "voxtui data analyze", "--bogus"),
+                             (["engine", "list", "-x"], "voxtui engine list", "-x")):
+        proc = voxtui(*cmd)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"{name}: error: unrecognized arguments: {extra} (see {name} --help)"), proc.stderr
+    # a choice field: its values in --help and in the error
+    proc = voxtui("run", "--quant", "nf5")
+    assert proc.returncode == 2 and "(choose from 'nf4', 'none', 'fp8')" in proc.stderr
+    assert "--quant {nf4,none,fp8}" in voxtui("run", "--help").stdout
 
 
 def test_engine_is_headless():
@@ -52,3 +63,5 @@ def test_engine_status_reads_as_text(tmp_path):
     lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line)
     assert lines["state"] == "finished" and lines["engine_pid"] == "-" and "None" not in out
     assert len(lines["loss"].split(".")[1]) == 4
+    stop = voxtui("engine", "stop", run)  # nothing to stop: says why
+    assert stop.returncode == 1 and stop.stderr.strip() == f"{run}: no engine is running: the run has ended (finished)"

@@ -17,6 +17,7 @@ def test_a_no_go_creates_no_run_folder_and_leaves_an_existing_one_as_it_was(tmp_
     args = train_args(tmp_path / "no-such-model", fresh, train) + ["--detach"]
     proc = voxtui("run", *args)
     assert proc.returncode == 1 and "no-go" in proc.stderr
+    assert "launch:" not in proc.stderr  # no command naming a config.toml that was not made
     assert not fresh.exists()  # nothing to list as "new"
     assert "no runs" in voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
     mine = tmp_path / "mine"

@@ -78,7 +78,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if not skip_preflight:
         report = report or preflight(cfg, str(run_dir / "config.toml"))
         if report["verdict"] == "no-go":
-            print(render(report), file=sys.stderr)
+            print(render(report, launch=resume_dir is not None), file=sys.stderr)  # a new run's config.toml is not made
             print("voxtui: preflight says no-go; nothing started" + (
                 "" if resume_dir else f", no run folder made ({run_dir})"), file=sys.stderr)
             if resume_dir:
@@ -212,7 +212,9 @@ def stop_run(run_dir: Path, wait: float) -> int:
 
     info = engine_info(run_dir)
     if not engine_alive(info):
-        print(f"{run_dir}: no engine is running", file=sys.stderr)
+        state = summary(run_dir).get("state", "")
+        ended = f": the run has ended ({state})" if state in ("finished", "stopped", "failed", "crashed") else ""
+        print(f"{run_dir}: no engine is running{ended}", file=sys.stderr)
         return 1
     with EngineClient(run_dir) as c:
         reply = c.send(Stop())

@@ -64,9 +64,11 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
             "config": to_toml(cfg)}
 
 
-def render(report: dict) -> str:
+def render(report: dict, launch: bool = True) -> str:
+    """The checks, the verdict and (``launch``) the command that starts the run."""
     marks = {"ok": "  ok ", "info": " info", "warn": " WARN", "fail": " FAIL"}
     out = [f"{marks[c['level']]}  {c['area']:<7} {c['message']}" for c in report["checks"]]
     out.append(f"\nverdict: {report['verdict'].upper()}")
-    out.append(f"launch:  {report['command']}")
+    if launch:
+        out.append(f"launch:  {report['command']}")
     return "\n".join(out)
