@@ -143,3 +143,20 @@ def _human(x: float) -> str:
             return f"{x:.1f}{suffix}"
         x /= 1000
     return f"{x:.1f}T"
+
+
+def quiet_libraries() -> None:
+    """transformers' progress bars (loading weights) only where a person watches stderr, not in a log file
+    or a pipe (the README's rule for every progress bar); and not bitsandbytes' note, on every CPU import,
+    that an optional kernels package for its CPU 4-bit products is missing; nor transformers' deprecation
+    of a name PEFT still reads (``is_gradient_checkpointing``): nothing a user can act on."""
+    import logging
+    import sys
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -22,6 +22,9 @@ def test_go_on_the_tiny_model(tmp_path, tiny_model):
     # 20 short rows packed into one row of 4 × 1024 tokens would be one micro-batch for two ranks: shrunk
     assert plan["rows"] == 20 and plan["world"] == 2 and plan["shrunk"] and plan["micro_batches_per_rank"] >= 1
     assert plan["total_steps"] == plan["steps_per_epoch"] >= 1 and not plan["problem"]
+    # the default 10 warm-up steps outlast this short run: said, with the fix
+    warmup = next(c for c in report["checks"] if c["name"] == "warmup")
+    assert warmup["level"] == "warn" and f"the run's {plan['total_steps']} step(s)" in warmup["message"]
     assert not [c for c in report["checks"] if c["level"] == "fail"]
     assert report["command"].startswith("torchrun --standalone --nproc_per_node 2 -m engine.train")
     assert f"--model_id {tiny_model}" in report["command"]

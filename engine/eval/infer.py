@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -151,6 +152,7 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     result.update({"checkpoint": ckpt.name, "checkpoint_path": str(ckpt), "run": str(run_dir), "params": params,
                    "time": time.time()})
     write_json(out_dir / "metrics.json", result)
+    print(f"infer {name}: generations.jsonl and metrics.json in {out_dir}", file=sys.stderr)
     emit("finished", done=len(rows), metrics={k: result[k] for k in FINISHED_METRICS if k in result},
          path=str(out_dir), samples=samples)
     return result
@@ -181,6 +183,9 @@ def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
             except (ValueError, KeyError):
                 break  # a torn last line: regenerate from there
     else:
+        if gen_path.exists():
+            print(f"infer: {out_dir} held a job with other settings: it starts afresh (--name keeps both)",
+                  file=sys.stderr)
         gen_path.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "shards", ignore_errors=True)  # a stopped --nproc job's rows, other parameters
         with atomic_write(state_path) as f:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.util import UsageError
+from engine.util import UsageError, quiet_libraries
 
 ADAPTER_PREFIX = "base_model.model."
 
 
 def load_base(cfg, device, quant: str | None = None, dtype=None):
     """The base model as the run trained it (text only: the audio tower is not kept)."""
+    quiet_libraries()
     import torch
     from transformers import VoxtralForConditionalGeneration
 

@@ -92,4 +92,9 @@ def check_plan(cfg: TrainConfig, r, tok=None):
             return None
     plan = batching.plan_run(tok, cfg, cfg.nproc)
     r.add("plan", "plan", "fail" if plan.problem else "ok", plan.summary(), plan=plan.as_dict())
+    r.checks = [c for c in r.checks if c["name"] != "warmup"]
+    if not plan.problem and cfg.warmup_steps >= plan.total_steps:
+        r.add("plan", "warmup", "warn", f"--warmup_steps {cfg.warmup_steps} is not below the run's "
+              f"{plan.total_steps} step(s): the learning rate only rises and never decays (fewer warm-up steps, "
+              "or more steps)")
     return tok

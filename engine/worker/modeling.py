@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from engine.config import TrainConfig
+from engine.util import quiet_libraries
 
 
 class AudioTowerRemoved(nn.Module):
@@ -68,6 +69,7 @@ def nf4_config(compute_dtype):
 def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False):
     """The base model with LoRA adapters on the language model, ready to train, and the parameter
     counts of what was removed (the audio tower), for the parameter table."""
+    quiet_libraries()
     from peft import LoraConfig, get_peft_model
     from transformers import VoxtralForConditionalGeneration
 
@@ -97,7 +99,11 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.17's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         checkpoint_first(model, cfg.grad_ckpt_layers)
     if cfg.quant == "nf4" or cfg.grad_ckpt:
         # what prepare_model_for_kbit_training does that matters here, without casting every
