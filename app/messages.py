@@ -54,8 +54,9 @@ class ConfigRead(Message):
 
 
 class LogRead(Message):
-    """Lines appended to one of the run's log files since the last read (Logs tab)."""
+    """Lines appended to one of the run's log files since the last read (Logs tab): read from byte ``start``
+    to ``offset``."""
 
-    def __init__(self, file: str, lines: list, offset: int, pending: bytes) -> None:
+    def __init__(self, file: str, lines: list, offset: int, pending: bytes, start: int = 0) -> None:
         super().__init__()
-        self.file, self.lines, self.offset, self.pending = file, lines, offset, pending
+        self.file, self.lines, self.offset, self.pending, self.start = file, lines, offset, pending, start

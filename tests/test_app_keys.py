@@ -85,3 +85,42 @@ def test_digits_switch_tabs_wherever_focus_is_but_in_a_text_field(replayed):
     kinds = {k for _, k in checked}
     assert {"DataTable", "OptionList", "Button", "Input"} <= kinds, checked
     assert {t for t, _ in checked} >= {"gpus", "previews", "checkpoints", "events", "evals", "config", "logs"}
+
+
+@pytest.mark.slow
+def test_the_checkpoints_tab_takes_the_arrows_and_i_infers_the_chosen_checkpoint(replayed):
+    """Key 4 puts the checkpoint table in focus (the arrows choose at once); i asks for inference on the chosen
+    one, a on all — in the Checkpoints tab only. Here the recorded run's val file is not on this machine, so
+    the dashboard answers with the command to run instead of starting a job."""
+    from textual.widgets import DataTable, Static, TabbedContent
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(replayed))
+        app.animation_level = "none"
+        async with app.run_test(size=(120, 40)) as pilot:
+            for _ in range(100):
+                if app.state.state == "finished" and app.state.disk_checkpoints:
+                    break
+                await pilot.pause(0.05)
+            note = app.screen.query_one("#ck-note", Static)
+            await pilot.press("1", "i")  # not in the Checkpoints tab: nothing
+            await pilot.pause(0.1)
+            assert app.screen.query_one(TabbedContent).active == "overview" and "voxtui infer" not in str(note.render())
+            await pilot.press("4")
+            await pilot.pause(0.2)
+            table = app.screen.query_one("#ck-table", DataTable)
+            assert app.focused is table and table.row_count >= 2
+            before = table.cursor_row
+            await pilot.press("up" if before > 0 else "down", "i")
+            await pilot.pause(0.2)
+            chosen = app.screen.query_one("Checkpoints").selected()
+            assert table.cursor_row == (before - 1 if before > 0 else 1) and chosen[0] is not None
+            assert f"voxtui infer --run {replayed} --checkpoint {chosen[0]} --data" in str(note.render())
+            await pilot.press("a")
+            await pilot.pause(0.2)
+            assert "--all-checkpoints" in str(note.render())
+            await pilot.press("q")
+
+    asyncio.run(flow())

@@ -61,7 +61,8 @@ REDRAW_GAP_S = 0.02  # news is drawn at once after a quiet spell, and a burst at
 PANE_EVERY_S = {"gpus": 1.0, "events": 0.5}
 LOG_EVERY_S = 0.5  # the followed log is read this often while the Logs tab shows
 # keys that act in one tab only: action → tab
-TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs"}
+TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs",
+               "infer_selected": "checkpoints", "infer_all": "checkpoints"}
 # keys that command the engine: hidden once the run has ended, greyed while the engine is not seen
 ENGINE_ACTIONS = {"preview_now", "save", "eval_now", "pause", "stop"}
 NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start still notify (clock skew)
@@ -79,6 +80,8 @@ class RunScreen(Screen):
         Binding("slash", "search", "Search", show=False),
         Binding("right_square_bracket", "next_log", "Next log", show=False),
         Binding("o", "export_svg", "SVG", show=False),
+        Binding("i", "infer_selected", "Infer selected", show=False),
+        Binding("a", "infer_all", "Infer all", show=False),
         Binding("escape", "leave_input", "Leave field", show=False),
         Binding("n", "preview_now", "Preview"),
         Binding("s", "save", "Save"),
@@ -399,13 +402,13 @@ class RunScreen(Screen):
         logs = self.query_one(Logs)
         if not logs.follow and logs.file_offset:
             return  # not following: what is shown stays as it is
-        file, path, offset, pending = logs.file, logs.path, logs.file_offset, logs.pending
-        new, offset, pending = read_new(path, offset, pending)
-        if new or offset != logs.file_offset:
-            self.post_message(LogRead(file, new, offset, pending))
+        file, path, start, pending = logs.file, logs.path, logs.file_offset, logs.pending
+        new, offset, pending = read_new(path, start, pending)
+        if new or offset != start:
+            self.post_message(LogRead(file, new, offset, pending, start))
 
     def on_log_read(self, message: LogRead) -> None:
-        self.query_one(Logs).added(message.file, message.lines, message.offset, message.pending)
+        self.query_one(Logs).added(message.file, message.lines, message.offset, message.pending, message.start)
 
     def running_offline(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.offline.items() if p.poll() is None}
@@ -607,6 +610,14 @@ class RunScreen(Screen):
         # a widget focused in the pane being left would pull its pane back (TabPane.Focused): let go first
         self.set_focus(None)
         self.query_one(TabbedContent).active = tab
+        if tab == "checkpoints":  # the arrows choose a checkpoint at once (i / a infer it / all)
+            self.call_after_refresh(self.query_one("#ck-table").focus)
+
+    def action_infer_selected(self) -> None:
+        self.query_one(Checkpoints).infer_selected()
+
+    def action_infer_all(self) -> None:
+        self.query_one(Checkpoints).infer_all()
 
     def action_leave_input(self) -> None:
         if isinstance(self.focused, Input):

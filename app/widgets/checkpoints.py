@@ -53,6 +53,20 @@ class Checkpoints(Vertical):
         table = self.query_one("#ck-table", DataTable)
         return self._rows[min(max(table.cursor_row, 0), len(self._rows) - 1)]
 
+    def infer_selected(self) -> None:
+        """The i key: as the "Infer selected" button, also while it is off (then says why)."""
+        if self.query_one("#ck-one", Button).disabled:
+            self.note("inference on this checkpoint is running already")
+            return
+        self.one()
+
+    def infer_all(self) -> None:
+        """The a key: as the "Infer all" button."""
+        if self.query_one("#ck-all", Button).disabled:
+            self.note("inference is running already")
+            return
+        self.all()
+
     @on(Button.Pressed, "#ck-one")
     def one(self) -> None:
         chosen = self.selected()

@@ -90,10 +90,12 @@ class Logs(Vertical):
             log.scroll_end(animate=False)
         self.show_status()
 
-    def added(self, file: str, new: list[str], offset: int, pending: bytes) -> None:
-        """Lines read from ``file`` (in a thread, by the screen)."""
+    def added(self, file: str, new: list[str], offset: int, pending: bytes, start: int | None = None) -> None:
+        """Lines read from ``file`` from byte ``start`` to ``offset`` (in a thread, by the screen)."""
         if file != self.file:
             return  # read before the user switched files
+        if start is not None and start != self.file_offset:
+            return  # a second read from the same place (two polls before the first was shown): shown already
         if offset < self.file_offset:  # the file was replaced: start again
             self.lines.clear()
             self.query_one("#log-text", RichLog).clear()

@@ -60,6 +60,7 @@ class Supervisor:
         self.proc: subprocess.Popen | None = None
         self.ranks: dict[int, int] = {}  # rank → pid
         self.gone: dict[int, float] = {}  # rank → when its process was first seen gone (monotonic)
+        self.gone_wall: dict[int, float] = {}  # the same moment by the wall clock (the workers' events' clock)
         self.killed: dict[int, int | None] = {}  # rank → the signal that ended it (0: it exited; None: unknown)
         self.kill_at: float | None = None  # SIGTERM sent: SIGKILL what is left of ``dying`` at this time
         self.dying: list = []
@@ -109,15 +110,19 @@ class Supervisor:
 
         The rank that went first is at fault; a rank that ends normally is followed at once by the run's
         final status, so one gone without it is given a moment before it counts as a death. A rank
-        killed by a signal died, whatever followed; one that exited after the workers reported their
-        failure (with its reason) did not."""
+        killed by a signal died, whatever followed; one that exited after the workers *sent* their
+        failure (with its reason: the status's own time, by this host's wall clock) did not, however late
+        a busy engine reads that status."""
         now = time.monotonic()
         self._watch_ranks()
         if not self.gone:
             return None
         rank = min(self.gone, key=lambda r: (self.gone[r], r))
+        sent = final.time if final is not None and final.time > 0 else None
+        before_final = (self.gone_wall[rank] < sent) if sent is not None and rank in self.gone_wall else \
+            self.gone[rank] < final_at
         died = self.killed.get(rank) or (final is None and now - self.gone[rank] > EXIT_WAIT) or (
-            final is not None and self.killed.get(rank) is None and self.gone[rank] < final_at)
+            final is not None and self.killed.get(rank) is None and before_final)
         return rank if died else None
 
     def _watch_ranks(self) -> None:
@@ -136,6 +141,7 @@ class Supervisor:
             try:
                 procs[rank] = psutil.Process(pid)
             except psutil.NoSuchProcess:
+                self.gone_wall.setdefault(rank, time.time())
                 self.gone.setdefault(rank, time.monotonic())
         while len(self.gone) < len(self.ranks) and not self._watch_stop.is_set():
             for rank, p in procs.items():
@@ -147,6 +153,7 @@ class Supervisor:
                     alive = False
                 if not alive:
                     self.killed[rank] = exit_signal(p.pid)  # readable while torchrun has not reaped it
+                    self.gone_wall[rank] = time.time()
                     self.gone[rank] = time.monotonic()
             time.sleep(WATCH_EVERY)
 
