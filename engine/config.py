@@ -228,6 +228,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{name}", type=type(default), default=None, help=help_text)
 
 
+@functools.cache
 def literal_values(name: str) -> tuple[str, ...]:
     """The values a ``Literal[...]`` field of TrainConfig takes (empty for other fields)."""
     import typing

@@ -4,6 +4,8 @@ a per-GPU memory estimate against the free memory with the fastest setting that 
 
 from __future__ import annotations
 
+import msgspec
+
 from engine.config import TrainConfig
 from engine.worker.batching import packed_budget
 
@@ -69,7 +71,7 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
     H, inter, n = m["hidden"], m["intermediate"], m["layers"]
     per_token = 16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)
     per_layer = tokens * per_token  # bytes of bf16 activations kept by one decoder layer
-    ckpt = (n if cfg.grad_ckpt_layers < 0 else min(cfg.grad_ckpt_layers, n)) if cfg.grad_ckpt else 0
+    ckpt = checkpointed_count(cfg, n)
     # a checkpointed layer keeps its input; the others all they make; one layer's recompute on top
     acts = (ckpt * tokens * H * 2 + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
     head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
@@ -86,6 +88,11 @@ SPEED_COST = {"fp8": 0.806, "none": 1.0, "nf4": 1.05}
 RECOMPUTE_COST = 0.445
 
 
+def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
+    """How many of the ``layers`` decoder layers recompute their activations under ``cfg``."""
+    return (layers if cfg.grad_ckpt_layers < 0 else min(cfg.grad_ckpt_layers, layers)) if cfg.grad_ckpt else 0
+
+
 def step_cost(quant: str, ckpt: int, layers: int) -> float:
     """A step's cost per token relative to bf16 LoRA without checkpointing (``SPEED_COST``)."""
     return SPEED_COST[quant] * (1 + RECOMPUTE_COST * ckpt / max(layers, 1))
@@ -97,8 +104,6 @@ def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None 
     an H200 (``step_cost``): FP8 products (where the GPU takes them: ``fp8``), bf16 or NF4, each with as
     few layers checkpointed (--grad_ckpt_layers) as fit. Returns the changed fields and the estimate, or
     None when nothing fits."""
-    import msgspec
-
     n = m["layers"]
     best = None
     for quant in (("fp8",) if fp8 else ()) + ("none", "nf4"):
@@ -111,12 +116,6 @@ def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None 
                     best = (cost, fields, est)
                 break  # more layers checkpointed only costs more
     return None if best is None else best[1:]
-
-
-def _cost_args(fields: dict, m: dict) -> dict:
-    n = m["layers"]
-    ckpt = (n if fields["grad_ckpt_layers"] < 0 else fields["grad_ckpt_layers"]) if fields["grad_ckpt"] else 0
-    return {"quant": fields["quant"], "ckpt": min(ckpt, n), "layers": n}
 
 
 def _flags(fields: dict) -> str:
@@ -141,7 +140,9 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
         if best is not None and best[0] != now:
             fields, fit = best
             flags = _flags(fields)
-            ratio = step_cost(**_cost_args(now, m)) / step_cost(**_cost_args(fields, m))
+            n = m["layers"]
+            ratio = (step_cost(cfg.quant, checkpointed_count(cfg, n), n)
+                     / step_cost(fields["quant"], checkpointed_count(msgspec.structs.replace(cfg, **fields), n), n))
             r.add("memory", "recommend", "info",
                   f"fastest setting that fits: {flags} (about {fit['total']:.1f} GiB), about {ratio:.2f}× this "
                   "setting's tokens/s by the speeds measured on an H200 (docs/benchmarks.md)", recommend=fields)

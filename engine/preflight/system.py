@@ -46,7 +46,6 @@ def check_system(cfg: TrainConfig, r) -> dict:
             r.add("system", "fp8", "fail" if why else "ok", why + "; use --quant none or nf4" if why else
                   "--quant fp8: FP8 products (on an H200 1.24× bf16 LoRA's tokens/s, its loss within 0.4% of "
                   "bf16's over 205 steps: docs/benchmarks.md)")
-    if info["cuda"]:
         try:
             import pynvml
 
