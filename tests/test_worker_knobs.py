@@ -29,6 +29,7 @@ def test_knobs_are_read_from_the_environment_and_checked():
                       ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
                       ({"VOXTUI_FUSION": "some"}, "VOXTUI_FUSION=some: must be one of none, nf4, all"),
                       ({"VOXTUI_INDUCTOR": "max"}, "VOXTUI_INDUCTOR=max: must be one of default, coordinate, autotune"),
+                      ({"VOXTUI_CHECKPOINT": "outside"}, "VOXTUI_CHECKPOINT=outside: must be one of auto, inside, around"),
                       ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
                       ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):
@@ -130,3 +131,29 @@ def test_gpu_idle_gaps_are_charged_to_the_host_operation_under_way():
     text = idle_report(Prof(), 1, 0.0006)
     assert "GPU busy 0.33 ms; idle in gaps of >= 50 µs 0.25 ms (1 gaps a step)" in text, text
     assert text.splitlines()[-1].split() == ["0.25", "1", "cudaStreamSynchronize"]
+
+
+def test_phase_ranges_on_the_gpu_timeline_are_not_kernels():
+    """A phase's range, drawn on the GPU's timeline by the profiler (a user annotation spanning the kernels
+    launched within it, gaps included), is neither kernel time nor busy time: a profile of a GPU run counted
+    ``voxtui.forward`` as a third of the kernels' time and hid the GPU's idle gaps inside the forward."""
+    from types import SimpleNamespace as NS
+
+    from engine.worker.profiling import idle_report, report
+
+    cuda, cpu = NS(name="CUDA"), NS(name="CPU")
+
+    def ev(name, a, b, dev=cuda, note=False):
+        return NS(key=name, name=name, device_type=dev, is_user_annotation=note, time_range=NS(start=a, end=b),
+                  self_device_time_total=b - a, count=1)
+
+    events = [ev("nvjet_sm90_gemm", 0, 400), ev("flash_fwd_kernel", 600, 1000),
+              ev("voxtui.forward", 0, 1000, note=True), ev("gpu_user_annotation_x", 0, 1000, note=True),
+              ev("voxtui.forward", 0, 1000, dev=cpu), ev("aten::mm", 400, 600, dev=cpu)]
+    prof = NS(key_averages=lambda: events, events=lambda: events)
+    table = report(prof, 1)
+    assert table.startswith("time per step (GPU kernels), 1 steps profiled: 0.80 ms")
+    assert "voxtui.forward" not in table and "annotation" not in table
+    idle = idle_report(prof, 1, 1000.0)
+    assert "GPU busy 0.80 ms" in idle and "idle in gaps of >= 50 µs 0.20 ms (1 gaps a step)" in idle, idle
+    assert "aten::mm" in idle

@@ -89,7 +89,7 @@ def report(prof, steps: int) -> str:
         t = getattr(e, "self_device_time_total", None)
         if t is None:
             t = getattr(e, "self_cuda_time_total", 0)
-        if t and e.device_type.name in ("CUDA", "PrivateUse1"):
+        if t and e.device_type.name in ("CUDA", "PrivateUse1") and not _annotation(e):
             rows.append((e.key, float(t) / steps, e.count // max(steps, 1)))
     what = "GPU kernels"
     if not rows:  # no GPU: the CPU operators' own time instead
@@ -109,6 +109,12 @@ def report(prof, steps: int) -> str:
     for name, t, n in sorted(rows, key=lambda r: -r[1])[:60]:
         out.append(f"{t / 1e3:>9.3f}{100 * t / total:>7.1f}%{n:>7}  {name[:150]} ({kind(name)})")
     return "\n".join(out) + "\n"
+
+
+def _annotation(e) -> bool:
+    """A range the profiler draws on the GPU's timeline for a ``phase`` (or any record_function): it spans the
+    kernels launched within it, gaps included, so it is neither a kernel nor busy time."""
+    return bool(getattr(e, "is_user_annotation", False)) or str(getattr(e, "key", None) or e.name).startswith(PHASE)
 
 
 def phase_report(prof, steps: int, wall: float) -> str:
@@ -136,7 +142,8 @@ def idle_report(prof, steps: int, wall: float) -> str:
     try:
         events = list(prof.events())
         kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                         if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+                         if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+                         and not _annotation(e))
         if not kernels:
             return f"wall time per step {1e3 * wall / steps:.2f} ms (no GPU kernels)\n"
         busy, gaps = 0.0, []
