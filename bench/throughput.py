@@ -84,6 +84,18 @@ CONFIGS: dict[str, list[str]] = {
     # checkpointed: preflight's pick for 16 GiB on a GPU that takes FP8)
     "fp8-ckpt24-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
                          "--grad_ckpt_layers", "24"],
+    # with more layers keeping their activations where 16 GiB has room (run N: FP8 with 24 checkpointed peaked at
+    # 11.5 GiB)
+    "fp8-ckpt20-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                         "--grad_ckpt_layers", "20"],
+    "fp8-ckpt17-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                         "--grad_ckpt_layers", "17"],
+    # where the checkpoint is taken (VOXTUI_CHECKPOINT, ENV below; modeling.checkpoint_layers): bf16 around each
+    # compiled layer's call instead of inside it (its default), NF4 and FP8 inside instead of around (theirs)
+    "bf16-ckpt-16gib-ckptout": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    "nf4-packed-compiled-ckptin": NF4 + ["--compile"],
+    "fp8-ckpt20-16gib-ckptin": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
+                                "--grad_ckpt_layers", "20"],
     "bf16-ckpt23-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
                           "--grad_ckpt_layers", "23"],
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
@@ -112,7 +124,10 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "bf16-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "bf16-packed-compiled-autotune": {"VOXTUI_INDUCTOR": "autotune"},
                                   "nf4-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
-                                  "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"}}
+                                  "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "bf16-ckpt-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
+                                  "nf4-packed-compiled-ckptin": {"VOXTUI_CHECKPOINT": "inside"},
+                                  "fp8-ckpt20-16gib-ckptin": {"VOXTUI_CHECKPOINT": "inside"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

@@ -27,6 +27,74 @@ def test_first_n_layers_recompute_and_the_gradients_are_the_same(tiny_model, n, 
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("place", ["inside", "around"])
+def test_checkpointed_layers_recompute_in_the_backward(tiny_model, place):
+    """Each checkpointed layer's MLP runs again in the backward, the others' once: (1 layer checkpointed) the
+    first layer's twice, the second's once — with the checkpoint inside the layer's forward and around its
+    call (VOXTUI_CHECKPOINT); the same gradients either way, and one pass each in evaluation."""
+    from engine.worker.modeling import _unwrap, language_model
+
+    model = load_lora_model(tiny_model, env={"VOXTUI_CHECKPOINT": place}, grad_ckpt=True, grad_ckpt_layers=1)
+    calls = [0, 0]
+    for i, layer in enumerate(language_model(_unwrap(model)).layers):
+        # a pre-hook: the recompute stops once it has every saved tensor, inside the MLP's last product
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    loss, got = lora_loss_and_grads(model)
+    assert calls == [2, 1]
+    _, ref, _ = _grads(tiny_model, grad_ckpt=False)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+    model.eval()
+    calls[:] = [0, 0]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 3, 500, 600]]))
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("quant,place", [("none", "inside"), ("nf4", "around")])
+def test_the_default_place_by_quantisation(tiny_model, quant, place):
+    """VOXTUI_CHECKPOINT=auto (default): inside the layer for bf16; around it for NF4 and FP8, whose compiled
+    backward kept activations the checkpoint should have dropped (docs/benchmarks.md, run P)."""
+    from engine.worker import modeling as m
+
+    assert m.checkpoint_place(quant) == place
+    assert m.checkpoint_place("fp8") == "around"
+    model = load_lora_model(tiny_model, quant=quant, grad_ckpt=True)
+    layers = m.language_model(m._unwrap(model)).layers
+    if place == "around" and m._transformers_wraps_call():  # transformers ≤ 5.17: its own switch wraps the call
+        assert all(layer.gradient_checkpointing and not isinstance(layer, m._Checkpointed) for layer in layers)
+    else:
+        mixin = {"inside": m._CheckpointedForward, "around": m._CheckpointedCall}[place]
+        assert all(isinstance(layer, mixin) and not layer.gradient_checkpointing for layer in layers)
+
+
+def test_a_compiled_layer_holds_its_checkpoint_inside(tiny_model):
+    """With the checkpoint inside the layer, a compiled layer is entered once a step: its recompute is part of
+    its compiled backward. Around the layer's call, the backward enters each compiled checkpointed layer
+    again — through dynamo's guards, a host cost on every step (docs/benchmarks.md, run O)."""
+    from engine.worker.modeling import compile_layers
+
+    entered = {}
+    for place in ("inside", "around"):
+        torch._dynamo.reset()
+        calls = [0]
+
+        def counting(gm, example_inputs, calls=calls):
+            def run(*args):
+                calls[0] += 1
+                return gm(*args)
+            return run
+
+        model = load_lora_model(tiny_model, env={"VOXTUI_CHECKPOINT": place}, grad_ckpt=True)
+        compile_layers(model, backend=counting)
+        lora_loss_and_grads(model)  # compiles
+        calls[0] = 0
+        lora_loss_and_grads(model)
+        entered[place] = calls[0]
+    torch._dynamo.reset()
+    assert entered == {"inside": 2, "around": 4}  # two layers, both checkpointed
+
+
 def test_grad_ckpt_layers_is_checked():
     from engine.util import UsageError
 

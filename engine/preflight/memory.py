@@ -83,9 +83,11 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
 # what a step costs per token, relative to bf16 LoRA without checkpointing, as measured on an H200
 # (docs/benchmarks.md): FP8 products 29,205 → 36,229 tokens/s (run J); NF4 about 5% more than bf16 at the
 # same checkpointing (runs G, I: 52.6 against 50.3 µs a token, all layers recomputed); recomputing every
-# layer adds 44.5% (run G: 0.412 against 0.285 s a step of 8,192 tokens), each layer its share of that
+# layer adds 44.5% with the checkpoint around each compiled layer (run G: 0.412 against 0.285 s a step of 8,192
+# tokens; NF4 and FP8 keep it there), about 33% for bf16 with it inside the layer (run P: 21,535 against 19,770
+# tokens/s around), each layer its share of that
 SPEED_COST = {"fp8": 0.806, "none": 1.0, "nf4": 1.05}
-RECOMPUTE_COST = 0.445
+RECOMPUTE_COST = {"fp8": 0.445, "none": 0.33, "nf4": 0.445}
 
 
 def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
@@ -95,7 +97,7 @@ def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
 
 def step_cost(quant: str, ckpt: int, layers: int) -> float:
     """A step's cost per token relative to bf16 LoRA without checkpointing (``SPEED_COST``)."""
-    return SPEED_COST[quant] * (1 + RECOMPUTE_COST * ckpt / max(layers, 1))
+    return SPEED_COST[quant] * (1 + RECOMPUTE_COST[quant] * ckpt / max(layers, 1))
 
 
 def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None,

@@ -99,12 +99,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.grad_ckpt:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.17's name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        checkpoint_first(model, cfg.grad_ckpt_layers)
+        checkpoint_layers(model, cfg.grad_ckpt_layers, checkpoint_place(cfg.quant))
     if cfg.quant == "nf4" or cfg.grad_ckpt:
         # what prepare_model_for_kbit_training does that matters here, without casting every
         # non-quantised weight to fp32 (which costs memory and speed)
@@ -136,20 +131,86 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     return model, removed
 
 
-def checkpoint_first(model: nn.Module, n: int) -> int:
-    """Gradient checkpointing on the first ``n`` decoder layers only (-1: all); the rest keep their
-    activations. Returns how many layers recompute."""
+def checkpoint_place(quant: str) -> str:
+    """Where each checkpointed layer's checkpoint is taken (``VOXTUI_CHECKPOINT``, default ``auto``): inside
+    the layer's forward for bf16, around its call for NF4 and FP8 (``checkpoint_layers``)."""
+    from engine.worker.knobs import knobs
+
+    place = knobs().checkpoint
+    return ("inside" if quant == "none" else "around") if place == "auto" else place
+
+
+def checkpoint_layers(model: nn.Module, n: int, place: str = "around") -> int:
+    """Activation checkpointing on the first ``n`` decoder layers (-1: all); the rest keep their activations.
+    Returns how many layers recompute in the backward.
+
+    ``around``: the checkpoint wraps the layer's call, so a compiled layer (``compile_layers``) runs again,
+    whole, in the backward — through dynamo's guards each time, a host cost the GPU waits on. ``inside``: it
+    is taken in the layer's forward, so a compiled layer holds it and its recompute is part of the compiled
+    backward: bf16 at 16 GiB 21,535 against 19,770 tokens/s around, 11.1 against 10.7 GiB (docs/benchmarks.md,
+    run P). NF4's and FP8's compiled backward kept their activations instead of recomputing them (NF4 20.3
+    against 5.6 GiB), so they stay ``around``. Where transformers' own switch wraps the layer moved between its
+    versions (the call in 5.17, the forward later): it is used only where it wraps the call."""
     layers = language_model(_unwrap(model)).layers
     n = len(layers) if n < 0 else min(n, len(layers))
+    if place == "around" and _transformers_wraps_call():
+        # transformers ≤ 5.17 checkpoints around the call itself: its switch, as measured (runs J–P)
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5.17's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < n
+        return n
+    mixin = {"inside": _CheckpointedForward, "around": _CheckpointedCall}[place]
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < n
+        layer.gradient_checkpointing = False
+        if i < n and not isinstance(layer, _Checkpointed):
+            layer.__class__ = _checkpointed_class(mixin, type(layer))
     return n
+
+
+def _transformers_wraps_call() -> bool:
+    """Whether this transformers' checkpointing switch wraps a layer's call (≤ 5.17) rather than its forward."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # 4.5x: no such class; its switch sits inside the model's loop, around the call
+        return False
+    return "__call__" in GradientCheckpointingLayer.__dict__
+
+
+class _Checkpointed:
+    """A decoder layer whose activations are recomputed in the backward (``checkpoint_layers``)."""
+
+
+class _CheckpointedForward(_Checkpointed):
+    def forward(self, *args, **kwargs):
+        plain = super().forward
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        return plain(*args, **kwargs)
+
+
+class _CheckpointedCall(_Checkpointed):
+    def __call__(self, *args, **kwargs):
+        call = super().__call__  # the compiled call, when compile_layers compiled the layer
+        if self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False, **kwargs)
+        return call(*args, **kwargs)
+
+
+@functools.cache
+def _checkpointed_class(mixin: type, base: type) -> type:
+    # one class per layer class and place, so every checkpointed layer shares one compiled graph
+    return type(f"Checkpointed{base.__name__}", (mixin, base), {"__module__": base.__module__})
 
 
 def checkpointed_layers(model: nn.Module) -> tuple[int, int]:
     """(layers that recompute in the backward, decoder layers)."""
     layers = language_model(_unwrap(model)).layers
-    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers), len(layers)
+    return sum(isinstance(layer, _Checkpointed) or bool(getattr(layer, "gradient_checkpointing", False))
+               for layer in layers), len(layers)
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
