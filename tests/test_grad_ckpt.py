@@ -95,6 +95,41 @@ def test_a_compiled_layer_holds_its_checkpoint_inside(tiny_model):
     assert entered == {"inside": 2, "around": 4}  # two layers, both checkpointed
 
 
+@pytest.mark.parametrize("quant", ["none", "nf4", "fp8"])
+def test_a_checkpointed_compiled_layer_keeps_little(tiny_model, quant):
+    """What a step keeps for the backward (every saved tensor that is not a weight), the layers compiled
+    (AOTAutograd's partition, as under Inductor) and under bf16 autocast: with both layers checkpointed,
+    inside or around, at most half of what no checkpointing keeps. (tests/gpu/test_checkpoint_gpu.py
+    measures the same on a GPU, where NF4's and FP8's compiled layers kept their activations inside.)"""
+    from engine.worker.modeling import CausalLMLoss, compile_layers
+
+    ids = torch.randint(5, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    kept = {}
+    for place, ckpt in (("auto", False), ("inside", True), ("around", True)):
+        torch._dynamo.reset()
+        model = load_lora_model(tiny_model, env={"VOXTUI_CHECKPOINT": place}, quant=quant, grad_ckpt=ckpt)
+        compile_layers(model, backend="aot_eager")
+        weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        total = [0]
+
+        def pack(t, weights=weights, total=total):
+            if t.data_ptr() not in weights:
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        for _ in range(2):  # the first compiles; the second is counted
+            total[0] = 0
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
+            loss.backward()
+        kept[place if ckpt else "none"] = total[0]
+    torch._dynamo.reset()
+    assert kept["inside"] <= 0.5 * kept["none"] and kept["around"] <= 0.5 * kept["none"], kept
+
+
 def test_grad_ckpt_layers_is_checked():
     from engine.util import UsageError
 

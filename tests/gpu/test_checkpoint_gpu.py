@@ -1,0 +1,63 @@
+"""Gradient checkpointing under the compiled layers, on a GPU: what a step keeps for the backward.
+
+A checkpointed layer should keep little more than its input; run P (docs/benchmarks.md) found NF4's and
+FP8's compiled layers keeping their activations when the checkpoint sat inside the layer (NF4 20.3 against
+5.6 GiB), while bf16's held. For each quantisation, the worker's model (real widths, both layers
+checkpointed, compiled) runs one packed row under bf16 autocast; every tensor the autograd graph saves
+that is not a weight is counted. The default place (``VOXTUI_CHECKPOINT=auto``) must keep at most half of
+what no checkpointing keeps; the other place is measured and printed, so the next lever knows where it
+stands.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_util import save_real_width
+from test_train_path_gpu import DEV, packed_row, worker_model
+
+
+@pytest.fixture(scope="module")
+def real_width_dir(tmp_path_factory):
+    return save_real_width(tmp_path_factory)
+
+
+def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch) -> int:
+    from engine.worker.knobs import knobs
+    from engine.worker.modeling import CausalLMLoss
+
+    monkeypatch.setenv("VOXTUI_CHECKPOINT", place)
+    knobs.cache_clear()
+    torch._dynamo.reset()
+    model = worker_model(path, quant, ckpt)
+    weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    batch, _ = packed_row()
+    loss_fn = CausalLMLoss(model, compiled=True)
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in weights:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    for _ in range(2):  # the first compiles; the second is counted
+        total[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", torch.bfloat16):
+            loss, _ = loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in batch.items()})
+        loss.backward()
+    del model
+    knobs.cache_clear()
+    return total[0]
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4", "fp8"])
+def test_a_checkpointed_compiled_layer_keeps_little(real_width_dir, quant, monkeypatch):
+    from engine.worker.modeling import checkpoint_place
+
+    default = checkpoint_place(quant)
+    kept = {"no checkpointing": saved_bytes(real_width_dir, quant, 0, "auto", monkeypatch)}
+    for place in ("inside", "around"):
+        kept[place] = saved_bytes(real_width_dir, quant, 2, place, monkeypatch)
+    print(f"{quant}: kept for the backward, MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in kept.items())
+          + f" (default: {default})")
+    assert kept[default] <= 0.5 * kept["no checkpointing"], kept
