@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every row of issue 15 on this machine, each lever against what it replaces in the same run:
 #   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 40 minutes on an H200)
-#   PART=tests|rows|long|fp8|tuning|16gib|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
+#   PART=tests|rows|long|fp8|tuning|16gib|ckpt|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
 #   NPROC=2 PART=rows bash bench/gpu_issue15.sh                # the same rows on two GPUs (NCCL)
 # results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/fp8-loss.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}
-PART=${PART:-tests,rows,long,fp8,tuning,16gib,24b}
+PART=${PART:-tests,rows,long,fp8,tuning,16gib,ckpt,24b}
 source bench/gpu_env.sh
 has() { case ",$PART," in *,"$1",*) return 0 ;; esac; return 1; }
 
@@ -27,17 +27,21 @@ if has fp8; then  # --quant fp8 against bf16 over 200 steps: speed, memory, and 
   python3 bench/compare_losses.py /tmp/fp8cmp/bf16-packed-compiled-n$NPROC.events.jsonl \
     /tmp/fp8cmp/fp8-packed-compiled-n$NPROC.events.jsonl --json "$OUT/fp8-loss.json"
 fi
-if has tuning; then  # Inductor's tuning (VOXTUI_INDUCTOR) and 24 × 1024 micro-batches beside the defaults, profiled
+if has tuning; then  # 24 × 1024 micro-batches beside the defaults, profiled (Inductor's tuning: runs N, O)
   TAG=-tuning PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-packed-compiled,bf16-packed-compiled-cdt,bf16-packed-compiled-autotune,bf16-packed-compiled-b24,fp8-packed-compiled,fp8-packed-compiled-cdt,fp8-packed-compiled-b24,nf4-packed-compiled,nf4-packed-compiled-cdt
+    bf16-packed-compiled,bf16-packed-compiled-b24,fp8-packed-compiled,fp8-packed-compiled-b24,nf4-packed-compiled
 fi
-if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 with every layer checkpointed, FP8 with 24 of 30
-  TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-ckpt-16gib,fp8-ckpt24-16gib
+if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 with every layer checkpointed, FP8 with 20 of 30
+  TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-ckpt-16gib,fp8-ckpt20-16gib
+fi
+if has ckpt; then  # where the checkpoint sits (VOXTUI_CHECKPOINT): each default beside the other place, profiled
+  TAG=-ckpt PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
+    bf16-ckpt-16gib,bf16-ckpt-16gib-ckptout,nf4-packed-compiled,nf4-packed-compiled-ckptin,fp8-ckpt20-16gib,fp8-ckpt20-16gib-ckptin
 fi
 if has 24b; then  # Voxtral-Small-24B's shape, last: it builds a ~48 GB random checkpoint once (the 3B one is
   # removed first when /tmp has less than 55 GB free: an H200 machine's disk holds one or the other)
   if [ ! -f /tmp/voxtral-small-random/config.json ] && [ "$(df --output=avail -BG /tmp | tail -1 | tr -dc 0-9)" -lt 55 ]; then
     rm -rf /tmp/voxtral-random
   fi
-  TAG=-24b TIMEOUT=${TIMEOUT:-900} STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" small24b-bf16,small24b-bf16-ckpt16,small24b-nf4
+  TAG=-24b TIMEOUT=${TIMEOUT:-900} STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" small24b-bf16-ckpt16,small24b-nf4
 fi
