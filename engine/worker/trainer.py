@@ -144,10 +144,12 @@ class Trainer:
         self.model.train()
         self.log(f"model loaded in {time.perf_counter() - t0:.1f}s")
         if cfg.grad_ckpt:
-            from engine.worker.modeling import checkpointed_layers
+            from engine.worker.modeling import checkpoint_place, checkpointed_layers
 
             n, of = checkpointed_layers(self.model)
-            self.log(f"gradient checkpointing: {n} of {of} decoder layers recompute their activations")
+            where = {"inside": "the checkpoint inside each layer's forward",
+                     "around": "the checkpoint around each layer's call"}[checkpoint_place(cfg.quant)]
+            self.log(f"gradient checkpointing: {n} of {of} decoder layers recompute their activations ({where})")
         if cfg.packing:
             from engine.worker.attention import gqa_mode, varlen_available
 
