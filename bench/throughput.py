@@ -36,6 +36,14 @@ COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--ev
 BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"]
 # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
+
+
+def ckpt8(quant: str, layers: int | None = None) -> list[str]:
+    """8 × 1024-token packed micro-batches, compiled, checkpointed: every layer, or the first ``layers``."""
+    return (["--quant", quant, "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"]
+            + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
+
+
 CONFIGS: dict[str, list[str]] = {
     "bf16-packed": BF16 + ["--no-compile"],
     "bf16-packed-compiled": BF16 + ["--compile"],
@@ -76,39 +84,32 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled-fused": NF4 + ["--compile"],
     "nf4-packed-compiled-cdt": NF4 + ["--compile"],  # Inductor's coordinate-descent tuning (VOXTUI_INDUCTOR)
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
-    "bf16-ckpt-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    "bf16-ckpt-16gib": ckpt8("none"),
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
-    "bf16-ckpt25-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                          "--grad_ckpt_layers", "25"],
+    "bf16-ckpt25-16gib": ckpt8("none", 25),
     # FP8 products within 16 GiB: the frozen weights' 3.2 GB saved let 6 layers keep their activations (24 of 30
     # checkpointed: preflight's pick for 16 GiB on a GPU that takes FP8)
-    "fp8-ckpt24-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                         "--grad_ckpt_layers", "24"],
+    "fp8-ckpt24-16gib": ckpt8("fp8", 24),
     # with more layers keeping their activations where 16 GiB has room (run N: FP8 with 24 checkpointed peaked at
     # 11.5 GiB)
-    "fp8-ckpt20-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                         "--grad_ckpt_layers", "20"],
-    "fp8-ckpt17-16gib": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                         "--grad_ckpt_layers", "17"],
+    "fp8-ckpt20-16gib": ckpt8("fp8", 20),
+    "fp8-ckpt17-16gib": ckpt8("fp8", 17),
     # where the checkpoint is taken (VOXTUI_CHECKPOINT, ENV below; modeling.checkpoint_layers): bf16 around each
     # compiled layer's call instead of inside it (its default), NF4 and FP8 inside instead of around (theirs)
-    "bf16-ckpt-16gib-ckptout": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    "bf16-ckpt-16gib-ckptout": ckpt8("none"),
     "nf4-packed-compiled-ckptin": NF4 + ["--compile"],
-    "fp8-ckpt20-16gib-ckptin": ["--quant", "fp8", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                                "--grad_ckpt_layers", "20"],
-    "bf16-ckpt23-16gib": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                          "--grad_ckpt_layers", "23"],
+    "fp8-ckpt20-16gib-ckptin": ckpt8("fp8", 20),
+    "bf16-ckpt23-16gib": ckpt8("none", 23),
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
                        "--max_len", "8192"],
     "bf16-long-32768-ckpt": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
                              "--max_len", "32768"],
     # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
-    "small24b-bf16": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"],
+    "small24b-bf16": ckpt8("none"),
     "small24b-nf4": NF4 + ["--compile"],
     # the same bf16 with the last 24 of 40 layers keeping their activations (the 139 GiB of an H200 allow it)
-    "small24b-bf16-ckpt16": ["--quant", "none", "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile",
-                             "--grad_ckpt_layers", "16"],
+    "small24b-bf16-ckpt16": ckpt8("none", 16),
 }
 # configurations with their own training rows: (file tag, rows, median tokens, cap) for bench/synth.py, the cap
 # under --max_len (synth's token counts are estimates)

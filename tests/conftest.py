@@ -118,6 +118,28 @@ def lora_loss_and_grads(model) -> tuple[float, dict]:
     return float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def kept_for_backward(model, step) -> int:
+    """Bytes a training step keeps for its backward: every tensor the autograd graph saves that is not one of
+    ``model``'s weights or buffers. ``step()`` returns the loss (under whatever autocast it needs); it runs
+    twice — the first compiles — and the second is counted."""
+    import torch
+
+    weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in weights:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    for _ in range(2):
+        total[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = step()
+        loss.backward()
+    return total[0]
+
+
 def read_events(run_dir: Path) -> list[dict]:
     """The run's events so far: whole lines only (the engine may be writing the last one as we read)."""
     text = (Path(run_dir) / "events.jsonl").read_text()

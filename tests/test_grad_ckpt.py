@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import load_lora_model, lora_loss_and_grads
+from conftest import kept_for_backward, load_lora_model, lora_loss_and_grads
 from engine.config import TrainConfig
 
 
@@ -111,21 +111,12 @@ def test_a_checkpointed_compiled_layer_keeps_little(tiny_model, quant):
         torch._dynamo.reset()
         model = load_lora_model(tiny_model, env={"VOXTUI_CHECKPOINT": place}, quant=quant, grad_ckpt=ckpt)
         compile_layers(model, backend="aot_eager")
-        weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-        total = [0]
 
-        def pack(t, weights=weights, total=total):
-            if t.data_ptr() not in weights:
-                total[0] += t.numel() * t.element_size()
-            return t
+        def step(model=model):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])[0]
 
-        for _ in range(2):  # the first compiles; the second is counted
-            total[0] = 0
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                    torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])
-            loss.backward()
-        kept[place if ckpt else "none"] = total[0]
+        kept[place if ckpt else "none"] = kept_for_backward(model, step)
     torch._dynamo.reset()
     assert kept["inside"] <= 0.5 * kept["none"] and kept["around"] <= 0.5 * kept["none"], kept
 

@@ -16,6 +16,8 @@ import torch
 from gpu_util import save_real_width
 from test_train_path_gpu import DEV, packed_row, worker_model
 
+from conftest import kept_for_backward
+
 
 @pytest.fixture(scope="module")
 def real_width_dir(tmp_path_factory):
@@ -30,24 +32,17 @@ def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch) -> int:
     knobs.cache_clear()
     torch._dynamo.reset()
     model = worker_model(path, quant, ckpt)
-    weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     batch, _ = packed_row()
     loss_fn = CausalLMLoss(model, compiled=True)
-    total = [0]
 
-    def pack(t):
-        if t.data_ptr() not in weights:
-            total[0] += t.numel() * t.element_size()
-        return t
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            return loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in batch.items()})[0]
 
-    for _ in range(2):  # the first compiles; the second is counted
-        total[0] = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", torch.bfloat16):
-            loss, _ = loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in batch.items()})
-        loss.backward()
+    kept = kept_for_backward(model, step)
     del model
     knobs.cache_clear()
-    return total[0]
+    return kept
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4", "fp8"])
