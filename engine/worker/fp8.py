@@ -88,43 +88,66 @@ def _weight(wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    return _FP8MatMul.apply(x, self.weight, self._fp8_scale)
+    return linear(x, self.weight, self._fp8_scale)
 
 
 def _fits(*dims: int) -> bool:
     return all(d % 16 == 0 for d in dims)
 
 
-class _FP8MatMul(torch.autograd.Function):
-    """``x @ (W_q · s).T`` for a frozen e4m3 ``W_q`` with row scales ``s``."""
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    low = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(x.device.type)
+    return torch.bfloat16 if low else torch.float32
 
-    @staticmethod
-    def forward(ctx, x, wq, ws):
-        out_dtype = torch.bfloat16 if x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(
-            x.device.type) else torch.float32
-        ctx.save_for_backward(wq, ws)
-        x2 = x.reshape(-1, x.shape[-1])
-        n, k = wq.shape
-        if _fits(x2.shape[0], k, n):
+
+def linear(x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``x @ (W_q · s).T`` for a frozen e4m3 ``W_q`` with row scales ``s``, differentiable in ``x``.
+
+    The input's rows are quantised by plain tensor operations (under ``torch.compile``, elementwise work
+    fused with the kernels before it); the product is ``fp8_mm``, an operator of its own whose backward
+    (``_fp8_mm_backward``) is the input's gradient as an FP8 product. No ``autograd.Function``: traced as a
+    higher-order operator inside a checkpointed compiled layer (``VOXTUI_CHECKPOINT=inside``), one made
+    torch 2.11's partition keep every activation of the layer (tests/test_grad_ckpt.py). Shapes FP8
+    products do not take multiply by the weight dequantised to bf16, through autograd's own linear."""
+    out_dtype = _out_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    n, k = wq.shape
+    if _fits(x2.shape[0], k, n):
+        with torch.no_grad():
             xq, xs = quantize_rows(x2)
-            y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].float(), out_dtype=out_dtype)
-        else:
-            y = torch.nn.functional.linear(x2.to(out_dtype), _weight(wq, ws, out_dtype))
-        return y.reshape(*x.shape[:-1], n)
+        y = fp8_mm(x2, xq, xs, wq, ws, out_dtype)
+    else:
+        y = torch.nn.functional.linear(x2.to(out_dtype), _weight(wq, ws, out_dtype))
+    return y.reshape(*x.shape[:-1], n)
 
-    @staticmethod
-    def backward(ctx, grad):
-        wq, ws = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            n, k = wq.shape
-            g = grad.reshape(-1, n)
-            if _fits(g.shape[0], k, n):
-                # g @ (W_q · s) = (g · s) @ W_q: the weight's row scales move onto the gradient's columns
-                gq, gs = quantize_rows(g.float() * ws[None, :])
-                ones = torch.ones((1, k), dtype=torch.float32, device=g.device)
-                grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
-            else:
-                grad_x = g @ _weight(wq, ws, grad.dtype)
-            grad_x = grad_x.reshape(*grad.shape[:-1], k)
-        return grad_x, None, None
+
+@torch.library.custom_op("voxtui::fp8_mm", mutates_args=())
+def fp8_mm(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+           out_dtype: torch.dtype) -> torch.Tensor:
+    """``(xq · xs) @ (W_q · s).T`` as one FP8 product. ``x`` (the rows ``xq`` quantises) is not read: it is
+    where the backward's gradient goes."""
+    return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :].float(), out_dtype=out_dtype)
+
+
+@fp8_mm.register_fake
+def _(x, xq, xs, wq, ws, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+
+def _fp8_mm_context(ctx, inputs, output):
+    _, _, _, wq, ws, _ = inputs
+    ctx.save_for_backward(wq, ws)
+    ctx.x_dtype = inputs[0].dtype
+
+
+def _fp8_mm_backward(ctx, grad):
+    # g @ (W_q · s) = (g · s) @ W_q: the weight's row scales move onto the gradient's columns
+    wq, ws = ctx.saved_tensors
+    k = wq.shape[1]
+    gq, gs = quantize_rows(grad.float() * ws[None, :])
+    ones = torch.ones((1, k), dtype=torch.float32, device=grad.device)
+    grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+    return grad_x.to(ctx.x_dtype), None, None, None, None, None
+
+
+fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_context)

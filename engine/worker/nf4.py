@@ -52,19 +52,24 @@ def traceable(model: nn.Module) -> int:
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     compute = self.compute_dtype if self.compute_dtype is not None else x.dtype
-    y = _NF4MatMul.apply(x.to(compute), self._nf4_packed, self._nf4_absmax, self._nf4_absmax2, self._nf4_code2,
-                         self._nf4_offset, self._nf4_code, self._nf4_meta)
+    state = (self._nf4_packed, self._nf4_absmax, self._nf4_absmax2, self._nf4_code2, self._nf4_offset,
+             self._nf4_code, self._nf4_meta)
+    if torch.compiler.is_compiling():
+        # plain tensor operations, differentiated by autograd's own linear: the weight is a constant, so the
+        # backward multiplies by it again, dequantised once more or kept as the partition decides. An
+        # autograd.Function here would be traced as a higher-order operator, and with the checkpoint inside
+        # the compiled layer (VOXTUI_CHECKPOINT=inside) torch 2.11's partition then kept every activation of
+        # the layer (tests/test_grad_ckpt.py; docs/benchmarks.md, runs P and Q)
+        y = torch.nn.functional.linear(x.to(compute), dequantize_ops(*state, compute))
+    else:
+        y = _NF4MatMul.apply(x.to(compute), *state)
     if self.bias is not None:
         y = y + self.bias.to(y.dtype)
     return y.to(x.dtype)
 
 
 def dequantize(packed, absmax, absmax2, code2, offset, code, meta, dtype) -> torch.Tensor:
-    """The layer's weight, ``(out, in)`` in ``dtype``, as ``bitsandbytes.functional.dequantize_4bit`` makes it:
-    while ``torch.compile`` traces, in plain tensor operations (``dequantize_ops``: Inductor makes one kernel
-    of them, launched from the compiled graph), else by bitsandbytes' operators."""
-    if torch.compiler.is_compiling():
-        return dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta, dtype)
+    """The layer's weight, ``(out, in)`` in ``dtype``, by bitsandbytes' operators (``dequantize_4bit``)."""
     shape, blocksize, quant_type, blocksize2, _ = meta
     if absmax2 is not None:
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2,
@@ -89,25 +94,19 @@ def dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta, dtype) ->
 
 
 class _NF4MatMul(torch.autograd.Function):
-    """``x @ W.T`` for a frozen 4-bit ``W``, nothing of the size of ``W`` kept between the passes: the
-    forward is bitsandbytes' ``gemm_4bit`` (dequantise + cuBLAS for a training batch, its fused kernel for
-    a few rows), or under ``torch.compile`` the weight dequantised by tensor operations and one product;
-    the backward dequantises the weight again for the input's gradient, as ``MatMul4Bit`` does."""
+    """``x @ W.T`` for a frozen 4-bit ``W``, run eagerly, nothing of the size of ``W`` kept between the passes:
+    the forward is bitsandbytes' ``gemm_4bit`` (dequantise + cuBLAS for a training batch, its fused kernel for
+    a few rows); the backward dequantises the weight again for the input's gradient, as ``MatMul4Bit`` does."""
 
     @staticmethod
     def forward(ctx, x, packed, absmax, absmax2, code2, offset, code, meta):
         shape, blocksize, quant_type, _, _ = meta
-        if torch.compiler.is_compiling():
-            y = torch.nn.functional.linear(x, dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta,
-                                                              x.dtype))
-        elif absmax2 is not None:
+        if absmax2 is not None:
             y = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, list(shape), absmax2, blocksize, quant_type,
                                                          None, absmax, code2, offset)
-        else:
-            y = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, list(shape), absmax, blocksize, quant_type)
-        if absmax2 is not None:
             ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
         else:
+            y = torch.ops.bitsandbytes.gemm_4bit.default(x, packed, list(shape), absmax, blocksize, quant_type)
             ctx.save_for_backward(packed, absmax, code)
         ctx.meta = meta
         return y
