@@ -34,9 +34,9 @@ fi
 if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 with every layer checkpointed, FP8 with 20 of 30
   TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-ckpt-16gib,fp8-ckpt20-16gib
 fi
-if has ckpt; then  # where the checkpoint sits (VOXTUI_CHECKPOINT): each default beside the other place, profiled
+if has ckpt; then  # where the checkpoint sits (VOXTUI_CHECKPOINT): inside each layer (the default) beside around it, profiled
   TAG=-ckpt PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-ckpt-16gib,bf16-ckpt-16gib-ckptout,nf4-packed-compiled,nf4-packed-compiled-ckptin,fp8-ckpt20-16gib,fp8-ckpt20-16gib-ckptin
+    bf16-ckpt-16gib,bf16-ckpt-16gib-ckptout,nf4-packed-compiled,nf4-packed-compiled-ckptout,fp8-ckpt20-16gib,fp8-ckpt20-16gib-ckptout
 fi
 if has 24b; then  # Voxtral-Small-24B's shape, last: it builds a ~48 GB random checkpoint once (the 3B one is
   # removed first when /tmp has less than 55 GB free: an H200 machine's disk holds one or the other)

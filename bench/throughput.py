@@ -38,9 +38,10 @@ BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckp
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 
 
-def ckpt8(quant: str, layers: int | None = None) -> list[str]:
-    """8 × 1024-token packed micro-batches, compiled, checkpointed: every layer, or the first ``layers``."""
-    return (["--quant", quant, "--packing", "--per_device_bsz", "8", "--grad_ckpt", "--compile"]
+def ckpt8(quant: str, layers: int | None = None, bsz: int = 8) -> list[str]:
+    """``bsz`` × 1024-token packed micro-batches (8 unless said), compiled, checkpointed: every layer, or the
+    first ``layers``."""
+    return (["--quant", quant, "--packing", "--per_device_bsz", str(bsz), "--grad_ckpt", "--compile"]
             + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
 
 
@@ -87,6 +88,12 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-ckpt-16gib": ckpt8("none"),
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
     "bf16-ckpt25-16gib": ckpt8("none", 25),
+    "bf16-ckpt27-16gib": ckpt8("none", 27),
+    # every layer checkpointed with larger micro-batches (16 / 20 × 1024 tokens): the products longer, the
+    # step's fixed costs over more tokens, the kept inputs larger
+    "bf16-ckpt-16gib-b16": ckpt8("none", bsz=16),
+    "bf16-ckpt-16gib-b20": ckpt8("none", bsz=20),
+    "fp8-ckpt-16gib-b16": ckpt8("fp8", bsz=16),
     # FP8 products within 16 GiB: the frozen weights' 3.2 GB saved let 6 layers keep their activations (24 of 30
     # checkpointed: preflight's pick for 16 GiB on a GPU that takes FP8)
     "fp8-ckpt24-16gib": ckpt8("fp8", 24),
@@ -94,11 +101,11 @@ CONFIGS: dict[str, list[str]] = {
     # 11.5 GiB)
     "fp8-ckpt20-16gib": ckpt8("fp8", 20),
     "fp8-ckpt17-16gib": ckpt8("fp8", 17),
-    # where the checkpoint is taken (VOXTUI_CHECKPOINT, ENV below; modeling.checkpoint_layers): bf16 around each
-    # compiled layer's call instead of inside it (its default), NF4 and FP8 inside instead of around (theirs)
+    # where the checkpoint is taken (VOXTUI_CHECKPOINT, ENV below; modeling.checkpoint_layers): around each
+    # compiled layer's call instead of inside it (the default)
     "bf16-ckpt-16gib-ckptout": ckpt8("none"),
-    "nf4-packed-compiled-ckptin": NF4 + ["--compile"],
-    "fp8-ckpt20-16gib-ckptin": ckpt8("fp8", 20),
+    "nf4-packed-compiled-ckptout": NF4 + ["--compile"],
+    "fp8-ckpt20-16gib-ckptout": ckpt8("fp8", 20),
     "bf16-ckpt23-16gib": ckpt8("none", 23),
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
@@ -127,8 +134,8 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "nf4-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "bf16-ckpt-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
-                                  "nf4-packed-compiled-ckptin": {"VOXTUI_CHECKPOINT": "inside"},
-                                  "fp8-ckpt20-16gib-ckptin": {"VOXTUI_CHECKPOINT": "inside"}}
+                                  "nf4-packed-compiled-ckptout": {"VOXTUI_CHECKPOINT": "around"},
+                                  "fp8-ckpt20-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

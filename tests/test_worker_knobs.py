@@ -29,7 +29,7 @@ def test_knobs_are_read_from_the_environment_and_checked():
                       ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
                       ({"VOXTUI_FUSION": "some"}, "VOXTUI_FUSION=some: must be one of none, nf4, all"),
                       ({"VOXTUI_INDUCTOR": "max"}, "VOXTUI_INDUCTOR=max: must be one of default, coordinate, autotune"),
-                      ({"VOXTUI_CHECKPOINT": "outside"}, "VOXTUI_CHECKPOINT=outside: must be one of auto, inside, around"),
+                      ({"VOXTUI_CHECKPOINT": "outside"}, "VOXTUI_CHECKPOINT=outside: must be one of inside, around"),
                       ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
                       ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):

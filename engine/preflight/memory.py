@@ -81,13 +81,13 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
 
 
 # what a step costs per token, relative to bf16 LoRA without checkpointing, as measured on an H200
-# (docs/benchmarks.md): FP8 products 29,205 → 36,229 tokens/s (run J); NF4 about 5% more than bf16 at the
-# same checkpointing (runs G, I: 52.6 against 50.3 µs a token, all layers recomputed); recomputing every
-# layer adds 44.5% with the checkpoint around each compiled layer (run G: 0.412 against 0.285 s a step of 8,192
-# tokens; NF4 and FP8 keep it there), about 33% for bf16 with it inside the layer (run P: 21,535 against 19,770
-# tokens/s around), each layer its share of that
+# (docs/benchmarks.md): FP8 products 29,205 → 36,229 tokens/s (run J; 29,349 → 36,537 in run R); NF4 about 5%
+# more than bf16 at the same checkpointing (runs G, I: 52.6 against 50.3 µs a token, all layers recomputed).
+# Recomputing every layer, the checkpoint inside each compiled layer (the default): bf16 +32% (run R, 16 × 1024
+# tokens: 29,349 without, 22,242 with), FP8 +29% (run R: 36,537 against 28,374), NF4 +32% (run Q: 9.8% faster
+# than around the layer's call, which cost +44.5% in run G); each checkpointed layer its share of that
 SPEED_COST = {"fp8": 0.806, "none": 1.0, "nf4": 1.05}
-RECOMPUTE_COST = {"fp8": 0.445, "none": 0.33, "nf4": 0.445}
+RECOMPUTE_COST = {"fp8": 0.29, "none": 0.32, "nf4": 0.32}
 
 
 def checkpointed_count(cfg: TrainConfig, layers: int) -> int:

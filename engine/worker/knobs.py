@@ -25,11 +25,11 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     products too, so elementwise work can fuse into them; a longer first compile). On an H200 neither paid:
     coordinate descent left NF4 as fast, max-autotune's compile outlasted 240 s (docs/benchmarks.md, runs
     N, O; the comparisons in bench/throughput.py, ``-cdt``, ``-autotune``)
-``VOXTUI_CHECKPOINT=auto|inside|around``
+``VOXTUI_CHECKPOINT=inside|around``
     with --grad_ckpt, where each checkpointed layer's checkpoint is taken (modeling.checkpoint_layers): in
-    the layer's forward, so a compiled layer's recompute is part of its compiled backward, or around the
-    layer's call. auto (default): inside for bf16, around for NF4 and FP8 (the comparisons in
-    bench/throughput.py, ``-ckptout`` and ``-ckptin``)
+    the layer's forward (default), so a compiled layer's recompute is part of its compiled backward, or
+    around the layer's call, where the backward enters each compiled layer again (measured slower for every
+    quantisation on an H200 at the same memory: the ``-ckptout`` comparisons in bench/throughput.py)
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
@@ -60,7 +60,7 @@ class Knobs:
     eager_ce: bool = False
     fusion: str = "none"  # none | nf4 | all
     inductor: str = "default"  # default | coordinate | autotune
-    checkpoint: str = "auto"  # auto | inside | around
+    checkpoint: str = "inside"  # inside | around
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -91,7 +91,7 @@ def read(env=None) -> Knobs:
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
                  fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
                  inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env),
-                 checkpoint=_choice("VOXTUI_CHECKPOINT", ("auto", "inside", "around"), "auto", env))
+                 checkpoint=_choice("VOXTUI_CHECKPOINT", ("inside", "around"), "inside", env))
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

@@ -99,7 +99,7 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.grad_ckpt:
-        checkpoint_layers(model, cfg.grad_ckpt_layers, checkpoint_place(cfg.quant))
+        checkpoint_layers(model, cfg.grad_ckpt_layers, checkpoint_place())
     if cfg.quant == "nf4" or cfg.grad_ckpt:
         # what prepare_model_for_kbit_training does that matters here, without casting every
         # non-quantised weight to fp32 (which costs memory and speed)
@@ -131,26 +131,28 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     return model, removed
 
 
-def checkpoint_place(quant: str) -> str:
-    """Where each checkpointed layer's checkpoint is taken (``VOXTUI_CHECKPOINT``, default ``auto``): inside
-    the layer's forward for bf16, around its call for NF4 and FP8 (``checkpoint_layers``)."""
+def checkpoint_place() -> str:
+    """Where each checkpointed layer's checkpoint is taken (``VOXTUI_CHECKPOINT``): inside the layer's
+    forward (the default) or around its call (``checkpoint_layers``)."""
     from engine.worker.knobs import knobs
 
-    place = knobs().checkpoint
-    return ("inside" if quant == "none" else "around") if place == "auto" else place
+    return knobs().checkpoint
 
 
-def checkpoint_layers(model: nn.Module, n: int, place: str = "around") -> int:
+def checkpoint_layers(model: nn.Module, n: int, place: str = "inside") -> int:
     """Activation checkpointing on the first ``n`` decoder layers (-1: all); the rest keep their activations.
     Returns how many layers recompute in the backward.
 
     ``around``: the checkpoint wraps the layer's call, so a compiled layer (``compile_layers``) runs again,
     whole, in the backward — through dynamo's guards each time, a host cost the GPU waits on. ``inside``: it
     is taken in the layer's forward, so a compiled layer holds it and its recompute is part of the compiled
-    backward: bf16 at 16 GiB 21,535 against 19,770 tokens/s around, 11.1 against 10.7 GiB (docs/benchmarks.md,
-    run P). NF4's and FP8's compiled backward kept their activations instead of recomputing them (NF4 20.3
-    against 5.6 GiB), so they stay ``around``. Where transformers' own switch wraps the layer moved between its
-    versions (the call in 5.17, the forward later): it is used only where it wraps the call."""
+    backward. Measured on an H200 (docs/benchmarks.md), inside against around: bf16 at 16 GiB 21,535 against
+    19,770 tokens/s, 11.1 against 10.7 GiB (run P); NF4 at the seed's batch 20,708 against 18,865, 5.99
+    against 5.64 GiB; FP8 with 20 of 30 layers checkpointed 27,147 against 24,833 at 14.5 GiB (run Q). (The
+    4-bit and FP8 products are plain operations and a custom operator there, not ``autograd.Function``s: with
+    those inside the checkpoint, torch 2.11's partition kept every activation — NF4 20.3 GiB in run P.)
+    Where transformers' own switch wraps the layer moved between its versions (the call in 5.17, the forward
+    later): it is used for ``around`` only where it wraps the call."""
     layers = language_model(_unwrap(model)).layers
     n = len(layers) if n < 0 else min(n, len(layers))
     if place == "around" and _transformers_wraps_call():

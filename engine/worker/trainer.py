@@ -148,7 +148,7 @@ class Trainer:
 
             n, of = checkpointed_layers(self.model)
             where = {"inside": "the checkpoint inside each layer's forward",
-                     "around": "the checkpoint around each layer's call"}[checkpoint_place(cfg.quant)]
+                     "around": "the checkpoint around each layer's call"}[checkpoint_place()]
             self.log(f"gradient checkpointing: {n} of {of} decoder layers recompute their activations ({where})")
         if cfg.packing:
             from engine.worker.attention import gqa_mode, varlen_available
