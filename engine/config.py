@@ -68,9 +68,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     fit). -1: all."""
     quant: Literal["nf4", "none", "fp8"] = "nf4"
     """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on the weights as they are (bf16,
-    or fp32 with --no-bf16); fp8: the
-    language model's projections in float8 with a scale per weight row, FP8 products (GPUs of compute
-    capability 8.9+; on an H200 1.24× bf16's tokens/s, docs/training.md)."""
+    or fp32 with --no-bf16); fp8: the language model's projections in float8 with a scale per weight row,
+    FP8 products (GPUs of compute capability 8.9+; on an H200 1.24× bf16's tokens/s, its adapters' gradients
+    less exact than bf16's: docs/training.md)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32

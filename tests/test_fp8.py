@@ -22,25 +22,29 @@ def test_rows_quantise_to_e4m3_with_one_scale_each():
     assert q.float().abs().amax(1).eq(448).all()  # each row's largest value lands on e4m3's largest
 
 
-@pytest.mark.parametrize("rows", [32, 5])  # an FP8 product; a shape it does not take (the bf16 fallback)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_product_and_input_gradient_follow_the_dequantised_weight(rows, dtype):
+@pytest.mark.parametrize("rows,out", [(32, 48), (5, 48), (32, 40)])  # FP8 products (5 × 2 rows padded to 16);
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # a weight they do not take (40 rows)
+def test_product_and_input_gradient_follow_the_dequantised_weight(rows, out, dtype):
     torch.manual_seed(1)
-    w = torch.randn(48, 64)
+    w = torch.randn(out, 64)
     wq, ws = fp8.quantize_rows(w)
     ws = ws[:, 0]
     wd = (wq.double() * ws.double()[:, None])  # what the products multiply by
     x = torch.randn(2, rows // 2 if rows % 2 == 0 else rows, 64).to(dtype).requires_grad_()
     y = fp8.linear(x, wq, ws)
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], 48)
+    assert y.dtype == dtype and y.shape == (*x.shape[:-1], out)
     ref = x.detach().double() @ wd.T
     g = torch.randn_like(ref)
     y.backward(g.to(dtype))
     gref = g @ wd
     for got, want in ((y.detach().double(), ref), (x.grad.double(), gref)):
         rel = (got - want).norm() / want.norm()
-        # activations (and gradients) rounded to e4m3 per row: a few percent at most; the fallback is exact
-        assert rel < (0.05 if rows % 16 == 0 else (1e-6 if dtype == torch.float32 else 1e-2)), rel
+        # activations (and gradients) rounded to e4m3 per row: a few percent at most, but not exact; the
+        # dequantised weight's product is exact in fp32
+        if out % 16 == 0:
+            assert 1e-4 < rel < 0.05, rel
+        else:
+            assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
 
 
 def _load(tiny_model, quant):

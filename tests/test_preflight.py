@@ -121,3 +121,27 @@ def test_system_check_says_what_fp8_does_here():
     assert "fp8" not in info and info["gpus"] == []
     lines = {c["name"]: c for c in r.checks}
     assert lines["fp8-cpu"]["level"] == "info" and "slow" in lines["fp8-cpu"]["message"]
+
+
+def test_memory_check_recommends_fp8_only_where_asked_for():
+    """On a GPU that takes FP8 products, the recommendation stays among bf16 and NF4 unless --quant fp8 was
+    asked for (its adapters' gradients miss tests/gpu's bound: docs/benchmarks.md); an info line says what
+    FP8 would give. With --quant fp8, the recommendation is about its checkpointing."""
+    from engine.config import TrainConfig
+    from engine.preflight import Report
+    from engine.preflight.memory import check_memory
+
+    m = {"llm_linear": 3_019_898_880, "embed_head": 805_306_368, "lora": 27_033_600, "hidden": 3072,
+         "intermediate": 8192, "layers": 30, "vocab": 131072}
+    system = {"gpus": [{"free_gib": 16.0}], "fp8": True}
+    lines = {}
+    for quant in ("none", "fp8"):
+        r = Report()
+        cfg = TrainConfig(train_jsonl="x", quant=quant, packing=True, per_device_bsz=8, max_len=1024, grad_ckpt=True)
+        check_memory(cfg, r, m, system, {})
+        lines[quant] = {c["name"]: c for c in r.checks}
+    rec = lines["none"]["recommend"]["recommend"]
+    assert rec["quant"] in ("none", "nf4")
+    assert "--quant fp8" in lines["none"]["fp8"]["message"] and "not recommended unasked" in lines["none"]["fp8"]["message"]
+    assert "fp8" not in lines["fp8"]
+    assert lines["fp8"]["recommend"]["recommend"]["quant"] == "fp8"

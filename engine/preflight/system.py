@@ -41,11 +41,11 @@ def check_system(cfg: TrainConfig, r) -> dict:
         from engine.worker.fp8 import available
 
         why = available(torch.device("cuda", 0))
-        info["fp8"] = not why  # the GPU takes FP8 products: memory's recommendation may pick --quant fp8
+        info["fp8"] = not why  # the GPU takes FP8 products: memory's check says what --quant fp8 would give
         if cfg.quant == "fp8":
             r.add("system", "fp8", "fail" if why else "ok", why + "; use --quant none or nf4" if why else
                   "--quant fp8: FP8 products (on an H200 1.24× bf16 LoRA's tokens/s, its loss within 0.4% of "
-                  "bf16's over 205 steps: docs/benchmarks.md)")
+                  "bf16's over 205 steps; its adapters' gradients further from exact than bf16's: docs/benchmarks.md)")
         try:
             import pynvml
 

@@ -116,9 +116,12 @@ def reference_loss_and_grads(ref, examples):
 def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt):
     """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), NF4 with
     both layers checkpointed (its default), and FP8 against HF on the weights rounded through FP8, without
-    checkpointing and with both layers checkpointed (the checkpoint inside each compiled layer). FP8
-    rounds the activations and gradients too, and holds the same bounds all the same (its first run,
-    2026-11-29: loss 7.9e-5, cosine 0.99984)."""
+    checkpointing and with both layers checkpointed (the checkpoint inside each compiled layer). FP8's
+    products round each row of activations and gradients to 8 bits as well: its loss holds the same bound,
+    its gradients a looser one (cosine ≥ 0.98; measured 0.990 on an H200, 0.991 on the CPU at these widths
+    with a smaller vocabulary), so FP8 is neither a default nor recommended by preflight unasked. (Its
+    first runs here passed 0.995 only because this row's 1,852 tokens, not a multiple of 16, sent every
+    product to the bf16 fallback; rows are padded for FP8 products since: docs/benchmarks.md.)"""
     if quant == "nf4":
         pytest.importorskip("bitsandbytes")
     if quant == "fp8":
@@ -152,4 +155,4 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     print(f"{quant} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
-    assert cos_all >= 0.995
+    assert cos_all >= (0.98 if quant == "fp8" else 0.995)
