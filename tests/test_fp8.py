@@ -129,3 +129,30 @@ def test_an_fp8_layer_compiles_into_one_graph_with_the_eager_results(tiny_model)
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [16, 7])  # 2 × 16 rows; 2 × 7, padded to 16 for the FP8 products
+def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, seq):
+    """The FP8 model as the 16 GiB configurations run it — both layers checkpointed (inside each layer) and
+    compiled (aot_eager here) — gives the eager, uncheckpointed model's loss and adapter gradients, also
+    where its rows are padded for the FP8 products."""
+    from engine.worker.modeling import CausalLMLoss, compile_layers
+
+    ids = torch.randint(5, 1000, (2, seq), generator=torch.Generator().manual_seed(seq))
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(1, flat.shape[0])
+    out = []
+    for ckpt in (False, True):
+        torch._dynamo.reset()
+        model = load_lora_model(tiny_model, quant="fp8", grad_ckpt=ckpt)
+        if ckpt:
+            compile_layers(model, backend="aot_eager")
+        loss = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])[0]
+        loss.backward()
+        out.append((float(loss), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch._dynamo.reset()
+    (loss0, g0), (loss1, g1) = out
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    assert g1.keys() == g0.keys() and all(g.abs().sum() > 0 for g in g0.values())
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
