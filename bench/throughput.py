@@ -38,7 +38,7 @@ BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckp
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 
 
-def ckpt8(quant: str, layers: int | None = None, bsz: int = 8) -> list[str]:
+def checkpointed(quant: str, layers: int | None = None, bsz: int = 8) -> list[str]:
     """``bsz`` × 1024-token packed micro-batches (8 unless said), compiled, checkpointed: every layer, or the
     first ``layers``."""
     return (["--quant", quant, "--packing", "--per_device_bsz", str(bsz), "--grad_ckpt", "--compile"]
@@ -85,38 +85,38 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled-fused": NF4 + ["--compile"],
     "nf4-packed-compiled-cdt": NF4 + ["--compile"],  # Inductor's coordinate-descent tuning (VOXTUI_INDUCTOR)
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
-    "bf16-ckpt-16gib": ckpt8("none"),
+    "bf16-ckpt-16gib": checkpointed("none"),
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
-    "bf16-ckpt25-16gib": ckpt8("none", 25),
-    "bf16-ckpt27-16gib": ckpt8("none", 27),
+    "bf16-ckpt25-16gib": checkpointed("none", 25),
+    "bf16-ckpt27-16gib": checkpointed("none", 27),
     # every layer checkpointed with larger micro-batches (16 / 20 × 1024 tokens): the products longer, the
     # step's fixed costs over more tokens, the kept inputs larger
-    "bf16-ckpt-16gib-b16": ckpt8("none", bsz=16),
-    "bf16-ckpt-16gib-b20": ckpt8("none", bsz=20),
-    "fp8-ckpt-16gib-b16": ckpt8("fp8", bsz=16),
+    "bf16-ckpt-16gib-b16": checkpointed("none", bsz=16),
+    "bf16-ckpt-16gib-b20": checkpointed("none", bsz=20),
+    "fp8-ckpt-16gib-b16": checkpointed("fp8", bsz=16),
     # FP8 products within 16 GiB: the frozen weights' 3.2 GB saved let 6 layers keep their activations (24 of 30
     # checkpointed: preflight's pick for 16 GiB on a GPU that takes FP8)
-    "fp8-ckpt24-16gib": ckpt8("fp8", 24),
+    "fp8-ckpt24-16gib": checkpointed("fp8", 24),
     # with more layers keeping their activations where 16 GiB has room (run N: FP8 with 24 checkpointed peaked at
     # 11.5 GiB)
-    "fp8-ckpt20-16gib": ckpt8("fp8", 20),
-    "fp8-ckpt17-16gib": ckpt8("fp8", 17),
+    "fp8-ckpt20-16gib": checkpointed("fp8", 20),
+    "fp8-ckpt17-16gib": checkpointed("fp8", 17),
     # where the checkpoint is taken (VOXTUI_CHECKPOINT, ENV below; modeling.checkpoint_layers): around each
     # compiled layer's call instead of inside it (the default)
-    "bf16-ckpt-16gib-ckptout": ckpt8("none"),
+    "bf16-ckpt-16gib-ckptout": checkpointed("none"),
     "nf4-packed-compiled-ckptout": NF4 + ["--compile"],
-    "fp8-ckpt20-16gib-ckptout": ckpt8("fp8", 20),
-    "bf16-ckpt23-16gib": ckpt8("none", 23),
+    "fp8-ckpt20-16gib-ckptout": checkpointed("fp8", 20),
+    "bf16-ckpt23-16gib": checkpointed("none", 23),
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
                        "--max_len", "8192"],
     "bf16-long-32768-ckpt": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
                              "--max_len", "32768"],
     # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
-    "small24b-bf16": ckpt8("none"),
+    "small24b-bf16": checkpointed("none"),
     "small24b-nf4": NF4 + ["--compile"],
     # the same bf16 with the last 24 of 40 layers keeping their activations (the 139 GiB of an H200 allow it)
-    "small24b-bf16-ckpt16": ckpt8("none", 16),
+    "small24b-bf16-ckpt16": checkpointed("none", 16),
 }
 # configurations with their own training rows: (file tag, rows, median tokens, cap) for bench/synth.py, the cap
 # under --max_len (synth's token counts are estimates)
