@@ -32,17 +32,25 @@ sys.path.insert(0, str(ROOT))
 
 COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--eval_steps", "0",
           "--preview_steps", "0", "--log_steps", "1"]
-# bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory)
-BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"]
+# bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory), every
+# product a bf16 one (--fp8_products none: the configurations named bf16 keep the meaning they had before
+# FP8 input gradients; "-fp8bwd" ones are what --fp8_products auto gives on an H200)
+BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--fp8_products", "none"]
+# --quant fp8: configurations named fp8 have every product an FP8 one (what --quant fp8 was before FP8 input
+# gradients alone); "fp8bwd" ones the input's gradients only (--fp8_products auto on an H200)
+FP8_ALL = ["--fp8_products", "all"]
+FP8_BWD = ["--fp8_products", "backward"]
 # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 
 
 def checkpointed(quant: str, layers: int | None = None, bsz: int = 8) -> list[str]:
     """``bsz`` × 1024-token packed micro-batches (8 unless said), compiled, checkpointed: every layer, or the
-    first ``layers``."""
-    return (["--quant", quant, "--packing", "--per_device_bsz", str(bsz), "--grad_ckpt", "--compile"]
-            + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
+    first ``layers``. ``quant``: none (bf16 products), fp8 (every product FP8), fp8bwd (FP8 weights, the
+    input's gradients FP8 products) or nf4."""
+    products = {"none": ["--fp8_products", "none"], "fp8": FP8_ALL, "fp8bwd": FP8_BWD}.get(quant, [])
+    return (["--quant", "fp8" if quant == "fp8bwd" else quant, "--packing", "--per_device_bsz", str(bsz),
+             "--grad_ckpt", "--compile"] + products + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
 
 
 CONFIGS: dict[str, list[str]] = {
@@ -57,9 +65,9 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-autotune": BF16 + ["--compile"],
     # a larger token budget per micro-batch (24 × 1024): the step's fixed costs over 1.5× the tokens
     "bf16-packed-compiled-b24": ["--quant", "none", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
-                                 "--compile"],
+                                 "--compile", "--fp8_products", "none"],
     "fp8-packed-compiled-b24": ["--quant", "fp8", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
-                                "--compile"],
+                                "--compile"] + FP8_ALL,
     "bf16-packed-compiled-dropout": BF16 + ["--compile", "--lora_dropout", "0.05"],
     "bf16-packed-compiled-nodrop": BF16 + ["--compile", "--lora_dropout", "0"],
     # the same with telemetry off (the default run above has it on, every 1 s) — the overhead check
@@ -67,16 +75,18 @@ CONFIGS: dict[str, list[str]] = {
     # the same with previews every 5 steps and no time budget: what each preview costs
     "bf16-packed-compiled-previews": BF16 + ["--compile", "--preview_steps", "5", "--preview_count", "4",
                                              "--preview_budget", "0"],
-    "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile"],
+    "bf16-grouped": ["--quant", "none", "--no-packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--no-compile",
+                     "--fp8_products", "none"],
     # several GPUs: the adapter gradients summed by torch's DistributedDataParallel instead of one flat
     # all-reduce per step (the default); "-split" lets dynamo split each compiled layer at DDP's buckets
     "bf16-packed-compiled-ddp": BF16 + ["--compile", "--grad_sync", "ddp"],
     "bf16-packed-compiled-ddp-split": BF16 + ["--compile", "--grad_sync", "ddp"],
     # --quant fp8 at bf16's batch (the issue's bar: ≥ 1.4× bf16-packed-compiled, its loss within 1% of bf16's
     # over 200 steps: STEPS=200 for both, then bench/compare_losses.py on their events)
-    "fp8-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"],
+    "fp8-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--compile"]
+    + FP8_ALL,
     "fp8-packed-compiled-cdt": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
-                                "--compile"],
+                                "--compile"] + FP8_ALL,
     "nf4-packed": NF4 + ["--no-compile"],
     "nf4-packed-compiled": NF4 + ["--compile"],
     # the same with bitsandbytes' own forward in the 4-bit layers (ENV below; voxtui's traceable one is the default)
@@ -107,11 +117,25 @@ CONFIGS: dict[str, list[str]] = {
     "nf4-packed-compiled-ckptout": NF4 + ["--compile"],
     "fp8-ckpt20-16gib-ckptout": checkpointed("fp8", 20),
     "bf16-ckpt23-16gib": checkpointed("none", 23),
+    # the input's gradients as FP8 products, the forward's bf16 ones (--fp8_products backward, auto's choice on
+    # an H200): bf16 weights with an e4m3 copy for the backward; FP8 weights dequantised for the forward
+    "bf16-packed-compiled-fp8bwd": BF16[:-2] + FP8_BWD + ["--compile"],
+    "bf16-packed-compiled-b24-fp8bwd": ["--quant", "none", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
+                                        "--compile"] + FP8_BWD,
+    "fp8bwd-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                               "--compile"] + FP8_BWD,
+    "bf16-ckpt-16gib-b20-fp8bwd": checkpointed("none", bsz=20)[:-2] + FP8_BWD,
+    # within 16 GiB with FP8 weights and FP8 input gradients: every layer checkpointed at 20 / 24 × 1024 tokens,
+    # 28 of 30 at 16 × 1024, 20 of 30 at 8 × 1024
+    "fp8bwd-ckpt-16gib-b20": checkpointed("fp8bwd", bsz=20),
+    "fp8bwd-ckpt-16gib-b24": checkpointed("fp8bwd", bsz=24),
+    "fp8bwd-ckpt28-16gib-b16": checkpointed("fp8bwd", 28, bsz=16),
+    "fp8bwd-ckpt20-16gib": checkpointed("fp8bwd", 20),
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
-                       "--max_len", "8192"],
+                       "--max_len", "8192", "--fp8_products", "none"],
     "bf16-long-32768-ckpt": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
-                             "--max_len", "32768"],
+                             "--max_len", "32768", "--fp8_products", "none"],
     # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
     "small24b-bf16": checkpointed("none"),
     "small24b-nf4": NF4 + ["--compile"],

@@ -68,9 +68,15 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     fit). -1: all."""
     quant: Literal["nf4", "none", "fp8"] = "nf4"
     """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on the weights as they are (bf16,
-    or fp32 with --no-bf16); fp8: the language model's projections in float8 with a scale per weight row,
-    FP8 products (GPUs of compute capability 8.9+; on an H200 1.24× bf16's tokens/s, its adapters' gradients
-    less exact than bf16's: docs/training.md)."""
+    or fp32 with --no-bf16); fp8: the language model's projections in float8 with a scale per weight row (1
+    byte per weight; GPUs of compute capability 8.9+; which products are FP8 ones: --fp8_products)."""
+    fp8_products: Literal["auto", "none", "backward", "all"] = "auto"
+    """Which products of the frozen projections run in FP8 (GPUs of compute capability 8.9+). backward: the
+    input's gradients (the forward's products as they are; on an H200 1.11× bf16 LoRA's tokens/s, gradients
+    as exact as the GPU tests ask; with --quant none an e4m3 copy of the weights: 1 byte per weight more);
+    all: the forward's too (--quant fp8 only: 1.24×, its adapters' gradients less exact); none. auto:
+    backward with --quant none or fp8 on a Hopper GPU (where it was measured), none otherwise (the CPU's FP8
+    products are emulated; --quant fp8 there multiplies by its weights dequantised)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -177,6 +183,12 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append(f"--lr must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.fp8_products == "all" and self.quant != "fp8":
+            problems.append(f"--fp8_products all needs --quant fp8 (its forward's FP8 products multiply by the "
+                            f"FP8 weights; got --quant {self.quant}): use --fp8_products backward")
+        if self.fp8_products == "backward" and self.quant == "nf4":
+            problems.append("--fp8_products backward needs --quant none or fp8 (NF4's products are bf16 ones on "
+                            "its dequantised weights)")
         if self.grad_ckpt_layers < -1:
             problems.append(f"--grad_ckpt_layers must be -1 (all) or 0 or more (got {self.grad_ckpt_layers})")
         problems += preview_param_problems(self.temperature, self.top_p, self.max_new_tokens, got=True,

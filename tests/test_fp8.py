@@ -47,14 +47,40 @@ def test_product_and_input_gradient_follow_the_dequantised_weight(rows, out, dty
             assert rel < (1e-6 if dtype == torch.float32 else 1e-2), rel
 
 
-def _load(tiny_model, quant):
-    return load_lora_model(tiny_model, quant=quant)
+@pytest.mark.parametrize("rows,out", [(32, 48), (5, 48), (32, 40)])  # FP8 gradients (rows padded for them);
+@pytest.mark.parametrize("given", [True, False])  # the forward's weight given (bf16 weights) or dequantised
+def test_fp8_input_gradients_under_an_exact_forward(rows, out, given):
+    """``grad_linear`` (--fp8_products backward): the product is the weight's own (the activations never
+    rounded), the input's gradient an FP8 product of the output's gradient (rounded by rows) — a few percent
+    from exact, not the bf16 fallback — except where the weight's dimensions FP8 products do not take."""
+    torch.manual_seed(2)
+    w = torch.randn(out, 64)
+    wq, ws = fp8.quantize_rows(w)
+    ws = ws[:, 0]
+    wd = wq.double() * ws.double()[:, None]
+    wcol = fp8._column_major(wq)
+    assert wcol.stride(0) == 1 and torch.equal(wcol, wq)
+    x = torch.randn(rows, 64).requires_grad_()
+    y = fp8.grad_linear(x, wd.float() if given else None, wcol, ws)
+    want = x.detach().double() @ wd.T
+    assert (y.detach().double() - want).norm() / want.norm() < 1e-6  # the forward is exact
+    g = torch.randn_like(want)
+    y.backward(g.float())
+    rel = (x.grad.double() - g @ wd).norm() / (g @ wd).norm()
+    assert (1e-4 < rel < 0.05) if out % 16 == 0 else rel < 1e-6, rel
 
 
-def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_model):
+def _load(tiny_model, quant, products="all"):
+    return load_lora_model(tiny_model, quant=quant, fp8_products=products if quant == "fp8" else "none")
+
+
+@pytest.mark.parametrize("products", ["all", "backward", "none"])
+def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_model, products):
+    """--quant fp8 against LoRA on the weights rounded through FP8: every product FP8 (all), FP8 input
+    gradients under an exact forward (backward: the same loss), or none (the same loss and gradients)."""
     from engine.worker.modeling import _unwrap, language_model, param_table
 
-    model = _load(tiny_model, "fp8")
+    model = _load(tiny_model, "fp8", products)
     layers = language_model(_unwrap(model)).layers
     assert sum(hasattr(m, "_fp8_scale") for m in layers.modules()) == 2 * 7
     assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers.modules() if hasattr(m, "_fp8_scale"))
@@ -71,8 +97,49 @@ def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_
         loss, grads = lora_loss_and_grads(m)
         out.append((loss, torch.cat([grads[k].flatten() for k in sorted(grads)])))
     (loss, g), (loss_ref, g_ref) = out
-    assert loss == pytest.approx(loss_ref, rel=0.02)
-    assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.98
+    cos = float(torch.nn.functional.cosine_similarity(g, g_ref, dim=0))
+    if products == "all":
+        assert loss == pytest.approx(loss_ref, rel=0.02) and loss != pytest.approx(loss_ref, rel=1e-6)
+        assert cos > 0.98
+    elif products == "backward":
+        assert loss == pytest.approx(loss_ref, rel=1e-6)
+        assert 0.99 < cos < 1 - 1e-7  # FP8 input gradients: close, not the exact product
+    else:
+        assert loss == pytest.approx(loss_ref, rel=1e-6) and cos > 1 - 1e-6
+
+
+def test_fp8_input_gradients_on_bf16_weights_keep_the_forward_and_its_decoder(tiny_model):
+    """--quant none --fp8_products backward: the weights stay as they are (an e4m3 copy beside them, for the
+    input's gradients only): the loss is the plain model's, the gradients close to its, and the weights are
+    plain ones to the fast decoder (no FP8 scale on them)."""
+    from engine.worker.modeling import _unwrap, language_model
+
+    model = load_lora_model(tiny_model, quant="none", fp8_products="backward")
+    ref = load_lora_model(tiny_model, quant="none")
+    mods = list(language_model(_unwrap(model)).layers.modules())
+    copies = [m for m in mods if hasattr(m, "_fp8_grad_weight")]
+    assert len(copies) == 2 * 7 and not any(hasattr(m, "_fp8_scale") for m in mods)
+    assert all(m.weight.dtype == torch.float32 and m._fp8_grad_weight.dtype == torch.float8_e4m3fn
+               and m._fp8_grad_weight.stride(0) == 1 for m in copies)
+    (loss, g), (loss_ref, g_ref) = [lora_loss_and_grads(m) for m in (model, ref)]
+    assert loss == pytest.approx(loss_ref, rel=1e-6)
+    a, b = (torch.cat([x[k].flatten() for k in sorted(x)]) for x in (g, g_ref))
+    assert 0.99 < float(torch.nn.functional.cosine_similarity(a, b, dim=0)) < 1 - 1e-7
+
+
+def test_fp8_products_auto_and_its_checks():
+    """auto: no FP8 products on the CPU (emulated there) nor with NF4; a choice that cannot hold is refused
+    with the flag named."""
+    from engine.util import UsageError
+
+    cpu = torch.device("cpu")
+    assert [fp8.products(q, "auto", cpu)[0] for q in ("none", "fp8", "nf4")] == ["none"] * 3
+    assert fp8.products("none", "backward", cpu) == ("backward", "--fp8_products backward")
+    for quant, products, says in (("none", "all", "--fp8_products all needs --quant fp8"),
+                                  ("nf4", "backward", "--fp8_products backward needs --quant none or fp8"),
+                                  ("nf4", "all", "--fp8_products all needs --quant fp8")):
+        with pytest.raises(UsageError, match=says):
+            TrainConfig(train_jsonl="", quant=quant, fp8_products=products).validate()
 
 
 def test_fp8_is_a_quant_choice_of_the_cli_and_runs_on_the_cpu(tmp_path):
@@ -91,9 +158,11 @@ def test_a_real_fp8_run_saves_an_adapter_that_loads_on_the_rounded_base(tmp_path
 
     rows = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Say {i}.", "output": f"{i} {i}."} for i in range(24)])
     out = tmp_path / "run"
-    proc = worker(train_args(tiny_model, out, rows, quant="fp8", max_steps=3, packing=True))
+    proc = worker(train_args(tiny_model, out, rows, quant="fp8", fp8_products="backward", max_steps=3, packing=True))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "fp8" in (out / "config.toml").read_text()
+    assert "FP8 products: backward — the input's gradients are FP8 products" in proc.stdout + proc.stderr
+    assert 'quant = "fp8"' in (out / "config.toml").read_text()
+    assert 'fp8_products = "backward"' in (out / "config.toml").read_text()
     cfg = TrainConfig(model_id=str(tiny_model), train_jsonl="x", quant="fp8", bf16=False)
     base = load_base(cfg, torch.device("cpu"))
     w = base.model.language_model.layers[0].self_attn.q_proj.weight
@@ -131,11 +200,13 @@ def test_an_fp8_layer_compiles_into_one_graph_with_the_eager_results(tiny_model)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("quant,products", [("fp8", "all"), ("fp8", "backward"), ("none", "backward")])
 @pytest.mark.parametrize("seq", [16, 7])  # 2 × 16 rows; 2 × 7, padded to 16 for the FP8 products
-def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, seq):
+def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, seq, quant, products):
     """The FP8 model as the 16 GiB configurations run it — both layers checkpointed (inside each layer) and
     compiled (aot_eager here) — gives the eager, uncheckpointed model's loss and adapter gradients, also
-    where its rows are padded for the FP8 products."""
+    where its rows are padded for the FP8 products; so do FP8 input gradients under bf16 forward products
+    (--fp8_products backward), on FP8 weights and on bf16 ones."""
     from engine.worker.modeling import CausalLMLoss, compile_layers
 
     ids = torch.randint(5, 1000, (2, seq), generator=torch.Generator().manual_seed(seq))
@@ -144,7 +215,7 @@ def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, s
     out = []
     for ckpt in (False, True):
         torch._dynamo.reset()
-        model = load_lora_model(tiny_model, quant="fp8", grad_ckpt=ckpt)
+        model = load_lora_model(tiny_model, quant=quant, fp8_products=products, grad_ckpt=ckpt)
         if ckpt:
             compile_layers(model, backend="aot_eager")
         loss = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])[0]

@@ -69,12 +69,15 @@ def test_the_checkpoint_sits_inside_each_layer_by_default(tiny_model, quant):
         assert all(isinstance(layer, m._CheckpointedCall) and not layer.gradient_checkpointing for layer in layers)
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4", "fp8"])
-def test_a_compiled_layer_holds_no_autograd_function(tiny_model, quant):
+@pytest.mark.parametrize("quant,products,op", [("none", "none", ""), ("nf4", "auto", ""), ("fp8", "all", "voxtui.fp8_mm"),
+                                               ("fp8", "backward", "voxtui.mm_fp8_grad"),
+                                               ("none", "backward", "voxtui.mm_fp8_grad")])
+def test_a_compiled_layer_holds_no_autograd_function(tiny_model, quant, products, op):
     """What dynamo traces of a checkpointed layer holds no ``autograd.Function`` (a higher-order
     ``autograd_function_apply``): with one inside the checkpoint, torch 2.11's partition kept every activation
     of the layer (NF4 20.3 against 5.6 GiB on an H200, docs/benchmarks.md run P). NF4's products are plain
-    operations there, FP8's a custom operator (``voxtui::fp8_mm``) with its own backward."""
+    operations there, FP8's custom operators with their own backward (``voxtui::fp8_mm``; with FP8 input
+    gradients alone, ``voxtui::mm_fp8_grad``)."""
     from engine.worker.modeling import compile_layers
 
     torch._dynamo.reset()
@@ -85,14 +88,14 @@ def test_a_compiled_layer_holds_no_autograd_function(tiny_model, quant):
             targets.extend(str(node.target) for node in mod.graph.nodes if node.op == "call_function")
         return gm.forward
 
-    model = load_lora_model(tiny_model, quant=quant, grad_ckpt=True)
+    model = load_lora_model(tiny_model, quant=quant, fp8_products=products, grad_ckpt=True)
     compile_layers(model, backend=inspecting)
     lora_loss_and_grads(model)
     torch._dynamo.reset()
     assert any("tag_activation_checkpoint" in t for t in targets)
     assert not any("autograd_function_apply" in t for t in targets)
-    if quant == "fp8":
-        assert any("voxtui.fp8_mm" in t for t in targets), sorted(set(targets))
+    if op:
+        assert any(op in t for t in targets), sorted(set(targets))
 
 
 def test_a_compiled_layer_holds_its_checkpoint_inside(tiny_model):

@@ -69,7 +69,7 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     the fewest checkpointed layers that fit whose measured cost per token is least, NF4 on 10 GiB."""
     from engine.config import TrainConfig
     from engine.preflight import estimate_memory, fastest_fit
-    from engine.preflight.memory import step_cost
+    from engine.preflight.memory import _candidates, fp8_mode, step_cost
 
     m = {"llm_linear": 3_208_826_880, "embed_head": 805_306_368, "lora": 27_033_600, "hidden": 3072,
          "intermediate": 8192, "layers": 30, "vocab": 131072}
@@ -83,7 +83,18 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
         est = estimate_memory(cfg, m)
         assert measured <= est["total"] <= 1.35 * measured, (est, measured)
     assert fastest_fit(bf16, m, 139.0)[0] == {"quant": "none", "grad_ckpt": False, "grad_ckpt_layers": -1}
-    assert fastest_fit(bf16, m, 139.0, fp8=True)[0] == {"quant": "fp8", "grad_ckpt": False, "grad_ckpt_layers": -1}
+    # on a Hopper GPU auto gives FP8 input gradients: bf16 weights with them are the fastest (1.11×), and their
+    # e4m3 copy is counted (1 byte per weight: 3.0 GiB here)
+    assert fastest_fit(bf16, m, 139.0, fp8=True, fp8_auto=True)[0] == {"quant": "none", "grad_ckpt": False,
+                                                                       "grad_ckpt_layers": -1}
+    with_copy = estimate_memory(bf16, m, fp8_auto=True)["weights"] - estimate_memory(bf16, m)["weights"]
+    assert with_copy == pytest.approx(m["llm_linear"] / 2**30, abs=0.02)
+    # every product FP8 only where asked for (its gradients miss the GPU tests' bound)
+    asked = msgspec.structs.replace(bf16, quant="fp8", fp8_products="all")
+    assert fastest_fit(asked, m, 139.0, fp8=True, fp8_auto=True)[0] == {"quant": "fp8", "grad_ckpt": False,
+                                                                        "grad_ckpt_layers": -1}
+    # a GPU that takes FP8 products where auto does not give them (Ada): FP8 weights only where asked for
+    assert fastest_fit(ckpt, m, 16.0, fp8=True)[0]["quant"] != "fp8"
     # as few layers checkpointed as fit: the more memory, the fewer
     fit24, fit16 = fastest_fit(ckpt, m, 24.0)[0], fastest_fit(ckpt, m, 16.0)[0]
     assert fit24["grad_ckpt"] and 0 < fit24["grad_ckpt_layers"] < 30
@@ -91,18 +102,22 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     assert fit24["grad_ckpt_layers"] < fit16["grad_ckpt_layers"] <= 30
     assert estimate_memory(msgspec.structs.replace(ckpt, **fit16), m)["total"] <= 0.9 * 16.0
     # among the modes, the one whose fewest checkpointed layers that fit cost least by the measured speeds
-    for cfg, free, fp8 in ((ckpt, 16.0, False), (ckpt, 16.0, True), (nf4, 24.0, True), (bf16, 24.0, False)):
-        fields, _ = fastest_fit(cfg, m, free, fp8=fp8)
+    for cfg, free, fp8 in ((ckpt, 16.0, False), (ckpt, 16.0, True), (nf4, 24.0, True), (bf16, 24.0, False),
+                           (asked, 16.0, True)):
+        fields, _ = fastest_fit(cfg, m, free, fp8=fp8, fp8_auto=fp8)
+        chosen = msgspec.structs.replace(cfg, **fields)
         n_ckpt = (30 if fields["grad_ckpt_layers"] < 0 else fields["grad_ckpt_layers"]) if fields["grad_ckpt"] else 0
-        cost = step_cost(fields["quant"], n_ckpt, 30)
-        for quant in ("fp8", "none", "nf4") if fp8 else ("none", "nf4"):
+        cost = step_cost(fields["quant"], n_ckpt, 30, fp8_mode(chosen.quant, chosen.fp8_products, fp8))
+        for quant, products in _candidates(cfg, fp8, fp8):
             fewest = next((k for k in range(31) if estimate_memory(msgspec.structs.replace(
-                cfg, quant=quant, grad_ckpt=k > 0, grad_ckpt_layers=-1 if k in (0, 30) else k), m)["total"]
-                <= 0.9 * free), None)
-            assert fewest is None or cost <= step_cost(quant, fewest, 30)
-    assert fastest_fit(ckpt, m, 16.0, fp8=True)[0]["quant"] == "fp8"
+                cfg, quant=quant, fp8_products=products, grad_ckpt=k > 0, grad_ckpt_layers=-1 if k in (0, 30) else k),
+                m, fp8_auto=fp8)["total"] <= 0.9 * free), None)
+            assert fewest is None or cost <= step_cost(quant, fewest, 30, fp8_mode(quant, products, fp8))
+    # 16 GiB on a Hopper GPU: FP8 weights with FP8 input gradients (1 byte a weight: more layers keep theirs)
+    assert fastest_fit(ckpt, m, 16.0, fp8=True, fp8_auto=True)[0]["quant"] == "fp8"
     assert fastest_fit(nf4, m, 10.0)[0]["quant"] == "nf4"
-    assert step_cost("fp8", 0, 30) < step_cost("none", 0, 30) < step_cost("nf4", 0, 30) < step_cost("none", 30, 30)
+    assert (step_cost("fp8", 0, 30, "all") < step_cost("none", 0, 30, "backward") < step_cost("fp8", 0, 30, "backward")
+            < step_cost("none", 0, 30) < step_cost("nf4", 0, 30) < step_cost("none", 30, 30))
     assert fastest_fit(bf16, m, 4.0) is None
 
 
@@ -123,25 +138,30 @@ def test_system_check_says_what_fp8_does_here():
     assert lines["fp8-cpu"]["level"] == "info" and "slow" in lines["fp8-cpu"]["message"]
 
 
-def test_memory_check_recommends_fp8_only_where_asked_for():
-    """On a GPU that takes FP8 products, the recommendation stays among bf16 and NF4 unless --quant fp8 was
-    asked for (its adapters' gradients miss tests/gpu's bound: docs/benchmarks.md); an info line says what
-    FP8 would give. With --quant fp8, the recommendation is about its checkpointing."""
+def test_memory_check_recommends_every_product_fp8_only_where_asked_for():
+    """On a Hopper GPU (auto gives FP8 input gradients, within the GPU tests' bounds) the recommendation
+    weighs bf16, NF4 and FP8 weights, each with FP8 input gradients where they take them; every product FP8
+    (--fp8_products all: its adapters' gradients miss tests/gpu's bound, docs/benchmarks.md) only where
+    asked for — an info line says what it would give. Asked for, the recommendation keeps it."""
     from engine.config import TrainConfig
     from engine.preflight import Report
     from engine.preflight.memory import check_memory
 
     m = {"llm_linear": 3_019_898_880, "embed_head": 805_306_368, "lora": 27_033_600, "hidden": 3072,
          "intermediate": 8192, "layers": 30, "vocab": 131072}
-    system = {"gpus": [{"free_gib": 16.0}], "fp8": True}
+    system = {"gpus": [{"free_gib": 16.0}], "fp8": True, "fp8_auto": True}
     lines = {}
-    for quant in ("none", "fp8"):
+    for quant, products in (("none", "auto"), ("fp8", "all")):
         r = Report()
-        cfg = TrainConfig(train_jsonl="x", quant=quant, packing=True, per_device_bsz=8, max_len=1024, grad_ckpt=True)
+        cfg = TrainConfig(train_jsonl="x", quant=quant, fp8_products=products, packing=True, per_device_bsz=8,
+                          max_len=1024, grad_ckpt=True)
         check_memory(cfg, r, m, system, {})
         lines[quant] = {c["name"]: c for c in r.checks}
-    rec = lines["none"]["recommend"]["recommend"]
-    assert rec["quant"] in ("none", "nf4")
-    assert "--quant fp8" in lines["none"]["fp8"]["message"] and "not recommended unasked" in lines["none"]["fp8"]["message"]
+    rec = lines["none"]["recommend"]
+    assert rec["recommend"]["quant"] == "fp8" and "fp8_products" not in rec["recommend"]  # auto: input gradients
+    assert "--quant fp8 --grad_ckpt --grad_ckpt_layers" in rec["message"]
+    info = lines["none"]["fp8"]["message"]
+    assert "--fp8_products all" in info and "not recommended unasked" in info
     assert "fp8" not in lines["fp8"]
     assert lines["fp8"]["recommend"]["recommend"]["quant"] == "fp8"
+    assert "fp8_products" not in lines["fp8"]["recommend"]["recommend"]  # kept: all

@@ -56,14 +56,26 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
     return info
 
 
-def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None) -> dict:
+def fp8_mode(quant: str, products: str, fp8_auto: bool = False) -> str:
+    """What --fp8_products ``products`` means with --quant ``quant`` where auto gives FP8 input gradients
+    (``fp8_auto``: a Hopper GPU) or not: none, backward or all (the worker's ``fp8.products``)."""
+    if products != "auto":
+        return products
+    return "backward" if fp8_auto and quant in ("none", "fp8") else "none"
+
+
+def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None,
+                    fp8_auto: bool = False) -> dict:
     """A per-GPU estimate in GiB (weights, adapter + optimiser, activations, loss head, overhead) for
     batches of ``seq_len`` tokens (the data's p99 when known, else --max_len; packing fills --max_len).
     Activation bytes per token and layer are the ones measured on an H200 (docs/benchmarks.md):
-    about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout."""
+    about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout. FP8 input
+    gradients on bf16 weights keep an e4m3 copy of them (``fp8_auto``: where --fp8_products auto gives them)."""
     bsz = bsz or cfg.per_device_bsz
     g = 2**30
     per_param = {"nf4": 0.53, "fp8": 1.0}.get(cfg.quant, 2.0)  # bytes a linear weight takes
+    if cfg.quant == "none" and fp8_mode(cfg.quant, cfg.fp8_products, fp8_auto) == "backward":
+        per_param += 1.0
     weights = (m["llm_linear"] * per_param + m["embed_head"] * 2) / g
     adapter = m["lora"] * 16 / g  # fp32 weight + grad + two Adam moments
     # packed: one row of the packed budget; padded: bsz rows of the p99 length (at most --max_len)
@@ -80,14 +92,20 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
             "loss_head": round(head, 2), "overhead": round(0.1 * base + 0.8, 2), "total": round(1.1 * base + 0.8, 2)}
 
 
-# what a step costs per token, relative to bf16 LoRA without checkpointing, as measured on an H200
-# (docs/benchmarks.md): FP8 products 29,205 → 36,229 tokens/s (run J; 29,349 → 36,537 in run R); NF4 about 5%
-# more than bf16 at the same checkpointing (runs G, I: 52.6 against 50.3 µs a token, all layers recomputed).
-# Recomputing every layer, the checkpoint inside each compiled layer (the default): bf16 +32% (run R, 16 × 1024
-# tokens: 29,349 without, 22,242 with), FP8 +29% (run R: 36,537 against 28,374), NF4 +32% (run Q: 9.8% faster
-# than around the layer's call, which cost +44.5% in run G); each checkpointed layer its share of that
-SPEED_COST = {"fp8": 0.806, "none": 1.0, "nf4": 1.05}
-RECOMPUTE_COST = {"fp8": 0.29, "none": 0.32, "nf4": 0.32}
+# what a step costs per token, relative to bf16 LoRA without checkpointing, by (--quant, FP8 products), as
+# measured on an H200 (docs/benchmarks.md): FP8 input gradients on bf16 weights 29,293 → 32,513 tokens/s (run
+# T; 29,346 → 32,547 in U), on FP8 weights 32,014 (T); every product FP8 29,205 → 36,229 (run J; 29,349 →
+# 36,537 in R); NF4 about 5% more than bf16 at the same checkpointing (runs G, I: 52.6 against 50.3 µs a
+# token, all layers recomputed). FP8 weights with bf16 products (--fp8_products none) were never measured:
+# taken as bf16's. Recomputing every layer, the checkpoint inside each compiled layer (the default): bf16 +32%
+# (run R, 16 × 1024 tokens: 29,349 without, 22,242 with; with FP8 input gradients +32%, T: 32,513 against
+# 24,685 at 20 × 1024), FP8 +29% (R: 36,537 against 28,374; input gradients alone +31%, T: 32,014 against
+# 24,453), NF4 +32% (run Q: 9.8% faster than around the layer's call, which cost +44.5% in run G); each
+# checkpointed layer its share of that
+SPEED_COST = {("none", "none"): 1.0, ("none", "backward"): 0.901, ("fp8", "backward"): 0.915, ("fp8", "all"): 0.806,
+              ("fp8", "none"): 1.0, ("nf4", "none"): 1.05}
+RECOMPUTE_COST = {("none", "none"): 0.32, ("none", "backward"): 0.32, ("fp8", "backward"): 0.31, ("fp8", "all"): 0.29,
+                  ("fp8", "none"): 0.32, ("nf4", "none"): 0.32}
 
 
 def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
@@ -95,25 +113,50 @@ def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
     return (layers if cfg.grad_ckpt_layers < 0 else min(cfg.grad_ckpt_layers, layers)) if cfg.grad_ckpt else 0
 
 
-def step_cost(quant: str, ckpt: int, layers: int) -> float:
-    """A step's cost per token relative to bf16 LoRA without checkpointing (``SPEED_COST``)."""
-    return SPEED_COST[quant] * (1 + RECOMPUTE_COST[quant] * ckpt / max(layers, 1))
+def step_cost(quant: str, ckpt: int, layers: int, mode: str = "none") -> float:
+    """A step's cost per token relative to bf16 LoRA without checkpointing (``SPEED_COST``), ``mode``: which
+    products are FP8 ones (``fp8_mode``)."""
+    key = (quant, mode if quant != "nf4" else "none")
+    return SPEED_COST[key] * (1 + RECOMPUTE_COST[key] * ckpt / max(layers, 1))
+
+
+def _cost(cfg: TrainConfig, n: int, fp8_auto: bool) -> float:
+    return step_cost(cfg.quant, checkpointed_count(cfg, n), n, fp8_mode(cfg.quant, cfg.fp8_products, fp8_auto))
+
+
+def _candidates(cfg: TrainConfig, fp8: bool, fp8_auto: bool) -> list[tuple[str, str]]:
+    """(--quant, --fp8_products) pairs to weigh: bf16, NF4, and FP8 weights where the GPU takes FP8 products
+    (``fp8``) and either auto gives its input gradients (``fp8_auto``) or --quant fp8 was asked for. The
+    run's --fp8_products is kept where the pair takes it, else auto; every product FP8 (``all``: its
+    adapters' gradients miss the GPU tests' bound) only where asked for."""
+    out = []
+    for quant in ("fp8", "none", "nf4"):
+        products = cfg.fp8_products
+        if (products == "all" and quant != "fp8") or (products == "backward" and quant == "nf4"):
+            products = "auto"
+        if quant == "fp8" and not (fp8 and (cfg.quant == "fp8" or (fp8_auto and products != "none"))):
+            continue
+        out.append((quant, products))
+    return out
 
 
 def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None = None,
-                fp8: bool = False) -> tuple[dict, dict] | None:
+                fp8: bool = False, fp8_auto: bool = False) -> tuple[dict, dict] | None:
     """The fastest memory setting that fits in 90% of ``free_gib`` at this batch by the costs measured on
-    an H200 (``step_cost``): FP8 products (where the GPU takes them: ``fp8``), bf16 or NF4, each with as
-    few layers checkpointed (--grad_ckpt_layers) as fit. Returns the changed fields and the estimate, or
-    None when nothing fits."""
+    an H200 (``step_cost``): bf16, NF4 or FP8 weights (``_candidates``; ``fp8``: the GPU takes FP8 products,
+    ``fp8_auto``: --fp8_products auto gives FP8 input gradients there), each with as few layers
+    checkpointed (--grad_ckpt_layers) as fit. Returns the changed fields (--fp8_products only where it must
+    change) and the estimate, or None when nothing fits."""
     n = m["layers"]
     best = None
-    for quant in (("fp8",) if fp8 else ()) + ("none", "nf4"):
+    for quant, products in _candidates(cfg, fp8, fp8_auto):
         for ckpt in range(n + 1):
             fields = {"quant": quant, "grad_ckpt": ckpt > 0, "grad_ckpt_layers": -1 if ckpt in (0, n) else ckpt}
-            est = estimate_memory(msgspec.structs.replace(cfg, **fields), m, seq_len=seq_len)
+            if products != cfg.fp8_products:
+                fields["fp8_products"] = products
+            est = estimate_memory(msgspec.structs.replace(cfg, **fields), m, seq_len=seq_len, fp8_auto=fp8_auto)
             if est["total"] <= 0.9 * free_gib:
-                cost = step_cost(quant, ckpt, n)
+                cost = step_cost(quant, ckpt, n, fp8_mode(quant, products, fp8_auto))
                 if best is None or cost < best[0]:
                     best = (cost, fields, est)
                 break  # more layers checkpointed only costs more
@@ -122,45 +165,47 @@ def fastest_fit(cfg: TrainConfig, m: dict, free_gib: float, seq_len: int | None 
 
 def _flags(fields: dict) -> str:
     out = f"--quant {fields['quant']} " + ("--grad_ckpt" if fields["grad_ckpt"] else "--no-grad_ckpt")
-    return out + (f" --grad_ckpt_layers {fields['grad_ckpt_layers']}" if fields["grad_ckpt_layers"] >= 0 else "")
+    out += f" --grad_ckpt_layers {fields['grad_ckpt_layers']}" if fields["grad_ckpt_layers"] >= 0 else ""
+    return out + (f" --fp8_products {fields['fp8_products']}" if "fp8_products" in fields else "")
 
 
-def _speedup(cfg: TrainConfig, fields: dict, n: int) -> float:
+def _speedup(cfg: TrainConfig, fields: dict, n: int, fp8_auto: bool = False) -> float:
     """How many times ``cfg``'s tokens/s the setting ``fields`` would reach, by ``step_cost``."""
-    return (step_cost(cfg.quant, checkpointed_count(cfg, n), n)
-            / step_cost(fields["quant"], checkpointed_count(msgspec.structs.replace(cfg, **fields), n), n))
+    return _cost(cfg, n, fp8_auto) / _cost(msgspec.structs.replace(cfg, **fields), n, fp8_auto)
 
 
 def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dict) -> None:
     if m is None:
         return
     seq = int(lengths["train"]["p99"]) if "train" in lengths else None
-    est = estimate_memory(cfg, m, seq_len=seq)
+    gpu_fp8, fp8_auto = system.get("fp8", False), system.get("fp8_auto", False)
+    est = estimate_memory(cfg, m, seq_len=seq, fp8_auto=fp8_auto)
     parts = ", ".join(f"{k} {v}" for k, v in est.items() if k != "total")
     if system["gpus"]:
         free = min(g["free_gib"] for g in system["gpus"][: cfg.nproc])
         level = "fail" if est["total"] > free else "warn" if est["total"] > 0.9 * free else "ok"
         r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
                                            f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
-        # FP8 only where asked for: its products round activations and gradients to 8 bits, and its adapter
-        # gradients miss tests/gpu's bound (cosine 0.990 against 0.995; docs/benchmarks.md)
-        gpu_fp8 = system.get("fp8", False)
-        best = fastest_fit(cfg, m, free, seq, fp8=gpu_fp8 and cfg.quant == "fp8")
+        best = fastest_fit(cfg, m, free, seq, fp8=gpu_fp8, fp8_auto=fp8_auto)
         now = {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt,
                "grad_ckpt_layers": cfg.grad_ckpt_layers if cfg.grad_ckpt and 0 <= cfg.grad_ckpt_layers < m["layers"] else -1}
         if best is not None and best[0] != now:
             fields, fit = best
             r.add("memory", "recommend", "info",
                   f"fastest setting that fits: {_flags(fields)} (about {fit['total']:.1f} GiB), about "
-                  f"{_speedup(cfg, fields, m['layers']):.2f}× this setting's tokens/s by the speeds measured on an H200 "
-                  "(docs/benchmarks.md)", recommend=fields)
-        fast = fastest_fit(cfg, m, free, seq, fp8=True) if gpu_fp8 and cfg.quant != "fp8" else None
-        if fast is not None and fast[0]["quant"] == "fp8":
-            r.add("memory", "fp8", "info",
-                  f"{_flags(fast[0])} would fit (about {fast[1]['total']:.1f} GiB) at about "
-                  f"{_speedup(cfg, fast[0], m['layers']):.2f}× this setting's tokens/s, but is not recommended unasked: "
-                  "FP8 products round each row of activations and gradients to 8 bits, and the adapters' gradients "
-                  "stay further from exact than bf16's (docs/benchmarks.md)")
+                  f"{_speedup(cfg, fields, m['layers'], fp8_auto):.2f}× this setting's tokens/s by the speeds measured "
+                  "on an H200 (docs/benchmarks.md)", recommend=fields)
+        # every product FP8 only where asked for: its forward rounds each row of activations to 8 bits, and its
+        # adapters' gradients miss tests/gpu's bound (cosine 0.990 against 0.995; docs/benchmarks.md)
+        if gpu_fp8 and cfg.fp8_products != "all":
+            fast = fastest_fit(msgspec.structs.replace(cfg, quant="fp8", fp8_products="all"), m, free, seq, fp8=True)
+            if fast is not None and fast[0]["quant"] == "fp8":
+                fields = {**fast[0], "fp8_products": "all"}
+                r.add("memory", "fp8", "info",
+                      f"{_flags(fields)} would fit (about {fast[1]['total']:.1f} GiB) at about "
+                      f"{_speedup(cfg, fields, m['layers'], fp8_auto):.2f}× this setting's tokens/s, but is not "
+                      "recommended unasked: its forward's FP8 products round each row of activations to 8 bits, and "
+                      "the adapters' gradients stay further from exact than the GPU tests allow (docs/benchmarks.md)")
     else:
         import psutil
 

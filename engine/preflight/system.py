@@ -38,14 +38,26 @@ def check_system(cfg: TrainConfig, r) -> dict:
     if cfg.quant == "nf4" and bv is None:
         r.add("system", "bitsandbytes", "fail", "--quant nf4 needs bitsandbytes (pip install bitsandbytes), or use --quant none")
     if info["cuda"]:
-        from engine.worker.fp8 import available
+        from engine.worker.fp8 import available, describe, products
 
-        why = available(torch.device("cuda", 0))
-        info["fp8"] = not why  # the GPU takes FP8 products: memory's check says what --quant fp8 would give
-        if cfg.quant == "fp8":
-            r.add("system", "fp8", "fail" if why else "ok", why + "; use --quant none or nf4" if why else
-                  "--quant fp8: FP8 products (on an H200 1.24× bf16 LoRA's tokens/s, its loss within 0.4% of "
-                  "bf16's over 205 steps; its adapters' gradients further from exact than bf16's: docs/benchmarks.md)")
+        gpu0 = torch.device("cuda", 0)
+        why = available(gpu0)
+        info["fp8"] = not why  # the GPU takes FP8 products: memory's check weighs FP8 weights
+        info["fp8_auto"] = products("none", "auto", gpu0)[0] == "backward"  # auto gives FP8 input gradients
+        if cfg.quant == "fp8" and why:
+            r.add("system", "fp8", "fail", why + "; use --quant none or nf4")
+        elif cfg.quant != "nf4":
+            mode, because = products(cfg.quant, cfg.fp8_products, gpu0)
+            if mode != "none" and why:
+                r.add("system", "fp8", "fail", f"--fp8_products {cfg.fp8_products}: {why}; use --fp8_products none")
+            else:
+                r.add("system", "fp8", "ok", f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({because}; "
+                      + {"backward": "on an H200 1.11× bf16's tokens/s, its loss within 0.54% of bf16's over 205 "
+                                     "steps, its adapters' gradients within the GPU tests' bounds",
+                         "all": "on an H200 1.24× bf16's tokens/s, its adapters' gradients further from exact than "
+                                "the GPU tests allow",
+                         "none": "" if why else "--fp8_products backward: 1.11× on an H200"}[mode]
+                      + (": docs/benchmarks.md)" if mode != "none" or not why else ")"))
         try:
             import pynvml
 

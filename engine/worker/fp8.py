@@ -1,21 +1,30 @@
-"""``--quant fp8``: the frozen base weights of the language model's projections in float8 (e4m3) with one
-scale per weight row, the adapters as they are (fp32 weights, bf16 products under autocast).
+"""FP8 products for the frozen projections of the language model: ``--quant fp8`` (the base weights in
+float8 e4m3 with one scale per weight row, the adapters as they are: fp32 weights, bf16 products under
+autocast) and ``--fp8_products`` (which products are FP8 ones: ``products``).
 
-Each projection's product runs as ``torch._scaled_mm`` with row-wise scales: forward, the input's rows are
-quantised (one scale per row, amax / 448) against the weight's rows; backward, the input's gradient is
-the output's gradient times the weight's scales, quantised by rows, against the weight transposed (FP8
-products take the second operand column-major: the weight's transpose is made for the product and
-dropped). Under ``torch.compile`` the quantisations are elementwise work Inductor fuses with the
-kernels around them. FP8 products take dimensions that are multiples of 16: the input's rows are padded to
-one (a padded batch of any length, a preview's few rows), and a weight whose own dimensions are not is
-multiplied dequantised to bf16 instead. ``round_trip`` gives a bf16 model the weights every product
-multiplies by, for inference.
+- ``all`` (``linear``, --quant fp8 only): every product is ``torch._scaled_mm`` with row-wise scales: forward,
+  the input's rows are quantised (one scale per row, amax / 448) against the weight's rows; backward, the
+  input's gradient is the output's gradient times the weight's scales, quantised by rows, against the weight
+  transposed (FP8 products take the second operand column-major: the weight's transpose is made for the
+  product and dropped). On an H200 (docs/benchmarks.md, runs J, R): 1.24× bf16 LoRA's tokens/s, the loss
+  within 0.4% of bf16's over 205 steps; but its adapters' gradients are further from exact than the GPU
+  tests allow: cosine 0.990 against HF + PEFT on the same rounded weights (bf16, NF4: ≥ 0.9998; the bound
+  0.995). The 8-bit activations of the forward cost it: on the CPU, a bf16 backward lifted it only to 0.992,
+  scales per 128 columns (emulated) to 0.9925.
+- ``backward`` (``grad_linear``; ``auto``'s choice on a Hopper GPU): the forward's products are bf16 ones on
+  the weights as they are (--quant none: an e4m3 copy beside them serves the backward, ``attach_grad``) or
+  dequantised (--quant fp8), so the activations are never rounded; only the input's gradient is an FP8
+  product (the output's gradient rounded by rows). On an H200 (runs T, U): bf16 weights 1.11× the tokens/s
+  of bf16 products, the loss within 0.54% of theirs over 205 steps, adapter gradients cosine 0.9975 against
+  exact (FP8 weights: 0.9987 against the rounded ones) — within the GPU tests' 0.995.
+- ``none``: no FP8 products (--quant fp8: every product on the weight dequantised).
 
-Measured on an H200 (docs/benchmarks.md, run J): 1.24× bf16 LoRA's tokens/s in the same run at 95% of its
-memory, the loss within 0.4% of bf16's over 205 steps; one scale per operand instead of per row measured
-2% slower (run K) and is not kept. Its adapters' gradients are further from exact than bf16's: cosine 0.990
-against HF + PEFT on the same rounded weights in ``tests/gpu`` (bf16, NF4: ≥ 0.9998), which holds FP8 to
-0.98; on the CPU, scales per 128 columns instead of per row (emulated) lifted it only to 0.9925 from 0.9909.
+Under ``torch.compile`` the quantisations are elementwise work Inductor fuses with the kernels around them;
+each FP8 product is a ``torch.library`` custom operator with its own backward (no ``autograd.Function``
+inside a compiled layer: tests/test_grad_ckpt.py says why). FP8 products take dimensions that are multiples
+of 16: rows are padded to one (a padded batch of any length, a preview's few rows), and a weight whose own
+dimensions are not is multiplied dequantised instead. ``round_trip`` gives a bf16 model the weights every
+product multiplies by, for inference. One scale per operand instead of per row measured 2% slower (run K).
 """
 
 from __future__ import annotations
@@ -48,19 +57,71 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def quantize(layers) -> int:
+def products(quant: str, asked: str, device: torch.device) -> tuple[str, str]:
+    """What ``--fp8_products`` (``asked``) means with ``--quant quant`` on ``device``: "none", "backward" or
+    "all", and why (a phrase for the log and preflight)."""
+    if asked != "auto":
+        return asked, f"--fp8_products {asked}"
+    if quant == "nf4":
+        return "none", "auto: NF4's products are bf16 ones"
+    if device.type != "cuda":
+        return "none", "auto: the CPU's FP8 products are emulated, slower than its bf16 ones"
+    why = available(device)
+    if why:
+        return "none", f"auto: {why}"
+    if torch.cuda.get_device_capability(device) < (9, 0):  # Ada takes them too, but was never measured
+        return "none", "auto: FP8 input gradients are measured on Hopper GPUs only (ask: --fp8_products backward)"
+    return "backward", ("auto: the GPU takes FP8 products; the input's gradients as FP8 products (on an H200 "
+                        "1.11x the tokens/s, gradients within the GPU tests' bounds)")
+
+
+def describe(quant: str, mode: str) -> str:
+    """One phrase for the log: which products are FP8 ones."""
+    if mode == "all":
+        return "every product of the frozen projections is an FP8 one (forward and the input's gradients)"
+    if mode == "backward":
+        return ("the input's gradients are FP8 products, the forward's are bf16 ones"
+                + (" (on the weights dequantised)" if quant == "fp8" else " (an e4m3 copy of the weights for them)"))
+    return "no FP8 products" + (" (the FP8 weights dequantised for each product)" if quant == "fp8" else "")
+
+
+def quantize(layers, mode: str = "all") -> int:
     """The 7 projections of each decoder layer of ``layers`` (PEFT's base layer where an adapter wraps
-    one): weight → e4m3 with one fp32 scale per row (a non-persistent buffer), forward → FP8 products.
-    Only plain bias-free ``nn.Linear`` layers are taken. Returns how many."""
+    one): weight → e4m3 with one fp32 scale per row (a non-persistent buffer). ``mode`` (``products``):
+    "all", every product an FP8 one (``linear``); "backward", the forward multiplies by the weight
+    dequantised (the activations as they are) and the input's gradient is an FP8 product (``grad_linear``),
+    the e4m3 weight kept column-major, the layout that product takes; "none", every product on the weight
+    dequantised. Only plain bias-free ``nn.Linear`` layers are taken. Returns how many."""
+    forward = {"all": _forward, "backward": _forward_dequantized, "none": _forward_plain}[mode]
     n = 0
     for mod in _projections(layers):
         if mod.weight.dtype != E4M3:
             q, scale = quantize_rows(mod.weight.data)
-            mod.weight = nn.Parameter(q, requires_grad=False)
+            mod.weight = nn.Parameter(_column_major(q) if mode == "backward" else q, requires_grad=False)
             mod.register_buffer("_fp8_scale", scale[:, 0].contiguous(), persistent=False)
-            mod.forward = types.MethodType(_forward, mod)
+            mod.forward = types.MethodType(forward, mod)
             n += 1
     return n
+
+
+def attach_grad(layers) -> int:
+    """The 7 projections of each decoder layer keep their weights and forward products as they are; the
+    input's gradient becomes an FP8 product against an e4m3 copy of the weight (column-major, one scale
+    per row: one more byte per weight). Returns how many."""
+    n = 0
+    for mod in _projections(layers):
+        if not hasattr(mod, "_fp8_grad_weight"):
+            q, scale = quantize_rows(mod.weight.data)
+            mod.register_buffer("_fp8_grad_weight", _column_major(q), persistent=False)
+            mod.register_buffer("_fp8_grad_scale", scale[:, 0].contiguous(), persistent=False)
+            mod.forward = types.MethodType(_forward_grad8, mod)
+            n += 1
+    return n
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (n × k) laid out column by column: its transpose is a row-major k × n."""
+    return t.t().contiguous().t()
 
 
 def _projections(layers):
@@ -92,6 +153,19 @@ def _weight(wq: torch.Tensor, ws: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self._fp8_scale)
+
+
+def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    dtype = _out_dtype(x)
+    return torch.nn.functional.linear(x.to(dtype), _weight(self.weight, self._fp8_scale, dtype))
+
+
+def _forward_dequantized(self, x: torch.Tensor) -> torch.Tensor:
+    return grad_linear(x, None, self.weight, self._fp8_scale)
+
+
+def _forward_grad8(self, x: torch.Tensor) -> torch.Tensor:
+    return grad_linear(x, self.weight, self._fp8_grad_weight, self._fp8_grad_scale)
 
 
 def _fits(*dims: int) -> bool:
@@ -157,3 +231,51 @@ def _fp8_mm_backward(ctx, grad):
 
 
 fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_context)
+
+
+def grad_linear(x: torch.Tensor, w: torch.Tensor | None, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in the input's precision (bf16 under autocast), differentiable in ``x``, whose gradient
+    is an FP8 product with the e4m3 ``wq`` (column-major) and its row scales ``ws``. ``w``: the weight the
+    forward multiplies by (``None``: ``wq · ws`` dequantised, by tensor operations the compiled layer
+    fuses). The forward's activations are never rounded to 8 bits, which is what costs ``linear``'s
+    gradients their accuracy (docs/training.md); only the output's gradient is, by rows."""
+    out_dtype = _out_dtype(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    n, k = wq.shape
+    if w is None:
+        w = _weight(wq, ws, out_dtype)
+    if not _fits(k, n):
+        return torch.nn.functional.linear(x2.to(out_dtype), w.to(out_dtype)).reshape(*x.shape[:-1], n)
+    return mm_fp8_grad(x2.to(out_dtype), w.to(out_dtype), wq, ws).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("voxtui::mm_fp8_grad", mutates_args=())
+def mm_fp8_grad(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T``; its backward (``_mm_fp8_grad_backward``) gives ``x`` the gradient ``g @ (W_q · s)`` as an
+    FP8 product."""
+    return x @ w.t()
+
+
+@mm_fp8_grad.register_fake
+def _(x, w, wq, ws):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _mm_fp8_grad_context(ctx, inputs, output):
+    _, _, wq, ws = inputs
+    ctx.save_for_backward(wq, ws)
+
+
+def _mm_fp8_grad_backward(ctx, grad):
+    wq, ws = ctx.saved_tensors
+    rows, k = grad.shape[0], wq.shape[1]
+    pad = -rows % 16
+    g = grad.float() * ws[None, :]
+    gq, gs = quantize_rows(torch.nn.functional.pad(g, (0, 0, 0, pad)) if pad else g)
+    ones = torch.ones((1, k), dtype=torch.float32, device=grad.device)
+    b = wq if wq.stride(0) == 1 else _column_major(wq)
+    grad_x = torch._scaled_mm(gq, b, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+    return (grad_x[:rows] if pad else grad_x), None, None, None
+
+
+mm_fp8_grad.register_autograd(_mm_fp8_grad_backward, setup_context=_mm_fp8_grad_context)

@@ -66,7 +66,8 @@ def _fusable(m: nn.Module) -> bool:
     """A plain bias-free nn.Linear or traceable 4-bit layer, or PEFT's LoRA layer over one, with one plain
     adapter, no dropout."""
     base = _base(m)
-    if not (type(base) is nn.Linear or _nf4(base)) or base.bias is not None or hasattr(base, "_fp8_scale"):
+    if not (type(base) is nn.Linear or _nf4(base)) or base.bias is not None or hasattr(base, "_fp8_scale") \
+            or hasattr(base, "_fp8_grad_weight"):
         return False
     if not _is_lora(m):
         return m is base

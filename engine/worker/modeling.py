@@ -76,13 +76,18 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from engine.worker.attention import register
 
     dtype = torch.bfloat16 if cfg.bf16 and _bf16_ok(device) else torch.float32
-    if cfg.quant == "fp8":
+    from engine.worker.fp8 import products
+    from engine.worker.knobs import knobs
+
+    fp8_mode, _ = products(cfg.quant, cfg.fp8_products, device)
+    if cfg.quant == "fp8" or fp8_mode != "none":
         from engine.util import UsageError
         from engine.worker.fp8 import available
 
         why = available(device)
         if why:
-            raise UsageError(f"--quant fp8: {why}; use --quant none or nf4")
+            raise UsageError(f"--quant fp8: {why}; use --quant none or nf4" if cfg.quant == "fp8" else
+                             f"--fp8_products {cfg.fp8_products}: {why}; use --fp8_products none")
     kwargs = {"dtype": dtype, "device_map": {"": device}, "attn_implementation": register(device)}
     if cfg.quant == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype)
@@ -108,7 +113,6 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
                       target_modules=lora_target_regex(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     from engine.worker.fusion import fuse_projections
-    from engine.worker.knobs import knobs
 
     if cfg.quant == "nf4":
         from engine.worker.nf4 import traceable
@@ -118,7 +122,11 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     if cfg.quant == "fp8":
         from engine.worker import fp8
 
-        fp8.quantize(language_model(_unwrap(model)).layers)  # e4m3 weights, FP8 products (engine/worker/fp8.py)
+        fp8.quantize(language_model(_unwrap(model)).layers, fp8_mode)  # e4m3 weights (engine/worker/fp8.py)
+    elif fp8_mode == "backward":
+        from engine.worker import fp8
+
+        fp8.attach_grad(language_model(_unwrap(model)).layers)  # the input's gradients as FP8 products
     # adapter weights train in fp32 for stable updates; the frozen base stays in its dtype
     for p in model.parameters():
         if p.requires_grad:

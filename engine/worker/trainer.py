@@ -150,6 +150,11 @@ class Trainer:
             where = {"inside": "the checkpoint inside each layer's forward",
                      "around": "the checkpoint around each layer's call"}[checkpoint_place()]
             self.log(f"gradient checkpointing: {n} of {of} decoder layers recompute their activations ({where})")
+        if cfg.quant != "nf4":
+            from engine.worker.fp8 import describe, products
+
+            mode, why = products(cfg.quant, cfg.fp8_products, d.device)
+            self.log(f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({why})")
         if cfg.packing:
             from engine.worker.attention import gqa_mode, varlen_available
 

@@ -41,14 +41,17 @@ def packed_row(seed: int = 0) -> tuple[dict, list[tuple[list[int], int]]]:
     return batch, examples
 
 
-def worker_model(path, quant: str, ckpt: int = 0):
+def worker_model(path, quant: str, ckpt: int = 0, products: str = ""):
     """The model as the worker loads it (compiled layers, voxtui attention, NF4's traceable layers), adapters'
-    B random; ``ckpt``: how many layers recompute in the backward (--grad_ckpt_layers; 0: no checkpointing)."""
+    B random; ``ckpt``: how many layers recompute in the backward (--grad_ckpt_layers; 0: no checkpointing);
+    ``products``: --fp8_products ("": every product bf16 for --quant none, FP8 for --quant fp8, as before
+    FP8 input gradients)."""
     from engine.config import TrainConfig
     from engine.worker.modeling import load_model
 
     cfg = TrainConfig(model_id=str(path), train_jsonl="-", quant=quant, bf16=True, compile=True, grad_ckpt=ckpt > 0,
-                      grad_ckpt_layers=ckpt, lora_dropout=0.0, max_len=MAX_LEN)
+                      grad_ckpt_layers=ckpt, lora_dropout=0.0, max_len=MAX_LEN,
+                      fp8_products=products or {"fp8": "all", "nf4": "auto"}.get(quant, "none"))
     model, _ = load_model(cfg, DEV)
     model.train()  # as the worker runs it (checkpointing acts in training mode only; dropout is 0)
     g = torch.Generator(device=DEV).manual_seed(1)
@@ -112,8 +115,10 @@ def reference_loss_and_grads(ref, examples):
     return total, n, grads
 
 
-@pytest.mark.parametrize("quant,ckpt", [("none", 0), ("none", 1), ("nf4", 0), ("nf4", 2), ("fp8", 0), ("fp8", 2)])
-def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt):
+@pytest.mark.parametrize("quant,ckpt,products", [("none", 0, ""), ("none", 1, ""), ("nf4", 0, ""), ("nf4", 2, ""),
+                                                ("fp8", 0, ""), ("fp8", 2, ""), ("none", 0, "backward"),
+                                                ("none", 2, "backward"), ("fp8", 0, "backward"), ("fp8", 2, "backward")])
+def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt, products):
     """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), NF4 with
     both layers checkpointed (its default), and FP8 against HF on the weights rounded through FP8, without
     checkpointing and with both layers checkpointed (the checkpoint inside each compiled layer). FP8's
@@ -129,13 +134,24 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
 
         if available(DEV):
             pytest.skip(available(DEV))
+    if products:  # --fp8_products backward: the forward's products as they are, the input's gradients FP8
+        from engine.worker.fp8 import available
+
+        if available(DEV):
+            pytest.skip(available(DEV))
     batch, examples = packed_row()
     assert int(batch["max_length_q"]) == MAX_LEN and len(batch["cu_seq_lens_q"]) >= len(EXAMPLES) + 1
-    model = worker_model(real_width_dir, quant, ckpt)
+    model = worker_model(real_width_dir, quant, ckpt, products)
     if quant == "nf4":  # the worker's 4-bit layers: voxtui's traceable forward (engine/worker/nf4.py)
         from engine.worker.modeling import _unwrap, language_model
 
         assert sum(hasattr(m, "_nf4_meta") for m in language_model(_unwrap(model)).modules()) == 2 * 7
+    if products:  # bf16 weights with an e4m3 copy for the backward; FP8 weights kept column-major for it
+        from engine.worker.modeling import _unwrap, language_model
+
+        mods = list(language_model(_unwrap(model)).modules())
+        assert (sum(hasattr(m, "_fp8_grad_weight") for m in mods) if quant == "none" else
+                sum(hasattr(m, "_fp8_scale") and m.weight.stride(0) == 1 for m in mods)) == 2 * 7
     if ckpt:
         from engine.worker.modeling import checkpointed_layers
 
@@ -152,7 +168,7 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     per = {k: float(torch.nn.functional.cosine_similarity(ours_g[k].flatten(), ref_g[k].flatten(), dim=0))
            for k in ours_g}
     worst = min(per, key=per.get)
-    print(f"{quant} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
+    print(f"{quant}{' FP8 backward' if products else ''} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
-    assert cos_all >= (0.98 if quant == "fp8" else 0.995)
+    assert cos_all >= (0.98 if quant == "fp8" and not products else 0.995)
