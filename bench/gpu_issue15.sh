@@ -3,7 +3,7 @@
 #   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 40 minutes on an H200)
 #   PART=tests|rows|long|fp8|tuning|16gib|ckpt|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
 #   NPROC=2 PART=rows bash bench/gpu_issue15.sh                # the same rows on two GPUs (NCCL)
-# results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/fp8-loss.json
+# results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/*-loss.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}
@@ -16,25 +16,30 @@ if has tests; then  # the GPU equivalence tests first: a lever that fails them i
 fi
 if has rows; then  # bf16 and NF4 at the issue's batches, each beside what its levers replaced; 16 GiB
   TAG=-rows STEPS=${STEPS:-15} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-packed-compiled,bf16-packed-compiled-eagerce,bf16-packed-compiled-fused,nf4-packed-compiled,nf4-packed-compiled-fused,nf4-packed-compiled-bnb,bf16-ckpt-16gib,bf16-ckpt25-16gib
+    bf16-packed-compiled,bf16-packed-compiled-fp8bwd,bf16-packed-compiled-eagerce,bf16-packed-compiled-fused,nf4-packed-compiled,nf4-packed-compiled-fused,nf4-packed-compiled-bnb,bf16-ckpt-16gib,bf16-ckpt25-16gib
 fi
 if has long; then  # long rows: 2 × 8192 without checkpointing, 1 × 32768 with
   TAG=-long STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-long-8192,bf16-long-32768-ckpt
 fi
-if has fp8; then  # --quant fp8 against bf16 over 200 steps: speed, memory, and the loss curves compared
-  TAG=-fp8 STEPS=200 TIMEOUT=${TIMEOUT:-600} bash bench/gpu_throughput.sh "$NPROC" bf16-packed-compiled,fp8-packed-compiled
+if has fp8; then  # FP8 input gradients (the default on Hopper) and every product FP8 against bf16 products over
+  # 200 steps: speed, memory, and the loss curves compared
+  TAG=-fp8 STEPS=200 TIMEOUT=${TIMEOUT:-600} bash bench/gpu_throughput.sh "$NPROC" \
+    bf16-packed-compiled,bf16-packed-compiled-fp8bwd,fp8-packed-compiled
   mkdir -p /tmp/fp8cmp && tar -xzf "$OUT/w$NPROC-fp8.tar.gz" -C /tmp/fp8cmp
-  python3 bench/compare_losses.py /tmp/fp8cmp/bf16-packed-compiled-n$NPROC.events.jsonl \
-    /tmp/fp8cmp/fp8-packed-compiled-n$NPROC.events.jsonl --json "$OUT/fp8-loss.json"
+  for c in bf16-packed-compiled-fp8bwd fp8-packed-compiled; do
+    python3 bench/compare_losses.py /tmp/fp8cmp/bf16-packed-compiled-n$NPROC.events.jsonl \
+      /tmp/fp8cmp/$c-n$NPROC.events.jsonl --json "$OUT/$c-loss.json"
+  done
 fi
 if has tuning; then  # 24 × 1024 micro-batches beside the defaults, profiled (Inductor's tuning: runs N, O)
   TAG=-tuning PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
     bf16-packed-compiled,bf16-packed-compiled-b24,fp8-packed-compiled,fp8-packed-compiled-b24,nf4-packed-compiled
 fi
-if has 16gib; then  # within 16 GiB (a 24 GB card), every layer checkpointed: bf16 at 8 and 20 x 1024 tokens a
-  # micro-batch, FP8 at 16 x 1024 (the fastest of each in run R), and FP8 with 20 of 30 at 8 x 1024
+if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 products on bf16 weights, every layer checkpointed, at 8
+  # and 20 x 1024 tokens a micro-batch (the fastest in run R); FP8 weights with FP8 input gradients, 19 / 20 of
+  # 30 checkpointed at 8 x 1024 (the fastest in runs U, V); every product FP8 at 16 x 1024 (R)
   TAG=-16gib STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-ckpt-16gib,bf16-ckpt-16gib-b20,fp8-ckpt-16gib-b16,fp8-ckpt20-16gib
+    bf16-ckpt-16gib,bf16-ckpt-16gib-b20,fp8bwd-ckpt19-16gib,fp8bwd-ckpt20-16gib,fp8-ckpt-16gib-b16
 fi
 if has ckpt; then  # where the checkpoint sits (VOXTUI_CHECKPOINT): inside each layer (the default) beside around it, profiled
   TAG=-ckpt PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \

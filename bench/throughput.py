@@ -131,6 +131,7 @@ CONFIGS: dict[str, list[str]] = {
     "fp8bwd-ckpt-16gib-b24": checkpointed("fp8bwd", bsz=24),
     "fp8bwd-ckpt28-16gib-b16": checkpointed("fp8bwd", 28, bsz=16),
     "fp8bwd-ckpt20-16gib": checkpointed("fp8bwd", 20),
+    "fp8bwd-ckpt19-16gib": checkpointed("fp8bwd", 19),
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
                        "--max_len", "8192", "--fp8_products", "none"],

@@ -23,14 +23,14 @@ def real_width_dir(tmp_path_factory):
     return save_real_width(tmp_path_factory)
 
 
-def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch) -> int:
+def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch, products: str = "") -> int:
     from engine.worker.knobs import knobs
     from engine.worker.modeling import CausalLMLoss
 
     monkeypatch.setenv("VOXTUI_CHECKPOINT", place)
     knobs.cache_clear()
     torch._dynamo.reset()
-    model = worker_model(path, quant, ckpt)
+    model = worker_model(path, quant, ckpt, products)
     batch, _ = packed_row()
     loss_fn = CausalLMLoss(model, compiled=True)
 
@@ -44,10 +44,14 @@ def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch) -> int:
     return kept
 
 
-@pytest.mark.parametrize("quant", ["none", "nf4", "fp8"])
-def test_a_checkpointed_compiled_layer_keeps_little(real_width_dir, quant, monkeypatch):
-    kept = {"no checkpointing": saved_bytes(real_width_dir, quant, 0, "inside", monkeypatch)}
+@pytest.mark.parametrize("quant,products", [("none", ""), ("nf4", ""), ("fp8", ""), ("none", "backward"),
+                                            ("fp8", "backward")])
+def test_a_checkpointed_compiled_layer_keeps_little(real_width_dir, quant, products, monkeypatch):
+    """… for bf16, NF4 and every product FP8, and with FP8 input gradients (--fp8_products backward) on bf16
+    and on FP8 weights."""
+    kept = {"no checkpointing": saved_bytes(real_width_dir, quant, 0, "inside", monkeypatch, products)}
     for place in ("inside", "around"):
-        kept[place] = saved_bytes(real_width_dir, quant, 2, place, monkeypatch)
-    print(f"{quant}: kept for the backward, MiB: " + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in kept.items()))
+        kept[place] = saved_bytes(real_width_dir, quant, 2, place, monkeypatch, products)
+    print(f"{quant}{' FP8 backward' if products else ''}: kept for the backward, MiB: "
+          + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in kept.items()))
     assert kept["inside"] <= 0.5 * kept["no checkpointing"] and kept["around"] <= 0.5 * kept["no checkpointing"], kept
