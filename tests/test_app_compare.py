@@ -196,8 +196,8 @@ def test_a_running_run_is_followed_and_a_resume_redoes_its_steps(tmp_path):
 
 def test_a_100k_step_run_loads_a_piece_at_a_time_without_holding_up_the_screen(tmp_path):
     """100,000 steps (about 25 MB): read and folded on a worker thread a piece at a time; the app's loop
-    keeps answering (the longest stall is measured ~0.03 s here; a fold on the loop would stall for
-    seconds) and the screen says how far it has read meanwhile."""
+    keeps answering (the longest stall is a small part of the load; a fold on the loop stalls it for most
+    of the load) and the screen says how far it has read meanwhile."""
     from app.app import VoxApp
     from app.screens.compare import CompareScreen
     from app.widgets.compare import Legend
@@ -224,18 +224,22 @@ def test_a_100k_step_run_loads_a_piece_at_a_time_without_holding_up_the_screen(t
                     stalls.append(time.perf_counter() - t)
 
             task = asyncio.create_task(probe())
+            started = time.perf_counter()
             await pilot.press("c")
             await pilot_wait(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.loaded
                              and not app.screen.runs[0].loading, timeout=60, every=0.05)
+            load = time.perf_counter() - started
             task.cancel()
             series = app.screen.runs[0]
             xs, ys = series.series("train")
             assert len(series.step_x) == 100_000 and xs[0] == 1 and xs[-1] == 100_000 and len(xs) <= 401
             assert series.series("val")[0][-1] == 100_000
             assert seen_reading, "the legend never said it was reading"
-            # ~0.03 s on an idle machine; a fold on the loop would stall for the whole load (seconds). The
-            # bound leaves room for a machine busy with other work (0.9 s seen with two test suites beside it)
-            assert max(stalls) < 1.5, max(stalls)
+            # ~0.05 s of a 0.75 s load on an idle machine; the fold on the loop stalls it for most of the load
+            # (0.51 s of 0.67, checked). Relative to how long the load took, so a machine busy with other work,
+            # which slows the load and the loop alike (1.7 s stalls seen with CPU-heavy work beside the suite;
+            # an absolute 1.5 s bound failed there and let the fold on the loop pass here), does not fail it
+            assert max(stalls) < max(0.25, 0.6 * load), (max(stalls), load)
 
     Legend.show = shown
     try:
