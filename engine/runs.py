@@ -50,7 +50,11 @@ def merge_saved_config(args, run_dir: Path) -> None:
     """A resumed run: the fields saved in its config.toml fill every flag not given again."""
     from engine.config import read_toml
 
-    for name, value in read_toml(run_dir / "config.toml").items():
+    saved = read_toml(run_dir / "config.toml")
+    # a --quant fp8 run from before --fp8_products multiplied every product in FP8: resumed, it still does
+    if saved.get("quant") == "fp8" and "fp8_products" not in saved:
+        saved["fp8_products"] = "all"
+    for name, value in saved.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.output_dir = str(run_dir)

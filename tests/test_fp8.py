@@ -227,3 +227,18 @@ def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, s
     assert g1.keys() == g0.keys() and all(g.abs().sum() > 0 for g in g0.values())
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_resumed_fp8_run_from_before_fp8_products_keeps_every_product_fp8(tmp_path):
+    """A --quant fp8 run's config.toml from before --fp8_products has no such field: its products were all
+    FP8, so a resume keeps them so (auto would change them midway); a saved choice or a flag given again wins."""
+    import argparse
+
+    from engine.runs import merge_saved_config
+
+    for saved, flag, want in (('quant = "fp8"\n', None, "all"), ('quant = "fp8"\nfp8_products = "auto"\n', None, "auto"),
+                              ('quant = "fp8"\n', "backward", "backward"), ('quant = "none"\n', None, None)):
+        (tmp_path / "config.toml").write_text(saved)
+        args = argparse.Namespace(quant=None, fp8_products=flag)
+        merge_saved_config(args, tmp_path)
+        assert args.fp8_products == want, (saved, flag)

@@ -165,3 +165,44 @@ def test_memory_check_recommends_every_product_fp8_only_where_asked_for():
     assert "fp8" not in lines["fp8"]
     assert lines["fp8"]["recommend"]["recommend"]["quant"] == "fp8"
     assert "fp8_products" not in lines["fp8"]["recommend"]["recommend"]  # kept: all
+
+
+@pytest.mark.parametrize("capability,quant,products,says", [
+    ((9, 0), "none", "auto", "FP8 products: backward — the input's gradients are FP8 products"),
+    ((9, 0), "fp8", "all", "FP8 products: all — every product"),
+    ((9, 0), "none", "none", "FP8 products: none — no FP8 products (--fp8_products none; --fp8_products backward"),
+    ((8, 9), "none", "auto", "FP8 products: none — no FP8 products (auto: FP8 input gradients are measured on Hopper"),
+    ((8, 0), "none", "auto", "FP8 products: none — no FP8 products (auto: FP8 products need a GPU of compute "
+                             "capability 8.9 or newer (Ada, Hopper); this one is 8.0)"),
+    ((8, 0), "none", "backward", "--fp8_products backward: FP8 products need"),
+])
+def test_system_check_says_which_products_are_fp8_on_a_gpu(monkeypatch, capability, quant, products, says):
+    """The CUDA branch of the system check, on a GPU stood in for by torch's own queries (this machine has
+    none; run V ran the real one on an H200): what auto chooses there and why, on Hopper, Ada and Ampere,
+    and the memory check's inputs (``fp8``: the GPU takes FP8 products; ``fp8_auto``: auto gives FP8 input
+    gradients)."""
+    import sys
+
+    import torch
+
+    from engine.config import TrainConfig, bf16_auto
+    from engine.preflight import Report
+    from engine.preflight.system import check_system
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (130 * 2**30, 139 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "a stand-in GPU")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: torch's queries answer
+    bf16_auto.cache_clear()
+    try:
+        r = Report()
+        info = check_system(TrainConfig(train_jsonl="x", quant=quant, fp8_products=products), r)
+    finally:
+        bf16_auto.cache_clear()
+    lines = {c["name"]: c for c in r.checks}
+    assert info["fp8"] == (capability >= (8, 9)) and info["fp8_auto"] == (capability >= (9, 0))
+    assert says in lines["fp8"]["message"], lines["fp8"]["message"]
+    assert lines["fp8"]["level"] == ("fail" if products == "backward" and capability < (8, 9) else "ok")
+    assert lines["gpus"]["level"] == "ok" and "a stand-in GPU" in lines["gpus"]["message"]

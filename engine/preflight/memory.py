@@ -184,8 +184,10 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
     if system["gpus"]:
         free = min(g["free_gib"] for g in system["gpus"][: cfg.nproc])
         level = "fail" if est["total"] > free else "warn" if est["total"] > 0.9 * free else "ok"
-        r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for batch {cfg.per_device_bsz} × "
-                                           f"{seq or cfg.max_len} tokens ({parts}); {free:.1f} GiB free", estimate=est)
+        batch = (f"packed rows of {packed_budget(cfg.per_device_bsz, cfg.max_len):,} tokens" if cfg.packing else
+                 f"batch {cfg.per_device_bsz} × {min(seq or cfg.max_len, cfg.max_len)} tokens")
+        r.add("memory", "estimate", level, f"about {est['total']:.1f} GiB per GPU for {batch} ({parts}); "
+                                           f"{free:.1f} GiB free", estimate=est)
         best = fastest_fit(cfg, m, free, seq, fp8=gpu_fp8, fp8_auto=fp8_auto)
         now = {"quant": cfg.quant, "grad_ckpt": cfg.grad_ckpt,
                "grad_ckpt_layers": cfg.grad_ckpt_layers if cfg.grad_ckpt and 0 <= cfg.grad_ckpt_layers < m["layers"] else -1}

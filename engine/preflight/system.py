@@ -51,13 +51,14 @@ def check_system(cfg: TrainConfig, r) -> dict:
             if mode != "none" and why:
                 r.add("system", "fp8", "fail", f"--fp8_products {cfg.fp8_products}: {why}; use --fp8_products none")
             else:
-                r.add("system", "fp8", "ok", f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({because}; "
-                      + {"backward": "on an H200 1.11× bf16's tokens/s, its loss within 0.54% of bf16's over 205 "
-                                     "steps, its adapters' gradients within the GPU tests' bounds",
-                         "all": "on an H200 1.24× bf16's tokens/s, its adapters' gradients further from exact than "
-                                "the GPU tests allow",
-                         "none": "" if why else "--fp8_products backward: 1.11× on an H200"}[mode]
-                      + (": docs/benchmarks.md)" if mode != "none" or not why else ")"))
+                measured = {"backward": f"on an H200 {'1.09' if cfg.quant == 'fp8' else '1.11'}× the tokens/s of bf16 "
+                                        "products, the loss within 0.54% of theirs over 205 steps, the adapters' "
+                                        "gradients within the GPU tests' bounds: docs/benchmarks.md",
+                            "all": "on an H200 1.24× bf16's tokens/s, its adapters' gradients further from exact than "
+                                   "the GPU tests allow: docs/benchmarks.md",
+                            "none": "" if why else "--fp8_products backward: 1.11× on an H200"}[mode]
+                r.add("system", "fp8", "ok", f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({because}"
+                                             + (f"; {measured})" if measured else ")"))
         try:
             import pynvml
 

@@ -71,8 +71,7 @@ def products(quant: str, asked: str, device: torch.device) -> tuple[str, str]:
         return "none", f"auto: {why}"
     if torch.cuda.get_device_capability(device) < (9, 0):  # Ada takes them too, but was never measured
         return "none", "auto: FP8 input gradients are measured on Hopper GPUs only (ask: --fp8_products backward)"
-    return "backward", ("auto: the GPU takes FP8 products; the input's gradients as FP8 products (on an H200 "
-                        "1.11x the tokens/s, gradients within the GPU tests' bounds)")
+    return "backward", "auto: a Hopper GPU, where FP8 input gradients were measured"
 
 
 def describe(quant: str, mode: str) -> str:
