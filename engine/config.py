@@ -71,12 +71,12 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     or fp32 with --no-bf16); fp8: the language model's projections in float8 with a scale per weight row (1
     byte per weight; GPUs of compute capability 8.9+; which products are FP8 ones: --fp8_products)."""
     fp8_products: Literal["auto", "none", "backward", "all"] = "auto"
-    """Which products of the frozen projections run in FP8 (GPUs of compute capability 8.9+). backward: the
-    input's gradients (the forward's products as they are; on an H200 1.11× bf16 LoRA's tokens/s, gradients
-    as exact as the GPU tests ask; with --quant none an e4m3 copy of the weights: 1 byte per weight more);
-    all: the forward's too (--quant fp8 only: 1.24×, its adapters' gradients less exact); none. auto:
-    backward with --quant none or fp8 on a Hopper GPU (where it was measured), none otherwise (the CPU's FP8
-    products are emulated; --quant fp8 there multiplies by its weights dequantised)."""
+    """Which products of the frozen projections run in FP8 (GPUs of compute capability 8.9+). none: no FP8
+    products. backward: the input's gradients only (the forward's products as they are; on an H200 1.11× bf16
+    LoRA's tokens/s, gradients as exact as the GPU tests ask; with --quant none an e4m3 copy of the weights:
+    1 byte per weight more). all: the forward's too (--quant fp8 only: 1.24×, its adapters' gradients less
+    exact). auto: backward with --quant none or fp8 on a Hopper GPU (where it was measured), none otherwise
+    (the CPU's FP8 products are emulated; --quant fp8 there multiplies by its weights dequantised)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -185,7 +185,11 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.fp8_products == "all" and self.quant != "fp8":
             problems.append(f"--fp8_products all needs --quant fp8 (its forward's FP8 products multiply by the "
-                            f"FP8 weights; got --quant {self.quant}): use --fp8_products backward")
+                            f"FP8 weights; got --quant {self.quant}): add --quant fp8"
+                            + (", or use --fp8_products backward" if self.quant == "none" else ""))
+        if self.model_id and _looks_local(self.model_id) and not Path(self.model_id).expanduser().exists():
+            problems.append(f"--model_id {self.model_id}: no such folder (a local model is a folder with its "
+                            "config.json; a hub id is org/name)")
         if self.fp8_products == "backward" and self.quant == "nf4":
             problems.append("--fp8_products backward needs --quant none or fp8 (NF4's products are bf16 ones on "
                             "its dequantised weights)")
@@ -201,6 +205,15 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
 
 
 FIELDS = TrainConfig.__struct_fields__
+
+
+def _looks_local(model_id: str) -> bool:
+    """Whether ``model_id`` names a folder on this machine rather than a hub id: a path from the root, the
+    home or this folder, or one whose first part is a folder here (``runs/_models/tiny``). A mistyped one is
+    then refused at once, instead of after a minute of hub requests that cannot succeed."""
+    parts = Path(model_id).parts
+    return (model_id.startswith(("/", "./", "../", "~")) or
+            (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
 def field_docs() -> dict[str, str]:

@@ -136,6 +136,9 @@ def test_system_check_says_what_fp8_does_here():
     assert "fp8" not in info and info["gpus"] == []
     lines = {c["name"]: c for c in r.checks}
     assert lines["fp8-cpu"]["level"] == "info" and "slow" in lines["fp8-cpu"]["message"]
+    # what --fp8_products auto chose here, and why (the worker's log says the same)
+    assert lines["fp8"]["message"].startswith("FP8 products: none — no FP8 products (the FP8 weights dequantised")
+    assert "auto: the CPU's FP8 products are emulated" in lines["fp8"]["message"]
 
 
 def test_memory_check_recommends_every_product_fp8_only_where_asked_for():

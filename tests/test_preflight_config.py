@@ -112,3 +112,35 @@ def test_help_tells_the_bf16_default():
         text = " ".join(voxtui(*tool).stdout.split())
         assert "--bf16, --no-bf16 bf16 weights and compute. No flag (auto)" in text
         assert "(default: auto)" in text and "avx512_bf16" in text
+
+
+def test_a_mistyped_local_model_is_refused_at_once_and_a_hub_id_is_not(tmp_path, monkeypatch):
+    """A --model_id that names a folder here (a path from /, ~ or ., or one whose first part is a folder
+    here, like runs/_models/tiny) and does not exist is refused in one line at once — not after a minute of
+    hub requests that cannot succeed; a hub id (org/name with no such folder here) is left to the hub."""
+    from engine.config import TrainConfig
+    from engine.util import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "_models" / "tiny").mkdir(parents=True)
+    train = write_jsonl(tmp_path / "t.jsonl", rows(2))
+    for model_id in ("runs/nomodel", "./nomodel", str(tmp_path / "nomodel"), "~/surely-no-such-model-folder"):
+        with pytest.raises(UsageError, match=f"--model_id {model_id}: no such folder"):
+            TrainConfig(train_jsonl=str(train), model_id=model_id).validate()
+    for model_id in ("runs/_models/tiny", "mistralai/Voxtral-Mini-3B-2507", "someorg/some-model"):
+        TrainConfig(train_jsonl=str(train), model_id=model_id).validate()
+    proc = voxtui("preflight", "--model_id", "runs/nomodel", "--train_jsonl", train, cwd=tmp_path)
+    one_line_usage_error(proc, "--model_id runs/nomodel: no such folder")
+
+
+def test_fp8_products_all_without_quant_fp8_says_what_works():
+    """--fp8_products all with the default --quant nf4 names the fix that works (--quant fp8), not one that is
+    refused as well (backward with NF4)."""
+    from engine.config import TrainConfig
+    from engine.util import UsageError
+
+    with pytest.raises(UsageError) as e:
+        TrainConfig(train_jsonl="x", fp8_products="all").validate()
+    assert "add --quant fp8" in str(e.value) and "backward" not in str(e.value)
+    with pytest.raises(UsageError, match="add --quant fp8, or use --fp8_products backward"):
+        TrainConfig(train_jsonl="x", quant="none", fp8_products="all").validate()

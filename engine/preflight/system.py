@@ -91,6 +91,11 @@ def check_system(cfg: TrainConfig, r) -> dict:
         if cfg.quant == "fp8":
             r.add("system", "fp8-cpu", "info", "--quant fp8 on the CPU runs (torch's CPU FP8 products) but is slow; "
                                                "its speed is a GPU's (compute capability 8.9+)")
+        if cfg.quant != "nf4":
+            from engine.worker.fp8 import describe, products
+
+            mode, because = products(cfg.quant, cfg.fp8_products, torch.device("cpu"))
+            r.add("system", "fp8", "ok", f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({because})")
     check_bf16(cfg, r)
     cores = os.cpu_count() or 1
     if cores < cfg.nproc:
