@@ -187,9 +187,6 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             problems.append(f"--fp8_products all needs --quant fp8 (its forward's FP8 products multiply by the "
                             f"FP8 weights; got --quant {self.quant}): add --quant fp8"
                             + (", or use --fp8_products backward" if self.quant == "none" else ""))
-        if self.model_id and _looks_local(self.model_id) and not Path(self.model_id).expanduser().exists():
-            problems.append(f"--model_id {self.model_id}: no such folder (a local model is a folder with its "
-                            "config.json; a hub id is org/name)")
         if self.fp8_products == "backward" and self.quant == "nf4":
             problems.append("--fp8_products backward needs --quant none or fp8 (NF4's products are bf16 ones on "
                             "its dequantised weights)")
@@ -206,14 +203,6 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
 
 FIELDS = TrainConfig.__struct_fields__
 
-
-def _looks_local(model_id: str) -> bool:
-    """Whether ``model_id`` names a folder on this machine rather than a hub id: a path from the root, the
-    home or this folder, or one whose first part is a folder here (``runs/_models/tiny``). A mistyped one is
-    then refused at once, instead of after a minute of hub requests that cannot succeed."""
-    parts = Path(model_id).parts
-    return (model_id.startswith(("/", "./", "../", "~")) or
-            (len(parts) > 1 and Path(parts[0]).is_dir()))
 
 
 def field_docs() -> dict[str, str]:

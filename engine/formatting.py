@@ -19,7 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.rows import Example
-from engine.util import UsageError
+from engine.util import UsageError, looks_local
 
 TEMPLATE_VERSION = "mistral-instruct-v1"
 BUNDLED_TEKKEN = "tekken_240911.json"
@@ -45,8 +45,7 @@ def resolve_tokenizer_file(model: str | os.PathLike | None) -> Path:
         if f.is_file():
             return f
         raise UsageError(f"{p}: no tekken.json in this model folder")
-    looks_like_path = str(model).startswith((".", "/", "~")) or p.suffix == ".json" or str(model).count("/") != 1
-    if looks_like_path:
+    if looks_local(model):  # a mistyped folder is said at once, never asked of the hub
         raise UsageError(f"{model}: no such tokenizer file or model folder")
     try:
         from huggingface_hub import hf_hub_download

@@ -65,6 +65,17 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
         f.write(text)
 
 
+def looks_local(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names a file or folder on this machine rather than a hub id (org/name): a path from
+    the root, the home or this folder, a .json file, anything but one slash, or one whose first part is a
+    folder here (``runs/_models/tiny``). A missing one is then said at once, instead of after a minute of hub
+    requests that cannot succeed."""
+    text = str(model)
+    parts = Path(text).parts
+    return (text.startswith((".", "/", "~")) or text.endswith(".json") or text.count("/") != 1
+            or Path(parts[0]).is_dir())
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)

@@ -114,23 +114,27 @@ def test_help_tells_the_bf16_default():
         assert "(default: auto)" in text and "avx512_bf16" in text
 
 
-def test_a_mistyped_local_model_is_refused_at_once_and_a_hub_id_is_not(tmp_path, monkeypatch):
+def test_a_mistyped_local_model_is_said_at_once_and_a_hub_id_is_left_to_the_hub(tmp_path, monkeypatch):
     """A --model_id that names a folder here (a path from /, ~ or ., or one whose first part is a folder
-    here, like runs/_models/tiny) and does not exist is refused in one line at once — not after a minute of
-    hub requests that cannot succeed; a hub id (org/name with no such folder here) is left to the hub."""
-    from engine.config import TrainConfig
-    from engine.util import UsageError
+    here, like runs/_models/tiny) and does not exist is preflight's model no-go at once, and its tokenizer a
+    one-line error — not a minute of hub requests that cannot succeed; a hub id (org/name with no such folder
+    here) is left to the hub."""
+    from engine.formatting import resolve_tokenizer_file
+    from engine.util import UsageError, looks_local
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "_models" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "_models").mkdir(parents=True)
+    for model_id in ("runs/nomodel", "./nomodel", str(tmp_path / "nomodel"), "~/no-such-model", "a/b/c", "x.json"):
+        assert looks_local(model_id), model_id
+        with pytest.raises(UsageError, match="no such tokenizer file or model folder"):
+            resolve_tokenizer_file(model_id)
+    assert not any(looks_local(m) for m in ("mistralai/Voxtral-Mini-3B-2507", "someorg/some-model"))
     train = write_jsonl(tmp_path / "t.jsonl", rows(2))
-    for model_id in ("runs/nomodel", "./nomodel", str(tmp_path / "nomodel"), "~/surely-no-such-model-folder"):
-        with pytest.raises(UsageError, match=f"--model_id {model_id}: no such folder"):
-            TrainConfig(train_jsonl=str(train), model_id=model_id).validate()
-    for model_id in ("runs/_models/tiny", "mistralai/Voxtral-Mini-3B-2507", "someorg/some-model"):
-        TrainConfig(train_jsonl=str(train), model_id=model_id).validate()
-    proc = voxtui("preflight", "--model_id", "runs/nomodel", "--train_jsonl", train, cwd=tmp_path)
-    one_line_usage_error(proc, "--model_id runs/nomodel: no such folder")
+    proc = voxtui("preflight", "--model_id", "runs/nomodel", "--train_jsonl", train, "--json", "-", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    fails = [c for c in json.loads(proc.stdout)["checks"] if c["level"] == "fail"]
+    assert any(c["area"] == "model" and "runs/nomodel: no such model folder" in c["message"] for c in fails), fails
+    assert "huggingface.co" not in proc.stdout + proc.stderr
 
 
 def test_fp8_products_all_without_quant_fp8_says_what_works():

@@ -4,6 +4,8 @@ a per-GPU memory estimate against the free memory with the fastest setting that 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 
 from engine.config import TrainConfig
@@ -14,8 +16,13 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
     import torch
     from transformers import AutoConfig
 
+    from engine.util import looks_local
     from engine.worker.modeling import lora_target_regex
 
+    if looks_local(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
+        r.add("model", "config", "fail", f"{cfg.model_id}: no such model folder (a local model is a folder with its "
+                                         "config.json; a hub id is org/name)")
+        return None
     try:
         mcfg = AutoConfig.from_pretrained(cfg.model_id)
     except Exception as e:
