@@ -64,11 +64,11 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
 
 
 def fp8_mode(quant: str, products: str, fp8_auto: bool = False) -> str:
-    """What --fp8_products ``products`` means with --quant ``quant`` where auto gives FP8 input gradients
-    (``fp8_auto``: a Hopper GPU) or not: none, backward or all (the worker's ``fp8.products``)."""
-    if products != "auto":
-        return products
-    return "backward" if fp8_auto and quant in ("none", "fp8") else "none"
+    """What --fp8_products ``products`` means with --quant ``quant`` on a Hopper GPU (``fp8_auto``) or not:
+    none, backward or all (the worker's choice: ``fp8.products``)."""
+    from engine.worker.fp8 import auto_mode
+
+    return products if products != "auto" else auto_mode(quant, fp8_auto)
 
 
 def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None,

@@ -57,6 +57,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def auto_mode(quant: str, hopper: bool) -> str:
+    """What ``--fp8_products auto`` means with ``--quant quant``: FP8 input gradients on a Hopper GPU (where
+    they were measured) for bf16 and FP8 weights, no FP8 products otherwise (preflight weighs settings by it)."""
+    return "backward" if hopper and quant in ("none", "fp8") else "none"
+
+
 def products(quant: str, asked: str, device: torch.device) -> tuple[str, str]:
     """What ``--fp8_products`` (``asked``) means with ``--quant quant`` on ``device``: "none", "backward" or
     "all", and why (a phrase for the log and preflight)."""
@@ -71,7 +77,7 @@ def products(quant: str, asked: str, device: torch.device) -> tuple[str, str]:
         return "none", f"auto: {why}"
     if torch.cuda.get_device_capability(device) < (9, 0):  # Ada takes them too, but was never measured
         return "none", "auto: FP8 input gradients are measured on Hopper GPUs only (ask: --fp8_products backward)"
-    return "backward", "auto: a Hopper GPU, where FP8 input gradients were measured"
+    return auto_mode(quant, hopper=True), "auto: a Hopper GPU, where FP8 input gradients were measured"
 
 
 def describe(quant: str, mode: str) -> str:
