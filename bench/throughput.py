@@ -35,7 +35,9 @@ COMMON = ["--max_len", "1024", "--warmup_steps", "5", "--save_steps", "0", "--ev
 # bf16 LoRA: packed rows of 16 × 1024 tokens, no gradient checkpointing (an H200 has the memory), every
 # product a bf16 one (--fp8_products none: the configurations named bf16 keep the meaning they had before
 # FP8 input gradients; "-fp8bwd" ones are what --fp8_products auto gives on an H200)
-BF16 = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt", "--fp8_products", "none"]
+FP8_NONE = ["--fp8_products", "none"]
+BF16_PACKED = ["--quant", "none", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt"]
+BF16 = BF16_PACKED + FP8_NONE
 # --quant fp8: configurations named fp8 have every product an FP8 one (what --quant fp8 was before FP8 input
 # gradients alone); "fp8bwd" ones the input's gradients only (--fp8_products auto on an H200)
 FP8_ALL = ["--fp8_products", "all"]
@@ -44,11 +46,12 @@ FP8_BWD = ["--fp8_products", "backward"]
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 
 
-def checkpointed(quant: str, layers: int | None = None, bsz: int = 8) -> list[str]:
+def checkpointed(quant: str, layers: int | None = None, bsz: int = 8, products: list[str] | None = None) -> list[str]:
     """``bsz`` × 1024-token packed micro-batches (8 unless said), compiled, checkpointed: every layer, or the
     first ``layers``. ``quant``: none (bf16 products), fp8 (every product FP8), fp8bwd (FP8 weights, the
-    input's gradients FP8 products) or nf4."""
-    products = {"none": ["--fp8_products", "none"], "fp8": FP8_ALL, "fp8bwd": FP8_BWD}.get(quant, [])
+    input's gradients FP8 products) or nf4; ``products``: other --fp8_products flags than the quant's."""
+    if products is None:
+        products = {"none": FP8_NONE, "fp8": FP8_ALL, "fp8bwd": FP8_BWD}.get(quant, [])
     return (["--quant", "fp8" if quant == "fp8bwd" else quant, "--packing", "--per_device_bsz", str(bsz),
              "--grad_ckpt", "--compile"] + products + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
 
@@ -119,12 +122,12 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-ckpt23-16gib": checkpointed("none", 23),
     # the input's gradients as FP8 products, the forward's bf16 ones (--fp8_products backward, auto's choice on
     # an H200): bf16 weights with an e4m3 copy for the backward; FP8 weights dequantised for the forward
-    "bf16-packed-compiled-fp8bwd": BF16[:-2] + FP8_BWD + ["--compile"],
+    "bf16-packed-compiled-fp8bwd": BF16_PACKED + FP8_BWD + ["--compile"],
     "bf16-packed-compiled-b24-fp8bwd": ["--quant", "none", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
                                         "--compile"] + FP8_BWD,
     "fp8bwd-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
                                "--compile"] + FP8_BWD,
-    "bf16-ckpt-16gib-b20-fp8bwd": checkpointed("none", bsz=20)[:-2] + FP8_BWD,
+    "bf16-ckpt-16gib-b20-fp8bwd": checkpointed("none", bsz=20, products=FP8_BWD),
     # within 16 GiB with FP8 weights and FP8 input gradients: every layer checkpointed at 20 / 24 × 1024 tokens,
     # 28 of 30 at 16 × 1024, 20 of 30 at 8 × 1024
     "fp8bwd-ckpt-16gib-b20": checkpointed("fp8bwd", bsz=20),

@@ -226,13 +226,22 @@ def _fp8_mm_context(ctx, inputs, output):
 
 
 def _fp8_mm_backward(ctx, grad):
-    # g @ (W_q · s) = (g · s) @ W_q: the weight's row scales move onto the gradient's columns
     wq, ws = ctx.saved_tensors
-    k = wq.shape[1]
-    gq, gs = quantize_rows(grad.float() * ws[None, :])
+    return _grad_input(grad, wq, ws)[:ctx.rows].to(ctx.x_dtype), None, None, None, None, None
+
+
+def _grad_input(grad: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """The input's gradient ``g @ (W_q · s)`` as one FP8 product: ``(g · s) @ W_q``, the weight's row scales
+    moved onto the gradient's columns, which are then quantised by rows (padded with zeros to a multiple of
+    16 for the product, and cut back). ``wq`` is taken column-major as it is, or laid out so for the product."""
+    rows, k = grad.shape[0], wq.shape[1]
+    pad = -rows % 16
+    g = grad.float() * ws[None, :]
+    gq, gs = quantize_rows(torch.nn.functional.pad(g, (0, 0, 0, pad)) if pad else g)
     ones = torch.ones((1, k), dtype=torch.float32, device=grad.device)
-    grad_x = torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
-    return grad_x[:ctx.rows].to(ctx.x_dtype), None, None, None, None, None
+    b = wq if wq.stride(0) == 1 else _column_major(wq)
+    grad_x = torch._scaled_mm(gq, b, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
+    return grad_x[:rows] if pad else grad_x
 
 
 fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_context)
@@ -273,14 +282,7 @@ def _mm_fp8_grad_context(ctx, inputs, output):
 
 def _mm_fp8_grad_backward(ctx, grad):
     wq, ws = ctx.saved_tensors
-    rows, k = grad.shape[0], wq.shape[1]
-    pad = -rows % 16
-    g = grad.float() * ws[None, :]
-    gq, gs = quantize_rows(torch.nn.functional.pad(g, (0, 0, 0, pad)) if pad else g)
-    ones = torch.ones((1, k), dtype=torch.float32, device=grad.device)
-    b = wq if wq.stride(0) == 1 else _column_major(wq)
-    grad_x = torch._scaled_mm(gq, b, scale_a=gs, scale_b=ones, out_dtype=grad.dtype)
-    return (grad_x[:rows] if pad else grad_x), None, None, None
+    return _grad_input(grad, wq, ws), None, None, None
 
 
 mm_fp8_grad.register_autograd(_mm_fp8_grad_backward, setup_context=_mm_fp8_grad_context)
