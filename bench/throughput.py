@@ -125,6 +125,13 @@ CONFIGS: dict[str, list[str]] = {
     "bf16-packed-compiled-fp8bwd": BF16_PACKED + FP8_BWD + ["--compile"],
     "bf16-packed-compiled-b24-fp8bwd": ["--quant", "none", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
                                         "--compile"] + FP8_BWD,
+    # the same with the step boundary as it was (VOXTUI_STEP_OVERLAP=0, ENV below: the update launched after
+    # the host has the step's numbers, the batch sent at the step's start; the default queues both before the
+    # host waits for the GPU), or with Inductor's coordinate-descent tuning
+    "bf16-packed-compiled-fp8bwd-nooverlap": BF16_PACKED + FP8_BWD + ["--compile"],
+    "bf16-packed-compiled-fp8bwd-cdt": BF16_PACKED + FP8_BWD + ["--compile"],
+    "bf16-packed-compiled-b24-fp8bwd-nooverlap": ["--quant", "none", "--packing", "--per_device_bsz", "24",
+                                                  "--no-grad_ckpt", "--compile"] + FP8_BWD,
     "fp8bwd-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
                                "--compile"] + FP8_BWD,
     "bf16-ckpt-16gib-b20-fp8bwd": checkpointed("none", bsz=20, products=FP8_BWD),
@@ -161,6 +168,9 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "bf16-packed-compiled-autotune": {"VOXTUI_INDUCTOR": "autotune"},
                                   "nf4-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "bf16-packed-compiled-fp8bwd-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "bf16-packed-compiled-fp8bwd-nooverlap": {"VOXTUI_STEP_OVERLAP": "0"},
+                                  "bf16-packed-compiled-b24-fp8bwd-nooverlap": {"VOXTUI_STEP_OVERLAP": "0"},
                                   "bf16-ckpt-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
                                   "nf4-packed-compiled-ckptout": {"VOXTUI_CHECKPOINT": "around"},
                                   "fp8-ckpt20-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"}}

@@ -172,3 +172,44 @@ def test_attention_flops_per_pair_of_the_tiny_model(tiny_model):
     model = VoxtralForConditionalGeneration.from_pretrained(tiny_model)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     assert attention_flops_per_pair(model) == 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+
+
+def test_feed_prefetch_gives_the_same_batches_over_epochs(tmp_path, fmt):
+    """The next step's tensors sent ahead (feed.Feed.prefetch) are the ones the step would have built:
+    step by step over two epochs, with and without it, and prefetch declines a step that is not the one
+    being built (the last of an epoch: the next starts a new plan)."""
+    from types import SimpleNamespace
+
+    from engine.config import TrainConfig
+    from engine.worker.batching import plan_run
+    from engine.worker.feed import Feed
+
+    tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(40))), fmt, 128, "truncate", None)
+    cfg = TrainConfig(train_jsonl="d.jsonl", max_len=128, per_device_bsz=2, grad_accum=2, packing=True)
+    d = SimpleNamespace(rank=0, world=1, device=torch.device("cpu"), main=True)
+
+    def steps(prefetch: bool) -> list:
+        feed = Feed(tok, plan_run(tok, cfg, 1), cfg, d, fmt.pad)
+        out, declined = [], 0
+        try:
+            for epoch in range(2):
+                plan = feed.plan(epoch)
+                for micro in range(0, len(plan) - cfg.grad_accum + 1, cfg.grad_accum):
+                    out.append(feed.micro_batches(plan, micro))
+                    if prefetch:
+                        ok = feed.prefetch(plan, micro + cfg.grad_accum)
+                        declined += not ok
+                        assert ok == (micro + 2 * cfg.grad_accum <= len(plan))
+        finally:
+            feed.close()
+        if prefetch:
+            assert declined == 2  # each epoch's last step
+        return out
+
+    plain, ahead = steps(False), steps(True)
+    assert len(plain) == len(ahead) >= 4
+    for a, b in zip(plain, ahead):
+        for ma, mb in zip(a, b):
+            assert ma.keys() == mb.keys()
+            for k in ma:
+                assert torch.equal(ma[k], mb[k]) if torch.is_tensor(ma[k]) else ma[k] == mb[k]

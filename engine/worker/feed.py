@@ -1,6 +1,7 @@
 """The training data of each rank, step by step: the rows tokenised (rank 0 first, the others then read
 its cache), this rank's batch plan of each epoch with the loss normaliser of every micro-batch, and each
-step's tensors, the next step's built on a helper thread meanwhile."""
+step's tensors: the next step's built on a helper thread meanwhile, and sent to the device before the step
+ends (``prefetch``), while the GPU still has the step's work queued."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class Feed:
         self.global_targets: list[int] = []
         self._pool = None  # the helper thread that builds the next step's tensors
         self._next = None  # ((plan id, first micro-batch), its future)
+        self._ready = None  # ((plan id, first micro-batch), its tensors on the device): prefetch's
 
     def plan(self, epoch: int) -> list:
         """This rank's micro-batches of ``epoch`` (and, in ``self.global_targets``, every micro-batch
@@ -94,13 +96,33 @@ class Feed:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="collate")
         key = (id(plan), micro)
-        if self._next is not None and self._next[0] == key:
+        if self._ready is not None and self._ready[0] == key:
+            batches = self._ready[1]
+        elif self._next is not None and self._next[0] == key:
             batches = self._next[1].result()
         else:
             batches = build(plan, micro)
+        self._ready = None
         after = micro + cfg.grad_accum
         self._next = ((id(plan), after), self._pool.submit(build, plan, after)) if after + cfg.grad_accum <= len(plan) else None
         return batches
+
+    def prefetch(self, plan: list, micro: int) -> bool:
+        """The tensors of the step whose micro-batches start at ``micro`` of ``plan`` (the one the helper
+        thread is building) copied to the device now, asynchronously, from pinned memory: called once the
+        current step's work is queued and before the host waits for it, so that the next step's first
+        kernels need not wait for the host's copies (docs/benchmarks.md). False when that step is not the
+        one being built (a new epoch's plan starts with its first step's build)."""
+        key = (id(plan), micro)
+        if self._next is None or self._next[0] != key:
+            return False
+        import torch
+
+        dev = self.d.device
+        batches = [{k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
+                   for m in self._next[1].result()]
+        self._ready, self._next = (key, batches), None
+        return True
 
     def close(self) -> None:
         if self._pool is not None:

@@ -33,6 +33,11 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_EAGER_CE=1``
     with --compile on a GPU, the fused head's softmax and gradient run as eager operations instead of
     compiled kernels (modeling.fused_head_ce; the comparison in bench/throughput.py)
+``VOXTUI_STEP_OVERLAP=0``
+    the step boundary as it was: AdamW's update launched after the host has the step's numbers and each
+    step's batch sent to the device when the step starts, instead of both queued before the host waits for
+    the previous step's GPU work (step.Update.ahead, feed.Feed.prefetch; the ``-nooverlap`` comparison in
+    bench/throughput.py)
 ``VOXTUI_PROFILE_STEPS=A:B``
     steps A to B (counted from 1) run under ``torch.profiler``; rank 0 writes the kernels' table, sorted by
     device time and summed by kind (matmuls, attention, fused elementwise, ...), and how long the GPU sat
@@ -61,6 +66,7 @@ class Knobs:
     fusion: str = "none"  # none | nf4 | all
     inductor: str = "default"  # default | coordinate | autotune
     checkpoint: str = "inside"  # inside | around
+    step_overlap: bool = True
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -91,7 +97,8 @@ def read(env=None) -> Knobs:
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
                  fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
                  inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env),
-                 checkpoint=_choice("VOXTUI_CHECKPOINT", ("inside", "around"), "inside", env))
+                 checkpoint=_choice("VOXTUI_CHECKPOINT", ("inside", "around"), "inside", env),
+                 step_overlap=_choice("VOXTUI_STEP_OVERLAP", ("0", "1"), "1", env) == "1")
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

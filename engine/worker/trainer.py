@@ -178,15 +178,17 @@ class Trainer:
                      "values per step")
 
     def _setup_optimizer(self) -> None:
-        """AdamW on the adapter weights (fused on CUDA) and the learning-rate schedule (schedule.py)."""
+        """AdamW on the adapter weights (fused: one kernel for them all, and the skip of a non-finite step
+        decided on the device, step.py) and the learning-rate schedule (schedule.py)."""
         import torch
 
         from engine.worker.step import Update
 
         cfg = self.cfg
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), fused=self.d.device.type == "cuda")
-        self.update = Update(self.loss_module, self.trainable, self.grad_sync, self.optimizer, cfg, self.d)
+                                           betas=(0.9, 0.999), fused=True)
+        self.update = Update(self.loss_module, self.trainable, self.grad_sync, self.optimizer, cfg, self.d,
+                             overlap=self.knobs.step_overlap)
         self.schedule = Schedule(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self.schedule.lr_lambda(cfg.warmup_steps, cfg.min_lr_ratio))
@@ -273,7 +275,10 @@ class Trainer:
         with phase("batch"):
             micro = self.feed.micro_batches(plan, self.micro)
         n_global = float(sum(self.feed.global_targets[self.micro:self.micro + cfg.grad_accum]))
-        loss_sum, grad_norm = self.update.gradients(micro, n_global, poison=self.knobs.nan_step == self.step + 1)
+        after = self.micro + cfg.grad_accum
+        prefetch = (lambda: self.feed.prefetch(plan, after)) if self.knobs.step_overlap else None
+        loss_sum, grad_norm = self.update.gradients(micro, n_global, poison=self.knobs.nan_step == self.step + 1,
+                                                    before_wait=prefetch)
         step_time = time.perf_counter() - t0
         real = sum(m["real_tokens"] for m in micro)
         slots = sum(m["slots"] for m in micro)

@@ -1,0 +1,74 @@
+"""A step's update (engine/worker/step.py): queued before the host waits for the step (fused AdamW, the skip
+of a non-finite step a device flag) it changes exactly what the update launched after the wait changed —
+the weights, AdamW's moments and step count — and a non-finite step changes none of them, on either path."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.worker.step import Update
+
+
+class SquaredError(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return ((self.model(x) - y) ** 2).sum(), None
+
+
+def run(overlap: bool, fused: bool, poison_at: int, steps: int = 4):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.01, fused=fused)
+    d = SimpleNamespace(world=1, device=torch.device("cpu"), main=True)
+    update = Update(SquaredError(model), params, None, opt, TrainConfig(train_jsonl="x", max_grad_norm=1.0), d,
+                    overlap=overlap)
+    data = torch.Generator().manual_seed(1)
+    called = []
+    for step in range(1, steps + 1):
+        micro = [{"x": torch.randn(5, 8, generator=data), "y": torch.randn(5, 3, generator=data)}]
+        loss, norm = update.gradients(micro, 5.0, poison=step == poison_at, before_wait=lambda: called.append(step))
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            update.apply()
+        else:
+            update.skip()
+    assert called == list(range(1, steps + 1))
+    return update, [p.detach().clone() for p in params], opt
+
+
+@pytest.mark.parametrize("poison_at", [0, 2, 1])
+def test_update_queued_ahead_is_the_update_after_the_wait(poison_at):
+    ahead, p_ahead, opt_ahead = run(True, True, poison_at)
+    after, p_after, opt_after = run(False, True, poison_at)
+    assert ahead.ahead and not after.ahead
+    for a, b in zip(p_ahead, p_after):
+        assert torch.equal(a, b)
+    skipped = 1 if poison_at else 0
+    for p_a, p_b in zip(opt_ahead.param_groups[0]["params"], opt_after.param_groups[0]["params"]):
+        sa, sb = opt_ahead.state[p_a], opt_after.state[p_b]
+        assert float(sa["step"]) == float(sb["step"]) == 4 - skipped
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+
+def test_a_poisoned_first_step_leaves_the_weights_and_state_as_they_were():
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in torch.nn.Linear(8, 3).parameters()]
+    update, params, opt = run(True, True, poison_at=1, steps=1)
+    for a, b in zip(params, start):
+        assert torch.equal(a, b)
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+
+
+def test_an_unfused_optimizer_waits_for_the_numbers():
+    """A run resumed from a checkpoint of an unfused AdamW (its param groups say fused: False) keeps its
+    update after the wait, and gives what a fused one queued ahead gives, up to rounding."""
+    unfused, p_unfused, _ = run(True, False, poison_at=2)
+    assert not unfused.ahead
+    _, p_fused, _ = run(True, True, poison_at=2)
+    for a, b in zip(p_unfused, p_fused):
+        torch.testing.assert_close(a, b)
