@@ -31,9 +31,10 @@ if has fp8; then  # FP8 input gradients (the default on Hopper) and every produc
       /tmp/fp8cmp/$c-n$NPROC.events.jsonl --json "$OUT/$c-loss.json"
   done
 fi
-if has tuning; then  # 24 × 1024 micro-batches beside the defaults, profiled (Inductor's tuning: runs N, O)
-  TAG=-tuning PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-packed-compiled,bf16-packed-compiled-b24,fp8-packed-compiled,fp8-packed-compiled-b24,nf4-packed-compiled
+if has tuning; then  # 24 × 1024 micro-batches beside the defaults, each beside the step boundary as it was
+  # (-nooverlap), profiled (Inductor's tuning: runs N, O, X)
+  TAG=-tuning PROFILE=1 STEPS=${STEPS:-30} bash bench/gpu_throughput.sh "$NPROC" \
+    bf16-packed-compiled-fp8bwd,bf16-packed-compiled-fp8bwd-nooverlap,bf16-packed-compiled-b24-fp8bwd,bf16-packed-compiled-b24-fp8bwd-nooverlap,fp8-packed-compiled,fp8-packed-compiled-b24,nf4-packed-compiled
 fi
 if has 16gib; then  # within 16 GiB (a 24 GB card): bf16 products on bf16 weights, every layer checkpointed, at 8
   # and 20 x 1024 tokens a micro-batch (the fastest in run R); FP8 weights with FP8 input gradients, 19 / 20 of
