@@ -32,7 +32,7 @@ def run(overlap: bool, fused: bool, poison_at: int, steps: int = 4):
     called = []
     for step in range(1, steps + 1):
         micro = [{"x": torch.randn(5, 8, generator=data), "y": torch.randn(5, 3, generator=data)}]
-        loss, norm = update.gradients(micro, 5.0, poison=step == poison_at, before_wait=lambda: called.append(step))
+        loss, norm = update.gradients(micro, 5.0, poison=step == poison_at, before_wait=lambda at=step: called.append(at))
         if torch.isfinite(loss) and torch.isfinite(norm):
             update.apply()
         else:

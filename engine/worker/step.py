@@ -98,14 +98,16 @@ class Update:
     def apply(self) -> None:
         """The step's update (already queued when ``ahead``), then its gradients dropped."""
         if not self.stepped:
-            self.optimizer.step()
+            with phase("optimizer"):
+                self.optimizer.step()
         self.skip()
 
     def skip(self) -> None:
         """Drops the step's gradients (when ``ahead``, the queued update has skipped itself: the trainer
         calls this for a non-finite loss or gradient norm, the same test the update's flag made)."""
         self.stepped = False
-        if self.grad_sync is not None:
-            self.grad_sync.zero()  # the gradients stay views into the all-reduce buffers
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        with phase("zero_grad"):
+            if self.grad_sync is not None:
+                self.grad_sync.zero()  # the gradients stay views into the all-reduce buffers
+            else:
+                self.optimizer.zero_grad(set_to_none=True)

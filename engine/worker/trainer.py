@@ -293,8 +293,7 @@ class Trainer:
         nonfinite = "loss" if not math.isfinite(loss) else ("grad_norm" if not math.isfinite(gnorm) else "")
         lr = self.scheduler.get_last_lr()[0]
         if not nonfinite:
-            with phase("optimizer"):
-                self.update.apply()
+            self.update.apply()
         elif self._skip_update(nonfinite):
             return "failed"
         self.scheduler.step()
