@@ -10,6 +10,7 @@ import argparse
 import functools
 import os
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
@@ -155,48 +156,84 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         if self.bf16 == "auto":
             self.bf16, self.bf16_reason = bf16_auto()
 
-    def validate(self) -> None:
-        """Collect every problem, then raise once."""
-        problems = []
+    def validate(self, files: dict[str, str] | None = None, flags: Collection[str] | None = None) -> None:
+        """Collect every problem, then raise once. The field at fault is named as the user set it: ``files``
+        maps the fields whose value came from a config file to that file (a problem with one reads
+        ``run.toml: fp8_products = "all" needs quant = "fp8" …``), any other as its flag
+        (``--fp8_products all needs --quant fp8 …``); another field a problem names is named as its flag when
+        it is one of ``flags`` (given as flags), else like the field at fault. Without ``files``: every field
+        as its flag."""
+        files = files or {}
+        problems: list[str] = []
+
+        def in_file(field: str, about: str) -> bool:
+            """Whether ``field`` is named as in a file, in a problem about ``about``: the field at fault as it
+            was set; another one as a flag when given as one, else as the field at fault is."""
+            if field == about:
+                return field in files
+            if flags is not None and field in flags:
+                return False
+            return about in files
+
+        def name(field: str, about: str = "") -> str:
+            return field if in_file(field, about or field) else f"--{field}"
+
+        def setting(field: str, about: str = "", value: object = None) -> str:
+            """``--field value`` or ``field = value`` (the field's own value unless ``value`` is given)."""
+            v = getattr(self, field) if value is None else value
+            if in_file(field, about or field):
+                return f"{field} = {toml_value(v)}"
+            return f"--{field} {','.join(v) if isinstance(v, list) else v}"
+
+        def add(about: str, text: str) -> None:
+            problems.append(f"{files[about]}: {text}" if about in files else text)
+
         if not self.train_jsonl:
-            problems.append("--train_jsonl is required")
-        for name in ("train_jsonl", "val_jsonl", "preview_file"):
-            value = getattr(self, name)
-            if value and not Path(value).is_file():
-                problems.append(f"--{name} {value}: no such file")
-        for name in ("per_device_bsz", "grad_accum", "max_len", "lora_r", "lora_alpha", "nproc", "log_steps"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name} must be above 0 (got {getattr(self, name)})")
-        for name in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "preview_steps", "preview_count",
-                     "save_total_limit", "early_stopping_patience"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name} must be 0 or more (got {getattr(self, name)})")
+            add("train_jsonl", f"{name('train_jsonl')} is required")
+        for field in ("train_jsonl", "val_jsonl", "preview_file"):
+            if getattr(self, field) and not Path(getattr(self, field)).is_file():
+                add(field, f"{setting(field)}: no such file")
+        for field in ("per_device_bsz", "grad_accum", "max_len", "lora_r", "lora_alpha", "nproc", "log_steps"):
+            if getattr(self, field) <= 0:
+                add(field, f"{name(field)} must be above 0 (got {getattr(self, field)})")
+        for field in ("max_steps", "warmup_steps", "save_steps", "eval_steps", "preview_steps", "preview_count",
+                      "save_total_limit", "early_stopping_patience"):
+            if getattr(self, field) < 0:
+                add(field, f"{name(field)} must be 0 or more (got {getattr(self, field)})")
         if self.max_steps == 0 and self.epochs <= 0:
-            problems.append("set --epochs above 0 or --max_steps")
+            add("epochs", f"set {name('epochs')} above 0 or {name('max_steps', 'epochs')}")
         if not 0 <= self.preview_budget < 1:
-            problems.append(f"--preview_budget must be in [0, 1) (got {self.preview_budget})")
+            add("preview_budget", f"{name('preview_budget')} must be in [0, 1) (got {self.preview_budget})")
         if not self.engine_timeout > 0:
-            problems.append(f"--engine_timeout must be above 0 (got {self.engine_timeout})")
+            add("engine_timeout", f"{name('engine_timeout')} must be above 0 (got {self.engine_timeout})")
         if self.telemetry_interval < 0:
-            problems.append(f"--telemetry_interval must be 0 (off) or more (got {self.telemetry_interval})")
+            add("telemetry_interval", f"{name('telemetry_interval')} must be 0 (off) or more "
+                                      f"(got {self.telemetry_interval})")
         if self.lr <= 0:
-            problems.append(f"--lr must be above 0 (got {self.lr})")
+            add("lr", f"{name('lr')} must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
-            problems.append(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+            add("lora_dropout", f"{name('lora_dropout')} must be in [0, 1) (got {self.lora_dropout})")
         if self.fp8_products == "all" and self.quant != "fp8":
-            problems.append(f"--fp8_products all needs --quant fp8 (its forward's FP8 products multiply by the "
-                            f"FP8 weights; got --quant {self.quant}): add --quant fp8"
-                            + (", or use --fp8_products backward" if self.quant == "none" else ""))
+            quant_fp8 = setting("quant", "fp8_products", "fp8")
+            add("fp8_products", f"{setting('fp8_products')} needs {quant_fp8} (its forward's FP8 products multiply "
+                                f"by the FP8 weights; got {setting('quant', 'fp8_products')}): add {quant_fp8}"
+                                + (f", or use {setting('fp8_products', value='backward')}"
+                                   if self.quant == "none" else ""))
         if self.fp8_products == "backward" and self.quant == "nf4":
-            problems.append("--fp8_products backward needs --quant none or fp8 (NF4's products are bf16 ones on "
-                            "its dequantised weights)")
+            fp8 = '"fp8"' if in_file("quant", "fp8_products") else "fp8"
+            add("fp8_products", f"{setting('fp8_products')} needs {setting('quant', 'fp8_products', 'none')} or "
+                                f"{fp8} (NF4's products are bf16 ones on its dequantised weights)")
         if self.grad_ckpt_layers < -1:
-            problems.append(f"--grad_ckpt_layers must be -1 (all) or 0 or more (got {self.grad_ckpt_layers})")
-        problems += preview_param_problems(self.temperature, self.top_p, self.max_new_tokens, got=True,
-                                           names={k: f"--{k}" for k in ("temperature", "top_p", "max_new_tokens")})
+            add("grad_ckpt_layers", f"{name('grad_ckpt_layers')} must be -1 (all) or 0 or more "
+                                    f"(got {self.grad_ckpt_layers})")
+        for field in ("temperature", "top_p", "max_new_tokens"):
+            for problem in preview_param_problems(**{field: getattr(self, field)}, got=True,
+                                                  names={field: name(field)}):
+                add(field, problem)
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad or not self.lora_targets:
-            problems.append(f"--lora_targets must be among {','.join(LORA_TARGETS)} (got {','.join(self.lora_targets)})")
+            add("lora_targets", f"{name('lora_targets')} must be among {','.join(LORA_TARGETS)} "
+                                f"(got {','.join(self.lora_targets)})")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -252,20 +289,34 @@ def literal_values(name: str) -> tuple[str, ...]:
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
-    """TOML (if ``--config``) + flags → a checked TrainConfig."""
+    """TOML (if ``--config``) + flags → a checked TrainConfig. A problem with a value from a file names
+    the field as the file writes it, and the file; one with a flag names the flag. The files: ``--config``,
+    and a resumed run's config.toml (``merge_saved_config`` lists the fields it filled in
+    ``args.config_sources``)."""
     values: dict = {}
+    files: dict[str, str] = {}
     if getattr(args, "config", None):
-        values.update(read_toml(args.config))
+        data = read_toml(args.config)
+        values.update(data)
+        files.update(dict.fromkeys(data, str(args.config)))
+    saved = getattr(args, "config_sources", None) or {}
+    flags = set()
     for name in FIELDS:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
+            if name in saved:
+                files[name] = saved[name]
+            else:
+                flags.add(name)
+                files.pop(name, None)
     try:
         cfg = msgspec.convert(values, TrainConfig)
     except msgspec.ValidationError as e:
-        where = f"{args.config}: " if getattr(args, "config", None) else ""
-        raise UsageError(f"{where}config: {_field_error(e)}") from None
-    cfg.validate()
+        field, text = _field_error(e)
+        where = files.get(field) or getattr(args, "config", None)
+        raise UsageError(f"{where}: config: {text}" if where else f"config: {text}") from None
+    cfg.validate(files, flags)
     return cfg
 
 
@@ -293,19 +344,20 @@ def read_toml(path: str | os.PathLike) -> dict:
     return data
 
 
-def _field_error(e: msgspec.ValidationError) -> str:
-    """msgspec's "Expected `int`, got `str` - at `$.per_device_bsz`" as "per_device_bsz: expected int, got str"."""
+def _field_error(e: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's "Expected `int`, got `str` - at `$.per_device_bsz`" as ("per_device_bsz",
+    "per_device_bsz: expected int, got str") (the field is "" when the error names none)."""
     text = str(e).splitlines()[0] if str(e) else "invalid value"
     msg, _, where = text.rpartition(" - at ")
     if msg and where.startswith("`$."):
         field = where.strip("`")[2:]
         if field == "bf16":
-            return 'bf16: must be true, false or "auto"'
+            return field, 'bf16: must be true, false or "auto"'
         values = literal_values(field) if field in FIELDS else ()
         if values:
-            return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "") + f" (one of {', '.join(values)})"
-        return f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "")
-    return text
+            return field, f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "") + f" (one of {', '.join(values)})"
+        return field, f"{field}: {msg[0].lower()}{msg[1:]}".replace("`", "")
+    return "", text
 
 
 @functools.lru_cache(maxsize=1)
@@ -390,20 +442,19 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def toml_value(v: object) -> str:
+    """A field's value as TOML writes it (``true``, ``16``, ``"nf4"``, ``["q_proj"]``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(msgspec.json.encode(x).decode() for x in v) + "]"
+    return msgspec.json.encode(v).decode()  # a JSON string is a valid TOML basic string
+
+
 def to_toml(cfg: TrainConfig) -> str:
-    lines = []
-    for name in FIELDS:
-        v = getattr(cfg, name)
-        if isinstance(v, bool):
-            text = "true" if v else "false"
-        elif isinstance(v, (int, float)):
-            text = repr(v)
-        elif isinstance(v, list):
-            text = "[" + ", ".join(msgspec.json.encode(x).decode() for x in v) + "]"
-        else:
-            text = msgspec.json.encode(v).decode()  # a JSON string is a valid TOML basic string
-        lines.append(f"{name} = {text}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(f"{name} = {toml_value(getattr(cfg, name))}" for name in FIELDS) + "\n"
 
 
 def write_config(cfg: TrainConfig, path: str | os.PathLike) -> None:

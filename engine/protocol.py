@@ -43,6 +43,12 @@ class Status(Message, tag="status"):
     outcome: str = ""
 
 
+def shown_state(state: str, outcome: str = "") -> str:
+    """The state a person is told for a status: a run that finished because it was asked to stop is
+    ``stopped``, as ``voxtui engine list``, the dashboard and the foreground ``voxtui run`` all say it."""
+    return "stopped" if state == "finished" and outcome == "stopped" else state
+
+
 class Step(Message, tag="step"):
     step: int
     loss: float | None  # null when not finite (then ``nonfinite`` says which)

@@ -47,16 +47,21 @@ def find_run(name: str) -> Path:
 
 
 def merge_saved_config(args, run_dir: Path) -> None:
-    """A resumed run: the fields saved in its config.toml fill every flag not given again."""
+    """A resumed run: the fields saved in its config.toml fill every flag not given again (and
+    ``args.config_sources`` lists them, so that a problem with one names the file, not a flag)."""
     from engine.config import read_toml
 
-    saved = read_toml(run_dir / "config.toml")
+    path = run_dir / "config.toml"
+    saved = read_toml(path)
     # a --quant fp8 run from before --fp8_products multiplied every product in FP8: resumed, it still does
     if saved.get("quant") == "fp8" and "fp8_products" not in saved:
         saved["fp8_products"] = "all"
+    sources = dict(getattr(args, "config_sources", None) or {})
     for name, value in saved.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+            sources[name] = str(path)
+    args.config_sources = sources
     args.output_dir = str(run_dir)
 
 
@@ -77,6 +82,31 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     done = complete_checkpoints(ckpt_root)
     return done[-1][1] if done else None
+
+
+# what decides how many steps an epoch-based run has (engine.worker.batching.plan_run), besides its data
+PLAN_FIELDS = ("model_id", "train_jsonl", "per_device_bsz", "grad_accum", "max_len", "long", "packing",
+               "group_by_length", "seed", "epochs", "max_steps")
+
+
+def resume_steps(run_dir: Path, cfg, world: int) -> tuple[int, int | None]:
+    """A resume of ``run_dir`` with ``cfg`` (the saved config under the flags given again) on ``world``
+    ranks: (the step its latest complete checkpoint holds, 0 without one; the steps the resumed run trains
+    to, None when that needs the data read). With ``--max_steps`` that is it; an epoch-based run keeps its
+    total (the checkpoint's ``total_steps``) when nothing that decides the plan changed (PLAN_FIELDS, the
+    ranks); with other epochs or batches it is the plan's (preflight's) to say."""
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        return 0, cfg.max_steps or None
+    state = _read_json(ckpt / "trainer_state.json")
+    step = state.get("step")
+    done = step if isinstance(step, int) and step >= 0 else int(CKPT_RE.match(ckpt.name).group(1))
+    if cfg.max_steps:
+        return done, cfg.max_steps
+    saved, total = state.get("config"), state.get("total_steps")
+    same = (isinstance(saved, dict) and isinstance(total, int) and state.get("world_size") == world
+            and all(saved.get(k) == getattr(cfg, k) for k in PLAN_FIELDS))
+    return done, total if same else None
 
 
 def engine_info(run_dir: Path) -> dict:
@@ -442,6 +472,7 @@ def summary(run_dir: Path) -> dict:
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
     continues it)."""
     from engine.config import read_toml
+    from engine.protocol import shown_state
 
     fold_spool(run_dir)  # the workers' last events, when their engine is gone and nobody stored them
     info = engine_info(run_dir)
@@ -455,7 +486,7 @@ def summary(run_dir: Path) -> dict:
                 step = {"step": ev.step, "loss": ev.loss}
     state = status.get("state", "new") if status else "new"
     outcome = status.get("outcome", "") if status else ""
-    if state == "finished" and outcome == "stopped":
+    if shown_state(state, outcome) == "stopped":
         state = "stopped"
     elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
                                                                 and (state != "new" or info)):

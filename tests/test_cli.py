@@ -65,3 +65,23 @@ def test_engine_status_reads_as_text(tmp_path):
     assert len(lines["loss"].split(".")[1]) == 4
     stop = voxtui("engine", "stop", run)  # nothing to stop: says why
     assert stop.returncode == 1 and stop.stderr.strip() == f"{run}: no engine is running: the run has ended (finished)"
+
+
+def test_the_foreground_line_and_the_listing_name_one_state(tmp_path):
+    """How a run ended reads the same in `voxtui run`'s last line and in `voxtui engine list` (and the
+    dashboard): stopped on request is "stopped"; completed and early stopping are "finished"."""
+    import synthetic_runs
+
+    from engine.daemon.console import one_line
+    from engine.protocol import Status
+
+    for outcome, message, state, line in (
+            ("stopped", "stopped on request", "stopped", "[stopped] saved at step 8 (stopped on request)"),
+            ("completed", "done", "finished", "[finished] done"),
+            ("early_stopped", "early stopping", "finished", "[finished] early stopping")):
+        status = Status(state="finished", step=8, message=message, outcome=outcome)
+        events = [*synthetic_runs.run_events(steps=8, state="running"), status]
+        synthetic_runs.make_run(tmp_path / "runs", outcome, events=events)
+        assert one_line(status) == line
+        listed = voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
+        assert next(row.split() for row in listed.splitlines() if row.startswith(outcome))[1] == state

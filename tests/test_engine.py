@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import msgspec
@@ -336,3 +338,91 @@ def test_remote_clients_need_curve(tmp_path, tiny_model, train_file):
     assert ev.seq == history[-1].seq + 1
     assert client.send(Stop()).status == "ok"
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120)
+
+
+def foreground(*args: str) -> subprocess.CompletedProcess:
+    """`voxtui run` in the foreground (its engine prints a line per status, checkpoint, tenth step)."""
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "engine", "run", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+def test_resume_of_a_finished_run_is_refused_and_more_steps_resume_it(tmp_path, tiny_model, train_file):
+    """`voxtui run --resume` of a run that has trained all its steps would only evaluate and save the same
+    checkpoint again: it is one line and exit 2 before any engine starts, and nothing in the run folder
+    changes. A larger --max_steps (or --epochs, for a run without --max_steps) resumes it and trains on."""
+    from conftest import digest, train_args
+
+    run = tmp_path / "runs" / "done"
+    first = foreground(*train_args(tiny_model, run, train_file, max_steps=4), "--nproc", "1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "[finished] done"
+    files = [run / "events.jsonl", run / "engine.json", run / "config.toml",
+             run / "checkpoints" / "checkpoint-4" / "trainer_state.json"]
+    before = [digest(p) for p in files]
+    for flags in ((), ("--epochs", "3"), ("--max_steps", "4"), ("--skip_preflight",)):  # --epochs: --max_steps rules
+        refused = voxtui("run", "--resume", run, *flags)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
+            f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), (flags, refused.stderr)
+        assert refused.stdout == ""
+    assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
+    more = foreground("--resume", run, "--max_steps", "6")
+    assert more.returncode == 0, more.stderr
+    assert more.stdout.strip().splitlines()[-1] == "[finished] done"
+    events = read_events(run)
+    assert sorted(e["step"] for e in events if e["type"] == "step") == list(range(1, 7))
+    assert (run / "checkpoints" / "checkpoint-6").is_dir()
+    assert json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)["step"] == 6
+
+    # a run of --epochs (64 rows, 2 a micro-batch: 32 steps an epoch): the same plan keeps its total; a
+    # changed plan is preflight's to count (--per_device_bsz 4: 16 an epoch, 4 steps in all, none left)
+    epochs = tmp_path / "runs" / "epochs"
+    first = foreground(*train_args(tiny_model, epochs, train_file, max_steps=0, epochs=0.25), "--nproc", "1")
+    assert first.returncode == 0, first.stderr
+    refused = voxtui("run", "--resume", epochs)
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        "finished all its 8 steps (completed); nothing to resume — start a new run, or give it more steps: "
+        f"voxtui run --resume {epochs} --epochs E (E above 0.25) or --max_steps N (N above 8)"), refused.stderr
+    refused = voxtui("run", "--resume", epochs, "--per_device_bsz", "4")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"voxtui: error: {epochs} has trained 8 step(s), and these settings give it 4 in all; nothing to resume — "
+        f"start a new run, or give it more steps: voxtui run --resume {epochs} --epochs E (E above 0.5) or "
+        "--max_steps N (N above 8)"), refused.stderr
+    more = foreground("--resume", epochs, "--epochs", "0.5")
+    assert more.returncode == 0, more.stderr
+    assert max(e["step"] for e in read_events(epochs) if e["type"] == "step") == 16
+
+
+def test_a_stopped_foreground_run_says_stopped_as_the_listing_does_and_resumes(tmp_path, tiny_model, train_file):
+    """A run stopped on request: the foreground's last line names the state `voxtui engine list` shows
+    (stopped) and the step it saved; --resume continues it (it has steps left)."""
+    from conftest import _DETACHED, ROOT, train_args
+
+    run = tmp_path / "runs" / "halt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
+                             *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    _DETACHED.append(run)
+    try:
+        wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
+        assert voxtui("engine", "stop", run).returncode == 0
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    from engine.runs import latest_checkpoint
+
+    step = json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())["step"]
+    assert out.strip().splitlines()[-1] == f"[stopped] saved at step {step} (stopped on request)"
+    row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent, check=True).stdout.splitlines()
+               if line.startswith("halt"))
+    assert row[1:3] == ["stopped", str(step)]
+    more = foreground("--resume", run, "--max_steps", step + 2)
+    assert more.returncode == 0, more.stderr
+    assert more.stdout.strip().splitlines()[-1] == "[finished] done"
+    assert max(e["step"] for e in read_events(run) if e["type"] == "step") == step + 2

@@ -148,3 +148,51 @@ def test_fp8_products_all_without_quant_fp8_says_what_works():
     assert "add --quant fp8" in str(e.value) and "backward" not in str(e.value)
     with pytest.raises(UsageError, match="add --quant fp8, or use --fp8_products backward"):
         TrainConfig(train_jsonl="x", quant="none", fp8_products="all").validate()
+
+
+@pytest.mark.parametrize("tool", [("preflight",), ("run",)])
+def test_a_bad_field_of_a_config_file_is_named_as_the_file_writes_it(tmp_path, tool):
+    """A problem with a value from --config names the file and the field as written there (not a flag the
+    user never typed); the same values given as flags are named as flags; a flag over the file's field
+    is named as the flag. Always one line, exit 2, nothing made."""
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    config = tmp_path / "run.toml"
+    config.write_text(f'train_jsonl = "{train}"\nfp8_products = "all"\nlr = -1.0\nlora_targets = ["q_proj", "x"]\n')
+    out = ("--output_dir", tmp_path / "run")
+    proc = voxtui(*tool, "--config", config, *out, cwd=tmp_path)
+    one_line_usage_error(proc, f'{config}: fp8_products = "all" needs quant = "fp8" (', 'got quant = "nf4"): add quant = "fp8"',
+                         f"{config}: lr must be above 0 (got -1.0)", f"{config}: lora_targets must be among")
+    assert "--" not in proc.stderr.split("error: ", 1)[1], proc.stderr
+    proc = voxtui(*tool, "--train_jsonl", train, "--fp8_products", "all", "--lr", "-1", "--lora_targets", "q_proj,x", *out,
+                  cwd=tmp_path)
+    one_line_usage_error(proc, "--fp8_products all needs --quant fp8 (", "got --quant nf4): add --quant fp8",
+                         "--lr must be above 0 (got -1.0)", "--lora_targets must be among")
+    assert "run.toml" not in proc.stderr
+    proc = voxtui(*tool, "--config", config, "--quant", "none", "--lr", "-2", "--lora_targets", "q_proj", *out,
+                  cwd=tmp_path)
+    one_line_usage_error(proc, f'{config}: fp8_products = "all" needs --quant fp8 (',
+                         'got --quant none): add --quant fp8, or use fp8_products = "backward"',
+                         "error: --lr must be above 0 (got -2.0); ")
+    assert f"{config}: lr" not in proc.stderr and "lora_targets" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_runs_saved_field_is_named_as_its_config_toml_writes_it(tmp_path):
+    """`--resume RUN`: the fields its config.toml fills are named there; flags given again are flags."""
+    from engine.cli import build_parser
+    from engine.config import resolve
+    from engine.runs import merge_saved_config
+    from engine.util import UsageError
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.toml").write_text(f'train_jsonl = "{train}"\nquant = "nf4"\nfp8_products = "backward"\n')
+    for flags, says in (([], f'{run / "config.toml"}: fp8_products = "backward" needs quant = "none" or "fp8" ('),
+                        (["--quant", "nf4"], f'{run / "config.toml"}: fp8_products = "backward" needs --quant none or fp8 ('),
+                        (["--fp8_products", "backward"], "--fp8_products backward needs --quant none or fp8 (")):
+        args = build_parser().parse_args(["run", "--resume", str(run), *flags])
+        merge_saved_config(args, run)
+        with pytest.raises(UsageError) as e:
+            resolve(args)
+        assert str(e.value).startswith(says), (flags, str(e.value))

@@ -3,6 +3,8 @@ eval, checkpoint, alert and every tenth step, with the run's text made safe for 
 
 from __future__ import annotations
 
+from engine.protocol import shown_state
+
 
 def printable(text: str) -> str:
     """Text from a run, safe to print on a terminal: control characters (ANSI escapes among them) shown
@@ -19,7 +21,10 @@ def one_line(ev) -> str | None:
 def _describe(ev) -> str | None:
     match ev.type:
         case "status":
-            return f"[{ev.state}] {ev.message}".rstrip()
+            state = shown_state(ev.state, ev.outcome)  # the state `voxtui engine list` names
+            if state == "stopped" and ev.step:
+                return f"[stopped] saved at step {ev.step} ({ev.message or 'stopped on request'})"
+            return f"[{state}] {ev.message}".rstrip()
         case "step" if ev.step % 10 == 0 or ev.step == 1 or ev.skipped:
             loss = f"{ev.loss:.4f}" if ev.loss is not None else "non-finite"
             return f"step {ev.step}: loss {loss}, lr {ev.lr:.2e}, {ev.tokens_per_s:,.0f} tokens/s"
