@@ -7,6 +7,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine.protocol import shown_state
+
 FINAL = ("finished", "failed")
 UNFINISHED = ("starting", "running", "paused", "stopping")
 OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
@@ -190,7 +192,7 @@ class RunState:
         engine list`` and the picker say)."""
         if self.crashed:
             return "crashed"
-        return "stopped" if self.state == "finished" and self.outcome == "stopped" else self.state
+        return shown_state(self.state, self.outcome)
 
     def outcome_text(self) -> str:
         """How a finished run ended, in words ("" when not finished or not said)."""

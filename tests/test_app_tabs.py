@@ -414,3 +414,131 @@ def test_a_progress_bar_redrawn_in_place_shows_its_last_state():
         "Loading weights: 100%|"
     assert logs.line("step 3 done\r").plain == "step 3 done"
     assert logs.line("red \x1b[31mx\rgone").plain == "gone" and "␛" in logs.line("red \x1b[31mx").plain
+
+
+def events_run(tmp_path, name: str, device: str, mfu: float | None):
+    """A running run folder of 12 steps on ``device``, each with ``mfu`` (None: no peak FLOP/s known)."""
+    import msgspec
+
+    from engine.protocol import RunInfo, Status, Step
+
+    run = tmp_path / name
+    run.mkdir()
+    evs = [Status(state="running"), RunInfo(model_id="tiny", world_size=1, device=device, train_rows=4, val_rows=0,
+                                            total_steps=20, steps_per_epoch=10)]
+    evs += [Step(step=s, loss=2.0 - s / 20, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0, mfu=mfu) for s in range(1, 13)]
+    for i, ev in enumerate(evs, 1):
+        ev.seq, ev.time, ev.run = i, tabs_run.T0 + i, name
+    (run / "events.jsonl").write_bytes(b"".join(msgspec.json.encode(ev) + b"\n" for ev in evs))
+    return run
+
+
+@pytest.mark.parametrize("device,mfu,label", [("cpu", None, "MFU: n/a on CPU"), ("cuda", None, "MFU: n/a (peak unknown)"),
+                                              ("cuda", 0.41, "MFU 0.41")])
+def test_overview_names_the_charts_key_and_says_when_there_is_no_mfu(tmp_path, device, mfu, label):
+    """The loss chart's title says which key shows every curve; steps without MFU (no peak FLOP/s known:
+    the CPU, an unknown GPU) say so in words, with no empty sparkline under them."""
+    from textual.widgets import Label
+
+    from app.app import VoxApp
+
+    run = events_run(tmp_path, "r", device, mfu)
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(100, 30)) as pilot:
+            for _ in range(100):
+                if app.state.step == 12:
+                    break
+                await pilot.pause(0.05)
+            text = await painted(app, pilot, "loss — all curves: 7", label)
+            shown = app.screen.query_one("#ov-mfu-label", Label).render().plain
+            return text, shown, app.screen.query_one("#ov-mfu").display
+
+    text, shown, spark = asyncio.run(flow())
+    assert "loss — all curves: 7" in text and "every curve" not in text
+    assert shown == label and label in text
+    assert spark is (mfu is not None)
+
+
+def test_preflight_lines_wrap_under_their_own_column(tmp_path):
+    """A long preflight message wraps under the message column (a hanging indent), a long path too, and
+    so does the launch command; the report stays data (markup in it is shown as written)."""
+    from app.app import VoxApp
+
+    run = tabs_run.build(tmp_path)
+    long = "p50 120, p99 900, max 3000 tokens; 45 row(s) over --max_len 1024 (--long truncate) [bold]x[/bold] " * 2
+    path = "/data/" + "very-long-folder-name/" * 6 + "train.jsonl"
+    report = {"verdict": "warn", "command": "torchrun --nproc_per_node 2 -m engine.train --config " + path,
+              "checks": [{"level": "ok", "area": "system", "message": "2 GPUs"},
+                         {"level": "warn", "area": "data", "message": long + "\nsecond line"},
+                         {"level": "fail", "area": "data", "message": path}]}
+    (run / "preflight.json").write_text(json.dumps(report))
+
+    async def flow(size):
+        app = VoxApp(str(run))
+        async with app.run_test(size=size) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("5")
+            return await painted(app, pilot, "launch:", "second line")
+
+    for size in ((60, 30), (80, 24), (120, 30)):
+        text = asyncio.run(flow(size))
+        rows = text.splitlines()
+        start = next(i for i, r in enumerate(rows) if r.startswith(" warn data"))
+        column = rows[start].index("p50")
+        after = rows[start + 1:next(i for i, r in enumerate(rows) if r.startswith(" fail data"))]
+        assert len(after) >= 2 and all(r[:column].strip() == "" and r[column] != " " for r in after), (size, text)
+        assert after[-1].strip() == "second line"
+        assert "[bold]x[/bold]" in "".join(r[column:].rstrip() for r in [rows[start], *after])
+        fail = next(i for i, r in enumerate(rows) if r.startswith(" fail data"))
+        launch = next(i for i, r in enumerate(rows) if r.startswith(" launch: "))
+        folded = [r for r in rows[fail:launch] if r.strip()]  # a path with no space: broken, never cut
+        assert all(r[:column].strip() == "" for r in folded[1:]), (size, text)
+        assert "".join(r[column:].rstrip() for r in folded) == path, (size, text)
+        indent = rows[launch].index("torchrun")
+        assert all(r[:indent].strip() == "" for r in rows[launch + 1:launch + 3]), (size, text)
+
+
+@pytest.mark.parametrize("size", [(60, 20), (80, 24), (100, 30), (160, 50)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run, size):
+    """A part-cell glyph (▂▂, ▅▅) at a row's right edge in the Events tab is the log's scrollbar thumb:
+    it is drawn on a track that shows — in a 16-colour terminal too — never on the screen's background,
+    where it read as a stray mark. Nothing else in the tab draws such glyphs (the filter box's border aside)."""
+    from rich.color import ColorSystem
+    from textual.scrollbar import ScrollBar
+
+    from app.app import VoxApp
+
+    def standard(color):
+        return color.downgrade(ColorSystem.STANDARD).number if color is not None and not color.is_default else None
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=size) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("6")
+            await painted(app, pilot, "run_info")
+            await pilot.pause(0.3)
+            log = app.screen.query_one("#ev-log")
+            assert log.max_scroll_y > 0  # a scrollbar to look at
+            screen_bg = standard(app.screen.styles.background.rich_color)
+            found, tracks = [], set()
+            for y, strip in enumerate(app.screen._compositor.render_strips()):
+                x = 0
+                for seg in strip:
+                    for ch in seg.text:
+                        widget, _ = app.screen.get_widget_at(x, y)
+                        if isinstance(widget, ScrollBar) and widget.parent is log and not seg.style.reverse:
+                            tracks.add(standard(seg.style.bgcolor))
+                        if ch in "▁▂▃▄▅▆▇█" and widget.id != "ev-filter":
+                            found.append((x, y, ch, type(widget).__name__, standard(seg.style.bgcolor),
+                                          standard(seg.style.color)))
+                        x += 1
+            return found, tracks, screen_bg
+
+    found, tracks, screen_bg = asyncio.run(flow())
+    assert tracks and screen_bg not in tracks, (tracks, screen_bg)
+    for x, _y, _ch, kind, bg, fg in found:
+        assert kind == "ScrollBar" and x >= size[0] - 2, found
+        assert bg != screen_bg and fg != bg, found

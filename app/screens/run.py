@@ -3,7 +3,6 @@ evaluations, config & model, and logs."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -38,6 +37,7 @@ from app.widgets.events_log import EventsLog
 from app.widgets.hardware import Hardware
 from app.widgets.logs import Logs, read_new
 from app.widgets.overview import Overview
+from app.widgets.preflight import PreflightReport
 from app.widgets.previews import Previews
 from engine.protocol import (
     EvalNow,
@@ -126,7 +126,7 @@ class RunScreen(Screen):
             with TabPane("Checkpoints", id="checkpoints"):
                 yield Checkpoints()
             with TabPane("Preflight", id="preflight"):
-                yield Static(id="preflight-report", markup=False)
+                yield PreflightReport(id="preflight-report")
             with TabPane("Events", id="events"):
                 yield EventsLog()
             with TabPane("Charts", id="charts"):
@@ -414,26 +414,7 @@ class RunScreen(Screen):
         return {name: p.pid for name, p in self.offline.items() if p.poll() is None}
 
     def show_preflight(self) -> None:
-        widget = self.query_one("#preflight-report", Static)
-        path = self.run_dir / "preflight.json"
-        if not path.exists():
-            widget.update(assemble("no preflight report in this run folder"))
-            return
-        try:
-            report = json.loads(path.read_text(encoding="utf-8"))
-            checks = report.get("checks", [])
-            colors = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "red"}
-            rows = [assemble(("verdict: ", "bold"), data(str(report.get("verdict", "?")).upper(), "bold", limit=20)), ""]
-            for c in checks:
-                level = str(c.get("level", ""))
-                rows.append(assemble((f"{plain(level, limit=4):>4}", colors.get(level, "")), " ",
-                                     data(f"{plain(c.get('area', ''), limit=7):<7}"), " ",
-                                     data(c.get("message", ""), limit=2000, one_line=False)))
-            rows += ["", assemble("launch: ", data(report.get("command", ""), limit=2000, one_line=False))]
-            widget.update(lines(*rows))
-        except (OSError, ValueError, AttributeError, TypeError) as e:
-            widget.update(assemble(f"{path}: not a readable preflight report (", data(f"{type(e).__name__}: {e}",
-                                                                                   limit=200), ")"))
+        self.query_one(PreflightReport).show(self.run_dir / "preflight.json")
 
     def say(self, text: str, severity: str = "information", timeout: float | None = None) -> None:
         """A notice: its text holds run data (names, paths, the engine's reasons), so never markup."""

@@ -100,7 +100,7 @@ class Overview(Vertical):
         plot = self.query_one("#ov-plot", PlotextPlot)
         plt = plot.plt
         plt.clear_data()
-        plt.title("loss (7: every curve)")
+        plt.title("loss — all curves: 7")  # the Charts tab's key
         plt.xlabel("step")
         stride = max(1, len(s.steps) // 400)  # a terminal plot shows a few hundred points at most
         pts = [(st, lo) for st, lo, *_ in s.steps[::stride] if lo is not None and math.isfinite(lo)]
@@ -121,5 +121,10 @@ class Overview(Vertical):
             if list(spark.data or []) != values:
                 spark.data = values
             label = {"lr": "lr", "gn": "grad norm", "tps": "tokens/s", "mfu": "MFU"}[key]
-            now = f" {values[-1]:.3g}" if values else " –"  # (MFU: not recorded without a known peak)
+            now = f" {values[-1]:.3g}" if values else " –"
+            if key == "mfu":  # steps without MFU: no peak FLOP/s is known for the device (a CPU without --peak_tflops)
+                unknown = bool(recent) and not values
+                spark.display = not unknown
+                if unknown:
+                    now = ": n/a on CPU" if s.info.get("device") == "cpu" else ": n/a (peak unknown)"
             show_text(self.query_one(f"#ov-{key}-label", Label), label + now)
