@@ -500,11 +500,11 @@ def test_preflight_lines_wrap_under_their_own_column(tmp_path):
         assert all(r[:indent].strip() == "" for r in rows[launch + 1:launch + 3]), (size, text)
 
 
-@pytest.mark.parametrize("size", [(60, 20), (80, 24), (100, 30), (160, 50)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run, size):
+def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run):
     """A part-cell glyph (▂▂, ▅▅) at a row's right edge in the Events tab is the log's scrollbar thumb:
     it is drawn on a track that shows — in a 16-colour terminal too — never on the screen's background,
-    where it read as a stray mark. Nothing else in the tab draws such glyphs (the filter box's border aside)."""
+    where it read as a stray mark. Nothing else in the tab draws such glyphs (the filter box's border aside).
+    At the sizes where it was seen (100 × 30, 160 × 50) and a narrow one, in one session resized."""
     from rich.color import ColorSystem
     from textual.scrollbar import ScrollBar
 
@@ -513,32 +513,38 @@ def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run, size):
     def standard(color):
         return color.downgrade(ColorSystem.STANDARD).number if color is not None and not color.is_default else None
 
-    async def flow():
-        app = VoxApp(str(run))
-        async with app.run_test(size=size) as pilot:
-            await loaded(app, pilot)
-            await pilot.press("6")
-            await painted(app, pilot, "run_info")
-            await pilot.pause(0.3)
-            log = app.screen.query_one("#ev-log")
-            assert log.max_scroll_y > 0  # a scrollbar to look at
-            screen_bg = standard(app.screen.styles.background.rich_color)
-            found, tracks = [], set()
-            for y, strip in enumerate(app.screen._compositor.render_strips()):
-                x = 0
-                for seg in strip:
-                    for ch in seg.text:
+    def look(app, size):
+        log = app.screen.query_one("#ev-log")
+        assert log.max_scroll_y > 0, size  # a scrollbar to look at
+        screen_bg = standard(app.screen.styles.background.rich_color)
+        found, tracks = [], set()
+        for y, strip in enumerate(app.screen._compositor.render_strips()):
+            x = 0
+            for seg in strip:
+                for ch in seg.text:
+                    # only the glyphs and the right edge (where the log's scrollbar is) are looked up
+                    if ch in "▁▂▃▄▅▆▇█" or x >= size[0] - 3:
                         widget, _ = app.screen.get_widget_at(x, y)
                         if isinstance(widget, ScrollBar) and widget.parent is log and not seg.style.reverse:
                             tracks.add(standard(seg.style.bgcolor))
                         if ch in "▁▂▃▄▅▆▇█" and widget.id != "ev-filter":
                             found.append((x, y, ch, type(widget).__name__, standard(seg.style.bgcolor),
                                           standard(seg.style.color)))
-                        x += 1
-            return found, tracks, screen_bg
+                    x += 1
+        assert tracks and screen_bg not in tracks, (size, tracks, screen_bg)
+        for x, _y, _ch, kind, bg, fg in found:
+            assert kind == "ScrollBar" and x >= size[0] - 2, (size, found)
+            assert bg != screen_bg and fg != bg, (size, found)
 
-    found, tracks, screen_bg = asyncio.run(flow())
-    assert tracks and screen_bg not in tracks, (tracks, screen_bg)
-    for x, _y, _ch, kind, bg, fg in found:
-        assert kind == "ScrollBar" and x >= size[0] - 2, found
-        assert bg != screen_bg and fg != bg, found
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(160, 50)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("6")
+            await painted(app, pilot, "run_info")
+            for size in ((160, 50), (100, 30), (60, 20)):
+                await pilot.resize_terminal(*size)
+                await pilot.pause(0.3)
+                look(app, size)
+
+    asyncio.run(flow())

@@ -349,10 +349,10 @@ def foreground(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, timeout=300)
 
 
-def test_resume_of_a_finished_run_is_refused_and_more_steps_resume_it(tmp_path, tiny_model, train_file):
+def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, tiny_model, train_file):
     """`voxtui run --resume` of a run that has trained all its steps would only evaluate and save the same
     checkpoint again: it is one line and exit 2 before any engine starts, and nothing in the run folder
-    changes. A larger --max_steps (or --epochs, for a run without --max_steps) resumes it and trains on."""
+    changes (a larger --max_steps resumes it: tests/test_runner.py)."""
     from conftest import digest, train_args
 
     run = tmp_path / "runs" / "done"
@@ -362,43 +362,54 @@ def test_resume_of_a_finished_run_is_refused_and_more_steps_resume_it(tmp_path, 
     files = [run / "events.jsonl", run / "engine.json", run / "config.toml",
              run / "checkpoints" / "checkpoint-4" / "trainer_state.json"]
     before = [digest(p) for p in files]
-    for flags in ((), ("--epochs", "3"), ("--max_steps", "4"), ("--skip_preflight",)):  # --epochs: --max_steps rules
+    for flags in ((), ("--epochs", "3"), ("--skip_preflight",)):  # --epochs: --max_steps rules
         refused = voxtui("run", "--resume", run, *flags)
         assert refused.returncode == 2 and refused.stderr.strip() == (
             f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
             f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), (flags, refused.stderr)
         assert refused.stdout == ""
     assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
-    more = foreground("--resume", run, "--max_steps", "6")
-    assert more.returncode == 0, more.stderr
-    assert more.stdout.strip().splitlines()[-1] == "[finished] done"
-    events = read_events(run)
-    assert sorted(e["step"] for e in events if e["type"] == "step") == list(range(1, 7))
-    assert (run / "checkpoints" / "checkpoint-6").is_dir()
-    assert json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)["step"] == 6
-
-    # a run of --epochs (64 rows, 2 a micro-batch: 32 steps an epoch): the same plan keeps its total; a
-    # changed plan is preflight's to count (--per_device_bsz 4: 16 an epoch, 4 steps in all, none left)
-    epochs = tmp_path / "runs" / "epochs"
-    first = foreground(*train_args(tiny_model, epochs, train_file, max_steps=0, epochs=0.25), "--nproc", "1")
-    assert first.returncode == 0, first.stderr
-    refused = voxtui("run", "--resume", epochs)
-    assert refused.returncode == 2 and refused.stderr.strip().endswith(
-        "finished all its 8 steps (completed); nothing to resume — start a new run, or give it more steps: "
-        f"voxtui run --resume {epochs} --epochs E (E above 0.25) or --max_steps N (N above 8)"), refused.stderr
-    refused = voxtui("run", "--resume", epochs, "--per_device_bsz", "4")
-    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
-        f"voxtui: error: {epochs} has trained 8 step(s), and these settings give it 4 in all; nothing to resume — "
-        f"start a new run, or give it more steps: voxtui run --resume {epochs} --epochs E (E above 0.5) or "
-        "--max_steps N (N above 8)"), refused.stderr
-    more = foreground("--resume", epochs, "--epochs", "0.5")
-    assert more.returncode == 0, more.stderr
-    assert max(e["step"] for e in read_events(epochs) if e["type"] == "step") == 16
 
 
-def test_a_stopped_foreground_run_says_stopped_as_the_listing_does_and_resumes(tmp_path, tiny_model, train_file):
+def test_the_steps_a_resume_would_train_to(tmp_path):
+    """engine.runs.resume_steps on a run folder's latest complete checkpoint: --max_steps says it; a run of
+    --epochs keeps the checkpoint's total while nothing that decides its plan changed (else None: preflight's
+    plan counts them); and refuse_nothing_to_resume's line for a run of --epochs names both ways on."""
+    import pytest
+
+    from engine.config import TrainConfig
+    from engine.daemon.launch import refuse_nothing_to_resume
+    from engine.runs import resume_steps
+    from engine.util import UsageError
+
+    run = tmp_path / "runs" / "epochs"
+    train = tmp_path / "t.jsonl"
+    train.write_text("")
+    cfg = TrainConfig(train_jsonl=str(train), max_steps=0, epochs=0.25, nproc=1)
+    assert resume_steps(run, cfg, 1) == (0, None)  # no checkpoint yet
+    ckpt = run / "checkpoints" / "checkpoint-8"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"")
+    saved = {k: getattr(cfg, k) for k in cfg.__struct_fields__}
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 8, "world_size": 1,
+                                                         "config": saved}))
+    assert resume_steps(run, cfg, 1) == (8, 8)
+    assert resume_steps(run, cfg, 2) == (8, None)  # other ranks: another plan
+    for change in ({"epochs": 0.5}, {"per_device_bsz": 8}, {"packing": False}):
+        assert resume_steps(run, msgspec.structs.replace(cfg, **change), 1) == (8, None), change
+    assert resume_steps(run, msgspec.structs.replace(cfg, max_steps=12), 1) == (8, 12)
+    assert resume_steps(run, msgspec.structs.replace(cfg, lr=1e-3), 1) == (8, 8)  # not a plan field
+    refuse_nothing_to_resume(run, cfg, 8, 9)  # a step left: nothing said
+    with pytest.raises(UsageError) as e:
+        refuse_nothing_to_resume(run, cfg, 8, 4, per_epoch=16)
+    assert str(e.value) == (f"{run} has trained 8 step(s), and these settings give it 4 in all; nothing to resume"
+                            f" — start a new run, or give it more steps: voxtui run --resume {run} --epochs E "
+                            "(E above 0.5) or --max_steps N (N above 8)")
+
+
+def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tiny_model, train_file):
     """A run stopped on request: the foreground's last line names the state `voxtui engine list` shows
-    (stopped) and the step it saved; --resume continues it (it has steps left)."""
+    (stopped) and the step it saved (its resume: tests/test_runner.py)."""
     from conftest import _DETACHED, ROOT, train_args
 
     run = tmp_path / "runs" / "halt"
@@ -422,7 +433,3 @@ def test_a_stopped_foreground_run_says_stopped_as_the_listing_does_and_resumes(t
     row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent, check=True).stdout.splitlines()
                if line.startswith("halt"))
     assert row[1:3] == ["stopped", str(step)]
-    more = foreground("--resume", run, "--max_steps", step + 2)
-    assert more.returncode == 0, more.stderr
-    assert more.stdout.strip().splitlines()[-1] == "[finished] done"
-    assert max(e["step"] for e in read_events(run) if e["type"] == "step") == step + 2
