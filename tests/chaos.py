@@ -141,7 +141,7 @@ class Chaos:
             return False
         if status["state"] in ("failed", "crashed", "stopped"):
             before = len(read_events(self.run))
-            proc = voxtui("run", "--resume", self.run, "--detach")
+            proc = voxtui("run", "--resume", self.run, "--detach", "--skip_preflight")
             assert proc.returncode == 0, proc.stderr
             self.resumes += 1
             self.log(f"    resumed ({status['state']} at step {status['step']})")

@@ -177,9 +177,13 @@ def worker(args: list[str], nproc: int = 1, env: dict | None = None, wait: bool 
 
 
 def start_detached(model: Path, runs: Path, name: str, train: Path, nproc: int = 2, env: dict | None = None,
-                   **flags) -> Path:
-    """`voxtui run --detach` for real; returns the run folder once its engine is up."""
+                   preflight: bool = False, **flags) -> Path:
+    """`voxtui run --detach` for real; returns the run folder once its engine is up. Without preflight
+    (``--skip_preflight``: 7 s of a CPU core a run) unless ``preflight``: the tests of `voxtui run` around
+    preflight ask for it (tests/test_runner.py, test_preflight*.py)."""
     args = train_args(model, runs / name, train, **flags) + ["--nproc", str(nproc), "--detach"]
+    if not preflight:
+        args.append("--skip_preflight")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "engine", "run", *args], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=300)

@@ -129,7 +129,7 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     status = json.loads(voxtui("engine", "status", run, "--json", "-").stdout)
     assert status["state"] == "crashed" and status["step"] == step and status["checkpoint"] == str(ckpt)
     assert "crashed" in voxtui("engine", "list", "--runs", run.parent, check=True).stdout
-    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach")
+    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--detach", "--skip_preflight")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: last_state(run) == "finished", timeout=180)
     events = read_events(run)
@@ -171,7 +171,7 @@ def test_workers_that_finish_the_run_after_their_engine_was_killed(tmp_path, tin
     assert not (run / "spool").exists()
     assert "finished" in voxtui("engine", "list", "--runs", run.parent, check=True).stdout
     assert read_events(run) == events  # read again: nothing stored twice
-    proc = voxtui("run", "--resume", run, "--max_steps", "32", "--detach")
+    proc = voxtui("run", "--resume", run, "--max_steps", "32", "--detach", "--skip_preflight")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: last_state(run) == "finished" and len(read_events(run)) > len(events), timeout=180)
     events = read_events(run)
@@ -356,7 +356,7 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     from conftest import digest, train_args
 
     run = tmp_path / "runs" / "done"
-    first = foreground(*train_args(tiny_model, run, train_file, max_steps=4), "--nproc", "1")
+    first = foreground(*train_args(tiny_model, run, train_file, max_steps=4), "--nproc", "1", "--skip_preflight")
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().splitlines()[-1] == "[finished] done"
     files = [run / "events.jsonl", run / "engine.json", run / "config.toml",
@@ -371,21 +371,21 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
 
 
-def test_the_steps_a_resume_would_train_to(tmp_path):
+def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     """engine.runs.resume_steps on a run folder's latest complete checkpoint: --max_steps says it; a run of
     --epochs keeps the checkpoint's total while nothing that decides its plan changed (else None: preflight's
-    plan counts them); and refuse_nothing_to_resume's line for a run of --epochs names both ways on."""
+    plan counts them — for real below); and refuse_nothing_to_resume's line for a run of --epochs names both
+    ways on."""
     import pytest
 
-    from engine.config import TrainConfig
+    from engine.config import TrainConfig, write_config
     from engine.daemon.launch import refuse_nothing_to_resume
     from engine.runs import resume_steps
     from engine.util import UsageError
 
     run = tmp_path / "runs" / "epochs"
-    train = tmp_path / "t.jsonl"
-    train.write_text("")
-    cfg = TrainConfig(train_jsonl=str(train), max_steps=0, epochs=0.25, nproc=1)
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl=str(train_file), output_dir=str(run), max_steps=0,
+                      epochs=0.25, nproc=1, quant="none", bf16=False, per_device_bsz=2, packing=False)
     assert resume_steps(run, cfg, 1) == (0, None)  # no checkpoint yet
     ckpt = run / "checkpoints" / "checkpoint-8"
     ckpt.mkdir(parents=True)
@@ -395,7 +395,7 @@ def test_the_steps_a_resume_would_train_to(tmp_path):
                                                          "config": saved}))
     assert resume_steps(run, cfg, 1) == (8, 8)
     assert resume_steps(run, cfg, 2) == (8, None)  # other ranks: another plan
-    for change in ({"epochs": 0.5}, {"per_device_bsz": 8}, {"packing": False}):
+    for change in ({"epochs": 0.5}, {"per_device_bsz": 8}, {"packing": True}):
         assert resume_steps(run, msgspec.structs.replace(cfg, **change), 1) == (8, None), change
     assert resume_steps(run, msgspec.structs.replace(cfg, max_steps=12), 1) == (8, 12)
     assert resume_steps(run, msgspec.structs.replace(cfg, lr=1e-3), 1) == (8, 8)  # not a plan field
@@ -405,6 +405,15 @@ def test_the_steps_a_resume_would_train_to(tmp_path):
     assert str(e.value) == (f"{run} has trained 8 step(s), and these settings give it 4 in all; nothing to resume"
                             f" — start a new run, or give it more steps: voxtui run --resume {run} --epochs E "
                             "(E above 0.5) or --max_steps N (N above 8)")
+    # `voxtui run --resume` with another batch: preflight's plan (64 rows, 8 a step: 8 an epoch, 2 steps at
+    # --epochs 0.25) gives no step beyond the checkpoint's 8: refused, nothing started
+    write_config(cfg, run / "config.toml")
+    refused = voxtui("run", "--resume", run, "--per_device_bsz", "8")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"voxtui: error: {run} has trained 8 step(s), and these settings give it 2 in all; nothing to resume — "
+        f"start a new run, or give it more steps: voxtui run --resume {run} --epochs E (E above 1) or "
+        "--max_steps N (N above 8)"), refused.stderr
+    assert not (run / "engine.json").exists() and not (run / "events.jsonl").exists()
 
 
 def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tiny_model, train_file):
@@ -415,7 +424,8 @@ def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tin
     run = tmp_path / "runs" / "halt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
-                             *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1"],
+                             *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1",
+                             "--skip_preflight"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     _DETACHED.append(run)
