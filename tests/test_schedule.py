@@ -66,6 +66,17 @@ def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, ti
         want = FLOOR + (r3 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (s - 1 - 3) / 9))
         assert after[s] == pytest.approx(want * LR, rel=1e-9)
 
+    # --lr given again on a resume (from checkpoint-3, the same 6 steps): the schedule's shape at the new peak
+    # from the first resumed step on, as the run's config.toml now says (the restored optimizer held the old)
+    faster = tmp_path / "faster"
+    shutil.copytree(first, faster)
+    shutil.rmtree(faster / "checkpoints" / "checkpoint-6")
+    proc = worker(["--resume", str(faster), "--lr", str(2 * LR), "--weight_decay", "0.5"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = lrs(faster)
+    assert all(after[s] == pytest.approx(2 * before[s], rel=1e-12) for s in range(4, 7)), (before, after)
+    assert f"resume: --lr {2 * LR:g} (was {LR:g}" in proc.stderr and "--weight_decay 0.5 (was 0)" in proc.stderr
+
     # resumed again with the same total: the run's own (continued) schedule, not a new one
     state = json.loads((mid / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["schedule"] == {"total": 12, "start": 3, "start_ratio": pytest.approx(r3)}

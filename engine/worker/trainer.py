@@ -209,6 +209,7 @@ class Trainer:
             self.out.say(message)
         self.scheduler.lr_lambdas = [self.schedule.lr_lambda(cfg.warmup_steps, cfg.min_lr_ratio)
                                      for _ in self.scheduler.lr_lambdas]
+        self._override_rates()
         best = self.evaluator
         best.best_loss = state.get("best_loss") if state.get("best_loss") is not None else math.inf
         best.best_step, best.bad_evals = state.get("best_step", 0), state.get("bad_evals", 0)
@@ -217,6 +218,22 @@ class Trainer:
             self.log(f"resume: the run had {state.get('world_size')} ranks, now {d.world}: "
                      "the data order continues, but the result will not match an uninterrupted run exactly")
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro})")
+
+    def _override_rates(self) -> None:
+        """--lr and --weight_decay given again on a resume apply from its first step (the optimizer's and the
+        scheduler's restored state hold the run's own): the schedule keeps its shape, scaled to the new peak."""
+        cfg, sched = self.cfg, self.scheduler
+        was_lr, was_wd = sched.base_lrs[0], self.optimizer.param_groups[0]["weight_decay"]
+        if cfg.lr == was_lr and cfg.weight_decay == was_wd:
+            return
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * cfg.lr / g["initial_lr"]
+            g["initial_lr"], g["weight_decay"] = cfg.lr, cfg.weight_decay
+        sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        said = [f"--lr {cfg.lr:g} (was {was_lr:g}; in force now {sched._last_lr[0]:.3g})" if cfg.lr != was_lr else "",
+                f"--weight_decay {cfg.weight_decay:g} (was {was_wd:g})" if cfg.weight_decay != was_wd else ""]
+        self.out.say("resume: " + " and ".join(x for x in said if x) + " from this step on")
 
     def _start_reporting(self) -> None:
         """TensorBoard and telemetry on rank 0, and the run_info event: what this run is."""
