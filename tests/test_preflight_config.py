@@ -196,3 +196,25 @@ def test_a_resumed_runs_saved_field_is_named_as_its_config_toml_writes_it(tmp_pa
         with pytest.raises(UsageError) as e:
             resolve(args)
         assert str(e.value).startswith(says), (flags, str(e.value))
+
+
+def test_the_launch_command_keeps_the_flags_given_beside_a_config_file(tmp_path):
+    """`voxtui preflight --config FILE --max_steps 6 --lr 0.5`: the launch command is the file and the flags
+    that override it (the file alone trained a full epoch at its own rate); a run's own config.toml, which
+    will hold every value, alone; no file: every value not the default as a flag."""
+    import shlex
+
+    import msgspec
+
+    from engine.config import TrainConfig
+    from engine.preflight import launch_command
+
+    path = tmp_path / "run.toml"
+    path.write_text('train_jsonl = "t.jsonl"\nlr = 0.001\nquant = "none"\nbf16 = false\n')
+    cfg = TrainConfig(train_jsonl="t.jsonl", lr=0.5, quant="none", bf16=False, max_steps=6, nproc=2)
+    head = "torchrun --standalone --nproc_per_node 2 -m engine.train"
+    assert launch_command(cfg, str(path)) == f"{head} --config {shlex.quote(str(path))} --max_steps 6 --lr 0.5"
+    same = msgspec.structs.replace(cfg, lr=0.001, max_steps=0)
+    assert launch_command(same, str(path)) == f"{head} --config {shlex.quote(str(path))}"
+    assert launch_command(cfg, str(path), written=True) == f"{head} --config {shlex.quote(str(path))}"
+    assert launch_command(cfg) == f"{head} --train_jsonl t.jsonl --max_steps 6 --lr 0.5 --no-bf16 --quant none"

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import shlex
 
-from engine.config import TrainConfig, to_toml
+import msgspec
+
+from engine.config import TrainConfig, read_toml, to_toml
 from engine.preflight.data import check_data, check_plan
 from engine.preflight.memory import check_memory, check_model, check_probe, estimate_memory, fastest_fit
 from engine.preflight.system import check_bf16, check_system
+from engine.util import UsageError
 
 __all__ = ["Report", "preflight", "render", "launch_command", "check_system", "check_bf16", "check_data",
            "check_plan", "check_model", "check_memory", "check_probe", "estimate_memory", "fastest_fit"]
@@ -29,14 +32,24 @@ class Report:
         return "no-go" if "fail" in levels else "warn" if "warn" in levels else "go"
 
 
-def launch_command(cfg: TrainConfig, config_path: str | None = None) -> str:
+def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bool = False) -> str:
+    """The worker's command for ``cfg``: every field that is not its default as a flag, or with
+    ``config_path`` (the file ``cfg`` was read from) that file and the flags that override it (a flag given
+    beside ``--config``, a batch preflight rescaled); ``written``: the file will hold ``cfg`` itself (a run's
+    config.toml), so the file alone."""
     head = ["torchrun", "--standalone", "--nproc_per_node", str(cfg.nproc), "-m", "engine.train"]
+    base = TrainConfig()
     if config_path:
-        return shlex.join(head + ["--config", config_path])
-    default = TrainConfig()
+        head += ["--config", config_path]
+        if written:
+            return shlex.join(head)
+        try:
+            base = msgspec.convert({**msgspec.structs.asdict(base), **read_toml(config_path)}, TrainConfig)
+        except (UsageError, msgspec.ValidationError):
+            pass  # the file as it is now does not read: every field as a flag, beside it
     flags = []
     for k in cfg.__struct_fields__:
-        v, d = getattr(cfg, k), getattr(default, k)
+        v, d = getattr(cfg, k), getattr(base, k)
         if v == d or k in ("engine", "nproc"):
             continue
         if isinstance(v, bool):
@@ -48,7 +61,8 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None) -> str:
     return shlex.join(head + flags)
 
 
-def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False) -> dict:
+def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False, written: bool = False) -> dict:
+    """Every check on ``cfg``, the verdict, and the command that launches it (``launch_command``)."""
     r = Report()
     system = check_system(cfg, r)
     lengths, toks = check_data(cfg, r)  # each file tokenised once, into the worker's cache
@@ -60,7 +74,7 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
         check_probe(cfg, r, lengths)  # rescales the batch in cfg, so the command below uses it
         if (cfg.per_device_bsz, cfg.grad_accum) != batch and tok is not None:
             check_plan(cfg, r, tok)  # the plan of the batch the command launches
-    return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path),
+    return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path, written),
             "config": to_toml(cfg)}
 
 
