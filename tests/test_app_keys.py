@@ -124,3 +124,35 @@ def test_the_checkpoints_tab_takes_the_arrows_and_i_infers_the_chosen_checkpoint
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_slash_goes_into_the_events_filter_and_the_logs_search(replayed):
+    """`/` in the Events tab puts the cursor in its filter, so that the letters typed filter and never
+    command the run (a user typed "/pre" there: p paused the run, e evaluated); in Logs, its search; in
+    another tab it does nothing."""
+    from textual.widgets import Input
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(replayed))
+        app.animation_level = "none"
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.5)
+            seen = {}
+            for key, field in (("6", "#ev-filter"), ("0", "#log-search"), ("1", None)):
+                await pilot.press(key)
+                await pilot.pause(0.1)
+                await pilot.press("slash", "p", "e")
+                await pilot.pause(0.2)
+                focused = app.focused
+                seen[key] = (focused.id if isinstance(focused, Input) else None,
+                             focused.value if isinstance(focused, Input) else None)
+                if field:
+                    focused.value = ""
+                    await pilot.press("escape")
+                    await pilot.pause(0.1)
+            return seen
+
+    seen = asyncio.run(flow())
+    assert seen == {"6": ("ev-filter", "pe"), "0": ("log-search", "pe"), "1": (None, None)}, seen

@@ -46,6 +46,7 @@ KEYS = lines(
     "o       save the screen as SVG (into the run folder)",
     "Charts: w window (last 200 / 1000 / all steps)   l loss log scale",
     "Logs:   f follow on/off   / search   ] next log file",
+    "Events: / filter (a type or any text; Esc leaves it)",
     "Checkpoints: ↑↓ choose   i infer the chosen one   a infer all",
     "GPUs:   straggler = step time > 1.2 × the other ranks' median",
     "Ctrl+P  command palette        ?   this help",

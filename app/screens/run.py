@@ -61,8 +61,8 @@ REDRAW_GAP_S = 0.02  # news is drawn at once after a quiet spell, and a burst at
 PANE_EVERY_S = {"gpus": 1.0, "events": 0.5}
 LOG_EVERY_S = 0.5  # the followed log is read this often while the Logs tab shows
 # keys that act in one tab only: action → tab
-TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": "logs", "next_log": "logs",
-               "infer_selected": "checkpoints", "infer_all": "checkpoints"}
+TAB_ACTIONS = {"window": "charts", "log_scale": "charts", "follow": "logs", "search": ("logs", "events"),
+               "next_log": "logs", "infer_selected": "checkpoints", "infer_all": "checkpoints"}
 # keys that command the engine: hidden once the run has ended, greyed while the engine is not seen
 ENGINE_ACTIONS = {"preview_now", "save", "eval_now", "pause", "stop"}
 NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start still notify (clock skew)
@@ -287,7 +287,7 @@ class RunScreen(Screen):
         greys them while the engine is lost)."""
         tab = TAB_ACTIONS.get(action)
         if tab is not None:
-            return self.query_one(TabbedContent).active == tab
+            return self.query_one(TabbedContent).active in ((tab,) if isinstance(tab, str) else tab)
         if action == "back":  # only when the run was opened from the picker
             return self.from_picker()
         if action in ENGINE_ACTIONS:
@@ -565,7 +565,10 @@ class RunScreen(Screen):
         self.poll_log()
 
     def action_search(self) -> None:
-        self.query_one("#log-search", Input).focus()
+        """``/``: into the Logs tab's search, or the Events tab's filter (then the letters typed filter,
+        never command the run)."""
+        events = self.query_one(TabbedContent).active == "events"
+        self.query_one("#ev-filter" if events else "#log-search", Input).focus()
 
     def action_next_log(self) -> None:
         self.query_one(Logs).next_file()

@@ -47,7 +47,7 @@ def describe(ev) -> Text:
 
 class EventsLog(Vertical):
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter: a type (step, alert…) or any text", id="ev-filter")
+        yield Input(placeholder="filter (/): a type (step, alert…) or any text", id="ev-filter")
         yield RichLog(id="ev-log", max_lines=SHOWN, wrap=False, markup=False)
 
     def on_mount(self) -> None:
