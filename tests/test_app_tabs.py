@@ -11,6 +11,8 @@ import time
 import pytest
 import tabs_run
 
+from conftest import until_still
+
 
 def screen_text(app) -> str:
     """What the terminal shows now, as plain text."""
@@ -548,3 +550,32 @@ def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run):
                 look(app, size)
 
     asyncio.run(flow())
+
+
+def test_the_events_log_keeps_to_its_end_when_the_terminal_is_resized(run):
+    """Grown then shrunk, the Events tab still shows the newest event at its bottom (it showed an old one:
+    a finished run's earlier status read as its state); scrolled up by the user, it stays where it was put."""
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("6")
+            await painted(app, pilot, "run_info")
+            log = app.screen.query_one("#ev-log")
+            ends = []
+            for size in ((120, 40), (80, 24), (100, 20)):
+                await pilot.resize_terminal(*size)
+                await until_still(pilot)
+                ends.append((size, log.max_scroll_y > 0, log.scroll_y == log.max_scroll_y))
+            log.scroll_home(animate=False)
+            await pilot.pause(0.2)
+            log.release_anchor()
+            await pilot.resize_terminal(120, 40)
+            await until_still(pilot)
+            return ends, log.scroll_y
+
+    ends, after_home = asyncio.run(flow())
+    assert all(scrolls and at_end for _, scrolls, at_end in ends), ends
+    assert after_home == 0

@@ -53,6 +53,9 @@ class EventsLog(Vertical):
     def on_mount(self) -> None:
         self._written = 0  # seq of the newest event written to the log
         self._filter = ""
+        # kept at its end when the terminal is resized too (else, grown then shrunk, its last row was an old
+        # event: a finished run's earlier status read as its state); scrolling up lets go, the end takes it back
+        self.query_one("#ev-log", RichLog).anchor()
 
     @on(Input.Changed, "#ev-filter")
     def refilter(self, event: Input.Changed) -> None:
