@@ -453,12 +453,12 @@ def test_overview_names_the_charts_key_and_says_when_there_is_no_mfu(tmp_path, d
                 if app.state.step == 12:
                     break
                 await pilot.pause(0.05)
-            text = await painted(app, pilot, "loss — all curves: 7", label)
+            text = await painted(app, pilot, "loss (press 7 for every curve)", label)
             shown = app.screen.query_one("#ov-mfu-label", Label).render().plain
             return text, shown, app.screen.query_one("#ov-mfu").display
 
     text, shown, spark = asyncio.run(flow())
-    assert "loss — all curves: 7" in text and "every curve" not in text
+    assert "loss (press 7 for every curve)" in text and "(7: every curve)" not in text
     assert shown == label and label in text
     assert spark is (mfu is not None)
 

@@ -100,7 +100,7 @@ class Overview(Vertical):
         plot = self.query_one("#ov-plot", PlotextPlot)
         plt = plot.plt
         plt.clear_data()
-        plt.title("loss — all curves: 7")  # the Charts tab's key
+        plt.title("loss (press 7 for every curve)")  # the Charts tab's key
         plt.xlabel("step")
         stride = max(1, len(s.steps) // 400)  # a terminal plot shows a few hundred points at most
         pts = [(st, lo) for st, lo, *_ in s.steps[::stride] if lo is not None and math.isfinite(lo)]
