@@ -15,7 +15,7 @@ from engine.util import write_json
 def audit(path: str, against: str | None = None, max_len: int | None = None, model: str | None = None,
           workers: int | None = None) -> dict:
     fmt = data_format(model) if max_len else None
-    scan = scan_file(path, fmt, keys=True, workers=workers, label="audit")
+    scan = scan_file(path, fmt, keys=True, workers=workers, label=f"audit {os.path.basename(path)}")
     defects = list(scan.defects)
     defects += duplicates(scan)
     if max_len:
@@ -23,7 +23,7 @@ def audit(path: str, against: str | None = None, max_len: int | None = None, mod
         defects += [(int(line), "too_long", f"{int(n)} tokens > {max_len}")
                     for line, n in zip(scan.lines[over], total[over])]
     if against:
-        other = scan_file(against, None, keys=True, workers=workers, label="against")
+        other = scan_file(against, None, keys=True, workers=workers, label=f"against {os.path.basename(against)}")
         defects += leaks(scan, other)
     if scan.rows == 0:
         empty = os.path.getsize(path) == 0
