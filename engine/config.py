@@ -314,8 +314,10 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
         cfg = msgspec.convert(values, TrainConfig)
     except msgspec.ValidationError as e:
         field, text = _field_error(e)
+        if field in files and text.startswith(f"{field}: "):  # the field as the file writes it, and its value
+            raise UsageError(f"{files[field]}: {field} = {_shown(values[field])}: {text[len(field) + 2:]}") from None
         where = files.get(field) or getattr(args, "config", None)
-        raise UsageError(f"{where}: config: {text}" if where else f"config: {text}") from None
+        raise UsageError(f"{where}: {text}" if where else f"config: {text}") from None
     cfg.validate(files, flags)
     return cfg
 
@@ -440,6 +442,16 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def _shown(v: object, limit: int = 60) -> str:
+    """A value read from a file, for a one-line error: as TOML writes it, cut at ``limit`` characters."""
+    try:
+        text = toml_value(v)
+    except (TypeError, ValueError, msgspec.EncodeError):
+        text = repr(v)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def toml_value(v: object) -> str:

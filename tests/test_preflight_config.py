@@ -32,8 +32,9 @@ def test_a_bad_config_file_is_one_line_and_exit_2(tmp_path, tool):
     bad_quant = tmp_path / "quant.toml"
     bad_quant.write_text('quant = "nf5"\n')
     cases = ((latin1, ("latin1.toml", "UTF-8")), (tmp_path, (str(tmp_path), "folder")),
-             (wrong_type, ("wrong.toml", "per_device_bsz", "int")), (bad_bf16, ("bf16.toml", "bf16")),
-             (bad_quant, ("quant.toml", "quant: invalid enum value 'nf5' (one of nf4, none, fp8)")))
+             (wrong_type, ('wrong.toml: per_device_bsz = "four": expected int, got str',)),
+             (bad_bf16, ('bf16.toml: bf16 = "yes": must be true, false or "auto"',)),
+             (bad_quant, ("""quant.toml: quant = "nf5": invalid enum value 'nf5' (one of nf4, none, fp8)""",)))
     for config, words in cases:
         proc = voxtui(*tool, "--config", config, "--train_jsonl", train, "--output_dir", tmp_path / "run", cwd=tmp_path)
         one_line_usage_error(proc, *words)
