@@ -43,6 +43,14 @@ async def loaded(app, pilot) -> None:
     raise AssertionError("the run was not loaded")
 
 
+async def at_step(app, pilot, step: int, tries: int = 100) -> None:
+    """Until the dashboard has folded in the events up to ``step`` (or ``tries`` pauses of 50 ms)."""
+    for _ in range(tries):
+        if app.state.step == step:
+            return
+        await pilot.pause(0.05)
+
+
 @pytest.fixture
 def run(tmp_path):
     return tabs_run.build(tmp_path)
@@ -349,10 +357,7 @@ def test_a_cpu_run_hides_the_gpu_table_and_equal_ranks_are_no_stragglers(tmp_pat
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(80, 24)) as pilot:
-            for _ in range(100):
-                if app.state.step == 12:
-                    break
-                await pilot.pause(0.05)
+            await at_step(app, pilot, 12)
             await pilot.press("2")
             text = await painted(app, pilot, "CPU run on vm", "straggler")
             assert app.screen.query_one("#hw-gpus").display is False
@@ -449,10 +454,7 @@ def test_overview_names_the_charts_key_and_says_when_there_is_no_mfu(tmp_path, d
     async def flow():
         app = VoxApp(str(run))
         async with app.run_test(size=(100, 30)) as pilot:
-            for _ in range(100):
-                if app.state.step == 12:
-                    break
-                await pilot.pause(0.05)
+            await at_step(app, pilot, 12)
             text = await painted(app, pilot, "loss (press 7 for every curve)", label)
             shown = app.screen.query_one("#ov-mfu-label", Label).render().plain
             return text, shown, app.screen.query_one("#ov-mfu").display
