@@ -26,5 +26,5 @@ python3 bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.
   --out "$W" --runs "${RUNS:-/tmp/bench-runs}" --nproc "$NPROC" --only "$ONLY" --timeout "${TIMEOUT:-300}" --steps "${STEPS:-15}" ${PROFILE:+--profile} 2>&1 | grep -v -i warn
 cat "$W/throughput.jsonl" >> "$OUT/throughput.jsonl"
 for f in "$W"/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -14 "$f"; }; done
-for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|Error|error" "$f" | sort -u | head -8; done
+for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|CUDA graphs|cudagraph|Error|error" "$f" | sort -u | head -8; done
 tar -czf "$OUT/w$NPROC${TAG:-}.tar.gz" -C "$W" . && rm -rf "$W"

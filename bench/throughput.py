@@ -142,6 +142,16 @@ CONFIGS: dict[str, list[str]] = {
     "fp8bwd-ckpt28-16gib-b16": checkpointed("fp8bwd", 28, bsz=16),
     "fp8bwd-ckpt20-16gib": checkpointed("fp8bwd", 20),
     "fp8bwd-ckpt19-16gib": checkpointed("fp8bwd", 19),
+    # each compiled layer's forward and backward replayed as CUDA graphs (VOXTUI_CUDA_GRAPHS=1, ENV below): one
+    # launch a layer instead of one a kernel (measured on an H200: the same speed, docs/benchmarks.md runs AA–AB)
+    "bf16-packed-compiled-graphs": BF16 + ["--compile"],
+    "bf16-packed-compiled-fp8bwd-graphs": BF16_PACKED + FP8_BWD + ["--compile"],
+    "bf16-packed-compiled-b24-fp8bwd-graphs": ["--quant", "none", "--packing", "--per_device_bsz", "24",
+                                               "--no-grad_ckpt", "--compile"] + FP8_BWD,
+    "fp8-packed-compiled-graphs": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                                   "--compile"] + FP8_ALL,
+    "fp8bwd-ckpt19-16gib-graphs": checkpointed("fp8bwd", 19),
+    "nf4-packed-compiled-graphs": NF4 + ["--compile"],
     # long rows (their own data: LONG_DATA): 2 × 8192 tokens a micro-batch; 32768 with checkpointing
     "bf16-long-8192": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
                        "--max_len", "8192", "--fp8_products", "none"],
@@ -173,7 +183,12 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "bf16-packed-compiled-b24-fp8bwd-nooverlap": {"VOXTUI_STEP_OVERLAP": "0"},
                                   "bf16-ckpt-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
                                   "nf4-packed-compiled-ckptout": {"VOXTUI_CHECKPOINT": "around"},
-                                  "fp8-ckpt20-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"}}
+                                  "fp8-ckpt20-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
+                                  **{name: {"VOXTUI_CUDA_GRAPHS": "1", "TORCH_LOGS": "perf_hints"}
+                                     for name in ("bf16-packed-compiled-graphs", "bf16-packed-compiled-fp8bwd-graphs",
+                                                  "bf16-packed-compiled-b24-fp8bwd-graphs",
+                                                  "fp8-packed-compiled-graphs", "fp8bwd-ckpt19-16gib-graphs",
+                                                  "nf4-packed-compiled-graphs")}}
 DEFAULT_ORDER = ["seed", "bf16-packed", "bf16-packed-compiled", "nf4-packed-compiled", "bf16-packed-compiled-quiet"]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from conftest import write_jsonl
-from engine.worker.batching import collate, plan_epoch_all, tokenize
+from engine.worker.batching import SEGMENT_SLOTS, collate, plan_epoch_all, segment_slots, tokenize
 
 
 def rows(n):
@@ -73,17 +73,25 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
     loss = CausalLMLoss(model, chunk=7)  # a small chunk exercises the chunked head
     unpacked = collate(tok, [[i] for i in range(6)], fmt.pad, packed=False)
     packed = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256)
+    # the same row described with empty examples after its own (CUDA graphs' few shapes: VOXTUI_CUDA_GRAPHS)
+    fixed = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256, fixed_segments=True)
     assert packed["input_ids"].shape == (1, 1024) and "attention_mask" not in packed
+    n_cu = len(packed["cu_seq_lens_q"])
+    assert fixed["cu_seq_lens_q"].shape == (segment_slots(n_cu - 1) + 1,) == (SEGMENT_SLOTS + 1,)
+    assert torch.equal(fixed["cu_seq_lens_q"][:n_cu], packed["cu_seq_lens_q"])
+    assert (fixed["cu_seq_lens_q"][n_cu:] == 1024).all()
     grads = []
-    for m in (unpacked, packed):
+    for m in (unpacked, packed, fixed):
         model.zero_grad()
         total, n = loss(**m)
         total.backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
         if m is unpacked:
             a, na = total.detach(), n
-        else:
+        elif m is packed:
             b, nb = total.detach(), n
+        else:
+            assert torch.equal(total.detach(), b) and n == nb
     with torch.no_grad():
         # both equal the model's own loss computed example by example
         direct = 0.0
@@ -97,6 +105,12 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
     for k in grads[0]:  # fp32 sums in another order: equal to 1e-4 of the values, or 1e-6 of the tensor's scale
         scale = float(grads[0][k].abs().max())
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * max(scale, 1.0)), k
+        assert torch.equal(grads[1][k], grads[2][k]), k
+
+
+def test_segment_slots_are_few_powers_of_two():
+    assert [segment_slots(n) for n in (0, 1, SEGMENT_SLOTS, SEGMENT_SLOTS + 1, 200)] == \
+        [SEGMENT_SLOTS, SEGMENT_SLOTS, SEGMENT_SLOTS, 2 * SEGMENT_SLOTS, 256]
 
 
 def test_cache_hit_and_long_rows(tmp_path, fmt):

@@ -40,11 +40,14 @@ def test_inductor_tuning_is_what_torch_compile_takes():
 
     from engine.worker.modeling import inductor_tuning
 
-    assert inductor_tuning("default") == {}
+    assert inductor_tuning("default", graphs=False) == {}
     assert hasattr(cfg, "coordinate_descent_tuning")
-    assert inductor_tuning("coordinate") == {"options": {"coordinate_descent_tuning": True}}
-    assert inductor_tuning("autotune")["mode"] in torch._inductor.list_mode_options()
+    assert inductor_tuning("coordinate", graphs=False) == {"options": {"coordinate_descent_tuning": True}}
+    assert inductor_tuning("autotune", graphs=False)["mode"] in torch._inductor.list_mode_options()
+    assert inductor_tuning("autotune", graphs=True)["mode"] in torch._inductor.list_mode_options()
+    assert inductor_tuning("default", graphs=True) == {"options": {"triton.cudagraphs": True}}
     for how in ("coordinate", "autotune"):
-        torch.compile(torch.nn.Linear(2, 2), **inductor_tuning(how))  # the arguments are checked here
+        for graphs in (False, True):
+            torch.compile(torch.nn.Linear(2, 2), **inductor_tuning(how, graphs))  # the arguments are checked here
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):  # ... as this shows
         torch.compile(torch.nn.Linear(2, 2), options={"coordinate_descent": True})

@@ -295,14 +295,27 @@ def _pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> list[list[int]
     return rows
 
 
+SEGMENT_SLOTS = 64  # the fewest example boundaries a padded packed row describes (``segment_slots``)
+
+
+def segment_slots(n: int) -> int:
+    """How many examples a packed row of ``n`` is described as when its shapes must be few (CUDA graphs):
+    the next power of two from ``SEGMENT_SLOTS``, the rest empty examples (zero-length: no attention work)."""
+    slots = SEGMENT_SLOTS
+    while slots < n:
+        slots *= 2
+    return slots
+
+
 def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budget: int = 0,
-            max_len: int = 0) -> dict:
+            max_len: int = 0, fixed_segments: bool = False) -> dict:
     """Tensors for one micro-batch. Labels are -100 outside the targets; ``target_idx`` lists the flat
     positions (into ``B × (L-1)``) whose next token is a target, so the loss needs no host sync.
 
     Unpacked: right padding and a 2-D attention mask. Packed (one row): the examples end to end,
     padded to ``budget`` tokens (a fixed shape) with padding split into pieces of at most ``max_len``,
-    positions restarting at each example, and ``cu_seq_lens_q`` / ``max_length_q`` for varlen attention.
+    positions restarting at each example, and ``cu_seq_lens_q`` / ``max_length_q`` for varlen attention;
+    ``fixed_segments``: ``cu_seq_lens_q`` padded with empty examples to ``segment_slots`` (a few fixed shapes).
     """
     import torch
 
@@ -336,6 +349,8 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
         input_ids[0, :len(ids)] = torch.tensor(ids)
         lab = torch.full((1, width), -100, dtype=torch.long)
         lab[0, :len(labels)] = torch.tensor(labels)
+        if fixed_segments:
+            seg = seg + [0] * (segment_slots(len(seg)) - len(seg))
         cu = torch.tensor(np.concatenate([[0], np.cumsum(seg)]), dtype=torch.int32)
         out = {"input_ids": input_ids, "labels": lab, "position_ids": torch.tensor([pos], dtype=torch.long),
                "cu_seq_lens_q": cu, "max_length_q": int(max(max_len, max(seg))), "real_tokens": real, "slots": width,

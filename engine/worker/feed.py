@@ -79,15 +79,17 @@ class Feed:
         from concurrent.futures import ThreadPoolExecutor
 
         from engine.worker.batching import collate
+        from engine.worker.knobs import knobs
 
         cfg = self.cfg
         pin = self.d.device.type == "cuda"
+        fixed = knobs().cuda_graphs and cfg.compile and pin  # CUDA graphs: few shapes (knobs.py)
 
         def build(p, start):
             out = []
             for i in range(cfg.grad_accum):
                 m = collate(self.tok, p[start + i], self.pad, cfg.packing, budget=self.run_plan.budget,
-                            max_len=cfg.max_len)
+                            max_len=cfg.max_len, fixed_segments=fixed)
                 if pin:
                     m = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in m.items()}
                 out.append(m)

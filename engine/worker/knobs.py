@@ -25,6 +25,13 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     products too, so elementwise work can fuse into them; a longer first compile). On an H200 neither paid:
     coordinate descent left NF4 as fast, max-autotune's compile outlasted 240 s (docs/benchmarks.md, runs
     N, O; the comparisons in bench/throughput.py, ``-cdt``, ``-autotune``)
+``VOXTUI_CUDA_GRAPHS=1``
+    with --compile on a GPU, each compiled layer's forward and backward are replayed as CUDA graphs
+    (Inductor's CUDA graph trees): one launch a layer instead of one a kernel. A packed row's example
+    boundaries are padded with empty examples to a few fixed counts, so the graphs see few shapes
+    (batching.collate); the adapters' gradients are kept in their own memory, zeroed in place (step.py).
+    Measured on an H200: the same speed (the step is bound by its kernels, not their launching;
+    docs/benchmarks.md, runs AA–AB; the ``-graphs`` comparisons in bench/throughput.py)
 ``VOXTUI_CHECKPOINT=inside|around``
     with --grad_ckpt, where each checkpointed layer's checkpoint is taken (modeling.checkpoint_layers): in
     the layer's forward (default), so a compiled layer's recompute is part of its compiled backward, or
@@ -67,6 +74,7 @@ class Knobs:
     inductor: str = "default"  # default | coordinate | autotune
     checkpoint: str = "inside"  # inside | around
     step_overlap: bool = True
+    cuda_graphs: bool = False
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -98,7 +106,8 @@ def read(env=None) -> Knobs:
                  fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
                  inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env),
                  checkpoint=_choice("VOXTUI_CHECKPOINT", ("inside", "around"), "inside", env),
-                 step_overlap=_choice("VOXTUI_STEP_OVERLAP", ("0", "1"), "1", env) == "1")
+                 step_overlap=_choice("VOXTUI_STEP_OVERLAP", ("0", "1"), "1", env) == "1",
+                 cuda_graphs=_choice("VOXTUI_CUDA_GRAPHS", ("0", "1"), "0", env) == "1")
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

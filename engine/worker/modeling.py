@@ -235,17 +235,20 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def inductor_tuning(how: str | None = None) -> dict:
+def inductor_tuning(how: str | None = None, graphs: bool | None = None) -> dict:
     """torch.compile's arguments for ``VOXTUI_INDUCTOR`` (knobs.py): Inductor's defaults, coordinate descent
-    over each kernel's launch settings, or max-autotune without CUDA graphs (templates for the products)."""
+    over each kernel's launch settings or max-autotune (templates for the products); and for
+    ``VOXTUI_CUDA_GRAPHS``, each compiled graph replayed as a CUDA graph (Inductor's CUDA graph trees)."""
     from engine.worker.knobs import knobs
 
     how = how or knobs().inductor
-    if how == "coordinate":
-        return {"options": {"coordinate_descent_tuning": True}}
+    graphs = knobs().cuda_graphs if graphs is None else graphs
     if how == "autotune":
-        return {"mode": "max-autotune-no-cudagraphs"}
-    return {}
+        return {"mode": "max-autotune" if graphs else "max-autotune-no-cudagraphs"}
+    options = {"coordinate_descent_tuning": True} if how == "coordinate" else {}
+    if graphs:
+        options = {**options, "triton.cudagraphs": True}
+    return {"options": options} if options else {}
 
 
 def eager():

@@ -11,6 +11,11 @@ not sit idle while the host launches it after the wait: the update skips itself 
 the gradient norm is not finite (fused AdamW's ``found_inf``, the flag GradScaler sets; on several ranks the
 flag is the maximum over them, so every rank skips or none does), which is exactly when the trainer, once
 it has the step's numbers, calls ``skip`` instead of ``apply``.
+
+Under CUDA graphs (``graphs``: knobs.py ``VOXTUI_CUDA_GRAPHS``), what a compiled layer returns lives in the
+graphs' memory, which the next micro-batch's replay writes over: each micro-batch starts a new generation
+(``torch.compiler.cudagraph_mark_step_begin``), and the adapters' gradients are tensors of their own, made
+once and zeroed in place, so the backward adds into them instead of keeping the graph's output as one.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from engine.worker.profiling import phase
 
 class Update:
     def __init__(self, loss_module, params: list, grad_sync, optimizer, cfg: TrainConfig, d: Dist,
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, graphs: bool = False) -> None:
         """``loss_module``: modeling.CausalLMLoss, maybe in DDP; ``grad_sync``: dist.FlatGradSync or None
-        (dist.data_parallel made both); ``overlap``: the update queued before the wait (``ahead``)."""
+        (dist.data_parallel made both); ``overlap``: the update queued before the wait (``ahead``);
+        ``graphs``: the compiled layers replay CUDA graphs (above)."""
         self.loss_module, self.params, self.grad_sync, self.optimizer = loss_module, params, grad_sync, optimizer
         self.cfg, self.d = cfg, d
         self.ddp = d.world > 1 and grad_sync is None  # else one rank, or the flat all-reduce after the backward
@@ -36,6 +42,11 @@ class Update:
         self.bf16 = cfg.bf16 and d.device.type == "cuda"
         self.overlap = overlap  # knobs.py: VOXTUI_STEP_OVERLAP=0 queues it after, the comparison's baseline
         self.stepped = False  # this step's update is queued (``ahead``)
+        self.graphs = graphs
+        if graphs and grad_sync is None:  # (the flat sync's gradients are views into its own buffers already)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
 
     @property
     def ahead(self) -> bool:
@@ -59,6 +70,8 @@ class Update:
                 batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
             sync = i == len(micro) - 1
             ctx = self.loss_module.no_sync() if ddp and not sync else contextlib.nullcontext()
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx, self.autocast():
                 with phase("forward"):
                     total, _ = self.loss_module(**batch)
@@ -110,4 +123,4 @@ class Update:
             if self.grad_sync is not None:
                 self.grad_sync.zero()  # the gradients stay views into the all-reduce buffers
             else:
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=not self.graphs)

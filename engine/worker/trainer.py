@@ -161,6 +161,11 @@ class Trainer:
             kind = (f"varlen FlashAttention (torch.nn.attention.varlen, grouped heads: {gqa_mode()})"
                     if d.device.type == "cuda" and varlen_available() else "SDPA example by example")
             self.log(f"packed rows of {self.feed.run_plan.budget} tokens, attention: {kind}")
+        # knobs.py VOXTUI_CUDA_GRAPHS: the compiled layers replayed as CUDA graphs
+        self.graphs = self.knobs.cuda_graphs and cfg.compile and d.device.type == "cuda"
+        if self.graphs:
+            self.log("CUDA graphs: each compiled layer's forward and backward replayed as one graph "
+                     "(VOXTUI_CUDA_GRAPHS=1)")
         rows, trainable, total = param_table(self.model, removed=removed)
         self.log("parameters:\n" + render_param_table(rows, trainable, total))
         self.emit(ParamTable(rows=[ParamRow(*r) for r in rows], trainable=trainable, total=total))
@@ -188,7 +193,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=True)
         self.update = Update(self.loss_module, self.trainable, self.grad_sync, self.optimizer, cfg, self.d,
-                             overlap=self.knobs.step_overlap)
+                             overlap=self.knobs.step_overlap, graphs=self.graphs)
         self.schedule = Schedule(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self.schedule.lr_lambda(cfg.warmup_steps, cfg.min_lr_ratio))

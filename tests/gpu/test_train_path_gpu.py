@@ -172,3 +172,102 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
     assert cos_all >= (0.98 if quant == "fp8" and not products else 0.995)
+
+
+def fixed_row() -> dict:
+    """``packed_row``'s examples with the row's boundaries padded by empty examples (CUDA graphs' few shapes)."""
+    from engine.worker.batching import Tokenized, collate
+
+    batch, examples = packed_row()
+    ids = [np.asarray(e, np.int32) for e, _ in examples]
+    tok = Tokenized(ids=np.concatenate(ids), offsets=np.concatenate([[0], np.cumsum([len(x) for x in ids])]),
+                    prompt_lens=np.asarray([p for _, p in examples], np.int32))
+    return collate(tok, [list(range(len(examples)))], 11, True, budget=batch["slots"], max_len=MAX_LEN,
+                   fixed_segments=True)
+
+
+def agreement(got: tuple[float, dict], want: tuple[float, dict]) -> tuple[float, float]:
+    """(relative loss difference, cosine of all adapter gradients)."""
+    rel = abs(got[0] - want[0]) / abs(want[0])
+    keys = sorted(want[1])
+    assert set(got[1]) == set(keys)
+    a = torch.cat([got[1][k].flatten() for k in keys])
+    b = torch.cat([want[1][k].flatten() for k in keys])
+    return rel, float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+@pytest.mark.parametrize("ckpt", [0, 2])
+def test_cuda_graphs_replay_the_compiled_path(real_width_dir, monkeypatch, ckpt):
+    """VOXTUI_CUDA_GRAPHS=1: the compiled layers replayed as CUDA graphs (Inductor's graph trees), the row's
+    example boundaries padded with empty examples (batching.collate), the gradients kept in tensors of their
+    own (step.Update). The padded row gives the unpadded row's loss and gradients through the compiled layers
+    launched kernel by kernel (the path above, against HF + PEFT); then under graphs the warm-up (the layers
+    compiled anew, launched kernel by kernel) gives them again, and the recorded and the replayed step give
+    the warm-up's. With FP8 input gradients (the default on Hopper; bf16 products
+    elsewhere), without checkpointing and with both layers checkpointed."""
+    from torch._dynamo.utils import counters
+
+    from engine.worker import knobs as knobs_mod
+    from engine.worker.batching import segment_slots
+    from engine.worker.fp8 import available
+    from engine.worker.modeling import CausalLMLoss
+
+    products = "none" if available(DEV) else "backward"
+    batch, fixed = packed_row()[0], fixed_row()
+    assert len(fixed["cu_seq_lens_q"]) == segment_slots(len(batch["cu_seq_lens_q"]) - 1) + 1
+    plain = worker_model(real_width_dir, "none", ckpt, products)
+    ours, n, want = worker_loss_and_grads(plain, batch)
+    plain.zero_grad(set_to_none=True)
+    padded, m, padded_g = worker_loss_and_grads(plain, fixed)
+    rel, cos = agreement((padded, padded_g), (ours, want))
+    print(f"products {products}, checkpointed layers {ckpt}: the padded row without graphs: loss {padded:.4f} vs "
+          f"{ours:.4f} (relative {rel:.2e}), gradients cosine {cos:.6f}")
+    assert m == n and rel <= 1e-5 and cos >= 0.9999
+    adapters = {name: p.detach().clone() for name, p in plain.named_parameters() if p.requires_grad}
+    del plain
+    torch._dynamo.reset()
+    monkeypatch.setenv("VOXTUI_CUDA_GRAPHS", "1")
+    knobs_mod.knobs.cache_clear()
+    try:
+        assert knobs_mod.knobs().cuda_graphs
+        model = worker_model(real_width_dir, "none", ckpt, products)
+        with torch.no_grad():  # the same adapters (A's initialisation draws from the global random state)
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(adapters[name])
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        loss_fn = CausalLMLoss(model, compiled=True)
+        counters.clear()
+        first = None
+        for step in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            for p in params:
+                p.grad.zero_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                total, m = loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in fixed.items()})
+            total.backward()
+            got = (float(total), {name: p.grad.detach().float().clone() for name, p in model.named_parameters()
+                                  if p.requires_grad})
+            rel, cos = agreement(got, (ours, want))
+            print(f"  CUDA graphs, step {step}: loss {got[0]:.4f} (relative {rel:.2e}), gradients cosine {cos:.6f}"
+                  + (" against the path without graphs" if first is None else
+                     " — against step 0: relative {:.2e}, cosine {:.6f}".format(*agreement(got, first))))
+            assert m == n
+            if first is None:
+                # the warm-up: the layers compiled anew (Inductor may pick other kernels; FP8's rounding of the
+                # input's gradients then moves them a little)
+                first = got
+                assert rel <= 1e-4 and cos >= 0.999
+            else:
+                # recorded, then replayed: the warm-up's kernels, so its numbers (up to the attention backward's
+                # atomics)
+                rel, cos = agreement(got, first)
+                assert rel <= 1e-6 and cos >= 0.99999
+        print("  Inductor's counters:", dict(counters["inductor"]))
+        assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs ran (a skip falls back silently)
+    finally:
+        monkeypatch.delenv("VOXTUI_CUDA_GRAPHS")
+        knobs_mod.knobs.cache_clear()
+        torch._dynamo.reset()
