@@ -109,6 +109,26 @@ def resume_steps(run_dir: Path, cfg, world: int) -> tuple[int, int | None]:
     return done, total if same else None
 
 
+def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoch: int = 0) -> None:
+    """A resume that would train no step (its latest checkpoint, at step ``done``, is at or past the
+    ``total`` steps the run has with ``cfg``) is refused before anything starts: it would only evaluate and
+    save that checkpoint again. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
+    without ``--max_steps``; ``per_epoch``: its steps per epoch, when known)."""
+    if done < total:
+        return
+    status = last_event(run_dir, "status") or {}
+    outcome = status.get("outcome") if status.get("state") == "finished" else ""
+    if done == total:
+        said = f"finished all its {total} steps ({outcome})" if outcome else f"has trained all its {total} steps"
+    else:
+        said = f"has trained {done} step(s), and these settings give it {total} in all"
+    epochs = done / per_epoch if per_epoch else cfg.epochs
+    more = f"--max_steps N (N above {done})" if cfg.max_steps else \
+        f"--epochs E (E above {epochs:.3g}) or --max_steps N (N above {done})"
+    raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
+                     f"voxtui run --resume {run_dir} {more}")
+
+
 def engine_info(run_dir: Path) -> dict:
     """``engine.json`` (pid, endpoints, key, …), or {} when missing or unreadable."""
     return read_engine_info(Path(run_dir) / "engine.json")

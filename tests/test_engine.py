@@ -353,7 +353,7 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     """`voxtui run --resume` of a run that has trained all its steps would only evaluate and save the same
     checkpoint again: it is one line and exit 2 before any engine starts, and nothing in the run folder
     changes (a larger --max_steps resumes it: tests/test_runner.py)."""
-    from conftest import digest, train_args
+    from conftest import digest, train_args, worker
 
     run = tmp_path / "runs" / "done"
     first = foreground(*train_args(tiny_model, run, train_file, max_steps=4), "--nproc", "1", "--skip_preflight")
@@ -368,6 +368,12 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
             f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
             f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), (flags, refused.stderr)
         assert refused.stdout == ""
+    # the worker started alone (torchrun -m engine.train --resume RUN) refuses it the same way, before it
+    # writes the folder's config.toml or a "starting" status
+    alone = worker(["--resume", str(run)])
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1] == (
+        f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
+        f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), alone.stderr
     assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
 
 
@@ -379,8 +385,7 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     import pytest
 
     from engine.config import TrainConfig, write_config
-    from engine.daemon.launch import refuse_nothing_to_resume
-    from engine.runs import resume_steps
+    from engine.runs import refuse_nothing_to_resume, resume_steps
     from engine.util import UsageError
 
     run = tmp_path / "runs" / "epochs"

@@ -447,6 +447,19 @@ class Trainer:
         return every > 0 and self.step % every == 0 and self.step < self.total_steps
 
 
+def refuse_finished(run_dir: Path, cfg, world: int) -> None:
+    """The worker started alone (``torchrun -m engine.train --resume RUN``) on a run whose latest checkpoint
+    has every step the run has: refused before the run folder is touched, as ``voxtui run --resume`` refuses
+    it (engine.runs.refuse_nothing_to_resume). Where the flags given again change how many steps an epoch
+    has, the total needs the data planned: ``voxtui run`` plans it (preflight); the worker alone resumes,
+    and with no step left evaluates and saves its last checkpoint again."""
+    from engine.runs import refuse_nothing_to_resume, resume_steps
+
+    done, total = resume_steps(run_dir, cfg, world)
+    if total is not None:
+        refuse_nothing_to_resume(run_dir, cfg, done, total)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     d = None
@@ -454,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = Dist()
         cfg, run_dir, resuming = resolve_run(args, d)
+        if resuming:
+            refuse_finished(run_dir, cfg, d.world)
         trainer = Trainer(cfg, run_dir, resuming, d)
         trainer.setup()
         state = trainer.train()
