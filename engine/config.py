@@ -161,28 +161,33 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         maps the fields whose value came from a config file to that file (a problem with one reads
         ``run.toml: fp8_products = "all" needs quant = "fp8" …``), any other as its flag
         (``--fp8_products all needs --quant fp8 …``); another field a problem names is named as its flag when
-        it is one of ``flags`` (given as flags), else like the field at fault. Without ``files``: every field
-        as its flag."""
+        it is one of ``flags`` (given as flags), as a file's field when a file set it (its value in force with
+        that file's name, when the problem does not start with it: ``got quant = "none" in run.toml``), else
+        like the field at fault. Without ``files``: every field as its flag."""
         files = files or {}
         problems: list[str] = []
 
         def in_file(field: str, about: str) -> bool:
             """Whether ``field`` is named as in a file, in a problem about ``about``: the field at fault as it
-            was set; another one as a flag when given as one, else as the field at fault is."""
+            was set; another one as it was set too (a flag, or a file's field), and one left at its default
+            as the field at fault is."""
             if field == about:
                 return field in files
             if flags is not None and field in flags:
                 return False
-            return about in files
+            return field in files or about in files
 
         def name(field: str, about: str = "") -> str:
             return field if in_file(field, about or field) else f"--{field}"
 
-        def setting(field: str, about: str = "", value: object = None) -> str:
-            """``--field value`` or ``field = value`` (the field's own value unless ``value`` is given)."""
+        def setting(field: str, about: str = "", value: object = None, got: bool = False) -> str:
+            """``--field value`` or ``field = value`` (the field's own value unless ``value`` is given); ``got``:
+            the value in force, said with its file when that is not the one the problem starts with."""
+            about = about or field
             v = getattr(self, field) if value is None else value
-            if in_file(field, about or field):
-                return f"{field} = {toml_value(v)}"
+            if in_file(field, about):
+                elsewhere = got and field != about and field in files and files.get(about) != files[field]
+                return f"{field} = {toml_value(v)}" + (f" in {files[field]}" if elsewhere else "")
             return f"--{field} {','.join(v) if isinstance(v, list) else v}"
 
         def add(about: str, text: str) -> None:
@@ -216,7 +221,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         if self.fp8_products == "all" and self.quant != "fp8":
             quant_fp8 = setting("quant", "fp8_products", "fp8")
             add("fp8_products", f"{setting('fp8_products')} needs {quant_fp8} (its forward's FP8 products multiply "
-                                f"by the FP8 weights; got {setting('quant', 'fp8_products')}): add {quant_fp8}"
+                                f"by the FP8 weights; got {setting('quant', 'fp8_products', got=True)}): add {quant_fp8}"
                                 + (f", or use {setting('fp8_products', value='backward')}"
                                    if self.quant == "none" else ""))
         if self.fp8_products == "backward" and self.quant == "nf4":

@@ -175,6 +175,12 @@ def test_a_bad_field_of_a_config_file_is_named_as_the_file_writes_it(tmp_path, t
                          'got --quant none): add --quant fp8, or use fp8_products = "backward"',
                          "error: --lr must be above 0 (got -2.0); ")
     assert f"{config}: lr" not in proc.stderr and "lora_targets" not in proc.stderr
+    # a flag's problem with another field a file set: that field as the file writes it, with the file's name
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'train_jsonl = "{train}"\nquant = "none"\n')
+    proc = voxtui(*tool, "--config", plain, "--fp8_products", "all", *out, cwd=tmp_path)
+    one_line_usage_error(proc, '--fp8_products all needs quant = "fp8" (',
+                         f'got quant = "none" in {plain}): add quant = "fp8", or use --fp8_products backward')
     assert not (tmp_path / "run").exists()
 
 
@@ -191,7 +197,7 @@ def test_a_resumed_runs_saved_field_is_named_as_its_config_toml_writes_it(tmp_pa
     (run / "config.toml").write_text(f'train_jsonl = "{train}"\nquant = "nf4"\nfp8_products = "backward"\n')
     for flags, says in (([], f'{run / "config.toml"}: fp8_products = "backward" needs quant = "none" or "fp8" ('),
                         (["--quant", "nf4"], f'{run / "config.toml"}: fp8_products = "backward" needs --quant none or fp8 ('),
-                        (["--fp8_products", "backward"], "--fp8_products backward needs --quant none or fp8 (")):
+                        (["--fp8_products", "backward"], '--fp8_products backward needs quant = "none" or "fp8" (')):
         args = build_parser().parse_args(["run", "--resume", str(run), *flags])
         merge_saved_config(args, run)
         with pytest.raises(UsageError) as e:
