@@ -353,12 +353,18 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     """`voxtui run --resume` of a run that has trained all its steps would only evaluate and save the same
     checkpoint again: it is one line and exit 2 before any engine starts, and nothing in the run folder
     changes (a larger --max_steps resumes it: tests/test_runner.py)."""
-    from conftest import digest, train_args, worker
+    from conftest import ROOT, digest, train_args, worker
 
     run = tmp_path / "runs" / "done"
-    first = foreground(*train_args(tiny_model, run, train_file, max_steps=4), "--nproc", "1", "--skip_preflight")
+    # given as a relative path (foreground runs from ROOT): the run's folder is saved and reported absolute,
+    # as a resumed run's is, so a checkpoint's path reads the same before and after a resume
+    first = foreground(*train_args(tiny_model, os.path.relpath(run, ROOT), train_file, max_steps=4), "--nproc", "1",
+                       "--skip_preflight")
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().splitlines()[-1] == "[finished] done"
+    assert f'output_dir = "{run}"' in (run / "config.toml").read_text()
+    saved = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["path"] for e in saved if e.get("type") == "checkpoint"] == [str(run / "checkpoints" / "checkpoint-4")]
     files = [run / "events.jsonl", run / "engine.json", run / "config.toml",
              run / "checkpoints" / "checkpoint-4" / "trainer_state.json"]
     before = [digest(p) for p in files]

@@ -75,7 +75,8 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     wait_for_previous(run_dir)
     if resume_dir is None:
         absolute_paths(cfg)
-    cfg.output_dir = str(run_dir)
+    # absolute, as a resumed run's is: the checkpoints' paths it reports read the same before and after
+    cfg.output_dir = os.path.abspath(run_dir)
     cfg.engine = ""
     if not skip_preflight:
         report = report or preflight(cfg, str(run_dir / "config.toml"), written=True)
