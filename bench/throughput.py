@@ -42,6 +42,8 @@ BF16 = BF16_PACKED + FP8_NONE
 # gradients alone); "fp8bwd" ones the input's gradients only (--fp8_products auto on an H200)
 FP8_ALL = ["--fp8_products", "all"]
 FP8_BWD = ["--fp8_products", "backward"]
+# "fp8mlp": FP8 weights, the MLP's forward products and every input gradient FP8 ones (--fp8_products mlp)
+FP8_MLP = ["--fp8_products", "mlp"]
 # QLoRA at the seed's batch: 6 × 1024 tokens per micro-batch
 NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 
@@ -49,10 +51,10 @@ NF4 = ["--quant", "nf4", "--packing", "--per_device_bsz", "6", "--grad_ckpt"]
 def checkpointed(quant: str, layers: int | None = None, bsz: int = 8, products: list[str] | None = None) -> list[str]:
     """``bsz`` × 1024-token packed micro-batches (8 unless said), compiled, checkpointed: every layer, or the
     first ``layers``. ``quant``: none (bf16 products), fp8 (every product FP8), fp8bwd (FP8 weights, the
-    input's gradients FP8 products) or nf4; ``products``: other --fp8_products flags than the quant's."""
+    input's gradients FP8 products), fp8mlp (FP8 weights, the MLP's forward products FP8 ones too) or nf4; ``products``: other --fp8_products flags than the quant's."""
     if products is None:
-        products = {"none": FP8_NONE, "fp8": FP8_ALL, "fp8bwd": FP8_BWD}.get(quant, [])
-    return (["--quant", "fp8" if quant == "fp8bwd" else quant, "--packing", "--per_device_bsz", str(bsz),
+        products = {"none": FP8_NONE, "fp8": FP8_ALL, "fp8bwd": FP8_BWD, "fp8mlp": FP8_MLP}.get(quant, [])
+    return (["--quant", "fp8" if quant in ("fp8bwd", "fp8mlp") else quant, "--packing", "--per_device_bsz", str(bsz),
              "--grad_ckpt", "--compile"] + products + (["--grad_ckpt_layers", str(layers)] if layers is not None else []))
 
 
@@ -142,6 +144,13 @@ CONFIGS: dict[str, list[str]] = {
     "fp8bwd-ckpt28-16gib-b16": checkpointed("fp8bwd", 28, bsz=16),
     "fp8bwd-ckpt20-16gib": checkpointed("fp8bwd", 20),
     "fp8bwd-ckpt19-16gib": checkpointed("fp8bwd", 19),
+    # FP8 weights, the MLP's forward products FP8 ones too (--fp8_products mlp): at bf16's batch, at 24 × 1024,
+    # and within 16 GiB
+    "fp8mlp-packed-compiled": ["--quant", "fp8", "--packing", "--per_device_bsz", "16", "--no-grad_ckpt",
+                               "--compile"] + FP8_MLP,
+    "fp8mlp-packed-compiled-b24": ["--quant", "fp8", "--packing", "--per_device_bsz", "24", "--no-grad_ckpt",
+                                   "--compile"] + FP8_MLP,
+    "fp8mlp-ckpt19-16gib": checkpointed("fp8mlp", 19),
     # each compiled layer's forward and backward replayed as CUDA graphs (VOXTUI_CUDA_GRAPHS=1, ENV below): one
     # launch a layer instead of one a kernel (measured on an H200: the same speed, docs/benchmarks.md runs AA–AB)
     "bf16-packed-compiled-graphs": BF16 + ["--compile"],

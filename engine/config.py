@@ -71,12 +71,13 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     """nf4: 4-bit NF4 QLoRA (double quantisation, bf16 compute); none: LoRA on the weights as they are (bf16,
     or fp32 with --no-bf16); fp8: the language model's projections in float8 with a scale per weight row (1
     byte per weight; GPUs of compute capability 8.9+; which products are FP8 ones: --fp8_products)."""
-    fp8_products: Literal["auto", "none", "backward", "all"] = "auto"
+    fp8_products: Literal["auto", "none", "backward", "mlp", "all"] = "auto"
     """Which products of the frozen projections run in FP8 (GPUs of compute capability 8.9+). none: no FP8
     products. backward: the input's gradients only (the forward's products as they are; on an H200 1.11× bf16
     LoRA's tokens/s, gradients as exact as the GPU tests ask; with --quant none an e4m3 copy of the weights:
-    1 byte per weight more). all: the forward's too (--quant fp8 only: 1.24×, its adapters' gradients less
-    exact). auto: backward with --quant none or fp8 on a Hopper GPU (where it was measured), none otherwise
+    1 byte per weight more). mlp: the MLP's forward products too (--quant fp8 only; the attention
+    projections' forward as it is: 1.20×, gradients within the GPU tests' bounds). all: every forward
+    product too (--quant fp8 only: 1.24×, its adapters' gradients less exact). auto: backward with --quant none or fp8 on a Hopper GPU (where it was measured), none otherwise
     (the CPU's FP8 products are emulated; --quant fp8 there multiplies by its weights dequantised)."""
     lora_r: int = 16
     """LoRA rank."""
@@ -218,7 +219,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
             add("lr", f"{name('lr')} must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             add("lora_dropout", f"{name('lora_dropout')} must be in [0, 1) (got {self.lora_dropout})")
-        if self.fp8_products == "all" and self.quant != "fp8":
+        if self.fp8_products in ("all", "mlp") and self.quant != "fp8":
             quant_fp8 = setting("quant", "fp8_products", "fp8")
             add("fp8_products", f"{setting('fp8_products')} needs {quant_fp8} (its forward's FP8 products multiply "
                                 f"by the FP8 weights; got {setting('quant', 'fp8_products', got=True)}): add {quant_fp8}"

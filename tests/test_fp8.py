@@ -74,9 +74,10 @@ def _load(tiny_model, quant, products="all"):
     return load_lora_model(tiny_model, quant=quant, fp8_products=products if quant == "fp8" else "none")
 
 
-@pytest.mark.parametrize("products", ["all", "backward", "none"])
+@pytest.mark.parametrize("products", ["all", "mlp", "backward", "none"])
 def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_model, products):
-    """--quant fp8 against LoRA on the weights rounded through FP8: every product FP8 (all), FP8 input
+    """--quant fp8 against LoRA on the weights rounded through FP8: every product FP8 (all), the MLP's
+    forward products and every input gradient FP8 (mlp: the attention projections' forward exact), FP8 input
     gradients under an exact forward (backward: the same loss), or none (the same loss and gradients)."""
     from engine.worker.modeling import _unwrap, language_model, param_table
 
@@ -98,9 +99,16 @@ def test_the_worker_model_trains_on_fp8_weights_like_lora_on_those_weights(tiny_
         out.append((loss, torch.cat([grads[k].flatten() for k in sorted(grads)])))
     (loss, g), (loss_ref, g_ref) = out
     cos = float(torch.nn.functional.cosine_similarity(g, g_ref, dim=0))
-    if products == "all":
+    if products in ("all", "mlp"):
         assert loss == pytest.approx(loss_ref, rel=0.02) and loss != pytest.approx(loss_ref, rel=1e-6)
         assert cos > 0.98
+        # the MLP's weights row-major for their forward's FP8 products, the attention's column-major for the
+        # input's gradients (mlp); every weight row-major (all)
+        row_major = {m.weight.stride(1) == 1 for name, m in layers.named_modules()
+                     if hasattr(m, "_fp8_scale") and not any(p in name for p in fp8.MLP)}
+        assert row_major == {products == "all"}
+        assert all(m.weight.stride(1) == 1 for name, m in layers.named_modules()
+                   if hasattr(m, "_fp8_scale") and any(p in name for p in fp8.MLP))
     elif products == "backward":
         assert loss == pytest.approx(loss_ref, rel=1e-6)
         assert 0.99 < cos < 1 - 1e-7  # FP8 input gradients: close, not the exact product
@@ -200,13 +208,14 @@ def test_an_fp8_layer_compiles_into_one_graph_with_the_eager_results(tiny_model)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("quant,products", [("fp8", "all"), ("fp8", "backward"), ("none", "backward")])
+@pytest.mark.parametrize("quant,products", [("fp8", "all"), ("fp8", "mlp"), ("fp8", "backward"), ("none", "backward")])
 @pytest.mark.parametrize("seq", [16, 7])  # 2 × 16 rows; 2 × 7, padded to 16 for the FP8 products
 def test_a_checkpointed_compiled_fp8_model_gives_the_eager_results(tiny_model, seq, quant, products):
     """The FP8 model as the 16 GiB configurations run it — both layers checkpointed (inside each layer) and
     compiled (aot_eager here) — gives the eager, uncheckpointed model's loss and adapter gradients, also
-    where its rows are padded for the FP8 products; so do FP8 input gradients under bf16 forward products
-    (--fp8_products backward), on FP8 weights and on bf16 ones."""
+    where its rows are padded for the FP8 products; so do the MLP's forward products alone FP8 ones (mlp) and
+    FP8 input gradients under bf16 forward products (--fp8_products backward), on FP8 weights and on bf16
+    ones."""
     from engine.worker.modeling import CausalLMLoss, compile_layers
 
     ids = torch.randint(5, 1000, (2, seq), generator=torch.Generator().manual_seed(seq))

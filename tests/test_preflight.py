@@ -116,7 +116,13 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     # 16 GiB on a Hopper GPU: FP8 weights with FP8 input gradients (1 byte a weight: more layers keep theirs)
     assert fastest_fit(ckpt, m, 16.0, fp8=True, fp8_auto=True)[0]["quant"] == "fp8"
     assert fastest_fit(nf4, m, 10.0)[0]["quant"] == "nf4"
-    assert (step_cost("fp8", 0, 30, "all") < step_cost("none", 0, 30, "backward") < step_cost("fp8", 0, 30, "backward")
+    # the MLP's forward FP8 too: weighed where asked for (kept as asked), never put in unasked
+    mlp = msgspec.structs.replace(bf16, quant="fp8", fp8_products="mlp")
+    assert ("fp8", "mlp") in _candidates(mlp, True, True) and ("none", "auto") in _candidates(mlp, True, True)
+    assert all(products != "mlp" for _, products in _candidates(bf16, True, True))
+    assert fastest_fit(mlp, m, 139.0, fp8=True, fp8_auto=True)[0]["quant"] == "fp8"
+    assert (step_cost("fp8", 0, 30, "all") < step_cost("fp8", 0, 30, "mlp") < step_cost("none", 0, 30, "backward")
+            < step_cost("fp8", 0, 30, "backward")
             < step_cost("none", 0, 30) < step_cost("nf4", 0, 30) < step_cost("none", 30, 30))
     assert fastest_fit(bf16, m, 4.0) is None
 

@@ -45,13 +45,13 @@ def saved_bytes(path, quant: str, ckpt: int, place: str, monkeypatch, products: 
 
 
 @pytest.mark.parametrize("quant,products", [("none", ""), ("nf4", ""), ("fp8", ""), ("none", "backward"),
-                                            ("fp8", "backward")])
+                                            ("fp8", "backward"), ("fp8", "mlp")])
 def test_a_checkpointed_compiled_layer_keeps_little(real_width_dir, quant, products, monkeypatch):
     """… for bf16, NF4 and every product FP8, and with FP8 input gradients (--fp8_products backward) on bf16
-    and on FP8 weights."""
+    and on FP8 weights, and with the MLP's forward products FP8 ones too (--fp8_products mlp)."""
     kept = {"no checkpointing": saved_bytes(real_width_dir, quant, 0, "inside", monkeypatch, products)}
     for place in ("inside", "around"):
         kept[place] = saved_bytes(real_width_dir, quant, 2, place, monkeypatch, products)
-    print(f"{quant}{' FP8 backward' if products else ''}: kept for the backward, MiB: "
+    print(f"{quant}{f' FP8 {products}' if products else ''}: kept for the backward, MiB: "
           + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in kept.items()))
     assert kept["inside"] <= 0.5 * kept["no checkpointing"] and kept["around"] <= 0.5 * kept["no checkpointing"], kept

@@ -117,7 +117,8 @@ def reference_loss_and_grads(ref, examples):
 
 @pytest.mark.parametrize("quant,ckpt,products", [("none", 0, ""), ("none", 1, ""), ("nf4", 0, ""), ("nf4", 2, ""),
                                                 ("fp8", 0, ""), ("fp8", 2, ""), ("none", 0, "backward"),
-                                                ("none", 2, "backward"), ("fp8", 0, "backward"), ("fp8", 2, "backward")])
+                                                ("none", 2, "backward"), ("fp8", 0, "backward"), ("fp8", 2, "backward"),
+                                                ("fp8", 0, "mlp"), ("fp8", 2, "mlp")])
 def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(real_width_dir, quant, ckpt, products):
     """… with no checkpointing, the first of the two layers checkpointed (--grad_ckpt_layers 1), NF4 with
     both layers checkpointed (its default), and FP8 against HF on the weights rounded through FP8, without
@@ -150,8 +151,9 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
         from engine.worker.modeling import _unwrap, language_model
 
         mods = list(language_model(_unwrap(model)).modules())
+        column_major = 4 if products == "mlp" else 7  # mlp: the MLP's 3 row-major, for their forward's products
         assert (sum(hasattr(m, "_fp8_grad_weight") for m in mods) if quant == "none" else
-                sum(hasattr(m, "_fp8_scale") and m.weight.stride(0) == 1 for m in mods)) == 2 * 7
+                sum(hasattr(m, "_fp8_scale") and m.weight.stride(0) == 1 for m in mods)) == 2 * column_major
     if ckpt:
         from engine.worker.modeling import checkpointed_layers
 
@@ -168,7 +170,7 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
     per = {k: float(torch.nn.functional.cosine_similarity(ours_g[k].flatten(), ref_g[k].flatten(), dim=0))
            for k in ours_g}
     worst = min(per, key=per.get)
-    print(f"{quant}{' FP8 backward' if products else ''} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
+    print(f"{quant}{f' FP8 {products}' if products else ''} (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} (relative {rel:.2e}) over {n} target tokens; adapter "
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
     assert cos_all >= (0.98 if quant == "fp8" and not products else 0.995)
