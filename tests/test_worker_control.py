@@ -9,7 +9,16 @@ import msgspec
 import pytest
 
 from conftest import engine_sockets, read_events, train_args, worker, write_jsonl
-from engine.protocol import Pause, PreviewNow, Resume, SetPreviewParams, Stop, event_decoder
+from engine.protocol import (
+    EvalNow,
+    Pause,
+    PreviewNow,
+    Resume,
+    SaveCheckpoint,
+    SetPreviewParams,
+    Stop,
+    event_decoder,
+)
 
 
 def rows(n):
@@ -51,6 +60,13 @@ def test_engine_commands_over_zmq(tmp_path, tiny_model):
         while pull.poll(0):
             seen.append(event_decoder.decode(pull.recv()))
         assert max(e.step for e in seen if e.type == "step") == step_at_pause  # paused means no steps
+        # a save, an evaluation and previews asked for while paused are done then, at the paused step (they
+        # are acknowledged "ok": they must not wait for a resume, nor be dropped by it)
+        until(lambda e: e.type == "checkpoint" and e.step == step_at_pause, send=[SaveCheckpoint(id="s")])
+        until(lambda e: e.type == "eval" and e.step == step_at_pause, send=[EvalNow(id="v")])
+        until(lambda e: e.type == "preview" and e.step == step_at_pause, send=[PreviewNow(id="p")])
+        assert {e.id for e in seen if e.type == "ack"} >= {"s", "v", "p"}
+        assert max(e.step for e in seen if e.type == "step") == step_at_pause  # and still paused
         until(lambda e: e.type == "status" and e.state == "running", send=[Resume(id="d")])
         until(lambda e: e.type == "status" and e.state == "finished", send=[Stop(id="e")])
         assert proc.wait(timeout=60) == 0

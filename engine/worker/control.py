@@ -75,9 +75,11 @@ class Control:
             return set()
         return self.apply(self.d.broadcast(commands if self.d.main else None), step)
 
-    def pause(self, step: int) -> str:
-        """Paused at this boundary until a resume ("resume") or a stop ("stop"); other commands are applied
-        and acknowledged meanwhile, and wait for nothing."""
+    def pause(self, step: int, act=None) -> str:
+        """Paused at this boundary until a resume ("resume") or a stop ("stop"). Other commands are
+        acknowledged and done meanwhile: new preview parameters here, a save, an evaluation or previews by
+        ``act(actions)`` (on every rank, as at a step boundary), which returns the run's final state when one
+        ends it (an evaluation out of patience: that state is returned), else None."""
         self.out.emit(Status(state="paused", step=step))
         self.out.log(f"paused at step {step}")
         while True:
@@ -85,6 +87,9 @@ class Control:
             actions = self.apply(self.d.broadcast(commands if self.d.main else None), step)
             if "stop" in actions:
                 return "stop"
+            ended = act(actions) if act is not None and actions & {"save", "eval", "preview"} else None
+            if ended:
+                return ended
             if "resume" in actions:
                 self.out.emit(Status(state="running", step=step))
                 self.out.log(f"resumed at step {step}")

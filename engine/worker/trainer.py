@@ -382,9 +382,25 @@ class Trainer:
             previews.run_timed(self.model, self.step)
         if self._due(cfg.save_steps) or "save" in actions:
             self.save(reason="periodic")
-        if "pause" in actions and self.control.pause(self.step) == "stop":
-            self.save(reason="stop")
-            return "stopped"
+        if "pause" in actions:
+            ended = self.control.pause(self.step, self._while_paused)
+            if ended == "stop":
+                return "stopped" if self.save(reason="stop") else "save_failed"
+            if ended != "resume":  # an evaluation out of patience while paused
+                return ended
+        return None
+
+    def _while_paused(self, actions: set[str]) -> str | None:
+        """A save, an evaluation or previews asked for while the run is paused: done at once, at the paused
+        step (they were acknowledged, so they must happen). Returns the final state when an evaluation runs
+        out of patience."""
+        if "eval" in actions and self.evaluate() == "early_stop":
+            self.save(reason="early_stop")
+            return "early_stopped"
+        if "preview" in actions:
+            self.previews.run_timed(self.model, self.step)
+        if "save" in actions:
+            self.save(reason="periodic")
         return None
 
     # ---- evaluation, checkpoints
