@@ -23,7 +23,7 @@ class VoxApp(App):
         (off: ``voxtui attach --no-notify``)."""
         super().__init__()
         self.run_path, self.runs_root = run, runs_root
-        self.state = RunState()
+        self.state = RunState(folder=Path(run).name if run else "")
         self.terminal_notify = notify
         self.notices_sent: list[str] = []  # the escape sequences written, newest last (the last NOTICES_KEPT)
 
@@ -51,7 +51,7 @@ class VoxApp(App):
             self.push_screen(RunPicker(self.runs_root))
 
     def on_run_picker_run_chosen(self, message: RunPicker.RunChosen) -> None:
-        self.state = RunState()
+        self.state = RunState(folder=Path(message.path).name)
         self.run_path = message.path
         self.push_screen(RunScreen(message.path))
 

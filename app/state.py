@@ -78,7 +78,8 @@ class History:
 
 @dataclass
 class RunState:
-    run: str = ""
+    run: str = ""  # the run's name, as its events say (the folder's name when it was created)
+    folder: str = ""  # the name of the folder the dashboard reads (copied or renamed: not the events' name)
     last_seq: int = 0
     state: str = "new"  # the last status event's state
     status_message: str = ""
@@ -178,12 +179,14 @@ class RunState:
     @property
     def crashed(self) -> bool:
         """The run did not finish, and the engine that served it is gone: killed (or its machine went
-        away). A run that never had an engine (a worker run on its own, no engine.json) is not judged.
+        away), also before any event of the run was read (an empty, missing or unreadable events.jsonl:
+        ``voxtui engine list`` says crashed then too). A run that never had an engine (a worker run on its
+        own, no engine.json) is not judged.
         A run whose workers stopped because their engine was gone (finished, outcome engine_lost) is
         crashed too, as ``voxtui engine list`` says: ``--resume`` continues it."""
         if self.state == "finished" and self.outcome == "engine_lost":
             return not self.engine_live
-        return self.engine_live is False and self.engine_pid is not None and self.state in UNFINISHED
+        return self.engine_live is False and self.engine_pid is not None and self.state in (*UNFINISHED, "new")
 
     @property
     def shown_state(self) -> str:

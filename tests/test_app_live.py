@@ -159,3 +159,45 @@ def test_paused_run_has_no_eta_and_the_pause_is_not_part_of_the_pace():
     for i in range(11, 14):  # 2 s a step now
         feed(Step(step=i, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0), 1000.0 + 2 * (i - 10))
     assert s.eta_s() == 87 * 2.0  # the pace since the resume, the pause not in it
+
+
+def test_a_run_with_no_readable_event_and_a_dead_engine_is_crashed_under_its_folder_name(tmp_path):
+    """events.jsonl empty, missing or unreadable, and the engine.json's process gone: the dashboard says
+    crashed, as `voxtui engine list` does (it said NEW, and on leaving "the run keeps going"); and the header
+    names the folder read — a copied or renamed run's events still carry the old name."""
+    from app.app import VoxApp
+    from engine import runs
+
+    root = tmp_path / "runs"
+    for name, events in (("empty", b""), ("garbage", bytes(range(256)) * 40), ("missing", None)):
+        run = synthetic_runs.make_run(root, name, steps=3, state="running")
+        if events is None:
+            (run / "events.jsonl").unlink()
+        else:
+            (run / "events.jsonl").write_bytes(events)
+        runs.write_engine_info(run, {"pid": 2**22 + 12345, "started": time.time() - 60, "endpoints": {}})
+        assert runs.summary(run)["state"] == "crashed"
+
+        async def flow(run=run):
+            app = VoxApp(str(run))
+            async with app.run_test(size=(120, 30)) as pilot:
+                await pilot_wait(pilot, lambda: app.state.shown_state == "crashed", timeout=20, every=0.05)
+                await pilot.pause(0.2)
+                header = app.screen.query_one("#ov-state").render()
+                return str(header), app.state.crashed
+
+        header, crashed = asyncio.run(flow())
+        assert crashed and header.split()[:2] == [name, "CRASHED"], header
+    # a renamed run: its events say "alpha", the folder (and so the dashboard) "renamed"
+    old = synthetic_runs.make_run(root, "alpha", steps=3)
+    old.rename(root / "renamed")
+
+    async def renamed():
+        app = VoxApp(str(root / "renamed"))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 3, timeout=20, every=0.05)
+            await pilot.pause(0.2)
+            return str(app.screen.query_one("#ov-state").render()), app.state.run
+
+    header, events_name = asyncio.run(renamed())
+    assert events_name == "alpha" and header.split()[:2] == ["renamed", "FINISHED"], header

@@ -309,7 +309,7 @@ class RunScreen(Screen):
         s = self.app.state
         was = s.engine_live
         s.engine_live, s.engine_pid = message.live, message.pid
-        if was and not message.live and s.state in UNFINISHED and s.engine_pid is not None:
+        if was and not message.live and s.state in (*UNFINISHED, "new") and s.engine_pid is not None:
             self.notify_terminal("crashed", "the engine is gone", ("crashed", s.engine_pid))
         if message.live:
             if self._lost_reason or was is False:
@@ -546,7 +546,7 @@ class RunScreen(Screen):
         if key in self._notified:
             return
         self._notified.add(key)
-        name = self.app.state.run or self.run_dir.name
+        name = self.run_dir.name  # the folder this dashboard reads (its events may carry an older name)
         self.app.notify_terminal(f"voxtui: {plain(name, limit=40)} {plain(what, limit=40)}", plain(detail, limit=200))
 
     # ---- tabs and their keys
@@ -621,7 +621,7 @@ class RunScreen(Screen):
             if yes:
                 self.command(Stop())
 
-        name = self.app.state.run or self.run_dir.name
+        name = self.run_dir.name  # the folder this dashboard reads (its events may carry an older name)
         self.app.push_screen(Confirm(lines(assemble("Stop the run ", data(name, "bold", limit=40), "?"),
                                            "The workers save a checkpoint, then exit.")), done)
 

@@ -24,7 +24,7 @@ def state_line(s: RunState, limit: int = 200):
     detail = s.outcome_text() or s.status_message
     if s.crashed:
         detail = "the engine is gone" + (f" (last status: {s.status_message})" if s.status_message else "")
-    return assemble(data(s.run, "bold", limit=60), "  ", data(shown.upper(), STATE_STYLE.get(shown, "bold"), limit=20),
+    return assemble(data(s.folder or s.run, "bold", limit=60), "  ", data(shown.upper(), STATE_STYLE.get(shown, "bold"), limit=20),
                     "  ", data(detail, limit=limit))
 
 
