@@ -88,8 +88,9 @@ class RunSeries:
         s = summary(run)
         config = self.file_config or run_config(run)
         disk = {}
+        last = s.get("step") if isinstance(s.get("step"), int) else None
         for job, m in inference_results(run).items():
-            st = checkpoint_step(m.get("checkpoint"))
+            st = checkpoint_step(m.get("checkpoint"), last)
             if m.get("state") == "finished" and st is not None:
                 disk[job] = (st, {k: m[k] for k, _ in METRICS if finite(m.get(k))})
         state, step = str(s.get("state", "")), s.get("step") if isinstance(s.get("step"), int) else 0
@@ -129,7 +130,7 @@ class RunSeries:
                 self.info_config = ev.config if isinstance(ev.config, dict) else {}
                 self.model = str(ev.model_id or "")
             case "inference":
-                st = checkpoint_step(ev.checkpoint)
+                st = checkpoint_step(ev.checkpoint, self.step_x[-1] if self.step_x else None)
                 if ev.state == "finished" and st is not None and isinstance(ev.metrics, dict):
                     self.event_inference[ev.name] = (st, {k: ev.metrics[k] for k, _ in METRICS
                                                           if finite(ev.metrics.get(k))})
@@ -173,10 +174,16 @@ class RunSeries:
         return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def checkpoint_step(name) -> int | None:
-    """The step of ``checkpoint-N`` (a name or a path); None for anything else (lora_final …)."""
+def checkpoint_step(name, final: int | None = None) -> int | None:
+    """The step of ``checkpoint-N`` (a name or a path); for ``lora_final`` (the adapter a run saves at its
+    end: what ``voxtui infer`` takes by default) ``final``, the run's last step, as the Evals tab counts it;
+    None for anything else."""
     m = CKPT.search(str(name or ""))
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    if final and Path(str(name or "")).name == "lora_final":
+        return final
+    return None
 
 
 MISSING = object()

@@ -267,3 +267,27 @@ def test_a_data_file_named_relative_in_an_old_run_and_absolute_in_a_new_one_is_n
     assert [k for k, _ in differing_config([old, new])] == ["model_id"]
     rows = dict(differing_config([old, third]))
     assert rows["train_jsonl"] == ["data/train.jsonl", str(project / "data" / "other.jsonl")]  # shown as written
+
+
+def test_inference_on_lora_final_is_compared_at_the_runs_last_step(tmp_path):
+    """`voxtui infer` takes lora_final (the adapter saved at a run's end) by default: the comparison places
+    its results at the run's last step, as the Evals tab does (they were left out: "no inference")."""
+    import json
+
+    from app.compare import RunSeries, checkpoint_step
+    from engine.protocol import Inference
+
+    run = make_run(tmp_path / "runs", "base", steps=8)
+    job = run / "infer" / "lora_final-val"
+    job.mkdir(parents=True)
+    (job / "metrics.json").write_text(json.dumps({"rougeL": 0.25, "bleu": 1.5, "checkpoint": "lora_final",
+                                                  "rows": 10}))
+    series = RunSeries(path=str(run))
+    while series.update() or series.loading:
+        pass
+    assert series.disk_inference == {"lora_final-val": (8, {"rougeL": 0.25, "bleu": 1.5})}
+    series.fold(Inference(name="lora_final-live", checkpoint="lora_final", state="finished",
+                          metrics={"rougeL": 0.5}))
+    assert series.event_inference["lora_final-live"] == (8, {"rougeL": 0.5})
+    assert checkpoint_step(str(run / "lora_final"), 8) == 8 and checkpoint_step("lora_final") is None
+    assert checkpoint_step("checkpoint-4", 8) == 4 and checkpoint_step("best", 8) is None
