@@ -79,3 +79,15 @@ def show_text(widget, content: Text | str) -> bool:
     widget._voxtui_shown = key
     widget.update(content)
     return True
+
+
+class _Bleu:
+    """BLEU (0–100) as the dashboard writes it, the same in every tab: one decimal from 1 up, two significant
+    digits below (a small model's 0.0031 would read 0.0 with one decimal). Used like a format string."""
+
+    @staticmethod
+    def format(v: float) -> str:
+        return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2g}"
+
+
+BLEU_FORMAT = _Bleu()

@@ -581,3 +581,18 @@ def test_the_events_log_keeps_to_its_end_when_the_terminal_is_resized(run):
     ends, after_home = asyncio.run(flow())
     assert all(scrolls and at_end for _, scrolls, at_end in ends), ends
     assert after_home == 0
+
+
+def test_a_small_bleu_reads_the_same_in_the_evals_and_checkpoints_tabs():
+    """A small model's BLEU (0–100) under 1 keeps two significant digits, interval too, in both tabs (the
+    Evals matrix said 0.0 [.0–.0] where Checkpoints said 0.01)."""
+    from app.text import BLEU_FORMAT
+    from app.widgets import checkpoints
+    from app.widgets.evaluations import MATRIX, cell
+
+    fmt = dict((k, f) for k, _, f in MATRIX)["bleu"]
+    row = {"metrics": {"bleu": 0.0123}, "ci": {"bleu": [0.0031, 0.031]}}
+    assert cell(row, "bleu", fmt) == "0.012 [.0031–.031]"
+    assert dict(checkpoints.METRICS)["bleu"].format(0.0123) == "0.012"
+    assert cell({"metrics": {"bleu": 13.94}, "ci": {"bleu": [11.9, 16.04]}}, "bleu", fmt) == "13.9 [11.9–16.0]"
+    assert [BLEU_FORMAT.format(v) for v in (0.0, 0.5, 1.0, 42.42)] == ["0", "0.5", "1.0", "42.4"]

@@ -12,10 +12,10 @@ from textual.message import Message
 from textual.widgets import Button, DataTable, Static
 
 from app.state import RunState
-from app.text import assemble, data, lines, show_text
+from app.text import BLEU_FORMAT, assemble, data, lines, show_text
 from app.widgets.tables import fill_table
 
-METRICS = (("rougeL", "{:.4f}"), ("distinct_1", "{:.4f}"), ("distinct_2", "{:.4f}"), ("bleu", "{:.2f}"),
+METRICS = (("rougeL", "{:.4f}"), ("distinct_1", "{:.4f}"), ("distinct_2", "{:.4f}"), ("bleu", BLEU_FORMAT),
            ("perplexity", "{:.2f}"))
 
 

@@ -14,11 +14,11 @@ from textual.widgets import DataTable, Static
 from textual_plotext import PlotextPlot
 
 from app.state import RunState
-from app.text import assemble, data, show_text
+from app.text import BLEU_FORMAT, assemble, data, show_text
 from app.widgets.charts import step_ticks
 
 # metrics.json key, column, format; BLEU is 0–100, the others 0–1
-MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", "{:.1f}"), ("distinct_1", "D-1", "{:.3f}"),
+MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", BLEU_FORMAT), ("distinct_1", "D-1", "{:.3f}"),
           ("distinct_2", "D-2", "{:.3f}"), ("perplexity", "ppl", "{:.2f}"))
 INTERVALS = ("rougeL", "bleu")  # shown with their 95% interval
 PLOTTED = (("rougeL", "ROUGE-L", 1.0), ("bleu", "BLEU/100", 0.01), ("distinct_1", "Distinct-1", 1.0),
@@ -60,7 +60,7 @@ def matrix(s: RunState) -> list[dict]:
     return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
 
 
-def cell(row: dict, key: str, fmt: str) -> str:
+def cell(row: dict, key: str, fmt) -> str:
     v = row["metrics"].get(key)
     if not _num(v):
         return "–"
