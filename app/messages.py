@@ -38,11 +38,14 @@ class CommandReplied(Message):
 
 
 class DiskScanned(Message):
-    """What the run folder holds now: complete checkpoints, lora_final, inference jobs."""
+    """What the run folder holds now: complete checkpoints, lora_final, inference jobs; ``gone``: the folder
+    itself no longer exists (deleted or moved while attached)."""
 
-    def __init__(self, checkpoints: list | None, final: str | None, inference: dict | None, error: str = "") -> None:
+    def __init__(self, checkpoints: list | None, final: str | None, inference: dict | None, error: str = "",
+                 gone: bool = False) -> None:
         super().__init__()
         self.checkpoints, self.final, self.inference, self.error = checkpoints, final, inference, error
+        self.gone = gone
 
 
 class ConfigRead(Message):

@@ -201,3 +201,30 @@ def test_a_run_with_no_readable_event_and_a_dead_engine_is_crashed_under_its_fol
 
     header, events_name = asyncio.run(renamed())
     assert events_name == "alpha" and header.split()[:2] == ["renamed", "FINISHED"], header
+
+
+def test_a_run_folder_deleted_or_moved_while_attached_is_said(tmp_path):
+    """The dashboard keeps what it read, and says the folder is gone (it went on showing FINISHED with an
+    empty Checkpoints tab); the folder back, the banner goes."""
+    import shutil
+
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+
+    run = synthetic_runs.make_run(tmp_path / "runs", "moving", steps=5)
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 5, timeout=20, every=0.05)
+            banner = app.screen.query_one("#banner", Static)
+            assert not banner.display
+            shutil.move(run, tmp_path / "elsewhere")
+            await pilot_wait(pilot, lambda: banner.display, timeout=10, every=0.1)
+            said = " ".join(str(banner.render()).split())
+            assert said.startswith("RUN FOLDER GONE") and "no longer exists" in said and app.state.step == 5
+            shutil.move(tmp_path / "elsewhere", run)
+            await pilot_wait(pilot, lambda: not banner.display, timeout=10, every=0.1)
+
+    asyncio.run(flow())

@@ -104,6 +104,7 @@ class RunScreen(Screen):
         self._scan_soon = False
         self._last_scan = 0.0
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
+        self._folder_gone = False  # the run folder no longer exists (deleted or moved while attached)
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
         self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name → inference job started here
@@ -321,8 +322,12 @@ class RunScreen(Screen):
         self.show_banner()
 
     def banner_text(self):
-        """The red line under the header: the engine is gone (crashed run) or silent (reconnecting)."""
+        """The red line under the header: the run folder is gone, the engine is gone (crashed run) or silent
+        (reconnecting)."""
         s = self.app.state
+        if self._folder_gone:
+            return assemble("RUN FOLDER GONE — ", data(self.run_dir, limit=80), " no longer exists (deleted or moved): "
+                            "what is shown is what was read; attach to the folder where it is now")
         if s.crashed:
             last = ""
             if s.events:
@@ -353,6 +358,9 @@ class RunScreen(Screen):
         from engine.client import checkpoint_states, final_adapter, inference_results, inference_samples
 
         self._last_scan = time.monotonic()
+        if not self.run_dir.is_dir():
+            self.post_message(DiskScanned(None, None, None, gone=True))
+            return
         try:
             ckpts = checkpoint_states(self.run_dir / "checkpoints")
             final = final_adapter(self.run_dir)
@@ -370,6 +378,14 @@ class RunScreen(Screen):
 
     def on_disk_scanned(self, message: DiskScanned) -> None:
         s = self.app.state
+        if message.gone != self._folder_gone:
+            self._folder_gone = message.gone
+            if message.gone:
+                self.say("the run folder is gone (deleted or moved); what is shown is what was read", "error",
+                         timeout=15)
+            self.show_banner()
+        if message.gone:
+            return
         if message.error:
             self.query_one(Checkpoints).note(f"could not read {self.run_dir}: {message.error}")
             return
