@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from engine import __version__
 
@@ -16,6 +17,16 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number above 0, got {value}")
     return value
+
+
+def _runs_folder(text: str) -> Path:
+    """``--runs DIR`` given on the command line: an existing folder (the default, runs/, may be absent)."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: a file, not a folder of runs")
+    return p
 
 
 def _data_parsers(sub) -> None:
@@ -112,7 +123,9 @@ def _run_parsers(sub) -> None:
     eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, replay")
     esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
     p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age")
-    p.add_argument("--runs", default="runs", metavar="DIR")
+    # a Path default is not passed through type: a fresh clone without runs/ lists no runs
+    p.add_argument("--runs", type=_runs_folder, default=Path("runs"), metavar="DIR",
+                   help="the folder that holds the runs (default runs/)")
     p.add_argument("--json", metavar="OUT")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("status", help="one run's state")

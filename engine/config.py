@@ -197,8 +197,10 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         if not self.train_jsonl:
             add("train_jsonl", f"{name('train_jsonl')} is required")
         for field in ("train_jsonl", "val_jsonl", "preview_file"):
-            if getattr(self, field) and not Path(getattr(self, field)).is_file():
-                add(field, f"{setting(field)}: no such file")
+            value = getattr(self, field)
+            if value and not Path(value).is_file():
+                add(field, f"{setting(field)}: " + ("a folder, not a JSONL file" if Path(value).is_dir() else
+                                                    "no such file"))
         for field in ("per_device_bsz", "grad_accum", "max_len", "lora_r", "lora_alpha", "nproc", "log_steps"):
             if getattr(self, field) <= 0:
                 add(field, f"{name(field)} must be above 0 (got {getattr(self, field)})")

@@ -37,13 +37,31 @@ def new_run_dir() -> Path:
     return RUNS / time.strftime("%Y%m%d-%H%M%S")
 
 
-def find_run(name: str) -> Path:
-    """A run folder by path, or by name under ``runs/``."""
+def find_run(name: str, checkpoint_flag: bool = False) -> Path:
+    """A run folder by path, or by name under ``runs/``. When there is none, the error says what ``name``
+    is instead: missing, a file, a folder that is no run, or a folder inside a run (a checkpoint: then the
+    run folder to give, and with ``checkpoint_flag`` the ``--checkpoint N`` that picks it)."""
+    def is_run(path: Path) -> bool:
+        return (path / "config.toml").is_file() or (path / "events.jsonl").is_file()
+
     p = Path(name)
     for cand in (p, RUNS / name):
-        if (cand / "config.toml").is_file() or (cand / "events.jsonl").is_file():
+        if is_run(cand):
             return cand
-    raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
+    found = next((c for c in (p, RUNS / name) if c.exists()), None)
+    if found is None:
+        raise UsageError(f"{name}: no such run (looked in . and {RUNS}/)")
+    if not found.is_dir():
+        raise UsageError(f"{name}: a file, not a run folder")
+    run = next((r for r in list(found.absolute().parents)[:3] if is_run(r)), None)
+    if run is not None:
+        shown = run if found.is_absolute() else Path(os.path.relpath(run))
+        m = CKPT_RE.match(found.name)
+        if m:
+            how = f"--run {shown} --checkpoint {m.group(1)}" if checkpoint_flag else f"the run folder, {shown}"
+            raise UsageError(f"{name}: a checkpoint of the run {shown}, not a run: give {how}")
+        raise UsageError(f"{name}: a folder inside the run {shown}, not a run: give the run folder, {shown}")
+    raise UsageError(f"{name}: a folder, but not a run (no config.toml or events.jsonl)")
 
 
 def merge_saved_config(args, run_dir: Path) -> None:

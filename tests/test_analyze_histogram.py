@@ -89,6 +89,36 @@ def test_every_length_falls_in_the_one_bin_whose_label_holds_it(lengths, bins):
     hist = histogram(np.asarray(lengths), bins)
     assert sum(b["count"] for b in hist) == len(lengths)
     for a, b in zip(hist, hist[1:]):
-        assert a["hi"] < b["lo"] or a["lo"] > a["hi"] or b["lo"] > b["hi"]
+        assert a["hi"] < b["lo"]
     for b in hist:
         assert b["count"] == sum(b["lo"] <= v <= b["hi"] for v in lengths)
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=300), st.integers(1, 32), st.integers(0, 40))
+@settings(max_examples=300, deadline=None)
+def test_bins_never_inverted_and_cover_min_to_max(lengths, bins, spread):
+    """Every bin holds at least one whole length (``lo <= hi``), the bins touch end to end from min to
+    max, and a range of fewer whole lengths than ``bins`` gets one bin per length. ``spread`` narrows the
+    lengths to a few tokens' range, where inverted bins used to appear."""
+    lengths = [lengths[0] + (v % (spread + 1)) for v in lengths]
+    hist = histogram(np.asarray(lengths), bins)
+    assert all(b["lo"] <= b["hi"] for b in hist)
+    assert sum(b["count"] for b in hist) == len(lengths)
+    assert hist[0]["lo"] == min(lengths) and hist[-1]["hi"] == max(lengths)
+    assert all(a["hi"] + 1 == b["lo"] for a, b in zip(hist, hist[1:]))
+    assert len(hist) == min(bins, max(lengths) - min(lengths) + 1)
+
+
+def test_cli_one_bin_when_every_row_has_the_same_length(tmp_path):
+    """Two rows of equal length: one bin ``12–12`` holding both, text and JSON (was 16 bins, 15 inverted)."""
+    data = write_jsonl(tmp_path / "same.jsonl", [{"instruction": f"Question {i}?", "output": f"Answer {i}."}
+                                                 for i in (1, 2)])
+    base = [sys.executable, "-m", "engine", "data", "analyze", str(data)]
+    code, out, err = run_with_stderr(base, tty=False)
+    assert code == 0, err
+    bins = parsed(out.decode().splitlines())
+    assert len(bins) == 1 and bins[0][0] == bins[0][1] and bins[0][3] == 2
+    code, out, err = run_with_stderr([*base, "--json", "-"], tty=False)
+    report = json.loads(out)
+    n = report["length"]["total"]["min"]
+    assert report["histogram"] == [{"lo": n, "hi": n, "count": 2}]

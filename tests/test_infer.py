@@ -153,8 +153,16 @@ def test_export_merged_matches_base_plus_adapter(run, tiny_model, tmp_path):
     from transformers import VoxtralForConditionalGeneration
 
     out, _ = run
+    weights = {p.name: digest(p) for p in tiny_model.iterdir() if p.is_file()}
     proc = voxtui("export", "--run", out, "--merge", tmp_path / "merged", "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr
+    # the last line names the output folder (the base model is read, never written), stdout the folder alone
+    assert proc.stdout == f"{tmp_path / 'merged'}\n"
+    last = proc.stderr.splitlines()[-1]
+    assert last == f"merged {out / 'lora_final'} onto {tiny_model} (fp32), written to {tmp_path / 'merged'}"
+    assert {p.name: digest(p) for p in tiny_model.iterdir() if p.is_file()} == weights
+    # a CPU export of a quant=none run says nothing of bitsandbytes' optional 4-bit kernels
+    assert "gemm_4bit" not in proc.stderr and "kernels" not in proc.stderr, proc.stderr
     merged = VoxtralForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
     assert (tmp_path / "merged" / "tekken.json").is_file() and hasattr(merged.model, "audio_tower")
     ref = PeftModel.from_pretrained(VoxtralForConditionalGeneration.from_pretrained(tiny_model), out / "lora_final").eval()

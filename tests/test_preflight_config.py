@@ -225,3 +225,15 @@ def test_the_launch_command_keeps_the_flags_given_beside_a_config_file(tmp_path)
     assert launch_command(same, str(path)) == f"{head} --config {shlex.quote(str(path))}"
     assert launch_command(cfg, str(path), written=True) == f"{head} --config {shlex.quote(str(path))}"
     assert launch_command(cfg) == f"{head} --train_jsonl t.jsonl --max_steps 6 --lr 0.5 --no-bf16 --quant none"
+
+
+def test_a_folder_given_as_a_data_file_is_said_to_be_one(tmp_path):
+    """--train_jsonl DIR read "no such file" (the data tools say "a folder"): one line, exit 2."""
+    from engine.config import TrainConfig
+    from engine.util import UsageError
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UsageError) as e:
+        TrainConfig(train_jsonl=str(tmp_path / "d"), val_jsonl=str(tmp_path / "none.jsonl")).validate()
+    assert f"--train_jsonl {tmp_path / 'd'}: a folder, not a JSONL file" in str(e.value)
+    assert f"--val_jsonl {tmp_path / 'none.jsonl'}: no such file" in str(e.value)

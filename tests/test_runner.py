@@ -19,7 +19,8 @@ def test_a_no_go_creates_no_run_folder_and_leaves_an_existing_one_as_it_was(tmp_
     assert proc.returncode == 1 and "no-go" in proc.stderr
     assert "launch:" not in proc.stderr  # no command naming a config.toml that was not made
     assert not fresh.exists()  # nothing to list as "new"
-    assert "no runs" in voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
+    assert not (tmp_path / "runs").exists()  # not even the folder above it (so `--runs` it would be refused)
+    assert "no runs" in voxtui("engine", "list", cwd=tmp_path, check=True).stdout  # the default runs/: none
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o755)
     os.chmod(mine, 0o755)

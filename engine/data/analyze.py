@@ -39,18 +39,18 @@ def analyze(path: str, model: str | None = None, max_len: int | None = None, wor
 
 
 def histogram(values: np.ndarray, bins: int = 16) -> list[dict]:
-    """Equal-width bins over the observed range: ``[{"lo", "hi", "count"}]``, ``lo`` and ``hi`` the first
-    and last whole lengths a bin holds (numpy's bins are half-open but the last: a length on an edge
-    belongs to the bin above it)."""
+    """Bins of whole lengths over the observed range: ``[{"lo", "hi", "count"}]``, ``lo`` and ``hi`` the first
+    and last length a bin holds (``lo <= hi``; the bins touch, cover min..max and never overlap). At most
+    ``bins`` of them: a range of fewer whole lengths than that gets one bin per length."""
     if len(values) == 0:
         return []
     lo, hi = int(values.min()), int(values.max())
-    edges = np.linspace(lo, max(hi, lo + 1), bins + 1)
-    counts, _ = np.histogram(values, bins=edges)
-    last = len(counts) - 1
-    return [{"lo": int(np.ceil(edges[i])),
-             "hi": int(np.floor(edges[i + 1])) if i == last else int(np.ceil(edges[i + 1])) - 1,
-             "count": int(c)} for i, c in enumerate(counts)]
+    span = hi - lo + 1  # whole lengths in the range
+    n = max(1, min(bins, span))
+    # integer edges, strictly increasing as span >= n: bin i holds [edges[i], edges[i + 1] - 1]
+    edges = lo + (np.arange(n + 1, dtype=np.int64) * span) // n
+    counts = np.bincount(np.searchsorted(edges, np.asarray(values, np.int64), side="right") - 1, minlength=n)
+    return [{"lo": int(edges[i]), "hi": int(edges[i + 1]) - 1, "count": int(counts[i])} for i in range(n)]
 
 
 def render(report: dict) -> str:

@@ -26,11 +26,15 @@ def find_long(path: str, max_len: int, model: str | None = None, workers: int | 
     rows = [{"line": int(line), "prompt_tokens": int(p), "target_tokens": int(t), "total_tokens": int(p + t),
              "over_by": int(p + t - max_len)}
             for line, p, t in zip(scan.lines[over], scan.prompt_len[over], scan.target_len[over])]
+    usable = set(scan.lines.tolist())
+    broken = sorted({line for line, _, _ in scan.defects if line not in usable})
     return {
         "file": path,
         "max_len": max_len,
         "rows": scan.rows,
         "usable": len(scan.lines),
+        "invalid": scan.rows - len(scan.lines),
+        "invalid_lines": broken[:1000],
         "long": len(rows),
         "remedies": {
             "truncate": {
@@ -60,10 +64,10 @@ def write_rows(path: str, report: dict, out: str) -> None:
 
 def render(report: dict, limit: int = 20) -> str:
     rem = report["remedies"]
-    out = [f"{report['file']}: {report['long']} of {report['usable']} rows exceed {report['max_len']} tokens"]
+    out = [f"{report['file']}: {report['long']} of {report['usable']} rows exceed {report['max_len']} tokens"
+           + (f", {broken_text(report)} not measured (see `voxtui data audit`)" if report["invalid"] else "")]
     if not report["usable"]:
-        out.append("  no usable row to measure" + (f" ({report['rows']} broken; `voxtui data audit` says why)"
-                                                  if report["rows"] else " (the file holds no rows)"))
+        out.append("  no usable row to measure" + ("" if report["rows"] else " (the file holds no rows)"))
     for r in report["long_rows"][:limit]:
         out.append(f"  line {r['line']:>7}  {r['total_tokens']:>7} tokens (prompt {r['prompt_tokens']}, "
                    f"target {r['target_tokens']}, over by {r['over_by']})")
@@ -80,6 +84,13 @@ def render(report: dict, limit: int = 20) -> str:
         out.append(f"  --max_len {p['max_len']} (p99): {p['rows_still_long']} rows still long; "
                    f"every padded sequence may grow {p['sequence_cost_factor']}×")
     return "\n".join(out)
+
+
+def broken_text(report: dict, shown: int = 5) -> str:
+    """``1 broken (line 7)``, ``12 broken (lines 3, 5, 8, 13, 21, …)``."""
+    lines = report["invalid_lines"]
+    named = ", ".join(map(str, lines[:shown])) + (", …" if report["invalid"] > shown else "")
+    return f"{report['invalid']} broken (line{'s' if report['invalid'] > 1 else ''} {named})"
 
 
 def main(args) -> int:

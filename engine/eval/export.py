@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from engine.util import UsageError
+from engine.util import UsageError, quiet_libraries
 
 
 def cmd_export(args) -> int:
@@ -19,6 +19,7 @@ def cmd_export(args) -> int:
     out = Path(args.merge)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out}: exists and is not an empty folder")
+    quiet_libraries()  # before peft imports bitsandbytes: not its note about a CPU kernels package export never uses
     import torch
     from peft import PeftModel
     from transformers import VoxtralForConditionalGeneration
@@ -36,5 +37,5 @@ def cmd_export(args) -> int:
         out.rmdir()
     os.replace(tmp, out)
     print(out)
-    print(f"merged {ckpt} into {cfg.model_id} ({args.dtype})", file=sys.stderr)
+    print(f"merged {ckpt} onto {cfg.model_id} ({args.dtype}), written to {out}", file=sys.stderr)
     return 0

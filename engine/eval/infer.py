@@ -276,7 +276,7 @@ def run_dir_of(args) -> Path:
         return p
     if not args.run:
         raise UsageError("name the run: --run RUN (or the seed's --output_dir DIR)")
-    return find_run(args.run)
+    return find_run(args.run, checkpoint_flag=True)
 
 
 DEVICE_RE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
