@@ -213,7 +213,8 @@ def _app_parsers(sub) -> None:
     """voxtui attach, demo."""
     p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
     p.add_argument("run", nargs="?", metavar="RUN")
-    p.add_argument("--runs", default="runs", metavar="DIR")
+    p.add_argument("--runs", type=_runs_folder, default=Path("runs"), metavar="DIR",
+                   help="the folder that holds the runs (default runs/)")
     p.add_argument("--no-notify", dest="no_notify", action="store_true",
                    help="no terminal bell / desktop notification when a run finishes, fails or raises an error alert")
     p.set_defaults(handler="app.main:attach")

@@ -70,6 +70,9 @@ def test_engine_list_refuses_a_runs_folder_that_is_not_there(tmp_path):
     (tmp_path / "empty").mkdir()
     assert voxtui("engine", "list", "--runs", tmp_path / "empty", check=True).stdout == f"no runs under {tmp_path / 'empty'}/\n"
     assert voxtui("engine", "list", cwd=tmp_path, check=True).stdout == "no runs under runs/\n"
+    # the dashboard's picker takes --runs the same way (it opened on "no runs under DIR/")
+    err = one_line_error(voxtui("attach", "--runs", tmp_path / "nope"))
+    assert f"--runs: {tmp_path / 'nope'}: no such folder" in err
 
 
 def test_find_long_names_the_broken_lines_it_could_not_measure(tmp_path):
