@@ -596,3 +596,23 @@ def test_a_small_bleu_reads_the_same_in_the_evals_and_checkpoints_tabs():
     assert dict(checkpoints.METRICS)["bleu"].format(0.0123) == "0.012"
     assert cell({"metrics": {"bleu": 13.94}, "ci": {"bleu": [11.9, 16.04]}}, "bleu", fmt) == "13.9 [11.9–16.0]"
     assert [BLEU_FORMAT.format(v) for v in (0.0, 0.5, 1.0, 42.42)] == ["0", "0.5", "1.0", "42.4"]
+
+
+def test_the_checkpoint_matrix_marks_a_job_generated_otherwise_than_most():
+    """Jobs with other generation settings (max_new_tokens, temperature, the data…) are not comparable as
+    they stand: the matrix says which setting differs from most jobs' (they sat side by side unmarked)."""
+    from app.state import RunState
+    from app.widgets.evaluations import matrix
+
+    def job(ckpt, **changed):
+        params = {"checkpoint": ckpt, "data": "v.jsonl", "data_sha256": "a" * 64, "max_new_tokens": 128,
+                  "temperature": 0.0, "top_p": 1.0, "seed": 0, "batch_size": 8, **changed}
+        return {"state": "finished", "checkpoint": ckpt, "rougeL": 0.3, "params": params}
+
+    s = RunState()
+    s.disk_inference = {"checkpoint-20-val": job("checkpoint-20"), "checkpoint-40-val": job("checkpoint-40"),
+                        "checkpoint-60-val": job("checkpoint-60", max_new_tokens=8, batch_size=2),
+                        "checkpoint-80-val": job("checkpoint-80", data_sha256="b" * 64)}
+    differs = {r["name"]: r["differs"] for r in matrix(s)}
+    assert differs == {"checkpoint-20-val": [], "checkpoint-40-val": [], "checkpoint-60-val": ["max_new_tokens 8"],
+                       "checkpoint-80-val": ["other data"]}  # the batch size changes no score: not said

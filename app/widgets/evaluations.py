@@ -56,8 +56,24 @@ def matrix(s: RunState) -> list[dict]:
     rows = []
     for name, j in jobs.items():
         step = job_step(s, j["checkpoint"])
-        rows.append({"step": step, "name": name, "metrics": j["metrics"], "ci": j["ci"]})
-    return sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+        params = j["metrics"].get("params")
+        rows.append({"step": step, "name": name, "metrics": j["metrics"], "ci": j["ci"],
+                     "settings": settings(params) if isinstance(params, dict) else None})
+    rows = sorted(rows, key=lambda r: (r["step"] is None, r["step"] or 0, r["name"]))
+    known = [r["settings"] for r in rows if r["settings"] is not None]
+    usual = max(known, key=known.count) if known else None
+    for r in rows:  # what a job did otherwise than most: its scores are not comparable as they stand
+        r["differs"] = ["other data" if k == "data_sha256" else f"{k} {v}"
+                        for (k, v), (_, u) in zip(r["settings"] or (), usual or ()) if v != u]
+    return rows
+
+
+# a job's generation settings that make its scores comparable or not (infer's params; the data by its digest)
+SETTINGS = ("data_sha256", "max_new_tokens", "temperature", "top_p", "seed")
+
+
+def settings(params: dict) -> tuple:
+    return tuple((k, params.get(k)) for k in SETTINGS)
 
 
 def cell(row: dict, key: str, fmt) -> str:
@@ -105,16 +121,19 @@ class Evaluations(VerticalScroll):
                 if s.best and _num(s.best[1]) else "no evaluation yet (every --eval_steps, or press e)")
         show_text(self.query_one("#evl-head", Static), assemble((head, "bold")))
         rows = matrix(s)
-        view = [(r["step"], r["name"], *(cell(r, k, f) for k, _, f in MATRIX)) for r in rows]
+        view = [(r["step"], r["name"] + "".join(f" ≠ {d}" for d in r["differs"]),
+                 *(cell(r, k, f) for k, _, f in MATRIX)) for r in rows]
         if view != self._matrix:
             self._matrix = view
             table = self.query_one("#evl-matrix", DataTable)
             table.clear()
             for step, name, *cells in view:
                 job = name.replace("checkpoint-", "ckpt-", 1)  # the step says which: the row fits 80 columns
-                table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(job, limit=40))
+                table.add_row("–" if step is None else str(step), *(assemble(c) for c in cells), data(job, limit=60))
         show_text(self.query_one("#evl-matrix-head", Static), assemble((
-            "checkpoint matrix by step (brackets: 95% bootstrap intervals)" if rows else
+            "checkpoint matrix by step (brackets: 95% bootstrap intervals"
+            + ("; ≠: a job's generation settings differ from most jobs'" if any(r["differs"] for r in rows) else "")
+            + ")" if rows else
             "checkpoint matrix: no finished inference job yet (Checkpoints tab: Infer selected / Infer all)", "bold")))
         self.query_one("#evl-plot", PlotextPlot).display = bool(rows)
 
