@@ -11,6 +11,7 @@ from engine.protocol import shown_state
 
 FINAL = ("finished", "failed")
 UNFINISHED = ("starting", "running", "paused", "stopping")
+NOT_ENDED = (*UNFINISHED, "new")  # "new": no status read yet (none written, or events.jsonl unreadable)
 OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
             "engine_lost": "engine lost (the workers saved and stopped)"}
 EVENTS_KEPT = 5000  # the Events tab shows these (the newest ones)
@@ -186,7 +187,7 @@ class RunState:
         crashed too, as ``voxtui engine list`` says: ``--resume`` continues it."""
         if self.state == "finished" and self.outcome == "engine_lost":
             return not self.engine_live
-        return self.engine_live is False and self.engine_pid is not None and self.state in (*UNFINISHED, "new")
+        return self.engine_live is False and self.engine_pid is not None and self.state in NOT_ENDED
 
     @property
     def shown_state(self) -> str:

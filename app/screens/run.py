@@ -27,7 +27,7 @@ from app.messages import (
     LogRead,
 )
 from app.screens.dialogs import Confirm, Help
-from app.state import FINAL, UNFINISHED
+from app.state import FINAL, NOT_ENDED
 from app.text import assemble, data, lines, plain, show_text
 from app.widgets.charts import Charts
 from app.widgets.checkpoints import Checkpoints
@@ -310,7 +310,7 @@ class RunScreen(Screen):
         s = self.app.state
         was = s.engine_live
         s.engine_live, s.engine_pid = message.live, message.pid
-        if was and not message.live and s.state in (*UNFINISHED, "new") and s.engine_pid is not None:
+        if was and not message.live and s.state in NOT_ENDED and s.engine_pid is not None:
             self.notify_terminal("crashed", "the engine is gone", ("crashed", s.engine_pid))
         if message.live:
             if self._lost_reason or was is False:
