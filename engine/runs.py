@@ -74,6 +74,7 @@ def merge_saved_config(args, run_dir: Path) -> None:
     # a --quant fp8 run from before --fp8_products multiplied every product in FP8: resumed, it still does
     if saved.get("quant") == "fp8" and "fp8_products" not in saved:
         saved["fp8_products"] = "all"
+    refuse_changed_shape(args, saved, run_dir)
     sources = dict(getattr(args, "config_sources", None) or {})
     for name, value in saved.items():
         if getattr(args, name, None) is None:
@@ -81,6 +82,39 @@ def merge_saved_config(args, run_dir: Path) -> None:
             sources[name] = str(path)
     args.config_sources = sources
     args.output_dir = str(run_dir)
+
+
+# what a resumed run cannot change: the base model and the adapters' shape (its checkpoints hold adapters of
+# that shape: loading them into another fails), and its folder
+FIXED_ON_RESUME = ("model_id", "lora_r", "lora_targets")
+
+
+def refuse_changed_shape(args, saved: dict, run_dir: Path) -> None:
+    """Flags given again with ``--resume`` that would change what the run's checkpoints are (FIXED_ON_RESUME)
+    or move it (``--output_dir``): one line, before anything is written (such a resume used to save the new
+    value into config.toml, then fail to load the checkpoint, and every resume after it too)."""
+    problems = []
+    for name in FIXED_ON_RESUME:
+        given, was = getattr(args, name, None), saved.get(name)
+        if given is None or was is None or _same_setting(name, given, was):
+            continue
+        shown = ",".join(given) if isinstance(given, list) else given
+        kept = ",".join(was) if isinstance(was, list) else was
+        problems.append(f"--{name} {shown}: a resumed run keeps its {name} ({kept}), the one its checkpoints were "
+                        "trained with; start a new run to change it")
+    out = getattr(args, "output_dir", None)
+    if out and Path(out).resolve() != Path(run_dir).resolve():
+        problems.append(f"--output_dir {out}: a resumed run stays in its folder ({run_dir})")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _same_setting(name: str, given, was) -> bool:
+    if name == "lora_targets":
+        return sorted(given) == sorted(was)
+    if name == "model_id" and Path(str(given)).exists() and Path(str(was)).exists():
+        return Path(str(given)).resolve() == Path(str(was)).resolve()
+    return given == was
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:

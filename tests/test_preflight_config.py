@@ -2,6 +2,8 @@
 where the hardware has it, preflight says what it chose and why, and the run's config.toml holds the choice."""
 
 import json
+import os
+import re
 import sys
 
 import pytest
@@ -237,3 +239,34 @@ def test_a_folder_given_as_a_data_file_is_said_to_be_one(tmp_path):
         TrainConfig(train_jsonl=str(tmp_path / "d"), val_jsonl=str(tmp_path / "none.jsonl")).validate()
     assert f"--train_jsonl {tmp_path / 'd'}: a folder, not a JSONL file" in str(e.value)
     assert f"--val_jsonl {tmp_path / 'none.jsonl'}: no such file" in str(e.value)
+
+
+def test_a_resume_cannot_change_the_adapters_shape_the_base_model_or_the_folder(tmp_path):
+    """--lora_r / --lora_targets / --model_id given again with --resume would make adapters the run's
+    checkpoints cannot load into (the resume failed, and, saved into config.toml, every resume after it):
+    refused in one line before anything is written; the same values given again, or other flags, resume."""
+    from engine.cli import build_parser
+    from engine.runs import merge_saved_config
+    from engine.util import UsageError
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    model = tmp_path / "model"
+    model.mkdir()
+    run = tmp_path / "r"
+    run.mkdir()
+    toml = f'model_id = "{model}"\ntrain_jsonl = "{train}"\nlora_r = 16\nlora_targets = ["q_proj", "v_proj"]\n'
+    (run / "config.toml").write_text(toml)
+    for flags, says in ((["--lora_r", "8"], "--lora_r 8: a resumed run keeps its lora_r (16)"),
+                        (["--lora_targets", "q_proj"], "--lora_targets q_proj: a resumed run keeps its lora_targets "
+                                                       "(q_proj,v_proj)"),
+                        (["--model_id", str(train)], f"--model_id {train}: a resumed run keeps its model_id"),
+                        (["--output_dir", str(tmp_path / "elsewhere")], "a resumed run stays in its folder")):
+        args = build_parser().parse_args(["run", "--resume", str(run), *flags])
+        with pytest.raises(UsageError, match=re.escape(says)):
+            merge_saved_config(args, run)
+    assert (run / "config.toml").read_text() == toml
+    for flags in ([], ["--lora_r", "16", "--lora_targets", "v_proj,q_proj", "--lr", "0.001"],
+                  ["--model_id", os.path.relpath(model)], ["--output_dir", str(run)]):
+        args = build_parser().parse_args(["run", "--resume", str(run), *flags])
+        merge_saved_config(args, run)
+        assert args.lora_r == 16 and args.output_dir == str(run)
