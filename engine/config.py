@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 from collections.abc import Collection
@@ -208,8 +209,20 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
                       "save_total_limit", "early_stopping_patience"):
             if getattr(self, field) < 0:
                 add(field, f"{name(field)} must be 0 or more (got {getattr(self, field)})")
-        if self.max_steps == 0 and self.epochs <= 0:
+        if not math.isfinite(self.epochs):
+            add("epochs", f"{name('epochs')} must be a finite number (got {self.epochs})")
+        elif self.max_steps == 0 and self.epochs <= 0:
             add("epochs", f"set {name('epochs')} above 0 or {name('max_steps', 'epochs')}")
+        if self.seed < 0:
+            add("seed", f"{name('seed')} must be 0 or more (got {self.seed})")
+        for field in ("weight_decay", "max_grad_norm", "peak_tflops"):
+            v = getattr(self, field)
+            if not (math.isfinite(v) and v >= 0):
+                add(field, f"{name(field)} must be 0 or more (got {v})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            add("min_lr_ratio", f"{name('min_lr_ratio')} must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.output_dir and _under_a_file(self.output_dir):
+            add("output_dir", f"{setting('output_dir')}: {_under_a_file(self.output_dir)} is a file, not a folder")
         if not 0 <= self.preview_budget < 1:
             add("preview_budget", f"{name('preview_budget')} must be in [0, 1) (got {self.preview_budget})")
         if not self.engine_timeout > 0:
@@ -217,7 +230,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         if self.telemetry_interval < 0:
             add("telemetry_interval", f"{name('telemetry_interval')} must be 0 (off) or more "
                                       f"(got {self.telemetry_interval})")
-        if self.lr <= 0:
+        if not (math.isfinite(self.lr) and self.lr > 0):
             add("lr", f"{name('lr')} must be above 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             add("lora_dropout", f"{name('lora_dropout')} must be in [0, 1) (got {self.lora_dropout})")
@@ -450,6 +463,15 @@ def _cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def _under_a_file(path: str) -> str:
+    """The file that ``path`` or a folder above it is (so no folder can be made there), else ""."""
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists():
+            return "" if q.is_dir() else str(q)
+    return ""
 
 
 def _shown(v: object, limit: int = 60) -> str:

@@ -270,3 +270,36 @@ def test_a_resume_cannot_change_the_adapters_shape_the_base_model_or_the_folder(
         args = build_parser().parse_args(["run", "--resume", str(run), *flags])
         merge_saved_config(args, run)
         assert args.lora_r == 16 and args.output_dir == str(run)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--seed", "-1"], "--seed must be 0 or more (got -1)"),
+    (["--epochs", "nan"], "--epochs must be a finite number (got nan)"),
+    (["--epochs", "inf"], "--epochs must be a finite number (got inf)"),
+    (["--lr", "nan"], "--lr must be above 0 (got nan)"),
+    (["--lr", "inf"], "--lr must be above 0 (got inf)"),
+    (["--min_lr_ratio", "2"], "--min_lr_ratio must be in [0, 1] (got 2.0)"),
+    (["--weight_decay", "-1"], "--weight_decay must be 0 or more (got -1.0)"),
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be 0 or more (got -1.0)"),
+    (["--peak_tflops", "-5"], "--peak_tflops must be 0 or more (got -5.0)"),
+])
+def test_out_of_range_numbers_are_one_line_not_a_traceback(tmp_path, flags, says):
+    """Values that crashed later (a traceback: --seed -1, --epochs nan / inf, --lr nan in the worker) or
+    passed silently (--min_lr_ratio 2, a negative weight decay, clip norm or peak): refused up front."""
+    from engine.config import resolve
+    from engine.train import build_parser
+    from engine.util import UsageError
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    with pytest.raises(UsageError, match=re.escape(says)):
+        resolve(build_parser().parse_args(["--train_jsonl", str(train), *flags]))
+
+
+def test_an_output_dir_under_a_file_is_said(tmp_path):
+    from engine.config import TrainConfig
+    from engine.util import UsageError
+
+    afile = write_jsonl(tmp_path / "f.jsonl", rows(1))
+    with pytest.raises(UsageError, match=re.escape(f"--output_dir {afile}/sub: {afile} is a file, not a folder")):
+        TrainConfig(train_jsonl=str(afile), output_dir=str(afile / "sub")).validate()
+    TrainConfig(train_jsonl=str(afile), output_dir=str(tmp_path / "new" / "run")).validate()
