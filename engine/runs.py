@@ -174,6 +174,10 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
         said = f"finished all its {total} steps ({outcome})" if outcome else f"has trained all its {total} steps"
     else:
         said = f"has trained {done} step(s), and these settings give it {total} in all"
+    if done == total and cfg.min_lr_ratio == 0:
+        # its schedule has decayed to 0 and an extended run goes on from there: more steps would not train
+        raise UsageError(f"{run_dir} {said}; nothing to resume — its learning rate has decayed to 0 (--min_lr_ratio "
+                         "0), so more steps would change nothing: start a new run (or give it more steps and --min_lr_ratio above 0)")
     epochs = done / per_epoch if per_epoch else cfg.epochs
     more = f"--max_steps N (N above {done})" if cfg.max_steps else \
         f"--epochs E (E above {epochs:.3g}) or --max_steps N (N above {done})"

@@ -349,6 +349,11 @@ def foreground(*args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=env, timeout=300)
 
 
+# a completed run's schedule ends at 0 with --min_lr_ratio 0 (the default), and an extended run goes on from there
+DECAYED = ("its learning rate has decayed to 0 (--min_lr_ratio 0), so more steps would change nothing: start a new "
+           "run (or give it more steps and --min_lr_ratio above 0)")
+
+
 def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, tiny_model, train_file):
     """`voxtui run --resume` of a run that has trained all its steps would only evaluate and save the same
     checkpoint again: it is one line and exit 2 before any engine starts, and nothing in the run folder
@@ -371,15 +376,18 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     for flags in ((), ("--epochs", "3"), ("--skip_preflight",)):  # --epochs: --max_steps rules
         refused = voxtui("run", "--resume", run, *flags)
         assert refused.returncode == 2 and refused.stderr.strip() == (
-            f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
-            f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), (flags, refused.stderr)
+            f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — {DECAYED}"), (
+            flags, refused.stderr)
         assert refused.stdout == ""
     # the worker started alone (torchrun -m engine.train --resume RUN) refuses it the same way, before it
     # writes the folder's config.toml or a "starting" status
     alone = worker(["--resume", str(run)])
     assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1] == (
-        f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — start a new run, or "
-        f"give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), alone.stderr
+        f"voxtui: error: {run} finished all its 4 steps (completed); nothing to resume — {DECAYED}"), alone.stderr
+    # with a floor above 0 the schedule ends there, and more steps train at it: the refusal says how
+    refused = voxtui("run", "--resume", run, "--min_lr_ratio", "0.1")
+    assert refused.returncode == 2 and refused.stderr.strip().endswith(
+        f"start a new run, or give it more steps: voxtui run --resume {run} --max_steps N (N above 4)"), refused.stderr
     assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
 
 

@@ -39,6 +39,10 @@ def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, ti
     shutil.copytree(first, done)
     proc = worker(["--resume", str(done), "--max_steps", "12"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    running = [e for e in read_events(done) if e["type"] == "status" and e["state"] == "running"]
+    # the console and the dashboard say where it goes on from (it was said in worker.log alone)
+    assert running[-1]["message"] == f"resumed from checkpoint-6 at step 6, learning rate {FLOOR * LR:.3g}"
+    assert not [e for e in read_events(done) if e["type"] == "alert" and e["kind"] == "learning_rate"]
     after = lrs(done)
     assert sorted(after) == list(range(1, 13))
     assert all(after[s] == pytest.approx(FLOOR * LR, rel=1e-9) for s in range(7, 13)), after
@@ -80,3 +84,21 @@ def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, ti
     # resumed again with the same total: the run's own (continued) schedule, not a new one
     state = json.loads((mid / "checkpoints" / "checkpoint-12" / "trainer_state.json").read_text())
     assert state["schedule"] == {"total": 12, "start": 3, "start_ratio": pytest.approx(r3)}
+
+
+def test_a_finished_run_extended_from_a_learning_rate_of_0_says_it_trains_nothing(tmp_path, tiny_model):
+    """--min_lr_ratio 0 (the default): a completed run's rate has decayed to 0, and an extended run goes on
+    from there — the worker says so as an alert (the console prints it), not only in its numbers."""
+    rows = [{"instruction": f"Say {i}.", "output": f"It is {i * 3}."} for i in range(8)]
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    run = tmp_path / "run"
+    proc = worker(train_args(tiny_model, run, train, max_steps=3, warmup_steps=1, cache_dir=tmp_path / "c"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = worker(["--resume", str(run), "--max_steps", "4"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = read_events(run)
+    alert = [e for e in events if e["type"] == "alert" and e["kind"] == "learning_rate"]
+    assert len(alert) == 1 and alert[0]["level"] == "warn" and "the steps after it change nothing" in alert[0]["message"]
+    assert [e for e in events if e["type"] == "status" and e["state"] == "running"][-1]["message"] == (
+        "resumed from checkpoint-3 at step 3, learning rate 0")
+    assert lrs(run)[4] == 0.0

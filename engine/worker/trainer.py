@@ -52,6 +52,7 @@ class Trainer:
         self.steps_here = 0  # optimizer steps this process ran (a resumed run starts again at 0)
         self.epoch = 0
         self.micro = 0  # next micro-batch of the epoch's plan
+        self.resumed = ""  # a resumed run: from where, at which learning rate (its "running" status says it)
         self.saved_step = -1
         self.control = None
         self.telemetry = None
@@ -223,6 +224,13 @@ class Trainer:
             self.log(f"resume: the run had {state.get('world_size')} ranks, now {d.world}: "
                      "the data order continues, but the result will not match an uninterrupted run exactly")
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro})")
+        lr = self.scheduler.get_last_lr()[0]
+        # said with the run's "running" status: the console and the dashboard show where it goes on from
+        self.resumed = f"resumed from {path.name} at step {self.step}, learning rate {lr:.3g}"
+        if lr == 0 and self.step < self.total_steps:
+            self.emit(Alert(level="warn", kind="learning_rate",
+                            message=f"the learning rate in force at step {self.step} is 0 (the schedule had decayed "
+                                    f"to --min_lr_ratio {cfg.min_lr_ratio:g}): the steps after it change nothing"))
 
     def _override_rates(self) -> None:
         """--lr and --weight_decay given again on a resume apply from its first step (the optimizer's and the
@@ -271,7 +279,7 @@ class Trainer:
     def train(self) -> str:
         """Runs until done, stopped or failed; returns the final state."""
         cfg = self.cfg
-        self.emit(Status(state="running", step=self.step))
+        self.emit(Status(state="running", step=self.step, message=self.resumed))
         while self.step < self.total_steps:
             plan = self.feed.plan(self.epoch)
             if self.micro + cfg.grad_accum > len(plan):
