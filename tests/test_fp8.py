@@ -142,7 +142,10 @@ def test_fp8_products_auto_and_its_checks():
 
     cpu = torch.device("cpu")
     assert [fp8.products(q, "auto", cpu)[0] for q in ("none", "fp8", "nf4")] == ["none"] * 3
-    assert fp8.products("none", "backward", cpu) == ("backward", "--fp8_products backward")
+    # asked for on the CPU: taken, and said to be emulated (as auto says why it takes none there)
+    assert fp8.products("none", "backward", cpu) == (
+        "backward", "--fp8_products backward; the CPU's FP8 products are emulated, slower than its bf16 ones")
+    assert fp8.products("fp8", "none", cpu) == ("none", "--fp8_products none")
     for quant, products, says in (("none", "all", "--fp8_products all needs --quant fp8"),
                                   ("nf4", "backward", "--fp8_products backward needs --quant none or fp8"),
                                   ("nf4", "all", "--fp8_products all needs --quant fp8")):

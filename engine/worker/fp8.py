@@ -76,7 +76,9 @@ def products(quant: str, asked: str, device: torch.device) -> tuple[str, str]:
     """What ``--fp8_products`` (``asked``) means with ``--quant quant`` on ``device``: "none", "backward" or
     "all", and why (a phrase for the log and preflight)."""
     if asked != "auto":
-        return asked, f"--fp8_products {asked}"
+        emulated = "; the CPU's FP8 products are emulated, slower than its bf16 ones" \
+            if device.type != "cuda" and asked != "none" else ""
+        return asked, f"--fp8_products {asked}{emulated}"
     if quant == "nf4":
         return "none", "auto: NF4's products are bf16 ones"
     if device.type != "cuda":
