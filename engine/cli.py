@@ -19,6 +19,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a number of seconds") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more seconds")
+    return value
+
+
 def _runs_folder(text: str) -> Path:
     """``--runs DIR`` given on the command line: an existing folder (the default, runs/, may be absent)."""
     p = Path(text)
@@ -134,7 +144,8 @@ def _run_parsers(sub) -> None:
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("stop", help="stop a run gracefully (the workers save first)")
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--wait", type=float, default=120.0, metavar="S", help="seconds to wait for the engine to exit")
+    p.add_argument("--wait", type=_seconds, default=120.0, metavar="S",
+                   help="seconds to wait for the engine to exit (default 120; 0: deliver the stop and return)")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
                         description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "

@@ -89,3 +89,13 @@ def test_find_long_names_the_broken_lines_it_could_not_measure(tmp_path):
     many = write_jsonl(tmp_path / "m.jsonl", [b"{", *rows[:2], b"[1]", b"x", b"{", b"2", b"{"])
     first = voxtui("data", "find-long", many, "--max-len", "200", check=True).stdout.splitlines()[0]
     assert "0 of 2 rows exceed 200 tokens, 6 broken (lines 1, 4, 5, 6, 7, …) not measured" in first
+
+
+def test_engine_stop_wait_takes_0_or_more_seconds(tmp_path):
+    """--wait -5 was taken; 0 means: deliver the stop and return (it said "still stopping after 0 s", exit 1)."""
+    from engine.cli import build_parser
+
+    for bad in ("-5", "inf", "soon"):
+        err = one_line_error(voxtui("engine", "stop", tmp_path, "--wait", bad))
+        assert f"argument --wait: {bad}: " in err
+    assert build_parser().parse_args(["engine", "stop", "r", "--wait", "0"]).wait == 0

@@ -234,6 +234,8 @@ def stop_run(run_dir: Path, wait: float) -> int:
         print(f"voxtui: error: {reply.reason}", file=sys.stderr)
         return 1
     print(f"{run_dir}: stopping (the workers save a checkpoint first)", file=sys.stderr)
+    if wait == 0:  # asked not to wait: the stop is delivered, and that is what was asked
+        return 0
     deadline = time.time() + wait
     while time.time() < deadline:
         if not engine_alive(engine_info(run_dir)):
