@@ -107,7 +107,7 @@ def _run_parsers(sub) -> None:
     p = sub.add_parser("preflight", help="system, data, model and memory checks: go / warn / no-go and the launch command",
                        description="Collects every problem, then reports once with a verdict and the exact torchrun "
                                    "command. Exit 0 on go or warn, 1 on no-go, 2 on bad arguments.")
-    add_flags(p)
+    add_flags(p, hidden=("engine",))  # voxtui run / preflight set the engine themselves
     p.add_argument("--json", metavar="OUT", help="write the report as JSON (- for stdout)")
     p.add_argument("--autorun", action="store_true", help="on go or warn, start the run (detached)")
     p.add_argument("--probe", action="store_true", help="run a few real steps to find the largest per-device batch "
@@ -117,7 +117,7 @@ def _run_parsers(sub) -> None:
     p = sub.add_parser("run", help="start the engine for a new run (or --resume RUN)",
                        description="Creates runs/<run>/ (or --output_dir), writes the resolved config, runs "
                                    "preflight, then starts the engine, which spawns torchrun and relays its events.")
-    add_flags(p)
+    add_flags(p, hidden=("engine",))  # voxtui run / preflight set the engine themselves
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its latest complete checkpoint")
     p.add_argument("--detach", action="store_true", help="run the engine in the background (survives the SSH "
                                                         "session); prints the run folder and returns")

@@ -276,8 +276,9 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per field, defaulting to None so that only flags actually given override the TOML."""
+def add_flags(parser: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+    """One flag per field, defaulting to None so that only flags actually given override the TOML; ``hidden``:
+    fields taken but left out of ``--help`` (what a command sets itself)."""
     parser.add_argument("--config", metavar="RUN.toml", help="TOML file with the same fields; flags override it")
     docs = field_docs()
     defaults = {f.name: f.default if f.default is not msgspec.NODEFAULT else f.default_factory()
@@ -287,6 +288,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         doc = docs.get(name, "")
         shown = ",".join(default) if isinstance(default, list) else default if default != "" else "none"
         help_text = (doc if "(default:" in doc else f"{doc} (default: {shown})").replace("%", "%%")
+        if name in hidden:
+            help_text = argparse.SUPPRESS
         values = literal_values(name)
         if isinstance(default, bool) or name == "bf16":
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)

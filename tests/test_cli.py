@@ -85,3 +85,15 @@ def test_the_foreground_line_and_the_listing_name_one_state(tmp_path):
         assert one_line(status) == line
         listed = voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
         assert next(row.split() for row in listed.splitlines() if row.startswith(outcome))[1] == state
+
+
+def test_run_and_preflight_help_leave_out_the_engine_flag_they_set_themselves():
+    """`--engine` names the engine a worker reports to: voxtui run sets it (and ignored one given); the
+    worker's own --help keeps it."""
+    from engine.cli import build_parser
+    from engine.train import build_parser as worker_parser
+
+    for cmd in (["run"], ["preflight"]):
+        assert "--engine ENGINE" not in voxtui(*cmd, "--help").stdout and "--engine_timeout" in voxtui(*cmd, "--help").stdout
+    assert build_parser().parse_args(["run", "--engine", "x.json"]).engine == "x.json"  # still taken
+    assert "--engine ENGINE" in worker_parser().format_help()
