@@ -303,3 +303,19 @@ def test_an_output_dir_under_a_file_is_said(tmp_path):
     with pytest.raises(UsageError, match=re.escape(f"--output_dir {afile}/sub: {afile} is a file, not a folder")):
         TrainConfig(train_jsonl=str(afile), output_dir=str(afile / "sub")).validate()
     TrainConfig(train_jsonl=str(afile), output_dir=str(tmp_path / "new" / "run")).validate()
+
+
+def test_preflight_fails_an_output_dir_that_holds_a_run(tmp_path):
+    """`voxtui run` refuses a new run in a folder that holds one; preflight said go (and printed its launch
+    command) for it. A resume's preflight (inside `voxtui run --resume`) is not concerned."""
+    from engine.config import TrainConfig
+    from engine.preflight import preflight
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "events.jsonl").write_text("")
+    cfg = TrainConfig(model_id="missing-model", train_jsonl=str(train), output_dir=str(run))
+    checks = {c["name"]: c for c in preflight(cfg)["checks"]}
+    assert checks["output_dir"]["level"] == "fail" and f"voxtui run --resume {run}" in checks["output_dir"]["message"]
+    assert "output_dir" not in {c["name"] for c in preflight(cfg, written=True)["checks"]}

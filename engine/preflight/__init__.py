@@ -4,6 +4,7 @@ launch command. Every problem is collected, then reported once."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import msgspec
 
@@ -64,6 +65,10 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bo
 def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False, written: bool = False) -> dict:
     """Every check on ``cfg``, the verdict, and the command that launches it (``launch_command``)."""
     r = Report()
+    if not written and cfg.output_dir and (Path(cfg.output_dir) / "events.jsonl").exists():
+        # what `voxtui run` refuses: a new run in a folder that holds one (a resume's preflight is ``written``)
+        r.add("system", "output_dir", "fail", f"--output_dir {cfg.output_dir} already holds a run: continue it with "
+                                              f"voxtui run --resume {cfg.output_dir}, or give another --output_dir")
     system = check_system(cfg, r)
     lengths, toks = check_data(cfg, r)  # each file tokenised once, into the worker's cache
     tok = check_plan(cfg, r, toks.get("train"))
