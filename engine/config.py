@@ -221,8 +221,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
                 add(field, f"{name(field)} must be 0 or more (got {v})")
         if not 0 <= self.min_lr_ratio <= 1:
             add("min_lr_ratio", f"{name('min_lr_ratio')} must be in [0, 1] (got {self.min_lr_ratio})")
-        if self.output_dir and _under_a_file(self.output_dir):
-            add("output_dir", f"{setting('output_dir')}: {_under_a_file(self.output_dir)} is a file, not a folder")
+        blocking = _under_a_file(self.output_dir) if self.output_dir else ""
+        if blocking:
+            add("output_dir", f"{setting('output_dir')}: {blocking} is a file, not a folder")
         if not 0 <= self.preview_budget < 1:
             add("preview_budget", f"{name('preview_budget')} must be in [0, 1) (got {self.preview_budget})")
         if not self.engine_timeout > 0:
