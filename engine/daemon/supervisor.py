@@ -22,7 +22,8 @@ from pathlib import Path
 from engine.protocol import Status
 
 WATCH_EVERY = 0.02  # seconds between two looks at the ranks
-EXIT_WAIT = 3.0  # a rank gone with no final status for this long died (a normal end reports at once)
+EXIT_WAIT = 10.0  # a rank gone with no final status for this long died (a normal end reports at once; a busy
+# engine may read that status seconds late: 3 s counted a worker that refused its plan as a rank death under load)
 
 
 def launch_args(run: str, nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "") -> list[str]:
