@@ -94,6 +94,7 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
     alert = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert" and e["kind"] == "rank_died"), None),
                      timeout=30)
     assert alert["rank"] == 1 and time.time() - killed < 30
+    assert "killed by SIGKILL" in alert["message"]  # how it ended, read from /proc before torchrun reaped it
     wait_for(lambda: last_state(run) == "failed", timeout=30)
     wait_for(lambda: gone(engine_tree), timeout=30)  # engine, torchrun and every rank: nothing left behind
     from engine.worker.checkpoint import latest_checkpoint

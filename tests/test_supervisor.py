@@ -1,9 +1,15 @@
 """Supervisor.first_death: which rank is at fault, from when each rank's process was seen gone and when the
 workers' final status was sent (its own time) — not when a busy engine got round to reading it."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
-from engine.daemon.supervisor import EXIT_WAIT, Supervisor
+import pytest
+
+from engine.daemon.supervisor import EXIT_WAIT, Supervisor, exit_status
 from engine.protocol import Status
 
 
@@ -41,3 +47,36 @@ def test_a_rank_gone_without_a_final_status_dies_after_a_moment():
     s = supervisor({0: (mono - EXIT_WAIT - 0.5, wall - EXIT_WAIT - 0.5)}, {0: 0})
     assert s.first_death(None, float("inf")) == 0
     assert Supervisor(2).first_death(None, float("inf")) is None  # nobody gone
+
+
+def test_a_rank_gone_without_a_final_status_is_named_with_how_it_ended():
+    mono, wall = time.monotonic(), time.time()
+    s = supervisor({1: (mono - EXIT_WAIT - 1, wall - EXIT_WAIT - 1)}, {1: 0})
+    s.codes = {1: 2}  # it refused the configuration, and rank 0 never said why: counts once the moment passed
+    assert s.first_death(None, float("inf")) == 1
+    assert s.ended(1) == "exited with code 2"
+    assert supervisor({}, {1: None}).ended(1) == "exited unexpectedly"  # reaped before /proc was read
+    assert supervisor({}, {1: int(signal.SIGSEGV)}).ended(1) == "was killed by SIGSEGV"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how,expected", [("exit", (0, 2)), ("kill", (signal.SIGKILL, 0))])
+def test_exit_status_reads_how_a_zombie_ended(how, expected):
+    """A real child, not yet reaped: its signal or exit code from /proc, as the rank watcher reads them."""
+    code = "import sys; sys.exit(2)" if how == "exit" else "import time; time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        if how == "kill":
+            os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while exit_status(child.pid) in (None, (0, 0)) and time.monotonic() < deadline:
+            time.sleep(0.02)  # alive: field 52 reads 0 until it ends
+        assert exit_status(child.pid) == expected
+        s = Supervisor(1)
+        s.killed, s.codes = {0: expected[0]}, ({0: expected[1]} if not expected[0] else {})
+        assert s.ended(0) == ("exited with code 2" if how == "exit" else
+                              "was killed by SIGKILL (the kernel's out-of-memory killer sends it: see dmesg)")
+    finally:
+        child.kill()
+        child.wait()
+    assert exit_status(child.pid) is None  # reaped: unknown

@@ -245,12 +245,20 @@ class Engine:
         final = self.final_status
         if not self.stopping and not self.rank_alerted and (final is None or final.state == "failed"):
             rank = self.workers.first_death(final, self.final_at)
+            if rank is not None and final is None:
+                # before a death is declared for want of a final status: one a gone rank 0 sent may wait
+                # unread on the socket, or sit in its spool where the socket lost it
+                self._drain()
+                self._prune_spool(final=True)
+                if self.final_status is not None:
+                    rank = self.workers.first_death(self.final_status, self.final_at)
             if rank is not None:
                 self.rank_alerted = True
+                how = self.workers.ended(rank)
                 self.emit(Alert(level="error", kind="rank_died", rank=rank,
-                                message=f"rank {rank} (pid {self.workers.ranks[rank]}) exited unexpectedly; "
+                                message=f"rank {rank} (pid {self.workers.ranks[rank]}) {how}; "
                                         "stopping the other ranks"))
-                self.failed_message = f"rank {rank} died"
+                self.failed_message = f"rank {rank} {how} (see worker.log)"
                 self.workers.kill(wait=False)
         self.workers.reap()
         if self.stopping and time.monotonic() > self.stop_deadline:

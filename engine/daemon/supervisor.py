@@ -42,15 +42,16 @@ def torchrun_cmd(run_dir: Path, nproc: int, resume: bool, nnodes: int = 1, rdzv_
     ] + (["--resume", str(run_dir)] if resume else ["--config", str(run_dir / "config.toml")])
 
 
-def exit_signal(pid: int) -> int | None:
-    """The signal that ended a zombie process (0 when it exited by itself), from /proc; None when unknown
-    (already reaped, or not Linux)."""
+def exit_status(pid: int) -> tuple[int, int] | None:
+    """How a zombie process ended, from /proc: (the signal that ended it, 0 when it exited by itself; its
+    exit code); None when unknown (already reaped, or not Linux)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
-        return int(fields[49]) & 0x7F  # field 52, exit_code (Linux ≥ 3.5), as waitpid's status
+        status = int(fields[49])  # field 52, exit_code (Linux ≥ 3.5), as waitpid's status
     except (OSError, IndexError, ValueError):
         return None
+    return status & 0x7F, (status >> 8) & 0xFF
 
 
 class Supervisor:
@@ -63,6 +64,7 @@ class Supervisor:
         self.gone: dict[int, float] = {}  # rank → when its process was first seen gone (monotonic)
         self.gone_wall: dict[int, float] = {}  # the same moment by the wall clock (the workers' events' clock)
         self.killed: dict[int, int | None] = {}  # rank → the signal that ended it (0: it exited; None: unknown)
+        self.codes: dict[int, int] = {}  # rank → its exit code, where it exited by itself and that was read
         self.kill_at: float | None = None  # SIGTERM sent: SIGKILL what is left of ``dying`` at this time
         self.dying: list = []
         self._watcher: threading.Thread | None = None
@@ -113,7 +115,8 @@ class Supervisor:
         final status, so one gone without it is given a moment before it counts as a death. A rank
         killed by a signal died, whatever followed; one that exited after the workers *sent* their
         failure (with its reason: the status's own time, by this host's wall clock) did not, however late
-        a busy engine reads that status."""
+        a busy engine reads that status, nor did one that exited by itself (an exit code, not a signal) with
+        a final status sent, whenever it left."""
         now = time.monotonic()
         self._watch_ranks()
         if not self.gone:
@@ -125,6 +128,20 @@ class Supervisor:
         died = self.killed.get(rank) or (final is None and now - self.gone[rank] > EXIT_WAIT) or (
             final is not None and self.killed.get(rank) is None and before_final)
         return rank if died else None
+
+    def ended(self, rank: int) -> str:
+        """How a gone rank ended, in words: by which signal, or with which exit code, where /proc said."""
+        sig = self.killed.get(rank)
+        if sig:
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = f"signal {sig}"
+            oom = " (the kernel's out-of-memory killer sends it: see dmesg)" if sig == signal.SIGKILL else ""
+            return f"was killed by {name}{oom}"
+        if rank in self.codes:
+            return f"exited with code {self.codes[rank]}"
+        return "exited unexpectedly"
 
     def _watch_ranks(self) -> None:
         """A thread that notes, every 20 ms, when each rank's process ends: the first to go is at fault
@@ -153,7 +170,10 @@ class Supervisor:
                 except psutil.NoSuchProcess:
                     alive = False
                 if not alive:
-                    self.killed[rank] = exit_signal(p.pid)  # readable while torchrun has not reaped it
+                    how = exit_status(p.pid)  # readable while torchrun has not reaped it
+                    self.killed[rank] = how[0] if how else None
+                    if how and not how[0]:
+                        self.codes[rank] = how[1]
                     self.gone_wall[rank] = time.time()
                     self.gone[rank] = time.monotonic()
             time.sleep(WATCH_EVERY)
