@@ -77,11 +77,20 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
     backoff, last, lost, client, seen = 0.5, 0, False, None, None
     tail = None  # FileTail, once a client has found the run's folder
 
-    def see(live: bool, pid) -> None:
+    def see(live: bool, pid, workers: tuple = ()) -> None:
         nonlocal seen
-        if (live, pid) != seen:
-            seen = (live, pid)
-            post(EngineSeen(live, pid))
+        if (live, pid, workers) != seen:
+            seen = (live, pid, workers)
+            post(EngineSeen(live, pid, workers))
+
+    def orphans(client) -> tuple:
+        """The workers that outlive a gone engine, on this machine (none for a remote run)."""
+        from engine.runs import orphan_workers
+
+        try:
+            return tuple(orphan_workers(client.run_dir, client.info)) if client.run_dir is not None else ()
+        except OSError:
+            return ()
 
     while not cancelled():
         try:
@@ -89,7 +98,7 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                 client = EngineClient(target)
                 pid = client.info.get("pid") if isinstance(client.info.get("pid"), int) else None
                 if not client.live:
-                    see(False, pid)
+                    see(False, pid, orphans(client))
                 if last == 0:
                     events = client.history()
                     if events:
@@ -120,7 +129,8 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
             if batch:
                 post(EventsReceived(batch))
             if not client.live:  # no engine (a finished or crashed run): look for a new one now and then
-                see(False, client.info.get("pid") if isinstance(client.info.get("pid"), int) else None)
+                see(False, client.info.get("pid") if isinstance(client.info.get("pid"), int) else None,
+                    orphans(client))
                 client.close()
                 client = None
                 for _ in range(20):

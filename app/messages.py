@@ -22,11 +22,12 @@ class EngineLost(Message):
 
 
 class EngineSeen(Message):
-    """Whether an engine process serves the run now (from engine.json and its pid), on every change."""
+    """Whether an engine process serves the run now (from engine.json and its pid), on every change;
+    ``workers``: the pids of workers that outlive a gone engine (they save and stop by themselves)."""
 
-    def __init__(self, live: bool, pid: int | None) -> None:
+    def __init__(self, live: bool, pid: int | None, workers: tuple = ()) -> None:
         super().__init__()
-        self.live, self.pid = live, pid
+        self.live, self.pid, self.workers = live, pid, workers
 
 
 class CommandReplied(Message):

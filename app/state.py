@@ -114,6 +114,7 @@ class RunState:
     # the truth outside the events: is an engine process serving this run (None: not known yet)?
     engine_live: bool | None = None
     engine_pid: int | None = None
+    orphans: tuple = ()  # pids of workers that outlive their gone engine (they save and stop by themselves)
     # the run folder now (read by the screen every few seconds): complete checkpoints, lora_final, inference
     disk_checkpoints: list | None = None  # [{"step", "name", "path", "best_step", "best_loss", "reason", …}]
     disk_final: str | None = None  # lora_final's path

@@ -238,6 +238,33 @@ def pid_alive(pid: int | None) -> bool:
         return False
 
 
+def orphan_workers(run_dir: Path, info: dict | None = None) -> list[int]:
+    """The pids of workers that outlive their engine (rank 0: the one that spools its events), on this
+    machine: they train on until they miss the engine's heartbeat (``--engine_timeout``, 30 s), then save
+    and stop. A pid that was reused since (a process younger than the worker's id) does not count."""
+    import psutil
+
+    from engine.eventlog import read_spool, spool_worker_pid
+
+    info = engine_info(run_dir) if info is None else info
+    spool = read_spool(Path(run_dir) / "spool")
+    if not spool or engine_alive(info) or not this_host_runs(info, spool):
+        return []
+    pids = []
+    for worker in spool:
+        pid, started = spool_worker_pid(worker), worker.rsplit("-", 1)[-1]
+        try:
+            proc = psutil.Process(pid) if pid else None
+            if proc is None or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.create_time() > int(started, 16) / 1000 + 1.0:
+                continue  # the pid of a process that began after this worker named itself: not it
+        except (psutil.Error, ValueError):
+            continue
+        pids.append(pid)
+    return pids
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -554,6 +581,7 @@ def summary(run_dir: Path) -> dict:
     info = engine_info(run_dir)
     alive = engine_alive(info)
     status, step = last_event(run_dir, "status"), last_event(run_dir, "step")
+    run_info = last_event(run_dir, "run_info") or {}
     if not alive:
         for ev in spooled(run_dir):  # what the workers did after their engine went away
             if ev.type == "status":
@@ -562,11 +590,16 @@ def summary(run_dir: Path) -> dict:
                 step = {"step": ev.step, "loss": ev.loss}
     state = status.get("state", "new") if status else "new"
     outcome = status.get("outcome", "") if status else ""
+    orphans = [] if alive else orphan_workers(run_dir, info)
+    message = (status or {}).get("message", "")
     if shown_state(state, outcome) == "stopped":
         state = "stopped"
     elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
                                                                 and (state != "new" or info)):
         state = "crashed"  # the engine died before the run ended
+        if orphans:
+            message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) train on until they "
+                       f"miss it (about 30 s), then save and stop; to stop them now: voxtui engine stop {run_dir}")
     elif state == "new" and alive:
         state = "starting"
     cfg = {}
@@ -577,8 +610,9 @@ def summary(run_dir: Path) -> dict:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
     return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
-            "message": (status or {}).get("message", ""), "engine_pid": info.get("pid") if alive else None,
-            "step": (step or {}).get("step", 0), "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
+            "message": message, "engine_pid": info.get("pid") if alive else None, "worker_pids": orphans,
+            "step": (step or {}).get("step", 0), "total_steps": run_info.get("total_steps"),
+            "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
             "checkpoint": str(ckpt) if ckpt else None,
             "age_s": round(time.time() - mtime, 1) if mtime else None}
 

@@ -309,7 +309,7 @@ class RunScreen(Screen):
     def on_engine_seen(self, message: EngineSeen) -> None:
         s = self.app.state
         was = s.engine_live
-        s.engine_live, s.engine_pid = message.live, message.pid
+        s.engine_live, s.engine_pid, s.orphans = message.live, message.pid, message.workers
         if was and not message.live and s.state in NOT_ENDED and s.engine_pid is not None:
             self.notify_terminal("crashed", "the engine is gone", ("crashed", s.engine_pid))
         if message.live:
@@ -334,6 +334,11 @@ class RunScreen(Screen):
                 from engine.client import age_text
 
                 last = f"; last event {age_text(max(s.age(), 0))} ago (step {s.step})"
+            if s.orphans:
+                return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
+                                f"{', '.join(map(str, s.orphans))}) train on unseen until they miss it (about 30 s), "
+                                "then save and stop — `voxtui engine stop ", data(self.run_dir, limit=80),
+                                "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             data(self.run_dir, limit=80), "` continues from the latest checkpoint")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again

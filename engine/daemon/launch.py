@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from engine.runs import (
     list_runs,
     merge_saved_config,
     new_run_dir,
-    pid_alive,
+    orphan_workers,
     refuse_nothing_to_resume,
     resume_steps,
     summary,
@@ -132,13 +134,12 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     """Before a run folder gets a new engine: its old engine must be gone (one that is only finishing is
     waited for), and so must workers that outlived it (they save and stop within about 30 s of losing it)."""
     from engine.client import engine_alive
-    from engine.eventlog import read_spool, spool_worker_pid
 
     def busy() -> str:
         info = engine_info(run_dir)
         if engine_alive(info):
             return f"its engine (pid {info['pid']})"
-        pids = [p for p in map(spool_worker_pid, read_spool(run_dir / "spool")) if pid_alive(p)]
+        pids = orphan_workers(run_dir, info)
         return f"workers of its last engine (pid {', '.join(map(str, pids))})" if pids else ""
 
     what = busy()
@@ -199,10 +200,11 @@ def cmd_engine(args) -> int:
             if not runs:
                 print(f"no runs under {args.runs}/")
                 return 0
-            print(f"{'run':<28}{'state':<10}{'step':>7}{'loss':>9}  {'age':>5}  model")
+            print(f"{'run':<28}{'state':<10}{'step':>13}{'loss':>9}  {'age':>5}  model")
             for s in runs:
                 loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
-                print(f"{s['run']:<28}{s['state']:<10}{s['step']:>7}{loss:>9}  {age_text(s['age_s']):>5}  {s['model']}")
+                step = f"{s['step']}/{s['total_steps']}" if s.get("total_steps") else str(s["step"])
+                print(f"{s['run']:<28}{s['state']:<10}{step:>13}{loss:>9}  {age_text(s['age_s']):>5}  {s['model']}")
             return 0
         case "status":
             s = summary(find_run(args.run))
@@ -218,12 +220,36 @@ def cmd_engine(args) -> int:
     return 2
 
 
+def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
+    """Workers whose engine went away get what a stop from the engine would give them: SIGTERM (at the next
+    step boundary every rank saves a checkpoint, then they exit); their last events are stored in
+    events.jsonl once they are gone (``summary`` folds the spool)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    print(f"{run_dir}: the engine is gone; its workers (pid {', '.join(map(str, pids))}) are stopping "
+          "(they save a checkpoint first)", file=sys.stderr)
+    if wait == 0:
+        return 0
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        if not orphan_workers(run_dir):
+            print(f"{run_dir}: stopped ({summary(run_dir).get('state', '')})")
+            return 0
+        time.sleep(0.5)
+    print(f"{run_dir}: still stopping after {wait:.0f} s", file=sys.stderr)
+    return 1
+
+
 def stop_run(run_dir: Path, wait: float) -> int:
     from engine.client import EngineClient, engine_alive
     from engine.protocol import Stop
 
     info = engine_info(run_dir)
     if not engine_alive(info):
+        orphans = orphan_workers(run_dir, info)
+        if orphans:
+            return stop_orphans(run_dir, orphans, wait)
         state = summary(run_dir).get("state", "")
         ended = f": the run has ended ({state})" if state in ("finished", "stopped", "failed", "crashed") else ""
         print(f"{run_dir}: no engine is running{ended}", file=sys.stderr)
