@@ -173,6 +173,12 @@ class Engine:
         ev.time = ev.time if ev.time > 0 else time.time()
         if ev.type == "ack":
             self.unacked.pop(ev.id, None)
+        if ev.type == "status" and self.stopping and ev.state in ("starting", "running", "paused"):
+            # workers that came up (or paused) before the stop reached them: the run is stopping all the same
+            # (shown [stopping] [running] [stopping] when Ctrl-C came during the start)
+            ev.state = "stopping"
+            if self.stop_deadline != float("inf"):  # the stop reaches them at their first step: time to save
+                self.stop_deadline = max(self.stop_deadline, time.monotonic() + self.stop_timeout)
         if ev.type == "status" and ev.state in ("finished", "failed"):
             self.final_status = ev  # the run's outcome, checked again once torchrun has exited
             self.final_at = time.monotonic()
@@ -343,7 +349,8 @@ class Engine:
         self._heartbeat()
         self.sockets.to_workers(msgspec.json.encode(Heartbeat()))
         for cid, (data, sent) in list(self.unacked.items()):
-            if now - sent > RESEND_FOR_S:
+            if now - sent > RESEND_FOR_S and not (self.stopping and cid.startswith("engine-stop-")):
+                # (a stop is sent until the workers take it: ones still loading a large model take a while)
                 self.unacked.pop(cid)
             else:
                 self.sockets.to_workers(data)
