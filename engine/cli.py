@@ -70,18 +70,21 @@ def _data_parsers(sub) -> None:
 
     p = dsub.add_parser("find-long", help="rows whose formatted example exceeds N tokens")
     common(p)
-    p.add_argument("--max-len", type=_positive_int, required=True, metavar="N")
+    p.add_argument("--max-len", type=_positive_int, required=True, metavar="N",
+                   help="the longest formatted example allowed, in tokens (training's --max_len)")
     p.add_argument("--out", metavar="FILE", help="write the long rows (with counts) as JSONL")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT (- for stdout)")
     p.set_defaults(handler="engine.data.find_long:main")
 
     p = dsub.add_parser("split", help="clean, dedupe and split into train / val deterministically")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--train", required=True, metavar="OUT")
-    p.add_argument("--val", required=True, metavar="OUT")
+    p.add_argument("file", metavar="FILE", help="JSONL rows {instruction, input, output} or {messages}")
+    p.add_argument("--train", required=True, metavar="OUT", help="where the training rows go (JSONL)")
+    p.add_argument("--val", required=True, metavar="OUT", help="where the validation rows go (JSONL)")
     p.add_argument("--val-frac", type=float, default=0.1, metavar="F", help="share of rows for val (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--max-len", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="the shuffle's seed: the same file and seed give the same split (default 0)")
+    p.add_argument("--max-len", type=_positive_int, default=None, metavar="N",
+                   help="rows over N tokens are truncated or dropped (--long)")
     p.add_argument("--long", choices=("truncate", "drop"), default="truncate",
                    help="with --max-len: truncate the target (default) or drop the row")
     p.add_argument("--model", default=None, metavar="M", help="tokenizer for --max-len (as in analyze)")
@@ -95,7 +98,7 @@ def _model_parsers(sub) -> None:
     msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
     p = msub.add_parser("tiny", help="write a small random-weight Voxtral with the real Tekken tokenizer")
     p.add_argument("out", metavar="OUT", help="folder to write (must not exist or be empty)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(handler="engine.commands:model_tiny")
 
@@ -136,21 +139,21 @@ def _run_parsers(sub) -> None:
     # a Path default is not passed through type: a fresh clone without runs/ lists no runs
     p.add_argument("--runs", type=_runs_folder, default=Path("runs"), metavar="DIR",
                    help="the folder that holds the runs (default runs/)")
-    p.add_argument("--json", metavar="OUT")
+    p.add_argument("--json", metavar="OUT", help="write the list as JSON to OUT (- for stdout)")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("status", help="one run's state")
-    p.add_argument("run", metavar="RUN")
-    p.add_argument("--json", metavar="OUT")
+    p.add_argument("run", metavar="RUN", help="a run folder or a name under runs/")
+    p.add_argument("--json", metavar="OUT", help="write the state as JSON to OUT (- for stdout)")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("stop", help="stop a run gracefully (the workers save first)")
-    p.add_argument("run", metavar="RUN")
+    p.add_argument("run", metavar="RUN", help="a run folder or a name under runs/")
     p.add_argument("--wait", type=_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the engine to exit (default 120; 0: deliver the stop and return)")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
                         description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "
                                     "with their recorded times, then waits; attach to it, stop it with engine stop.")
-    p.add_argument("events", metavar="EVENTS.jsonl")
+    p.add_argument("events", metavar="EVENTS.jsonl", help="a run's events.jsonl")
     p.add_argument("--run-dir", metavar="DIR", help="the new run folder (default runs/replay-<name>)")
     p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events per second (default: all at once)")
     p.set_defaults(handler="engine.daemon.replay:cmd_replay")
@@ -173,10 +176,11 @@ def _eval_parsers(sub) -> None:
     p.add_argument("--batch_size", type=_positive_int, default=None,
                    help="rows decoded together, continuously refilled as rows finish (default: 64 on a GPU, 8 on "
                         "the CPU)")
-    p.add_argument("--max_new_tokens", type=_positive_int, default=128)
+    p.add_argument("--max_new_tokens", type=_positive_int, default=128,
+                   help="the longest answer generated, in tokens (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="in [0, 2]; 0: greedy (default)")
     p.add_argument("--top_p", type=float, default=1.0, help="in (0, 1] (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed, with --temperature above 0 (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--nproc", type=_positive_int, default=1,
                    help="split the rows over N processes, one GPU each (without GPUs: N CPU processes); one "
@@ -190,16 +194,17 @@ def _eval_parsers(sub) -> None:
                        description="Scores every row holding the strings prediction and output; a bad line is "
                                    "named on stderr, skipped, and listed in the JSON's bad_rows. Exit 2 when no "
                                    "row can be scored.")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--json", metavar="OUT")
+    p.add_argument("file", metavar="FILE", help="JSONL rows with prediction and output (an infer's samples.jsonl)")
+    p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT (- for stdout)")
     p.set_defaults(handler="engine.eval.score:cmd_score")
 
     p = sub.add_parser("export", help="merge a run's adapter into the base weights for serving")
-    p.add_argument("--run", metavar="RUN")
+    p.add_argument("--run", metavar="RUN", help="a run folder or a name under runs/ (its lora_final, else its "
+                                                "latest complete checkpoint)")
     p.add_argument("--output_dir", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=_checkpoint, metavar="N", help="use checkpoint-N (N or checkpoint-N)")
     p.add_argument("--merge", required=True, metavar="OUT", help="folder for the merged model")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the merged weights' type (default bf16)")
     p.set_defaults(handler="engine.eval.export:cmd_export")
 
     p = sub.add_parser("export-metrics", help="every scalar of a run by step, as CSV or JSON",
@@ -223,7 +228,7 @@ def _eval_parsers(sub) -> None:
 def _app_parsers(sub) -> None:
     """voxtui attach, demo."""
     p = sub.add_parser("attach", help="the dashboard: watch and steer a run (no RUN: pick from runs/)")
-    p.add_argument("run", nargs="?", metavar="RUN")
+    p.add_argument("run", nargs="?", metavar="RUN", help="a run folder or a name under --runs (none: pick one)")
     p.add_argument("--runs", type=_runs_folder, default=Path("runs"), metavar="DIR",
                    help="the folder that holds the runs (default runs/)")
     p.add_argument("--no-notify", dest="no_notify", action="store_true",
@@ -232,17 +237,29 @@ def _app_parsers(sub) -> None:
 
     p = sub.add_parser("demo", help="the tiny model and the bundled sample data, end to end on the CPU")
     p.add_argument("--runs", default="runs", metavar="DIR", help="where runs and the demo model live (default runs/)")
-    p.add_argument("--nproc", type=int, default=2, help="CPU ranks (default 2: a real DDP run)")
+    p.add_argument("--nproc", type=_positive_int, default=2, help="CPU ranks (default 2: a real DDP run)")
     p.add_argument("--no-attach", dest="no_attach", action="store_true",
                    help="start the run and return (attach later with voxtui attach)")
     p.set_defaults(handler="engine.commands:demo")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a bad call answered in one line (the usage is one ``--help`` away), exit status 2."""
+    """argparse with a bad call answered in one line (the usage is one ``--help`` away), exit status 2, and
+    either spelling of a long flag: the training flags are the seed's (``--max_len``), the data tools' are
+    hyphenated (``--max-len``); a hand used to one gets the other too, while ``--help`` shows one."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _parse_optional(self, arg_string):
+        if arg_string.startswith("--") and len(arg_string) > 2:
+            name, eq, value = arg_string.partition("=")
+            if name not in self._option_string_actions:
+                for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if other in self._option_string_actions:
+                        arg_string = other + eq + value
+                        break
+        return super()._parse_optional(arg_string)
 
 
 def _checkpoint(text: str) -> int:
