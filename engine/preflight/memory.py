@@ -60,6 +60,10 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
                                    f"{audio / 1e9:.2f} B: frozen and not kept on the device)")
     r.add("model", "trainable", "ok", f"LoRA r={cfg.lora_r} α={cfg.lora_alpha} on {','.join(cfg.lora_targets)}: "
                                       f"{lora:,} trainable parameters ({100 * lora / total:.2f}%), all in the language model")
+    if cfg.grad_ckpt and cfg.grad_ckpt_layers > tc.num_hidden_layers:
+        r.add("model", "grad_ckpt_layers", "info",
+              f"--grad_ckpt_layers {cfg.grad_ckpt_layers}: the model has {tc.num_hidden_layers} decoder layers; all "
+              f"{tc.num_hidden_layers} are checkpointed (--grad_ckpt_layers -1 says so)")
     return info
 
 

@@ -162,6 +162,9 @@ def checkpoint_layers(model: nn.Module, n: int, place: str = "inside") -> int:
     Where transformers' own switch wraps the layer moved between its versions (the call in 5.17, the forward
     later): it is used for ``around`` only where it wraps the call."""
     layers = language_model(_unwrap(model)).layers
+    if n > len(layers):
+        print(f"[voxtui] --grad_ckpt_layers {n}: the model has {len(layers)} decoder layers; all are checkpointed",
+              flush=True)
     n = len(layers) if n < 0 else min(n, len(layers))
     if place == "around" and _transformers_wraps_call():
         # transformers ≤ 5.17 checkpoints around the call itself: its switch, as measured (runs J–P)
