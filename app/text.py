@@ -91,3 +91,9 @@ class _Bleu:
 
 
 BLEU_FORMAT = _Bleu()
+
+
+def mfu_unknown(device: str) -> str:
+    """What the Overview and the Charts say where steps carry no MFU: no peak FLOP/s is known for the
+    device (a CPU, or a GPU not in the table) — the one flag that gives it."""
+    return ("n/a on CPU" if device == "cpu" else "n/a (peak unknown)") + ": set --peak_tflops"

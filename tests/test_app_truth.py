@@ -6,10 +6,12 @@ serving recorded events), Pilot, and the real ``voxtui attach`` command line."""
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,9 @@ from test_app import screen_text
 from test_snapshots import RECORDED
 
 from conftest import ROOT, descendants_of, pilot_wait, voxtui, write_jsonl
+from engine import protocol
+
+TYPES = {cls.__struct_config__.tag for cls in typing.get_args(protocol.Event)}  # the events' type names
 
 RECORDED_EVENTS = [json.loads(line) for line in (RECORDED / "events.jsonl").read_text().splitlines()]
 
@@ -227,7 +232,9 @@ def test_events_tab_opens_with_the_history_then_follows(tmp_path):
                 # the last batch is written within half a second
                 await pilot_wait(pilot, lambda: len(log.lines) >= len(RECORDED_EVENTS), timeout=5)
                 await pilot.pause(0.6)  # and nothing more comes (no repeat)
-                seqs = [int(s.text.split()[0]) for s in log.lines]
+                # one line per event, a long one wrapped onto the lines under it (those start with no seq + type)
+                heads = [re.match(r"\s*(\d+) ([a-z_]+) ", line.text) for line in log.lines]
+                seqs = [int(m[1]) for m in heads if m and m[2] in TYPES]
                 assert seqs == list(range(1, len(RECORDED_EVENTS) + 1))  # history, then live: no gap, no repeat
                 box = app.screen.query_one("#ev-filter", Input)
                 box.focus()

@@ -18,6 +18,47 @@ def test_help(cmd):
     assert proc.returncode == 0 and "usage: voxtui" in proc.stdout
 
 
+def test_every_command_and_flag_says_what_it_is_for():
+    """Every subcommand has a line in its parent's --help, every flag and argument a help text (or is hidden)."""
+    import argparse
+
+    from engine.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                said = {c.dest: c.help for c in a._choices_actions}
+                for name, sub in a.choices.items():
+                    if not said.get(name):
+                        missing.append(f"{path} {name}")
+                    walk(sub, f"{path} {name}")
+            elif a.help is None and a.dest != "help":
+                missing.append(f"{path} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), "voxtui")
+    assert not missing
+
+
+def test_either_spelling_of_a_long_flag():
+    """The training flags are the seed's (--max_len), the data tools' hyphenated (--max-len): each takes the
+    other spelling too, with or without =; --help shows one; an unknown flag is still refused."""
+    from engine.cli import build_parser
+
+    parse = build_parser().parse_known_args
+    a, extra = parse(["run", "--train-jsonl", "t.jsonl", "--max-len", "64", "--per-device-bsz=3"])
+    assert (a.train_jsonl, a.max_len, a.per_device_bsz, extra) == ("t.jsonl", 64, 3, [])
+    a, extra = parse(["data", "split", "f", "--train", "a", "--val", "b", "--val_frac=0.3", "--max_len", "9"])
+    assert (a.val_frac, a.max_len, extra) == (0.3, 9, [])
+    import re
+
+    assert not re.search(r"^\s+--max_len [A-Z]", voxtui("data", "find-long", "--help").stdout, re.M)
+    assert not re.search(r"^\s+--max-len [A-Z]", voxtui("run", "--help").stdout, re.M)
+    proc = voxtui("data", "analyze", "f", "--max_lenx", "3")
+    assert proc.returncode == 2 and "--max_lenx" in proc.stderr
+
+
 def test_help_imports_nothing_heavy():
     code = ("import sys\nfrom engine.cli import build_parser\nbuild_parser()\n"
             "heavy = [m for m in ('torch', 'transformers', 'textual', 'numpy', 'mistral_common') if m in sys.modules]\n"

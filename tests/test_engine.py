@@ -70,7 +70,7 @@ def test_late_attach_history_then_live_commands_and_finish(tmp_path, tiny_model,
     again = EngineClient(run)
     assert [e.seq for e in again.history()] == seqs and not again.live
     listing = voxtui("engine", "list", "--runs", tmp_path / "runs", check=True).stdout
-    assert "relay" in listing and "finished" in listing
+    assert "relay" in listing and "finished" in listing and " 40/40 " in listing  # step of total steps
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
     assert status["state"] == "finished" and status["step"] == 40
 
@@ -146,6 +146,46 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "finished"
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
     assert not (run / "spool").exists()  # stored, then removed
+
+
+def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(tmp_path, tiny_model, train_file):
+    """The engine killed, its workers train on unseen until they miss its heartbeat: `engine status`, `engine
+    list` and the dashboard's banner name them; `engine stop` reaches them (SIGTERM: they save, then exit), and
+    the run then reads as stopped, at the step they saved."""
+    import asyncio
+
+    from app.app import VoxApp
+    from conftest import pilot_wait
+
+    run = start_detached(tiny_model, tmp_path / "runs", "unseen", train_file, nproc=1, max_steps=100000,
+                         save_steps=0, env={"VOXTUI_ENGINE_TIMEOUT": "600"})
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    workers = [p for p in descendants_of(info["pid"]) if "engine.train" in " ".join(psutil.Process(p).cmdline())]
+    os.kill(info["pid"], signal.SIGKILL)
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "crashed" and status["worker_pids"] and set(status["worker_pids"]) <= set(workers)
+    assert f"voxtui engine stop {run}" in status["message"]
+
+    async def banner():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(160, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.orphans, timeout=30, every=0.1)
+            return app.screen.banner_text().plain
+
+    text = asyncio.run(banner())
+    assert "its workers (pid" in text and "voxtui engine stop" in text, text
+    proc = voxtui("engine", "stop", run, "--wait", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert "its workers" in proc.stderr and "stopped (stopped)" in proc.stdout
+    wait_for(lambda: gone(workers), timeout=30)  # rank 0 at once, torchrun a moment later
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    from engine.worker.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert status["state"] == "stopped" and status["worker_pids"] == [] and status["checkpoint"] == str(ckpt)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == status["step"]
 
 
 def test_workers_that_finish_the_run_after_their_engine_was_killed(tmp_path, tiny_model, train_file):
@@ -462,4 +502,34 @@ def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tin
     assert out.strip().splitlines()[-1] == f"[stopped] saved at step {step} (stopped on request)"
     row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent, check=True).stdout.splitlines()
                if line.startswith("halt"))
-    assert row[1:3] == ["stopped", str(step)]
+    assert row[1] == "stopped" and row[2].startswith(f"{step}/")
+
+
+def test_ctrl_c_while_the_workers_start_reads_stopping_to_the_end(tmp_path, tiny_model, train_file):
+    """Ctrl-C in the foreground before the workers are up: the stop waits for them, and every state printed
+    after it is stopping, then stopped — not running in between (the workers' own "running", sent before the
+    stop reached them, is stored as stopping)."""
+    from conftest import _DETACHED, ROOT, train_args
+
+    run = tmp_path / "runs" / "early"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
+                             *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1",
+                             "--skip_preflight"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    _DETACHED.append(run)
+    try:
+        wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "status" for e in read_events(run)),
+                 every=0.05)
+        assert not any(e["type"] == "step" for e in read_events(run))
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal's Ctrl-C does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    states = [line.split("]")[0][1:] for line in out.splitlines() if line.startswith("[")]
+    after = states[states.index("stopping"):]
+    assert set(after[:-1]) == {"stopping"} and after[-1] == "stopped", out
+    statuses = [e["state"] for e in read_events(run) if e["type"] == "status"]
+    assert "running" not in statuses[statuses.index("stopping"):]

@@ -215,3 +215,19 @@ def test_system_check_says_which_products_are_fp8_on_a_gpu(monkeypatch, capabili
     assert says in lines["fp8"]["message"], lines["fp8"]["message"]
     assert lines["fp8"]["level"] == ("fail" if products == "backward" and capability < (8, 9) else "ok")
     assert lines["gpus"]["level"] == "ok" and "a stand-in GPU" in lines["gpus"]["message"]
+
+
+def test_more_checkpointed_layers_than_the_model_has_is_said(tiny_model):
+    """--grad_ckpt_layers above the model's decoder layers checkpoints them all: preflight says so (it was
+    clamped silently), and so does the worker's log."""
+    from engine.config import TrainConfig
+    from engine.preflight import Report
+    from engine.preflight.memory import check_model
+
+    r = Report()
+    check_model(TrainConfig(model_id=str(tiny_model), train_jsonl="x", grad_ckpt=True, grad_ckpt_layers=40), r)
+    line = next(c for c in r.checks if c["name"] == "grad_ckpt_layers")
+    assert line["level"] == "info" and "the model has 2 decoder layers; all 2 are checkpointed" in line["message"]
+    r = Report()
+    check_model(TrainConfig(model_id=str(tiny_model), train_jsonl="x", grad_ckpt=True, grad_ckpt_layers=2), r)
+    assert not [c for c in r.checks if c["name"] == "grad_ckpt_layers"]

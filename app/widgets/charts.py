@@ -13,7 +13,7 @@ from textual.widgets import Static
 from textual_plotext import PlotextPlot
 
 from app.state import RunState
-from app.text import assemble
+from app.text import assemble, mfu_unknown
 
 WINDOWS = (200, 1000, None)  # the window key cycles these: the last N steps, then all (None)
 POINTS = 400  # a terminal plot shows a few hundred points at most: longer series are thinned
@@ -134,7 +134,7 @@ class Charts(VerticalScroll):
         # MFU two ways: the matmuls' FLOPs alone, and with attention's (docs/training.md states both)
         if not self._plot("ch-mfu", [("matmuls", [(r[0], r[5]) for r in steps], ""),
                                      ("+ attention", [(r[0], r[6]) for r in steps], "")]):
-            missing.append("MFU (needs --peak_tflops)")
+            missing.append(f"MFU ({mfu_unknown(s.info.get('device', ''))})")
         mem = [m for m in s.memory if m[0] > first]
         if not self._plot("ch-mem", [("allocated", [(m[0], m[1]) for m in mem], ""),
                                      ("reserved", [(m[0], m[2]) for m in mem], ""),

@@ -48,11 +48,14 @@ def describe(ev) -> Text:
 class EventsLog(Vertical):
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter (/): a type (step, alert…) or any text", id="ev-filter")
-        yield RichLog(id="ev-log", max_lines=SHOWN, wrap=False, markup=False)
+        # long lines wrap (an alert's whole message can be read; cut at the edge, nothing said it went on),
+        # and are wrapped again when the log's width changes (``on_resize``)
+        yield RichLog(id="ev-log", max_lines=SHOWN, wrap=True, markup=False, min_width=20)
 
     def on_mount(self) -> None:
         self._written = 0  # seq of the newest event written to the log
         self._filter = ""
+        self._width: int | None = None  # the log's width its lines were wrapped to
         # kept at its end when the terminal is resized too (else, grown then shrunk, its last row was an old
         # event: a finished run's earlier status read as its state); scrolling up lets go, the end takes it back
         self.query_one("#ev-log", RichLog).anchor()
@@ -60,16 +63,36 @@ class EventsLog(Vertical):
     @on(Input.Changed, "#ev-filter")
     def refilter(self, event: Input.Changed) -> None:
         self._filter = event.value.strip().lower()
+        self.rewrite()
+
+    def rewrite(self, follow: bool = True) -> None:
+        """Every shown event written again (another filter, another width); ``follow``: then to the end."""
         self._written = 0
         self.query_one("#ev-log", RichLog).clear()
-        self.show(self.app.state)  # type: ignore[attr-defined]
+        self.show(self.app.state, follow)  # type: ignore[attr-defined]
+
+    def on_resize(self, event) -> None:
+        self.call_after_refresh(self._rewrap)  # once the log has its new size
+
+    def _rewrap(self) -> None:
+        log = self.query_one("#ev-log", RichLog)
+        width = log.scrollable_content_region.width
+        if width and width != self._width:
+            known, self._width = self._width is not None, width
+            if known:
+                # where the user scrolled to stays put (near enough: the lines wrap anew); at the end, the end
+                share = log.scroll_y / log.max_scroll_y if log.max_scroll_y else 1.0
+                following = log.scroll_y >= log.max_scroll_y
+                self.rewrite(following)
+                if not following:
+                    log.call_after_refresh(lambda: log.scroll_to(y=round(share * log.max_scroll_y), animate=False))
 
     def line(self, ev) -> Text | None:
         text = assemble(f"{ev.seq:>6} {ev.type:<10} ", describe(ev))
         f = self._filter
         return text if not f or ev.type == f or f in text.plain.lower() else None
 
-    def show(self, s: RunState) -> None:
+    def show(self, s: RunState, follow: bool = True) -> None:
         log = self.query_one("#ev-log", RichLog)
         new = []
         for ev in reversed(s.events):  # the newest first, back to what the log already has
@@ -83,7 +106,7 @@ class EventsLog(Vertical):
         if s.events:
             self._written = max(self._written, s.events[-1].seq)
         for line in reversed(new):
-            log.write(line)
-        if new and log.auto_scroll:
+            log.write(line, scroll_end=None if follow else False)
+        if new and log.auto_scroll and follow:
             # once the layout has settled: a long line's horizontal scrollbar must not hide the newest one
             log.call_after_refresh(log.scroll_end, animate=False)

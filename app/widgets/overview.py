@@ -11,7 +11,7 @@ from textual.widgets import Label, ProgressBar, Sparkline, Static
 from textual_plotext import PlotextPlot
 
 from app.state import RunState, fmt_duration
-from app.text import assemble, data, lines, show_text
+from app.text import assemble, data, lines, mfu_unknown, show_text
 from app.widgets.charts import step_ticks
 
 STATE_STYLE = {"crashed": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
@@ -126,5 +126,5 @@ class Overview(Vertical):
                 unknown = bool(recent) and not values
                 spark.display = not unknown
                 if unknown:
-                    now = ": n/a on CPU" if s.info.get("device") == "cpu" else ": n/a (peak unknown)"
+                    now = f": {mfu_unknown(s.info.get('device', ''))}"
             show_text(self.query_one(f"#ov-{key}-label", Label), label + now)
