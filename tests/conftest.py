@@ -13,7 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_collection_modifyitems(config, items):
-    """tests/gpu: marked ``gpu``, skipped where there is no CUDA (``make test-gpu`` runs them on a GPU)."""
+    """The slowest tests first (tests/slowest.txt: the two xdist workers then end together, on short tests);
+    tests/gpu: marked ``gpu``, skipped where there is no CUDA (``make test-gpu`` runs them on a GPU)."""
+    listed = Path(__file__).with_name("slowest.txt")
+    rank = {name: i for i, name in enumerate(
+        line.strip() for line in listed.read_text().splitlines() if line.strip() and not line.startswith("#"))}
+
+    # stable: the rest keep their order (a node id is the file from the repository's root, then the test)
+    items.sort(key=lambda item: rank.get(f"{item.nodeid.split('::')[0]}::{item.originalname}", len(rank)))
     gpu = [item for item in items if "/tests/gpu/" in str(item.path).replace("\\", "/")]
     if not gpu:
         return

@@ -203,7 +203,7 @@ EXPECTED = {  # screen → the markers that must be on it (whatever hostile text
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None,
+@settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
                                  HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(field, min_size=48, max_size=48), long=long_line)

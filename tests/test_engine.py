@@ -272,7 +272,7 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
     reader = subprocess.Popen([sys.executable, "-c", f"from engine.client import EngineClient\n"
                                f"for ev in EngineClient({str(run)!r}).events(): pass"], cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(8)  # a baseline of several seconds: a busy machine's load moves step times around
+    time.sleep(5)  # a baseline of several seconds: a busy machine's load moves step times around
     engine = psutil.Process(info["pid"])
     rss_before = engine.memory_info().rss
 
@@ -281,7 +281,7 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
 
     n_before = len(step_times())
     os.kill(reader.pid, signal.SIGSTOP)
-    time.sleep(20)
+    time.sleep(12)
     during = step_times()[n_before:]
     rss_during = engine.memory_info().rss
     os.kill(reader.pid, signal.SIGCONT)

@@ -42,16 +42,13 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
     assert len(per_row) == 8 and {"rougeL", "distinct_1", "distinct_2", "exact_match", "length_ratio"} <= set(per_row[0])
     assert sum(r["rougeL"] for r in per_row) / 8 == pytest.approx(m["rougeL"])
     assert sorted(r["index"] for r in first) == list(range(8))
-    # greedy again: identical generations
-    assert voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "b").returncode == 0
     key = lambda rows: sorted((r["index"], r["prediction"]) for r in rows)  # noqa: E731
-    assert key(generations(out / "infer" / "b" / "generations.jsonl")) == key(first)
-    # three rows at a time, refilled as rows finish (continuous batching): each row's tokens the same
+    # greedy again, three rows at a time, refilled as rows finish (continuous batching): each row's tokens the same
     c = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "c", "--batch_size", "3")
     assert c.returncode == 0, c.stderr
     assert key(generations(out / "infer" / "c" / "generations.jsonl")) == key(first)
     assert json.loads((out / "infer" / "c" / "params.json").read_text())["batch_size"] == 3
-    assert json.loads((out / "infer" / "b" / "params.json").read_text())["batch_size"] == 8  # the CPU's default
+    assert json.loads((out / "infer" / "a" / "params.json").read_text())["batch_size"] == 8  # the CPU's default
     # interrupted: keep 3 rows and a torn line, then run again: it resumes, and the result is the same
     path = out / "infer" / "a" / "generations.jsonl"
     lines = path.read_text().splitlines()
