@@ -20,12 +20,13 @@ demo: setup
 	$(VENV)/bin/voxtui demo
 
 # the tests side by side, one process per core (pytest-xdist): many wait on engines, sockets and
-# timeouts rather than compute; `$(PY) -m pytest -q` runs them one after the other
+# timeouts rather than compute; `$(PY) -m pytest -q` runs them one after the other. The slowest start
+# first (tests/slowest.txt) and an idle process takes work from a busy one (worksteal): both end together
 TEST_JOBS ?= auto
 
 test: setup
 	$(VENV)/bin/ruff check engine app tests bench scripts
-	$(PY) -m pytest -q -n $(TEST_JOBS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 # on a CUDA machine: the GPU equivalence tests (tests/gpu; skipped elsewhere), with the system's python
 test-gpu:
