@@ -599,7 +599,8 @@ def summary(run_dir: Path) -> dict:
         state = "crashed"  # the engine died before the run ended
         if orphans:
             message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) train on until they "
-                       f"miss it (about 30 s), then save and stop; to stop them now: voxtui engine stop {run_dir}")
+                       "miss its heartbeat (--engine_timeout, 30 s by default), then save and stop; to stop them now: "
+                       f"voxtui engine stop {run_dir}")
     elif state == "new" and alive:
         state = "starting"
     cfg = {}

@@ -264,7 +264,7 @@ class Engine:
                 self.emit(Alert(level="error", kind="rank_died", rank=rank,
                                 message=f"rank {rank} (pid {self.workers.ranks[rank]}) {how}; "
                                         "stopping the other ranks"))
-                self.failed_message = f"rank {rank} {how} (see worker.log)"
+                self.failed_message = f"rank {rank} {how}; see worker.log"
                 self.workers.kill(wait=False)
         self.workers.reap()
         if self.stopping and time.monotonic() > self.stop_deadline:
