@@ -334,3 +334,22 @@ def test_workers_that_ignore_a_stop_are_killed_after_the_stop_timeout(stand_in):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     last = [e for e in eng.events() if e["type"] == "status"][-1]
     assert last["state"] == "failed" and last["message"] == "workers exited with code -9 (see worker.log)"
+
+
+def test_a_rank_killed_by_a_signal_is_named_however_fast_torchrun_leaves(tmp_path):
+    """A rank SIGKILLed (what the out-of-memory killer does) under a real torchrun, which reaps it and leaves
+    at once: the run's failure names the rank and the signal (it said "workers exited with code 1"), with a
+    rank_died alert — from the rank watcher where it saw the dead rank, else from torchrun's own report."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, signal, time\ntime.sleep(2.0)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    run = tmp_path / "runs" / "oom"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script)]
+    proc = subprocess.run([sys.executable, "-m", "engine.daemon", str(run), "--worker_cmd", json.dumps(torchrun)],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    events = read_events(run)
+    alert = next(e for e in events if e["type"] == "alert" and e["kind"] == "rank_died")
+    assert alert["rank"] == 0 and "was killed by SIGKILL (the kernel's out-of-memory killer" in alert["message"]
+    last = [e for e in events if e["type"] == "status"][-1]
+    assert last["state"] == "failed" and last["message"].startswith("rank 0 was killed by SIGKILL"), last

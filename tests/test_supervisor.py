@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.daemon.supervisor import EXIT_WAIT, Supervisor, exit_status
+from engine.daemon.supervisor import EXIT_WAIT, Supervisor, exit_status, torchrun_root_cause
 from engine.protocol import Status
 
 
@@ -80,3 +80,37 @@ def test_exit_status_reads_how_a_zombie_ended(how, expected):
         child.kill()
         child.wait()
     assert exit_status(child.pid) is None  # reaped: unknown
+
+
+REPORT = """============================================================
+engine.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-30_07:28:25
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 6452)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-30_07:28:25
+  host      : localhost
+  rank      : {rank} (local_rank: {rank})
+  exitcode  : {code} (pid: 6451){sig}
+  error_file: <N/A>
+============================================================
+"""
+
+
+def test_torchrun_s_own_report_names_the_rank_a_signal_ended(tmp_path):
+    """Where torchrun reaped a rank before the watcher saw it: its failure report's root cause, in the part
+    of worker.log this torchrun wrote (an earlier run's report before it does not count)."""
+    log = tmp_path / "worker.log"
+    log.write_text("step 1\n" + REPORT.format(rank=1, code=-9, sig="  (SIGKILL)"))
+    assert torchrun_root_cause(log) == (1, 9)
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("resumed\n" + REPORT.format(rank=0, code=2, sig=""))
+    assert torchrun_root_cause(log, start) is None  # this run's rank exited with a code: no signal
+    assert torchrun_root_cause(log, log.stat().st_size) is None  # nothing written since
+    assert torchrun_root_cause(tmp_path / "none.log") is None

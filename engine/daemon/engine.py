@@ -36,7 +36,7 @@ from engine.daemon.inference import InferenceJobs
 from engine.daemon.requests import RequestHandler
 from engine.daemon.sockets import Sockets
 from engine.daemon.store import EventStore
-from engine.daemon.supervisor import Supervisor, torchrun_cmd
+from engine.daemon.supervisor import Supervisor, killed_by, torchrun_cmd, torchrun_root_cause
 from engine.protocol import (
     PROTOCOL_VERSION,
     Alert,
@@ -285,6 +285,8 @@ class Engine:
         self._drain()
         self._prune_spool(final=True)  # events that never reached this engine are stored now, in order
         final = self.final_status
+        if final is None and not self.failed_message and not self.stopping:
+            self._name_a_killed_rank()  # torchrun went at once, before a look at the ranks named the death
         if self.failed_message:
             self.emit(Status(state="failed", message=self.failed_message))
             self.exit_code = 1
@@ -295,6 +297,24 @@ class Engine:
             self.emit(Status(state="failed", message=f"workers exited with code {rc} (see worker.log)"))
             self.exit_code = 1
         return False
+
+    def _name_a_killed_rank(self) -> None:
+        """torchrun has exited with no final status from the workers: a rank that a signal ended (the kernel's
+        out-of-memory killer: SIGKILL) is named, as a rank death seen while torchrun ran would have been."""
+        rank = self.workers.first_gone()
+        if rank is not None and self.workers.killed.get(rank):
+            how, pid = self.workers.ended(rank), self.workers.ranks.get(rank)
+        else:  # torchrun reaped it before the watcher looked: its own report says
+            cause = torchrun_root_cause(self.workers.log, self.workers.log_start) if self.workers.log else None
+            if cause is None:
+                return
+            (rank, sig), pid = cause, None
+            how = killed_by(sig)
+        if not self.rank_alerted:
+            self.rank_alerted = True
+            self.emit(Alert(level="error", kind="rank_died", rank=rank,
+                            message=f"rank {rank}{f' (pid {pid})' if pid else ''} {how}"))
+        self.failed_message = f"rank {rank} {how}; see worker.log"
 
     # ---- main loop
     def serve(self) -> int:

@@ -54,6 +54,36 @@ def exit_status(pid: int) -> tuple[int, int] | None:
     return status & 0x7F, (status >> 8) & 0xFF
 
 
+def killed_by(sig: int) -> str:
+    """A rank's death by a signal, in words (SIGKILL with the usual sender named)."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    oom = " (the kernel's out-of-memory killer sends it: see dmesg)" if sig == signal.SIGKILL else ""
+    return f"was killed by {name}{oom}"
+
+
+def torchrun_root_cause(log: Path, start: int = 0) -> tuple[int, int] | None:
+    """(rank, signal) from the end of torchrun's output (``log`` from byte ``start``: what this torchrun
+    wrote), where its failure report names a rank a signal ended as the root cause ("rank : 0 (local_rank:
+    0)", "exitcode : -9"); None otherwise."""
+    import re
+
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(start, f.seek(0, os.SEEK_END) - (1 << 16)))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = re.findall(r"Root Cause \(first observed failure\):\s*\[\d+\]:.*?^\s*rank\s*:\s*(\d+).*?"
+                       r"^\s*exitcode\s*:\s*(-?\d+)", tail, re.S | re.M)
+    if not found:
+        return None
+    rank, code = map(int, found[-1])
+    return (rank, -code) if code < 0 else None
+
+
 class Supervisor:
     """torchrun (``proc``) and the ranks of this node (``ranks``: rank → pid)."""
 
@@ -61,6 +91,8 @@ class Supervisor:
         self.nproc = nproc
         self.proc: subprocess.Popen | None = None
         self.ranks: dict[int, int] = {}  # rank → pid
+        self.log: Path | None = None  # torchrun's output, and where this group's part of it starts
+        self.log_start = 0
         self.gone: dict[int, float] = {}  # rank → when its process was first seen gone (monotonic)
         self.gone_wall: dict[int, float] = {}  # the same moment by the wall clock (the workers' events' clock)
         self.killed: dict[int, int | None] = {}  # rank → the signal that ended it (0: it exited; None: unknown)
@@ -73,6 +105,7 @@ class Supervisor:
     def spawn(self, cmd: list[str], log: Path) -> int:
         """Start the group in a session of its own, its output appended to ``log``; returns its pid."""
         with open(log, "ab") as out:
+            self.log, self.log_start = log, out.tell()  # what this group writes starts here
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=os.getcwd())
         return self.proc.pid
@@ -119,9 +152,9 @@ class Supervisor:
         a final status sent, whenever it left."""
         now = time.monotonic()
         self._watch_ranks()
-        if not self.gone:
+        rank = self.first_gone()
+        if rank is None:
             return None
-        rank = min(self.gone, key=lambda r: (self.gone[r], r))
         sent = final.time if final is not None and final.time > 0 else None
         before_final = (self.gone_wall[rank] < sent) if sent is not None and rank in self.gone_wall else \
             self.gone[rank] < final_at
@@ -129,16 +162,15 @@ class Supervisor:
             final is not None and self.killed.get(rank) is None and before_final)
         return rank if died else None
 
+    def first_gone(self) -> int | None:
+        """The rank whose process was seen gone first (None: none seen gone, or the ranks never all known)."""
+        return min(self.gone, key=lambda r: (self.gone[r], r)) if self.gone else None
+
     def ended(self, rank: int) -> str:
         """How a gone rank ended, in words: by which signal, or with which exit code, where /proc said."""
         sig = self.killed.get(rank)
         if sig:
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = f"signal {sig}"
-            oom = " (the kernel's out-of-memory killer sends it: see dmesg)" if sig == signal.SIGKILL else ""
-            return f"was killed by {name}{oom}"
+            return killed_by(sig)
         if rank in self.codes:
             return f"exited with code {self.codes[rank]}"
         return "exited unexpectedly"
