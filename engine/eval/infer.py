@@ -353,6 +353,13 @@ def cmd_infer(args) -> int:
     common = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity,
               "nproc": args.nproc}
+    try:
+        if run_config(run_dir).quant != "nf4":  # this process loads no 4-bit weights: a second of start-up
+            from engine.util import without_bitsandbytes
+
+            without_bitsandbytes()
+    except UsageError:
+        pass  # said where the config is read for the job
     sink = None
     if args.events:
         from engine.worker.sinks import PushSink

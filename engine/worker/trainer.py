@@ -491,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         d = Dist()
         cfg, run_dir, resuming = resolve_run(args, d)
+        if cfg.quant != "nf4":
+            from engine.util import without_bitsandbytes
+
+            without_bitsandbytes()  # a second of every start: this run loads no 4-bit weights
         if resuming:
             refuse_finished(run_dir, cfg, d.world)
         trainer = Trainer(cfg, run_dir, resuming, d)
