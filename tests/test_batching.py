@@ -227,3 +227,36 @@ def test_feed_prefetch_gives_the_same_batches_over_epochs(tmp_path, fmt):
             assert ma.keys() == mb.keys()
             for k in ma:
                 assert torch.equal(ma[k], mb[k]) if torch.is_tensor(ma[k]) else ma[k] == mb[k]
+
+
+def test_the_cpu_packed_attention_keeps_no_score_matrix():
+    """The CPU's example-by-example attention runs SDPA's flash kernel (a log-sum-exp per row kept for the
+    backward), not its math path (every example's heads × L × L probabilities: 16 KB a token per layer for
+    the tiny model, what made a large packed row run out of host memory), with the math path's results."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.worker.attention import _varlen_reference
+
+    torch.manual_seed(0)
+    q = torch.randn(600, 4, 16, requires_grad=True)  # (tokens, heads, head_dim); two kv heads: grouped
+    k, v = (torch.randn(600, 2, 16, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 250, 600], dtype=torch.int32)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = _varlen_reference(q, k, v, cu, 0.25)
+    ops = {e.key for e in prof.key_averages()}
+    assert any("flash" in op for op in ops) and "aten::_softmax" not in ops, ops
+    kept = sum(e.self_cpu_memory_usage for e in prof.key_averages() if e.self_cpu_memory_usage > 0)
+    probabilities = 4 * 4 * (250**2 + 350**2)  # bytes of fp32 heads × L × L, both examples
+    assert kept < probabilities / 2  # (the math path allocates all of them, and more)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = torch.empty_like(q)
+    for a, b in ((0, 250), (250, 600)):  # the math path, example by example
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(2, 0), vs.repeat_interleave(2, 0)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            ref[a:b] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=0.25).transpose(0, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)

@@ -111,7 +111,7 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
 def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     """Steps trained while no engine listens are kept (the workers' spool) and stored, in order, by the
     next engine, after an event that records the crash; every command reports the true state."""
-    run = start_detached(tiny_model, tmp_path / "runs", "orphan", train_file, max_steps=100000, save_steps=0,
+    run = start_detached(tiny_model, tmp_path / "runs", "orphan", train_file, nproc=1, max_steps=100000, save_steps=0,
                          env={"VOXTUI_ENGINE_TIMEOUT": "4"})
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
@@ -193,7 +193,7 @@ def test_workers_that_finish_the_run_after_their_engine_was_killed(tmp_path, tin
     (they wait 60 s for an engine). None comes back to store what they spooled, so the first reader that
     finds them all gone stores it: `engine status` and `engine list` say finished with every step, the
     record holds each step once after one engine_lost alert, and a later resume says it no second time."""
-    run = start_detached(tiny_model, tmp_path / "runs", "sprint", train_file, max_steps=30, save_steps=0,
+    run = start_detached(tiny_model, tmp_path / "runs", "sprint", train_file, nproc=1, max_steps=30, save_steps=0,
                          env={"VOXTUI_ENGINE_TIMEOUT": "60"})
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 3)
@@ -266,7 +266,8 @@ def test_slow_client_and_lost_engine(tmp_path, tiny_model, train_file):
     from conftest import ROOT
     from engine.client import EngineLost
 
-    run = start_detached(tiny_model, tmp_path / "runs", "slow", train_file, max_steps=100000, telemetry_interval=0.05)
+    run = start_detached(tiny_model, tmp_path / "runs", "slow", train_file, nproc=1, max_steps=100000,
+                         telemetry_interval=0.05)
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 5)
     reader = subprocess.Popen([sys.executable, "-c", f"from engine.client import EngineClient\n"
