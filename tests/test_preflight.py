@@ -231,3 +231,20 @@ def test_more_checkpointed_layers_than_the_model_has_is_said(tiny_model):
     r = Report()
     check_model(TrainConfig(model_id=str(tiny_model), train_jsonl="x", grad_ckpt=True, grad_ckpt_layers=2), r)
     assert not [c for c in r.checks if c["name"] == "grad_ckpt_layers"]
+
+
+def test_the_host_memory_estimate_brackets_what_cpu_runs_took(tiny_model):
+    """A CPU run's estimate counts what its process keeps (about twice every layer's activations, in fp32):
+    packed rows of 8, 32 and 96 × 1,024 tokens of the tiny model peaked at 1.68, 2.05 and 2.92 GiB of RSS
+    (measured 2026-11-30 on the 2-core CI machine); --per_device_bsz 2000 was OOM-killed at 24 GiB."""
+    from engine.config import TrainConfig
+    from engine.preflight import Report, estimate_memory
+    from engine.preflight.memory import check_model
+
+    m = check_model(TrainConfig(model_id=str(tiny_model), train_jsonl="x"), Report())
+    for bsz, measured in ((8, 1.68), (32, 2.05), (96, 2.92)):
+        cfg = TrainConfig(train_jsonl="x", quant="none", bf16=False, packing=True, per_device_bsz=bsz, max_len=1024)
+        est = estimate_memory(cfg, m, host=True)["total"]
+        assert measured <= est <= 1.35 * measured, (bsz, est, measured)
+    huge = TrainConfig(train_jsonl="x", quant="none", bf16=False, packing=True, per_device_bsz=2000, max_len=1024)
+    assert estimate_memory(huge, m, host=True)["total"] > 24

@@ -76,27 +76,37 @@ def fp8_mode(quant: str, products: str, fp8_auto: bool = False) -> str:
 
 
 def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: int | None = None,
-                    fp8_auto: bool = False) -> dict:
+                    fp8_auto: bool = False, host: bool = False) -> dict:
     """A per-GPU estimate in GiB (weights, adapter + optimiser, activations, loss head, overhead) for
     batches of ``seq_len`` tokens (the data's p99 when known, else --max_len; packing fills --max_len).
     Activation bytes per token and layer are the ones measured on an H200 (docs/benchmarks.md):
     about 16·hidden + 6·intermediate, plus 8·hidden + 2.5·intermediate with LoRA dropout. FP8 input
-    gradients on bf16 weights keep an e4m3 copy of them (``fp8_auto``: where --fp8_products auto gives them)."""
+    gradients on bf16 weights keep an e4m3 copy of them (``fp8_auto``: where --fp8_products auto gives them).
+    In fp32 (``--no-bf16``, the CPU's usual choice) the weights and the activations take twice the bytes.
+    ``host``: a CPU run, whose process keeps about twice what every layer's forward allocates, checkpointed
+    or not (the allocator does not hand freed memory back; the forward and the recompute each leave theirs):
+    measured with the tiny model in fp32, packed rows of 8,192, 32,768 and 98,304 tokens peaked at 1.68,
+    2.05 and 2.92 GiB of RSS — 13.9 KB a token, twice its two layers' 3.6 KB — where counting one layer said
+    1.7, 1.7 and 2.1 GiB (now 1.8, 2.2, 3.1); ``--per_device_bsz 2000`` was OOM-killed at 24 GiB after an
+    estimate of 6 GiB (now 32)."""
     bsz = bsz or cfg.per_device_bsz
     g = 2**30
-    per_param = {"nf4": 0.53, "fp8": 1.0}.get(cfg.quant, 2.0)  # bytes a linear weight takes
+    wide = 1 if cfg.bf16 else 2  # fp32 against bf16
+    per_param = {"nf4": 0.53, "fp8": 1.0}.get(cfg.quant, 2.0 * wide)  # bytes a linear weight takes
     if cfg.quant == "none" and fp8_mode(cfg.quant, cfg.fp8_products, fp8_auto) == "backward":
         per_param += 1.0
-    weights = (m["llm_linear"] * per_param + m["embed_head"] * 2) / g
+    weights = (m["llm_linear"] * per_param + m["embed_head"] * 2 * wide) / g
     adapter = m["lora"] * 16 / g  # fp32 weight + grad + two Adam moments
     # packed: one row of the packed budget; padded: bsz rows of the p99 length (at most --max_len)
     tokens = packed_budget(bsz, cfg.max_len) if cfg.packing or not seq_len else bsz * min(seq_len, cfg.max_len)
     H, inter, n = m["hidden"], m["intermediate"], m["layers"]
-    per_token = 16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)
-    per_layer = tokens * per_token  # bytes of bf16 activations kept by one decoder layer
+    per_token = (16 * H + 6 * inter + ((8 * H + 2.5 * inter) if cfg.lora_dropout > 0 else 0)) * wide
+    per_layer = tokens * per_token  # bytes of activations kept by one decoder layer
     ckpt = checkpointed_count(cfg, n)
     # a checkpointed layer keeps its input; the others all they make; one layer's recompute on top
-    acts = (ckpt * tokens * H * 2 + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
+    acts = (ckpt * tokens * H * 2 * wide + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
+    if host:
+        acts = 2 * n * per_layer / g
     head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
     base = weights + adapter + acts + head
     return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
@@ -227,6 +237,8 @@ def check_memory(cfg: TrainConfig, r, m: dict | None, system: dict, lengths: dic
     else:
         import psutil
 
+        est = estimate_memory(cfg, m, seq_len=seq, host=True)
+        parts = ", ".join(f"{k} {v}" for k, v in est.items() if k != "total")
         avail = psutil.virtual_memory().available / 2**30
         need = est["total"] * cfg.nproc
         r.add("memory", "estimate", "fail" if need > avail else "ok",
