@@ -477,12 +477,10 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     assert not (run / "engine.json").exists() and not (run / "events.jsonl").exists()
 
 
-def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tiny_model, train_file):
-    """A run stopped on request: the foreground's last line names the state `voxtui engine list` shows
-    (stopped) and the step it saved (its resume: tests/test_runner.py)."""
+def foreground_run(tiny_model, run, train_file) -> subprocess.Popen:
+    """`voxtui run` in the foreground, one rank, a long run, in a session of its own (its stdout piped)."""
     from conftest import _DETACHED, ROOT, train_args
 
-    run = tmp_path / "runs" / "halt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
                              *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1",
@@ -490,6 +488,14 @@ def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tin
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     _DETACHED.append(run)
+    return proc
+
+
+def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tiny_model, train_file):
+    """A run stopped on request: the foreground's last line names the state `voxtui engine list` shows
+    (stopped) and the step it saved (its resume: tests/test_runner.py)."""
+    run = tmp_path / "runs" / "halt"
+    proc = foreground_run(tiny_model, run, train_file)
     try:
         wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
         assert voxtui("engine", "stop", run).returncode == 0
@@ -510,16 +516,8 @@ def test_ctrl_c_while_the_workers_start_reads_stopping_to_the_end(tmp_path, tiny
     """Ctrl-C in the foreground before the workers are up: the stop waits for them, and every state printed
     after it is stopping, then stopped — not running in between (the workers' own "running", sent before the
     stop reached them, is stored as stopping)."""
-    from conftest import _DETACHED, ROOT, train_args
-
     run = tmp_path / "runs" / "early"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
-                             *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1",
-                             "--skip_preflight"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
-    _DETACHED.append(run)
+    proc = foreground_run(tiny_model, run, train_file)
     try:
         wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "status" for e in read_events(run)),
                  every=0.05)
