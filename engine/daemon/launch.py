@@ -212,6 +212,7 @@ def cmd_engine(args) -> int:
                 write_json(args.json, s)
             else:
                 for k, v in s.items():
+                    v = ", ".join(map(str, v)) if isinstance(v, list) else v
                     shown = "-" if v in (None, "") else f"{v:.4f}" if isinstance(v, float) and k == "loss" else v
                     print(f"{k:>11}: {shown}")
             return 0
