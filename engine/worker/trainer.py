@@ -517,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
             trainer.cleanup("error", f"{type(e).__name__}: {e}")
         return 1
     finally:
+        # the model, and DDP's reducer with it, go before the process group they use: left to the interpreter's
+        # exit, a reducer outliving its group aborted the process once ("terminate called without an active
+        # exception", exit -6 after the final checkpoint, --grad_sync ddp under a loaded CI)
+        trainer = None
+        import gc
+
+        gc.collect()
         if d is not None:
             d.close()
 
