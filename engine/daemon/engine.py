@@ -259,12 +259,7 @@ class Engine:
                 if self.final_status is not None:
                     rank = self.workers.first_death(self.final_status, self.final_at)
             if rank is not None:
-                self.rank_alerted = True
-                how = self.workers.ended(rank)
-                self.emit(Alert(level="error", kind="rank_died", rank=rank,
-                                message=f"rank {rank} (pid {self.workers.ranks[rank]}) {how}; "
-                                        "stopping the other ranks"))
-                self.failed_message = f"rank {rank} {how}; see worker.log"
+                self._rank_died(rank, self.workers.ranks[rank], self.workers.ended(rank), "; stopping the other ranks")
                 self.workers.kill(wait=False)
         self.workers.reap()
         if self.stopping and time.monotonic() > self.stop_deadline:
@@ -310,10 +305,14 @@ class Engine:
                 return
             (rank, sig), pid = cause, None
             how = killed_by(sig)
+        self._rank_died(rank, pid, how)
+
+    def _rank_died(self, rank: int, pid: int | None, how: str, then: str = "") -> None:
+        """The run fails for this rank's death: an alert (once) and the reason its final status gives."""
         if not self.rank_alerted:
             self.rank_alerted = True
             self.emit(Alert(level="error", kind="rank_died", rank=rank,
-                            message=f"rank {rank}{f' (pid {pid})' if pid else ''} {how}"))
+                            message=f"rank {rank}{f' (pid {pid})' if pid else ''} {how}{then}"))
         self.failed_message = f"rank {rank} {how}; see worker.log"
 
     # ---- main loop

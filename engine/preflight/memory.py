@@ -104,9 +104,10 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
     per_layer = tokens * per_token  # bytes of activations kept by one decoder layer
     ckpt = checkpointed_count(cfg, n)
     # a checkpointed layer keeps its input; the others all they make; one layer's recompute on top
-    acts = (ckpt * tokens * H * 2 * wide + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
-    if host:
+    if host:  # see above: what every layer allocated stays with the process, about twice
         acts = 2 * n * per_layer / g
+    else:
+        acts = (ckpt * tokens * H * 2 * wide + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
     head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
     base = weights + adapter + acts + head
     return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
