@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every row of issue 15 on this machine, each lever against what it replaces in the same run:
-#   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 40 minutes on an H200)
+#   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 45 minutes on an H200)
 #   PART=tests|rows|long|fp8|tuning|16gib|ckpt|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
 #   NPROC=2 PART=rows bash bench/gpu_issue15.sh                # the same rows on two GPUs (NCCL)
 # results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/*-loss.json
@@ -21,14 +21,17 @@ fi
 if has long; then  # long rows: 2 × 8192 without checkpointing, 1 × 32768 with
   TAG=-long STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-long-8192,bf16-long-32768-ckpt
 fi
-if has fp8; then  # FP8 input gradients (the default on Hopper) and every product FP8 against bf16 products over
-  # 200 steps: speed, memory, and the loss curves compared
-  TAG=-fp8 STEPS=200 TIMEOUT=${TIMEOUT:-600} bash bench/gpu_throughput.sh "$NPROC" \
-    bf16-packed-compiled,bf16-packed-compiled-fp8bwd,fp8-packed-compiled
-  mkdir -p /tmp/fp8cmp && tar -xzf "$OUT/w$NPROC-fp8.tar.gz" -C /tmp/fp8cmp
-  for c in bf16-packed-compiled-fp8bwd fp8-packed-compiled; do
-    python3 bench/compare_losses.py /tmp/fp8cmp/bf16-packed-compiled-n$NPROC.events.jsonl \
-      /tmp/fp8cmp/$c-n$NPROC.events.jsonl --json "$OUT/$c-loss.json"
+if has fp8; then  # FP8 input gradients (the default on Hopper), the MLP's forward in FP8 and every product FP8
+  # against bf16 products over 200 steps: speed, memory, and the loss curves compared; SEEDS="42 7 11": one list
+  # per seed (the data order and the adapters' initialisation), about 12 minutes each on an H200
+  for s in ${SEEDS:-42}; do
+    TAG=-fp8-s$s STEPS=200 TIMEOUT=${TIMEOUT:-600} EXTRA="--seed $s" bash bench/gpu_throughput.sh "$NPROC" \
+      bf16-packed-compiled,bf16-packed-compiled-fp8bwd,fp8mlp-packed-compiled,fp8-packed-compiled
+    rm -rf /tmp/fp8cmp && mkdir -p /tmp/fp8cmp && tar -xzf "$OUT/w$NPROC-fp8-s$s.tar.gz" -C /tmp/fp8cmp
+    for c in bf16-packed-compiled-fp8bwd fp8mlp-packed-compiled fp8-packed-compiled; do
+      python3 bench/compare_losses.py /tmp/fp8cmp/bf16-packed-compiled-n$NPROC.events.jsonl \
+        /tmp/fp8cmp/$c-n$NPROC.events.jsonl --json "$OUT/$c-s$s-loss.json"
+    done
   done
 fi
 if has tuning; then  # 24 × 1024 micro-batches beside the defaults, each beside the step boundary as it was

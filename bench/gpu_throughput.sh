@@ -3,6 +3,7 @@
 #   bash bench/gpu_throughput.sh [NPROC] [CONFIGS]
 #   RUNS=DIR: the run folders (default /tmp/bench-runs; give each of two concurrent calls its own, with its own
 #   OUT and CUDA_VISIBLE_DEVICES, to measure two configurations lists on two GPUs at once)
+#   EXTRA="--seed 7": worker flags added to every configuration (the run's data order and adapter initialisation)
 #   PROFILE=1: each worker configuration also writes <config>-nNPROC.profile.txt (3 steps under torch.profiler)
 #   (issue 15's rows: bf16-ckpt-16gib, bf16-long-8192, bf16-long-32768-ckpt, small24b-bf16, small24b-nf4)
 # results: $OUT (or ./gpu-out)/throughput.jsonl; each run's log and events.jsonl: $OUT/wNPROC$TAG.tar.gz
@@ -23,7 +24,7 @@ esac
 [ -f /tmp/medqa-synth-val.jsonl ] || python3 bench/synth.py /tmp/medqa-synth-val.jsonl 64 380 1024 1
 W="$OUT/w$NPROC"  # logs and events of this call's runs, packed into one file at the end (the device tool returns 8)
 python3 bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.jsonl --val /tmp/medqa-synth-val.jsonl \
-  --out "$W" --runs "${RUNS:-/tmp/bench-runs}" --nproc "$NPROC" --only "$ONLY" --timeout "${TIMEOUT:-300}" --steps "${STEPS:-15}" ${PROFILE:+--profile} 2>&1 | grep -v -i warn
+  --out "$W" --runs "${RUNS:-/tmp/bench-runs}" --nproc "$NPROC" --only "$ONLY" --timeout "${TIMEOUT:-300}" --steps "${STEPS:-15}" ${PROFILE:+--profile} ${EXTRA:+--extra "$EXTRA"} 2>&1 | grep -v -i warn
 cat "$W/throughput.jsonl" >> "$OUT/throughput.jsonl"
 for f in "$W"/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -14 "$f"; }; done
 for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|CUDA graphs|cudagraph|Error|error" "$f" | sort -u | head -8; done

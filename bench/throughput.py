@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -316,7 +317,7 @@ def run_worker(name: str, flags: list[str], args, env: dict) -> dict:
         env = {**env, "VOXTUI_PROFILE_STEPS": f"{measured + 1}:{measured + extra}"}
     cmd = launch + ["--model_id", model_of(name, args), "--train_jsonl", data_of(name, args), "--output_dir", str(run_dir),
                     "--max_steps", str(measured + extra)] + (["--val_jsonl", args.val] if args.val else []) \
-        + COMMON + flags
+        + COMMON + flags + shlex.split(args.extra)
     log = Path(args.out) / f"{name}-n{args.nproc}.log"
     t0 = time.time()
     with open(log, "w") as f:
@@ -407,6 +408,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--profile", action="store_true",
                    help="3 more steps under torch.profiler after the measured ones: <out>/<config>-n<N>.profile.txt")
+    p.add_argument("--extra", default="", metavar="FLAGS",
+                   help="worker flags added to every configuration but the seed's, e.g. '--seed 7' (a loss curve "
+                        "at another data order and adapter initialisation)")
     p.add_argument("--seed-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
