@@ -24,7 +24,7 @@ esac
 [ -f /tmp/medqa-synth-val.jsonl ] || python3 bench/synth.py /tmp/medqa-synth-val.jsonl 64 380 1024 1
 W="$OUT/w$NPROC"  # logs and events of this call's runs, packed into one file at the end (the device tool returns 8)
 python3 bench/throughput.py --model /tmp/voxtral-random --data /tmp/medqa-synth.jsonl --val /tmp/medqa-synth-val.jsonl \
-  --out "$W" --runs "${RUNS:-/tmp/bench-runs}" --nproc "$NPROC" --only "$ONLY" --timeout "${TIMEOUT:-300}" --steps "${STEPS:-15}" ${PROFILE:+--profile} ${EXTRA:+--extra "$EXTRA"} 2>&1 | grep -v -i warn
+  --out "$W" --runs "${RUNS:-/tmp/bench-runs}" --nproc "$NPROC" --only "$ONLY" --timeout "${TIMEOUT:-300}" --steps "${STEPS:-15}" ${PROFILE:+--profile} ${EXTRA:+"--extra=$EXTRA"} 2>&1 | grep -v -i warn
 cat "$W/throughput.jsonl" >> "$OUT/throughput.jsonl"
 for f in "$W"/*.profile.txt; do [ -f "$f" ] && { echo "== $f"; head -14 "$f"; }; done
 for f in "$W"/*.log; do echo "== $f"; grep -E "attention|all-reduce|model loaded|CUDA graphs|cudagraph|Error|error" "$f" | sort -u | head -8; done

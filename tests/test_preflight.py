@@ -82,6 +82,18 @@ def test_memory_estimate_matches_h200_measurements_and_picks_the_fastest_fit():
     for cfg, measured in ((bf16, 56.9), (nf4, 6.2), (ckpt, 10.78), (ckpt25, 13.73)):
         est = estimate_memory(cfg, m)
         assert measured <= est["total"] <= 1.35 * measured, (est, measured)
+    # H200, 2026-11-30 (runs AI–AK): a compiled NF4 layer that is not checkpointed keeps its weights
+    # dequantised; at 6 × 1024 with 30 / 20 / 10 / 5 / 0 layers checkpointed, and without checkpointing at 3 and
+    # 12 × 1024 (where bf16 weights took 17.33 and 44.16 GiB: NF4 saved nothing there)
+    for bsz, layers, measured in ((6, 20, 12.22), (6, 10, 19.29), (6, 5, 22.82), (6, 0, 26.36), (3, 0, 18.15),
+                                  (12, 0, 42.89)):
+        cfg = msgspec.structs.replace(nf4, per_device_bsz=bsz, grad_ckpt=layers > 0, grad_ckpt_layers=layers or -1)
+        est = estimate_memory(cfg, m)
+        assert measured <= est["total"] <= 1.35 * measured, (bsz, layers, est, measured)
+    for bsz, layers, measured in ((6, 30, 10.31), (6, 15, 17.94), (6, 0, 26.22), (3, 0, 17.33), (12, 0, 44.16)):
+        cfg = msgspec.structs.replace(bf16, per_device_bsz=bsz, grad_ckpt=layers > 0, grad_ckpt_layers=layers or -1)
+        est = estimate_memory(cfg, m)
+        assert measured <= est["total"] <= 1.35 * measured, (bsz, layers, est, measured)
     assert fastest_fit(bf16, m, 139.0)[0] == {"quant": "none", "grad_ckpt": False, "grad_ckpt_layers": -1}
     # on a Hopper GPU auto gives FP8 input gradients: bf16 weights with them are the fastest (1.11×), and their
     # e4m3 copy is counted (1 byte per weight: 3.0 GiB here)
