@@ -1,7 +1,8 @@
 """The engine stream, run in a thread worker: history first, then live, batched into messages;
 reconnects with back-off when the engine is lost (engine.json is re-read each time, so a restarted
 engine is found). Whether an engine process serves the run is posted on every change (EngineSeen),
-before the events it relates to, so the screen never shows a dead run as running."""
+before the events it relates to, so the screen never shows a dead run as running; a live one only once the
+engine has been heard since connecting, so a frozen engine (alive, not answering) stays lost."""
 
 from __future__ import annotations
 
@@ -74,7 +75,8 @@ class FileTail:
 
 def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
     """Post EventsReceived batches until ``cancelled()``; ``post`` must be thread-safe (post_message)."""
-    backoff, last, lost, client, seen = 0.5, 0, False, None, None
+    # lost: False (not yet heard), True (lost, said so), None (heard since this client connected)
+    backoff, last, lost, client, seen, pid = 0.5, 0, False, None, None, None
     tail = None  # FileTail, once a client has found the run's folder
 
     def see(live: bool, pid, workers: tuple = ()) -> None:
@@ -96,6 +98,7 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
         try:
             if client is None:
                 client = EngineClient(target)
+                lost = False if lost is None else lost  # this client has not heard the engine yet
                 pid = client.info.get("pid") if isinstance(client.info.get("pid"), int) else None
                 if not client.live:
                     see(False, pid, orphans(client))
@@ -106,9 +109,6 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                         last = events[-1].seq
                 else:
                     client.last = last  # continue exactly after what the screen already has
-                if client.live:
-                    see(True, pid)  # after the history: it was read from this engine
-                    lost = False
                 backoff = 0.5
             if not client.live:  # no engine: what the file gained since the last look, not the whole file
                 tail = tail or FileTail(client.run_dir / "events.jsonl")
@@ -116,6 +116,11 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                 if events:
                     post(EventsReceived(events))
                     last = events[-1].seq
+            if client.live and client.answered and lost is not None:
+                # live once the engine has been heard since connecting (the history's reply, a heartbeat): a
+                # process that is alive but frozen (SIGSTOP, swapped out) is still lost
+                see(True, pid)
+                lost = None
             batch, flushed = [], time.monotonic()
             for ev in client.events(timeout=0.5) if client.live else ():
                 batch.append(ev)
@@ -138,7 +143,7 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                         return
                     time.sleep(0.1)
         except Exception as e:  # EngineLost, OSError, …: never the end of the dashboard; reconnect
-            if not lost:
+            if lost is not True:
                 post(EngineLostMessage(str(e) if isinstance(e, EngineLost) else f"{type(e).__name__}: {e}"))
                 lost = True
                 seen = None  # whatever comes next is news

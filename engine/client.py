@@ -77,6 +77,7 @@ class EngineClient:
         self._dealer = None
         self._buffer: list[Message] = []
         self._last_heard = time.monotonic()
+        self.answered = False  # whether the engine has been heard (a reply, an event or a heartbeat) since connecting
         self.live = bool(self.endpoints) and (remote or engine_alive(self.info))
         if self.live:
             self._connect()
@@ -132,7 +133,7 @@ class EngineClient:
         frames = self._dealer.recv_multipart()
         if frames and frames[0] == b"":
             frames = frames[1:]
-        self._last_heard = time.monotonic()
+        self._last_heard, self.answered = time.monotonic(), True
         reply, why = decode(reply_decoder, frames[0]) if frames else (None, "no frames")
         if reply is None:
             raise EngineLost(f"an unreadable reply from the engine ({why})")
@@ -214,7 +215,7 @@ class EngineClient:
             if self._sub.poll(wait):
                 while self._sub.poll(0):
                     frames = self._sub.recv_multipart()
-                    self._last_heard = time.monotonic()
+                    self._last_heard, self.answered = time.monotonic(), True
                     if len(frames) != 2:
                         continue  # not a message of this protocol: dropped
                     kind, data = frames
