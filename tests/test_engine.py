@@ -108,6 +108,32 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
     assert status["state"] == "failed"
 
 
+def test_torchrun_killed_fails_the_run_and_its_workers_save(tmp_path, tiny_model, train_file):
+    """torchrun itself killed (kill -9, or the out-of-memory killer) while its workers train: the run fails
+    with an alert that says so — the workers, stopped next by the engine's SIGTERM, save first and report
+    "stopped on request", which once made the run read as stopped on request, with no alert."""
+    run = start_detached(tiny_model, tmp_path / "runs", "torchrun", train_file, nproc=1, max_steps=100000,
+                         save_steps=0)
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
+    torchrun = next(p for p in psutil.Process(info["pid"]).children()
+                    if "torch.distributed.run" in " ".join(p.cmdline()))
+    engine_tree = [info["pid"]] + descendants_of(info["pid"])
+    os.kill(torchrun.pid, signal.SIGKILL)
+    wait_for(lambda: last_state(run) == "failed", timeout=60)
+    events = read_events(run)
+    alerts = [e for e in events if e["type"] == "alert" and e["kind"] == "torchrun_died"]
+    assert len(alerts) == 1 and f"torchrun (pid {torchrun.pid}) was killed by SIGKILL" in alerts[0]["message"]
+    assert "voxtui run --resume" in alerts[0]["message"]
+    assert not any(e["type"] == "alert" and e["kind"] == "rank_died" for e in events)
+    wait_for(lambda: gone(engine_tree), timeout=30)
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "failed" and "torchrun was killed by SIGKILL" in status["message"]
+    from engine.worker.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(run / "checkpoints") is not None  # the workers saved on their way out
+
+
 def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     """Steps trained while no engine listens are kept (the workers' spool) and stored, in order, by the
     next engine, after an event that records the crash; every command reports the true state."""

@@ -274,6 +274,8 @@ class Engine:
     def _wind_up(self, rc: int) -> bool:
         """torchrun has exited: leave nothing running, store the workers' last events and the run's
         outcome; False once the engine may leave (inference jobs it started have ended)."""
+        if rc < 0 and not self.stopping and not self.rank_alerted and self.final_status is None:
+            self._torchrun_died(-rc)
         self.workers.kill()  # leave nothing behind
         if self.inference.running():
             return True  # inference jobs started from this run finish before the engine leaves
@@ -292,6 +294,30 @@ class Engine:
             self.emit(Status(state="failed", message=f"workers exited with code {rc} (see worker.log)"))
             self.exit_code = 1
         return False
+
+    def _torchrun_died(self, sig: int) -> None:
+        """torchrun was ended by a signal (kill -9, the out-of-memory killer) that no one here sent, while
+        its workers train on: the run fails for it, though the workers, told to stop next, save first. Their
+        "stopped on request" would otherwise read as a stop someone asked for."""
+        self._drain()  # a final status the workers sent just before (a run that ended as torchrun went)
+        import psutil
+
+        def running(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+
+        alive = [r for r, pid in sorted(self.workers.ranks.items()) if running(pid)]
+        if self.final_status is not None or not alive:
+            return  # the workers had ended (their status, or a rank's death, says how)
+        self.rank_alerted = True
+        pid = self.workers.proc.pid if self.workers.proc is not None else None
+        how = killed_by(sig)
+        self.emit(Alert(level="error", kind="torchrun_died",
+                        message=f"torchrun (pid {pid}) {how} while its workers trained: they are stopped now, each "
+                                "saving a checkpoint first; `voxtui run --resume` continues"))
+        self.failed_message = f"torchrun {how}; see worker.log"
 
     def _name_a_killed_rank(self) -> None:
         """torchrun has exited with no final status from the workers: a rank that a signal ended (the kernel's
