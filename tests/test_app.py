@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import pilot_wait, start_detached, write_jsonl
+from conftest import pilot_wait, start_detached, voxtui, write_jsonl
 from engine.client import EngineClient, engine_alive
 from engine.protocol import Stop
 
@@ -124,6 +124,9 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
                     await pilot.pause(1.0)
                     assert banner.display and str(banner.render()).startswith("ENGINE LOST"), banner.render()
                     assert app.screen.engine_keys_state()[1]  # the engine's keys stay greyed
+                # `engine status` asks the engine too: alive is not answering
+                out = (await asyncio.to_thread(voxtui, "engine", "status", run, check=True)).stdout
+                assert "answers: no: its process is alive but did not answer" in out and "state: running" in out
             finally:
                 os.kill(info["pid"], signal.SIGCONT)
             await pilot_wait(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")
@@ -136,6 +139,7 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
             await pilot.press("q")
 
     asyncio.run(flow())
+    assert "answers: yes" in voxtui("engine", "status", run, check=True).stdout
     with EngineClient(run) as c:
         assert c.send(Stop()).status == "ok"
 
@@ -210,7 +214,7 @@ def test_engine_lost_banner_and_reconnect_after_restart(tmp_path, tiny_model):
     from textual.widgets import Static
 
     from app.app import VoxApp
-    from conftest import descendants_of, voxtui
+    from conftest import descendants_of
 
     train = write_jsonl(tmp_path / "t.jsonl", rows(40))
     run = start_detached(tiny_model, tmp_path / "runs", "restart", train, nproc=1, max_steps=100000, save_steps=5,

@@ -103,7 +103,7 @@ def test_engine_status_reads_as_text(tmp_path):
     out = voxtui("engine", "status", run, check=True).stdout
     lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if ": " in line)
     assert lines["state"] == "finished" and lines["engine_pid"] == "-" and lines["worker_pids"] == "-" and "None" not in out
-    assert lines["total_steps"] != "-" and "[]" not in out
+    assert lines["total_steps"] != "-" and "[]" not in out and lines["answers"] == "-"  # no engine to ask
     assert len(lines["loss"].split(".")[1]) == 4
     stop = voxtui("engine", "stop", run)  # nothing to stop: says why
     assert stop.returncode == 1 and stop.stderr.strip() == f"{run}: no engine is running: the run has ended (finished)"

@@ -208,17 +208,33 @@ def cmd_engine(args) -> int:
             return 0
         case "status":
             s = summary(find_run(args.run))
+            s["engine_answers"] = engine_answers(find_run(args.run)) if s["engine_pid"] else None
             if args.json:
                 write_json(args.json, s)
             else:
                 for k, v in s.items():
                     v = ", ".join(map(str, v)) if isinstance(v, list) else v
+                    if k == "engine_answers" and v is not None:
+                        v = "yes" if v else "no: its process is alive but did not answer in 2 s (stopped, hung?)"
+                    k = "answers" if k == "engine_answers" else k
                     shown = "-" if v in (None, "") else f"{v:.4f}" if isinstance(v, float) and k == "loss" else v
                     print(f"{k:>11}: {shown}")
             return 0
         case "stop":
             return stop_run(find_run(args.run), args.wait)
     return 2
+
+
+def engine_answers(run_dir: Path, timeout: float = 2.0) -> bool:
+    """Whether the run's engine answers a status request within ``timeout`` s: its process can be alive
+    and answer nothing (stopped with SIGSTOP, swapped out, hung), which the run's files alone cannot tell."""
+    from engine.client import EngineClient
+
+    try:
+        with EngineClient(run_dir, request_timeout=timeout) as c:
+            return c.live and c.status().status == "ok"
+    except Exception:  # EngineLost, a socket's error, an engine.json gone meanwhile: no answer
+        return False
 
 
 def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
