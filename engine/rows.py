@@ -131,7 +131,7 @@ def _parse_instruction(obj: dict) -> tuple[Example | None, list[tuple[str, str]]
                 defects.append(("missing_field", name))
             values[name] = ""
         elif not isinstance(v, str):
-            defects.append(("wrong_type", f"{name} is a {_json_type(v)}, not a string"))
+            defects.append(("wrong_type", f"{name} is {_a_json_type(v)}, not a string"))
         else:
             values[name] = v
             if required and not v.strip():
@@ -150,12 +150,12 @@ def _parse_instruction(obj: dict) -> tuple[Example | None, list[tuple[str, str]]
 def _parse_messages(obj: dict) -> tuple[Example | None, list[tuple[str, str]]]:
     msgs = obj["messages"]
     if not isinstance(msgs, list):
-        return None, [("wrong_type", f"messages is a {_json_type(msgs)}, not a list")]
+        return None, [("wrong_type", f"messages is {_a_json_type(msgs)}, not a list")]
     system, turns, pending = "", [], None
     defects: list[tuple[str, str]] = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
-            return None, [("wrong_type", f"messages[{i}] is a {_json_type(m)}, not an object")]
+            return None, [("wrong_type", f"messages[{i}] is {_a_json_type(m)}, not an object")]
         role, content = m.get("role"), m.get("content")
         if role is None or content is None:
             return None, [("missing_field", f"messages[{i}].{'role' if role is None else 'content'}")]
@@ -182,6 +182,14 @@ def _parse_messages(obj: dict) -> tuple[Example | None, list[tuple[str, str]]]:
 def _json_type(v: object) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
             float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _a_json_type(v: object) -> str:
+    """The JSON type of ``v`` with its article, to follow "is": "an array", "a number", "null"."""
+    name = _json_type(v)
+    if name == "null":
+        return name
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def fold(text: str) -> str:

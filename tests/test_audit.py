@@ -45,6 +45,19 @@ def test_every_defect_kind(tmp_path):
     assert digest(f) == before
 
 
+def test_wrong_type_details_read_as_english(tmp_path):
+    """The article fits the type: "an array", "an object", "a number"; null takes none."""
+    rows = [{"instruction": "q", "output": ["a"]}, {"instruction": {"k": 1}, "output": "x"},
+            {"instruction": "q", "output": 42}, {"messages": [None]}, {"messages": {"role": "user"}}]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    details = [d["detail"] for d in audit(str(f))["defects"]]
+    assert details == ["output is an array, not a string", "instruction is an object, not a string",
+                       "output is a number, not a string", "messages[0] is null, not an object",
+                       "messages is an object, not a list"]
+    proc = voxtui("data", "audit", f)
+    assert "is an array" in proc.stdout + proc.stderr and "is a array" not in proc.stdout + proc.stderr
+
+
 def test_bom_crlf_blank_lines_are_not_defects(tmp_path):
     raw = b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n\r\n   \r\n" + json.dumps(KO, ensure_ascii=False).encode() + b"\r\n"
     f = write_jsonl(tmp_path / "d.jsonl", [], raw=raw)

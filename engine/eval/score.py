@@ -41,7 +41,7 @@ def read_predictions(path: str) -> tuple[list[dict], list[dict]]:
     non-blank line as ``{"line", "reason", "detail"}`` (never raises on a bad row)."""
     import msgspec
 
-    from engine.rows import _json_type, iter_lines
+    from engine.rows import _a_json_type, _json_type, iter_lines
 
     decoder = msgspec.json.Decoder()
     rows, bad = [], []
@@ -66,7 +66,7 @@ def read_predictions(path: str) -> tuple[list[dict], list[dict]]:
                         reason, detail = "missing_field", f"{k} (a string) is needed"
                         break
                     if not isinstance(r[k], str):
-                        reason, detail = "wrong_type", f"{k} is a {_json_type(r[k])}, not a string"
+                        reason, detail = "wrong_type", f"{k} is {_a_json_type(r[k])}, not a string"
                         break
         if reason:
             bad.append({"line": lineno, "reason": reason, "detail": detail})
