@@ -194,7 +194,8 @@ def _eval_parsers(sub) -> None:
                        description="Scores every row holding the strings prediction and output; a bad line is "
                                    "named on stderr, skipped, and listed in the JSON's bad_rows. Exit 2 when no "
                                    "row can be scored.")
-    p.add_argument("file", metavar="FILE", help="JSONL rows with prediction and output (an infer's samples.jsonl)")
+    p.add_argument("file", metavar="FILE", help="JSONL rows with prediction and output (an infer's "
+                                             "runs/<run>/infer/<job>/generations.jsonl)")
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT (- for stdout)")
     p.set_defaults(handler="engine.eval.score:cmd_score")
 

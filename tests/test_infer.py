@@ -42,6 +42,12 @@ def test_infer_greedy_is_deterministic_and_resumes(run, tmp_path):
     assert len(per_row) == 8 and {"rougeL", "distinct_1", "distinct_2", "exact_match", "length_ratio"} <= set(per_row[0])
     assert sum(r["rougeL"] for r in per_row) / 8 == pytest.approx(m["rougeL"])
     assert sorted(r["index"] for r in first) == list(range(8))
+    # score reads what its --help names: generations.jsonl scores as infer did; per_row.jsonl holds no text
+    assert "generations.jsonl" in voxtui("score", "--help").stdout
+    scored = voxtui("score", out / "infer" / "a" / "generations.jsonl", "--json", "-")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["rougeL"] == pytest.approx(m["rougeL"])
+    assert voxtui("score", out / "infer" / "a" / "per_row.jsonl").returncode == 2
     key = lambda rows: sorted((r["index"], r["prediction"]) for r in rows)  # noqa: E731
     # greedy again, three rows at a time, refilled as rows finish (continuous batching): each row's tokens the same
     c = voxtui("infer", "--run", out, "--data", val, "--max_new_tokens", "6", "--name", "c", "--batch_size", "3")
