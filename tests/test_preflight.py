@@ -47,6 +47,25 @@ def test_no_go_collects_every_problem(tmp_path):
     assert bad.returncode == 2 and "--lr" in bad.stderr and "missing.jsonl" in bad.stderr
 
 
+def test_broken_rows_are_counted_once_each(tmp_path):
+    """A row with two problems is one broken row, listed once with both: 10 lines, 7 broken, as
+    `voxtui data analyze` counts them."""
+    good = {"instruction": "q", "output": "a"}
+    rows = [good, b"{broken", good, {"input": "only"}, {"instruction": "q", "output": ["a"]}, {"instruction": " ",
+            "output": " "}, {"input": "x"}, good, {"instruction": 1, "output": 2}, b"[1"]
+    val = write_jsonl(tmp_path / "bad.jsonl", rows)
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
+    proc = voxtui("preflight", "--model_id", tmp_path / "no-model", "--train_jsonl", train, "--val_jsonl", val,
+                  "--json", "-", cwd=tmp_path)
+    assert proc.returncode == 1
+    data = next(c for c in json.loads(proc.stdout)["checks"] if c["area"] == "data" and c["name"] == "val")
+    assert data["level"] == "fail" and data["rows"] == 7
+    assert data["message"].startswith(f"{val}: 7 broken row(s) (line 2 invalid_json, line 4 missing_field "
+                                      f"(instruction, output), line 5 wrong_type, line 6 empty_field "
+                                      f"(instruction, output), line 7 missing_field (instruction, output), …)")
+    assert "3 usable, 7 broken" in voxtui("data", "analyze", val).stdout
+
+
 def test_probe_rescales_the_batch(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(20)])
     proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--quant", "none", "--no-bf16",

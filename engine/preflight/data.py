@@ -38,9 +38,14 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
             continue
         fatal = [d for d in rep["defects"] if d["kind"] in FATAL_KINDS]
         if fatal:
-            first = ", ".join(f"line {d['line']} {d['kind']}" for d in fatal[:5])
-            r.add("data", name, "fail", f"{path}: {len(fatal)} broken row(s) ({first}); clean it with "
-                                        f"`voxtui data split` or fix those lines", defects=len(fatal))
+            broken: dict[int, list[dict]] = {}  # a row can have several problems: one entry per line
+            for d in fatal:
+                broken.setdefault(d["line"], []).append(d)
+            first = ", ".join(f"line {line} {_problems(ds)}" for line, ds in list(broken.items())[:5])
+            more = ", …" if len(broken) > 5 else ""
+            r.add("data", name, "fail", f"{path}: {len(broken)} broken row(s) ({first}{more}); clean it with "
+                                        f"`voxtui data split` or fix those lines", rows=len(broken),
+                  defects=len(fatal))
         else:
             r.add("data", name, "ok", f"{path}: {rep['rows']} rows")
         for kind, level in (("duplicate", "warn"), ("leak", "warn"), ("control_chars", "info")):
@@ -57,6 +62,15 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
                 continue
             lengths[name] = _check_lengths(cfg, r, name, toks[name])
     return lengths, toks
+
+
+def _problems(defects: list[dict]) -> str:
+    """One row's problems, each kind once: ``missing_field (instruction, output) + wrong_type``."""
+    fields: dict[str, list[str]] = {}
+    for d in defects:
+        fields.setdefault(d["kind"], []).append(d["detail"])
+    return " + ".join(kind + (f" ({', '.join(names)})" if kind in ("missing_field", "empty_field") else "")
+                      for kind, names in fields.items())
 
 
 def _check_lengths(cfg: TrainConfig, r, name: str, tok) -> dict:
