@@ -165,22 +165,34 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
     """A resume that would train no step (its latest checkpoint, at step ``done``, is at or past the
     ``total`` steps the run has with ``cfg``) is refused before anything starts: it would only evaluate and
     save that checkpoint again. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
-    without ``--max_steps``; ``per_epoch``: its steps per epoch, when known)."""
+    without ``--max_steps``; ``per_epoch``: its steps per epoch, when known). A run stopped partway (its
+    checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on."""
     if done < total:
         return
     status = last_event(run_dir, "status") or {}
     outcome = status.get("outcome") if status.get("state") == "finished" else ""
-    if done == total:
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    planned = _read_json(ckpt / "trainer_state.json").get("total_steps") if ckpt else None
+    partway = isinstance(planned, int) and planned > done  # its schedule had not run out
+    if done == total and not partway:
         said = f"finished all its {total} steps ({outcome})" if outcome else f"has trained all its {total} steps"
+        if cfg.min_lr_ratio == 0:
+            # its schedule has decayed to 0 and an extended run goes on from there: more steps would not train
+            raise UsageError(f"{run_dir} {said}; nothing to resume — its learning rate has decayed to 0 "
+                             "(--min_lr_ratio 0), so more steps would change nothing: start a new run (or give it "
+                             "more steps and --min_lr_ratio above 0)")
+    elif partway:
+        said = f"has trained {done} of its {planned} steps" + (f" ({outcome})" if outcome else "")
+        said += (f", and --max_steps {total} leaves no step to train beyond those" if cfg.max_steps else
+                 f", and these settings give it {total} in all")
     else:
         said = f"has trained {done} step(s), and these settings give it {total} in all"
-    if done == total and cfg.min_lr_ratio == 0:
-        # its schedule has decayed to 0 and an extended run goes on from there: more steps would not train
-        raise UsageError(f"{run_dir} {said}; nothing to resume — its learning rate has decayed to 0 (--min_lr_ratio "
-                         "0), so more steps would change nothing: start a new run (or give it more steps and --min_lr_ratio above 0)")
     epochs = done / per_epoch if per_epoch else cfg.epochs
     more = f"--max_steps N (N above {done})" if cfg.max_steps else \
         f"--epochs E (E above {epochs:.3g}) or --max_steps N (N above {done})"
+    if partway and cfg.max_steps:
+        raise UsageError(f"{run_dir} {said}; nothing to resume — give it more steps: voxtui run --resume {run_dir} "
+                         f"{more}, or leave out --max_steps to train on to its {planned}")
     raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
                      f"voxtui run --resume {run_dir} {more}")
 

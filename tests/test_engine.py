@@ -492,6 +492,21 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     assert str(e.value) == (f"{run} has trained 8 step(s), and these settings give it 4 in all; nothing to resume"
                             f" — start a new run, or give it more steps: voxtui run --resume {run} --epochs E "
                             "(E above 0.5) or --max_steps N (N above 8)")
+    # stopped at 8 of 20: a --max_steps of 8 leaves no step (its rate has not decayed: not said); without
+    # --max_steps, an epoch plan of 8 steps in all is said as such
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 20, "world_size": 1,
+                                                         "config": saved}))
+    with pytest.raises(UsageError) as e:
+        refuse_nothing_to_resume(run, msgspec.structs.replace(cfg, max_steps=8), 8, 8)
+    assert str(e.value) == (f"{run} has trained 8 of its 20 steps, and --max_steps 8 leaves no step to train beyond "
+                            f"those; nothing to resume — give it more steps: voxtui run --resume {run} --max_steps N "
+                            "(N above 8), or leave out --max_steps to train on to its 20")
+    with pytest.raises(UsageError) as e:
+        refuse_nothing_to_resume(run, cfg, 8, 8, per_epoch=16)
+    assert str(e.value).startswith(f"{run} has trained 8 of its 20 steps, and these settings give it 8 in all; "
+                                   "nothing to resume — start a new run, or give it more steps")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 8, "world_size": 1,
+                                                         "config": saved}))
     # `voxtui run --resume` with another batch: preflight's plan (64 rows, 8 a step: 8 an epoch, 2 steps at
     # --epochs 0.25) gives no step beyond the checkpoint's 8: refused, nothing started
     write_config(cfg, run / "config.toml")

@@ -55,6 +55,13 @@ def test_stop_is_stopped_the_engine_leaves_at_once_and_resume_follows(tmp_path, 
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
     assert status["state"] == "stopped" and status["outcome"] == "stopped"
     step = status["step"]
+    # --max_steps at the steps done leaves nothing to train: refused, saying so (its schedule had not run out)
+    refused = voxtui("run", "--resume", run, "--max_steps", str(step), "--detach")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"voxtui: error: {run} has trained {step} of its 100000 steps (stopped), and --max_steps {step} leaves no "
+        f"step to train beyond those; nothing to resume — give it more steps: voxtui run --resume {run} "
+        f"--max_steps N (N above {step}), or leave out --max_steps to train on to its 100000"), refused.stderr
+    assert "decayed" not in refused.stderr
     proc = voxtui("run", "--resume", run, "--max_steps", str(step + 2), "--detach")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: read_events(run)[-1].get("outcome") == "completed", timeout=120)
