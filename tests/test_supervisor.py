@@ -75,7 +75,7 @@ def test_exit_status_reads_how_a_zombie_ended(how, expected):
         s = Supervisor(1)
         s.killed, s.codes = {0: expected[0]}, ({0: expected[1]} if not expected[0] else {})
         assert s.ended(0) == ("exited with code 2" if how == "exit" else
-                              "was killed by SIGKILL (the kernel's out-of-memory killer sends it: see dmesg)")
+                              "was killed by SIGKILL (if no one sent it, the kernel's out-of-memory killer did: see dmesg)")
     finally:
         child.kill()
         child.wait()

@@ -55,12 +55,12 @@ def exit_status(pid: int) -> tuple[int, int] | None:
 
 
 def killed_by(sig: int) -> str:
-    """A rank's death by a signal, in words (SIGKILL with the usual sender named)."""
+    """A rank's death by a signal, in words (SIGKILL with its likely sender when no one sent it by hand)."""
     try:
         name = signal.Signals(sig).name
     except ValueError:
         name = f"signal {sig}"
-    oom = " (the kernel's out-of-memory killer sends it: see dmesg)" if sig == signal.SIGKILL else ""
+    oom = " (if no one sent it, the kernel's out-of-memory killer did: see dmesg)" if sig == signal.SIGKILL else ""
     return f"was killed by {name}{oom}"
 
 
