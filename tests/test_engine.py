@@ -142,6 +142,10 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
     assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "running"
+    # a detached engine's engine.log holds the lines a foreground one prints, each written as it happens
+    first = (run / "engine.log").read_text().splitlines()
+    assert first[0].startswith(f"[starting] engine {info['pid']} started torchrun ") and "[running]" in first, first
+    assert any(line.startswith("step 1: loss ") for line in first), first
     workers = descendants_of(info["pid"])
     os.kill(info["pid"], signal.SIGKILL)
     stored_before = max(e["step"] for e in read_events(run) if e["type"] == "step")
@@ -172,6 +176,12 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     assert json.loads(voxtui("engine", "status", run, "--json", "-").stdout)["state"] == "finished"
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
     assert not (run / "spool").exists()  # stored, then removed
+    # the resumed engine appends its own lines: its start, where it resumed, the outcome
+    log = (run / "engine.log").read_text().splitlines()
+    assert log[:len(first)] == first
+    second = [line for line in log if line.startswith("[starting] engine ")][1:]
+    assert len(second) == 1 and f"[running] resumed from checkpoint-{step} at step {step}" in "\n".join(log)
+    assert log[-1] == "[finished] done"
 
 
 def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(tmp_path, tiny_model, train_file):

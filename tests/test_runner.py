@@ -55,6 +55,10 @@ def test_stop_is_stopped_the_engine_leaves_at_once_and_resume_follows(tmp_path, 
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
     assert status["state"] == "stopped" and status["outcome"] == "stopped"
     step = status["step"]
+    # engine.log: what the engine printed, detached as in the foreground (the last line just after the event)
+    stopped = f"[stopped] saved at step {step} (stopped on request)"
+    log = wait_for(lambda: (lines := (run / "engine.log").read_text().splitlines()) and lines[-1] == stopped and lines)
+    assert log[0].startswith("[starting] engine ")
     # --max_steps at the steps done leaves nothing to train: refused, saying so (its schedule had not run out)
     refused = voxtui("run", "--resume", run, "--max_steps", str(step), "--detach")
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (

@@ -85,7 +85,7 @@ class Engine:
         self.inference: InferenceJobs | None = None  # once the sockets are bound
         self.requests = RequestHandler(self.session, self.log, lambda: self.state, self._apply)
         self.state = "starting"
-        self.echo = False  # print a line per notable event (foreground `voxtui run`)
+        self.echo = False  # print a line per notable event (foreground `voxtui run`; detached: into engine.log)
         self.unacked: dict[str, tuple[bytes, float]] = {}  # command id → (command, first sent)
         self.stopping = False
         self.stop_deadline = 0.0
@@ -471,12 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nnodes", type=int, default=1)
     p.add_argument("--rdzv_endpoint", default="")
     p.add_argument("--listen", default="", help="tcp://HOST:PORT for clients on other machines (CURVE)")
+    p.add_argument("--echo", action="store_true",
+                   help="print a line per status, eval, checkpoint, alert and tenth step, as the foreground "
+                        "`voxtui run` does (a detached engine's stdout is the run's engine.log)")
     # for tests and benchmarks, not shown: a stand-in worker (a JSON list), and thresholds they need not wait for
     p.add_argument("--worker_cmd", default="", help=argparse.SUPPRESS)
     p.add_argument("--stop_timeout", type=float, default=STOP_TIMEOUT_S, help=argparse.SUPPRESS)
     p.add_argument("--min_free_gib", type=float, default=MIN_FREE_BYTES / 2**30, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, nnodes=a.nnodes,
+    return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, echo=a.echo, nnodes=a.nnodes,
                       rdzv_endpoint=a.rdzv_endpoint, listen=a.listen,
                       worker_cmd=json.loads(a.worker_cmd) if a.worker_cmd else None, stop_timeout=a.stop_timeout,
                       min_free_bytes=a.min_free_gib * 2**30)

@@ -29,11 +29,13 @@ from engine.util import UsageError, write_json
 
 def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
     """Start ``python -m engine.daemon RUN_DIR …`` in a session of its own (it survives the SSH
-    session), logging to engine.log; returns its pid once it has written engine.json."""
+    session), logging to engine.log the lines a foreground engine prints (``--echo``, each flushed: ``tail
+    -f`` follows them) and its diagnostics; returns its pid once it has written engine.json."""
     old_pid = engine_info(run_dir).get("pid")
     log = open(run_dir / "engine.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), *daemon_args], stdin=subprocess.DEVNULL,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
+    proc = subprocess.Popen([sys.executable, "-m", "engine.daemon", str(run_dir), "--echo", *daemon_args],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=os.getcwd())
     log.close()
     deadline = time.time() + 60
     while time.time() < deadline:
