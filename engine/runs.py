@@ -251,9 +251,11 @@ def pid_alive(pid: int | None) -> bool:
 
 
 def orphan_workers(run_dir: Path, info: dict | None = None) -> list[int]:
-    """The pids of workers that outlive their engine (rank 0: the one that spools its events), on this
-    machine: they train on until they miss the engine's heartbeat (``--engine_timeout``, 30 s), then save
-    and stop. A pid that was reused since (a process younger than the worker's id) does not count."""
+    """The pids of workers that outlive their engine, on this machine, rank 0 first: they train on until
+    they miss the engine's heartbeat (``--engine_timeout``, 30 s), then save and stop. Rank 0 is known by
+    the spool it writes its events to; the other ranks are its siblings under the same torchrun that run
+    the same command line. A pid that was reused since (a process younger than the worker's id) does not
+    count."""
     import psutil
 
     from engine.eventlog import read_spool, spool_worker_pid
@@ -262,7 +264,7 @@ def orphan_workers(run_dir: Path, info: dict | None = None) -> list[int]:
     spool = read_spool(Path(run_dir) / "spool")
     if not spool or engine_alive(info) or not this_host_runs(info, spool):
         return []
-    pids = []
+    pids: list[int] = []
     for worker in spool:
         pid, started = spool_worker_pid(worker), worker.rsplit("-", 1)[-1]
         try:
@@ -273,8 +275,31 @@ def orphan_workers(run_dir: Path, info: dict | None = None) -> list[int]:
                 continue  # the pid of a process that began after this worker named itself: not it
         except (psutil.Error, ValueError):
             continue
-        pids.append(pid)
+        pids += [p for p in [pid, *_sibling_ranks(proc)] if p not in pids]
     return pids
+
+
+def _sibling_ranks(rank0) -> list[int]:
+    """The other live ranks of ``rank0``'s launch (a ``psutil.Process``): the processes its parent started
+    with the same command line, in rank order ([] where it has no parent left, or none)."""
+    import psutil
+
+    try:
+        cmdline, parent = rank0.cmdline(), rank0.parent()
+        if parent is None or parent.pid == 1:
+            return []
+        siblings = [c for c in parent.children() if c.pid != rank0.pid and c.cmdline() == cmdline
+                    and c.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+    def rank(proc) -> int:
+        try:
+            return int(proc.environ().get("RANK", ""))
+        except (psutil.Error, ValueError):
+            return 1 << 30
+
+    return [c.pid for c in sorted(siblings, key=lambda c: (rank(c), c.pid))]
 
 
 def _read_json(path: Path) -> dict:
@@ -610,9 +635,9 @@ def summary(run_dir: Path) -> dict:
                                                                 and (state != "new" or info)):
         state = "crashed"  # the engine died before the run ended
         if orphans:
-            message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) train on until they "
-                       "miss its heartbeat (--engine_timeout, 30 s by default), then save and stop; to stop them now: "
-                       f"voxtui engine stop {run_dir}")
+            message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) are still training, "
+                       "unseen by any engine, until they miss its heartbeat (--engine_timeout, 30 s by default), then "
+                       f"save and stop; to stop them now: voxtui engine stop {run_dir}")
     elif state == "new" and alive:
         state = "starting"
     cfg = {}

@@ -185,23 +185,28 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
 
 
 def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(tmp_path, tiny_model, train_file):
-    """The engine killed, its workers train on unseen until they miss its heartbeat: `engine status`, `engine
-    list` and the dashboard's banner name them; `engine stop` reaches them (SIGTERM: they save, then exit), and
-    the run then reads as stopped, at the step they saved."""
+    """The engine killed, its workers (both ranks) go on training, unseen by any engine, until they miss its
+    heartbeat: `engine status`, `engine list` and the dashboard's banner name every rank's (rank 0 alone
+    spools, the other is found beside it under torchrun); `engine stop` reaches them (SIGTERM: they save,
+    then exit), and the run then reads as stopped, at the step they saved."""
     import asyncio
 
     from app.app import VoxApp
     from conftest import pilot_wait
 
-    run = start_detached(tiny_model, tmp_path / "runs", "unseen", train_file, nproc=1, max_steps=100000,
+    run = start_detached(tiny_model, tmp_path / "runs", "unseen", train_file, nproc=2, max_steps=100000,
                          save_steps=0, env={"VOXTUI_ENGINE_TIMEOUT": "600"})
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
     workers = [p for p in descendants_of(info["pid"]) if "engine.train" in " ".join(psutil.Process(p).cmdline())]
+    ranks = {int(psutil.Process(p).environ()["RANK"]): p for p in workers if "RANK" in psutil.Process(p).environ()}
+    assert set(ranks) == {0, 1}
     os.kill(info["pid"], signal.SIGKILL)
     wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=30)
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
-    assert status["state"] == "crashed" and status["worker_pids"] and set(status["worker_pids"]) <= set(workers)
+    assert status["state"] == "crashed" and status["worker_pids"] == [ranks[0], ranks[1]], (status, ranks)
+    assert status["message"].startswith(f"the engine went away; its workers (pid {ranks[0]}, {ranks[1]}) are still "
+                                        "training, unseen by any engine, until they miss its heartbeat")
     assert f"voxtui engine stop {run}" in status["message"]
 
     async def banner():
@@ -211,10 +216,11 @@ def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(
             return app.screen.banner_text().plain
 
     text = asyncio.run(banner())
-    assert "its workers (pid" in text and "voxtui engine stop" in text, text
+    assert f"its workers (pid {ranks[0]}, {ranks[1]}) are still training, unseen by any engine" in text, text
+    assert "voxtui engine stop" in text, text
     proc = voxtui("engine", "stop", run, "--wait", "60")
     assert proc.returncode == 0, proc.stderr
-    assert "its workers" in proc.stderr and "stopped (stopped)" in proc.stdout
+    assert f"its workers (pid {ranks[0]}, {ranks[1]}) are stopping" in proc.stderr and "stopped (stopped)" in proc.stdout
     wait_for(lambda: gone(workers), timeout=30)  # rank 0 at once, torchrun a moment later
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
     from engine.worker.checkpoint import latest_checkpoint
