@@ -96,6 +96,9 @@ class RunState:
     evals: list = field(default_factory=list)  # (step, loss, ppl)
     best: tuple | None = None  # (best_step, best_loss) of the latest eval
     previews: dict = field(default_factory=dict)  # index → list of preview events (history)
+    # the preview_start event of previews being generated now (training waits for them): from it until
+    # their first preview event, or the next step or status
+    previewing: object = None
     checkpoints: dict = field(default_factory=dict)  # step → checkpoint event
     alerts: deque = field(default_factory=lambda: deque(maxlen=200))
     telemetry: object = None  # the latest telemetry event (any rank)
@@ -128,7 +131,11 @@ class RunState:
         self.last_seq = ev.seq
         self.run = ev.run or self.run
         self.events.append(ev)
+        if ev.type in ("preview", "step", "status"):
+            self.previewing = None
         match ev.type:
+            case "preview_start":
+                self.previewing = ev
             case "status":
                 self.state, self.status_message = ev.state, ev.message
                 self.outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""

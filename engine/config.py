@@ -132,7 +132,8 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     top_p: float = 0.9
     """Preview nucleus sampling."""
     max_new_tokens: int = 64
-    """Preview length."""
+    """Preview length: the most new tokens per preview prompt, in [1, 512] (training waits while previews
+    are generated); the worker also cuts it to the model's positions less the longest preview prompt."""
     on_nan: Literal["skip", "stop"] = "skip"
     """A NaN / Inf loss or gradient: skip the step, or save the last good state and stop."""
     log_steps: int = 1

@@ -95,6 +95,15 @@ class Preview(Message, tag="preview"):
     rougeL: float | None = None  # against the reference, with the evaluation's metric code
 
 
+class PreviewStart(Message, tag="preview_start"):
+    """Previews are being generated now: training waits until their ``preview`` events come (a reader
+    that does not know this type skips it, as any event it cannot decode)."""
+
+    step: int
+    count: int = 0  # how many preview prompts
+    max_new_tokens: int = 0  # the most new tokens each may get (after any cap: see Previews.params)
+
+
 class Checkpoint(Message, tag="checkpoint"):
     step: int
     path: str
@@ -191,7 +200,7 @@ class Inference(Message, tag="inference"):
     samples: list[dict] = []  # on "finished": the first rows, {line, prompt, prediction, reference, rougeL}
 
 
-Event = Status | Step | Eval | Preview | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack | Inference
+Event = Status | Step | Eval | Preview | PreviewStart | Checkpoint | Alert | ParamTable | Telemetry | RunInfo | Log | Ack | Inference
 
 # ----------------------------------------------------------------------------- commands
 
@@ -210,7 +219,10 @@ class Command(msgspec.Struct, kw_only=True, tag_field="type", forbid_unknown_fie
 # preview_param_problems.
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0  # [0, 2]; 0: greedy
 TOP_P_MIN, TOP_P_MAX = 0.0, 1.0  # (0, 1]: 0 itself would keep no token
-MAX_NEW_TOKENS_MIN, MAX_NEW_TOKENS_MAX = 1, 4096  # [1, 4096]
+# [1, 512]: a preview stops training until it ends, so it stays short (about as long as a few steps on a GPU;
+# `voxtui infer` has no such limit). The worker also caps it at the model's positions less the longest
+# preview prompt (evaluation.Previews).
+MAX_NEW_TOKENS_MIN, MAX_NEW_TOKENS_MAX = 1, 512
 
 
 def preview_param_problems(temperature: float | None = None, top_p: float | None = None,

@@ -1,6 +1,7 @@
-"""The preview limits (temperature [0, 2], top_p (0, 1], max_new_tokens [1, 4096]) have one owner,
+"""The preview limits (temperature [0, 2], top_p (0, 1], max_new_tokens [1, 512]) have one owner,
 ``engine.protocol.preview_param_problems``: the command, the run's config, ``voxtui infer`` and the
-dashboard's inputs refuse exactly what it refuses."""
+dashboard's inputs refuse exactly what it refuses. The worker also holds max_new_tokens within the model's
+positions less the longest preview prompt, and says when previews are being generated."""
 
 import asyncio
 import math
@@ -10,16 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config import TrainConfig
-from engine.protocol import SetPreviewParams, preview_param_problems
+from engine.protocol import MAX_NEW_TOKENS_MAX, SetPreviewParams, preview_param_problems
 from engine.util import UsageError
 
 temperatures = st.one_of(st.floats(-1, 3), st.sampled_from([0.0, 2.0, -0.0, 2.0000001, math.nan, math.inf]))
 top_ps = st.one_of(st.floats(-0.5, 1.5), st.sampled_from([0.0, 1.0, 5e-324, 1.0000001, math.nan]))
-most = st.one_of(st.integers(-5, 5000), st.sampled_from([0, 1, 4096, 4097]))
+most = st.one_of(st.integers(-5, 5000), st.sampled_from([0, 1, 512, 513, 4096]))
 
 
 def expected(t, p, m):
-    return {"temperature": not 0 <= t <= 2, "top_p": not 0 < p <= 1, "max_new_tokens": not 1 <= m <= 4096}
+    return {"temperature": not 0 <= t <= 2, "top_p": not 0 < p <= 1, "max_new_tokens": not 1 <= m <= 512}
 
 
 def named(problems: list[str]) -> set[str]:
@@ -64,7 +65,7 @@ def test_the_dashboard_inputs_ask_the_one_rule():
 
     cases = [("pv-temperature", "temperature", v) for v in ("-0.1", "0", "2", "2.01", "nan", "inf")]
     cases += [("pv-top-p", "top_p", v) for v in ("0", "1e-9", "1", "1.01", "-1")]
-    cases += [("pv-max", "max_new_tokens", v) for v in ("0", "1", "4096", "4097")]
+    cases += [("pv-max", "max_new_tokens", v) for v in ("0", "1", "512", "513", "4096")]
 
     async def flow():
         app = Host()
@@ -81,7 +82,107 @@ def test_the_dashboard_inputs_ask_the_one_rule():
                 if problems:
                     label = {"temperature": "temperature", "top_p": "top-p", "max_new_tokens": "max new tokens"}[field]
                     assert got == problems[0].replace(field, label), (text, got)
+                    if field == "max_new_tokens":
+                        assert got == "max new tokens must be in [1, 512]"  # the refusal says the limit
                 else:
                     assert got == {field: value}, (text, got)
 
     asyncio.run(flow())
+
+
+def test_the_limit_is_the_documented_one():
+    from conftest import ROOT
+
+    assert MAX_NEW_TOKENS_MAX == 512
+    for doc in ("docs/protocol.md", "docs/engine.md", "docs/tui.md"):
+        assert "1 ≤ max_new_tokens ≤ 512" in (ROOT / doc).read_text(), doc
+
+
+class Events:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, ev):
+        self.events.append(ev)
+
+    def close(self):
+        pass
+
+
+def previews_of(prompt_lengths, max_new_tokens, fmt):
+    from engine.config import TrainConfig
+    from engine.worker.dist import Dist
+    from engine.worker.evaluation import PreviewParams, Previews
+    from engine.worker.report import Report
+
+    out = Report(True)
+    out.sink = Events()
+    rows = [([5] * n, f"prompt {i}", "ref") for i, n in enumerate(prompt_lengths)]
+    cfg = TrainConfig(model_id="tiny", train_jsonl="-", max_new_tokens=max_new_tokens)
+    return Previews(rows, PreviewParams.of(cfg), cfg, Dist(), fmt, out), out.sink.events
+
+
+def test_the_worker_holds_previews_within_the_models_positions(fmt):
+    """Prompt + max new tokens never pass the model's positions: the value in force is cut to what they
+    leave after the longest preview prompt, a warning says so once, and the ack of set_preview_params
+    carries the cut value (what the dashboard then shows)."""
+    from types import SimpleNamespace
+
+    from engine.worker.control import Control
+
+    previews, events = previews_of([30, 90], 64, fmt)
+    model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=128)))
+    previews.limit_to(model)
+    assert previews.params.max_new_tokens == 38 and previews.most_new_tokens() == 38  # 128 - 90
+    warned = [e for e in events if e.type == "log" and e.level == "warning"]
+    assert len(warned) == 1 and "max_new_tokens 64 cut to 38" in warned[0].message
+    assert "128 positions" in warned[0].message and "(90 tokens)" in warned[0].message
+
+    control = Control.__new__(Control)  # its apply only: no inbox, no signal handlers
+    control.d, control.out, control.previews = previews.d, previews.out, previews
+    control.apply([SetPreviewParams(id="a", max_new_tokens=20)], step=3)
+    assert previews.params.max_new_tokens == 20
+    control.apply([SetPreviewParams(id="b", max_new_tokens=500)], step=4)
+    ack = [e for e in events if e.type == "ack"][-1]
+    assert ack.id == "b" and ack.params["max_new_tokens"] == 38 and previews.params.max_new_tokens == 38
+    # a resumed run's saved value above the protocol's limit (saved before it was lowered) is cut too
+    short, events = previews_of([4], 8, fmt)
+    short.params = short.params.updated({"max_new_tokens": 4096})
+    assert short.params.max_new_tokens == MAX_NEW_TOKENS_MAX
+    assert "the most a preview may generate (512)" in events[-1].message
+
+
+def test_previews_say_when_they_start(fmt, monkeypatch):
+    """Training waits while previews are generated: a preview_start event comes before them (the dashboard
+    says "previewing…" until their preview events), with what they will be."""
+    import engine.worker.decode as decode
+
+    monkeypatch.setattr(decode, "supported", lambda model: False)
+    monkeypatch.setattr(decode, "generate", lambda model, prompts, n, *a, **k: [[7, 8]] * len(prompts))
+    previews, events = previews_of([3, 4], 12, fmt)
+    previews.run(object(), step=9)
+    assert [e.type for e in events] == ["preview_start", "preview", "preview"]
+    start = events[0]
+    assert (start.step, start.count, start.max_new_tokens) == (9, 2, 12)
+
+
+def test_the_dashboard_says_previewing_between_start_and_result():
+    from app.state import RunState
+    from app.widgets.overview import state_line
+    from engine.eventlog import decode_event
+    from engine.protocol import Preview, PreviewStart, Status, Step, event_encoder
+
+    s = RunState(folder="r")
+    s.apply(Status(seq=1, state="running"))
+    s.apply(PreviewStart(seq=2, step=40, count=4, max_new_tokens=512))
+    line = state_line(s).plain
+    assert "RUNNING" in line and "previewing…" in line and "4 prompt(s), up to 512 new tokens" in line
+    s.apply(Preview(seq=3, step=40, prompt="p", text="t", temperature=0.7, top_p=0.9))
+    assert "previewing" not in state_line(s).plain
+    s.apply(PreviewStart(seq=4, step=60, count=1, max_new_tokens=8))
+    s.apply(Step(seq=5, step=61, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0))
+    assert s.previewing is None
+    # an event's round trip; a reader that does not know a type skips its line (decode_event: None)
+    raw = event_encoder.encode(PreviewStart(seq=6, step=1, count=2, max_new_tokens=3))
+    assert decode_event(raw).type == "preview_start"
+    assert decode_event(raw.replace(b"preview_start", b"preview_later")) is None

@@ -31,6 +31,8 @@ def describe(ev) -> Text:
             return assemble(f"step {ev.step} val loss {ev.loss:.4f} ppl {ev.ppl:.2f}")
         case "preview":
             return assemble(f"step {ev.step} #{ev.index} T={ev.temperature:g}: ", data(ev.text, limit=80))
+        case "preview_start":
+            return assemble(f"step {ev.step}: generating {ev.count} preview(s) of up to {ev.max_new_tokens} new tokens")
         case "checkpoint":
             return assemble(f"step {ev.step} ", data(ev.path, limit=200))
         case "telemetry":

@@ -22,6 +22,10 @@ def state_line(s: RunState, limit: int = 200):
     """``run  STATE  outcome or message`` as Text."""
     shown = s.shown_state
     detail = s.outcome_text() or s.status_message
+    if s.previewing is not None and not s.crashed and s.state in ("running", "paused"):
+        p = s.previewing
+        detail = (f"previewing… (step {p.step}: {p.count} prompt(s), up to {p.max_new_tokens} new tokens; "
+                  "training and commands wait for it)")
     if s.crashed:
         detail = "the engine is gone" + (f" (last status: {s.status_message})" if s.status_message else "")
     return assemble(data(s.folder or s.run, "bold", limit=60), "  ", data(shown.upper(), STATE_STYLE.get(shown, "bold"), limit=20),

@@ -10,7 +10,7 @@ import time
 import msgspec
 
 from engine.config import TrainConfig
-from engine.protocol import Eval, Preview, SetPreviewParams
+from engine.protocol import MAX_NEW_TOKENS_MAX, Eval, Preview, PreviewStart, SetPreviewParams
 from engine.worker.dist import Dist
 from engine.worker.report import Report
 
@@ -62,7 +62,10 @@ class Previews:
     collectives, so every rank gives the same answer)."""
 
     def __init__(self, rows: list, params: PreviewParams, cfg: TrainConfig, d: Dist, fmt, out: Report) -> None:
-        self.rows, self.params, self.cfg, self.d, self.fmt, self.out = rows, params, cfg, d, fmt, out
+        self.rows, self.cfg, self.d, self.fmt, self.out = rows, cfg, d, fmt, out
+        self.positions = 0  # the model's positions (0: not known yet): prompt + new tokens stay within them
+        self._capped: tuple | None = None  # (asked, cap) said last
+        self.params = params
         self.cost = 0.0  # seconds the last previews took (all ranks agree)
         self.since = 0.0  # training seconds since then (slowest rank)
         self.pending = False  # due, waiting for its budget
@@ -70,6 +73,44 @@ class Previews:
         # the fast decoder, kept from one preview to the next: its cache and captured graph are made once
         # and read the live adapter (the optimizer updates its weights in place) at every replay
         self._decoder = None
+
+    @property
+    def params(self) -> PreviewParams:
+        """The preview parameters in force. Whatever sets them (the config, ``set_preview_params``, a resumed
+        run's saved ones) is held to the protocol's limit and to the model's positions less the longest
+        preview prompt: a longer max_new_tokens is cut to that, and said (the ack carries the cut value)."""
+        return self._params
+
+    @params.setter
+    def params(self, value: PreviewParams) -> None:
+        cap = self.most_new_tokens()
+        if value.max_new_tokens > cap:
+            if self._capped != (value.max_new_tokens, cap):
+                longest = max((len(r[0]) for r in self.rows), default=0)
+                why = (f"the model's {self.positions} positions less the longest preview prompt ({longest} tokens)"
+                       if cap < MAX_NEW_TOKENS_MAX else f"the most a preview may generate ({MAX_NEW_TOKENS_MAX})")
+                self.out.say(f"previews' max_new_tokens {value.max_new_tokens} cut to {cap}: {why}", level="warning")
+            self._capped = (value.max_new_tokens, cap)
+            value = msgspec.structs.replace(value, max_new_tokens=cap)
+        self._params = value
+
+    def most_new_tokens(self) -> int:
+        """The most new tokens a preview may ask for: the protocol's limit, and (once the model is known)
+        what its positions leave after the longest preview prompt (at least 1)."""
+        cap = MAX_NEW_TOKENS_MAX
+        if self.positions and self.rows:
+            cap = min(cap, max(self.positions - max(len(r[0]) for r in self.rows), 1))
+        return cap
+
+    def limit_to(self, model) -> None:
+        """The model's positions (its language model's ``max_position_embeddings``) bound the previews from
+        now on."""
+        config = getattr(model, "config", None)
+        config = getattr(config, "text_config", None) or config  # Voxtral: the language model's
+        positions = getattr(config, "max_position_embeddings", None)
+        if isinstance(positions, int) and positions > 0:
+            self.positions = positions
+            self.params = self._params
 
     def affordable(self) -> bool:
         b = self.cfg.preview_budget
@@ -102,6 +143,8 @@ class Previews:
         if not self.rows:
             return
         d, p, fmt = self.d, self.params, self.fmt
+        if d.main:  # training waits for these: readers can say so until their preview events come
+            self.out.emit(PreviewStart(step=step, count=len(self.rows), max_new_tokens=int(p.max_new_tokens)))
         mine = list(range(d.rank, len(self.rows), d.world))  # spread over the ranks
         seed = self.cfg.seed + step
         texts = []

@@ -144,6 +144,7 @@ class Trainer:
         self.model, removed = load_model(cfg, d.device)
         self.model.train()
         self.log(f"model loaded in {time.perf_counter() - t0:.1f}s")
+        self.previews.limit_to(self.model)  # preview lengths within the model's positions
         if cfg.grad_ckpt:
             from engine.worker.modeling import checkpoint_place, checkpointed_layers
 
