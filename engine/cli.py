@@ -171,8 +171,9 @@ def _eval_parsers(sub) -> None:
                    help="every complete checkpoint: a table of metrics by step")
     p.add_argument("--data", metavar="FILE", help="JSONL rows with the reference in output")
     p.add_argument("--jsonl", metavar="FILE", help=argparse.SUPPRESS)
-    p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>; with "
-                                  "--all-checkpoints, NAME-checkpoint-N)")
+    p.add_argument("--name", help="the folder under infer/ (default: <checkpoint>-<data file>, or <that>-2, -3, … "
+                                  "when it holds results of other settings: they are kept; with --all-checkpoints, "
+                                  "NAME-checkpoint-N). A NAME holding results of other settings is refused")
     p.add_argument("--batch_size", type=_positive_int, default=None,
                    help="rows decoded together, continuously refilled as rows finish (default: 64 on a GPU, 8 on "
                         "the CPU)")

@@ -357,3 +357,68 @@ def test_run_inference_from_the_engine(tmp_path, tiny_model, run):
     assert set(done["metrics"]) >= {"rougeL", "bleu", "distinct_1", "distinct_2", "perplexity"}
     assert (r / "infer" / "checkpoint-2-val" / "metrics.json").is_file()
     assert client.send(Stop()).status == "ok"
+
+
+def test_a_job_of_other_settings_is_never_replaced(tmp_path, capsys):
+    """infer/<name> holding results of other settings is kept: the default name moves on to <name>-2, -3, …
+    (a folder holding this very job is resumed, an empty one reused); a --name given is refused in one line
+    that says what differs and names --name."""
+    from engine.eval.infer import job_name
+    from engine.util import UsageError
+
+    infer_dir = tmp_path / "infer"
+    params = {"checkpoint": "checkpoint-3", "data": "v.jsonl", "data_sha256": "a" * 64, "max_new_tokens": 128,
+              "temperature": 0.0, "top_p": 1.0, "seed": 0, "batch_size": 8}
+
+    def job(name, results=True, **changes):
+        d = infer_dir / name
+        d.mkdir(parents=True)
+        (d / "params.json").write_text(json.dumps({**params, **changes}))
+        (d / "generations.jsonl").write_text('{"index": 0, "prediction": "x"}\n' if results else "")
+        if results:
+            (d / "metrics.json").write_text("{}")
+
+    assert job_name(infer_dir, None, "checkpoint-3-v", params) == "checkpoint-3-v"  # nothing there
+    job("checkpoint-3-v", max_new_tokens=16)
+    assert job_name(infer_dir, None, "checkpoint-3-v", params) == "checkpoint-3-v-2"
+    said = capsys.readouterr().err
+    assert "checkpoint-3-v holds a job with other settings (max_new_tokens 16, not 128): kept" in said
+    job("checkpoint-3-v-2")  # this very job, done before: resumed there, not a third folder
+    assert job_name(infer_dir, None, "checkpoint-3-v", params) == "checkpoint-3-v-2"
+    job("empty", results=False, seed=5)  # other settings but no results: nothing to lose
+    assert job_name(infer_dir, "empty", "x", params) == "empty"
+    with pytest.raises(UsageError) as e:
+        job_name(infer_dir, "checkpoint-3-v", "x", params)
+    assert "holds a job with other settings (max_new_tokens 16, not 128): give another --name" in str(e.value)
+    job("changed", data_sha256="b" * 64)
+    with pytest.raises(UsageError, match=r"\(the data file has changed since\)"):
+        job_name(infer_dir, "changed", "x", params)
+
+
+def test_the_dashboards_infer_keeps_an_earlier_cli_job(run, tmp_path):
+    """`voxtui infer --checkpoint 3 --max_new_tokens 4` (CLI), then the dashboard's *Infer selected* on
+    checkpoint-3 (the command line it starts without an engine, no --name; the engine's has none either;
+    --max_new_tokens 6 in place of its default 128, for time): both results stay, each in its folder; the
+    CLI with --name naming the dashboard's folder is refused, exit 2, one line."""
+    from app.screens.run import RunScreen
+
+    out, val = run
+    shutil.rmtree(out / "infer", ignore_errors=True)
+    cli = voxtui("infer", "--run", out, "--checkpoint", "3", "--data", val, "--max_new_tokens", "4")
+    assert cli.returncode == 0, cli.stderr
+    first = out / "infer" / f"checkpoint-3-{val.stem}"
+    kept = (first / "metrics.json").read_bytes()
+    argv = RunScreen.infer_args(None, 3, str(val), str(out))  # what the dashboard runs without an engine
+    assert "--name" not in argv
+    dash = voxtui("infer", *argv, "--max_new_tokens", "6")
+    assert dash.returncode == 0, dash.stderr
+    assert "holds a job with other settings (max_new_tokens 4, not 6): kept" in dash.stderr
+    second = out / "infer" / f"checkpoint-3-{val.stem}-2"
+    assert (first / "metrics.json").read_bytes() == kept
+    assert json.loads((first / "params.json").read_text())["max_new_tokens"] == 4
+    assert json.loads((second / "metrics.json").read_text())["params"]["max_new_tokens"] == 6
+    again = voxtui("infer", "--run", out, "--checkpoint", "3", "--data", val, "--max_new_tokens", "4",
+                   "--name", second.name)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "give another --name" in again.stderr
+    assert json.loads((second / "params.json").read_text())["max_new_tokens"] == 6

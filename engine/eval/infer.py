@@ -101,14 +101,14 @@ def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | N
     dev = pick_device(device)
     batch_size = batch_size or (BATCH_GPU if dev.type == "cuda" else BATCH_CPU)
     cfg = run_config(run_dir)
-    name = name or f"{ckpt.name}-{Path(data).stem}"
-    out_dir = run_dir / "infer" / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "batch_size": batch_size}
     if nproc > 1 and temperature > 0:
         params["nproc"] = nproc  # a sampled row depends on the batch it falls in
+    name = job_name(run_dir / "infer", name, f"{ckpt.name}-{Path(data).stem}", params)
+    out_dir = run_dir / "infer" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
     done = _resume(out_dir, params)
     fold_shards(out_dir, done)  # what a stopped --nproc job's shards wrote
 
@@ -170,9 +170,59 @@ SAMPLES = 5  # sample generations carried by the "finished" event, for the dashb
 FINISHED_METRICS = ("rougeL", "bleu", "distinct_1", "distinct_2", "perplexity")  # carried by the "finished" event
 
 
+def other_job(out_dir: Path, params: dict) -> dict | None:
+    """The parameters of the job ``out_dir`` holds when they are not ``params`` and it holds results (rows
+    generated, metrics, a stopped --nproc job's shards); None when the folder is free for these (absent,
+    empty, or the same job: it resumes). Unreadable parameters beside results count as another job."""
+    if not out_dir.is_dir():
+        return None
+    gen = out_dir / "generations.jsonl"
+    held = (out_dir / "metrics.json").exists() or (gen.exists() and gen.stat().st_size > 0) \
+        or (out_dir / "shards").is_dir()
+    try:
+        old = json.loads((out_dir / "params.json").read_text())
+    except (OSError, ValueError):
+        old = None
+    if old == params or not held:
+        return None
+    return old if isinstance(old, dict) else {}
+
+
+def settings_diff(old: dict, params: dict) -> str:
+    """How a job's settings differ from these, in words (``max_new_tokens 16, not 128``)."""
+    said = [f"{k} {old.get(k, '?')}, not {params[k]}" for k in params if k != "data_sha256" and old.get(k) != params[k]]
+    if not said and old.get("data_sha256") != params.get("data_sha256"):
+        said.append("the data file has changed since")
+    return "; ".join(said) or "other settings"
+
+
+def job_name(infer_dir: Path, name: str | None, default: str, params: dict) -> str:
+    """The folder under infer/ for a job: ``name`` as given (refused when it holds results of other
+    settings: they are never replaced unasked), else ``default``, or when that holds results of other
+    settings (say a CLI job with another --max_new_tokens) the first of ``default-2``, ``default-3``, …
+    that is free or holds this very job. Nothing a job left is ever deleted here."""
+    if name is not None:
+        old = other_job(infer_dir / name, params)
+        if old is not None:
+            raise UsageError(f"{infer_dir / name} holds a job with other settings ({settings_diff(old, params)}): "
+                             f"give another --name, or delete that folder to replace it")
+        return name
+    candidate, n = default, 1
+    while (old := other_job(infer_dir / candidate, params)) is not None:
+        n += 1
+        if n == 2:
+            first = (candidate, old)
+        candidate = f"{default}-{n}"
+    if n > 1:
+        print(f"infer: {infer_dir / first[0]} holds a job with other settings ({settings_diff(first[1], params)}): "
+              f"kept; this one goes to {infer_dir / candidate}", file=sys.stderr)
+    return candidate
+
+
 def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
     """The rows a job with the same ``params`` already generated (by index), with generations.jsonl
-    rewritten to hold only them (a torn last line is gone); a job with other parameters starts afresh."""
+    rewritten to hold only them (a torn last line is gone); a folder without them starts afresh (``job_name``
+    never picks one that holds another job's results)."""
     gen_path, state_path = out_dir / "generations.jsonl", out_dir / "params.json"
     done: dict[int, dict] = {}
     if gen_path.exists() and state_path.exists() and json.loads(state_path.read_text()) == params:
@@ -183,9 +233,6 @@ def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
             except (ValueError, KeyError):
                 break  # a torn last line: regenerate from there
     else:
-        if gen_path.exists():
-            print(f"infer: {out_dir} held a job with other settings: it starts afresh (--name keeps both)",
-                  file=sys.stderr)
         gen_path.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "shards", ignore_errors=True)  # a stopped --nproc job's rows, other parameters
         with atomic_write(state_path) as f:
