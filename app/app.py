@@ -56,15 +56,19 @@ class VoxApp(App):
         self.push_screen(RunScreen(message.path))
 
     def get_system_commands(self, screen):
+        """Textual's commands, and on a run the dashboard's own: the engine's commands only while an engine
+        can take them (as the footer shows their keys: ``RunScreen.check_action``), since choosing one here
+        runs it without asking the footer."""
         yield from super().get_system_commands(screen)
         if isinstance(screen, RunScreen):
             for name, action, help_text in (
-                ("Preview now", screen.action_preview_now, "generate previews at the next step"),
-                ("Save checkpoint", screen.action_save, "save at the next step"),
-                ("Evaluate now", screen.action_eval_now, "validation loss at the next step"),
-                ("Pause / resume", screen.action_pause, "pause or resume training"),
-                ("Stop run", screen.action_stop, "save, then stop (asks first)"),
-                ("Save screen as SVG", screen.action_export_svg, "into the run folder (key o)"),
-                ("Keys", screen.action_help, "show the keys"),
+                ("Preview now", "preview_now", "generate previews at the next step"),
+                ("Save checkpoint", "save", "save at the next step"),
+                ("Evaluate now", "eval_now", "validation loss at the next step"),
+                ("Pause / resume", "pause", "pause or resume training"),
+                ("Stop run", "stop", "save, then stop (asks first)"),
+                ("Save screen as SVG", "export_svg", "into the run folder (key o)"),
+                ("Keys", "help", "show the keys"),
             ):
-                yield SystemCommand(name, help_text, action)
+                if screen.check_action(action, ()):  # False: ended; None: the engine lost or not yet seen
+                    yield SystemCommand(name, help_text, getattr(screen, f"action_{action}"))

@@ -156,3 +156,46 @@ def test_slash_goes_into_the_events_filter_and_the_logs_search(replayed):
 
     seen = asyncio.run(flow())
     assert seen == {"6": ("ev-filter", "pe"), "0": ("log-search", "pe"), "1": (None, None)}, seen
+
+
+def test_the_command_palette_lists_the_engines_commands_only_while_an_engine_can_take_them(tmp_path):
+    """On an ended run (no engine) Ctrl+P offers no Save checkpoint, Preview now, Evaluate now, Pause /
+    resume or Stop run (choosing one could only fail: "the engine is not running"), as the footer hides
+    their keys; with an engine serving a running run they are there."""
+    from synthetic_runs import make_run
+    from textual.command import CommandPalette
+    from textual.widgets import OptionList
+
+    from app.app import VoxApp
+
+    engine_commands = {"Preview now", "Save checkpoint", "Evaluate now", "Pause / resume", "Stop run"}
+    run = make_run(tmp_path, "ended", steps=6)
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(100, 30)) as pilot:
+            for _ in range(100):
+                if app.state.state == "finished" and app.state.engine_live is False:
+                    break
+                await pilot.pause(0.05)
+            assert app.state.state == "finished"
+            listed = {c.title for c in app.get_system_commands(app.screen)}
+            assert not listed & engine_commands and "Save screen as SVG" in listed
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.3)
+            assert isinstance(app.screen, CommandPalette)
+            await pilot.press(*"save")
+            await pilot.pause(0.5)
+            shown = [str(o.prompt).split("\n")[0] for o in app.screen.query_one(OptionList).options]
+            assert shown == ["Save screen as SVG"], shown
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            # a running run that an engine serves (as if): the commands are offered
+            run_screen = app.screen
+            app.state.state, app.state.engine_live = "running", True
+            listed = {c.title for c in app.get_system_commands(run_screen)}
+            assert engine_commands <= listed
+            await pilot.press("q")
+
+    asyncio.run(flow())
