@@ -199,3 +199,45 @@ def test_the_command_palette_lists_the_engines_commands_only_while_an_engine_can
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_tab_from_nothing_goes_into_the_previews_first_field_not_the_tab_strip(tmp_path):
+    """On the Previews tab, Tab goes into the temperature field (the tab strip takes no focus: digits switch
+    tabs and a click still does), so the digits typed next are the field's text; Escape leaves it and a
+    digit switches tabs again."""
+    from synthetic_runs import make_run
+    from textual.widgets import Input, TabbedContent, Tabs
+
+    from app.app import VoxApp
+
+    run = make_run(tmp_path, "ended", steps=6)
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(100, 30)) as pilot:
+            for _ in range(100):
+                if app.state.state == "finished":
+                    break
+                await pilot.pause(0.05)
+            tabs = app.screen.query_one(TabbedContent)
+            await pilot.press("3")
+            await pilot.pause(0.2)
+            assert tabs.active == "previews" and app.focused is None
+            await pilot.press("tab")
+            await pilot.pause(0.2)
+            field = app.screen.query_one("#pv-temperature", Input)
+            assert app.focused is field
+            field.value = ""
+            await pilot.press("1", "full_stop", "5")
+            await pilot.pause(0.2)
+            assert field.value == "1.5" and tabs.active == "previews"
+            await pilot.press("escape", "5")
+            await pilot.pause(0.2)
+            assert tabs.active == "preflight"
+            await pilot.click(Tabs, offset=(2, 0))  # a click on the strip still switches (to the first tab)
+            await pilot.pause(0.2)
+            assert tabs.active == "overview" and not isinstance(app.focused, Tabs)
+            await pilot.press("q")
+
+    asyncio.run(flow())

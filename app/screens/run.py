@@ -15,7 +15,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Header, Input, Static, TabbedContent, TabPane, Tabs
 
 from app.messages import (
     CommandReplied,
@@ -143,6 +143,10 @@ class RunScreen(Screen):
     def on_mount(self) -> None:
         self.title = "voxtui — " + plain(self.run_dir.name, limit=60)
         self.query_one("#banner", Static).display = False
+        # the tab strip takes no focus: digits switch tabs (and a click still does), so Tab goes from nothing
+        # into the tab's own widgets (the Previews' first field) instead of the strip, where digits typed
+        # next would switch tabs rather than go into the field
+        self.query_one(TabbedContent).query_one(Tabs).can_focus = False
         self.show_preflight()
         self.query_one(Logs).run_dir = self.run_dir
         self.follow()
