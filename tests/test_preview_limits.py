@@ -186,3 +186,50 @@ def test_the_dashboard_says_previewing_between_start_and_result():
     raw = event_encoder.encode(PreviewStart(seq=6, step=1, count=2, max_new_tokens=3))
     assert decode_event(raw).type == "preview_start"
     assert decode_event(raw.replace(b"preview_start", b"preview_later")) is None
+
+
+def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
+    """Emptying a preview input and pressing Enter sends nothing and the field shows the value in force
+    again (never "these are the values in force" beside a field showing only its placeholder); beside a
+    real change, the emptied one is unchanged too."""
+    from textual.app import App
+    from textual.widgets import Input, Static
+
+    from app.widgets.previews import Previews
+
+    sent = []
+
+    class Host(App):
+        def compose(self):
+            yield Previews()
+
+        def on_previews_params_requested(self, m):
+            sent.append(m.changed)
+
+    async def flow():
+        app = Host()
+        async with app.run_test() as pilot:
+            pv = app.query_one(Previews)
+            app.set_focus(None)  # (this host focused the first input: fill leaves a focused one alone)
+            pv.fill({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64})
+            box = pv.query_one("#pv-max", Input)
+            box.focus()
+            await pilot.press("ctrl+u")  # the whole text gone (Input: delete to the start)
+            await pilot.press(*["backspace"] * 3, "enter")
+            await pilot.pause()
+            reply = str(pv.query_one("#pv-reply", Static).render())
+            assert box.value == "64" and sent == []
+            assert reply == "unchanged nothing to send: an empty field keeps its value in force (shown again)"
+            pv.query_one("#pv-top-p", Input).value = ""
+            pv.query_one("#pv-temperature", Input).value = "0.2"
+            pv.apply()
+            await pilot.pause()
+            assert sent == [{"temperature": 0.2}] and pv.query_one("#pv-top-p", Input).value == "0.9"
+        fresh = Host()
+        async with fresh.run_test() as pilot:  # no values known yet (no run_info): said so, the field stays empty
+            pv = fresh.query_one(Previews)
+            pv.apply()
+            await pilot.pause()
+            assert "keeps its value in force (not known yet)" in str(pv.query_one("#pv-reply", Static).render())
+
+    asyncio.run(flow())

@@ -3,7 +3,8 @@ controls for temperature / top-p / max new tokens and "preview now".
 
 The inputs show the values in force (the run's config, then the latest accepted change: the ``ack`` of
 ``set_preview_params`` carries them); Apply sends only the fields the user changed (a missing field is
-unchanged for the engine). An input being edited is never overwritten by news from the run."""
+unchanged for the engine; an input left empty is unchanged too, and Apply shows its value in force again).
+An input being edited is never overwritten by news from the run."""
 
 from __future__ import annotations
 
@@ -102,11 +103,31 @@ class Previews(Vertical):
         if isinstance(v, str):
             self.show_reply("error", v)
             return
+        emptied = self.refill_empty()
         if not v:
-            self.show_reply("unchanged", "nothing to send: these are the values in force")
+            if not emptied:
+                why = "these are the values in force"
+            elif all(emptied.values()):  # an emptied field is "unchanged": it shows the value in force again
+                why = "an empty field keeps its value in force (shown again)"
+            else:
+                why = "an empty field keeps its value in force (not known yet)"
+            self.show_reply("unchanged", f"nothing to send: {why}")
             return
         self.show_reply("pending", "sent " + ", ".join(f"{k}={v[k]:g}" for k in v) + "; applied when the engine replies ok")
         self.post_message(self.ParamsRequested(v))
+
+    def refill_empty(self) -> dict:
+        """Each empty input (unchanged, for Apply) filled again with the value in force it was last filled
+        with; returns field → whether that value was known (an input never filled stays empty)."""
+        out = {}
+        for input_id, key, _, _, _ in FIELDS:
+            box = self.query_one(f"#{input_id}", Input)
+            if box.value.strip():
+                continue
+            out[key] = key in self._filled
+            if out[key]:
+                box.value = self._filled[key]
+        return out
 
     @on(Button.Pressed, "#pv-now")
     def now(self) -> None:
