@@ -241,3 +241,40 @@ def test_tab_from_nothing_goes_into_the_previews_first_field_not_the_tab_strip(t
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_at_40x12_the_tab_strip_has_no_scrollbar_and_the_previews_thumb_is_the_details(tmp_path):
+    """A new user saw "▃▃" at 40×12 on the Previews tab: it is the thumb of the preview detail's own
+    vertical scrollbar (its text is taller than the 4 rows it gets), not the tab strip's. Every tab at
+    40×12: nothing on the strip's rows (1 and 2) shows a scrollbar."""
+    from synthetic_runs import make_run
+    from textual.scrollbar import ScrollBar
+
+    from app.app import VoxApp
+
+    run = make_run(tmp_path, "ended", steps=6)
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(40, 12)) as pilot:
+            for _ in range(100):
+                if app.state.state == "finished":
+                    break
+                await pilot.pause(0.05)
+            for key in KEYS:
+                await pilot.press(key)
+                await pilot.pause(0.2)
+                for w in app.screen.query("*"):
+                    r = w.region
+                    if r.area and r.y <= 2 and r.bottom > 1:
+                        assert not (w.show_vertical_scrollbar or w.show_horizontal_scrollbar), (key, w)
+            await pilot.press("3")
+            await pilot.pause(0.2)
+            detail = app.screen.query_one("#pv-detail")
+            assert detail.show_vertical_scrollbar and detail.virtual_size.height > detail.size.height
+            bar, _ = app.screen.get_widget_at(detail.region.right - 1, detail.region.y)
+            assert isinstance(bar, ScrollBar) and bar.parent is detail
+            await pilot.press("q")
+
+    asyncio.run(flow())
