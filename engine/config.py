@@ -252,7 +252,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
         for field in ("temperature", "top_p", "max_new_tokens"):
             for problem in preview_param_problems(**{field: getattr(self, field)}, got=True,
                                                   names={field: name(field)}):
-                add(field, problem)
+                # a run's file can hold a value allowed when it was written (max_new_tokens went to 512)
+                add(field, problem + (f"; --{field} given with the command replaces the file's value"
+                                      if field in files else ""))
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad or not self.lora_targets:
             add("lora_targets", f"{name('lora_targets')} must be among {','.join(LORA_TARGETS)} "

@@ -319,3 +319,26 @@ def test_preflight_fails_an_output_dir_that_holds_a_run(tmp_path):
     checks = {c["name"]: c for c in preflight(cfg)["checks"]}
     assert checks["output_dir"]["level"] == "fail" and f"voxtui run --resume {run}" in checks["output_dir"]["message"]
     assert "output_dir" not in {c["name"] for c in preflight(cfg, written=True)["checks"]}
+
+
+def test_a_resumed_runs_saved_preview_length_past_todays_limit_says_the_flag_that_replaces_it(tmp_path):
+    """A run saved when previews could be 4096 tokens long (the limit is 512 now): `--resume` names the file's
+    value and the flag that replaces it; given, the flag wins."""
+    from engine.cli import build_parser
+    from engine.config import resolve
+    from engine.runs import merge_saved_config
+    from engine.util import UsageError
+
+    train = write_jsonl(tmp_path / "t.jsonl", rows(4))
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.toml").write_text(f'train_jsonl = "{train}"\nmax_new_tokens = 1000\n')
+    args = build_parser().parse_args(["run", "--resume", str(run)])
+    merge_saved_config(args, run)
+    with pytest.raises(UsageError) as e:
+        resolve(args)
+    assert str(e.value) == (f"{run / 'config.toml'}: max_new_tokens must be in [1, 512] (got 1000); "
+                            "--max_new_tokens given with the command replaces the file's value")
+    args = build_parser().parse_args(["run", "--resume", str(run), "--max_new_tokens", "256"])
+    merge_saved_config(args, run)
+    assert resolve(args).max_new_tokens == 256
