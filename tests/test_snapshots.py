@@ -77,14 +77,15 @@ def test_tab_snapshot(snap_compare, replayed, size, key):
     assert snap_compare(VoxApp(str(replayed)), terminal_size=size, run_before=settle)
 
 
-@pytest.fixture(scope="module")
-def picker_runs(tmp_path_factory):
+@pytest.fixture
+def picker_runs(tmp_path):
     """Two copies of the recorded run under one runs folder, 5 minutes and 2 hours old (by mtime, which is
-    what the picker's age reads), so the ages in the picture are fixed."""
+    what the picker's age reads), so the ages in the picture are fixed. Made for each test: stamped once for
+    the module, the ages grew with the tests run before (a minute of them showed "6m", not "5m")."""
     import os
     import shutil
 
-    root = tmp_path_factory.mktemp("picker") / "runs"
+    root = tmp_path / "runs"
     now = time.time()
     for name, age in (("alpha", 300), ("beta", 7200)):
         shutil.copytree(RECORDED, root / name)
