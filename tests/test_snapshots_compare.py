@@ -11,11 +11,12 @@ from synthetic_runs import make_run
 from conftest import until_still
 
 
-@pytest.fixture(scope="module")
-def compare_runs(tmp_path_factory):
+@pytest.fixture
+def compare_runs(tmp_path):
     """A finished baseline, a finished run with a long name and other hyperparameters, and a crashed one;
-    their mtimes fixed (the picker sorts and ages by them) so the pictures are the same on every run."""
-    root = tmp_path_factory.mktemp("snapcompare") / "runs"
+    their mtimes fixed (the picker sorts and ages by them) so the pictures are the same on every run (made for
+    each test: ages stamped once for the module grow with the tests before)."""
+    root = tmp_path / "runs"
     make_run(root, "baseline", inference={4: {"rougeL": 0.3, "bleu": 2.0}}, infer_files={8: {"rougeL": 0.4, "bleu": 3.0}})
     make_run(root, "lower-lr-rank-32-with-a-really-quite-long-descriptive-name", loss0=5.0, decay=0.1, tokens=600,
              config_changes={"lr": 0.001, "lora_r": 32, "lora_alpha": 64}, inference={4: {"rougeL": 0.2, "bleu": 1.0}})
