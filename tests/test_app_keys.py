@@ -271,6 +271,11 @@ def test_at_40x12_the_tab_strip_has_no_scrollbar_and_the_previews_thumb_is_the_d
                         assert not (w.show_vertical_scrollbar or w.show_horizontal_scrollbar), (key, w)
             await pilot.press("3")
             await pilot.pause(0.2)
+            # the controls take two rows here: max, Apply and Preview now were cut off past column 40
+            controls = list(app.screen.query("#pv-controls > *"))
+            assert len(controls) == 8 and all(0 <= w.region.x and w.region.right <= 40 and w.region.area
+                                              for w in controls), [(w, w.region) for w in controls]
+            assert len({w.region.y for w in app.screen.query("#pv-controls Button")}) == 1
             detail = app.screen.query_one("#pv-detail")
             assert detail.show_vertical_scrollbar and detail.virtual_size.height > detail.size.height
             bar, _ = app.screen.get_widget_at(detail.region.right - 1, detail.region.y)

@@ -59,6 +59,11 @@ class Previews(Vertical):
         self.in_force: dict = {}  # field → the value in force that the input was last filled with
         self._filled: dict = {}  # field → the text put into the input then
 
+    NARROW = 72  # columns the controls' one row needs; below, they take two (app.tcss: Previews.-narrow)
+
+    def on_resize(self, event) -> None:
+        self.set_class(event.size.width < self.NARROW, "-narrow")
+
     def fill(self, params: dict) -> None:
         """Show the values in force, except in an input that is focused or holds the user's own edit."""
         focused = self.app.focused
