@@ -9,7 +9,7 @@ import time
 import pytest
 from test_snapshots import RECORDED, recorded_checkpoints
 
-from conftest import ROOT
+from conftest import ROOT, pilot_wait
 
 TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events", "charts", "evals", "config", "logs")
 KEYS = "1234567890"
@@ -216,10 +216,7 @@ def test_tab_from_nothing_goes_into_the_previews_first_field_not_the_tab_strip(t
         app = VoxApp(str(run))
         app.animation_level = "none"
         async with app.run_test(size=(100, 30)) as pilot:
-            for _ in range(100):
-                if app.state.state == "finished":
-                    break
-                await pilot.pause(0.05)
+            await pilot_wait(pilot, lambda: app.state.state == "finished", timeout=10, every=0.05)
             tabs = app.screen.query_one(TabbedContent)
             await pilot.press("3")
             await pilot.pause(0.2)
@@ -258,10 +255,7 @@ def test_at_40x12_the_tab_strip_has_no_scrollbar_and_the_previews_thumb_is_the_d
         app = VoxApp(str(run))
         app.animation_level = "none"
         async with app.run_test(size=(40, 12)) as pilot:
-            for _ in range(100):
-                if app.state.state == "finished":
-                    break
-                await pilot.pause(0.05)
+            await pilot_wait(pilot, lambda: app.state.state == "finished", timeout=10, every=0.05)
             for key in KEYS:
                 await pilot.press(key)
                 await pilot.pause(0.2)
