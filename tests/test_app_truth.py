@@ -260,3 +260,40 @@ def test_a_straggler_is_only_a_rank_clearly_slower_than_the_others():
     assert straggler([0.30, 0.45]) == 1
     assert straggler([1.0, 1.02, 0.98, 1.6]) == 3
     assert straggler([1.0, 1.1, 0.95, 1.15]) is None
+
+
+def test_a_run_whose_orphaned_workers_were_stopped_shows_no_engine_lost_banner(tmp_path):
+    """Attached while the engine is killed (ENGINE LOST, then its orphaned workers named), then `engine stop`
+    stops the workers and their spooled "stopped" is stored: the run has ended, nothing is lost — the red
+    "reconnecting…" banner once stayed on a STOPPED run for good."""
+    from synthetic_runs import make_run
+
+    from app.app import VoxApp
+    from app.messages import EngineLost, EngineSeen, EventsReceived
+    from engine.protocol import Status
+
+    run = make_run(tmp_path, "orphans", steps=6, state="running")
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.state == "running" and app.state.engine_live is False)
+            screen = app.screen
+            banner = screen.query_one("#banner")
+            screen.post_message(EngineSeen(True, 4242))
+            screen.post_message(EngineLost("no heartbeat from the engine for 3 s"))
+            await pilot_wait(pilot, lambda: banner.display and "reconnecting" in str(banner.render()))
+            screen.post_message(EngineSeen(False, 4242, (4243, 4244)))
+            await pilot_wait(pilot, lambda: "its workers (pid 4243, 4244)" in " ".join(str(banner.render()).split()))
+            screen.post_message(EngineSeen(False, 4242, ()))
+            stopped = Status(seq=app.state.last_seq + 1, time=time.time(), state="finished", outcome="stopped",
+                             message="stopped on request")
+            screen.post_message(EventsReceived([stopped]))
+            await pilot_wait(pilot, lambda: app.state.shown_state == "stopped")
+            await pilot.pause(0.3)
+            assert not banner.display, banner.render()
+            assert "ENGINE LOST" not in screen_text(app.export_screenshot())
+            await pilot.press("q")
+
+    asyncio.run(flow())

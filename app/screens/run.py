@@ -175,6 +175,10 @@ class RunScreen(Screen):
                 self._scan_soon = True
             if ev.time >= self._since - NOTIFY_SLACK_S:
                 self.maybe_notify(ev)
+        if state.state in FINAL and state.engine_live is False and self._lost_reason:
+            # the run ended with no engine (its orphaned workers stopped and were stored): nothing is lost now
+            self._lost_reason = ""
+            self.show_banner()
         self.mark_dirty()
 
     def mark_dirty(self) -> None:
