@@ -277,3 +277,38 @@ def test_at_40x12_the_tab_strip_has_no_scrollbar_and_the_previews_thumb_is_the_d
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_closing_the_stop_dialog_keeps_the_tab(tmp_path):
+    """`x` opens the stop dialog; closing it (n, Esc) leaves the tab that was open — Textual gave the focus,
+    with none to restore, to the first focusable widget, the GPUs tab's table, and the tabs switched to GPUs."""
+    from synthetic_runs import make_run
+    from textual.widgets import TabbedContent
+
+    from app.app import VoxApp
+    from app.messages import EngineSeen
+
+    run = make_run(tmp_path, "running", steps=6, state="running")
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.state == "running")
+            screen = app.screen
+            screen.post_message(EngineSeen(True, 4242))  # an engine: x is on
+            await pilot_wait(pilot, lambda: app.state.engine_live)
+            tabs = screen.query_one(TabbedContent)
+            for tab, key, close in (("overview", "1", "n"), ("previews", "3", "escape"), ("evals", "8", "n")):
+                await pilot.press(key)
+                await pilot.pause(0.2)
+                assert tabs.active == tab
+                await pilot.press("x")
+                await pilot_wait(pilot, lambda: app.screen is not screen)
+                await pilot.press(close)
+                await pilot_wait(pilot, lambda: app.screen is screen)
+                await pilot.pause(0.3)
+                assert tabs.active == tab, (tab, tabs.active, app.focused)
+            await pilot.press("q")
+
+    asyncio.run(flow())

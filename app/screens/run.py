@@ -72,6 +72,9 @@ DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read th
 
 
 class RunScreen(Screen):
+    # nothing takes focus by itself: Textual gives it to the first focusable widget when the screen comes back
+    # with none (a dialog closed), which was the GPUs tab's table — and the tabs then switched to GPUs
+    AUTO_FOCUS = ""
     BINDINGS = [
         *[Binding(key, f"tab('{t}')", title, show=False) for t, key, title in TABS],
         Binding("w", "window", "Window", show=False),
