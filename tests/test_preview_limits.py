@@ -233,3 +233,43 @@ def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
             assert "keeps its value in force (not known yet)" in str(pv.query_one("#pv-reply", Static).render())
 
     asyncio.run(flow())
+
+
+def test_a_change_from_another_client_while_a_field_is_edited_is_what_apply_compares_with():
+    """Another client sets max_new_tokens 450 while this dashboard's "max" field is being edited: the field
+    keeps the user's text, but the value in force follows the ack — emptied, the field shows 450, and 300
+    typed then is sent (it said "these are the values in force" and sent nothing, the engine staying at 450)."""
+    from textual.app import App
+    from textual.widgets import Input
+
+    from app.widgets.previews import Previews
+
+    sent = []
+
+    class Host(App):
+        def compose(self):
+            yield Previews()
+
+        def on_previews_params_requested(self, m):
+            sent.append(m.changed)
+
+    async def flow():
+        app = Host()
+        async with app.run_test() as pilot:
+            pv = app.query_one(Previews)
+            app.set_focus(None)
+            pv.fill({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 300})
+            box = pv.query_one("#pv-max", Input)
+            box.focus()
+            await pilot.press("ctrl+u", "7")  # being edited: "7"
+            pv.fill({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 450})  # another client's ack
+            await pilot.pause()
+            assert box.value == "7" and pv.in_force["max_new_tokens"] == 450
+            await pilot.press("ctrl+u", "backspace", "enter")  # emptied: unchanged, shows the value in force
+            await pilot.pause()
+            assert box.value == "450" and sent == []
+            await pilot.press("end", "ctrl+u", *"300", "enter")
+            await pilot.pause()
+            assert sent == [{"max_new_tokens": 300}]
+
+    asyncio.run(flow())

@@ -58,6 +58,7 @@ class Previews(Vertical):
         self._prompts: list = []
         self.in_force: dict = {}  # field → the value in force that the input was last filled with
         self._filled: dict = {}  # field → the text put into the input then
+        self._force_text: dict = {}  # field → the value in force as text (kept current while an input is edited)
 
     NARROW = 72  # columns the controls' one row needs; below, they take two (app.tcss: Previews.-narrow)
 
@@ -65,7 +66,9 @@ class Previews(Vertical):
         self.set_class(event.size.width < self.NARROW, "-narrow")
 
     def fill(self, params: dict) -> None:
-        """Show the values in force, except in an input that is focused or holds the user's own edit."""
+        """Show the values in force, except in an input that is focused or holds the user's own edit; the
+        values in force are kept either way (another client's change while a field is being edited is what
+        Apply compares with and what an emptied field shows again)."""
         focused = self.app.focused
         for input_id, key, parse, fmt, _ in FIELDS:
             if params.get(key) is None:
@@ -74,11 +77,11 @@ class Previews(Vertical):
                 text = fmt(params[key])
             except (TypeError, ValueError, OverflowError):
                 continue  # not a number: nothing to show
+            self.in_force[key], self._force_text[key] = parse(text), text
             box = self.query_one(f"#{input_id}", Input)
             edited = box.value != self._filled.get(key, "")
             if box is focused or (edited and box.value != text):
                 continue
-            self.in_force[key] = parse(text)
             self._filled[key] = text
             if box.value != text:
                 box.value = text
@@ -122,16 +125,16 @@ class Previews(Vertical):
         self.post_message(self.ParamsRequested(v))
 
     def refill_empty(self) -> dict:
-        """Each empty input (unchanged, for Apply) filled again with the value in force it was last filled
-        with; returns field → whether that value was known (an input never filled stays empty)."""
+        """Each empty input (unchanged, for Apply) filled again with the value in force; returns field →
+        whether that value was known (an input never filled stays empty)."""
         out = {}
         for input_id, key, _, _, _ in FIELDS:
             box = self.query_one(f"#{input_id}", Input)
             if box.value.strip():
                 continue
-            out[key] = key in self._filled
+            out[key] = key in self._force_text
             if out[key]:
-                box.value = self._filled[key]
+                box.value = self._filled[key] = self._force_text[key]
         return out
 
     @on(Button.Pressed, "#pv-now")
