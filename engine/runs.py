@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -191,10 +192,10 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
     more = f"--max_steps N (N above {done})" if cfg.max_steps else \
         f"--epochs E (E above {epochs:.3g}) or --max_steps N (N above {done})"
     if partway and cfg.max_steps:
-        raise UsageError(f"{run_dir} {said}; nothing to resume — give it more steps: voxtui run --resume {run_dir} "
+        raise UsageError(f"{run_dir} {said}; nothing to resume — give it more steps: voxtui run --resume {shlex.quote(str(run_dir))} "
                          f"{more}, or leave out --max_steps to train on to its {planned}")
     raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
-                     f"voxtui run --resume {run_dir} {more}")
+                     f"voxtui run --resume {shlex.quote(str(run_dir))} {more}")
 
 
 def engine_info(run_dir: Path) -> dict:
@@ -637,7 +638,7 @@ def summary(run_dir: Path) -> dict:
         if orphans:
             message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) are still training, "
                        "unseen by any engine, until they miss its heartbeat (--engine_timeout, 30 s by default), then "
-                       f"save and stop; to stop them now: voxtui engine stop {run_dir}")
+                       f"save and stop; to stop them now: voxtui engine stop {shlex.quote(str(run_dir))}")
     elif state == "new" and alive:
         state = "starting"
     cfg = {}

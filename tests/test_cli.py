@@ -139,3 +139,21 @@ def test_run_and_preflight_help_leave_out_the_engine_flag_they_set_themselves():
         assert "--engine ENGINE" not in voxtui(*cmd, "--help").stdout and "--engine_timeout" in voxtui(*cmd, "--help").stdout
     assert build_parser().parse_args(["run", "--engine", "x.json"]).engine == "x.json"  # still taken
     assert "--engine ENGINE" in worker_parser().format_help()
+
+
+def test_the_commands_a_user_is_told_to_copy_quote_a_path_with_spaces(tmp_path):
+    """`voxtui run --resume <run>` in a refusal, for a run folder whose path has a space and non-ASCII
+    letters: pasted into a shell it gives the folder back whole (it was printed unquoted)."""
+    import shlex
+
+    from engine.config import TrainConfig
+    from engine.runs import refuse_nothing_to_resume
+    from engine.util import UsageError
+
+    run = tmp_path / "sp ace ü" / "rün 1"
+    run.mkdir(parents=True)
+    with pytest.raises(UsageError) as e:
+        refuse_nothing_to_resume(run, TrainConfig(train_jsonl="x", epochs=1.0), 8, 4)
+    said = str(e.value)
+    command = said[said.index("voxtui run --resume"):]
+    assert shlex.split(command)[:4] == ["voxtui", "run", "--resume", str(run)], said

@@ -349,10 +349,10 @@ class RunScreen(Screen):
                 return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
                                 f"{', '.join(map(str, s.orphans))}) are still training, unseen by any engine, until they "
                                 "miss its heartbeat (about 30 s), "
-                                "then save and stop — `voxtui engine stop ", data(self.run_dir, limit=80),
+                                "then save and stop — `voxtui engine stop ", data(shlex.quote(str(self.run_dir)), limit=80),
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
-                            data(self.run_dir, limit=80), "` continues from the latest checkpoint")
+                            data(shlex.quote(str(self.run_dir)), limit=80), "` continues from the latest checkpoint")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
         return None

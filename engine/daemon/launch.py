@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if detach:
         pid = launch_detached(run_dir, args)
         print(run_dir)
-        print(f"engine {pid} runs detached; watch it with: voxtui attach {run_dir}", file=sys.stderr)
+        print(f"engine {pid} runs detached; watch it with: voxtui attach {shlex.quote(str(run_dir))}", file=sys.stderr)
         return 0
     from engine.daemon.engine import run_engine
 
@@ -149,7 +150,7 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
         return
     last = last_event(run_dir, "status")
     if what.startswith("its engine") and not (last and last.get("state") in FINAL):
-        raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {run_dir})")
+        raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {shlex.quote(str(run_dir))})")
     print(f"{run_dir}: waiting for {what} to exit…", file=sys.stderr)
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -92,8 +93,8 @@ def cmd_replay(args) -> int:
               str((run_dir / "engine.json").resolve()), "--rate", str(args.rate)]
     pid = launch_detached(run_dir, ["--worker_cmd", json.dumps(worker)])
     print(run_dir)
-    print(f"engine {pid} replays {events}; attach with: voxtui attach {run_dir}; "
-          f"end it with: voxtui engine stop {run_dir}", file=sys.stderr)
+    print(f"engine {pid} replays {events}; attach with: voxtui attach {shlex.quote(str(run_dir))}; "
+          f"end it with: voxtui engine stop {shlex.quote(str(run_dir))}", file=sys.stderr)
     return 0
 
 

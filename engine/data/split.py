@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import sys
 
 from engine.data.scan import data_format
@@ -114,7 +115,7 @@ def _why_none(path: str, dropped: list[dict]) -> str:
         counts[d["reason"]] = counts.get(d["reason"], 0) + 1
     first = dropped[0]
     return (f"{len(dropped)} row(s) dropped: " + ", ".join(f"{k} {n}" for k, n in counts.items())
-            + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {path}` lists them")
+            + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {shlex.quote(str(path))}` lists them")
 
 
 def _truncated(record: dict, fmt, target: list[int], keep: int) -> dict | None:

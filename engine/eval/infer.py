@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -345,7 +346,7 @@ def check_data(path: str) -> int:
             rows += 1
     if bad:
         line, kind, detail = bad[0]
-        more = f" (and {len(bad) - 1} more broken rows; `voxtui data audit {path}` lists them)" if len(bad) > 1 else ""
+        more = f" (and {len(bad) - 1} more broken rows; `voxtui data audit {shlex.quote(str(path))}` lists them)" if len(bad) > 1 else ""
         raise UsageError(f"{path}:{line}: {kind}: {detail}{more}")
     if not rows:
         raise UsageError(f"{path}: no rows (the file is empty or holds only blank lines)")

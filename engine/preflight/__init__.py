@@ -68,7 +68,7 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
     if not written and cfg.output_dir and (Path(cfg.output_dir) / "events.jsonl").exists():
         # what `voxtui run` refuses: a new run in a folder that holds one (a resume's preflight is ``written``)
         r.add("system", "output_dir", "fail", f"--output_dir {cfg.output_dir} already holds a run: continue it with "
-                                              f"voxtui run --resume {cfg.output_dir}, or give another --output_dir")
+                                              f"voxtui run --resume {shlex.quote(cfg.output_dir)}, or give another --output_dir")
     system = check_system(cfg, r)
     lengths, toks = check_data(cfg, r)  # each file tokenised once, into the worker's cache
     tok = check_plan(cfg, r, toks.get("train"))
