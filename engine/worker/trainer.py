@@ -118,6 +118,7 @@ class Trainer:
         self.cache_dir = cache_dir_for(cfg, self.run_dir)  # where preflight tokenised this file already
         self.feed = Feed.load(cfg, d, self.fmt, self.cache_dir, self.out)
         self.train_tok, self.total_steps = self.feed.tok, self.feed.run_plan.total_steps
+        self.train_print = rows_fingerprint(self.train_tok)  # checked on resume: the rows the position is in
         self.val_tok = tokenize_ranked(cfg.val_jsonl, self.fmt, cfg, self.cache_dir, d) if cfg.val_jsonl else None
         self.evaluator = Evaluator(self.val_tok, cfg, d, self.fmt, self.out)
         self.previews = Previews(preview_rows(cfg, self.fmt), PreviewParams.of(cfg), cfg, d, self.fmt, self.out)
@@ -225,11 +226,19 @@ class Trainer:
             self.log(f"resume: the run had {state.get('world_size')} ranks, now {d.world}: "
                      "the data order continues, but the result will not match an uninterrupted run exactly")
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, micro-batch {self.micro})")
+        then = state.get("train_rows")
+        if isinstance(then, dict) and then != self.train_print:
+            now = self.train_print
+            self.emit(Alert(level="warning", kind="data_changed",
+                            message=f"the training rows differ from those {path.name} was trained on "
+                                    f"({then.get('rows')} rows, {then.get('tokens')} tokens then; {now['rows']} rows, "
+                                    f"{now['tokens']} tokens now): training goes on from epoch {self.epoch}, "
+                                    f"micro-batch {self.micro} of the new rows' plan — not an exact resume"))
         lr = self.scheduler.get_last_lr()[0]
         # said with the run's "running" status: the console and the dashboard show where it goes on from
         self.resumed = f"resumed from {path.name} at step {self.step}, learning rate {lr:.3g}"
         if lr == 0 and self.step < self.total_steps:
-            self.emit(Alert(level="warn", kind="learning_rate",
+            self.emit(Alert(level="warning", kind="learning_rate",
                             message=f"the learning rate in force at step {self.step} is 0 (the schedule had decayed "
                                     f"to --min_lr_ratio {cfg.min_lr_ratio:g}): the steps after it change nothing"))
 
@@ -444,7 +453,7 @@ class Trainer:
                 "best_loss": best.best_loss if math.isfinite(best.best_loss) else None,
                 "best_step": best.best_step, "bad_evals": best.bad_evals, "preview": self.previews.params.to_dict(),
                 "total_steps": self.total_steps, "schedule": self.schedule.to_dict(), "reason": reason,
-                "time": time.time(), "model_id": cfg.model_id,
+                "time": time.time(), "model_id": cfg.model_id, "train_rows": self.train_print,
                 "config": {k: getattr(cfg, k) for k in cfg.__struct_fields__}}
 
     def cleanup(self, state: str, error: str = "") -> None:
@@ -470,6 +479,19 @@ class Trainer:
     # ---- small helpers
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0 and self.step < self.total_steps
+
+
+def rows_fingerprint(tok) -> dict:
+    """The tokenised training rows in brief (their count, tokens and a digest of both arrays): a resume
+    compares it with its checkpoint's, so a training file edited since is said, not trained on silently."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in (tok.ids, tok.offsets):
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return {"rows": len(tok), "tokens": int(tok.ids.size), "digest": h.hexdigest()}
 
 
 def refuse_finished(run_dir: Path, cfg, world: int) -> None:
