@@ -634,9 +634,10 @@ def summary(run_dir: Path) -> dict:
         state = "stopped"
     elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
                                                                 and (state != "new" or info)):
+        doing = "are paused" if state == "paused" else "are still training"
         state = "crashed"  # the engine died before the run ended
         if orphans:
-            message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) are still training, "
+            message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) {doing}, "
                        "unseen by any engine, until they miss its heartbeat (--engine_timeout, 30 s by default), then "
                        f"save and stop; to stop them now: voxtui engine stop {shlex.quote(str(run_dir))}")
     elif state == "new" and alive:

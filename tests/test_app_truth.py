@@ -297,3 +297,37 @@ def test_a_run_whose_orphaned_workers_were_stopped_shows_no_engine_lost_banner(t
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_a_paused_run_whose_engine_is_gone_says_its_workers_are_paused_and_no_eta(tmp_path):
+    """Paused, then the engine killed: the banner says the orphaned workers are paused (not "still
+    training"), and the Overview's ETA is no longer "paused" on a run that reads CRASHED."""
+    from synthetic_runs import make_run
+
+    from app.app import VoxApp
+    from app.messages import EngineLost, EngineSeen, EventsReceived
+    from engine.protocol import Status
+
+    run = make_run(tmp_path, "paused", steps=6, state="running")
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(160, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.state == "running" and app.state.engine_live is False)
+            screen = app.screen
+            screen.post_message(EngineSeen(True, 4242))
+            screen.post_message(EventsReceived([Status(seq=app.state.last_seq + 1, time=time.time(), state="paused",
+                                                       message="paused at step 6")]))
+            await pilot_wait(pilot, lambda: app.state.state == "paused")
+            screen.post_message(EngineLost("no heartbeat from the engine for 3 s"))
+            screen.post_message(EngineSeen(False, 4242, (4243,)))
+            await pilot_wait(pilot, lambda: app.state.shown_state == "crashed")
+            await pilot.pause(0.3)
+            said = " ".join(str(screen.query_one("#banner").render()).split())
+            assert "its workers (pid 4243) are paused, unseen by any engine" in said, said
+            step_line = str(screen.query_one("#ov-step").render())
+            assert "ETA –" in step_line and "paused" not in step_line, step_line
+            await pilot.press("q")
+
+    asyncio.run(flow())

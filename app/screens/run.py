@@ -346,10 +346,10 @@ class RunScreen(Screen):
 
                 last = f"; last event {age_text(max(s.age(), 0))} ago (step {s.step})"
             if s.orphans:
+                doing = "are paused" if s.state == "paused" else "are still training"
                 return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
-                                f"{', '.join(map(str, s.orphans))}) are still training, unseen by any engine, until they "
-                                "miss its heartbeat (about 30 s), "
-                                "then save and stop — `voxtui engine stop ", data(shlex.quote(str(self.run_dir)), limit=80),
+                                f"{', '.join(map(str, s.orphans))}) {doing}, unseen by any engine, until they "
+                                "miss its heartbeat (about 30 s), then save and stop — `voxtui engine stop ", data(shlex.quote(str(self.run_dir)), limit=80),
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             data(shlex.quote(str(self.run_dir)), limit=80), "` continues from the latest checkpoint")

@@ -76,7 +76,7 @@ class Overview(Vertical):
         device = s.info.get("device", "")
         # three short lines, the important first: nothing that matters is cut at 80 columns
         show_text(self.query_one("#ov-state", Static), state_line(s))
-        eta = "paused" if s.state == "paused" else fmt_duration(s.eta_s())
+        eta = "paused" if s.state == "paused" and not s.crashed else fmt_duration(s.eta_s())
         show_text(self.query_one("#ov-step", Static), assemble(
             f"step {s.step}/{s.total_steps or '?'}  ETA {eta}  epoch {s.epoch():.2f}  "
             f"loss {loss}  best val {best}"))
