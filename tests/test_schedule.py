@@ -98,7 +98,7 @@ def test_a_finished_run_extended_from_a_learning_rate_of_0_says_it_trains_nothin
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = read_events(run)
     alert = [e for e in events if e["type"] == "alert" and e["kind"] == "learning_rate"]
-    assert len(alert) == 1 and alert[0]["level"] == "warn" and "the steps after it change nothing" in alert[0]["message"]
+    assert len(alert) == 1 and alert[0]["level"] == "warning" and "the steps after it change nothing" in alert[0]["message"]
     assert [e for e in events if e["type"] == "status" and e["state"] == "running"][-1]["message"] == (
         "resumed from checkpoint-3 at step 3, learning rate 0")
     assert lrs(run)[4] == 0.0

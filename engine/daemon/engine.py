@@ -282,8 +282,12 @@ class Engine:
         self._drain()
         self._prune_spool(final=True)  # events that never reached this engine are stored now, in order
         final = self.final_status
-        if final is None and not self.failed_message and not self.stopping:
-            self._name_a_killed_rank()  # torchrun went at once, before a look at the ranks named the death
+        if (final is None or final.state == "failed") and not self.failed_message and not self.stopping \
+                and not self.rank_alerted:
+            # torchrun went at once, before a look at the ranks named the death; or a rank's signal made the
+            # others fail (rank 0's "Connection reset by peer") and their failure came first: the signal is
+            # the cause
+            self._name_a_killed_rank(after_failure=final is not None)
         if self.failed_message:
             self.emit(Status(state="failed", message=self.failed_message))
             self.exit_code = 1
@@ -319,11 +323,14 @@ class Engine:
                                 "saving a checkpoint first; `voxtui run --resume` continues"))
         self.failed_message = f"torchrun {how}; see worker.log"
 
-    def _name_a_killed_rank(self) -> None:
-        """torchrun has exited with no final status from the workers: a rank that a signal ended (the kernel's
-        out-of-memory killer: SIGKILL) is named, as a rank death seen while torchrun ran would have been."""
+    def _name_a_killed_rank(self, after_failure: bool = False) -> None:
+        """torchrun has exited with no final status from the workers, or with a failure theirs: a rank that a
+        signal ended (the kernel's out-of-memory killer: SIGKILL) is named, as a rank death seen while torchrun
+        ran would have been. After a failure, a SIGTERM is torchrun's own, sent to the ranks left: its report's
+        first observed failure says which rank went first."""
         rank = self.workers.first_gone()
-        if rank is not None and self.workers.killed.get(rank):
+        sig = self.workers.killed.get(rank) if rank is not None else None
+        if sig and not (after_failure and sig == signal.SIGTERM):
             how, pid = self.workers.ended(rank), self.workers.ranks.get(rank)
         else:  # torchrun reaped it before the watcher looked: its own report says
             cause = torchrun_root_cause(self.workers.log, self.workers.log_start) if self.workers.log else None
