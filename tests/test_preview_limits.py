@@ -188,16 +188,11 @@ def test_the_dashboard_says_previewing_between_start_and_result():
     assert decode_event(raw.replace(b"preview_start", b"preview_later")) is None
 
 
-def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
-    """Emptying a preview input and pressing Enter sends nothing and the field shows the value in force
-    again (never "these are the values in force" beside a field showing only its placeholder); beside a
-    real change, the emptied one is unchanged too."""
+def previews_host(sent: list):
+    """An app holding the Previews widget alone; the parameters it asks for are appended to ``sent``."""
     from textual.app import App
-    from textual.widgets import Input, Static
 
     from app.widgets.previews import Previews
-
-    sent = []
 
     class Host(App):
         def compose(self):
@@ -205,6 +200,20 @@ def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
 
         def on_previews_params_requested(self, m):
             sent.append(m.changed)
+
+    return Host
+
+
+def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
+    """Emptying a preview input and pressing Enter sends nothing and the field shows the value in force
+    again (never "these are the values in force" beside a field showing only its placeholder); beside a
+    real change, the emptied one is unchanged too."""
+    from textual.widgets import Input, Static
+
+    from app.widgets.previews import Previews
+
+    sent = []
+    Host = previews_host(sent)
 
     async def flow():
         app = Host()
@@ -239,19 +248,12 @@ def test_a_change_from_another_client_while_a_field_is_edited_is_what_apply_comp
     """Another client sets max_new_tokens 450 while this dashboard's "max" field is being edited: the field
     keeps the user's text, but the value in force follows the ack — emptied, the field shows 450, and 300
     typed then is sent (it said "these are the values in force" and sent nothing, the engine staying at 450)."""
-    from textual.app import App
     from textual.widgets import Input
 
     from app.widgets.previews import Previews
 
     sent = []
-
-    class Host(App):
-        def compose(self):
-            yield Previews()
-
-        def on_previews_params_requested(self, m):
-            sent.append(m.changed)
+    Host = previews_host(sent)
 
     async def flow():
         app = Host()
