@@ -52,7 +52,7 @@ from engine.protocol import (
     decode,
     event_decoder,
 )
-from engine.runs import engine_info, write_engine_info
+from engine.runs import engine_info, pid_alive, write_engine_info
 from engine.session import Session
 
 HEARTBEAT_S = 1.0  # to clients and workers; unacknowledged commands are sent again as often
@@ -304,15 +304,7 @@ class Engine:
         its workers train on: the run fails for it, though the workers, told to stop next, save first. Their
         "stopped on request" would otherwise read as a stop someone asked for."""
         self._drain()  # a final status the workers sent just before (a run that ended as torchrun went)
-        import psutil
-
-        def running(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                return False
-
-        alive = [r for r, pid in sorted(self.workers.ranks.items()) if running(pid)]
+        alive = [r for r, pid in self.workers.ranks.items() if pid_alive(pid)]
         if self.final_status is not None or not alive:
             return  # the workers had ended (their status, or a rank's death, says how)
         self.rank_alerted = True
