@@ -122,6 +122,7 @@ class RunState:
     disk_checkpoints: list | None = None  # [{"step", "name", "path", "best_step", "best_loss", "reason", …}]
     disk_final: str | None = None  # lora_final's path
     disk_inference: dict = field(default_factory=dict)  # name → metrics.json (+ state) or progress
+    folder_gone: bool = False  # the run folder no longer exists (deleted or moved while attached)
 
     def apply(self, ev) -> None:
         if ev.seq <= self.last_seq:
@@ -204,6 +205,8 @@ class RunState:
         engine list`` and the picker say)."""
         if self.crashed:
             return "crashed"
+        if self.state == "new" and self.folder_gone and not self.events:
+            return "unknown"  # the folder went before any of it was read: nothing says it is a new run
         return shown_state(self.state, self.outcome)
 
     def outcome_text(self) -> str:

@@ -228,3 +228,31 @@ def test_a_run_folder_deleted_or_moved_while_attached_is_said(tmp_path):
             await pilot_wait(pilot, lambda: not banner.display, timeout=10, every=0.1)
 
     asyncio.run(flow())
+
+
+def test_a_run_folder_gone_before_anything_was_read_is_not_shown_new(tmp_path):
+    """`voxtui attach` racing an `rm -rf` of the run: nothing of it was read, and the Overview said NEW under
+    the RUN FOLDER GONE banner (the run had run and crashed). Now UNKNOWN, with why."""
+    import shutil
+
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+
+    run = tmp_path / "runs" / "racing"
+    run.mkdir(parents=True)  # a folder with no events.jsonl yet: nothing to read
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot.pause(0.3)
+            state = app.screen.query_one("#ov-state", Static)
+            assert "NEW" in str(state.render())
+            shutil.rmtree(run)
+            banner = app.screen.query_one("#banner", Static)
+            await pilot_wait(pilot, lambda: banner.display, timeout=10, every=0.1)
+            await pilot_wait(pilot, lambda: "UNKNOWN" in str(state.render()), timeout=5, every=0.1)
+            said = " ".join(str(state.render()).split())
+            assert "NEW" not in said and "the run folder is gone; none of it was read" in said, said
+
+    asyncio.run(flow())

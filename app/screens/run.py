@@ -396,7 +396,8 @@ class RunScreen(Screen):
     def on_disk_scanned(self, message: DiskScanned) -> None:
         s = self.app.state
         if message.gone != self._folder_gone:
-            self._folder_gone = message.gone
+            self._folder_gone = s.folder_gone = message.gone
+            self.mark_dirty()  # a run of which nothing was read is no longer shown as NEW
             if message.gone:
                 self.say("the run folder is gone (deleted or moved); what is shown is what was read", "error",
                          timeout=15)

@@ -14,7 +14,7 @@ from app.state import RunState, fmt_duration
 from app.text import assemble, data, lines, mfu_unknown, show_text
 from app.widgets.charts import step_ticks
 
-STATE_STYLE = {"crashed": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
+STATE_STYLE = {"crashed": "bold red", "unknown": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
                "stopping": "bold yellow", "stopped": "bold yellow"}
 
 
@@ -28,6 +28,8 @@ def state_line(s: RunState, limit: int = 200):
                   "training and commands wait for it)")
     if s.crashed:
         detail = "the engine is gone" + (f" (last status: {s.status_message})" if s.status_message else "")
+    elif shown == "unknown":
+        detail = "the run folder is gone; none of it was read"
     return assemble(data(s.folder or s.run, "bold", limit=60), "  ", data(shown.upper(), STATE_STYLE.get(shown, "bold"), limit=20),
                     "  ", data(detail, limit=limit))
 
