@@ -19,7 +19,8 @@ if has rows; then  # bf16 and NF4 at the issue's batches, each beside what its l
     bf16-packed-compiled,bf16-packed-compiled-fp8bwd,bf16-packed-compiled-eagerce,bf16-packed-compiled-fused,nf4-packed-compiled,nf4-packed-compiled-fused,nf4-packed-compiled-bnb,bf16-ckpt-16gib,bf16-ckpt25-16gib
 fi
 if has long; then  # long rows: 2 × 8192 without checkpointing, 1 × 32768 with
-  TAG=-long STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" bf16-long-8192,bf16-long-32768-ckpt
+  TAG=-long STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
+    bf16-long-8192,bf16-long-8192-fa2,bf16-long-32768-ckpt,bf16-long-32768-ckpt-fa2
 fi
 if has fp8; then  # FP8 input gradients (the default on Hopper), the MLP's forward in FP8 and every product FP8
   # against bf16 products over 200 steps: speed, memory, and the loss curves compared; SEEDS="42 7 11": one list

@@ -167,6 +167,11 @@ CONFIGS: dict[str, list[str]] = {
                        "--max_len", "8192", "--fp8_products", "none"],
     "bf16-long-32768-ckpt": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
                              "--max_len", "32768", "--fp8_products", "none"],
+    # the same with every example through varlen FlashAttention (VOXTUI_DENSE_ATTENTION=0: as before run AL)
+    "bf16-long-8192-fa2": ["--quant", "none", "--packing", "--per_device_bsz", "2", "--no-grad_ckpt", "--compile",
+                           "--max_len", "8192", "--fp8_products", "none"],
+    "bf16-long-32768-ckpt-fa2": ["--quant", "none", "--packing", "--per_device_bsz", "1", "--grad_ckpt", "--compile",
+                                 "--max_len", "32768", "--fp8_products", "none"],
     # Voxtral-Small-24B's shape (--model24: bench/random_voxtral.py --shape small24b)
     "small24b-bf16": checkpointed("none"),
     "small24b-nf4": NF4 + ["--compile"],
@@ -178,6 +183,8 @@ CONFIGS: dict[str, list[str]] = {
 LONG_DATA: dict[str, tuple[str, int, int, int]] = {
     "bf16-long-8192": ("long-8192", 600, 3000, 7000),
     "bf16-long-32768-ckpt": ("long-32768", 200, 12000, 28000),
+    "bf16-long-8192-fa2": ("long-8192", 600, 3000, 7000),
+    "bf16-long-32768-ckpt-fa2": ("long-32768", 200, 12000, 28000),
 }
 ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP_SPLIT_GRAPHS": "1"},
                                   "nf4-packed-compiled-bnb": {"VOXTUI_NF4_BNB_FORWARD": "1"},
@@ -194,6 +201,8 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "bf16-ckpt-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
                                   "nf4-packed-compiled-ckptout": {"VOXTUI_CHECKPOINT": "around"},
                                   "fp8-ckpt20-16gib-ckptout": {"VOXTUI_CHECKPOINT": "around"},
+                                  "bf16-long-8192-fa2": {"VOXTUI_DENSE_ATTENTION": "0"},
+                                  "bf16-long-32768-ckpt-fa2": {"VOXTUI_DENSE_ATTENTION": "0"},
                                   **{name: {"VOXTUI_CUDA_GRAPHS": "1", "TORCH_LOGS": "perf_hints"}
                                      for name in ("bf16-packed-compiled-graphs", "bf16-packed-compiled-fp8bwd-graphs",
                                                   "bf16-packed-compiled-b24-fp8bwd-graphs",

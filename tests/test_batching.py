@@ -75,23 +75,33 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
     packed = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256)
     # the same row described with empty examples after its own (CUDA graphs' few shapes: VOXTUI_CUDA_GRAPHS)
     fixed = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256, fixed_segments=True)
+    # the longer half of the examples at the row's end, each its own attention call (attention.packed_attention)
+    cut = int(np.median([len(tok.example(i)[0]) for i in range(6)]))
+    dense = collate(tok, [[0, 1, 2, 3, 4, 5]], fmt.pad, packed=True, budget=1024, max_len=256, dense_min=cut)
+    assert dense["dense_bounds"][-1] == 1024 and len(dense["dense_bounds"]) >= 3
     assert packed["input_ids"].shape == (1, 1024) and "attention_mask" not in packed
     n_cu = len(packed["cu_seq_lens_q"])
     assert fixed["cu_seq_lens_q"].shape == (segment_slots(n_cu - 1) + 1,) == (SEGMENT_SLOTS + 1,)
     assert torch.equal(fixed["cu_seq_lens_q"][:n_cu], packed["cu_seq_lens_q"])
     assert (fixed["cu_seq_lens_q"][n_cu:] == 1024).all()
     grads = []
-    for m in (unpacked, packed, fixed):
+    for m in (unpacked, packed, fixed, dense):
         model.zero_grad()
-        total, n = loss(**m)
-        total.backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            total, n = loss(**m)
+            total.backward()
+        ran = {e.name for e in prof.events()}
+        # the long examples reached the attention's own operator (its forward and backward): dense only
+        assert ("voxtui::packed_attention" in ran and "voxtui::packed_attention_backward" in ran) == (m is dense)
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
         if m is unpacked:
             a, na = total.detach(), n
         elif m is packed:
             b, nb = total.detach(), n
-        else:
+        elif m is fixed:
             assert torch.equal(total.detach(), b) and n == nb
+        else:
+            assert torch.isclose(total.detach(), b, rtol=1e-5) and n == nb
     with torch.no_grad():
         # both equal the model's own loss computed example by example
         direct = 0.0
@@ -106,6 +116,63 @@ def test_packed_loss_and_grads_equal_unpacked(tmp_path, fmt, tiny_model):
         scale = float(grads[0][k].abs().max())
         assert torch.allclose(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6 * max(scale, 1.0)), k
         assert torch.equal(grads[1][k], grads[2][k]), k
+        assert torch.allclose(grads[0][k], grads[3][k], rtol=1e-4, atol=1e-6 * max(scale, 1.0)), k
+
+
+def test_dense_collate_lays_long_examples_last_after_the_padding(tmp_path, fmt):
+    """``dense_min``: the short examples, then the padding, then the long ones; ``dense_bounds`` where the
+    first long one starts and each ends (a host tensor); the targets are the same tokens."""
+    tok = tokenize(str(write_jsonl(tmp_path / "d.jsonl", rows(8))), fmt, 128, "truncate", None)
+    lens = [len(tok.example(i)[0]) for i in range(8)]
+    cut = sorted(lens)[5]
+    plain = collate(tok, [list(range(8))], fmt.pad, packed=True, budget=1024, max_len=128)
+    m = collate(tok, [list(range(8))], fmt.pad, packed=True, budget=1024, max_len=128, dense_min=cut)
+    long_ = [n for n in lens if n >= cut]
+    short = [n for n in lens if n < cut]
+    bounds = m["dense_bounds"].tolist()
+    assert m["dense_bounds"].device.type == "cpu" and m["dense_bounds"].dtype == torch.int64
+    assert bounds == [1024 - sum(long_)] + list(1024 - sum(long_) + np.cumsum(long_))
+    cu = m["cu_seq_lens_q"].tolist()
+    assert cu[:len(short) + 1] == [0] + list(np.cumsum(short)) and cu[-len(long_) - 1:] == bounds
+    assert all(b - a <= 128 for a, b in zip(cu, cu[1:])) and m["max_length_q"] == plain["max_length_q"]
+    ids = m["input_ids"][0].tolist()
+    assert ids[sum(short):bounds[0]] == [fmt.pad] * (bounds[0] - sum(short))  # the padding before the long ones
+    assert m["position_ids"][0, bounds[0]] == 0 and m["position_ids"][0, bounds[1] - 1] == long_[0] - 1
+    assert sorted(m["targets"].tolist()) == sorted(plain["targets"].tolist()) and m["real_tokens"] == plain["real_tokens"]
+    # no long example: the row as without dense_min, its bounds just the row's end (the same operator);
+    # CUDA graphs' fixed shapes: as without dense_min
+    none = collate(tok, [list(range(8))], fmt.pad, packed=True, budget=1024, max_len=128, dense_min=10_000)
+    fixed = collate(tok, [list(range(8))], fmt.pad, packed=True, budget=1024, max_len=128, dense_min=cut,
+                    fixed_segments=True)
+    assert none["dense_bounds"].tolist() == [1024, 1024] and "dense_bounds" not in fixed
+    assert torch.equal(none["cu_seq_lens_q"], plain["cu_seq_lens_q"])
+    for other in (none, fixed):
+        assert torch.equal(other["input_ids"], plain["input_ids"])
+
+
+def test_packed_attention_op_equals_example_by_example_sdpa():
+    """voxtui::packed_attention (short examples, padding, long ones; grouped key/value heads) gives the
+    reference's output and gradients, and passes torch.library's checks (its fake, its autograd)."""
+    from engine.worker import attention
+
+    g = torch.Generator().manual_seed(0)
+    for short, pads, long_ in [([5, 1, 9], [7], [20, 13]), ([], [], [17]), ([3], [], [8, 8, 30]), ([4, 4], [6], [])]:
+        seg = short + pads + long_
+        total = sum(seg)
+        cu = torch.tensor([0, *np.cumsum(seg)], dtype=torch.int32)
+        first = sum(short) + sum(pads)
+        bounds = torch.tensor([first, *(first + np.cumsum(long_))] if long_ else [total, total], dtype=torch.int64)
+        q = torch.randn(total, 8, 16, generator=g, requires_grad=True)
+        k, v = (torch.randn(total, 2, 16, generator=g, requires_grad=True) for _ in range(2))
+        do = torch.randn(total, 8, 16, generator=g)
+        out = torch.ops.voxtui.packed_attention(q, k, v, cu, bounds, max(seg), 0.25)[0]
+        got = torch.autograd.grad(out, (q, k, v), do)
+        ref = attention._varlen_reference(q, k, v, cu, 0.25)
+        want = torch.autograd.grad(ref, (q, k, v), do)
+        assert torch.allclose(out, ref, atol=1e-5), seg
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5), seg
+        torch.library.opcheck(torch.ops.voxtui.packed_attention.default, (q, k, v, cu, bounds, max(seg), 0.25))
 
 
 def test_segment_slots_are_few_powers_of_two():

@@ -51,3 +51,51 @@ def test_inductor_tuning_is_what_torch_compile_takes():
             torch.compile(torch.nn.Linear(2, 2), **inductor_tuning(how, graphs))  # the arguments are checked here
     with pytest.raises(RuntimeError, match="Unexpected optimization option"):  # ... as this shows
         torch.compile(torch.nn.Linear(2, 2), options={"coordinate_descent": True})
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_long_examples_own_attention_compiles_without_breaks_or_recompiles(tiny_model, ckpt):
+    """A packed row whose long examples take voxtui::packed_attention (``dense_bounds``, attention.py) goes
+    through the compiled layers (checkpointed inside, too) in one graph, with no graph break, the eager
+    model's loss and gradients; rows with another number of long examples, or none, compile nothing new."""
+    import numpy as np
+    from torch._dynamo.utils import counters
+
+    from engine.worker.modeling import CausalLMLoss, compile_layers
+
+    def row(short, long_, width=96):
+        seg = short + [width - sum(short) - sum(long_)] + long_
+        g = np.random.default_rng(sum(seg) + len(seg))
+        ids = torch.tensor(g.integers(3, 900, width))[None]
+        first = width - sum(long_)
+        m = {"input_ids": ids, "position_ids": torch.tensor([[p for n in seg for p in range(n)]]),
+             "cu_seq_lens_q": torch.tensor([0, *np.cumsum(seg)], dtype=torch.int32), "max_length_q": 40}
+        m["dense_bounds"] = torch.tensor([first, *(first + np.cumsum(long_))] if long_ else [width, width],
+                                         dtype=torch.int64)
+        idx = torch.arange(2, width - 1)
+        return {**m, "target_idx": idx, "targets": ids[0, 1:][idx]}
+
+    def run(model, m):
+        model.zero_grad()
+        total, _ = CausalLMLoss(model)(**m)
+        total.backward()
+        return float(total.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    rows = [row([5, 9], [30, 21]), row([12], [33]), row([3, 4, 7], [20, 20, 25]), row([10, 20], []), row([], [40])]
+    eager_model = load_lora_model(tiny_model, grad_ckpt=ckpt)
+    want = [run(eager_model, m) for m in rows]
+    model = load_lora_model(tiny_model, grad_ckpt=ckpt)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(model, backend="aot_eager")
+    for i, (m, (loss, grads)) in enumerate(zip(rows, want)):
+        got_loss, got = run(model, m)
+        assert got_loss == pytest.approx(loss, rel=1e-6)
+        for k in grads:  # fp32 in another order (aot_eager's decompositions): within 1e-6 of the values
+            torch.testing.assert_close(got[k], grads[k], rtol=1e-4, atol=1e-6)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+            assert 1 <= graphs <= 2  # the first layer and the others (one, checkpointed)
+    # rows with 2, 1, 3, no long examples and one filling the row: no graph break, no recompile
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])

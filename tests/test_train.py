@@ -233,6 +233,25 @@ def test_packed_two_ranks_stop_then_exact_resume(tmp_path, tiny_model):
     assert steps(read_events(run)) == reference
 
 
+def test_long_examples_own_attention_calls_train_as_one_varlen_call(tmp_path, tiny_model):
+    """VOXTUI_DENSE_ATTENTION=N (the default on a Hopper GPU: 2048): examples of N tokens or more laid at their
+    row's end, each its own attention call (attention.packed_attention, here SDPA's CPU kernel): the same
+    losses as every example in one call, through the worker's whole path (collate, feed, the step)."""
+    rows = write_jsonl(tmp_path / "d.jsonl", memorable_rows(48))
+    common = {"max_steps": 4, "per_device_bsz": 2, "max_len": 40, "packing": True, "lora_dropout": 0.0,
+              "cache_dir": tmp_path / "c"}
+    got = {}
+    for name, env in (("one", {}), ("own", {"VOXTUI_DENSE_ATTENTION": "20"}), ("over", {"VOXTUI_DENSE_ATTENTION": "41"})):
+        proc = worker(train_args(tiny_model, tmp_path / name, rows, **common), env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        got[name] = steps(read_events(tmp_path / name))
+        assert ("examples of 20 tokens or more: SDPA, one call each" in proc.stderr) == (name == "own")
+        assert ("one call each" in proc.stderr) == (name == "own")  # over --max_len 40: as without it
+    assert sorted(got["own"]) == [1, 2, 3, 4]
+    assert got["own"] == pytest.approx(got["one"], rel=1e-5) and got["own"] != got["one"]  # reordered sums
+    assert got["over"] == got["one"]
+
+
 def test_two_ranks_flat_gradient_sync_trains_as_ddp(tmp_path, tiny_model):
     """The default two-rank gradient sync (one all-reduce of a flat buffer per step, no DDP wrapper) logs
     the same losses and saves the same adapter as torch's DistributedDataParallel, with gradient

@@ -295,6 +295,17 @@ def _pack(order: np.ndarray, lengths: np.ndarray, budget: int) -> list[list[int]
     return rows
 
 
+HOST_KEYS = ("dense_bounds",)  # a micro-batch's tensors the attention reads on the host: they stay there
+
+
+def to_device(m: dict, device, non_blocking: bool = True) -> dict:
+    """A collated micro-batch's tensors on ``device`` (but ``HOST_KEYS``)."""
+    import torch
+
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) and k not in HOST_KEYS else v
+            for k, v in m.items()}
+
+
 SEGMENT_SLOTS = 64  # the fewest example boundaries a padded packed row describes (``segment_slots``)
 
 
@@ -308,7 +319,7 @@ def segment_slots(n: int) -> int:
 
 
 def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budget: int = 0,
-            max_len: int = 0, fixed_segments: bool = False) -> dict:
+            max_len: int = 0, fixed_segments: bool = False, dense_min: int = 0) -> dict:
     """Tensors for one micro-batch. Labels are -100 outside the targets; ``target_idx`` lists the flat
     positions (into ``B × (L-1)``) whose next token is a target, so the loss needs no host sync.
 
@@ -316,6 +327,11 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
     padded to ``budget`` tokens (a fixed shape) with padding split into pieces of at most ``max_len``,
     positions restarting at each example, and ``cu_seq_lens_q`` / ``max_length_q`` for varlen attention;
     ``fixed_segments``: ``cu_seq_lens_q`` padded with empty examples to ``segment_slots`` (a few fixed shapes).
+    ``dense_min``: examples of that many tokens or more go at the row's end, after the padding, and
+    ``dense_bounds`` (a host tensor: where the first starts, where each ends) gives them their own cuDNN
+    attention call (attention.packed_attention); a row without one is laid out as without ``dense_min``,
+    its ``dense_bounds`` just the row's end (the same operator, so the compiled layers see one kind of row:
+    a row of the other kind cost a 10 s recompile in run AO).
     """
     import torch
 
@@ -340,11 +356,29 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
         width = max(budget, len(ids))
         gap = width - len(ids)
         piece = max_len or width
+        pads = []
         while gap > 0:
-            n = min(gap, piece)
-            seg.append(n)
-            pos.extend(range(n))
-            gap -= n
+            pads.append(min(gap, piece))
+            gap -= pads[-1]
+        dense = [] if fixed_segments or not dense_min else [i for i, n in enumerate(seg) if n >= dense_min]
+        # no long example: the whole row in one call ([end, end]: a dimension of 1 would be specialised)
+        bounds = torch.tensor([width, width], dtype=torch.int64)
+        if dense:  # short examples, the padding, then the long ones (the padding attends within itself)
+            starts = np.concatenate([[0], np.cumsum(seg)])
+            order = [i for i in range(len(seg)) if seg[i] < dense_min] + dense
+            ids = [t for i in order for t in ids[starts[i]:starts[i + 1]]]
+            labels = [t for i in order for t in labels[starts[i]:starts[i + 1]]]
+            short = [seg[i] for i in order[:len(order) - len(dense)]]
+            seg = short + pads + [seg[i] for i in dense]
+            cut = sum(short)
+            ids = ids[:cut] + [pad] * sum(pads) + ids[cut:]
+            labels = labels[:cut] + [-100] * sum(pads) + labels[cut:]
+            pos = [p for n in seg for p in range(n)]
+            first = width - sum(seg[-len(dense):])
+            bounds = torch.tensor(np.concatenate([[first], first + np.cumsum(seg[-len(dense):])]), dtype=torch.int64)
+        else:
+            seg = seg + pads
+            pos.extend(p for n in pads for p in range(n))
         input_ids = torch.full((1, width), pad, dtype=torch.long)
         input_ids[0, :len(ids)] = torch.tensor(ids)
         lab = torch.full((1, width), -100, dtype=torch.long)
@@ -355,6 +389,8 @@ def collate(tok: Tokenized, batch: list[list[int]], pad: int, packed: bool, budg
         out = {"input_ids": input_ids, "labels": lab, "position_ids": torch.tensor([pos], dtype=torch.long),
                "cu_seq_lens_q": cu, "max_length_q": int(max(max_len, max(seg))), "real_tokens": real, "slots": width,
                "attn_pairs": pairs}
+        if dense_min and not fixed_segments:  # every row through the same operator: one compiled graph
+            out["dense_bounds"] = bounds
     else:
         width = max(len(r[0]) for r in rows)
         n = len(rows)

@@ -53,6 +53,7 @@ class Feed:
         self._pool = None  # the helper thread that builds the next step's tensors
         self._next = None  # ((plan id, first micro-batch), its future)
         self._ready = None  # ((plan id, first micro-batch), its tensors on the device): prefetch's
+        self.dense_min = 0  # examples this long get their own cuDNN attention call (attention.dense_min)
 
     def plan(self, epoch: int) -> list:
         """This rank's micro-batches of ``epoch`` (and, in ``self.global_targets``, every micro-batch
@@ -78,20 +79,22 @@ class Feed:
         the host between steps."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from engine.worker.batching import collate
+        from engine.worker.batching import HOST_KEYS, collate
         from engine.worker.knobs import knobs
 
         cfg = self.cfg
         pin = self.d.device.type == "cuda"
         fixed = knobs().cuda_graphs and cfg.compile and pin  # CUDA graphs: few shapes (knobs.py)
+        dense = self.dense_min  # long examples' own cuDNN attention (attention.dense_min)
 
         def build(p, start):
             out = []
             for i in range(cfg.grad_accum):
                 m = collate(self.tok, p[start + i], self.pad, cfg.packing, budget=self.run_plan.budget,
-                            max_len=cfg.max_len, fixed_segments=fixed)
+                            max_len=cfg.max_len, fixed_segments=fixed, dense_min=dense)
                 if pin:
-                    m = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in m.items()}
+                    m = {k: v.pin_memory() if hasattr(v, "pin_memory") and k not in HOST_KEYS else v
+                         for k, v in m.items()}
                 out.append(m)
             return out
 
@@ -118,11 +121,10 @@ class Feed:
         key = (id(plan), micro)
         if self._next is None or self._next[0] != key:
             return False
-        import torch
+        from engine.worker.batching import to_device
 
         dev = self.d.device
-        batches = [{k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
-                   for m in self._next[1].result()]
+        batches = [to_device(m, dev) for m in self._next[1].result()]
         self._ready, self._next = (key, batches), None
         return True
 

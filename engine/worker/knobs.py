@@ -32,6 +32,12 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     (batching.collate); the adapters' gradients are kept in their own memory, zeroed in place (step.py).
     Measured on an H200: the same speed (the step is bound by its kernels, not their launching;
     docs/benchmarks.md, runs AA–AB; the ``-graphs`` comparisons in bench/throughput.py)
+``VOXTUI_DENSE_ATTENTION=N``
+    in packed rows on a GPU, examples of N tokens or more are laid at the row's end and each gets its own
+    cuDNN attention call, the rest one varlen FlashAttention call (attention.packed_attention); 0: every
+    example through FlashAttention. Default: 2048 on a Hopper GPU (cuDNN measured 1.7× FlashAttention 2
+    from 2,048 tokens on an H200, 1.1× at 1,024: docs/benchmarks.md, run AM), 0 elsewhere; never with
+    VOXTUI_CUDA_GRAPHS (the row's shapes must stay few)
 ``VOXTUI_CHECKPOINT=inside|around``
     with --grad_ckpt, where each checkpointed layer's checkpoint is taken (modeling.checkpoint_layers): in
     the layer's forward (default), so a compiled layer's recompute is part of its compiled backward, or
@@ -75,6 +81,7 @@ class Knobs:
     checkpoint: str = "inside"  # inside | around
     step_overlap: bool = True
     cuda_graphs: bool = False
+    dense_attention: int | None = None  # None: attention.dense_min's default for the device
 
 
 def _number(name: str, kind: type, env) -> int | float | None:
@@ -107,7 +114,8 @@ def read(env=None) -> Knobs:
                  inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env),
                  checkpoint=_choice("VOXTUI_CHECKPOINT", ("inside", "around"), "inside", env),
                  step_overlap=_choice("VOXTUI_STEP_OVERLAP", ("0", "1"), "1", env) == "1",
-                 cuda_graphs=_choice("VOXTUI_CUDA_GRAPHS", ("0", "1"), "0", env) == "1")
+                 cuda_graphs=_choice("VOXTUI_CUDA_GRAPHS", ("0", "1"), "0", env) == "1",
+                 dense_attention=_number("VOXTUI_DENSE_ATTENTION", int, env))
 
 
 def _choice(name: str, options: tuple[str, ...], default: str, env) -> str:

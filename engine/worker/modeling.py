@@ -363,7 +363,7 @@ class CausalLMLoss(nn.Module):
         self.compiled = compiled
 
     def forward(self, input_ids, target_idx, targets, attention_mask=None, position_ids=None, cu_seq_lens_q=None,
-                max_length_q=None, **_):
+                max_length_q=None, dense_bounds=None, **_):
         """``target_idx``: flat positions into ``B × (L-1)`` whose next token is a target (``targets``);
         computed by ``collate`` on the host, so nothing here waits for the GPU."""
         base = _unwrap(self.model)
@@ -372,6 +372,9 @@ class CausalLMLoss(nn.Module):
             torch._dynamo.maybe_mark_dynamic(cu_seq_lens_q, 0)  # examples per row vary: compile once for all
             extra = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_q,
                      "max_length_q": max_length_q, "max_length_k": max_length_q}
+            if dense_bounds is not None:  # long examples at the row's end (attention.packed_attention)
+                torch._dynamo.maybe_mark_dynamic(dense_bounds, 0)
+                extra["dense_bounds"] = dense_bounds
         out = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, **extra)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

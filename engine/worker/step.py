@@ -25,6 +25,7 @@ import contextlib
 import torch
 
 from engine.config import TrainConfig
+from engine.worker.batching import to_device
 from engine.worker.dist import Dist
 from engine.worker.profiling import phase
 
@@ -67,7 +68,7 @@ class Update:
         loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
         for i, m in enumerate(micro):
             with phase("to_device"):
-                batch = {k: v.to(d.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in m.items()}
+                batch = to_device(m, d.device)
             sync = i == len(micro) - 1
             ctx = self.loss_module.no_sync() if ddp and not sync else contextlib.nullcontext()
             if self.graphs:

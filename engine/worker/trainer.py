@@ -158,14 +158,29 @@ class Trainer:
 
             mode, why = products(cfg.quant, cfg.fp8_products, d.device)
             self.log(f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({why})")
+        # knobs.py VOXTUI_CUDA_GRAPHS: the compiled layers replayed as CUDA graphs
+        self.graphs = self.knobs.cuda_graphs and cfg.compile and d.device.type == "cuda"
         if cfg.packing:
-            from engine.worker.attention import gqa_mode, varlen_available
+            from engine.worker.attention import dense_min, gqa_mode, varlen_available
 
             kind = (f"varlen FlashAttention (torch.nn.attention.varlen, grouped heads: {gqa_mode()})"
                     if d.device.type == "cuda" and varlen_available() else "SDPA example by example")
+            shortest = 0 if self.graphs else dense_min(d.device, self.knobs.dense_attention)
+            # none longer than --max_len: every row one varlen call, exactly as without (no operator around it)
+            self.feed.dense_min = shortest if shortest <= cfg.max_len else 0
+            if self.feed.dense_min:
+                from engine.worker.attention import warm_plans
+                from engine.worker.modeling import _unwrap, language_model
+
+                t1 = time.perf_counter()
+                lm = language_model(_unwrap(self.model)).config
+                heads = lm.num_attention_heads
+                dim = getattr(lm, "head_dim", None) or lm.hidden_size // heads
+                plans = warm_plans(d.device, heads, lm.num_key_value_heads, dim, self.feed.dense_min, cfg.max_len)
+                kind += (f"; examples of {self.feed.dense_min} tokens or more: "
+                         f"{'cuDNN' if d.device.type == 'cuda' else 'SDPA'}, one call each, at "
+                         f"{plans} lengths (plans made in {time.perf_counter() - t1:.1f}s; VOXTUI_DENSE_ATTENTION)")
             self.log(f"packed rows of {self.feed.run_plan.budget} tokens, attention: {kind}")
-        # knobs.py VOXTUI_CUDA_GRAPHS: the compiled layers replayed as CUDA graphs
-        self.graphs = self.knobs.cuda_graphs and cfg.compile and d.device.type == "cuda"
         if self.graphs:
             self.log("CUDA graphs: each compiled layer's forward and backward replayed as one graph "
                      "(VOXTUI_CUDA_GRAPHS=1)")

@@ -27,8 +27,9 @@ def real_width_dir(tmp_path_factory):
     return save_real_width(tmp_path_factory)
 
 
-def packed_row(seed: int = 0) -> tuple[dict, list[tuple[list[int], int]]]:
-    """The worker's collated micro-batch (one packed row) and the examples it holds."""
+def packed_row(seed: int = 0, dense_min: int = 0) -> tuple[dict, list[tuple[list[int], int]]]:
+    """The worker's collated micro-batch (one packed row) and the examples it holds; ``dense_min``: examples
+    that long at the row's end, each through cuDNN (attention.packed_attention)."""
     from engine.worker.batching import Tokenized, collate
 
     g = np.random.default_rng(seed)
@@ -37,7 +38,7 @@ def packed_row(seed: int = 0) -> tuple[dict, list[tuple[list[int], int]]]:
     tok = Tokenized(ids=np.concatenate(ids), offsets=np.concatenate([[0], np.cumsum([len(x) for x in ids])]),
                     prompt_lens=np.asarray([p for _, p in examples], np.int32))
     budget = sum(len(x) for x in ids) + 64  # a little padding at the end, as a packed budget leaves
-    batch = collate(tok, [list(range(len(examples)))], 11, True, budget=budget, max_len=MAX_LEN)
+    batch = collate(tok, [list(range(len(examples)))], 11, True, budget=budget, max_len=MAX_LEN, dense_min=dense_min)
     return batch, examples
 
 
@@ -92,11 +93,12 @@ def reference_model(path, quant: str, worker):
 
 
 def worker_loss_and_grads(model, batch):
+    from engine.worker.batching import to_device
     from engine.worker.modeling import CausalLMLoss
 
     loss_fn = CausalLMLoss(model, compiled=True)  # the worker's loss on a GPU with --compile
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        total, n = loss_fn(**{k: v.to(DEV) if torch.is_tensor(v) else v for k, v in batch.items()})
+        total, n = loss_fn(**to_device(batch, DEV))
     total.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
     return float(total), n, grads
@@ -174,6 +176,28 @@ def test_packed_row_through_the_worker_path_equals_hf_peft_example_by_example(re
           f"gradients cosine {cos_all:.5f} (worst tensor {per[worst]:.5f}: {worst})")
     assert rel <= 1e-3
     assert cos_all >= (0.98 if quant == "fp8" and not products else 0.995)
+
+
+@pytest.mark.parametrize("ckpt", [0, 2])
+def test_long_examples_through_cudnn_equal_hf_peft_example_by_example(real_width_dir, ckpt):
+    """The examples of 256 tokens or more at the row's end, each through cuDNN's attention and the others
+    through varlen FlashAttention (voxtui::packed_attention, VOXTUI_DENSE_ATTENTION), in the compiled
+    layers, checkpointed or not: the same bounds as every other fast path against HF + PEFT in fp32."""
+    batch, examples = packed_row(dense_min=256)
+    long_ = [p + t for p, t in EXAMPLES if p + t >= 256]
+    assert batch["dense_bounds"].tolist()[1:] == list(batch["slots"] - sum(long_) + np.cumsum(long_))
+    model = worker_model(real_width_dir, "none", ckpt)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ours, n, ours_g = worker_loss_and_grads(model, batch)
+    ran = {e.name for e in prof.events()}
+    assert "voxtui::packed_attention" in ran and "voxtui::packed_attention_backward" in ran
+    ref = reference_model(real_width_dir, "none", model)
+    theirs, m, ref_g = reference_loss_and_grads(ref, examples)
+    assert n == m == sum(t for _, t in EXAMPLES)
+    rel, cos = agreement((ours, ours_g), (theirs, ref_g))
+    print(f"long examples through cuDNN (checkpointed layers {ckpt}): loss {ours:.4f} vs {theirs:.4f} "
+          f"(relative {rel:.2e}); adapter gradients cosine {cos:.5f}")
+    assert rel <= 1e-3 and cos >= 0.995
 
 
 def fixed_row() -> dict:
