@@ -256,3 +256,83 @@ def test_a_run_folder_gone_before_anything_was_read_is_not_shown_new(tmp_path):
             assert "NEW" not in said and "the run folder is gone; none of it was read" in said, said
 
     asyncio.run(flow())
+
+
+def acking_engine(screen, sent: list, params: dict, most: int = 512) -> None:
+    """The screen's commands answered as an engine and its workers would (``ok``, and an ``ack`` carrying
+    the preview parameters now in force: ``params``, updated; max new tokens cut to ``most``), without one;
+    each command is appended to ``sent``."""
+    from app.messages import CommandReplied, EventsReceived
+
+    def send(command, key):
+        sent.append(command)
+        screen.post_message(CommandReplied(command.type, "ok", "", key))
+        if command.type == "set_preview_params":
+            params.update({k: getattr(command, k) for k in params if getattr(command, k) is not None})
+            params["max_new_tokens"] = min(params["max_new_tokens"], most)
+            screen.post_message(EventsReceived([ack(screen, dict(params), command.id)]))
+
+    screen.send = send
+
+
+def ack(screen, params: dict, id: str = "another-dashboard"):
+    from engine.protocol import Ack
+
+    return Ack(seq=screen.app.state.last_seq + 1, time=time.time(), id=id, command="set_preview_params", params=params)
+
+
+def test_a_preview_field_follows_another_dashboards_change_after_its_own(tmp_path):
+    """Two dashboards on one run: this one sets the temperature to 0.2 (acked), then the other sets 1.5 (its
+    ack): the field shows 1.5 (it kept showing 0.2, even after Esc, and Enter sent 0.2 again). A field holding
+    an unsent edit keeps it, and the reply line says what is in force now."""
+    from textual.widgets import Input, Static
+
+    from app.app import VoxApp
+    from app.messages import EventsReceived
+
+    run = synthetic_runs.make_run(tmp_path, "two", steps=6, state="running")
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 6, timeout=20, every=0.05)
+            screen, sent = app.screen, []
+            params = {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 6}
+            screen.post_message(EventsReceived([ack(screen, dict(params))]))
+            acking_engine(screen, sent, params, most=38)
+            await pilot.press("3")
+            temp = screen.query_one("#pv-temperature", Input)
+            reply = screen.query_one("#pv-reply", Static)
+            await pilot_wait(pilot, lambda: temp.value == "0.7", timeout=10, every=0.05)
+            temp.focus()
+            await pilot.press("ctrl+u", *"0.2", "enter")
+            await pilot_wait(pilot, lambda: app.state.preview_params["temperature"] == 0.2, timeout=10, every=0.05)
+            screen.post_message(EventsReceived([ack(screen, {**params, "temperature": 1.5})]))  # the other's
+            await pilot_wait(pilot, lambda: app.state.preview_params["temperature"] == 1.5, timeout=10, every=0.05)
+            await pilot.pause(0.2)
+            assert temp.value == "1.5"  # focused, but no unsent edit in it: the value in force
+            await pilot.press("escape")
+            await pilot.pause(0.2)
+            assert temp.value == "1.5"
+            temp.focus()
+            await pilot.press("enter")  # nothing changed here: nothing sent (it sent 0.2 again)
+            await pilot.pause(0.2)
+            assert [c.temperature for c in sent] == [0.2]
+            # an unsent edit is kept while the other dashboard changes the value; the reply line says so
+            await pilot.press("ctrl+u", *"0.4")
+            screen.post_message(EventsReceived([ack(screen, {**params, "temperature": 1.9})]))
+            await pilot_wait(pilot, lambda: "T=1.9" in str(reply.render()), timeout=10, every=0.05)
+            assert temp.value == "0.4" and "your temperature edit is kept, not sent" in str(reply.render())
+            await pilot.press("enter")
+            await pilot_wait(pilot, lambda: app.state.preview_params["temperature"] == 0.4, timeout=10, every=0.05)
+            await pilot.pause(0.2)
+            assert [c.temperature for c in sent] == [0.2, 0.4] and temp.value == "0.4"
+            # the workers cut max new tokens: the field shows the value cut, not the one sent
+            most = screen.query_one("#pv-max", Input)
+            most.focus()
+            await pilot.press("ctrl+u", *"500", "enter")
+            await pilot_wait(pilot, lambda: app.state.preview_params["max_new_tokens"] == 38, timeout=10, every=0.05)
+            await pilot.pause(0.2)
+            assert [c.max_new_tokens for c in sent] == [None, None, 500] and most.value == "38"
+
+    asyncio.run(flow())

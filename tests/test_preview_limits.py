@@ -219,7 +219,7 @@ def test_an_emptied_field_is_unchanged_and_shows_its_value_in_force_again():
         app = Host()
         async with app.run_test() as pilot:
             pv = app.query_one(Previews)
-            app.set_focus(None)  # (this host focused the first input: fill leaves a focused one alone)
+            app.set_focus(None)  # (this host focused the first input)
             pv.fill({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64})
             box = pv.query_one("#pv-max", Input)
             box.focus()

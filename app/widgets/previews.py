@@ -1,10 +1,11 @@
 """Previews: the latest generation per prompt, one prompt's history beside its reference, and the
 controls for temperature / top-p / max new tokens and "preview now".
 
-The inputs show the values in force (the run's config, then the latest accepted change: the ``ack`` of
-``set_preview_params`` carries them); Apply sends only the fields the user changed (a missing field is
-unchanged for the engine; an input left empty is unchanged too, and Apply shows its value in force again).
-An input being edited is never overwritten by news from the run."""
+The inputs show the values in force (the run's config, then the latest accepted change, this dashboard's
+or another's: the ``ack`` of ``set_preview_params`` carries them); Apply sends only the fields the user
+changed (a missing field is unchanged for the engine; an input left empty is unchanged too, and Apply shows
+its value in force again). An input holding the user's unsent edit is never overwritten by news from the
+run: the reply line says what is in force then."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ FIELDS = (
     ("pv-top-p", "top_p", float, lambda v: f"{float(v):g}", "top-p"),
     ("pv-max", "max_new_tokens", int, lambda v: str(int(v)), "max new tokens"),
 )
+SHORT = {"temperature": "T", "top_p": "top-p", "max_new_tokens": "max"}  # as a preview's parameters are shown
 
 
 class Previews(Vertical):
@@ -66,25 +68,33 @@ class Previews(Vertical):
         self.set_class(event.size.width < self.NARROW, "-narrow")
 
     def fill(self, params: dict) -> None:
-        """Show the values in force, except in an input that is focused or holds the user's own edit; the
-        values in force are kept either way (another client's change while a field is being edited is what
-        Apply compares with and what an emptied field shows again)."""
-        focused = self.app.focused
-        for input_id, key, parse, fmt, _ in FIELDS:
+        """Show a value in force when it changes (any client's ack), except in an input that holds the user's
+        unsent edit (text typed there, not sent): that one is kept, and the reply line says what is in force
+        now. The values in force are kept either way (what Apply compares with and what an emptied field
+        shows again). An input whose text was sent is no edit: the ack's value replaces it (another client's
+        later change, or max new tokens cut by the workers), focused or not."""
+        kept = []
+        for input_id, key, parse, fmt, label in FIELDS:
             if params.get(key) is None:
                 continue
             try:
                 text = fmt(params[key])
             except (TypeError, ValueError, OverflowError):
                 continue  # not a number: nothing to show
+            moved = text != self._force_text.get(key)
             self.in_force[key], self._force_text[key] = parse(text), text
             box = self.query_one(f"#{input_id}", Input)
-            edited = box.value != self._filled.get(key, "")
-            if box is focused or (edited and box.value != text):
-                continue
-            self._filled[key] = text
-            if box.value != text:
-                box.value = text
+            if box.value == text:  # shows the value in force (typed, sent or filled): nothing of the user's to keep
+                self._filled[key] = text
+            elif not moved:
+                continue  # unchanged: a value sent and not acked yet, or refused, stays as it is
+            elif box.value == self._filled.get(key, ""):  # no unsent edit
+                self._filled[key] = box.value = text
+            else:
+                kept.append(label)
+        if kept:  # as the previews write them (T=… top-p=… max=…)
+            now = " ".join(f"{SHORT[key]}={self._force_text[key]}" for _, key, *_ in FIELDS if key in self._force_text)
+            self.show_reply("in force", f"{now} — your {', '.join(kept)} edit is kept, not sent")
 
     def changed(self) -> dict | str:
         """The fields whose input differs from the value in force (checked), or what is wrong."""
@@ -121,6 +131,9 @@ class Previews(Vertical):
                 why = "an empty field keeps its value in force (not known yet)"
             self.show_reply("unchanged", f"nothing to send: {why}")
             return
+        for input_id, key, _, _, _ in FIELDS:  # sent: no longer an edit (the ack's value, or a later one, replaces it)
+            if key in v:
+                self._filled[key] = self.query_one(f"#{input_id}", Input).value
         self.show_reply("pending", "sent " + ", ".join(f"{k}={v[k]:g}" for k in v) + "; applied when the engine replies ok")
         self.post_message(self.ParamsRequested(v))
 
