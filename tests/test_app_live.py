@@ -336,3 +336,59 @@ def test_a_preview_field_follows_another_dashboards_change_after_its_own(tmp_pat
             assert [c.max_new_tokens for c in sent] == [None, None, 500] and most.value == "38"
 
     asyncio.run(flow())
+
+
+def checkpoint_on_disk(run, step: int) -> None:
+    """A complete checkpoint folder as the worker leaves it (renamed into place once written)."""
+    import json
+
+    folder = run / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "best_step": step, "best_loss": 1.5,
+                                                            "reason": "periodic"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+
+
+def test_the_checkpoints_note_goes_when_checkpoints_come_and_when_the_folder_is_read_again(tmp_path, monkeypatch):
+    """"no complete checkpoint in the run folder yet" goes once one is in the table (it stayed under the
+    table's rows), and "could not read …" once a later read succeeds."""
+    from textual.widgets import DataTable, Static
+
+    import engine.client
+    from app.app import VoxApp
+
+    run = synthetic_runs.make_run(tmp_path, "ckpts", steps=6, save_every=0)
+    real, failing = engine.client.checkpoint_states, []
+
+    def checkpoint_states(root):
+        if failing:
+            raise PermissionError(13, "Permission denied")
+        return real(root)
+
+    monkeypatch.setattr(engine.client, "checkpoint_states", checkpoint_states)
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 6, timeout=20, every=0.05)
+            await pilot.press("4")
+            screen = app.screen
+            note, table = screen.query_one("#ck-note", Static), screen.query_one("#ck-table", DataTable)
+            said = lambda: str(note.render())  # noqa: E731
+            await pilot_wait(pilot, lambda: said() == "no complete checkpoint in the run folder yet", timeout=10)
+            checkpoint_on_disk(run, 4)
+            screen.scan_disk()
+            await pilot_wait(pilot, lambda: table.row_count == 1, timeout=10, every=0.05)
+            await pilot.pause(0.2)
+            assert said() == ""
+            failing.append(1)
+            screen.scan_disk()
+            await pilot_wait(pilot, lambda: said().startswith("could not read"), timeout=10, every=0.05)
+            failing.clear()
+            checkpoint_on_disk(run, 6)
+            screen.scan_disk()
+            await pilot_wait(pilot, lambda: table.row_count == 2, timeout=10, every=0.05)
+            await pilot.pause(0.2)
+            assert said() == ""
+
+    asyncio.run(flow())

@@ -405,8 +405,9 @@ class RunScreen(Screen):
         if message.gone:
             return
         if message.error:
-            self.query_one(Checkpoints).note(f"could not read {self.run_dir}: {message.error}")
+            self.query_one(Checkpoints).note(f"could not read {self.run_dir}: {message.error}", "unreadable")
             return
+        self.query_one(Checkpoints).clear_note("unreadable")
         s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
         if self.query_one(TabbedContent).active in ("checkpoints", "evals"):
             self.mark_dirty()

@@ -46,6 +46,7 @@ class Checkpoints(Vertical):
         self._jobs: list[str] = []
         self._job_view: dict = {}
         self.busy: set[str] = set()  # "infer:<name>" keys in flight
+        self._note_kind = ""  # what the note says: "empty" (no checkpoint), "unreadable" (the folder), "" (other)
 
     def selected(self) -> tuple[int | None, str] | None:
         if not self._rows:
@@ -71,19 +72,26 @@ class Checkpoints(Vertical):
     def one(self) -> None:
         chosen = self.selected()
         if chosen is None:
-            self.note("no checkpoint yet")
+            self.note("no checkpoint yet", "empty")
             return
         self.post_message(self.InferenceRequested(*chosen))
 
     @on(Button.Pressed, "#ck-all")
     def all(self) -> None:
         if not self._rows:
-            self.note("no checkpoint yet")
+            self.note("no checkpoint yet", "empty")
             return
         self.post_message(self.InferenceRequested(None, "all", every=list(self._rows)))
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, kind: str = "") -> None:
+        """One line under the buttons; ``kind`` names a note that a later fact takes back (clear_note)."""
         show_text(self.query_one("#ck-note", Static), data(text, limit=400))
+        self._note_kind = kind
+
+    def clear_note(self, kind: str) -> None:
+        """The note goes if it is of ``kind`` (no longer true: checkpoints came, the folder was read)."""
+        if self._note_kind == kind:
+            self.note("")
 
     def sync_buttons(self, busy: set[str] | None = None) -> None:
         """"Infer selected" is off while the selected checkpoint's request is in flight; "Infer all"
@@ -125,8 +133,10 @@ class Checkpoints(Vertical):
                 table.add_row(*(data(c, limit=60) for c in cells))
             if rows:
                 table.move_cursor(row=rows.index(chosen) if chosen in rows else len(rows) - 1)
-        if s.disk_checkpoints is not None and not rows:
-            self.note("no complete checkpoint in the run folder yet")
+        if s.disk_checkpoints is not None and not rows and self._note_kind != "unreadable":
+            self.note("no complete checkpoint in the run folder yet", "empty")
+        elif rows:
+            self.clear_note("empty")
         self.sync_buttons()
         self._show_jobs(s, running)
 
