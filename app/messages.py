@@ -40,13 +40,15 @@ class CommandReplied(Message):
 
 class DiskScanned(Message):
     """What the run folder holds now: complete checkpoints, lora_final, inference jobs; ``gone``: the folder
-    itself no longer exists (deleted or moved while attached)."""
+    itself no longer exists (deleted or moved while attached); ``inferring``: the checkpoints that inference
+    processes of the run work on now ("all": every checkpoint-N), as seen by the scan begun at ``started``
+    (time.monotonic)."""
 
     def __init__(self, checkpoints: list | None, final: str | None, inference: dict | None, error: str = "",
-                 gone: bool = False) -> None:
+                 gone: bool = False, inferring: frozenset = frozenset(), started: float = 0.0) -> None:
         super().__init__()
         self.checkpoints, self.final, self.inference, self.error = checkpoints, final, inference, error
-        self.gone = gone
+        self.gone, self.inferring, self.started = gone, inferring, started
 
 
 class ConfigRead(Message):

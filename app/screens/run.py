@@ -30,7 +30,7 @@ from app.screens.dialogs import Confirm, Help
 from app.state import FINAL, NOT_ENDED
 from app.text import assemble, data, lines, plain, show_text
 from app.widgets.charts import Charts
-from app.widgets.checkpoints import Checkpoints
+from app.widgets.checkpoints import Checkpoints, inference_running
 from app.widgets.config import ConfigView
 from app.widgets.evaluations import Evaluations
 from app.widgets.events_log import EventsLog
@@ -69,6 +69,50 @@ NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start 
 COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
 REQUEST_TIMEOUT_S = 5.0  # one try
 DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read this often
+
+
+def inference_processes(run_dir: Path, checkpoints: list[dict], final) -> frozenset:
+    """The checkpoints that ``voxtui infer`` processes of this run on this machine work on now, whoever
+    started them (this dashboard, another one, the engine, a shell): "checkpoint-N"; "all" for
+    --all-checkpoints; without --checkpoint, lora_final (else the latest checkpoint, as infer picks)."""
+    import psutil
+
+    want = run_dir.resolve()
+    default = "lora_final" if final else checkpoints[-1]["name"] if checkpoints else ""
+    out = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        if "infer" not in argv:
+            continue
+        head, args = argv[:argv.index("infer")], argv[argv.index("infer") + 1:]
+        if not head or (head[-1] != "engine" and Path(head[-1]).name != "voxtui"):  # python -m engine, voxtui
+            continue
+        opts, which = {}, default
+        for i, arg in enumerate(args):
+            key, eq, value = arg.partition("=")
+            if key in ("--run", "--checkpoint"):
+                opts[key] = value if eq else args[i + 1] if i + 1 < len(args) else ""
+            elif arg == "--all-checkpoints":
+                which = "all"
+        if "--run" not in opts:
+            continue
+        try:
+            cwd = Path(proc.cwd())
+        except psutil.Error:
+            continue
+        named = cwd / opts["--run"]  # a run folder, or a name under runs/
+        if not named.is_dir():
+            named = cwd / "runs" / opts["--run"]
+        try:
+            if named.resolve() != want:
+                continue
+        except OSError:
+            continue
+        if which != "all" and "--checkpoint" in opts:
+            which = "checkpoint-" + opts["--checkpoint"].removeprefix("checkpoint-")
+        if which:
+            out.add(which)
+    return frozenset(out)
 
 
 class RunScreen(Screen):
@@ -110,7 +154,11 @@ class RunScreen(Screen):
         self._folder_gone = False  # the run folder no longer exists (deleted or moved while attached)
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
-        self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name → inference job started here
+        self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name ("all": every one) → inference job started here
+        # checkpoint name → when the engine said it started inference on it (until a disk scan begun later sees
+        # the job's process, or its end)
+        self.requested: dict[str, float] = {}
+        self._inferring_disk: frozenset = frozenset()  # what the last disk scan saw inference processes work on
         self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
         self._plots_dirty = True  # news the plots of the tab showing have not drawn yet
         self._plots_at = 0.0
@@ -232,7 +280,7 @@ class RunScreen(Screen):
                 self._dirty = False
                 self._pane_at = now
                 if active == "checkpoints":
-                    self.query_one(Checkpoints).show(s, self.running_offline())
+                    self.query_one(Checkpoints).show(s, {**dict.fromkeys(self._inferring_disk), **self.running_offline()})
                 else:
                     panes = {"overview": Overview, "gpus": Hardware, "previews": Previews, "events": EventsLog,
                              "evals": Evaluations, "config": ConfigView}
@@ -265,18 +313,22 @@ class RunScreen(Screen):
         """Once a second: the folder now and then, jobs started here, the banner's ages."""
         if time.monotonic() - self._last_scan >= DISK_EVERY_S:
             self.scan_disk()
+        ended: dict[int, tuple[int, list[str]]] = {}  # pid → exit code, the checkpoints it ran (one job each)
         for name, proc in list(self.offline.items()):
             code = proc.poll()
             if code is not None:
                 del self.offline[name]
-                log = self.run_dir / "infer.log"
-                if code == 0:
-                    self.say(f"inference on {name} finished")
-                else:
-                    self.say(f"inference on {name} failed (exit code {code}); see {log}", "error", timeout=15)
-                self.sync_buttons()
-                self._scan_soon = True
-                self.mark_dirty()
+                ended.setdefault(proc.pid, (code, []))[1].append(name)
+        for code, names in ended.values():
+            log = self.run_dir / "infer.log"
+            if code == 0:
+                self.say(f"inference on {', '.join(names)} finished")
+            else:
+                self.say(f"inference on {', '.join(names)} failed (exit code {code}); see {log}", "error", timeout=15)
+        if ended:
+            self.sync_buttons()
+            self._scan_soon = True
+            self.mark_dirty()
         if self.app.state.crashed:
             self.show_banner()
 
@@ -374,7 +426,7 @@ class RunScreen(Screen):
     def scan_disk(self) -> None:
         from engine.client import checkpoint_states, final_adapter, inference_results, inference_samples
 
-        self._last_scan = time.monotonic()
+        self._last_scan = started = time.monotonic()
         if not self.run_dir.is_dir():
             self.post_message(DiskScanned(None, None, None, gone=True))
             return
@@ -391,7 +443,12 @@ class RunScreen(Screen):
         except Exception as e:  # an odd run folder must never end the dashboard: say so, keep the last view
             self.post_message(DiskScanned(None, None, None, error=f"{type(e).__name__}: {e}"))
             return
-        self.post_message(DiskScanned(ckpts, str(final) if final else None, jobs))
+        try:
+            inferring = inference_processes(self.run_dir, ckpts, final)
+        except Exception:  # processes that cannot be read: none seen (the jobs started here are known anyway)
+            inferring = frozenset()
+        self.post_message(DiskScanned(ckpts, str(final) if final else None, jobs, inferring=inferring,
+                                      started=started))
 
     def on_disk_scanned(self, message: DiskScanned) -> None:
         s = self.app.state
@@ -409,6 +466,11 @@ class RunScreen(Screen):
             return
         self.query_one(Checkpoints).clear_note("unreadable")
         s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
+        # a job the engine started before this scan began is among its processes (or has ended)
+        requested = {name: at for name, at in self.requested.items() if at >= message.started}
+        if message.inferring != self._inferring_disk or requested != self.requested:
+            self.requested, self._inferring_disk = requested, message.inferring
+            self.sync_buttons()
         if self.query_one(TabbedContent).active in ("checkpoints", "evals"):
             self.mark_dirty()
 
@@ -494,6 +556,9 @@ class RunScreen(Screen):
 
     def on_command_replied(self, message: CommandReplied) -> None:
         self.in_flight.pop(message.key, None)
+        if message.key.startswith("infer:") and message.status == "ok":  # the engine started the job
+            self.requested[message.key.removeprefix("infer:")] = time.monotonic()
+            self._scan_soon = True
         self.sync_buttons()
         text = f"{message.command}: {message.status}" + (f" — {message.reason}" if message.reason else "")
         self.say(text, "information" if message.status == "ok" else "error")
@@ -501,7 +566,7 @@ class RunScreen(Screen):
             self.query_one(Previews).show_reply(message.status, message.reason or "applied at the next step")
 
     def sync_buttons(self) -> None:
-        busy = set(self.in_flight) | {f"infer:{name}" for name in self.running_offline()}
+        busy = set(self.in_flight) | {f"infer:{name}" for name in self.inferring()}
         self.query_one(Checkpoints).sync_buttons(busy)
         ended = self.engine_keys_state()[0]  # no worker is left to preview
         self.query_one("#pv-apply").disabled = ended or "set_preview_params" in busy
@@ -515,38 +580,66 @@ class RunScreen(Screen):
     def action_preview_now(self) -> None:
         self.command(PreviewNow())
 
+    def inferring(self) -> set[str]:
+        """The checkpoints whose inference runs now ("all": every checkpoint-N): asked of the engine and not
+        answered yet, started by the engine at this dashboard's request, started here without an engine, or
+        any process of the run's on this machine (another dashboard's, the engine's, a shell's)."""
+        return ({key.removeprefix("infer:") for key in self.in_flight if key.startswith("infer:")}
+                | set(self.requested) | set(self.running_offline()) | set(self._inferring_disk))
+
     @on(Checkpoints.InferenceRequested)
     def infer(self, m: Checkpoints.InferenceRequested) -> None:
+        """Inference on the checkpoints asked for but those already being inferred (two jobs on one checkpoint
+        would write the same infer/ folder): Infer all skips them, Infer selected is refused."""
         s = self.app.state
-        if s.engine_live and s.state not in FINAL:
-            for step, name in m.every or [(m.step, m.name)]:
+        engine = s.engine_live and s.state not in FINAL
+        busy = {f"infer:{name}" for name in self.inferring()}
+        wanted = m.every or [(m.step, m.name)]
+        if m.every and not engine:  # as --all-checkpoints: every checkpoint-N (lora_final is no part of it)
+            wanted = [(step, name) for step, name in wanted if step is not None]
+        todo = [(step, name) for step, name in wanted if not inference_running(name, busy)]
+        skipped = [name for _, name in wanted if inference_running(name, busy)]
+        ck = self.query_one(Checkpoints)
+        if not todo:
+            text = (f"inference on {m.name} is running already; not started again" if not m.every
+                    else "inference is running on every checkpoint already; nothing started")
+            ck.note(text)
+            self.say(text, "warning")
+            return
+        if skipped:
+            self.say(f"inference is running on {', '.join(skipped)} already: skipped", "warning")
+        if engine:
+            for step, name in todo:
                 self.command(RunInference(checkpoint=step), key=f"infer:{name}")
-        else:  # every checkpoint: one job after the other (--all-checkpoints), not one process each
-            self.infer_without_engine(m.step, "all" if m.every else m.name)
+        elif m.every and not skipped:  # every checkpoint: one job after the other (--all-checkpoints)
+            self.infer_without_engine([(None, "all")])
+        else:  # those not running: one after the other too
+            self.infer_without_engine(todo)
 
     def infer_args(self, step: int | None, data_file: str, run: str, every: bool = False) -> list[str]:
         which = ["--all-checkpoints"] if every else ["--checkpoint", str(step)] if step is not None else []
         return ["--run", run, *which, "--data", data_file]
 
-    def infer_without_engine(self, step: int | None, name: str) -> None:
+    def infer_without_engine(self, jobs: list[tuple[int | None, str]]) -> None:
         """No engine serves the run (it finished, or crashed): ``voxtui infer`` as a process of its own
-        (it outlives the dashboard); its results are read from infer/*/metrics.json."""
+        (it outlives the dashboard), on each of ``jobs`` (step, checkpoint name; ``(None, "all")``: every
+        checkpoint, --all-checkpoints) one after the other; its results are read from infer/*/metrics.json."""
         ck = self.query_one(Checkpoints)
-        running = self.offline.get(name)
-        if running is not None and running.poll() is None:
-            self.say(f"inference on {name} is already running (pid {running.pid})", "warning")
-            return
         data_file = str(self.app.state.config.get("val_jsonl") or "")
-        every = name == "all"
-        how = shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE", str(self.run_dir), every)])
+        every = jobs == [(None, "all")]
+        how = "; ".join(shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE",
+                                                                          str(self.run_dir), every)])
+                          for step, _ in jobs)
         if not data_file or not Path(data_file).is_file():
             why = "this run has no val_jsonl" if not data_file else f"{data_file} is not a file here"
             text = f"the engine is not running and {why}; run inference with: {how}"
             ck.note(text)
             self.say(text, "warning", timeout=20)
             return
-        argv = [sys.executable, "-m", "engine", "infer",
-                *self.infer_args(step, data_file, str(self.run_dir.resolve()), every)]
+        argvs = [[sys.executable, "-m", "engine", "infer",
+                  *self.infer_args(step, data_file, str(self.run_dir.resolve()), every)] for step, _ in jobs]
+        # several: one after the other, by a shell of their own (so they outlive the dashboard too)
+        argv = argvs[0] if len(argvs) == 1 else ["/bin/sh", "-c", "; ".join(shlex.join(a) for a in argvs)]
         try:
             log = open(self.run_dir / "infer.log", "ab")
         except OSError as e:
@@ -557,8 +650,9 @@ class RunScreen(Screen):
         with log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=os.getcwd())
-        self.offline[name] = proc
-        what = "every checkpoint" if every else name
+        for _, name in jobs:
+            self.offline[name] = proc
+        what = "every checkpoint" if every else ", ".join(name for _, name in jobs)
         text = f"inference on {what} started without the engine (pid {proc.pid}; log {self.run_dir / 'infer.log'})"
         ck.note(text)
         self.say(text)

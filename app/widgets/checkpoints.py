@@ -55,17 +55,12 @@ class Checkpoints(Vertical):
         return self._rows[min(max(table.cursor_row, 0), len(self._rows) - 1)]
 
     def infer_selected(self) -> None:
-        """The i key: as the "Infer selected" button, also while it is off (then says why)."""
-        if self.query_one("#ck-one", Button).disabled:
-            self.note("inference on this checkpoint is running already")
-            return
+        """The i key: as the "Infer selected" button, also while it is off (the screen then says why: the
+        checkpoint's inference runs already)."""
         self.one()
 
     def infer_all(self) -> None:
-        """The a key: as the "Infer all" button."""
-        if self.query_one("#ck-all", Button).disabled:
-            self.note("inference is running already")
-            return
+        """The a key: as the "Infer all" button, also while it is off (the screen then says why)."""
         self.all()
 
     @on(Button.Pressed, "#ck-one")
@@ -94,13 +89,14 @@ class Checkpoints(Vertical):
             self.note("")
 
     def sync_buttons(self, busy: set[str] | None = None) -> None:
-        """"Infer selected" is off while the selected checkpoint's request is in flight; "Infer all"
-        while any is."""
+        """"Infer selected" is off while the selected checkpoint's inference is asked for or running; "Infer
+        all" while every checkpoint's is (it skips those)."""
         if busy is not None:
             self.busy = busy
         chosen = self.selected()
-        self.query_one("#ck-one", Button).disabled = chosen is not None and f"infer:{chosen[1]}" in self.busy
-        self.query_one("#ck-all", Button).disabled = any(k.startswith("infer:") for k in self.busy)
+        self.query_one("#ck-one", Button).disabled = chosen is not None and inference_running(chosen[1], self.busy)
+        self.query_one("#ck-all", Button).disabled = bool(self._rows) and all(
+            inference_running(name, self.busy) for _, name in self._rows)
 
     @on(DataTable.RowHighlighted, "#ck-table")
     def _checkpoint_highlighted(self) -> None:
@@ -204,6 +200,12 @@ class Checkpoints(Vertical):
             rows.append(assemble(("  | ", "dim"), data(x.get("reference", ""), "dim", limit=160)))
         show_text(box, lines(*rows))
         box.display = True
+
+
+def inference_running(name: str, busy: set[str]) -> bool:
+    """Whether inference on checkpoint ``name`` is asked for or running: ``busy`` holds "infer:<name>" keys,
+    "infer:all" for a job on every checkpoint-N (lora_final is no part of it)."""
+    return f"infer:{name}" in busy or ("infer:all" in busy and name != "lora_final")
 
 
 def plain_line(value) -> str:
