@@ -392,3 +392,38 @@ def test_the_checkpoints_note_goes_when_checkpoints_come_and_when_the_folder_is_
             assert said() == ""
 
     asyncio.run(flow())
+
+
+def test_the_config_tab_reads_config_toml_again_when_it_changes(tmp_path):
+    """config.toml overwritten with garbage mid-run: the Config tab says it is not readable TOML now and keeps
+    the last good copy, labelled as the last one read (it went on saying "config.toml" as if all were well);
+    written again, the new copy shows."""
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+
+    run = synthetic_runs.make_run(tmp_path, "cfg", steps=6, state="running")
+    good = (run / "config.toml").read_text()
+
+    def config_rows(screen) -> dict:
+        table = screen.query_one("#cfg-table", DataTable)
+        return {str(table.get_row_at(i)[0]): str(table.get_row_at(i)[1]) for i in range(table.row_count)}
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 6, timeout=20, every=0.05)
+            await pilot.press("9")
+            screen = app.screen
+            head = lambda: str(screen.query_one("#cfg-head").render())  # noqa: E731
+            await pilot_wait(pilot, lambda: head() == "resolved config: config.toml", timeout=10, every=0.05)
+            lr = config_rows(screen)["lr"]
+            (run / "config.toml").write_text("this is [not TOML\n")
+            await pilot_wait(pilot, lambda: "not readable TOML" in head(), timeout=10, every=0.1)
+            assert head() == "resolved config: config.toml as last read (now: config.toml is not readable TOML)"
+            assert config_rows(screen)["lr"] == lr
+            (run / "config.toml").write_text(good.replace("seed = ", "seed = 4242 #", 1))
+            await pilot_wait(pilot, lambda: head() == "resolved config: config.toml", timeout=10, every=0.1)
+            assert config_rows(screen)["seed"] == "4242"
+
+    asyncio.run(flow())

@@ -160,6 +160,8 @@ class RunScreen(Screen):
         self.requested: dict[str, float] = {}
         self._inferring_disk: frozenset = frozenset()  # what the last disk scan saw inference processes work on
         self._samples: dict = {}  # (job, metrics time) → sample rows read from disk
+        self._config_stat: tuple | None = None  # config.toml as last read: (inode, size, mtime), None: not there
+        self._config_read = False
         self._plots_dirty = True  # news the plots of the tab showing have not drawn yet
         self._plots_at = 0.0
         self._since = time.time()  # only events from now on notify (not the history of what happened before)
@@ -313,6 +315,7 @@ class RunScreen(Screen):
         """Once a second: the folder now and then, jobs started here, the banner's ages."""
         if time.monotonic() - self._last_scan >= DISK_EVERY_S:
             self.scan_disk()
+            self.read_config()
         ended: dict[int, tuple[int, list[str]]] = {}  # pid → exit code, the checkpoints it ran (one job each)
         for name, proc in list(self.offline.items()):
             code = proc.poll()
@@ -476,10 +479,19 @@ class RunScreen(Screen):
 
     @work(thread=True, exclusive=True, group="config")
     def read_config(self) -> None:
-        """config.toml (the resolved config the run was started with), for the Config tab."""
+        """config.toml (the resolved config the run was started with), for the Config tab: read again when
+        the file changes (overwritten, replaced, deleted), else left alone."""
         from engine.client import run_config
 
         path = self.run_dir / "config.toml"
+        try:
+            st = path.stat()
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            seen = None
+        if self._config_read and seen == self._config_stat:
+            return
+        self._config_read, self._config_stat = True, seen
         try:
             config = run_config(self.run_dir)
         except Exception as e:  # never the end of the dashboard
@@ -489,8 +501,12 @@ class RunScreen(Screen):
         self.post_message(ConfigRead(config, error))
 
     def on_config_read(self, message: ConfigRead) -> None:
+        """The Config tab keeps the last good copy when the file turns unreadable or goes (and says so)."""
         view = self.query_one(ConfigView)
-        view.file_config, view.file_error = message.config, message.error
+        if message.config:
+            view.file_config, view.file_error = message.config, ""
+        else:
+            view.file_error = message.error or ("config.toml is no longer in the run folder" if view.file_config else "")
         if self.query_one(TabbedContent).active == "config":
             self.mark_dirty()
 

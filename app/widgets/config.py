@@ -51,8 +51,8 @@ class ConfigView(Vertical):
         self.query_one("#cfg-table", DataTable).add_columns("key", "value")
         self._params: dict | None = None
         self._config: tuple | None = None
-        self.file_config: dict | None = None  # config.toml as read (None: not read yet)
-        self.file_error = ""
+        self.file_config: dict | None = None  # config.toml as last read well (None: not yet)
+        self.file_error = ""  # what is wrong with it now ("": read well, or not there and never was)
 
     def show(self, s: RunState) -> None:
         if s.params != self._params:
@@ -70,8 +70,9 @@ class ConfigView(Vertical):
             else:
                 head = "parameters: no parameter table yet (the workers report it once the model is loaded)"
             self.query_one("#cfg-params-head", Static).update(assemble((head, "bold")))
-        if self.file_config:
-            config, source = self.file_config, "config.toml"
+        if self.file_config:  # as read now, or the last good copy (the file overwritten or gone since)
+            config = self.file_config
+            source = f"config.toml as last read (now: {self.file_error})" if self.file_error else "config.toml"
         else:
             config = s.config
             why = self.file_error or "no config.toml in the run folder"
