@@ -27,14 +27,18 @@ def _visible(m: re.Match) -> str:
     return "\ufffd"
 
 
-def plain(value: object, limit: int | None = None, one_line: bool = True) -> str:
-    """A run's value as a safe plain string: control characters made visible, on one line (newlines and
-    tabs become spaces) unless ``one_line`` is false, at most ``limit`` characters (then ending in …)."""
+NEWLINE = "\u23ce"  # ⏎: a newline shown within one line, where a line stands for one thing (an event)
+
+
+def plain(value: object, limit: int | None = None, one_line: bool = True, newline: str = " ") -> str:
+    """A run's value as a safe plain string: control characters made visible, on one line (newlines become
+    ``newline``, a space unless a line break must be seen: NEWLINE; tabs become spaces) unless ``one_line``
+    is false, at most ``limit`` characters (then ending in …)."""
     s = "" if value is None else value if isinstance(value, str) else str(value)
     if limit is not None and len(s) > 4 * limit + 64:
         s = s[: 4 * limit + 64]  # no need to clean what is cut anyway
     if one_line:
-        s = s.replace("\r\n", " ").replace("\n", " ").replace("\t", " ")
+        s = s.replace("\r\n", newline).replace("\n", newline).replace("\t", " ")
     else:
         s = s.replace("\r\n", "\n").replace("\t", "    ")
     s = _CONTROL.sub(_visible, s)
@@ -43,9 +47,9 @@ def plain(value: object, limit: int | None = None, one_line: bool = True) -> str
     return s
 
 
-def data(value: object, style: str = "", limit: int | None = None, one_line: bool = True) -> Text:
+def data(value: object, style: str = "", limit: int | None = None, one_line: bool = True, newline: str = " ") -> Text:
     """A run's value as Text (never markup), in our own ``style``."""
-    return Text(plain(value, limit, one_line), style=style, end="")
+    return Text(plain(value, limit, one_line, newline), style=style, end="")
 
 
 def assemble(*parts: object) -> Text:

@@ -658,3 +658,33 @@ def test_the_checkpoint_matrix_marks_a_job_generated_otherwise_than_most():
     differs = {r["name"]: r["differs"] for r in matrix(s)}
     assert differs == {"checkpoint-20-val": [], "checkpoint-40-val": [], "checkpoint-60-val": ["max_new_tokens 8"],
                        "checkpoint-80-val": ["other data"]}  # the batch size changes no score: not said
+
+
+def test_a_newline_within_an_event_is_shown_on_its_one_line(tmp_path):
+    """A preview whose text holds newlines (a model's answer in several lines), or an alert's message with a
+    traceback's: each event is still one line in the Events log (seq, type, text), its newlines shown as ⏎."""
+    import msgspec
+
+    from app.app import VoxApp
+    from engine.protocol import Alert, Preview
+
+    run = events_run(tmp_path, "newlines", "cpu", None)
+    evs = [Preview(step=12, prompt="p", text="first line\nsecond line\r\nthird", temperature=0.7, top_p=0.9),
+           Alert(level="error", kind="exception", message="Traceback:\n  boom")]
+    for i, ev in enumerate(evs, 15):
+        ev.seq, ev.time, ev.run = i, tabs_run.T0 + i, "newlines"
+    with open(run / "events.jsonl", "ab") as f:
+        f.write(b"".join(msgspec.json.encode(ev) + b"\n" for ev in evs))
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await at_step(app, pilot, 12)
+            await pilot.press("6")
+            await until_still(pilot)
+            await pilot.pause(0.3)
+            return [line.text.rstrip() for line in app.screen.query_one("#ev-log").lines]
+
+    texts = asyncio.run(flow())
+    assert texts[-2:] == ["    15 preview    step 12 #0 T=0.7: first line⏎second line⏎third",
+                          "    16 alert      error exception: Traceback:⏎  boom"], texts[-4:]

@@ -10,9 +10,15 @@ from textual.containers import Vertical
 from textual.widgets import Input, RichLog
 
 from app.state import RunState
-from app.text import assemble, data
+from app.text import NEWLINE, assemble, data
 
 SHOWN = 2000
+
+
+def field(value: object, limit: int) -> Text:
+    """A run's text in an event's line: a newline in it is shown (⏎), so one event reads as one line (a long
+    one wrapped under it), never as more events."""
+    return data(value, limit=limit, newline=NEWLINE)
 
 
 def describe(ev) -> Text:
@@ -21,29 +27,27 @@ def describe(ev) -> Text:
             loss = f"{ev.loss:.4f}" if ev.loss is not None else "non-finite"
             return assemble(f"step {ev.step} loss {loss} lr {ev.lr:.2e} {ev.tokens_per_s:,.0f} tok/s")
         case "status":
-            return assemble(data(ev.state, limit=20), " ", data(getattr(ev, "outcome", ""), limit=20), " ",
-                            data(ev.message, limit=300))
+            return assemble(field(ev.state, 20), " ", field(getattr(ev, "outcome", ""), 20), " ", field(ev.message, 300))
         case "alert":
-            return assemble(data(ev.level, limit=10), " ", data(ev.kind, limit=40), ": ", data(ev.message, limit=300))
+            return assemble(field(ev.level, 10), " ", field(ev.kind, 40), ": ", field(ev.message, 300))
         case "log":
-            return assemble(data(ev.level, limit=10), f" rank {ev.rank}: ", data(ev.message, limit=300))
+            return assemble(field(ev.level, 10), f" rank {ev.rank}: ", field(ev.message, 300))
         case "eval":
             return assemble(f"step {ev.step} val loss {ev.loss:.4f} ppl {ev.ppl:.2f}")
         case "preview":
-            return assemble(f"step {ev.step} #{ev.index} T={ev.temperature:g}: ", data(ev.text, limit=80))
+            return assemble(f"step {ev.step} #{ev.index} T={ev.temperature:g}: ", field(ev.text, 80))
         case "preview_start":
             return assemble(f"step {ev.step}: generating {ev.count} preview(s) of up to {ev.max_new_tokens} new tokens")
         case "checkpoint":
-            return assemble(f"step {ev.step} ", data(ev.path, limit=200))
+            return assemble(f"step {ev.step} ", field(ev.path, 200))
         case "telemetry":
-            return assemble(data(ev.host, limit=60), f" gpus={len(ev.gpus)} rss={ev.rss or 0:.2f}GiB")
+            return assemble(field(ev.host, 60), f" gpus={len(ev.gpus)} rss={ev.rss or 0:.2f}GiB")
         case "ack":
-            return assemble(data(ev.command, limit=40), f" applied at step {ev.step}")
+            return assemble(field(ev.command, 40), f" applied at step {ev.step}")
         case "inference":
-            return assemble(data(ev.name, limit=80), " ", data(ev.state, limit=20), f" {ev.done}/{ev.total} ",
-                            data(ev.message, limit=200))
+            return assemble(field(ev.name, 80), " ", field(ev.state, 20), f" {ev.done}/{ev.total} ", field(ev.message, 200))
         case "run_info":
-            return assemble(data(ev.model_id, limit=100), f" on {ev.world_size} rank(s), {ev.total_steps} steps")
+            return assemble(field(ev.model_id, 100), f" on {ev.world_size} rank(s), {ev.total_steps} steps")
     return assemble(ev.type)
 
 
