@@ -31,11 +31,12 @@ class EngineSeen(Message):
 
 
 class CommandReplied(Message):
-    """The engine's reply to a command the user sent (``key``: what the screen marked in flight)."""
+    """The engine's reply to a command the user sent (``key``: what the screen marked in flight; ``id``: the
+    command's, which the workers' ack carries)."""
 
-    def __init__(self, command: str, status: str, reason: str, key: str = "") -> None:
+    def __init__(self, command: str, status: str, reason: str, key: str = "", id: str = "") -> None:
         super().__init__()
-        self.command, self.status, self.reason, self.key = command, status, reason, key
+        self.command, self.status, self.reason, self.key, self.id = command, status, reason, key, id
 
 
 class DiskScanned(Message):

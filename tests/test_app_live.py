@@ -427,3 +427,58 @@ def test_the_config_tab_reads_config_toml_again_when_it_changes(tmp_path):
             assert config_rows(screen)["seed"] == "4242"
 
     asyncio.run(flow())
+
+
+def test_p_pressed_again_before_the_workers_pause_sends_nothing(tmp_path, monkeypatch):
+    """The engine says ok to a pause at once and the workers pause at the next step boundary: p pressed again
+    meanwhile is ignored with a notice (it sent another pause, then a resume before the first was acked);
+    once their ack (and paused) comes, p resumes."""
+    import app.connection  # noqa: F401 (the stream keeps the real client: only the commands' is played)
+    import engine.client
+    from app.app import VoxApp
+    from app.messages import EngineSeen, EventsReceived
+    from engine.protocol import Ack, Reply, Status
+
+    run = synthetic_runs.make_run(tmp_path, "pause", steps=6, state="running")
+    sent = []
+
+    class Client:  # the engine: every command forwarded to the workers, answered ok
+        def __init__(self, *a, **kw):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def send(self, command):
+            sent.append(command)
+            return Reply(status="ok", id=command.id, state="running")
+
+    monkeypatch.setattr(engine.client, "EngineClient", Client)
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.step == 6, timeout=20, every=0.05)
+            screen = app.screen
+            screen.post_message(EngineSeen(True, 4242))
+            await pilot_wait(pilot, lambda: app.state.engine_live, timeout=10, every=0.05)
+            await pilot.press("p")
+            await pilot_wait(pilot, lambda: sent and any("pause: ok" in str(n.message) for n in app._notifications),
+                             timeout=10, every=0.05)
+            await pilot.press("p", "p")
+            await pilot.pause(0.5)
+            assert [c.type for c in sent] == ["pause"]
+            assert any("pause: already sent; waiting for the workers to apply it" in str(n.message)
+                       for n in app._notifications)
+            seq = app.state.last_seq
+            screen.post_message(EventsReceived([Ack(seq=seq + 1, time=time.time(), id=sent[0].id, command="pause"),
+                                                Status(seq=seq + 2, time=time.time(), state="paused")]))
+            await pilot_wait(pilot, lambda: app.state.state == "paused", timeout=10, every=0.05)
+            await pilot.press("p")
+            await pilot_wait(pilot, lambda: len(sent) == 2, timeout=10, every=0.05)
+            assert sent[1].type == "resume"
+
+    asyncio.run(flow())

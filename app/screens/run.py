@@ -69,6 +69,10 @@ NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start 
 COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
 REQUEST_TIMEOUT_S = 5.0  # one try
 DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read this often
+# commands in flight until the workers apply them (their ack), not only until the engine's reply: the engine
+# forwards a pause at once, the workers pause at the next step boundary — a second p meanwhile sent another
+UNTIL_ACK = {"pause/resume"}
+ACK_WAIT_S = 120.0  # no ack this long after the engine's ok (a slow step, a lost ack): the key works again
 
 
 def inference_processes(run_dir: Path, checkpoints: list[dict], final) -> frozenset:
@@ -153,7 +157,8 @@ class RunScreen(Screen):
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
         self._folder_gone = False  # the run folder no longer exists (deleted or moved while attached)
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
-        self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet
+        self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet (UNTIL_ACK: not applied yet)
+        self._awaiting: dict[str, tuple[str, float]] = {}  # command id → (its key, when the engine said ok)
         self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name ("all": every one) → inference job started here
         # checkpoint name → when the engine said it started inference on it (until a disk scan begun later sees
         # the job's process, or its end)
@@ -224,10 +229,15 @@ class RunScreen(Screen):
         state = self.app.state
         for ev in message.events:
             state.apply(ev)
+            if ev.type == "ack" and ev.id in self._awaiting:  # the workers applied it: the key works again
+                self.in_flight.pop(self._awaiting.pop(ev.id)[0], None)
+                self.sync_buttons()
             if ev.type in ("checkpoint", "inference"):
                 self._scan_soon = True
             if ev.time >= self._since - NOTIFY_SLACK_S:
                 self.maybe_notify(ev)
+        if self._awaiting and (state.state in FINAL or state.crashed):  # no worker is left to apply them
+            self.release_awaiting()
         if state.state in FINAL and state.engine_live is False and self._lost_reason:
             # the run ended with no engine (its orphaned workers stopped and were stored): nothing is lost now
             self._lost_reason = ""
@@ -334,6 +344,19 @@ class RunScreen(Screen):
             self.mark_dirty()
         if self.app.state.crashed:
             self.show_banner()
+        late = [self.in_flight.get(key, key) for key, ok_at in self._awaiting.values()
+                if time.monotonic() - ok_at > ACK_WAIT_S]
+        if late:
+            self.release_awaiting()
+            self.say(f"{', '.join(late)}: the workers have not acknowledged it in {ACK_WAIT_S:.0f} s; the key "
+                     "sends again", "warning")
+
+    def release_awaiting(self) -> None:
+        """Commands waiting for the workers' ack are no longer in flight (the run ended, or none came)."""
+        for key, _ in self._awaiting.values():
+            self.in_flight.pop(key, None)
+        self._awaiting.clear()
+        self.sync_buttons()
 
     @on(TabbedContent.TabActivated)
     def tab_changed(self) -> None:
@@ -384,6 +407,8 @@ class RunScreen(Screen):
             self._lost_reason = ""
         elif s.state in FINAL:
             self._lost_reason = ""  # the engine is done with a finished run: nothing is lost
+        if self._awaiting and s.crashed:  # no engine to take the ack
+            self.release_awaiting()
         self.mark_dirty()
         self.show_banner()
 
@@ -539,7 +564,9 @@ class RunScreen(Screen):
         """Send ``command`` unless the same one (``key``) is still waiting for its reply."""
         key = key or command.type
         if key in self.in_flight:
-            self.say(f"{command.type}: already sent; waiting for the engine's reply", "warning")
+            applying = any(k == key for k, _ in self._awaiting.values())
+            waiting = "the workers to apply it (at the next step)" if applying else "the engine's reply"
+            self.say(f"{self.in_flight[key]}: already sent; waiting for {waiting}", "warning")
             return False
         command.id = command.id or secrets.token_hex(8)
         self.in_flight[key] = command.type
@@ -568,10 +595,15 @@ class RunScreen(Screen):
             except Exception as e:  # engine gone mid-send, an unreadable engine.json, …
                 status, reason = "error", f"{type(e).__name__}: {e}"
                 break
-        self.post_message(CommandReplied(command.type, status, reason, key))
+        self.post_message(CommandReplied(command.type, status, reason, key, command.id))
 
     def on_command_replied(self, message: CommandReplied) -> None:
-        self.in_flight.pop(message.key, None)
+        s = self.app.state
+        if message.key in UNTIL_ACK and message.status == "ok" and message.id and s.state not in FINAL \
+                and not s.crashed and not any(ev.type == "ack" and ev.id == message.id for ev in s.events):
+            self._awaiting[message.id] = (message.key, time.monotonic())  # in flight until the workers' ack
+        else:
+            self.in_flight.pop(message.key, None)
         if message.key.startswith("infer:") and message.status == "ok":  # the engine started the job
             self.requested[message.key.removeprefix("infer:")] = time.monotonic()
             self._scan_soon = True
