@@ -327,3 +327,18 @@ def test_the_cpu_packed_attention_keeps_no_score_matrix():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v))):
         torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_choice_says_what_packed_rows_attention_will_be():
+    """preflight's attention line: on a device where long examples get their own call and --max_len lets
+    one be that long; nothing on the CPU by default, nor when --max_len is below the threshold."""
+    from engine.worker.attention import bucket, dense_choice, dense_min
+
+    cpu = torch.device("cpu")
+    assert dense_min(cpu) == 0 and dense_choice(cpu, 32768) == ""
+    assert dense_choice(cpu, 1024, knob=2048) == "" and dense_choice(cpu, 4096, knob=0) == ""
+    assert dense_choice(cpu, 4096, knob=2048).startswith("examples of 2048 tokens or more each through SDPA")
+    # the lengths a long example runs at: few (cuDNN plans), never shorter, at most an eighth longer
+    for n in range(1, 40000, 37):
+        assert 0 <= bucket(n) - n < max(256, n // 8 + 1)
+    assert len({bucket(n) for n in range(2048, 32769)}) == 33

@@ -63,6 +63,13 @@ def check_system(cfg: TrainConfig, r) -> dict:
                             "none": "" if why else "--fp8_products backward: 1.11× on an H200"}[mode]
                 r.add("system", "fp8", "ok", f"FP8 products: {mode} — {describe(cfg.quant, mode)} ({because}"
                                              + (f"; {measured})" if measured else ")"))
+        if cfg.packing:
+            from engine.worker.attention import dense_choice
+            from engine.worker.knobs import knobs
+
+            dense = dense_choice(gpu0, cfg.max_len, knobs().dense_attention)
+            if dense:
+                r.add("system", "attention", "ok", f"attention: {dense}")
         try:
             import pynvml
 
