@@ -6,9 +6,9 @@ A packed micro-batch is one row of many examples laid end to end, described by `
 (``torch.nn.attention.varlen.varlen_attn``): no ``L × L`` mask is ever built, and padding costs
 nothing. On the CPU it runs SDPA example by example (same result; used by the tests).
 
-Long examples (``dense_min`` tokens or more, on a GPU where it was measured faster: ``dense_min``) are
-laid at the end of their row by ``batching.collate``, which then also gives ``dense_bounds`` (their bounds,
-a host tensor); the row then goes through ``voxtui::packed_attention``: the short examples before them
+Long examples (``dense_min()`` tokens or more: 2,048 on a Hopper GPU, where it was measured; none elsewhere)
+are laid at the end of their row by ``batching.collate``, which then also gives ``dense_bounds`` (their
+bounds, a host tensor); the row then goes through ``voxtui::packed_attention``: the short examples before them
 through the same varlen kernel, each long one through cuDNN's fused attention (SDPA's cuDNN kernel, one
 call an example) — 1.7× FlashAttention 2's speed from 2,048 tokens on an H200 (docs/benchmarks.md, run AM).
 cuDNN's own ragged (packed) path is not used: on torch 2.11 its gradients are wrong.
