@@ -8,13 +8,14 @@ with the same id gets the first reply.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 
 import msgspec
 import zmq
 
-from engine.daemon.store import EventStore
+from engine.daemon.store import EventStore, Unreadable
 from engine.protocol import CLIENT_COMMANDS, AnyCommand, Reply
 from engine.session import Session
 
@@ -33,6 +34,7 @@ class RequestHandler:
         self.state = state
         self.apply = apply
         self.replies: OrderedDict[str, Reply] = OrderedDict()  # command id → its reply
+        self.said: set[str] = set()  # reasons events.jsonl could not be read, logged once each
 
     def handle(self, frames: list[bytes], router: zmq.Socket) -> None:
         """One request's frames (the client's identity first), answered on ``router``."""
@@ -42,16 +44,32 @@ class RequestHandler:
         def reply(r: Reply, extra: list[bytes] = ()) -> None:
             router.send_multipart([ident, b"", msgspec.json.encode(r), *extra])
 
-        req, problem = self.session.verify(body)
-        if req is None:
-            return reply(Reply(status="error", reason=problem))
+        op = "request"
+        try:
+            req, problem = self.session.verify(body)
+            if req is None:
+                return reply(Reply(status="error", reason=problem))
+            op = req.op
+            self.answer(req, reply)
+        except Unreadable as e:  # events.jsonl gone or replaced: said to the client, logged once
+            reply(Reply(status="error", reason=str(e), state=self.state()))
+            if str(e) not in self.said:
+                self.said.add(str(e))
+                print(f"engine: {e} (history requests get an error reply until it is a file again)",
+                      file=sys.stderr, flush=True)
+        except Exception as e:
+            # whatever failed, the client gets an answer (it would wait for nothing); the engine's guard logs it
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            reply(Reply(status="error", reason=f"the engine failed to answer {op!r}: {reason}"))
+            raise
+
+    def answer(self, req, reply: Callable) -> None:
+        """A verified request, answered through ``reply``."""
         match req.op:
             case "history":
                 limit = max(1, min(req.limit, HISTORY_CHUNK))
-                after = max(0, req.after)
-                lines = self.log.read(after, limit)
-                last = min(after, self.log.seq) + len(lines)
-                reply(Reply(status="ok", last=last, more=last < self.log.seq, state=self.state()), lines)
+                lines, last, more = self.log.read(max(0, req.after), limit)
+                reply(Reply(status="ok", last=last, more=more, state=self.state()), lines)
             case "status":
                 reply(Reply(status="ok", last=self.log.seq, state=self.state()))
             case "command":

@@ -1,8 +1,10 @@
 """The event log as the engine keeps it: ``runs/<run>/events.jsonl`` numbered, appended and served.
 
 Every event gets the next ``seq`` (continuing after the file's last line on resume) and is appended
-flushed, one line each; the byte offset of each line is kept so ``history`` is read straight from the
-file. A worker's event carries its ``worker`` id and count (``wseq``); the highest stored of each
+flushed, one line each; an index of each line's seq and byte offset is kept so ``history`` is read
+straight from the file. The file belongs to people too (a line deleted, the file cut or replaced while
+the engine runs): the index is rebuilt from what the file holds whenever it no longer matches, and
+history serves the events found there, by their seq. A worker's event carries its ``worker`` id and count (``wseq``); the highest stored of each
 worker is kept, so that the events a worker also wrote to its spool (``runs/<run>/spool/``) are
 stored once: those that never reached an engine are stored by the next, and spool files whose events
 are all stored are deleted. The formats of both files belong to ``engine/eventlog.py``.
@@ -12,14 +14,40 @@ from __future__ import annotations
 
 import contextlib
 import os
+from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 from pathlib import Path
+
+import msgspec
 
 from engine.eventlog import cut_torn_tail, last_seq, read_spool, spool_worker_pid, spooled_events
 from engine.protocol import Message, event_encoder, stamp
 from engine.runs import lock_events, pid_alive
 
 LOCK_WAIT_S = 30.0  # an engine waits this long for the event-log lock (a fold takes milliseconds)
+
+
+class Unreadable(Exception):
+    """events.jsonl cannot be read at all (gone, a folder, no permission): a one-line reason for the reply."""
+
+
+class _Seq(msgspec.Struct):
+    seq: int = 0
+
+
+_seq_decoder = msgspec.json.Decoder(_Seq)
+
+
+def line_seq(line: bytes) -> int:
+    """The seq of an events.jsonl line, 0 when it is no event line (torn, garbage, no seq)."""
+    if not line.endswith(b"\n"):
+        return 0
+    try:
+        seq = _seq_decoder.decode(line)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return 0
+    return seq.seq if seq.seq > 0 else 0
 
 
 class EventStore:
@@ -30,7 +58,13 @@ class EventStore:
         self.spool_dir = run_dir / "spool"
         self.run = run
         self.seq = 0  # the last event stored
-        self.offsets: list[int] = []  # the byte offset of event seq at index seq - 1
+        # the index: each event line's seq (ascending, each once) and its byte offset, for the file that
+        # ``_ident`` names as it was at ``_size`` bytes
+        self._seqs = array("q")
+        self._offsets = array("q")
+        self._ident: tuple[int, int] | None = None
+        self._size = -1
+        self._end = 0  # where this engine's last line ended in the file it appends to
         self.relayed: dict[str, int] = {}  # worker id → the highest wseq stored from it
         self._f = None
         self._lock: int | None = None
@@ -41,20 +75,32 @@ class EventStore:
         self._lock = lock_events(self.path.parent, wait_s=LOCK_WAIT_S)
         cut_torn_tail(self.path)
         self.seq = last_seq(self.path)
-        self.offsets = self._index()
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "a+b")  # read too: whether the file still ends a line before appending
+        self._end = os.fstat(self._f.fileno()).st_size
+        with open(self.path, "rb") as f:
+            self._index(f)
 
-    def _index(self) -> list[int]:
-        """Byte offset of each event line (index seq-1), so history is served from the file."""
-        offsets = []
-        if self.path.exists():
-            pos = 0
-            with open(self.path, "rb") as f:
-                for line in f:
-                    if line.strip() and line.endswith(b"\n"):
-                        offsets.append(pos)
-                    pos += len(line)
-        return offsets[: self.seq]
+    def _index(self, f) -> None:
+        """The seq and byte offset of every event line of the open file ``f``, so history is served from
+        it: lines that are no event (garbage, torn) are passed over, and of a seq found twice (a line
+        copied) or out of order the first line is kept."""
+        st = os.fstat(f.fileno())
+        seqs, offsets = array("q"), array("q")
+        ordered, pos = True, 0
+        f.seek(0)
+        for line in f:
+            seq = line_seq(line)
+            if seq:
+                ordered = ordered and (not seqs or seq > seqs[-1])
+                seqs.append(seq)
+                offsets.append(pos)
+            pos += len(line)
+        if not ordered:  # by seq, the first line of each
+            order = sorted(range(len(seqs)), key=seqs.__getitem__)  # stable: file order within a seq
+            keep = [i for n, i in enumerate(order) if n == 0 or seqs[i] != seqs[order[n - 1]]]
+            seqs, offsets = array("q", (seqs[i] for i in keep)), array("q", (offsets[i] for i in keep))
+        self._seqs, self._offsets = seqs, offsets
+        self._ident, self._size = (st.st_dev, st.st_ino), pos
 
     def append(self, event: Message, relay: bool = False) -> bytes:
         """Number and store (flushed) one event; returns its line, to publish. ``relay``: one a worker
@@ -66,25 +112,66 @@ class EventStore:
             event.worker, event.wseq = "", 0
         self.seq += 1
         data = event_encoder.encode(stamp(event, self.seq, self.run))
-        self.offsets.append(self._f.tell())
+        fd = self._f.fileno()
+        st = os.fstat(fd)
+        if st.st_size != self._end and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+            self._f.write(b"\n")  # someone else left a line without its end: this event gets a line of its own
         self._f.write(data + b"\n")
         self._f.flush()
+        self._end = self._f.tell()  # where this line ends (appended at the end, wherever that was)
+        if (st.st_dev, st.st_ino) == self._ident and self._end - len(data) - 1 == self._size \
+                and (not self._seqs or self.seq > self._seqs[-1]):
+            self._seqs.append(self.seq)
+            self._offsets.append(self._size)
+            self._size = self._end
+        else:  # the file was changed by someone else (cut, appended to) or replaced: read it again when asked
+            self._ident = None
         return data
 
     def already_stored(self, ev: Message) -> bool:
         """A worker's event stored before (it came again from the worker's spool)."""
         return bool(ev.worker) and ev.wseq <= self.relayed.get(ev.worker, 0)
 
-    def read(self, after: int, limit: int) -> list[bytes]:
-        """The lines of up to ``limit`` events after ``after``, from the file."""
-        if after >= self.seq:
-            return []
-        out = []
-        with open(self.path, "rb") as f:
-            f.seek(self.offsets[after])
-            for _ in range(min(limit, self.seq - after)):
-                out.append(f.readline().rstrip(b"\n"))
-        return out
+    def read(self, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+        """The lines of up to ``limit`` events with a seq above ``after``, from the file, in seq order; the
+        seq of the last one (``after``, at most the last stored, when there is none); whether the file
+        holds more. Events missing from the file (lines deleted by hand) are missing from the answer;
+        a file that cannot be read at all raises ``Unreadable``."""
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:
+            raise Unreadable(f"{self.path.name} unreadable: {e.strerror or e}") from None
+        with f:
+            try:
+                st = os.fstat(f.fileno())
+                for attempt in range(2):
+                    if attempt or (st.st_dev, st.st_ino) != self._ident or st.st_size != self._size:
+                        self._index(f)  # not the file indexed (changed or replaced): read it again
+                    lines, last, complete = self._lines(f, after, limit)
+                    if complete:
+                        break
+            except OSError as e:
+                raise Unreadable(f"{self.path.name} unreadable: {e.strerror or e}") from None
+        more = bool(lines) and bisect_right(self._seqs, last) < len(self._seqs)
+        return lines, last if lines else min(after, self.seq), more
+
+    def _lines(self, f, after: int, limit: int) -> tuple[list[bytes], int, bool]:
+        """The indexed lines after ``after`` (up to ``limit``), each checked to be the event the index says;
+        False where one is not (the file changed since): those found are returned all the same."""
+        out, last, complete = [], after, True
+        i = bisect_right(self._seqs, after)
+        pos = -1
+        for j in range(i, min(i + limit, len(self._seqs))):
+            if self._offsets[j] != pos:
+                f.seek(self._offsets[j])
+            line = f.readline()
+            pos = self._offsets[j] + len(line)
+            if line_seq(line) != self._seqs[j]:
+                complete = False
+                continue
+            out.append(line[:-1])
+            last = self._seqs[j]
+        return out, last, complete
 
     def sync(self) -> None:
         os.fsync(self._f.fileno())

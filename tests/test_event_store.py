@@ -1,0 +1,262 @@
+"""events.jsonl is a file people (and other processes) can edit while the engine serves it: lines deleted,
+copied, garbage added, the file cut, emptied or replaced. The engine's store never fails on what it finds
+there, and every history request gets an answer — the events the file holds, or an error saying why
+none can be read."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, read_events, wait_for
+from engine.client import EngineClient, engine_alive
+from engine.daemon.store import EventStore, Unreadable
+from engine.protocol import Log, Request, Stop, event_encoder, reply_decoder
+from engine.session import sign
+
+RECORDED = ROOT / "tests" / "data" / "recorded_run" / "events.jsonl"
+
+garbage = st.one_of(st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
+                    st.builds(lambda n: json.dumps({"type": "log", "seq": n}).encode(), st.integers(-3, 40)),
+                    st.just(b'{"seq": "x"}'), st.just(b"[" * 3000), st.just(b"{\xff\xfe}"))
+edit = st.one_of(
+    st.tuples(st.just("delete"), st.integers(0, 40)),
+    st.tuples(st.just("copy"), st.integers(0, 40)),
+    st.tuples(st.just("insert"), st.integers(0, 40), garbage),
+    st.tuples(st.just("cut"), st.integers(0, 4000)),  # to so many bytes (a torn last line, maybe)
+    st.tuples(st.just("append"), garbage, st.booleans()),  # with or without its newline
+    st.tuples(st.just("swap"), st.integers(0, 40), st.integers(0, 40)),
+)
+
+
+def apply(path: Path, op: tuple) -> None:
+    """One edit of events.jsonl, in place (the inode the engine appends to stays)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")
+    match op:
+        case ("delete", i) if lines:
+            del lines[i % len(lines)]
+        case ("copy", i) if lines:
+            lines.insert(i % len(lines), lines[i % len(lines)])
+        case ("insert", i, junk):
+            lines.insert(i % (len(lines) + 1), junk)
+        case ("swap", i, j) if lines:
+            i, j = i % len(lines), j % len(lines)
+            lines[i], lines[j] = lines[j], lines[i]
+        case ("cut", n):
+            with open(path, "r+b") as f:
+                f.truncate(min(n, len(data)))
+            return
+        case ("append", junk, newline):
+            with open(path, "ab") as f:
+                f.write(junk + (b"\n" if newline else b""))
+            return
+        case _:
+            return
+    with open(path, "r+b") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.truncate()
+
+
+def check(store: EventStore, after: int, limit: int) -> list[int]:
+    """``store.read``: never raises (but ``Unreadable``); events above ``after``, in order, each a line of the file."""
+    lines, last, more = store.read(after, limit)
+    on_disk = set(store.path.read_bytes().split(b"\n"))
+    seqs = [msgspec.json.decode(line)["seq"] for line in lines]
+    assert len(lines) <= limit and all(line in on_disk for line in lines)
+    assert seqs == sorted(set(seqs)) and all(s > after for s in seqs)
+    assert last == (seqs[-1] if seqs else min(after, store.seq))
+    assert isinstance(more, bool) and (not more or len(lines) == limit)
+    return seqs
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(0, 25), st.lists(edit, max_size=6), st.lists(st.tuples(st.integers(-2, 40), st.integers(1, 30)),
+                                                                 min_size=1, max_size=5), st.integers(0, 4), st.booleans())
+def test_store_reads_whatever_the_file_became(n, edits, reads, later, reopen):
+    """Edited while the engine runs, or before it starts again on the run (``reopen``: a resume)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = EventStore(Path(tmp), "r")
+        store.open()
+        try:
+            for i in range(n):
+                store.append(Log(message=f"event {i}"))
+            for op in edits:
+                apply(store.path, op)
+            if reopen:
+                store.close()
+                store = EventStore(Path(tmp), "r")
+                store.open()
+                n = store.seq
+            for after, limit in reads:
+                check(store, after, limit)
+            for i in range(later):  # the engine goes on appending to what is there
+                store.append(Log(message=f"later {i}"))
+            seqs = check(store, n, 100)
+            assert set(range(n + 1, n + later + 1)) <= set(seqs)  # its own lines are served, each on a line
+            unchanged = check(store, 0, 5000)
+            assert unchanged == sorted(set(unchanged))
+        finally:
+            store.close()
+
+
+def test_store_reads_an_untouched_file_by_seq(tmp_path):
+    store = EventStore(tmp_path, "r")
+    store.open()
+    for i in range(30):
+        store.append(Log(message=f"{i}"))
+    assert check(store, 0, 10) == list(range(1, 11)) and store.read(0, 10)[2] is True
+    assert check(store, 25, 10) == [26, 27, 28, 29, 30] and store.read(25, 10)[2] is False
+    assert store.read(30, 10) == ([], 30, False) and store.read(99, 10) == ([], 30, False)
+    store.close()
+    again = EventStore(tmp_path, "r")  # a resumed engine indexes what the file holds
+    again.open()
+    again.append(Log(message="after resume"))
+    assert check(again, 28, 10) == [29, 30, 31]
+    again.path.unlink()
+    with pytest.raises(Unreadable, match="events.jsonl unreadable: No such file or directory"):
+        again.read(0, 10)
+    again.close()
+
+
+def test_a_request_that_fails_to_be_served_gets_an_error_reply(tmp_path, monkeypatch):
+    """Whatever goes wrong while a request is served, its client gets an answer (and the engine's guard the
+    exception, to log): it would otherwise wait for nothing."""
+    from engine.daemon.requests import RequestHandler
+    from engine.session import Session
+
+    store = EventStore(tmp_path, "r")
+    store.open()
+    store.append(Log(message="one"))
+    key = os.urandom(32)
+    handler = RequestHandler(Session(key), store, lambda: "running", lambda cmd: None)
+    ctx = zmq.Context.instance()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    for sock in (router, dealer):
+        sock.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+
+    def ask():
+        payload = msgspec.json.encode(Request(op="history", time=time.time(), nonce=os.urandom(8).hex()))
+        dealer.send_multipart([b"", payload, sign(key, payload)])
+        assert router.poll(5000)
+        frames = router.recv_multipart()
+        try:
+            handler.handle(frames, router)
+        except Exception as e:  # what the engine's guard logs
+            raised = e
+        else:
+            raised = None
+        assert dealer.poll(5000), "no reply"
+        return reply_decoder.decode(dealer.recv_multipart()[1]), raised
+
+    try:
+        reply, raised = ask()
+        assert reply.status == "ok" and raised is None
+        monkeypatch.setattr(store, "read", lambda after, limit: 1 / 0)
+        reply, raised = ask()
+        assert reply.status == "error" and isinstance(raised, ZeroDivisionError)
+        assert reply.reason == "the engine failed to answer 'history': ZeroDivisionError: division by zero"
+    finally:
+        router.close()
+        dealer.close()
+        store.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A real engine serving a recorded run (its worker: the replay stand-in, which then waits)."""
+    run = tmp_path / "served"
+    proc = subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(RECORDED), "--run-dir", str(run)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: (run / "events.jsonl").exists() and len(read_events(run)) >= 21, timeout=60, what="21 events")
+    info = json.loads((run / "engine.json").read_text())
+    yield run, info
+    if engine_alive(info):
+        if (run / "events.jsonl").is_dir():
+            shutil.rmtree(run / "events.jsonl")
+        with EngineClient(run) as c:
+            c.send(Stop())
+
+
+def history(info: dict, after: int) -> tuple[object, list[dict]]:
+    """One signed history request: the engine's reply (within 5 s, or None) and the events it sent."""
+    key = bytes.fromhex(info["key"])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(info["endpoints"]["control"])
+    try:
+        payload = msgspec.json.encode(Request(op="history", after=after, time=time.time(), nonce=os.urandom(8).hex()))
+        sock.send_multipart([b"", payload, sign(key, payload)])
+        if not sock.poll(5000):
+            return None, []
+        _, reply, *lines = sock.recv_multipart()
+        return reply_decoder.decode(reply), [json.loads(line) for line in lines]
+    finally:
+        sock.close()
+
+
+def push(info: dict, message: str) -> None:
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(info["endpoints"]["worker_events"])
+    sock.send(event_encoder.encode(Log(message=message)))
+    sock.close()
+
+
+def test_history_of_a_served_run_whose_file_was_edited(served):
+    run, info = served
+    path = run / "events.jsonl"
+    lines = path.read_bytes().split(b"\n")[:-1]
+    with open(path, "r+b") as f:  # lines 5 to 7 deleted in place (the engine appends to the same file)
+        f.write(b"".join(line + b"\n" for i, line in enumerate(lines) if i not in (4, 5, 6)))
+        f.truncate()
+    for after in (0, 3, 4, 6, 10, 20, 21, 50):
+        reply, events = history(info, after)
+        assert reply is not None, f"no reply to history after {after}"
+        assert reply.status == "ok" and [e["seq"] for e in events] == [s for s in range(1, 22)
+                                                                       if s > after and s not in (5, 6, 7)]
+    push(info, "after the edit")
+    wait_for(lambda: history(info, 21)[1], timeout=20, what="the event pushed after the edit")
+    reply, events = history(info, 20)
+    assert [e["seq"] for e in events] == [21, 22] and events[-1]["message"] == "after the edit"
+    with EngineClient(run) as c:  # the client's own history: what the file holds
+        assert [e.seq for e in c.history()] == [s for s in range(1, 23) if s not in (5, 6, 7)]
+
+    path.write_bytes(b"")  # `: > events.jsonl`
+    for after in (0, 10, 22):
+        reply, events = history(info, after)
+        assert reply is not None and reply.status == "ok" and events == []
+    push(info, "after emptying")
+    wait_for(lambda: history(info, 0)[1], timeout=20, what="the event pushed after emptying")
+    assert [e["seq"] for e in history(info, 0)[1]] == [23]
+
+    kept = path.read_bytes()
+    path.unlink()  # replaced (as sed -i does): the engine's appends go to the old file, the path names another
+    path.write_bytes(kept + b"garbage\n" + lines[0] + b"\n")
+    reply, events = history(info, 0)
+    assert reply.status == "ok" and [e["seq"] for e in events] == [1, 23]
+    path.unlink()
+    path.mkdir()  # replaced by a folder: a clear error, at once
+    reply, events = history(info, 0)
+    assert reply is not None and reply.status == "error" and reply.reason == "events.jsonl unreadable: Is a directory"
+    status = EngineClient(run, request_timeout=5)
+    assert status.status().status == "ok"  # still serving
+    status.close()
+    log = (run / "engine.log").read_text()
+    assert "handle failed" not in log and log.count("events.jsonl unreadable: Is a directory") == 1
