@@ -312,6 +312,12 @@ class Reply(msgspec.Struct, kw_only=True):
     last: int = 0  # history: seq of the last event sent; status: the run's last seq
     more: bool = False  # history: more events follow
     state: str = ""
+    # status: the run as the engine knows it (a reader whose events.jsonl cannot say asks): the last step
+    # trained and its loss, the steps planned, how the run finished (Status.outcome)
+    step: int | None = None
+    loss: float | None = None
+    total_steps: int | None = None
+    outcome: str = ""
     v: int = PROTOCOL_VERSION
 
 

@@ -607,11 +607,27 @@ def spooled(run_dir: Path) -> list:
     return spooled_events(run_dir / "events.jsonl", spool, {}) if spool else []
 
 
-def summary(run_dir: Path) -> dict:
+def events_problem(run_dir: Path) -> str:
+    """What keeps ``events.jsonl`` from saying anything: "" when it is a file that can be read, else one
+    line (missing, empty, unreadable and why)."""
+    try:
+        with open(Path(run_dir) / "events.jsonl", "rb") as f:
+            st = os.fstat(f.fileno())
+            f.read(1)
+    except FileNotFoundError:
+        return "events.jsonl missing"
+    except OSError as e:
+        return f"events.jsonl unreadable: {e.strerror or e}"
+    return "events.jsonl empty" if st.st_size == 0 else ""
+
+
+def summary(run_dir: Path, ask=None) -> dict:
     """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
     window of recent events. States: new, starting, running, paused, stopping, finished (all steps, or
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
-    continues it)."""
+    continues it). ``ask(run_dir)``: the live engine's status reply (None: no answer), asked only when
+    events.jsonl cannot say (gone, emptied, replaced by a folder while the engine runs): then the state,
+    step, loss and total steps are the engine's, and ``problem`` says what became of the file."""
     from engine.config import read_toml
     from engine.protocol import shown_state
 
@@ -620,6 +636,20 @@ def summary(run_dir: Path) -> dict:
     alive = engine_alive(info)
     status, step = last_event(run_dir, "status"), last_event(run_dir, "step")
     run_info = last_event(run_dir, "run_info") or {}
+    problem = ""
+    if alive and status is None:  # the file says nothing (yet?): the engine knows
+        problem = events_problem(run_dir)
+        reply = ask(run_dir) if ask is not None else None
+        answered = reply is not None and reply.status == "ok" and bool(reply.state)
+        if problem == "events.jsonl empty" and not (answered and reply.last):
+            problem = ""  # nothing stored yet, as far as anyone knows: a run just started
+        if answered:
+            status = {"state": reply.state, "outcome": reply.outcome,
+                      "message": f"{problem}; state and step from the engine" if problem else ""}
+            step = {"step": reply.step or 0, "loss": reply.loss}
+            run_info = {"total_steps": reply.total_steps}
+        elif problem:
+            status = {"state": "starting", "message": f"{problem}; the engine was not asked, or did not answer"}
     if not alive:
         for ev in spooled(run_dir):  # what the workers did after their engine went away
             if ev.type == "status":
@@ -650,21 +680,23 @@ def summary(run_dir: Path) -> dict:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
     return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
-            "message": message, "engine_pid": info.get("pid") if alive else None, "worker_pids": orphans,
+            "message": message, "problem": problem, "engine_pid": info.get("pid") if alive else None,
+            "worker_pids": orphans,
             "step": (step or {}).get("step", 0), "total_steps": run_info.get("total_steps"),
             "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
             "checkpoint": str(ckpt) if ckpt else None,
             "age_s": round(time.time() - mtime, 1) if mtime else None}
 
 
-def list_runs(root: str | os.PathLike = RUNS) -> list[dict]:
-    """The runs under ``root`` (state, step, loss, model, age), newest first: for pickers and listings."""
+def list_runs(root: str | os.PathLike = RUNS, ask=None) -> list[dict]:
+    """The runs under ``root`` (state, step, loss, model, age), newest first: for pickers and listings
+    (``ask``: as ``summary`` takes it)."""
     root = Path(root)
     if not root.is_dir():
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))
             and ((p / "config.toml").exists() or (p / "events.jsonl").exists())]
-    return sorted((summary(p) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
+    return sorted((summary(p, ask) for p in runs), key=lambda s: s["age_s"] if s["age_s"] is not None else 1e18)
 
 
 # ---------------------------------------------------------------------------- a run's events, read from its folder

@@ -20,7 +20,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, read_events, wait_for
+from conftest import ROOT, read_events, voxtui, wait_for
 from engine.client import EngineClient, engine_alive
 from engine.daemon.store import EventStore, Unreadable
 from engine.protocol import Log, Request, Stop, event_encoder, reply_decoder
@@ -126,7 +126,7 @@ def test_store_reads_an_untouched_file_by_seq(tmp_path):
     again.append(Log(message="after resume"))
     assert check(again, 28, 10) == [29, 30, 31]
     again.path.unlink()
-    with pytest.raises(Unreadable, match="events.jsonl unreadable: No such file or directory"):
+    with pytest.raises(Unreadable, match="events.jsonl missing"):
         again.read(0, 10)
     again.close()
 
@@ -176,22 +176,32 @@ def test_a_request_that_fails_to_be_served_gets_an_error_reply(tmp_path, monkeyp
         store.close()
 
 
-@pytest.fixture
-def served(tmp_path):
-    """A real engine serving a recorded run (its worker: the replay stand-in, which then waits)."""
-    run = tmp_path / "served"
-    proc = subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(RECORDED), "--run-dir", str(run)],
+def serve(run: Path, recorded: Path, events: int) -> dict:
+    """A real engine serving a recorded run (its worker: the replay stand-in, which then waits), once it has
+    stored ``events``; its engine.json."""
+    proc = subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(recorded), "--run-dir", str(run)],
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    wait_for(lambda: (run / "events.jsonl").exists() and len(read_events(run)) >= 21, timeout=60, what="21 events")
-    info = json.loads((run / "engine.json").read_text())
-    yield run, info
+    wait_for(lambda: (run / "events.jsonl").exists() and len(read_events(run)) >= events, timeout=60,
+             what=f"{events} events")
+    return json.loads((run / "engine.json").read_text())
+
+
+def stop(run: Path, info: dict) -> None:
     if engine_alive(info):
         if (run / "events.jsonl").is_dir():
             shutil.rmtree(run / "events.jsonl")
         with EngineClient(run) as c:
             c.send(Stop())
+
+
+@pytest.fixture
+def served(tmp_path):
+    run = tmp_path / "served"
+    info = serve(run, RECORDED, 21)
+    yield run, info
+    stop(run, info)
 
 
 def history(info: dict, after: int) -> tuple[object, list[dict]]:
@@ -260,3 +270,53 @@ def test_history_of_a_served_run_whose_file_was_edited(served):
     status.close()
     log = (run / "engine.log").read_text()
     assert "handle failed" not in log and log.count("events.jsonl unreadable: Is a directory") == 1
+
+
+def test_list_and_status_ask_the_engine_when_events_jsonl_cannot_say(tmp_path):
+    """events.jsonl gone, emptied or replaced by a folder while the engine runs: `engine status` and `engine
+    list` give the engine's own state and step (not `starting`), and say what became of the file; a
+    history request gets an error that says it (the engine is fine)."""
+    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run, up to its last step: running
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
+    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    run = tmp_path / "runs" / "live"
+    info = serve(run, recorded, 20)
+    path = run / "events.jsonl"
+    kept = path.read_bytes()
+    try:
+        for how, said, history_says in (
+                ("folder", "events.jsonl unreadable: Is a directory", "events.jsonl unreadable: Is a directory"),
+                ("emptied", "events.jsonl empty", None), ("removed", "events.jsonl missing", "events.jsonl missing")):
+            if how == "folder":
+                path.unlink()
+                path.mkdir()
+            elif how == "emptied":
+                path.write_bytes(b"")
+            else:
+                path.unlink()
+            s = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+            assert (s["state"], s["step"], s["total_steps"], s["engine_answers"]) == ("running", 6, 6, True), (how, s)
+            assert round(s["loss"], 4) == 9.6115 and s["engine_pid"] == info["pid"]
+            assert s["message"] == s["problem"] + "; state and step from the engine" and s["problem"] == said
+            text = voxtui("engine", "status", run, check=True).stdout
+            assert f"message: {said}; state and step from the engine" in text and "answers: yes" in text
+            listed = voxtui("engine", "list", "--runs", run.parent, check=True)
+            row = next(line.split() for line in listed.stdout.splitlines() if line.startswith("live"))
+            assert row[1:4] == ["running", "6/6", "9.6115"], listed.stdout
+            assert listed.stderr.strip() == f"note: live: {said}; state and step from the engine"
+            reply, events = history(info, 0)
+            assert reply is not None, how
+            if history_says:
+                assert (reply.status, reply.reason, reply.state) == ("error", history_says, "running")
+            else:
+                assert reply.status == "ok" and events == []
+            if path.is_dir():
+                path.rmdir()
+            path.write_bytes(kept)
+        s = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+        assert (s["state"], s["problem"], s["message"]) == ("running", "", "")  # the file says it again
+        log = (run / "engine.log").read_text()
+        assert "handle failed" not in log and "Traceback" not in log
+    finally:
+        stop(run, info)

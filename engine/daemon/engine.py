@@ -52,7 +52,7 @@ from engine.protocol import (
     decode,
     event_decoder,
 )
-from engine.runs import engine_info, pid_alive, write_engine_info
+from engine.runs import engine_info, last_event, pid_alive, write_engine_info
 from engine.session import Session
 
 HEARTBEAT_S = 1.0  # to clients and workers; unacknowledged commands are sent again as often
@@ -83,7 +83,8 @@ class Engine:
         self.workers = Supervisor(nproc)
         self.health = Health(stall_timeout, min_free_bytes)
         self.inference: InferenceJobs | None = None  # once the sockets are bound
-        self.requests = RequestHandler(self.session, self.log, lambda: self.state, self._apply)
+        self.requests = RequestHandler(self.session, self.log, lambda: self.state, self._apply, lambda: self.progress)
+        self.progress: dict = {}  # step, loss, total_steps, outcome: the run as its events say, for status replies
         self.state = "starting"
         self.echo = False  # print a line per notable event (foreground `voxtui run`; detached: into engine.log)
         self.unacked: dict[str, tuple[bytes, float]] = {}  # command id → (command, first sent)
@@ -107,6 +108,10 @@ class Engine:
         engine.json for clients and workers."""
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log.open()  # the event-log lock first: a reader folding the spool has finished (and said so)
+        for kind in ("run_info", "step"):  # a resumed run's progress so far, until its workers say more
+            last = last_event(self.run_dir, kind)
+            if last:
+                self._note_progress(kind, last)
         previous = engine_info(self.run_dir)
         self.sockets.bind()
         self.inference = InferenceJobs(self.run_dir, self.nproc, self.sockets.endpoints["worker_events"])
@@ -151,10 +156,23 @@ class Engine:
         self.sockets.publish([b"ev", data])
         if isinstance(event, Status):
             self.state = event.state
+        if event.type in ("step", "run_info", "status"):
+            self._note_progress(event.type, event)
         if self.echo:
             line = one_line(event)
             if line:
                 print(line, flush=True)
+
+    def _note_progress(self, kind: str, ev) -> None:
+        """What a status reply tells a reader whose events.jsonl cannot say (gone, emptied, a folder)."""
+        get = ev.get if isinstance(ev, dict) else lambda k: getattr(ev, k, None)  # a line read back, or an event
+        if kind == "step" and type(get("step")) is int:
+            loss = get("loss")
+            self.progress.update(step=get("step"), loss=float(loss) if type(loss) in (int, float) else None)
+        elif kind == "run_info" and type(get("total_steps")) is int:
+            self.progress["total_steps"] = get("total_steps")
+        elif kind == "status":
+            self.progress["outcome"] = get("outcome") if isinstance(get("outcome"), str) else ""
 
     def on_worker_event(self, raw: bytes) -> None:
         ev, why = decode(event_decoder, raw)

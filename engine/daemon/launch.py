@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shlex
 import signal
@@ -196,7 +197,7 @@ def cmd_engine(args) -> int:
 
     match args.engine_command:
         case "list":
-            runs = list_runs(Path(args.runs))
+            runs = list_runs(Path(args.runs), ask=engine_reply)
             if args.json:
                 write_json(args.json, runs)
                 return 0
@@ -208,14 +209,21 @@ def cmd_engine(args) -> int:
                 loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
                 step = f"{s['step']}/{s['total_steps']}" if s.get("total_steps") else str(s["step"])
                 print(f"{s['run']:<28}{s['state']:<10}{step:>13}{loss:>9}  {age_text(s['age_s']):>5}  {s['model']}")
+            for s in runs:
+                if s["problem"]:
+                    print(f"note: {s['run']}: {s['message']}", file=sys.stderr)
             return 0
         case "status":
-            s = summary(find_run(args.run))
-            s["engine_answers"] = engine_answers(find_run(args.run)) if s["engine_pid"] else None
+            run = find_run(args.run)
+            ask = functools.cache(engine_reply)  # asked once: by summary where the file cannot say, for answers
+            s = summary(run, ask=ask)
+            s["engine_answers"] = None if not s["engine_pid"] else ask(run) is not None and ask(run).status == "ok"
             if args.json:
                 write_json(args.json, s)
             else:
                 for k, v in s.items():
+                    if k == "problem":
+                        continue  # the message says it
                     v = ", ".join(map(str, v)) if isinstance(v, list) else v
                     if k == "engine_answers" and v is not None:
                         v = "yes" if v else "no: its process is alive but did not answer in 2 s (stopped, hung?)"
@@ -228,16 +236,17 @@ def cmd_engine(args) -> int:
     return 2
 
 
-def engine_answers(run_dir: Path, timeout: float = 2.0) -> bool:
-    """Whether the run's engine answers a status request within ``timeout`` s: its process can be alive
-    and answer nothing (stopped with SIGSTOP, swapped out, hung), which the run's files alone cannot tell."""
+def engine_reply(run_dir: Path, timeout: float = 2.0):
+    """The run's engine's answer to a status request within ``timeout`` s (state, seq, step, loss, total
+    steps), or None: its process can be alive and answer nothing (stopped with SIGSTOP, swapped out, hung),
+    which the run's files alone cannot tell."""
     from engine.client import EngineClient
 
     try:
         with EngineClient(run_dir, request_timeout=timeout) as c:
-            return c.live and c.status().status == "ok"
+            return c.status() if c.live else None
     except Exception:  # EngineLost, a socket's error, an engine.json gone meanwhile: no answer
-        return False
+        return None
 
 
 def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:

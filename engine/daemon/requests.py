@@ -2,7 +2,8 @@
 
 Each request is checked first (signed, fresh, with a nonce never seen: engine/session.py), then
 answered: ``history`` (events after a seq, in chunks of up to 5,000, read from ``events.jsonl``),
-``status``, or ``command`` — a command is applied once per id, by the engine's ``apply``, and a retry
+``status`` (the state, step, loss and total steps as the engine knows them: what a reader whose
+``events.jsonl`` cannot say is told), or ``command`` — a command is applied once per id, by the engine's ``apply``, and a retry
 with the same id gets the first reply.
 """
 
@@ -28,11 +29,12 @@ class RequestHandler:
     client's command and returns its reply."""
 
     def __init__(self, session: Session, log: EventStore, state: Callable[[], str],
-                 apply: Callable[[AnyCommand], Reply]) -> None:
+                 apply: Callable[[AnyCommand], Reply], progress: Callable[[], dict] = dict) -> None:
         self.session = session
         self.log = log
         self.state = state
         self.apply = apply
+        self.progress = progress  # the step, loss, total steps and outcome a status reply carries
         self.replies: OrderedDict[str, Reply] = OrderedDict()  # command id → its reply
         self.said: set[str] = set()  # reasons events.jsonl could not be read, logged once each
 
@@ -71,7 +73,7 @@ class RequestHandler:
                 lines, last, more = self.log.read(max(0, req.after), limit)
                 reply(Reply(status="ok", last=last, more=more, state=self.state()), lines)
             case "status":
-                reply(Reply(status="ok", last=self.log.seq, state=self.state()))
+                reply(Reply(status="ok", last=self.log.seq, state=self.state(), **self.progress()))
             case "command":
                 reply(self.command(req.command))
             case _:

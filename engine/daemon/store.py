@@ -139,6 +139,8 @@ class EventStore:
         a file that cannot be read at all raises ``Unreadable``."""
         try:
             f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise Unreadable(f"{self.path.name} missing") from None
         except OSError as e:
             raise Unreadable(f"{self.path.name} unreadable: {e.strerror or e}") from None
         with f:
