@@ -211,6 +211,83 @@ def read_engine_info(path: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
+def engine_json_problem(run_dir: Path) -> str:
+    """Why engine.json names no engine: "" when it is missing or names one (a pid), else one line that
+    says where it goes wrong (``engine.json unreadable (line 1 column 17)``)."""
+    try:
+        text = (Path(run_dir) / "engine.json").read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        return f"engine.json unreadable: {e.strerror or e}"
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"engine.json unreadable (line {e.lineno} column {e.colno})"
+    except ValueError:
+        return "engine.json unreadable (not UTF-8)"
+    except RecursionError:
+        return "engine.json unreadable (nested too deeply)"
+    if not isinstance(info, dict):
+        return "engine.json unreadable (not a JSON object)"
+    pid = info.get("pid")
+    return "" if type(pid) is int and pid > 0 else "engine.json unreadable (no engine pid in it)"
+
+
+def log_held(run_dir: Path) -> bool | None:
+    """Whether a process holds the run's event-log lock now, as its engine does for its whole life (None:
+    it cannot be told here, a filesystem without locks). Taken shared for an instant, never created."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no engine ever ran here: an engine makes it before anything else
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # and with it the shared lock
+
+
+def engine_unsure(run_dir: Path, info: dict) -> str:
+    """Where engine.json names no engine (unreadable, or removed) while a process holds the run's event
+    log — its engine, still running: one line saying so (the run is not to be called crashed, nor its
+    workers orphans); "" otherwise."""
+    if type(info.get("pid")) is int:
+        return ""  # it names an engine: whether that one lives decides
+    what = engine_json_problem(run_dir) or "engine.json missing"
+    if log_held(run_dir) is False:
+        return ""
+    return f"{what} — the engine may still be running"
+
+
+def engine_processes(run_dir: Path) -> list[int]:
+    """The pids of this machine's engines of the run, by their command line (``python -m engine.daemon
+    RUN_DIR …``): for a person to be told, where engine.json cannot name them."""
+    import psutil
+
+    want, out = Path(run_dir).resolve(), []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        i = next((i for i in range(1, len(cmd) - 1) if cmd[i] == "engine.daemon" and cmd[i - 1] == "-m"), None)
+        if i is None:
+            continue
+        try:
+            arg = Path(cmd[i + 1])
+            if (arg if arg.is_absolute() else Path(proc.cwd()) / arg).resolve() == want:
+                out.append(proc.pid)
+        except (psutil.Error, OSError, ValueError):
+            continue
+    return out
+
+
 def write_engine_info(run_dir: Path, info: dict) -> None:
     """engine.json, atomically and readable by this user only (it holds the key)."""
     path = Path(run_dir) / "engine.json"
@@ -263,8 +340,8 @@ def orphan_workers(run_dir: Path, info: dict | None = None) -> list[int]:
 
     info = engine_info(run_dir) if info is None else info
     spool = read_spool(Path(run_dir) / "spool")
-    if not spool or engine_alive(info) or not this_host_runs(info, spool):
-        return []
+    if not spool or engine_alive(info) or not this_host_runs(info, spool) or engine_unsure(run_dir, info):
+        return []  # (an engine that engine.json no longer names, holding the run's event log: its workers)
     pids: list[int] = []
     for worker in spool:
         pid, started = spool_worker_pid(worker), worker.rsplit("-", 1)[-1]
@@ -627,7 +704,10 @@ def summary(run_dir: Path, ask=None) -> dict:
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
     continues it). ``ask(run_dir)``: the live engine's status reply (None: no answer), asked only when
     events.jsonl cannot say (gone, emptied, replaced by a folder while the engine runs): then the state,
-    step, loss and total steps are the engine's, and ``problem`` says what became of the file."""
+    step, loss and total steps are the engine's, and ``problem`` says what became of the file. Where
+    engine.json names no engine (unreadable, removed) but a process holds the run's event log, as its engine
+    does while it lives, the run is not called crashed: ``problem`` (and the message) say the engine may still
+    be running."""
     from engine.config import read_toml
     from engine.protocol import shown_state
 
@@ -636,7 +716,8 @@ def summary(run_dir: Path, ask=None) -> dict:
     alive = engine_alive(info)
     status, step = last_event(run_dir, "status"), last_event(run_dir, "step")
     run_info = last_event(run_dir, "run_info") or {}
-    problem = ""
+    problem = "" if alive else engine_unsure(run_dir, info)  # engine.json unreadable, the engine maybe running
+    live = alive or bool(problem)
     if alive and status is None:  # the file says nothing (yet?): the engine knows
         problem = events_problem(run_dir)
         reply = ask(run_dir) if ask is not None else None
@@ -650,7 +731,7 @@ def summary(run_dir: Path, ask=None) -> dict:
             run_info = {"total_steps": reply.total_steps}
         elif problem:
             status = {"state": "starting", "message": f"{problem}; the engine was not asked, or did not answer"}
-    if not alive:
+    if not live:
         for ev in spooled(run_dir):  # what the workers did after their engine went away
             if ev.type == "status":
                 status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
@@ -658,11 +739,11 @@ def summary(run_dir: Path, ask=None) -> dict:
                 step = {"step": ev.step, "loss": ev.loss}
     state = status.get("state", "new") if status else "new"
     outcome = status.get("outcome", "") if status else ""
-    orphans = [] if alive else orphan_workers(run_dir, info)
-    message = (status or {}).get("message", "")
+    orphans = [] if live else orphan_workers(run_dir, info)
+    message = problem if problem and not alive else (status or {}).get("message", "")
     if shown_state(state, outcome) == "stopped":
         state = "stopped"
-    elif (state == "finished" and outcome == "engine_lost") or (not alive and state not in FINAL
+    elif (state == "finished" and outcome == "engine_lost") or (not live and state not in FINAL
                                                                 and (state != "new" or info)):
         doing = "are paused" if state == "paused" else "are still training"
         state = "crashed"  # the engine died before the run ended
@@ -670,7 +751,7 @@ def summary(run_dir: Path, ask=None) -> dict:
             message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) {doing}, "
                        "unseen by any engine, until they miss its heartbeat (--engine_timeout, 30 s by default), then "
                        f"save and stop; to stop them now: voxtui engine stop {shlex.quote(str(run_dir))}")
-    elif state == "new" and alive:
+    elif state == "new" and live:
         state = "starting"
     cfg = {}
     try:

@@ -589,3 +589,34 @@ def test_ctrl_c_while_the_workers_start_reads_stopping_to_the_end(tmp_path, tiny
     assert set(after[:-1]) == {"stopping"} and after[-1] == "stopped", out
     statuses = [e["state"] for e in read_events(run) if e["type"] == "status"]
     assert "running" not in statuses[statuses.index("stopping"):]
+
+
+def test_a_garbled_engine_json_is_no_crash_and_engine_stop_does_not_go_around_the_engine(tmp_path, tiny_model, train_file):
+    """engine.json overwritten with garbage while the engine trains: `engine status` / `list` do not call the
+    run crashed (the engine still holds the run's event log), and `engine stop` refuses to SIGTERM its workers
+    as if they were orphans, in one line saying how to stop the engine instead."""
+    run = start_detached(tiny_model, tmp_path / "runs", "garbled", train_file, nproc=1, max_steps=100000,
+                         save_steps=0, env={"VOXTUI_ENGINE_TIMEOUT": "600"})
+    good = (run / "engine.json").read_bytes()
+    info = json.loads(good)
+    wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
+    workers = [p for p in descendants_of(info["pid"]) if "engine.train" in " ".join(psutil.Process(p).cmdline())]
+    assert workers
+    (run / "engine.json").write_text('{"pid": "oops", [\n')
+    said = "engine.json unreadable (line 1 column 17) — the engine may still be running"
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert (status["state"], status["message"], status["problem"]) == ("running", said, said), status
+    assert status["worker_pids"] == [] and status["engine_pid"] is None
+    assert f"message: {said}" in voxtui("engine", "status", run, check=True).stdout
+    listed = voxtui("engine", "list", "--runs", run.parent, check=True)
+    assert listed.stdout.splitlines()[1].split()[:2] == ["garbled", "running"] and said in listed.stderr
+    proc = voxtui("engine", "stop", run)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert said in proc.stderr and f"kill {info['pid']}" in proc.stderr, proc.stderr
+    time.sleep(1)
+    assert not gone(workers) and psutil.pid_exists(info["pid"])  # nothing was sent to them
+    assert not any(e["type"] == "status" and e["state"] == "stopping" for e in read_events(run))
+    (run / "engine.json").write_bytes(good)
+    proc = voxtui("engine", "stop", run, "--wait", "60")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: gone(workers), timeout=30)

@@ -62,3 +62,25 @@ def test_engine_status_on_garbage_is_one_line(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout)["state"] == "new", proc.stderr
     proc = voxtui("engine", "list", "--runs", tmp_path / "runs")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
+
+
+def test_a_garbled_engine_json_is_judged_by_the_event_log_lock(tmp_path):
+    """engine.json garbled: while a process holds the run's event log (its engine does, for its whole life) the
+    run is not called crashed; once nobody holds it, the engine is gone and the run is."""
+    import synthetic_runs
+
+    from engine.runs import lock_events, summary
+
+    run = synthetic_runs.make_run(tmp_path / "runs", "r", events=synthetic_runs.run_events(steps=4, state="running"))
+    (run / "engine.json").write_text('{"pid": "oops", [\n')
+    fd = lock_events(run)
+    try:
+        s = summary(run)
+        assert (s["state"], s["message"]) == ("running", "engine.json unreadable (line 1 column 17) — the engine may "
+                                                          "still be running")
+    finally:
+        import os
+
+        os.close(fd)
+    s = summary(run)
+    assert (s["state"], s["problem"]) == ("crashed", "")

@@ -16,6 +16,8 @@ from engine.config import TrainConfig, resolve, write_config
 from engine.runs import (
     FINAL,
     engine_info,
+    engine_processes,
+    engine_unsure,
     find_run,
     last_event,
     list_runs,
@@ -143,6 +145,9 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
         info = engine_info(run_dir)
         if engine_alive(info):
             return f"its engine (pid {info['pid']})"
+        unsure = engine_unsure(run_dir, info)
+        if unsure:  # its workers are no orphans to wait for: a second engine would wait for the lock, then fail
+            raise UsageError(f"{run_dir}: {unsure}; {stop_it(run_dir)}, then resume")
         pids = orphan_workers(run_dir, info)
         return f"workers of its last engine (pid {', '.join(map(str, pids))})" if pids else ""
 
@@ -249,6 +254,14 @@ def engine_reply(run_dir: Path, timeout: float = 2.0):
         return None
 
 
+def stop_it(run_dir: Path) -> str:
+    """What stops an engine that engine.json no longer names: SIGTERM to it (a graceful stop, as engine stop's)."""
+    pids = engine_processes(run_dir)
+    if pids:
+        return f"stop it with SIGTERM (the workers save first): kill {' '.join(map(str, pids))}"
+    return "stop it with SIGTERM (the workers save first): kill PID, its pid from ps -ef | grep engine.daemon"
+
+
 def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
     """Workers whose engine went away get what a stop from the engine would give them: SIGTERM (at the next
     step boundary every rank saves a checkpoint, then they exit); their last events are stored in
@@ -276,6 +289,11 @@ def stop_run(run_dir: Path, wait: float) -> int:
 
     info = engine_info(run_dir)
     if not engine_alive(info):
+        unsure = engine_unsure(run_dir, info)
+        if unsure:  # its workers are the engine's, not orphans: nothing here goes around it
+            print(f"voxtui: error: {run_dir}: {unsure}, and engine stop cannot reach it without engine.json; "
+                  f"{stop_it(run_dir)}", file=sys.stderr)
+            return 1
         orphans = orphan_workers(run_dir, info)
         if orphans:
             return stop_orphans(run_dir, orphans, wait)
