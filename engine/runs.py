@@ -137,6 +137,57 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1][1] if done else None
 
 
+# trainer_state.json: what a resume takes from it, and of what type (step, epoch and micro it cannot do without)
+_STATE_FIELDS = {"step": int, "epoch": int, "micro": int, "best_step": int, "bad_evals": int, "world_size": int,
+                 "total_steps": (int, type(None)), "best_loss": (int, float, type(None)), "schedule": dict,
+                 "preview": dict}
+_STATE_NEEDS = ("step", "epoch", "micro")
+
+
+def damaged_checkpoint(path: Path, what: str) -> UsageError:
+    """One line for a file of a checkpoint (``path``, directly inside it or in its rng/) that a resume cannot
+    load: the file, what is wrong, and what to do — move the checkpoint aside, to resume from the one before."""
+    ckpt = next(p for p in Path(path).parents if CKPT_RE.match(p.name) or p == Path(p.anchor))
+    earlier = [p for _, p in complete_checkpoints(ckpt.parent) if p.name != ckpt.name]
+    instead = f"resume from {earlier[-1].name}" if earlier else "start the run over from step 0"
+    return UsageError(f"{path}: {what}; the checkpoint is damaged: move {ckpt.name} out of {ckpt.parent} to {instead}")
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's ``trainer_state.json``, as a resume needs it; a UsageError naming the file and what is
+    wrong with it (unreadable, not UTF-8, not JSON, a field missing or of another type) otherwise, and which
+    checkpoint a resume would take instead once this one is moved aside."""
+    path = Path(ckpt) / "trainer_state.json"
+
+    def damaged(what: str) -> UsageError:
+        return damaged_checkpoint(path, what)
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise damaged(f"unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise damaged(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise damaged(f"not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise damaged("not JSON (nested too deeply)") from None
+    if not isinstance(state, dict):
+        raise damaged(f"not a JSON object (a {type(state).__name__})")
+    for name, kind in _STATE_FIELDS.items():
+        if name not in state:
+            if name in _STATE_NEEDS:
+                raise damaged(f"no {name!r}")
+            continue
+        value = state[name]
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+            raise damaged(f"{name!r} is {json.dumps(value)[:40]}, not "
+                          f"{'a whole number of 0 or more' if kind is int else 'what a resume can use'}")
+    return state
+
+
 # what decides how many steps an epoch-based run has (engine.worker.batching.plan_run), besides its data
 PLAN_FIELDS = ("model_id", "train_jsonl", "per_device_bsz", "grad_accum", "max_len", "long", "packing",
                "group_by_length", "seed", "epochs", "max_steps")
@@ -147,11 +198,12 @@ def resume_steps(run_dir: Path, cfg, world: int) -> tuple[int, int | None]:
     ranks: (the step its latest complete checkpoint holds, 0 without one; the steps the resumed run trains
     to, None when that needs the data read). With ``--max_steps`` that is it; an epoch-based run keeps its
     total (the checkpoint's ``total_steps``) when nothing that decides the plan changed (PLAN_FIELDS, the
-    ranks); with other epochs or batches it is the plan's (preflight's) to say."""
+    ranks); with other epochs or batches it is the plan's (preflight's) to say. A damaged trainer_state.json in
+    that checkpoint is a UsageError that names it."""
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     if ckpt is None:
         return 0, cfg.max_steps or None
-    state = _read_json(ckpt / "trainer_state.json")
+    state = read_trainer_state(ckpt)  # a damaged one is refused here, naming it, before anything starts
     step = state.get("step")
     done = step if isinstance(step, int) and step >= 0 else int(CKPT_RE.match(ckpt.name).group(1))
     if cfg.max_steps:

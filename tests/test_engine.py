@@ -494,7 +494,7 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     ckpt.mkdir(parents=True)
     (ckpt / "adapter_model.safetensors").write_bytes(b"")
     saved = {k: getattr(cfg, k) for k in cfg.__struct_fields__}
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 8, "world_size": 1,
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "epoch": 0, "micro": 0, "total_steps": 8, "world_size": 1,
                                                          "config": saved}))
     assert resume_steps(run, cfg, 1) == (8, 8)
     assert resume_steps(run, cfg, 2) == (8, None)  # other ranks: another plan
@@ -510,7 +510,7 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
                             "(E above 0.5) or --max_steps N (N above 8)")
     # stopped at 8 of 20: a --max_steps of 8 leaves no step (its rate has not decayed: not said); without
     # --max_steps, an epoch plan of 8 steps in all is said as such
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 20, "world_size": 1,
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "epoch": 0, "micro": 0, "total_steps": 20, "world_size": 1,
                                                          "config": saved}))
     with pytest.raises(UsageError) as e:
         refuse_nothing_to_resume(run, msgspec.structs.replace(cfg, max_steps=8), 8, 8)
@@ -521,7 +521,7 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
         refuse_nothing_to_resume(run, cfg, 8, 8, per_epoch=16)
     assert str(e.value).startswith(f"{run} has trained 8 of its 20 steps, and these settings give it 8 in all; "
                                    "nothing to resume — start a new run, or give it more steps")
-    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "total_steps": 8, "world_size": 1,
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 8, "epoch": 0, "micro": 0, "total_steps": 8, "world_size": 1,
                                                          "config": saved}))
     # `voxtui run --resume` with another batch: preflight's plan (64 rows, 8 a step: 8 an epoch, 2 steps at
     # --epochs 0.25) gives no step beyond the checkpoint's 8: refused, nothing started

@@ -103,7 +103,10 @@ def prune(ckpt_root: Path, keep: int, best_step: int | None) -> None:
 
 
 def load_trainer_state(path: Path) -> dict:
-    return json.loads((path / "trainer_state.json").read_text())
+    """The checkpoint's trainer_state.json; a damaged one is a one-line error that names it (engine.runs)."""
+    from engine.runs import read_trainer_state
+
+    return read_trainer_state(path)
 
 
 def load_rng(path: Path, rank: int) -> dict | None:

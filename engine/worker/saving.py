@@ -8,12 +8,29 @@ and takes its own state back from it (trainer.py: ``_trainer_state``, ``_restore
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 from engine.protocol import Alert, Checkpoint
 from engine.worker.dist import Dist
 from engine.worker.report import Report
+
+
+@contextlib.contextmanager
+def damaged_file(path: Path):
+    """Loading a checkpoint's file: a failure names it (torch's and safetensors' errors do not, or not
+    plainly), in one line that says what to do."""
+    from engine.runs import damaged_checkpoint
+    from engine.util import UsageError
+
+    try:
+        yield path
+    except UsageError:
+        raise
+    except Exception as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise damaged_checkpoint(path, f"cannot be loaded ({why})") from e
 
 
 class Saver:
@@ -70,13 +87,17 @@ class Saver:
             return None
         state = checkpoint.load_trainer_state(path)
         device = self.d.device
-        result = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
+        with damaged_file(path / "adapter_model.safetensors") as file:
+            weights = load_file(str(file), device=str(device))
+        result = set_peft_model_state_dict(model, weights)
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"checkpoint {path} does not fit this model: {result.unexpected_keys[:3]}")
-        opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        rng = checkpoint.load_rng(path, self.d.rank)
+        with damaged_file(path / "optimizer.pt") as file:
+            opt = torch.load(file, map_location=device, weights_only=False)
+            optimizer.load_state_dict(opt["optimizer"])
+            scheduler.load_state_dict(opt["scheduler"])
+        with damaged_file(path / "rng" / f"rank-{self.d.rank}.pt"):
+            rng = checkpoint.load_rng(path, self.d.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng)
         return path, state
