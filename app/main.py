@@ -8,6 +8,8 @@ import time
 import traceback
 from pathlib import Path
 
+from engine.util import printable  # what a run says (its folder's name, an error about it) printed safe
+
 RUN_FILES = ("config.toml", "events.jsonl", "engine.json")
 
 
@@ -23,19 +25,19 @@ def attach(args) -> int:
     if run and not Path(run).is_dir() and (Path(args.runs) / run).is_dir():
         run = str(Path(args.runs) / run)
     if run and not Path(run).is_dir():
-        print(f"voxtui: error: {run}: no such run", file=sys.stderr)
+        print(printable(f"voxtui: error: {run}: no such run"), file=sys.stderr)
         return 2
     if run and not is_run(Path(run)):
-        print(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES)})", file=sys.stderr)
+        print(printable(f"voxtui: error: {run}: not a run folder (no {', '.join(RUN_FILES)})"), file=sys.stderr)
         return 2
     app = VoxApp(run, args.runs, notify=not getattr(args, "no_notify", False))
     code = run_dashboard(app)
     if code == 0:
         state = getattr(app, "state", None)
         if state is not None and (state.state in ("finished", "failed") or state.crashed):
-            print(f"left the dashboard; the run has ended ({state.shown_state})", file=sys.stderr)
+            print(printable(f"left the dashboard; the run has ended ({state.shown_state})"), file=sys.stderr)
         else:
-            print("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else ""),
+            print(printable("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else "")),
                   file=sys.stderr)
     return code
 
@@ -57,5 +59,6 @@ def run_dashboard(app, headless: bool = False) -> int:
             where = "; traceback above"
     what = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}" if error is not None else \
         f"exit code {app.return_code}"
-    print(f"voxtui: error: the dashboard failed ({what}){where}. The run itself is not affected.", file=sys.stderr)
+    print(printable(f"voxtui: error: the dashboard failed ({what}){where}. The run itself is not affected."),
+          file=sys.stderr)
     return 1

@@ -305,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     module, _, func = args.handler.partition(":")
     from importlib import import_module
 
-    from engine.util import UsageError
+    from engine.util import UsageError, printable
 
     try:
         return int(getattr(import_module(module), func)(args) or 0)
     except UsageError as e:
-        print(f"voxtui: error: {e}", file=sys.stderr)
+        print(f"voxtui: error: {printable(e)}", file=sys.stderr)  # it may quote a run's name, a path, a field
         return 2
     except KeyboardInterrupt:
         print("voxtui: interrupted", file=sys.stderr)

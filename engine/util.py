@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -16,6 +17,18 @@ from typing import IO, Any
 
 class UsageError(Exception):
     """Bad arguments or an unusable input file: printed as one line, exit status 2."""
+
+
+def printable(text: object) -> str:
+    """Text from a run (its folder's name, a path, an event's message, a file's field), safe to print on a
+    terminal: every character that is not printable — control characters, ANSI and OSC escapes among them,
+    C1 controls, bidi overrides, line breaks, a file name's undecodable bytes — shown as its escape
+    (``\\x1b``), on one line. The command line prints what a run says through this; the dashboard has its
+    own rule for the screen (app/text.py)."""
+    text = "" if text is None else str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _umask() -> int:
@@ -54,9 +67,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
+# what JSON leaves raw with ensure_ascii=False and a terminal may obey (C1 controls, DEL, bidi overrides, line
+# separators) or stdout cannot encode (a file name's undecodable bytes): written as \uXXXX escapes, the same JSON
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
 def write_json(path: str | os.PathLike | None, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically, or to stdout when ``path`` is ``-``/None."""
-    text = json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False, indent=2)) + "\n"
     if path in (None, "-"):
         sys.stdout.write(text)
         sys.stdout.flush()

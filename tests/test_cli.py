@@ -1,9 +1,15 @@
 """The command line: every command answers --help; the top level starts without heavy imports."""
 
+import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import ROOT, voxtui
 
@@ -157,3 +163,80 @@ def test_the_commands_a_user_is_told_to_copy_quote_a_path_with_spaces(tmp_path):
     said = str(e.value)
     command = said[said.index("voxtui run --resume"):]
     assert shlex.split(command)[:4] == ["voxtui", "run", "--resume", str(run)], said
+
+
+# what must not reach a terminal from a run's text: C0 controls but the newline, DEL, C1 controls, bidi overrides
+# and isolates, and lone surrogates (a file name's undecodable bytes: printing one raises)
+UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+EVIL = "evil\x1b[31mred\x07\x1b]0;pwned\x07\x9b2J\u202e"
+
+
+def _run_folder(root: Path, name: str, message: str, state: str, model: str) -> Path:
+    """A run whose folder's name, status message, state and model id are ``name``, ``message``, ``state``, ``model``."""
+    import synthetic_runs
+
+    from engine.protocol import Alert, Status, event_encoder, stamp
+
+    run = root / name
+    run.mkdir(parents=True)
+    events = [*synthetic_runs.run_events(steps=3, state="running", telemetry=False),
+              Alert(level="error", kind="exception", message=message), Status(state=state, message=message)]
+    (run / "events.jsonl").write_bytes(b"".join(event_encoder.encode(stamp(ev, i, "r")) + b"\n"
+                                                for i, ev in enumerate(events, 1)) + b'{"type": "step", "step": "\x1b"}\n')
+    (run / "config.toml").write_text(f"model_id = {json.dumps(model, ensure_ascii=False)}\n")
+    return run
+
+
+def _cli(capsys, *args) -> str:
+    from engine.cli import main
+
+    main([str(a) for a in args])
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+names = st.one_of(
+    st.binary(min_size=1, max_size=40),  # any bytes a folder's name can hold (undecodable ones included)
+    st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30).map(str.encode),
+).filter(lambda b: b"/" not in b and b"\0" not in b and not b.startswith((b".", b"_")) and len(b) <= 200)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(names.map(os.fsdecode), st.text(max_size=80), st.text(max_size=20), st.text(max_size=40))
+def test_the_command_line_prints_a_runs_text_safe(tmp_path_factory, capsys, name, message, state, model):
+    """`engine list` / `status` / `stop`, `export-metrics` and `attach`'s errors print a run's folder name, its
+    events' messages and states and its model id with every control character shown as its escape: nothing
+    a terminal would obey (an OSC retitles it, a CSI clears it), no column pushed out of line."""
+    root = tmp_path_factory.mktemp("runs")
+    run = _run_folder(root, name, message + EVIL, state, model + EVIL)
+    said = {"list": _cli(capsys, "engine", "list", "--runs", root),
+            "status": _cli(capsys, "engine", "status", run),
+            "status --json": _cli(capsys, "engine", "status", run, "--json", "-"),
+            "stop": _cli(capsys, "engine", "stop", run),
+            "export-metrics": _cli(capsys, "export-metrics", run, "--skip-bad", "--csv", root / "m.csv"),
+            "attach": _cli(capsys, "attach", root / (name + "-nothing"))}
+    for what, text in said.items():
+        assert not UNSAFE.search(text), (what, text)
+    assert "\\x1b]0;pwned\\x07" in said["status"] and "\\x1b[31m" in said["list"]  # shown, not obeyed
+    from engine.runs import summary
+    from engine.util import printable
+
+    header, row = said["list"].splitlines()[:2]
+    shown = printable(summary(run)["state"])
+    if len(printable(name)) < header.index("state"):  # (a longer name pushes the columns, as any long name does)
+        assert row[header.index("state"):].startswith(shown), (header, row)  # in line with the header
+
+
+def test_a_run_folder_named_with_escapes_and_undecodable_bytes_in_the_real_command_line(tmp_path):
+    """Through a real stdout: a name with an undecodable byte is printed (it raised UnicodeEncodeError), and the
+    columns of `engine list` stay in line."""
+    name = os.fsdecode(b"evil\x1b[31mred\x07\xff")
+    run = _run_folder(tmp_path / "runs", name, "hi", "running", "m")
+    listed = voxtui("engine", "list", "--runs", tmp_path / "runs", check=True)
+    header, row = listed.stdout.splitlines()
+    assert row.startswith("evil\\x1b[31mred\\x07\\udcff ") and row[header.index("state"):].startswith("crashed ")
+    for args in (("engine", "status", run), ("engine", "status", run, "--json", "-"), ("engine", "stop", run),
+                 ("export-metrics", run, "--skip-bad")):
+        proc = voxtui(*args)
+        assert "Traceback" not in proc.stderr and not UNSAFE.search(proc.stdout + proc.stderr), (args, proc.stderr)
+        assert proc.returncode in (0, 1), (args, proc.stderr)

@@ -4,12 +4,7 @@ eval, checkpoint, alert and every tenth step, with the run's text made safe for 
 from __future__ import annotations
 
 from engine.protocol import shown_state
-
-
-def printable(text: str) -> str:
-    """Text from a run, safe to print on a terminal: control characters (ANSI escapes among them) shown
-    as escapes."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+from engine.util import printable
 
 
 def one_line(ev) -> str | None:

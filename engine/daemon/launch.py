@@ -28,7 +28,7 @@ from engine.runs import (
     resume_steps,
     summary,
 )
-from engine.util import UsageError, write_json
+from engine.util import UsageError, printable, write_json
 
 
 def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
@@ -106,9 +106,9 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     if not run_dir.exists():
         run_dir.mkdir(mode=0o700, parents=True)
     elif resume_dir is None and run_dir.stat().st_mode & 0o077:
-        print(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so are the "
-              f"events and checkpoints written in it (engine.json is 0600 and the sockets live in a private "
-              f"folder); `chmod 700 {run_dir}` keeps them private", file=sys.stderr)
+        print(printable(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so "
+                        f"are the events and checkpoints written in it (engine.json is 0600 and the sockets live in a "
+                        f"private folder); `chmod 700 {run_dir}` keeps them private"), file=sys.stderr)
     write_config(cfg, run_dir / "config.toml")
     if report is not None:
         write_json(run_dir / "preflight.json", report)
@@ -126,12 +126,13 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                   b=f"--resume {run_dir}" if resume_dir else f"--config {run_dir / 'config.toml'}"), file=sys.stderr)
     if detach:
         pid = launch_detached(run_dir, args)
-        print(run_dir)
-        print(f"engine {pid} runs detached; watch it with: voxtui attach {shlex.quote(str(run_dir))}", file=sys.stderr)
+        print(printable(run_dir))
+        print(printable(f"engine {pid} runs detached; watch it with: voxtui attach {shlex.quote(str(run_dir))}"),
+              file=sys.stderr)
         return 0
     from engine.daemon.engine import run_engine
 
-    print(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)", file=sys.stderr)
+    print(printable(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)"), file=sys.stderr)
     return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True, nnodes=nnodes,
                       rdzv_endpoint=rdzv_endpoint, listen=listen)
 
@@ -157,7 +158,7 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     last = last_event(run_dir, "status")
     if what.startswith("its engine") and not (last and last.get("state") in FINAL):
         raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {shlex.quote(str(run_dir))})")
-    print(f"{run_dir}: waiting for {what} to exit…", file=sys.stderr)
+    print(printable(f"{run_dir}: waiting for {what} to exit…"), file=sys.stderr)
     deadline = time.time() + timeout
     while time.time() < deadline:
         time.sleep(0.5)
@@ -207,16 +208,17 @@ def cmd_engine(args) -> int:
                 write_json(args.json, runs)
                 return 0
             if not runs:
-                print(f"no runs under {args.runs}/")
+                print(printable(f"no runs under {args.runs}/"))
                 return 0
             print(f"{'run':<28}{'state':<10}{'step':>13}{'loss':>9}  {'age':>5}  model")
-            for s in runs:
+            for s in runs:  # what the run's files say is printed safe (its folder's name too): no escape reaches the terminal
                 loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
-                step = f"{s['step']}/{s['total_steps']}" if s.get("total_steps") else str(s["step"])
-                print(f"{s['run']:<28}{s['state']:<10}{step:>13}{loss:>9}  {age_text(s['age_s']):>5}  {s['model']}")
+                step = printable(f"{s['step']}/{s['total_steps']}" if s.get("total_steps") else s["step"])
+                print(f"{printable(s['run']):<28}{printable(s['state']):<10}{step:>13}{loss:>9}  "
+                      f"{age_text(s['age_s']):>5}  {printable(s['model'])}")
             for s in runs:
                 if s["problem"]:
-                    print(f"note: {s['run']}: {s['message']}", file=sys.stderr)
+                    print(printable(f"note: {s['run']}: {s['message']}"), file=sys.stderr)
             return 0
         case "status":
             run = find_run(args.run)
@@ -234,7 +236,7 @@ def cmd_engine(args) -> int:
                         v = "yes" if v else "no: its process is alive but did not answer in 2 s (stopped, hung?)"
                     k = "answers" if k == "engine_answers" else k
                     shown = "-" if v in (None, "") else f"{v:.4f}" if isinstance(v, float) and k == "loss" else v
-                    print(f"{k:>11}: {shown}")
+                    print(f"{k:>11}: {printable(shown)}")
             return 0
         case "stop":
             return stop_run(find_run(args.run), args.wait)
@@ -269,17 +271,17 @@ def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
-    print(f"{run_dir}: the engine is gone; its workers (pid {', '.join(map(str, pids))}) are stopping "
-          "(they save a checkpoint first)", file=sys.stderr)
+    print(printable(f"{run_dir}: the engine is gone; its workers (pid {', '.join(map(str, pids))}) are stopping "
+                    "(they save a checkpoint first)"), file=sys.stderr)
     if wait == 0:
         return 0
     deadline = time.time() + wait
     while time.time() < deadline:
         if not orphan_workers(run_dir):
-            print(f"{run_dir}: stopped ({summary(run_dir).get('state', '')})")
+            print(printable(f"{run_dir}: stopped ({summary(run_dir).get('state', '')})"))
             return 0
         time.sleep(0.5)
-    print(f"{run_dir}: still stopping after {wait:.0f} s", file=sys.stderr)
+    print(printable(f"{run_dir}: still stopping after {wait:.0f} s"), file=sys.stderr)
     return 1
 
 
@@ -291,29 +293,29 @@ def stop_run(run_dir: Path, wait: float) -> int:
     if not engine_alive(info):
         unsure = engine_unsure(run_dir, info)
         if unsure:  # its workers are the engine's, not orphans: nothing here goes around it
-            print(f"voxtui: error: {run_dir}: {unsure}, and engine stop cannot reach it without engine.json; "
-                  f"{stop_it(run_dir)}", file=sys.stderr)
+            print(printable(f"voxtui: error: {run_dir}: {unsure}, and engine stop cannot reach it without "
+                            f"engine.json; {stop_it(run_dir)}"), file=sys.stderr)
             return 1
         orphans = orphan_workers(run_dir, info)
         if orphans:
             return stop_orphans(run_dir, orphans, wait)
         state = summary(run_dir).get("state", "")
         ended = f": the run has ended ({state})" if state in ("finished", "stopped", "failed", "crashed") else ""
-        print(f"{run_dir}: no engine is running{ended}", file=sys.stderr)
+        print(printable(f"{run_dir}: no engine is running{ended}"), file=sys.stderr)
         return 1
     with EngineClient(run_dir) as c:
         reply = c.send(Stop())
     if reply.status != "ok":
-        print(f"voxtui: error: {reply.reason}", file=sys.stderr)
+        print(printable(f"voxtui: error: {reply.reason}"), file=sys.stderr)
         return 1
-    print(f"{run_dir}: stopping (the workers save a checkpoint first)", file=sys.stderr)
+    print(printable(f"{run_dir}: stopping (the workers save a checkpoint first)"), file=sys.stderr)
     if wait == 0:  # asked not to wait: the stop is delivered, and that is what was asked
         return 0
     deadline = time.time() + wait
     while time.time() < deadline:
         if not engine_alive(engine_info(run_dir)):
-            print(f"{run_dir}: stopped")
+            print(printable(f"{run_dir}: stopped"))
             return 0
         time.sleep(0.5)
-    print(f"{run_dir}: still stopping after {wait:.0f} s", file=sys.stderr)
+    print(printable(f"{run_dir}: still stopping after {wait:.0f} s"), file=sys.stderr)
     return 1

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.util import UsageError
+from engine.util import UsageError, printable
 
 
 def read_recorded(path: Path) -> list:
@@ -92,9 +92,9 @@ def cmd_replay(args) -> int:
     worker = [sys.executable, "-m", "engine.daemon.replay", str(events.resolve()), "--engine",
               str((run_dir / "engine.json").resolve()), "--rate", str(args.rate)]
     pid = launch_detached(run_dir, ["--worker_cmd", json.dumps(worker)])
-    print(run_dir)
-    print(f"engine {pid} replays {events}; attach with: voxtui attach {shlex.quote(str(run_dir))}; "
-          f"end it with: voxtui engine stop {shlex.quote(str(run_dir))}", file=sys.stderr)
+    print(printable(run_dir))
+    print(printable(f"engine {pid} replays {events}; attach with: voxtui attach {shlex.quote(str(run_dir))}; "
+                    f"end it with: voxtui engine stop {shlex.quote(str(run_dir))}"), file=sys.stderr)
     return 0
 
 

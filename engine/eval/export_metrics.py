@@ -35,7 +35,7 @@ import re
 import sys
 from pathlib import Path
 
-from engine.util import UsageError, atomic_write, same_file
+from engine.util import UsageError, atomic_write, printable, same_file
 
 STEP_FIELDS = (  # (event field, column)
     ("epoch", "epoch"), ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/lr"),
@@ -312,9 +312,10 @@ def cmd_export_metrics(args) -> int:
             raise UsageError(f"{out}: is a folder; give a file name")
     result = export(args.run, args.skip_bad)
     for b in result["bad_lines"][:SHOWN_BAD]:
-        print(f"{result['events']}:{b['line']}: skipped: {b['reason']}", file=sys.stderr)
+        print(printable(f"{result['events']}:{b['line']}: skipped: {b['reason']}"), file=sys.stderr)
     if len(result["bad_lines"]) > SHOWN_BAD:
-        print(f"{result['events']}: … and {len(result['bad_lines']) - SHOWN_BAD} more bad lines", file=sys.stderr)
+        print(printable(f"{result['events']}: … and {len(result['bad_lines']) - SHOWN_BAD} more bad lines"),
+              file=sys.stderr)
     text = to_json(result) if args.json is not None else to_csv(result["columns"], result["rows"])
     if out in (None, "-"):
         sys.stdout.write(text)
@@ -327,6 +328,6 @@ def cmd_export_metrics(args) -> int:
             raise UsageError(f"{out}: cannot write: {e.strerror or e}") from None
     bad = len(result["bad_lines"])
     where = "" if out in (None, "-") else f" → {out}"
-    print(f"export-metrics: {len(result['rows'])} steps × {len(result['columns'])} columns{where}"
-          + (f" ({bad} bad line{'s' * (bad != 1)} skipped)" if bad else ""), file=sys.stderr)
+    print(printable(f"export-metrics: {len(result['rows'])} steps × {len(result['columns'])} columns{where}"
+                    + (f" ({bad} bad line{'s' * (bad != 1)} skipped)" if bad else "")), file=sys.stderr)
     return 0
