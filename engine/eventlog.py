@@ -13,13 +13,13 @@ from engine.protocol import Message
 
 
 def last_seq(path: Path) -> int:
-    """The sequence number of the last event in an events file (0 if none); a torn last line, or a line
-    that is not an event, is passed over."""
+    """The sequence number of the last event in an events file (0 if none); a torn last line, a line that
+    is not an event, or one whose seq is no event's (0 or less: a hand-made line), is passed over."""
     if not path.exists():
         return 0
     for line in lines_backwards(path):
         ev = decode_event(line)
-        if ev is not None:
+        if ev is not None and ev.seq > 0:
             return ev.seq
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, read_events, voxtui, wait_for
@@ -85,6 +85,10 @@ def check(store: EventStore, after: int, limit: int) -> list[int]:
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(0, 25), st.lists(edit, max_size=6), st.lists(st.tuples(st.integers(-2, 40), st.integers(1, 30)),
                                                                  min_size=1, max_size=5), st.integers(0, 4), st.booleans())
+# found by CI: a hand-made last line with seq -1, then a resume — the engine numbered its next event 0
+@example(9, [("delete", 0)] * 5 + [("insert", 4, b'{"type": "log", "seq": -1}')], [(0, 1)], 1, True)
+# a line of an older seq moved to the end: the engine goes on after the highest, not after the last line's
+@example(5, [("insert", 5, b'{"type": "log", "seq": 2}')], [(0, 1)], 2, True)
 def test_store_reads_whatever_the_file_became(n, edits, reads, later, reopen):
     """Edited while the engine runs, or before it starts again on the run (``reopen``: a resume)."""
     with tempfile.TemporaryDirectory() as tmp:

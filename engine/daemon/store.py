@@ -79,6 +79,8 @@ class EventStore:
         self._end = os.fstat(self._f.fileno()).st_size
         with open(self.path, "rb") as f:
             self._index(f)
+        if self._seqs:  # after the highest seq in the file, wherever its line is (a line moved, one made by hand)
+            self.seq = max(self.seq, self._seqs[-1])
 
     def _index(self, f) -> None:
         """The seq and byte offset of every event line of the open file ``f``, so history is served from
