@@ -11,7 +11,7 @@ import time
 
 from app.messages import EngineLost as EngineLostMessage
 from app.messages import EngineSeen, EventsReceived
-from engine.client import EngineClient, EngineLost, decode_event
+from engine.client import EngineClient, EngineLost, HistoryRefused, decode_event
 
 
 class FileTail:
@@ -144,7 +144,10 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                     time.sleep(0.1)
         except Exception as e:  # EngineLost, OSError, …: never the end of the dashboard; reconnect
             if lost is not True:
-                post(EngineLostMessage(str(e) if isinstance(e, EngineLost) else f"{type(e).__name__}: {e}"))
+                if isinstance(e, HistoryRefused):
+                    post(EngineLostMessage(e.reason, refused=True))
+                else:
+                    post(EngineLostMessage(str(e) if isinstance(e, EngineLost) else f"{type(e).__name__}: {e}"))
                 lost = True
                 seen = None  # whatever comes next is news
             if client is not None:

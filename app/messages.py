@@ -14,11 +14,13 @@ class EventsReceived(Message):
 
 
 class EngineLost(Message):
-    """The engine stopped answering (no heartbeat); the stream reconnects with back-off."""
+    """The engine stopped answering (no heartbeat); the stream reconnects with back-off. ``refused``: it
+    answers, but cannot serve the run's events (``reason`` says why: events.jsonl unreadable, missing)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, refused: bool = False) -> None:
         super().__init__()
         self.reason = reason
+        self.refused = refused
 
 
 class EngineSeen(Message):

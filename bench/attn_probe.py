@@ -20,23 +20,11 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
+from bench.fp8_probe import timed
+
 HEADS, KV_HEADS, DIM = 32, 8, 128
-
-
-def timed(fn, n: int = 20) -> float:
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
 
 
 def lengths(total: int, median: float, sigma: float, cap: int, seed: int) -> list[int]:

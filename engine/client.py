@@ -46,6 +46,15 @@ class EngineLost(ConnectionError):
     """The engine stopped answering (no heartbeat for a few seconds)."""
 
 
+class HistoryRefused(EngineLost):
+    """The engine answers, but cannot serve the run's events (its reply's reason: events.jsonl unreadable,
+    missing)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"history refused: {reason}")
+        self.reason = reason
+
+
 class EngineClient:
     def __init__(self, target: str | os.PathLike, lost_after: float = 3.0, request_timeout: float = 5.0,
                  remote: bool = False) -> None:
@@ -154,7 +163,7 @@ class EngineClient:
         while True:
             reply, lines = self._request(Request(op="history", after=after))
             if reply.status != "ok":
-                raise EngineLost(f"history refused: {reply.reason}")
+                raise HistoryRefused(reply.reason)
             for line in lines:
                 ev = decode_event(line)
                 if ev is not None:

@@ -324,3 +324,35 @@ def test_list_and_status_ask_the_engine_when_events_jsonl_cannot_say(tmp_path):
         assert "handle failed" not in log and "Traceback" not in log
     finally:
         stop(run, info)
+
+
+def test_a_dashboard_says_the_event_log_is_unreadable_not_that_the_engine_is_lost(tmp_path):
+    """events.jsonl replaced by a folder while the engine runs: a fresh `voxtui attach` got no history, and
+    said ENGINE LOST though the engine answered. Now the banner says what is lost: the event log."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+    from conftest import pilot_wait
+
+    run = tmp_path / "runs" / "live"
+    info = serve(run, RECORDED, 20)
+    path = run / "events.jsonl"
+    try:
+        path.unlink()
+        path.mkdir()
+
+        async def flow():
+            app = VoxApp(str(run))
+            async with app.run_test(size=(120, 30)) as pilot:
+                banner = app.screen.query_one("#banner", Static)
+                await pilot_wait(pilot, lambda: banner.display, timeout=20, every=0.1)
+                return " ".join(str(banner.render()).split())
+
+        said = asyncio.run(flow())
+        assert said.startswith("EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: "
+                               "events.jsonl unreadable: Is a directory"), said
+        assert "ENGINE LOST" not in said
+    finally:
+        stop(run, info)

@@ -155,6 +155,7 @@ class RunScreen(Screen):
         self._scan_soon = False
         self._last_scan = 0.0
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
+        self._lost_refused = False  # that reason is the engine's own: it answers, but cannot serve the events
         self._folder_gone = False  # the run folder no longer exists (deleted or moved while attached)
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet (UNTIL_ACK: not applied yet)
@@ -392,6 +393,7 @@ class RunScreen(Screen):
     # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
         self._lost_reason = message.reason or "no heartbeat"
+        self._lost_refused = message.refused
         self.mark_dirty()
         self.show_banner()
 
@@ -433,6 +435,9 @@ class RunScreen(Screen):
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             data(shlex.quote(str(self.run_dir)), limit=80), "` continues from the latest checkpoint")
+        if self._lost_reason and self._lost_refused:  # it answers: the run's event log is what is lost
+            return assemble("EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: ",
+                            data(self._lost_reason, limit=120), " (what is shown is what was read); retrying…")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
         return None
