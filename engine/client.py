@@ -85,6 +85,9 @@ class EngineClient:
         self._sub = None
         self._dealer = None
         self._buffer: list[Message] = []
+        # the highest seq a heartbeat announced that history was asked for: a file whose last lines were
+        # deleted serves none of them, and asking again at every heartbeat would change nothing
+        self._asked = 0
         self._last_heard = time.monotonic()
         self.answered = False  # whether the engine has been heard (a reply, an event or a heartbeat) since connecting
         self.live = bool(self.endpoints) and (remote or engine_alive(self.info))
@@ -238,7 +241,9 @@ class EngineClient:
                         self._buffer.append(ev)
                     elif kind == b"hb":
                         hb = _decode_heartbeat(data)
-                        if hb.get("seq", 0) > top:  # events we never saw (missed while joining, or dropped)
+                        announced = hb.get("seq", 0)
+                        if announced > max(top, self._asked):  # events we never saw (missed while joining, or dropped)
+                            self._asked = announced
                             self._buffer += self._history_after(top)
                         if hb.get("exiting"):
                             self.live = False

@@ -356,3 +356,28 @@ def test_a_dashboard_says_the_event_log_is_unreadable_not_that_the_engine_is_los
         assert "ENGINE LOST" not in said
     finally:
         stop(run, info)
+
+
+def test_a_client_asks_once_for_events_the_file_no_longer_holds(served):
+    """The file's last lines deleted while the engine runs: its heartbeats announce events history cannot
+    serve; the client asked for them again at every heartbeat (once a second, for good). Now once."""
+    run, info = served
+    path = run / "events.jsonl"
+    lines = path.read_bytes().splitlines(True)
+    path.write_bytes(b"".join(lines[:-3]))  # in place: the inode the engine appends to stays
+    last = json.loads(lines[-4])["seq"]
+    client = EngineClient(run)
+    try:
+        client.last = last
+        asked = []
+        real = client._history_after
+
+        def counting(after):
+            asked.append(after)
+            return real(after)
+
+        client._history_after = counting
+        assert list(client.events(timeout=3.5)) == []  # nothing new is stored meanwhile
+        assert asked == [last], asked  # heartbeats come every second: asked once, not at each
+    finally:
+        client.close()

@@ -346,6 +346,10 @@ def test_run_inference_from_the_engine(tmp_path, tiny_model, run):
     assert client.send(RunInference(checkpoint=99, data=str(val))).status == "error"
     reply = client.send(RunInference(checkpoint=2, data=str(val)))
     assert reply.status == "ok", reply.reason
+    # the same job asked again while it runs (a second dashboard; i then a): refused, not started twice
+    again = client.send(RunInference(checkpoint=2, data=str(val)))
+    assert again.status == "error" and again.reason == (
+        f"inference on checkpoint-2 with {val} is running already (pid {reply.reason.split('pid ')[1]}"), again
     states = []
     for ev in client.events(timeout=120):
         if ev.type == "inference":

@@ -21,11 +21,13 @@ class InferenceJobs:
         self.nproc = nproc
         self.events = events
         self.procs: list[subprocess.Popen] = []
+        self.jobs: dict[tuple, subprocess.Popen] = {}  # (checkpoint, data) → its running process
         self._gpu_count: int | None = None
 
     def running(self) -> bool:
         """Whether a job is still running (ended ones are forgotten)."""
         self.procs = [p for p in self.procs if p.poll() is None]
+        self.jobs = {k: p for k, p in self.jobs.items() if p.poll() is None}
         return bool(self.procs)
 
     def start(self, cmd: RunInference, state: str) -> Reply:
@@ -48,6 +50,12 @@ class InferenceJobs:
             return Reply(status="error", reason=f"no complete checkpoint-{cmd.checkpoint}", state=state)
         if cmd.checkpoint is None and not done and not (self.run_dir / "lora_final").is_dir():
             return Reply(status="error", reason="no checkpoint yet", state=state)
+        key = (cmd.checkpoint, str(Path(data).resolve()))
+        self.running()
+        if key in self.jobs:  # two clients (or one asked twice): both would write one infer/ folder
+            which = "the latest checkpoint" if cmd.checkpoint is None else f"checkpoint-{cmd.checkpoint}"
+            return Reply(status="error", reason=f"inference on {which} with {data} is running already (pid "
+                                                f"{self.jobs[key].pid})", state=state)
         argv = [sys.executable, "-m", "engine", "infer", "--run", str(self.run_dir), "--data", data,
                 "--events", self.events, "--device", self.device(), "--json", "-"]
         if cmd.checkpoint is not None:
@@ -55,6 +63,7 @@ class InferenceJobs:
         with open(self.run_dir / "infer.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
         self.procs.append(proc)
+        self.jobs[key] = proc
         return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=state)
 
     def device(self) -> str:
