@@ -381,3 +381,27 @@ def test_a_client_asks_once_for_events_the_file_no_longer_holds(served):
         assert asked == [last], asked  # heartbeats come every second: asked once, not at each
     finally:
         client.close()
+
+
+def test_events_go_to_the_file_the_path_names_now(served):
+    """events.jsonl replaced (`sed -i`, a restored copy) or removed while the engine runs: the engine went on
+    appending to the file it had open — replaced, its events never reached the file everyone reads; removed,
+    they were lost with the engine's end. Now they go to the path's file (a new one where it was removed)."""
+    run, info = served
+    path = run / "events.jsonl"
+    kept = path.read_bytes()
+    path.unlink()
+    path.write_bytes(kept)  # another file (inode) under the same name
+    push(info, "after the replacement")
+    wait_for(lambda: b"after the replacement" in path.read_bytes(), timeout=20, what="the event in the new file")
+    assert [json.loads(line)["seq"] for line in path.read_bytes().splitlines()][-1] == 22
+    reply, events = history(info, 21)
+    assert reply.status == "ok" and [e["message"] for e in events] == ["after the replacement"]
+
+    path.unlink()  # removed: a new file holds what comes after
+    push(info, "after the removal")
+    wait_for(lambda: path.is_file() and b"after the removal" in path.read_bytes(), timeout=20,
+             what="the event in a new file")
+    assert [json.loads(line)["seq"] for line in path.read_bytes().splitlines()] == [23]
+    with EngineClient(run) as c:
+        assert [e.message for e in c.history()] == ["after the removal"]

@@ -114,6 +114,7 @@ class EventStore:
             event.worker, event.wseq = "", 0
         self.seq += 1
         data = event_encoder.encode(stamp(event, self.seq, self.run))
+        self._follow_the_path()
         fd = self._f.fileno()
         st = os.fstat(fd)
         if st.st_size != self._end and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
@@ -129,6 +130,29 @@ class EventStore:
         else:  # the file was changed by someone else (cut, appended to) or replaced: read it again when asked
             self._ident = None
         return data
+
+    def _follow_the_path(self) -> None:
+        """Append to the file the path names now: replaced (another file moved there) or removed while the
+        engine runs, the file it had open is no longer what anyone reads — its events would be lost when
+        the engine ends. A path that is a folder now, or cannot be opened, keeps the open file."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            return
+        if st is not None:
+            here = os.fstat(self._f.fileno())
+            if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino) or not os.path.isfile(self.path):
+                return
+        try:
+            f = open(self.path, "a+b")  # the new file, or a new one where it was removed
+        except OSError:
+            return
+        self._f.close()
+        self._f = f
+        self._end = os.fstat(f.fileno()).st_size
+        self._ident = None  # read it again when history is asked
 
     def already_stored(self, ev: Message) -> bool:
         """A worker's event stored before (it came again from the worker's spool)."""
