@@ -620,3 +620,33 @@ def test_a_garbled_engine_json_is_no_crash_and_engine_stop_does_not_go_around_th
     proc = voxtui("engine", "stop", run, "--wait", "60")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: gone(workers), timeout=30)
+
+
+def test_a_second_pause_before_the_workers_took_the_first_is_refused(tmp_path):
+    """The engine forwards a pause at once; the workers take it at their next step boundary, and until
+    their ack the run still reads running — a second pause (another dashboard, a script) was forwarded on
+    top of it. Refused now, saying why; the same command again (a client's retry, same id) is no second one."""
+    import shutil
+
+    from test_event_store import RECORDED, serve, stop
+
+    from engine.client import EngineClient
+    from engine.protocol import Pause, Resume
+
+    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run up to its last step: running
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
+    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    run = tmp_path / "runs" / "toggles"
+    info = serve(run, recorded, 20)  # its stand-in worker never acknowledges: the pause stays unapplied
+    try:
+        with EngineClient(run) as c:
+            first = Pause(id="first-pause")
+            assert c.send(first).status == "ok"
+            assert c.send(Pause(id="first-pause")).status == "ok"  # the retry
+            for again in (Pause(), Resume()):
+                reply = c.send(again)
+                assert (reply.status, reply.reason) == (
+                    "error", "a pause is being applied: the workers take it at their next step boundary"), reply
+    finally:
+        stop(run, info)

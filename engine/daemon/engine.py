@@ -88,6 +88,9 @@ class Engine:
         self.state = "starting"
         self.echo = False  # print a line per notable event (foreground `voxtui run`; detached: into engine.log)
         self.unacked: dict[str, tuple[bytes, float]] = {}  # command id → (command, first sent)
+        # pause / resume forwarded and not acknowledged yet (id → its type): the run still reads as before
+        # until the workers take it at their next step boundary, and another would be sent on top of it
+        self.toggles: dict[str, str] = {}
         self.stopping = False
         self.stop_deadline = 0.0
         self.rank_alerted = False
@@ -241,6 +244,11 @@ class Engine:
                 problems = cmd.problems()
                 if problems:
                     return Reply(status="error", reason="; ".join(problems), state=self.state)
+            case Pause() | Resume() if cmd.id in self.toggles:
+                return Reply(status="ok", state=self.state)  # the same command again (a client's retry)
+            case Pause() | Resume() if self._toggle_applying():
+                return Reply(status="error", reason=f"a {self._toggle_applying()} is being applied: the workers take it "
+                                                    "at their next step boundary", state=self.state)
             case Pause() if self.state == "paused":
                 return Reply(status="error", reason="already paused", state=self.state)
             case Resume() if self.state != "paused":
@@ -251,7 +259,15 @@ class Engine:
             case RunInference():
                 return self.inference.start(cmd, self.state)
         self.forward(cmd)
+        if isinstance(cmd, (Pause, Resume)) and cmd.id:
+            self.toggles[cmd.id] = cmd.type
         return Reply(status="ok", state=self.state)
+
+    def _toggle_applying(self) -> str:
+        """The pause or resume forwarded and not acknowledged yet ("" when none; ones no longer re-sent are
+        forgotten)."""
+        self.toggles = {i: t for i, t in self.toggles.items() if i in self.unacked}
+        return next(iter(self.toggles.values()), "")
 
     # ---- supervision
     def supervise(self) -> bool:
