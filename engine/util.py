@@ -31,6 +31,13 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
+def run_name(run_dir: str | os.PathLike) -> str:
+    """The run's name its events carry: its folder's name, each byte of it that is no UTF-8 as U+FFFD (events
+    are UTF-8 JSON: a folder named with such a byte made every event unencodable)."""
+    name = os.path.basename(os.path.normpath(os.fspath(run_dir)))
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -405,3 +405,17 @@ def test_events_go_to_the_file_the_path_names_now(served):
     assert [json.loads(line)["seq"] for line in path.read_bytes().splitlines()] == [23]
     with EngineClient(run) as c:
         assert [e.message for e in c.history()] == ["after the removal"]
+
+
+def test_a_run_folder_named_with_a_byte_that_is_no_utf8_is_served(tmp_path):
+    """A folder name holding a byte that is no UTF-8 (a copy, a rename): every event the engine stored failed
+    to encode (the name is in each). Its events carry the name with U+FFFD for that byte."""
+    run = Path(os.fsdecode(os.fsencode(tmp_path) + b"/runs/bad\xff"))
+    info = serve(run, RECORDED, 20)
+    try:
+        events = read_events(run)
+        assert len(events) >= 20 and {e["run"] for e in events} == {"bad\ufffd"}
+        listed = voxtui("engine", "list", "--runs", run.parent, check=True).stdout
+        assert "bad\\udcff" in listed or "bad\\xff" in listed or "bad\ufffd" in listed, listed
+    finally:
+        stop(run, info)

@@ -54,6 +54,7 @@ from engine.protocol import (
 )
 from engine.runs import engine_info, last_event, pid_alive, write_engine_info
 from engine.session import Session
+from engine.util import run_name
 
 HEARTBEAT_S = 1.0  # to clients and workers; unacknowledged commands are sent again as often
 CHECK_S = 0.25  # how often torchrun and its ranks are looked at
@@ -71,7 +72,7 @@ class Engine:
                  rdzv_endpoint: str = "", listen: str = "", stop_timeout: float = STOP_TIMEOUT_S,
                  min_free_bytes: float = MIN_FREE_BYTES) -> None:
         self.run_dir = Path(run_dir).resolve()
-        self.run = self.run_dir.name
+        self.run = run_name(self.run_dir)
         self.nproc, self.resume, self.nnodes, self.rdzv_endpoint = nproc, resume, nnodes, rdzv_endpoint
         self.worker_cmd = worker_cmd  # a stand-in for torchrun (a replay, a benchmark, a test)
         self.alert_action = alert_action

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from engine.protocol import Log, Message, Step, Telemetry
+from engine.util import run_name
 
 
 class Report:
@@ -33,9 +34,9 @@ class Report:
 
         if engine:
             endpoints = engine.get("endpoints", engine)
-            self.sink = PushSink(endpoints["worker_events"], run_dir.name, spool=run_dir / "spool")
+            self.sink = PushSink(endpoints["worker_events"], run_name(run_dir), spool=run_dir / "spool")
         else:
-            self.sink = JsonlSink(run_dir / "events.jsonl", run_dir.name) if standalone else NullSink()
+            self.sink = JsonlSink(run_dir / "events.jsonl", run_name(run_dir)) if standalone else NullSink()
 
     def emit(self, event: Message) -> None:
         if self.sink is not None:
