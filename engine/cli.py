@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a file it was given to read or write (util.atomic_write's "cannot write …")
+        if e.filename is None and not (e.strerror or "").startswith("cannot write "):
+            raise
+        said = e.strerror if e.filename is None else f"{e.filename}: {e.strerror or e}"
+        print(f"voxtui: error: {printable(said)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

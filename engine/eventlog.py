@@ -79,17 +79,33 @@ class Spool:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.worker = worker
         self._f = None
+        self._path: Path | None = None
         self._count = 0
 
     def write(self, wseq: int, data: bytes) -> None:
+        if self._f is not None and not self._still_there():
+            self._f.close()  # removed (the spool folder deleted while the run goes): a new file from this event
+            self._f = None
         if self._f is None or self._count >= SPOOL_SEGMENT:
             if self._f is not None:
                 self._f.close()
-            self._f = open(self.folder / f"{self.worker}.{wseq:012d}.jsonl", "ab")
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._path = self.folder / f"{self.worker}.{wseq:012d}.jsonl"
+            self._f = open(self._path, "ab")
             self._count = 0
         self._f.write(data + b"\n")
         self._f.flush()  # in the page cache: it survives this process being killed
         self._count += 1
+
+    def _still_there(self) -> bool:
+        """Whether the open file is still the one its name names (events appended to a removed one would
+        be lost with this process: "nothing trained is lost" holds only for what the folder keeps)."""
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return False
+        here = os.fstat(self._f.fileno())
+        return (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino)
 
     def close(self) -> None:
         if self._f is not None:

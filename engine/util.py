@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -51,18 +52,32 @@ _UMASK = _umask()  # read once: new files get 0666 less this, as open() would gi
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Write ``path`` through a temporary file in the same folder, fsync it, then rename it.
 
-    A reader never sees a half-written file, and on error the target is left as it was.
+    A reader never sees a half-written file, and on error the target is left as it was. A path that names
+    no regular file — a device (``/dev/null``), a FIFO — is written as it is: a rename would put a file in
+    its place; a symbolic link is followed, and the file it names is written (the link stays).
     """
     path = Path(path)
+    kwargs = {"encoding": encoding, "newline": ""} if "b" not in mode else {}
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+        with open(path, mode, **kwargs) as f:
+            yield f
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a folder one cannot write in (/proc, read-only): say which file, not the temporary
+        raise OSError(e.errno, f"cannot write {path} (its folder takes no new file: {e.strerror})") from None
     try:
         # mkstemp makes 0600: give the file the mode the replaced one had, else what the umask allows
         try:
             os.fchmod(fd, path.stat().st_mode & 0o7777)
         except FileNotFoundError:
             os.fchmod(fd, 0o666 & ~_UMASK)
-        kwargs = {"encoding": encoding, "newline": ""} if "b" not in mode else {}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()

@@ -240,3 +240,36 @@ def test_a_run_folder_named_with_escapes_and_undecodable_bytes_in_the_real_comma
         proc = voxtui(*args)
         assert "Traceback" not in proc.stderr and not UNSAFE.search(proc.stdout + proc.stderr), (args, proc.stderr)
         assert proc.returncode in (0, 1), (args, proc.stderr)
+
+
+def test_outputs_never_replace_a_device_a_fifo_or_a_link(tmp_path):
+    """--json / --csv go through a temporary file and a rename; given a path that names no regular file the
+    rename put a file in its place (as root, `--json /dev/null` replaced /dev/null; a FIFO, a link the same).
+    Now a device or FIFO is written as it is, a link's file is written and the link stays; a folder that takes
+    no new file is one line, not a traceback."""
+    import stat
+
+    from engine.util import atomic_write
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that the writer's open does not wait
+    try:
+        with atomic_write(fifo) as f:
+            f.write("through the pipe\n")
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.read(reader, 100) == b"through the pipe\n"
+    finally:
+        os.close(reader)
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with atomic_write(link) as f:
+        f.write("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    sample = Path(__file__).resolve().parent.parent / "engine" / "samples" / "medqa_val.jsonl"
+    proc = voxtui("data", "audit", sample, "--json", link)
+    assert proc.returncode == 0 and link.is_symlink() and json.loads(target.read_text())
+    proc = voxtui("data", "audit", sample, "--json", "/proc/version")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("voxtui: error: cannot write /proc/version"), proc.stderr
+    assert "Traceback" not in proc.stderr and stat.S_ISREG(os.stat("/proc/version").st_mode)

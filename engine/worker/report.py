@@ -10,6 +10,7 @@ the step it arrives).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -112,15 +113,36 @@ class Board:
 
     def __init__(self, folder: Path | None) -> None:
         self.writer = None
+        self.folder = folder
         if folder is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(folder))
 
-    def step(self, ev: Step) -> None:
-        w = self.writer
-        if w is None:
+    def _guarded(self, write) -> None:
+        """``write(writer)``; the tb folder removed or unwritable while the run goes (TensorBoard's writer
+        opens its file again at each flush: FileNotFoundError) costs that record, never the run — a new event
+        file is begun (the folder made again), or, where none can be, TensorBoard output ends."""
+        if self.writer is None:
             return
+        try:
+            write(self.writer)
+        except OSError as e:
+            from torch.utils.tensorboard import SummaryWriter
+
+            print(f"[voxtui] TensorBoard: {e}; writing a new event file", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            try:
+                self.writer = SummaryWriter(str(self.folder))
+            except OSError as again:
+                print(f"[voxtui] TensorBoard output ends: {again}", file=sys.stderr, flush=True)
+                self.writer = None
+
+    def step(self, ev: Step) -> None:
+        self._guarded(lambda w: self._step(w, ev))
+
+    def _step(self, w, ev: Step) -> None:
         s = ev.step
         if ev.loss is not None:
             w.add_scalar("train/loss", ev.loss, s)
@@ -139,9 +161,9 @@ class Board:
             w.add_scalar("mem/peak_gib", ev.mem_peak, s)
 
     def telemetry(self, ev: Telemetry, step: int) -> None:
-        w = self.writer
-        if w is None:
-            return
+        self._guarded(lambda w: self._telemetry(w, ev, step))
+
+    def _telemetry(self, w, ev: Telemetry, step: int) -> None:
         for g in ev.gpus:
             for k in ("util", "mem_used", "power", "temp", "sm_clock"):
                 w.add_scalar(f"gpu/{g.index}/{k}", getattr(g, k), step)
@@ -150,19 +172,20 @@ class Board:
             w.add_scalar("host/cpu_percent", ev.cpu_percent or 0.0, step)
 
     def eval(self, loss: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar("eval/loss", loss, step)
-            self.writer.add_scalar("eval/ppl", math.exp(min(loss, 50)), step)
-            self.writer.flush()
+        def write(w):
+            w.add_scalar("eval/loss", loss, step)
+            w.add_scalar("eval/ppl", math.exp(min(loss, 50)), step)
+            w.flush()
+
+        self._guarded(write)
 
     def preview(self, index: int, prompt: str, text: str, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_text(f"preview/{index}", f"**prompt** {prompt}\n\n**output** {text}", step)
+        self._guarded(lambda w: w.add_text(f"preview/{index}", f"**prompt** {prompt}\n\n**output** {text}", step))
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        self._guarded(lambda w: w.flush())
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with contextlib.suppress(OSError):
+                self.writer.close()
