@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, voxtui
@@ -183,7 +183,11 @@ def _run_folder(root: Path, name: str, message: str, state: str, model: str) -> 
               Alert(level="error", kind="exception", message=message), Status(state=state, message=message)]
     (run / "events.jsonl").write_bytes(b"".join(event_encoder.encode(stamp(ev, i, "r")) + b"\n"
                                                 for i, ev in enumerate(events, 1)) + b'{"type": "step", "step": "\x1b"}\n')
-    (run / "config.toml").write_text(f"model_id = {json.dumps(model, ensure_ascii=False)}\n")
+    # every character TOML would not take raw (DEL and C1 among them) as a \u escape: the model id still is
+    # ``model`` (written raw, a DEL made the file unreadable TOML, and the row showed no model: CI's failure)
+    quoted = "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                     else f"\\U{ord(c):08x}" for c in model)
+    (run / "config.toml").write_text(f'model_id = "{quoted}"\n')
     return run
 
 
@@ -202,7 +206,10 @@ names = st.one_of(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(names.map(os.fsdecode), st.text(max_size=80), st.text(max_size=20), st.text(max_size=40))
+@given(names.map(os.fsdecode), st.text(max_size=80), st.text(max_size=20),
+       st.text(st.characters(blacklist_categories=("Cs",)), max_size=40))  # (TOML takes no lone surrogate)
+@example("\x01", "", "", "\x7f")  # CI's: a DEL in the model id
+@example("\x01", "", "", "\U00010000")  # past the basic plane (JSON's escapes make it a surrogate pair)
 def test_the_command_line_prints_a_runs_text_safe(tmp_path_factory, capsys, name, message, state, model):
     """`engine list` / `status` / `stop`, `export-metrics` and `attach`'s errors print a run's folder name, its
     events' messages and states and its model id with every control character shown as its escape: nothing
