@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Every row of issue 15 on this machine, each lever against what it replaces in the same run:
 #   bash bench/gpu_issue15.sh            # one GPU: all parts below, in order (about 45 minutes on an H200)
-#   PART=tests|rows|long|fp8|tuning|16gib|ckpt|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
+#   PART=tests|rows|long|fp8|tuning|16gib|ckpt|nf4|24b bash bench/gpu_issue15.sh    # one part (the device tool's calls last 10 minutes)
 #   NPROC=2 PART=rows bash bench/gpu_issue15.sh                # the same rows on two GPUs (NCCL)
 # results: $OUT/throughput.jsonl (+ each part's logs in $OUT/w*.tar.gz), $OUT/gpu-tests.log, $OUT/*-loss.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 NPROC=${NPROC:-1}
-PART=${PART:-tests,rows,long,fp8,tuning,16gib,ckpt,24b}
+PART=${PART:-tests,rows,long,fp8,tuning,16gib,ckpt,nf4,24b}
 source bench/gpu_env.sh
 has() { case ",$PART," in *,"$1",*) return 0 ;; esac; return 1; }
 
@@ -49,6 +49,13 @@ fi
 if has ckpt; then  # where the checkpoint sits (VOXTUI_CHECKPOINT): inside each layer (the default) beside around it, profiled
   TAG=-ckpt PROFILE=1 STEPS=${STEPS:-10} bash bench/gpu_throughput.sh "$NPROC" \
     bf16-ckpt-16gib,bf16-ckpt-16gib-ckptout,nf4-packed-compiled,nf4-packed-compiled-ckptout,fp8-ckpt20-16gib,fp8-ckpt20-16gib-ckptout
+fi
+if has nf4; then  # NF4 layers left uncheckpointed (none, then 10 of 30 checkpointed) dequantise their weights again in
+  # the backward (the default) beside keeping them from the forward (-keepw): memory and speed (runs AR-AS)
+  for L in 0 10; do
+    TAG=-nf4-l$L STEPS=${STEPS:-12} EXTRA="--grad_ckpt_layers $L" bash bench/gpu_throughput.sh "$NPROC" \
+      nf4-packed-compiled,nf4-packed-compiled-keepw
+  done
 fi
 if has 24b; then  # Voxtral-Small-24B's shape, last: it builds a ~48 GB random checkpoint once (the 3B one is
   # removed first when /tmp has less than 55 GB free: an H200 machine's disk holds one or the other)

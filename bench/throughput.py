@@ -100,6 +100,9 @@ CONFIGS: dict[str, list[str]] = {
     # the same with q/k/v and gate/up as one product each (VOXTUI_FUSION=nf4; separate is the default)
     "nf4-packed-compiled-fused": NF4 + ["--compile"],
     "nf4-packed-compiled-cdt": NF4 + ["--compile"],  # Inductor's coordinate-descent tuning (VOXTUI_INDUCTOR)
+    # the layers not checkpointed (EXTRA="--grad_ckpt_layers N") keep their weights dequantised for the backward
+    # (VOXTUI_NF4_KEEP_WEIGHTS=1) instead of dequantising them again there (the default; engine/worker/nf4.py)
+    "nf4-packed-compiled-keepw": NF4 + ["--compile"],
     # issue 15's rows. bf16 within 16 GiB (a 24 GB card): gradient checkpointing, 8 × 1024 tokens a micro-batch
     "bf16-ckpt-16gib": checkpointed("none"),
     # the same with the last 5 / 7 of the 30 layers keeping their activations (--grad_ckpt_layers)
@@ -194,6 +197,7 @@ ENV: dict[str, dict[str, str]] = {"bf16-packed-compiled-ddp-split": {"VOXTUI_DDP
                                   "bf16-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "bf16-packed-compiled-autotune": {"VOXTUI_INDUCTOR": "autotune"},
                                   "nf4-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
+                                  "nf4-packed-compiled-keepw": {"VOXTUI_NF4_KEEP_WEIGHTS": "1"},
                                   "fp8-packed-compiled-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "bf16-packed-compiled-fp8bwd-cdt": {"VOXTUI_INDUCTOR": "coordinate"},
                                   "bf16-packed-compiled-fp8bwd-nooverlap": {"VOXTUI_STEP_OVERLAP": "0"},

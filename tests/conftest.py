@@ -89,8 +89,8 @@ def load_lora_model(model_dir: Path, env: dict | None = None, **flags):
     from engine.worker.knobs import knobs
     from engine.worker.modeling import load_model
 
-    cfg = TrainConfig(model_id=str(model_dir), train_jsonl="x", bf16=False, compile=False,
-                      **{"quant": "none", "lora_dropout": 0.0, "grad_ckpt": False, **flags})
+    cfg = TrainConfig(model_id=str(model_dir), train_jsonl="x", compile=False,
+                      **{"quant": "none", "bf16": False, "lora_dropout": 0.0, "grad_ckpt": False, **flags})
     before = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     knobs.cache_clear()

@@ -102,3 +102,56 @@ def test_compiled_layer_dequantises_in_tensor_operations_with_the_same_gradients
     assert any("rshift" in t for t in seen) and not any("bitsandbytes" in t for t in seen), seen
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+def _weight_sized_kept(tiny_model, env: dict, **flags) -> tuple[list, float, dict]:
+    """Compiled as Inductor partitions (the min-cut partition, run eagerly) in bf16 as on a GPU: the saved
+    tensors of a step that have a 4-bit projection's shape, the loss and the adapters' gradients."""
+    from engine.worker.modeling import CausalLMLoss, compile_layers
+
+    torch._dynamo.reset()
+    model = load_lora_model(tiny_model, env={"VOXTUI_FUSION": "none", **env}, quant="nf4", bf16=True, **flags)
+    compile_layers(model, backend="aot_eager_decomp_partition")
+    shapes = {tuple(m._nf4_meta[0]) for m in model.modules() if hasattr(m, "_nf4_meta")}
+    weights = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    ids = torch.randint(5, 1000, (2, 50), generator=torch.Generator().manual_seed(0))  # no activation of a weight's shape
+    flat = ids[:, 1:].reshape(-1)
+    idx = torch.arange(3, flat.shape[0])
+    for _ in range(2):  # the first compiles
+        kept = []
+
+        def pack(t, kept=kept):
+            if t.data_ptr() not in weights and tuple(t.shape) in shapes | {s[::-1] for s in shapes}:
+                kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            loss = CausalLMLoss(model)(input_ids=ids, target_idx=idx, targets=flat[idx])[0]
+        for p in model.parameters():
+            p.grad = None
+        loss.backward()
+    torch._dynamo.reset()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return kept, float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("ckpt", [0, 1])
+def test_a_layer_outside_the_checkpoints_dequantises_again_in_the_backward(tiny_model, ckpt):
+    """Compiled, a decoder layer that is not checkpointed kept its 4-bit weights dequantised for the backward
+    (the layer's weights in bf16: NF4 took bf16's memory without checkpointing, docs/benchmarks.md runs AI–AK);
+    now it keeps none of them and dequantises again — the same loss and gradients, bit for bit. With one of the
+    two layers checkpointed, only the other is marked; ``VOXTUI_NF4_KEEP_WEIGHTS=1`` keeps them as before."""
+    from engine.worker.modeling import _unwrap, is_checkpointed, language_model
+
+    flags = {"grad_ckpt": bool(ckpt), "grad_ckpt_layers": ckpt}
+    kept, loss, grads = _weight_sized_kept(tiny_model, {}, **flags)
+    assert kept == []
+    before, loss0, grads0 = _weight_sized_kept(tiny_model, {"VOXTUI_NF4_KEEP_WEIGHTS": "1"}, **flags)
+    assert len(before) == 7 * (2 - ckpt), before  # each projection's weight of each layer not checkpointed
+    assert loss == loss0 and grads.keys() == grads0.keys()
+    for name in grads0:
+        assert torch.equal(grads[name], grads0[name]), name
+    model = load_lora_model(tiny_model, quant="nf4", **flags)
+    for layer in language_model(_unwrap(model)).layers:
+        marks = {m._nf4_recompute for m in layer.modules() if hasattr(m, "_nf4_meta")}
+        assert marks == {not is_checkpointed(layer)}

@@ -24,6 +24,7 @@ def test_knobs_are_read_from_the_environment_and_checked():
     assert Knobs().fusion == "none" and read({"VOXTUI_INDUCTOR": "autotune"}).inductor == "autotune"
     assert Knobs().step_overlap and not read({"VOXTUI_STEP_OVERLAP": "0"}).step_overlap
     assert not Knobs().cuda_graphs and read({"VOXTUI_CUDA_GRAPHS": "1"}).cuda_graphs
+    assert not Knobs().nf4_keep_weights and read({"VOXTUI_NF4_KEEP_WEIGHTS": "1"}).nf4_keep_weights
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
@@ -34,6 +35,7 @@ def test_knobs_are_read_from_the_environment_and_checked():
                       ({"VOXTUI_CHECKPOINT": "outside"}, "VOXTUI_CHECKPOINT=outside: must be one of inside, around"),
                       ({"VOXTUI_STEP_OVERLAP": "no"}, "VOXTUI_STEP_OVERLAP=no: must be one of 0, 1"),
                       ({"VOXTUI_CUDA_GRAPHS": "yes"}, "VOXTUI_CUDA_GRAPHS=yes: must be one of 0, 1"),
+                      ({"VOXTUI_NF4_KEEP_WEIGHTS": "y"}, "VOXTUI_NF4_KEEP_WEIGHTS=y: must be one of 0, 1"),
                       ({"VOXTUI_PROFILE_STEPS": "5:2"}, r"VOXTUI_PROFILE_STEPS=5:2: needs 1 <= A <= B"),
                       ({"VOXTUI_PROFILE_STEPS": "0:2"}, r"VOXTUI_PROFILE_STEPS=0:2: needs 1 <= A <= B")]:
         with pytest.raises(UsageError, match=says):

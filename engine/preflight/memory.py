@@ -89,10 +89,12 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
     2.05 and 2.92 GiB of RSS — 13.9 KB a token, twice its two layers' 3.6 KB — where counting one layer said
     1.7, 1.7 and 2.1 GiB (now 1.8, 2.2, 3.1); ``--per_device_bsz 2000`` was OOM-killed at 24 GiB after an
     estimate of 6 GiB (now 32).
-    A compiled NF4 layer that is not checkpointed keeps its weights dequantised (bf16) for its backward:
-    measured on an H200 at 6 × 1024 tokens, each such layer took 0.71 GiB against bf16's 0.55, and without
-    checkpointing NF4 peaked at 18.2 / 26.4 / 42.9 GiB for 3 / 6 / 12 × 1024 tokens where bf16 weights took
-    17.3 / 26.2 / 44.2 — the 4.4 GiB its weights save are spent again (docs/benchmarks.md, runs AI–AK)."""
+    A compiled NF4 layer that is not checkpointed dequantises its weights again in its backward
+    (engine/worker/nf4.py): measured on an H200 at 6 × 1024 tokens, each such layer takes 0.48 GiB against
+    bf16's 0.55, and without checkpointing NF4 peaked at 12.2 / 20.4 / 37.0 GiB for 3 / 6 / 12 × 1024 tokens
+    (runs AR–AS). With ``VOXTUI_NF4_KEEP_WEIGHTS=1`` it keeps them dequantised (bf16) from its forward, as it
+    did before: 0.71 GiB a layer, 18.2 / 26.4 / 42.9 GiB, where bf16 weights took 17.3 / 26.2 / 44.2 — the
+    4.4 GiB its weights save were spent again (runs AI–AK); the estimate then counts them."""
     bsz = bsz or cfg.per_device_bsz
     g = 2**30
     wide = 1 if cfg.bf16 else 2  # fp32 against bf16
@@ -112,12 +114,24 @@ def estimate_memory(cfg: TrainConfig, m: dict, bsz: int | None = None, seq_len: 
         acts = 2 * n * per_layer / g
     else:
         acts = (ckpt * tokens * H * 2 * wide + (n - ckpt) * per_layer + (per_layer if ckpt else 0)) / g
-        if cfg.quant == "nf4" and cfg.compile:  # see above: the layers not checkpointed keep their weights in bf16
+        if cfg.quant == "nf4" and cfg.compile and _nf4_keeps_weights():  # see above: in bf16, each layer not checkpointed
             acts += (n - ckpt) * m["llm_linear"] / n * 2 / g
     head = min(tokens, 1024) * m["vocab"] * 6 / g  # the fused head's fp32 chunk and its bf16 softmax
     base = weights + adapter + acts + head
     return {"weights": round(weights, 2), "adapter_optimizer": round(adapter, 2), "activations": round(acts, 2),
             "loss_head": round(head, 2), "overhead": round(0.1 * base + 0.8, 2), "total": round(1.1 * base + 0.8, 2)}
+
+
+def _nf4_keeps_weights() -> bool:
+    """Whether the worker's NF4 layers outside the checkpoints keep their weights dequantised
+    (``VOXTUI_NF4_KEEP_WEIGHTS``, engine/worker/knobs.py); an unreadable knob is the worker's to refuse."""
+    from engine.util import UsageError
+    from engine.worker.knobs import read
+
+    try:
+        return read().nf4_keep_weights
+    except UsageError:
+        return False
 
 
 # what a step costs per token, relative to bf16 LoRA without checkpointing, by (--quant, FP8 products), as

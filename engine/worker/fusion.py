@@ -127,12 +127,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor | None, mods) -> torch.Te
 
 
 def _nf4_base(x: torch.Tensor, bases) -> torch.Tensor:
-    from engine.worker.nf4 import NAMES, dequantize_ops
+    from engine.worker.nf4 import NAMES, weight
 
     dtype = bases[0].compute_dtype or x.dtype
     if not torch.compiler.is_compiling():
         return torch.cat([b(x) for b in bases], dim=-1)
-    w = torch.cat([dequantize_ops(*(getattr(b, n) for n in NAMES), b._nf4_meta, dtype) for b in bases])
+    w = torch.cat([weight(b, (*(getattr(b, n) for n in NAMES), b._nf4_meta), dtype) for b in bases])
     return torch.nn.functional.linear(x.to(dtype), w).to(x.dtype)
 
 

@@ -16,6 +16,11 @@ once per process (``knobs()``), and a value that is not a number stops the worke
 ``VOXTUI_NF4_BNB_FORWARD=1``
     with --quant nf4, the 4-bit layers keep bitsandbytes' own forward instead of voxtui's traceable one
     (engine/worker/nf4.py; the comparison in bench/throughput.py)
+``VOXTUI_NF4_KEEP_WEIGHTS=1``
+    with --quant nf4 and --compile on a GPU, a decoder layer that is not checkpointed keeps its 4-bit
+    weights dequantised (bf16) from its forward for its backward, as Inductor's partition chooses, instead
+    of dequantising them again in the backward (engine/worker/nf4.py; the ``-keepw`` comparison in
+    bench/throughput.py)
 ``VOXTUI_FUSION=none|nf4|all``
     which layers run q/k/v and gate/up as one product each (engine/worker/fusion.py): none (default), NF4
     ones, or all (each measured slower on an H200, bf16's also larger: the comparisons in bench/throughput.py)
@@ -75,6 +80,7 @@ class Knobs:
     ddp_split_graphs: bool = False
     profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
     nf4_bnb_forward: bool = False
+    nf4_keep_weights: bool = False
     eager_ce: bool = False
     fusion: str = "none"  # none | nf4 | all
     inductor: str = "default"  # default | coordinate | autotune
@@ -109,6 +115,7 @@ def read(env=None) -> Knobs:
                  ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1",
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),
                  nf4_bnb_forward=env.get("VOXTUI_NF4_BNB_FORWARD") == "1",
+                 nf4_keep_weights=_choice("VOXTUI_NF4_KEEP_WEIGHTS", ("0", "1"), "0", env) == "1",
                  eager_ce=env.get("VOXTUI_EAGER_CE") == "1",
                  fusion=_choice("VOXTUI_FUSION", ("none", "nf4", "all"), "none", env),
                  inductor=_choice("VOXTUI_INDUCTOR", ("default", "coordinate", "autotune"), "default", env),

@@ -219,11 +219,15 @@ def _checkpointed_class(mixin: type, base: type) -> type:
     return type(f"Checkpointed{base.__name__}", (mixin, base), {"__module__": base.__module__})
 
 
+def is_checkpointed(layer: nn.Module) -> bool:
+    """Whether the decoder layer recomputes its forward in the backward (``checkpoint_layers``)."""
+    return isinstance(layer, _Checkpointed) or bool(getattr(layer, "gradient_checkpointing", False))
+
+
 def checkpointed_layers(model: nn.Module) -> tuple[int, int]:
     """(layers that recompute in the backward, decoder layers)."""
     layers = language_model(_unwrap(model)).layers
-    return sum(isinstance(layer, _Checkpointed) or bool(getattr(layer, "gradient_checkpointing", False))
-               for layer in layers), len(layers)
+    return sum(is_checkpointed(layer) for layer in layers), len(layers)
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:

@@ -10,6 +10,13 @@ bit for bit bitsandbytes' result): Inductor makes it one kernel inside the layer
 runs per call. Uncompiled, the same layer calls bitsandbytes' operators as its own forward does. The
 weights, their quantisation state and what a checkpoint saves are unchanged (the tensors are registered
 again as non-persistent buffers: views, no copy).
+
+In a decoder layer that is not checkpointed, Inductor's partition would keep each dequantised weight from the
+forward for the backward's input gradient (a product must read it whole, so the partition does not recompute
+it): the layer's linear weights in bf16, 0.2 GiB a layer at Voxtral-Mini's widths — without checkpointing,
+NF4 took as much memory as bf16 weights (docs/benchmarks.md, runs AI–AK). There the dequantisation is its own
+small checkpoint (``weight``): the backward dequantises again from the 4-bit weights, one elementwise kernel
+per projection, and keeps nothing of the weight's size (``VOXTUI_NF4_KEEP_WEIGHTS=1``: as before).
 """
 
 from __future__ import annotations
@@ -47,6 +54,24 @@ def traceable(model: nn.Module) -> int:
                          int(qs.state2.blocksize) if qs.nested else 0, qs.dtype)
         mod.forward = types.MethodType(_forward, mod)
         n += 1
+    recompute_outside_checkpoints(model)
+    return n
+
+
+def recompute_outside_checkpoints(model: nn.Module) -> int:
+    """Marks the 4-bit layers of the decoder layers that are not checkpointed: their compiled forward
+    dequantises the weight again in the backward instead of keeping it (``weight``). Returns how many layers."""
+    from engine.worker.knobs import knobs
+    from engine.worker.modeling import _unwrap, is_checkpointed, language_model
+
+    keep = knobs().nf4_keep_weights
+    n = 0
+    for layer in language_model(_unwrap(model)).layers:
+        outside = not is_checkpointed(layer)
+        for mod in layer.modules():
+            if hasattr(mod, "_nf4_meta"):
+                mod._nf4_recompute = outside and not keep
+        n += outside and not keep
     return n
 
 
@@ -56,16 +81,32 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
              self._nf4_code, self._nf4_meta)
     if torch.compiler.is_compiling():
         # plain tensor operations, differentiated by autograd's own linear: the weight is a constant, so the
-        # backward multiplies by it again, dequantised once more or kept as the partition decides. An
+        # backward multiplies by it again — dequantised once more (``weight``'s checkpoint outside checkpointed
+        # layers; inside one the whole layer is recomputed) or kept, as the partition decides. An
         # autograd.Function here would be traced as a higher-order operator, and with the checkpoint inside
         # the compiled layer (VOXTUI_CHECKPOINT=inside) torch 2.11's partition then kept every activation of
         # the layer (tests/test_grad_ckpt.py; docs/benchmarks.md, runs P and Q)
-        y = torch.nn.functional.linear(x.to(compute), dequantize_ops(*state, compute))
+        y = torch.nn.functional.linear(x.to(compute), weight(self, state, _product_dtype(x, compute)))
     else:
         y = _NF4MatMul.apply(x.to(compute), *state)
     if self.bias is not None:
         y = y + self.bias.to(y.dtype)
     return y.to(x.dtype)
+
+
+def _product_dtype(x: torch.Tensor, compute: torch.dtype) -> torch.dtype:
+    """The dtype the product takes the weight in: autocast's where it is on (the cast then belongs to the
+    dequantisation, and is recomputed with it), else the layer's compute dtype."""
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else compute
+
+
+def weight(mod: nn.Module, state: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit layer's weight in ``dtype``, while compiling; outside a checkpointed decoder layer
+    (``_nf4_recompute``) as a checkpoint of its own, so the backward dequantises it again instead of keeping it."""
+    if getattr(mod, "_nf4_recompute", False) and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(dequantize_ops, *state, dtype, use_reentrant=False)
+    return dequantize_ops(*state, dtype)
 
 
 def dequantize(packed, absmax, absmax2, code2, offset, code, meta, dtype) -> torch.Tensor:
@@ -84,8 +125,11 @@ def dequantize_ops(packed, absmax, absmax2, code2, offset, code, meta, dtype) ->
     block of ``blocksize2`` and shifted by ``offset``."""
     shape, blocksize, _, blocksize2, _ = meta
     if absmax2 is not None:
-        blocks = torch.arange(absmax.numel(), device=absmax.device) // blocksize2
-        absmax = code2[absmax.long()] * absmax2[blocks] + offset
+        # each block of blocksize2 codes times its scale (the last block may be short: padded, then cut)
+        scales = code2[absmax.long()]
+        pad = absmax2.numel() * blocksize2 - scales.numel()
+        scales = torch.nn.functional.pad(scales, (0, pad)).view(-1, blocksize2) * absmax2[:, None]
+        absmax = scales.reshape(-1)[:absmax.numel()] + offset
     n = shape[0] * shape[1]
     p = packed.reshape(-1)
     idx = torch.stack([p >> 4, p & 15], dim=-1).reshape(-1)[:n].long()
