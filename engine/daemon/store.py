@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable
@@ -114,9 +115,8 @@ class EventStore:
             event.worker, event.wseq = "", 0
         self.seq += 1
         data = event_encoder.encode(stamp(event, self.seq, self.run))
-        self._follow_the_path()
+        st = self._follow_the_path()
         fd = self._f.fileno()
-        st = os.fstat(fd)
         if st.st_size != self._end and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
             self._f.write(b"\n")  # someone else left a line without its end: this event gets a line of its own
         self._f.write(data + b"\n")
@@ -131,28 +131,30 @@ class EventStore:
             self._ident = None
         return data
 
-    def _follow_the_path(self) -> None:
+    def _follow_the_path(self) -> os.stat_result:
         """Append to the file the path names now: replaced (another file moved there) or removed while the
         engine runs, the file it had open is no longer what anyone reads — its events would be lost when
-        the engine ends. A path that is a folder now, or cannot be opened, keeps the open file."""
+        the engine ends. A path that is a folder now, or cannot be opened, keeps the open file. Returns the
+        ``fstat`` of the file appended to."""
+        here = os.fstat(self._f.fileno())
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             st = None
         except OSError:
-            return
-        if st is not None:
-            here = os.fstat(self._f.fileno())
-            if (st.st_dev, st.st_ino) == (here.st_dev, here.st_ino) or not os.path.isfile(self.path):
-                return
+            return here
+        if st is not None and ((st.st_dev, st.st_ino) == (here.st_dev, here.st_ino) or not stat.S_ISREG(st.st_mode)):
+            return here
         try:
             f = open(self.path, "a+b")  # the new file, or a new one where it was removed
         except OSError:
-            return
+            return here
         self._f.close()
         self._f = f
-        self._end = os.fstat(f.fileno()).st_size
+        here = os.fstat(f.fileno())
+        self._end = here.st_size
         self._ident = None  # read it again when history is asked
+        return here
 
     def already_stored(self, ev: Message) -> bool:
         """A worker's event stored before (it came again from the worker's spool)."""
