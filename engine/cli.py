@@ -194,7 +194,10 @@ def _eval_parsers(sub) -> None:
     p = sub.add_parser("score", help="metrics for rows that hold prediction and the reference output",
                        description="Scores every row holding the strings prediction and output; a bad line is "
                                    "named on stderr, skipped, and listed in the JSON's bad_rows. Exit 2 when no "
-                                   "row can be scored.")
+                                   "row can be scored. An empty prediction of an empty reference (or two texts "
+                                   "with no word or character to compare, only spaces and punctuation) is a "
+                                   "perfect match: exact match, ROUGE-L and length ratio 1.0 (BLEU 100 for a file "
+                                   "of such pairs only).")
     p.add_argument("file", metavar="FILE", help="JSONL rows with prediction and output (an infer's "
                                              "runs/<run>/infer/<job>/generations.jsonl)")
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT (- for stdout)")

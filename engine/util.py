@@ -32,6 +32,11 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """``n`` and its noun, singular for one: "1 row", "0 rows", "3 rows" (``plural``: when not noun + "s")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def run_name(run_dir: str | os.PathLike) -> str:
     """The run's name its events carry: its folder's name, each byte of it that is no UTF-8 as U+FFFD (events
     are UTF-8 JSON: a folder named with such a byte made every event unencodable)."""

@@ -210,7 +210,7 @@ def test_score_reports_bad_rows_and_scores_the_rest(tmp_path):
     assert err[0] == f"{f}:2: missing_field: output (a string) is needed" and len(err) == 7
     assert f"{f}:6: wrong_type: prediction is a number, not a string" in err and "Traceback" not in proc.stderr
     text = voxtui("score", f)
-    assert text.returncode == 0 and "skipped      7 bad row(s)" in text.stdout
+    assert text.returncode == 0 and "skipped      7 bad rows (listed on stderr)" in text.stdout
     assert digest(f) == before
 
 
@@ -222,12 +222,30 @@ def test_score_without_a_scorable_row_exits_2(tmp_path):
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("voxtui: error: "), proc.stderr
         assert f.read_bytes() == raw and not (tmp_path / "m.json").exists()
-    assert "2 bad row(s); line 1: missing_field" in proc.stderr
+    assert "2 bad rows; line 1: missing_field" in proc.stderr
     f = write_jsonl(tmp_path / "ok.jsonl", [{"prediction": "a", "output": "a"}])
     same = voxtui("score", f, "--json", f)
     assert same.returncode == 2 and "would overwrite the input" in same.stderr
     assert json.loads(f.read_text()) == {"prediction": "a", "output": "a"}
 
+
+
+def test_score_of_one_empty_pair_says_one_row_and_a_perfect_match(tmp_path):
+    """An empty prediction of an empty reference: exact match 1.0 and ROUGE-L 1.0 alike (it said 0.0), and the
+    counts read "1 row", "1 bad row", "1 more bad row" (they said "1 rows")."""
+    f = write_jsonl(tmp_path / "empty.jsonl", [{"prediction": "", "output": ""}, {"prediction": "x"}])
+    m = json.loads(voxtui("score", f, "--json", "-", check=True).stdout)
+    assert (m["rows"], m["exact_match"], m["rougeL"], m["length_ratio"]) == (1, 1.0, 1.0, 1.0)
+    text = voxtui("score", f, check=True).stdout
+    assert text.splitlines()[0] == "predictions: 1 row" and "skipped      1 bad row (listed on stderr)" in text
+    assert "ROUGE-L      1.0000" in text and "exact match  1.0000" in text
+    many = write_jsonl(tmp_path / "many.jsonl", [{"prediction": "a", "output": "a"}] + [{"x": 1}] * 21)
+    proc = voxtui("score", many, check=True)
+    assert proc.stderr.splitlines()[-1] == f"{many}: … and 1 more bad row (--json lists them all)", proc.stderr
+    assert "skipped      21 bad rows" in proc.stdout
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"x": 1}])
+    proc = voxtui("score", bad)
+    assert proc.returncode == 2 and ": no row to score: 1 bad row; line 1: missing_field" in proc.stderr
 
 CHECK = """
 import contextlib, io, json, sys

@@ -5,6 +5,8 @@ import random
 
 import pytest
 import sacrebleu
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
 from engine.eval import metrics
@@ -64,3 +66,36 @@ def test_bootstrap_interval_contains_the_estimate():
         lo, hi = ci[k]
         assert lo <= point[k] <= hi and lo < hi
     assert not math.isnan(ci["rougeL"][0])
+
+
+texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\n\t", "...", "!?", "고혈압", "the cat", "The  cat!"]))
+
+
+@given(texts, texts)
+@settings(max_examples=300, deadline=None)
+def test_an_exact_match_is_a_perfect_rouge_l_and_length_ratio(prediction, reference):
+    """Exact match and ROUGE-L agree on what a perfect prediction is: an empty prediction of an empty
+    reference scored exact match 1.0 but ROUGE-L 0.0 (rouge-score's F-measure of nothing against nothing)."""
+    row = metrics.per_row(prediction, reference)
+    score = metrics.rouge_l(prediction, reference)
+    assert 0.0 <= score <= 1.0 and score == metrics.rouge_l(reference, prediction)
+    if row["exact_match"]:
+        assert score == 1.0 and row["length_ratio"] == 1.0, (prediction, reference)
+    have = (metrics.has_tokens(prediction), metrics.has_tokens(reference))
+    if have == (False, False):  # the same, empty, token sequence
+        assert score == 1.0
+    elif False in have:  # something against nothing
+        assert score == 0.0
+    c = metrics.corpus([prediction], [reference])
+    assert c["rougeL"] == score and c["exact_match"] == float(row["exact_match"])
+
+
+def test_an_empty_pair_is_a_perfect_match():
+    c = metrics.corpus([""], [""])
+    assert (c["rows"], c["exact_match"], c["rougeL"], c["length_ratio"], c["bleu"]) == (1, 1.0, 1.0, 1.0, 100.0)
+    assert metrics.rouge_l("...", "") == 1.0 and metrics.corpus(["..."], [""])["exact_match"] == 0.0  # as "Hello!" / "hello"
+    assert metrics.rouge_l("", "the cat") == metrics.rouge_l("the cat", "") == 0.0
+    mixed = metrics.corpus(["", "the cat sat on the mat"], ["", "the cat sat on the mat"])
+    assert (mixed["exact_match"], mixed["rougeL"], mixed["length_ratio"]) == (1.0, 1.0, 1.0)
+    assert mixed["bleu"] == pytest.approx(100.0)
+    assert metrics.bootstrap(["", ""], ["", ""], samples=10)["rougeL"] == [1.0, 1.0]

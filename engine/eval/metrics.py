@@ -7,11 +7,15 @@ scores exactly as stock rouge-score does), Hangul syllables and CJK characters o
 (Korean words carry particles, so whole-word matching would under-count real overlap; syllables are
 the usual unit for Korean ROUGE), and runs of other letters or digits (é, ü, Cyrillic…) as words.
 
-* ROUGE-L: rouge-score's LCS F-measure with that tokenizer, averaged over rows.
+* ROUGE-L: rouge-score's LCS F-measure with that tokenizer, averaged over rows. Two texts with no tokens
+  at all (both empty, or only spaces and punctuation) have the same, empty, token sequence: 1.0, as exact
+  match counts an empty prediction of an empty reference a match (rouge-score says 0.0 for it).
 * BLEU: sacrebleu's corpus BLEU on text pre-tokenized the same way (``tokenize="none"``), so Korean is
-  scored per syllable and English per word, consistently in one corpus.
+  scored per syllable and English per word, consistently in one corpus (a corpus with no token on either
+  side: 100, as for ROUGE-L; sacrebleu says 0).
 * Distinct-1 / Distinct-2: unique n-grams over all n-grams of the predictions (corpus) and per row.
-* Exact match after white-space folding; length ratio = prediction tokens / reference tokens.
+* Exact match after white-space folding; length ratio = prediction tokens / reference tokens (1.0 when
+  both have none, as for ROUGE-L).
 * Perplexity: exp of the token-weighted mean NLL of the references under a model (``perplexity``).
 * Bootstrap 95% intervals for ROUGE-L, BLEU and exact match (rows resampled with a fixed seed).
   Distinct-n has none: resampling with replacement repeats rows, which lowers distinct-n by itself.
@@ -43,8 +47,15 @@ class UnicodeTokenizer:
 _scorer = None
 
 
+def has_tokens(text: str) -> bool:
+    return _TOKEN.search(text.lower()) is not None
+
+
 def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure; 1.0 for two texts without tokens (their token sequences are the same, empty one)."""
     global _scorer
+    if not has_tokens(reference) and not has_tokens(prediction):
+        return 1.0
     if _scorer is None:
         from rouge_score import rouge_scorer
 
@@ -66,6 +77,8 @@ def bleu(predictions: list[str], references: list[str]) -> float:
 
     if not predictions:
         return 0.0
+    if not any(map(has_tokens, predictions)) and not any(map(has_tokens, references)):
+        return 100.0  # nothing on either side: the same (empty) corpus, as ROUGE-L and exact match say
     hyp = [" ".join(tokenize(p)) for p in predictions]
     ref = [" ".join(tokenize(r)) for r in references]
     return sacrebleu.corpus_bleu(hyp, [ref], tokenize="none").score
@@ -87,15 +100,23 @@ def corpus(predictions: list[str], references: list[str]) -> dict:
         "distinct_1": distinct(pt, 1),
         "distinct_2": distinct(pt, 2),
         "exact_match": sum(fold(p) == fold(r) for p, r in zip(predictions, references)) / n if n else 0.0,
-        "length_ratio": sum(map(len, pt)) / max(sum(map(len, rt)), 1),
+        "length_ratio": length_ratio(sum(map(len, pt)), sum(map(len, rt))),
     }
+
+
+def length_ratio(prediction_tokens: int, reference_tokens: int) -> float:
+    """Prediction tokens over reference tokens; 1.0 when both are none (a reference without tokens and a
+    prediction with some: the prediction's count)."""
+    if not prediction_tokens and not reference_tokens:
+        return 1.0
+    return prediction_tokens / max(reference_tokens, 1)
 
 
 def per_row(prediction: str, reference: str) -> dict:
     toks = tokenize(prediction)
     return {"rougeL": rouge_l(prediction, reference), "distinct_1": distinct([toks], 1),
             "distinct_2": distinct([toks], 2), "exact_match": fold(prediction) == fold(reference),
-            "length_ratio": len(toks) / max(len(tokenize(reference)), 1)}
+            "length_ratio": length_ratio(len(toks), len(tokenize(reference)))}
 
 
 def bootstrap(predictions: list[str], references: list[str], samples: int = 200, seed: int = 0) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.util import UsageError, write_json
+from engine.util import UsageError, counted, write_json
 
 
 def score_rows(rows: list[dict]) -> dict:
@@ -27,7 +27,7 @@ def render(m: dict) -> str:
         v = fmt.format(m[k])
         return v + (f" [{fmt.format(ci[k][0])}, {fmt.format(ci[k][1])}]" if k in ci else "")
 
-    out = [f"{m.get('checkpoint', 'predictions')}: {m['rows']} rows",
+    out = [f"{m.get('checkpoint', 'predictions')}: {counted(m['rows'], 'row')}",
            f"  ROUGE-L      {f('rougeL')}", f"  BLEU         {f('bleu', '{:.2f}')}",
            f"  Distinct-1   {f('distinct_1')}", f"  Distinct-2   {f('distinct_2')}",
            f"  exact match  {f('exact_match')}", f"  length ratio {m['length_ratio']:.3f}"]
@@ -88,12 +88,12 @@ def cmd_score(args) -> int:
         if not bad:
             raise UsageError(f"{args.file}: no rows (the file is empty or holds only blank lines)")
         first = bad[0]
-        raise UsageError(f"{args.file}: no row to score: {len(bad)} bad row(s); line {first['line']}: "
+        raise UsageError(f"{args.file}: no row to score: {counted(len(bad), 'bad row')}; line {first['line']}: "
                          f"{first['reason']}: {first['detail']}")
     for b in bad[:BAD_ROWS_SHOWN]:
         print(f"{args.file}:{b['line']}: {b['reason']}: {b['detail']}", file=sys.stderr)
     if len(bad) > BAD_ROWS_SHOWN:
-        print(f"{args.file}: … and {len(bad) - BAD_ROWS_SHOWN} more bad rows (--json lists them all)", file=sys.stderr)
+        print(f"{args.file}: … and {counted(len(bad) - BAD_ROWS_SHOWN, 'more bad row')} (--json lists them all)", file=sys.stderr)
     m = score_rows(rows)
     m["file"] = args.file
     m["bad_rows"] = bad
@@ -102,5 +102,5 @@ def cmd_score(args) -> int:
     if args.json != "-":
         print(render(m))
         if bad:
-            print(f"  skipped      {len(bad)} bad row(s) (listed on stderr)")
+            print(f"  skipped      {counted(len(bad), 'bad row')} (listed on stderr)")
     return 0
