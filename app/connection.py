@@ -10,7 +10,7 @@ import os
 import time
 
 from app.messages import EngineLost as EngineLostMessage
-from app.messages import EngineSeen, EventsReceived
+from app.messages import EngineSeen, EngineStatusRead, EventsReceived
 from engine.client import EngineClient, EngineLost, HistoryRefused, decode_event
 
 
@@ -71,6 +71,17 @@ class FileTail:
                 if ev is not None and ev.seq > last:
                     out.append(ev)
         return out
+
+
+def engine_status(client) -> EngineStatusRead | None:
+    """The engine's status reply, as a message (None: no answer, or an error)."""
+    try:
+        reply = client.status()
+    except Exception:  # EngineLost, a socket's error: no answer this time
+        return None
+    if reply.status != "ok" or not reply.state:
+        return None
+    return EngineStatusRead(reply.state, reply.step, reply.loss, reply.total_steps, reply.outcome, reply.last)
 
 
 def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
@@ -143,6 +154,11 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                         return
                     time.sleep(0.1)
         except Exception as e:  # EngineLost, OSError, …: never the end of the dashboard; reconnect
+            if isinstance(e, HistoryRefused) and client is not None:
+                # it answers but serves no events: its status says the state and step (at every retry: they go on)
+                said = engine_status(client)
+                if said is not None:
+                    post(said)
             if lost is not True:
                 if isinstance(e, HistoryRefused):
                     post(EngineLostMessage(e.reason, refused=True))

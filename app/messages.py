@@ -23,6 +23,18 @@ class EngineLost(Message):
         self.refused = refused
 
 
+class EngineStatusRead(Message):
+    """The engine's answer to a status request, asked when it refuses the run's history (events.jsonl
+    unreadable, removed): the run's state, last step, its loss, the steps planned, how it finished, and
+    the seq of its last event (``last``)."""
+
+    def __init__(self, state: str, step: int | None, loss: float | None, total_steps: int | None, outcome: str,
+                 last: int) -> None:
+        super().__init__()
+        self.state, self.step, self.loss, self.total_steps = state, step, loss, total_steps
+        self.outcome, self.last = outcome, last
+
+
 class EngineSeen(Message):
     """Whether an engine process serves the run now (from engine.json and its pid), on every change;
     ``workers``: the pids of workers that outlive a gone engine (they save and stop by themselves)."""

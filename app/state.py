@@ -82,9 +82,15 @@ class RunState:
     run: str = ""  # the run's name, as its events say (the folder's name when it was created)
     folder: str = ""  # the name of the folder the dashboard reads (copied or renamed: not the events' name)
     last_seq: int = 0
-    state: str = "new"  # the last status event's state
-    status_message: str = ""
-    outcome: str = ""  # Status.outcome of a finished run
+    # the last status event's state, message and outcome (Status.outcome of a finished run); ``state``,
+    # ``status_message`` and ``outcome`` are these, but where the engine's status says more (engine_status)
+    event_state: str = "new"
+    event_message: str = ""
+    event_outcome: str = ""
+    # the engine's answer to a status request ({"state", "step", "loss", "total_steps", "outcome", "last"}), asked
+    # when it refuses the run's history (events.jsonl unreadable, removed): until events up to its "last" seq are
+    # read, the state, step, loss and total steps shown are its (not NEW and step 0)
+    engine_status: dict | None = None
     info: dict = field(default_factory=dict)  # run_info
     config: dict = field(default_factory=dict)  # run_info.config
     params: dict = field(default_factory=dict)  # param_table
@@ -138,8 +144,8 @@ class RunState:
             case "preview_start":
                 self.previewing = ev
             case "status":
-                self.state, self.status_message = ev.state, ev.message
-                self.outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
+                self.event_state, self.event_message = ev.state, ev.message
+                self.event_outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
                 if ev.state == "running" and self.started is None:
                     self.started = ev.time
                 if ev.state == "running":
@@ -185,6 +191,45 @@ class RunState:
                 if ev.command == "set_preview_params" and isinstance(params, dict):
                     self.preview_params.update({k: v for k, v in params.items()
                                                 if k in ("temperature", "top_p", "max_new_tokens")})
+        if self.engine_status is not None and self.last_seq >= self.engine_status["last"]:
+            self.engine_status = None  # the events read say as much as the engine did
+
+    def apply_engine_status(self, state: str, step: int | None, loss: float | None, total_steps: int | None,
+                    outcome: str, last: int) -> None:
+        """The engine's status reply (asked where it cannot serve the run's events): shown until the events
+        read reach its ``last`` seq. Its values are checked here (a reply is data from another process)."""
+        if not isinstance(last, int) or isinstance(last, bool) or (self.events and last <= self.last_seq):
+            return  # the events read say as much already
+        self.engine_status = {
+            "state": state if isinstance(state, str) and state else "starting",
+            "step": step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None,
+            "loss": float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None,
+            "total_steps": total_steps if isinstance(total_steps, int) and not isinstance(total_steps, bool)
+            and total_steps > 0 else None,
+            "outcome": outcome if isinstance(outcome, str) else "", "last": last}
+
+    @property
+    def from_engine_status(self) -> bool:
+        """Whether the state and step shown are the engine's status reply's (the events read are behind it)."""
+        v = self.engine_status
+        return v is not None and (v["last"] > self.last_seq or not self.events)
+
+    @property
+    def state(self) -> str:
+        """The run's state: the last status event's, or the engine's status where the events read are behind."""
+        return self.engine_status["state"] if self.from_engine_status else self.event_state
+
+    @property
+    def status_message(self) -> str:
+        if self.from_engine_status:
+            return "state, step and loss from the engine's status, not the event log"
+        return self.event_message
+
+    @property
+    def outcome(self) -> str:
+        if self.from_engine_status:
+            return self.engine_status["outcome"] if self.engine_status["state"] == "finished" else ""
+        return self.event_outcome
 
     @property
     def crashed(self) -> bool:
@@ -238,10 +283,21 @@ class RunState:
 
     @property
     def step(self) -> int:
+        if self.from_engine_status and self.engine_status["step"] is not None:
+            return self.engine_status["step"]
         return self.last_step.step if self.last_step is not None else 0
 
     @property
+    def loss(self) -> float | None:
+        """The last step's loss (None: none yet, or not finite)."""
+        if self.from_engine_status and self.engine_status["step"] is not None:
+            return self.engine_status["loss"]
+        return self.last_step.loss if self.last_step is not None else None
+
+    @property
     def total_steps(self) -> int:
+        if self.from_engine_status and self.engine_status["total_steps"] and not self.info.get("total_steps"):
+            return self.engine_status["total_steps"]
         return int(self.info.get("total_steps", 0))
 
     def eta_s(self) -> float | None:

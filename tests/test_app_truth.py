@@ -15,6 +15,8 @@ import typing
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_app import screen_text
 from test_snapshots import RECORDED
 
@@ -144,6 +146,43 @@ def test_a_run_stopped_on_request_is_shown_stopped_as_engine_list_says():
     done = RunState()
     done.apply(Status(seq=1, state="finished", step=63, outcome="completed"))
     assert done.shown_state == "finished" and "FINISHED" in state_line(done).plain
+
+
+junk = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.floats(allow_nan=True), st.text(max_size=30),
+                 st.lists(st.integers(), max_size=2))
+
+
+@given(state=st.one_of(st.text(max_size=40), st.sampled_from(["running", "paused", "[bold]x[/]", "finished"]), junk),
+       step=junk, loss=junk, total=junk, outcome=junk, last=junk, read=st.integers(0, 3))
+@settings(max_examples=200, deadline=None)
+def test_the_engines_status_is_shown_as_data_and_only_where_the_events_say_less(state, step, loss, total, outcome,
+                                                                                 last, read):
+    """The engine's status reply (asked where it cannot serve the run's events) is data from another process:
+    whatever its fields hold, the state shown is a string, the step an int, and the state line shows it as
+    text, never markup; it is shown only while the events read are behind its ``last`` seq."""
+    from app.state import RunState
+    from app.text import plain
+    from app.widgets.overview import state_line
+    from engine.protocol import Status, Step
+
+    s = RunState(folder="r")
+    for seq in range(1, read + 1):
+        s.apply(Status(seq=seq, state="running") if seq == 1 else Step(seq=seq, step=seq, loss=1.0, lr=0.1,
+                                                                         grad_norm=1.0, tokens_per_s=1.0))
+    s.apply_engine_status(state, step, loss, total, outcome, last)
+    line = state_line(s).plain
+    assert isinstance(s.state, str) and isinstance(s.step, int) and isinstance(s.total_steps, int)
+    assert s.loss is None or isinstance(s.loss, float)
+    ahead = isinstance(last, int) and not isinstance(last, bool) and (last > read or read == 0)
+    assert s.from_engine_status == ahead
+    if ahead:
+        shown = state if isinstance(state, str) and state else "starting"
+        assert s.state == shown and "from the engine's status" in line
+        assert plain(s.shown_state.upper(), limit=20) in line  # as text: "[bold]x[/]" shows its brackets
+    else:
+        assert s.state == ("running" if read else "new") and "engine's status" not in line
+    s.apply(Status(seq=max(read, last if ahead else 0) + 1, state="paused"))  # the events catch up
+    assert not s.from_engine_status and s.engine_status is None and s.state == "paused"
 
 
 def write_checkpoint(run: Path, step: int, best_step: int, best_loss: float, reason: str = "periodic") -> None:

@@ -358,6 +358,72 @@ def test_a_dashboard_says_the_event_log_is_unreadable_not_that_the_engine_is_los
         stop(run, info)
 
 
+@pytest.mark.parametrize("how", ["folder", "removed"])
+def test_a_dashboard_shows_the_engines_state_and_step_where_the_event_log_is_unreadable(tmp_path, how):
+    """A fresh attach while events.jsonl is a folder (or removed) and the engine runs: the banner said so, but
+    the run read NEW at step 0. Now the state, step, loss and total steps are the engine's status reply's, and
+    the Overview says they come from it; once the file is back, the events say it again."""
+    import asyncio
+
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+    from conftest import pilot_wait
+
+    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run up to its last step: running at 6/6
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
+    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    run = tmp_path / "runs" / "live"
+    info = serve(run, recorded, 20)
+    path = run / "events.jsonl"
+    kept = path.read_bytes()
+    try:
+        path.unlink()
+        if how == "folder":
+            path.mkdir()
+
+        def text(screen, widget: str) -> str:
+            return " ".join(str(screen.query_one(widget, Static).render()).split())
+
+        async def flow():
+            app = VoxApp(str(run))
+            async with app.run_test(size=(120, 30)) as pilot:
+                screen = app.screen
+                await pilot_wait(pilot, lambda: screen.query_one("#banner", Static).display
+                                 and app.state.from_engine_status and "RUNNING" in text(screen, "#ov-state"),
+                                 timeout=30, every=0.1)
+                said = {"banner": text(screen, "#banner"), "state": text(screen, "#ov-state"),
+                        "step": text(screen, "#ov-step"), "sub_title": screen.sub_title,
+                        "values": (app.state.state, app.state.step, app.state.total_steps, app.state.loss)}
+                if path.is_dir():
+                    path.rmdir()
+                path.write_bytes(kept)  # the file is back: history is served again, the events say the rest
+                await pilot_wait(pilot, lambda: app.state.last_seq >= 20 and not screen.query_one("#banner", Static).display,
+                                 timeout=30, every=0.1)
+                await pilot.pause(0.3)
+                said["after"] = (app.state.from_engine_status, app.state.engine_status, app.state.state, app.state.step,
+                                 text(screen, "#ov-state"), text(screen, "#ov-step"))
+                return said
+
+        said = asyncio.run(flow())
+        reason = "events.jsonl unreadable: Is a directory" if how == "folder" else "events.jsonl missing"
+        assert said["banner"] == (f"EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: {reason} "
+                                  "(the state, step and loss shown are the engine's status; the rest is what was read); "
+                                  "retrying…"), said
+        state, step, total, loss = said["values"]
+        assert (state, step, total, round(loss, 4)) == ("running", 6, 6, 9.6115), said
+        assert said["sub_title"] == "running"
+        assert said["state"] == "live RUNNING state, step and loss from the engine's status, not the event log", said
+        assert said["step"].startswith("step 6/6 ") and "loss 9.6115" in said["step"], said
+        assert "NEW" not in said["state"] and "step 0/" not in said["step"]
+        from_engine, engine_status, state, step, state_line, step_line = said["after"]
+        assert (from_engine, engine_status, state, step) == (False, None, "running", 6), said
+        assert state_line == "live RUNNING" and step_line.startswith("step 6/6 ") and "loss 9.6115" in step_line, said
+    finally:
+        stop(run, info)
+
+
 def test_a_client_asks_once_for_events_the_file_no_longer_holds(served):
     """The file's last lines deleted while the engine runs: its heartbeats announce events history cannot
     serve; the client asked for them again at every heartbeat (once a second, for good). Now once."""

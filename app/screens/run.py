@@ -23,6 +23,7 @@ from app.messages import (
     DiskScanned,
     EngineLost,
     EngineSeen,
+    EngineStatusRead,
     EventsReceived,
     LogRead,
 )
@@ -397,6 +398,13 @@ class RunScreen(Screen):
         self.mark_dirty()
         self.show_banner()
 
+    def on_engine_status_read(self, message: EngineStatusRead) -> None:
+        """The engine's status, where it cannot serve the run's events: the state and step shown are its."""
+        self.app.state.apply_engine_status(message.state, message.step, message.loss, message.total_steps,
+                                           message.outcome, message.last)
+        self.mark_dirty()
+        self.show_banner()
+
     def on_engine_seen(self, message: EngineSeen) -> None:
         s = self.app.state
         was = s.engine_live
@@ -436,8 +444,10 @@ class RunScreen(Screen):
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             data(shlex.quote(str(self.run_dir)), limit=80), "` continues from the latest checkpoint")
         if self._lost_reason and self._lost_refused:  # it answers: the run's event log is what is lost
+            shown = ("the state, step and loss shown are the engine's status; the rest is what was read"
+                     if s.from_engine_status else "what is shown is what was read")
             return assemble("EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: ",
-                            data(self._lost_reason, limit=120), " (what is shown is what was read); retrying…")
+                            data(self._lost_reason, limit=120), f" ({shown}); retrying…")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
         return None

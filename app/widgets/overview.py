@@ -22,6 +22,8 @@ def state_line(s: RunState, limit: int = 200):
     """``run  STATE  outcome or message`` as Text."""
     shown = s.shown_state
     detail = s.outcome_text() or s.status_message
+    if s.from_engine_status and s.outcome_text():  # where the state comes from is said all the same
+        detail = f"{s.outcome_text()}; {s.status_message}"
     if s.previewing is not None and not s.crashed and s.state in ("running", "paused"):
         p = s.previewing
         detail = (f"previewing… (step {p.step}: {p.count} prompt(s), up to {p.max_new_tokens} new tokens; "
@@ -71,7 +73,7 @@ class Overview(Vertical):
     def show(self, s: RunState) -> None:
         """The text (cheap; at every news): state, progress, ETA, the latest alerts."""
         last = s.last_step
-        loss = f"{last.loss:.4f}" if last is not None and last.loss is not None else "–"
+        loss = f"{s.loss:.4f}" if s.loss is not None else "–"
         tps = f"{last.tokens_per_s:,.0f}" if last is not None else "–"
         best = f"{s.best[1]:.4f} @{s.best[0]}" if s.best else "–"
         ranks = s.info.get("world_size", "?")
