@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from engine.protocol import shown_state
 
 FINAL = ("finished", "failed")
-UNFINISHED = ("starting", "running", "paused", "stopping")
+UNFINISHED = ("starting", "running", "pausing", "paused", "stopping")
 NOT_ENDED = (*UNFINISHED, "new")  # "new": no status read yet (none written, or events.jsonl unreadable)
 OUTCOMES = {"completed": "completed", "stopped": "stopped on request", "early_stopped": "early stopping",
             "engine_lost": "engine lost (the workers saved and stopped)"}

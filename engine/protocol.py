@@ -35,7 +35,9 @@ class Message(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Fals
 
 
 class Status(Message, tag="status"):
-    state: str  # starting | running | paused | stopping | finished | failed
+    # starting | running | pausing (the engine's, from a pause request until the workers' paused) | paused |
+    # stopping | finished | failed
+    state: str
     message: str = ""
     step: int = 0
     # on finished: completed (all steps) | stopped (on request) | early_stopped | engine_lost (the workers

@@ -752,7 +752,7 @@ def events_problem(run_dir: Path) -> str:
 
 def summary(run_dir: Path, ask=None) -> dict:
     """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
-    window of recent events. States: new, starting, running, paused, stopping, finished (all steps, or
+    window of recent events. States: new, starting, running, pausing, paused, stopping, finished (all steps, or
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
     continues it). ``ask(run_dir)``: the live engine's status reply (None: no answer), asked only when
     events.jsonl cannot say (gone, emptied, replaced by a folder while the engine runs): then the state,

@@ -482,3 +482,57 @@ def test_p_pressed_again_before_the_workers_pause_sends_nothing(tmp_path, monkey
             assert sent[1].type == "resume"
 
     asyncio.run(flow())
+
+
+def test_the_dashboard_reads_pausing_until_the_workers_pause_after_the_save_due_at_that_step(tmp_path, tiny_model):
+    """A real engine and worker, a checkpoint due at every step (3 s each here): the workers acknowledge p's pause
+    when they take it, then save, then pause. The dashboard showed RUNNING meanwhile and p worked again at the
+    ack (a second pause). Now it reads PAUSING from the request until the workers pause; p meanwhile says what
+    it waits for and sends nothing; once paused, p resumes."""
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+    from conftest import start_detached, write_jsonl
+    from engine.client import EngineClient
+    from engine.protocol import Stop
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"Capital of region {i}?", "output": f"City {i}."}
+                                                for i in range(40)])
+    run = start_detached(tiny_model, tmp_path / "runs", "toggled", train, nproc=1, max_steps=100000, save_steps=1,
+                         env={"VOXTUI_FAULT_SLOW_SAVE": "3"})
+
+    def notes(app) -> list[str]:
+        return [str(n.message) for n in app._notifications]
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = app.screen
+            await pilot_wait(pilot, lambda: app.state.step > 0 and app.state.engine_live, timeout=120, every=0.1)
+            await pilot.press("p")
+            await pilot_wait(pilot, lambda: app.state.state == "pausing", timeout=20, every=0.05)
+            await pilot_wait(pilot, lambda: screen.sub_title == "pausing"
+                             and "PAUSING" in str(screen.query_one("#ov-state", Static).render()), timeout=10, every=0.05)
+            await pilot_wait(pilot, lambda: any(e.type == "ack" and e.command == "pause" for e in app.state.events),
+                             timeout=60, every=0.05)
+            ack = next(e for e in app.state.events if e.type == "ack" and e.command == "pause")
+            await pilot.press("p")  # taken, not paused yet (saving): nothing is sent
+            await pilot.pause(0.3)
+            assert app.state.state == "pausing", "paused within the save"
+            said = (f"pause: the workers took it at step {ack.step}; waiting for them to pause (once what falls due at "
+                    "that step boundary is done: an evaluation, previews, a checkpoint)")
+            assert said in notes(app), notes(app)
+            await pilot_wait(pilot, lambda: app.state.state == "paused", timeout=60, every=0.05)
+            assert screen.sub_title == "paused"
+            acks = [e for e in app.state.events if e.type == "ack"]
+            assert [e.command for e in acks] == ["pause"] and not any("error" in n for n in notes(app)), notes(app)
+            await pilot.press("p")  # paused now: p resumes
+            await pilot_wait(pilot, lambda: any(n.startswith("resume: ok") for n in notes(app)), timeout=20, every=0.05)
+            await pilot_wait(pilot, lambda: app.state.state == "running", timeout=60, every=0.05)
+            assert "pause/resume" not in screen.in_flight
+
+    try:
+        asyncio.run(flow())
+    finally:
+        with EngineClient(run) as c:
+            c.send(Stop())

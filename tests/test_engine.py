@@ -650,3 +650,50 @@ def test_a_second_pause_before_the_workers_took_the_first_is_refused(tmp_path):
                     "error", "a pause is being applied: the workers take it at their next step boundary"), reply
     finally:
         stop(run, info)
+
+
+def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_that_step(tmp_path, tiny_model, train_file):
+    """The workers acknowledge a pause when they take it at a step boundary, then save the checkpoint that falls
+    due there (3 s here) and only then pause: the run read running all that while, and the guard against a
+    second pause ended at the ack. Now it reads pausing from the request until the workers' paused, a second
+    pause or a resume is refused until then, saying why, and a resume then runs it again."""
+    from engine.protocol import Pause, Resume
+
+    run = start_detached(tiny_model, tmp_path / "runs", "toggled", train_file, nproc=1, max_steps=100000, save_steps=1,
+                         env={"VOXTUI_FAULT_SLOW_SAVE": "3"})
+    wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
+
+    def first(pred):
+        return next((e for e in read_events(run) if pred(e)), None)
+
+    with EngineClient(run) as c:
+        assert c.send(Pause(id="p1")).status == "ok"
+        assert c.status().state == "pausing"
+        ack = wait_for(lambda: first(lambda e: e["type"] == "ack" and e["id"] == "p1"), timeout=60, every=0.05)
+        # taken, and saving for 3 s before it pauses: still pausing, and nothing else toggles it meanwhile
+        reply, again, resume = c.status(), c.send(Pause(id="p2")), c.send(Resume(id="r0"))
+        assert not first(lambda e: e["type"] == "status" and e["state"] == "paused"), "paused within the save"
+        assert reply.state == "pausing" and reply.status == "ok"
+        said = (f"a pause is being applied: the workers took it at step {ack['step']} and pause once what falls due "
+                "there is done (an evaluation, previews, a checkpoint)")
+        assert (again.status, again.reason, again.state) == ("error", said, "pausing"), again
+        assert (resume.status, resume.reason) == ("error", said), resume
+        assert c.send(Pause(id="p1")).status == "ok"  # the first one again (a retry): no second pause
+        paused = wait_for(lambda: first(lambda e: e["type"] == "status" and e["state"] == "paused"), timeout=60)
+        assert c.status().state == "paused" and paused["step"] == ack["step"]
+        events = read_events(run)
+        at = {e["seq"]: e for e in events}
+        pausing = next(e for e in events if e["type"] == "status" and e["state"] == "pausing")
+        saved = next(e for e in events if e["type"] == "checkpoint" and e["step"] == ack["step"])
+        assert pausing["seq"] < ack["seq"] < saved["seq"] < paused["seq"], [at[s] for s in sorted(at)][-8:]
+        assert not any(e["type"] == "status" and e["state"] == "running" and e["seq"] > pausing["seq"] for e in events)
+        assert [e["id"] for e in events if e["type"] == "ack"] == ["p1"]
+        assert c.send(Pause(id="p3")).reason == "already paused"
+        assert c.send(Resume(id="r1")).status == "ok"
+        wait_for(lambda: first(lambda e: e["type"] == "status" and e["state"] == "running" and e["seq"] > paused["seq"]),
+                 timeout=60)
+        assert c.status().state == "running"
+        assert c.send(Stop()).status == "ok"
+    row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent).stdout.splitlines()
+               if line.startswith("toggled"))
+    assert row[1] in ("stopping", "stopped"), row

@@ -39,7 +39,7 @@ def test_readers_of_a_run_folder_never_crash(tmp_path_factory, files):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     s = summary(run)
-    assert s["state"] in ("new", "starting", "running", "paused", "stopping", "finished", "stopped", "failed",
+    assert s["state"] in ("new", "starting", "running", "pausing", "paused", "stopping", "finished", "stopped", "failed",
                           "crashed") or isinstance(s["state"], str)
     listed = "config.toml" in files or "events.jsonl" in files
     assert [r["run"] for r in list_runs(run.parent)] == (["r"] if listed else [])

@@ -70,10 +70,13 @@ NOTIFY_SLACK_S = 5.0  # events up to this much older than the dashboard's start 
 COMMAND_WAIT_S = 30.0  # a command unanswered this long (retried with its id meanwhile) is reported as failed
 REQUEST_TIMEOUT_S = 5.0  # one try
 DISK_EVERY_S = 3.0  # the run folder (checkpoints, inference results) is read this often
-# commands in flight until the workers apply them (their ack), not only until the engine's reply: the engine
-# forwards a pause at once, the workers pause at the next step boundary — a second p meanwhile sent another
+# commands in flight until the workers apply them, not only until the engine's reply: the engine forwards a
+# pause at once, the workers take it (their ack) at the next step boundary and pause once what falls due there
+# is done (an evaluation, previews, a checkpoint) — a second p meanwhile sent another. In flight until the run's
+# state shows it (paused; running again for a resume)
 UNTIL_ACK = {"pause/resume"}
 ACK_WAIT_S = 120.0  # no ack this long after the engine's ok (a slow step, a lost ack): the key works again
+SHOWN_BY = {"pause": ("paused", "stopping", "finished", "failed"), "resume": ("running", "stopping", "finished", "failed")}
 
 
 def inference_processes(run_dir: Path, checkpoints: list[dict], final) -> frozenset:
@@ -161,6 +164,8 @@ class RunScreen(Screen):
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
         self.in_flight: dict[str, str] = {}  # key → command type: sent, no reply yet (UNTIL_ACK: not applied yet)
         self._awaiting: dict[str, tuple[str, float]] = {}  # command id → (its key, when the engine said ok)
+        # a pause or resume the workers acknowledged, until the run's state shows it: id → (key, type, ack's step)
+        self._taken: dict[str, tuple[str, str, int]] = {}
         self.offline: dict[str, subprocess.Popen] = {}  # checkpoint name ("all": every one) → inference job started here
         # checkpoint name → when the engine said it started inference on it (until a disk scan begun later sees
         # the job's process, or its end)
@@ -232,14 +237,19 @@ class RunScreen(Screen):
         for ev in message.events:
             state.apply(ev)
             if ev.type == "ack" and ev.id in self._awaiting:  # the workers applied it: the key works again
-                self.in_flight.pop(self._awaiting.pop(ev.id)[0], None)
+                key = self._awaiting.pop(ev.id)[0]
+                if ev.command in SHOWN_BY:  # but a pause's only once they are paused (a resume's: running)
+                    self._taken[ev.id] = (key, ev.command, ev.step)
+                else:
+                    self.in_flight.pop(key, None)
                 self.sync_buttons()
             if ev.type in ("checkpoint", "inference"):
                 self._scan_soon = True
             if ev.time >= self._since - NOTIFY_SLACK_S:
                 self.maybe_notify(ev)
-        if self._awaiting and (state.state in FINAL or state.crashed):  # no worker is left to apply them
+        if (self._awaiting or self._taken) and (state.state in FINAL or state.crashed):  # no worker is left
             self.release_awaiting()
+        self.settle_taken()
         if state.state in FINAL and state.engine_live is False and self._lost_reason:
             # the run ended with no engine (its orphaned workers stopped and were stored): nothing is lost now
             self._lost_reason = ""
@@ -346,19 +356,34 @@ class RunScreen(Screen):
             self.mark_dirty()
         if self.app.state.crashed:
             self.show_banner()
-        late = [self.in_flight.get(key, key) for key, ok_at in self._awaiting.values()
-                if time.monotonic() - ok_at > ACK_WAIT_S]
+        late = {cid: key for cid, (key, ok_at) in self._awaiting.items() if time.monotonic() - ok_at > ACK_WAIT_S}
         if late:
-            self.release_awaiting()
-            self.say(f"{', '.join(late)}: the workers have not acknowledged it in {ACK_WAIT_S:.0f} s; the key "
+            names = [self.in_flight.get(key, key) for key in late.values()]
+            for cid, key in late.items():
+                del self._awaiting[cid]
+                self.in_flight.pop(key, None)
+            self.sync_buttons()
+            self.say(f"{', '.join(names)}: the workers have not acknowledged it in {ACK_WAIT_S:.0f} s; the key "
                      "sends again", "warning")
 
     def release_awaiting(self) -> None:
-        """Commands waiting for the workers' ack are no longer in flight (the run ended, or none came)."""
-        for key, _ in self._awaiting.values():
+        """Commands waiting for the workers (their ack, or the state a pause or resume leads to) are no longer
+        in flight (the run ended, or no engine is left)."""
+        for key, *_ in [*self._awaiting.values(), *self._taken.values()]:
             self.in_flight.pop(key, None)
         self._awaiting.clear()
+        self._taken.clear()
         self.sync_buttons()
+
+    def settle_taken(self) -> None:
+        """A pause or resume the workers acknowledged is in flight until the run's state shows it: they
+        pause (or run again) only once what falls due at that step boundary is done."""
+        state = self.app.state.state
+        done = [cid for cid, (_, kind, _) in self._taken.items() if state in SHOWN_BY.get(kind, (state,))]
+        for cid in done:
+            self.in_flight.pop(self._taken.pop(cid)[0], None)
+        if done:
+            self.sync_buttons()
 
     @on(TabbedContent.TabActivated)
     def tab_changed(self) -> None:
@@ -417,7 +442,7 @@ class RunScreen(Screen):
             self._lost_reason = ""
         elif s.state in FINAL:
             self._lost_reason = ""  # the engine is done with a finished run: nothing is lost
-        if self._awaiting and s.crashed:  # no engine to take the ack
+        if (self._awaiting or self._taken) and s.crashed:  # no engine to take the ack
             self.release_awaiting()
         self.mark_dirty()
         self.show_banner()
@@ -579,6 +604,13 @@ class RunScreen(Screen):
         """Send ``command`` unless the same one (``key``) is still waiting for its reply."""
         key = key or command.type
         if key in self.in_flight:
+            taken = next(((kind, step) for k, kind, step in self._taken.values() if k == key), None)
+            if taken is not None:
+                kind, step = taken
+                self.say(f"{kind}: the workers took it at step {step}; waiting for them to "
+                         f"{'pause' if kind == 'pause' else 'run again'} (once what falls due at that step boundary "
+                         "is done: an evaluation, previews, a checkpoint)", "warning")
+                return False
             applying = any(k == key for k, _ in self._awaiting.values())
             waiting = "the workers to apply it (at the next step)" if applying else "the engine's reply"
             self.say(f"{self.in_flight[key]}: already sent; waiting for {waiting}", "warning")
@@ -615,8 +647,13 @@ class RunScreen(Screen):
     def on_command_replied(self, message: CommandReplied) -> None:
         s = self.app.state
         if message.key in UNTIL_ACK and message.status == "ok" and message.id and s.state not in FINAL \
-                and not s.crashed and not any(ev.type == "ack" and ev.id == message.id for ev in s.events):
-            self._awaiting[message.id] = (message.key, time.monotonic())  # in flight until the workers' ack
+                and not s.crashed:
+            ack = next((ev for ev in s.events if ev.type == "ack" and ev.id == message.id), None)
+            if ack is None:
+                self._awaiting[message.id] = (message.key, time.monotonic())  # in flight until the workers' ack
+            else:  # acknowledged already: until the state shows it
+                self._taken[message.id] = (message.key, message.command, ack.step)
+                self.settle_taken()
         else:
             self.in_flight.pop(message.key, None)
         if message.key.startswith("infer:") and message.status == "ok":  # the engine started the job

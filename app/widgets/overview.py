@@ -15,7 +15,7 @@ from app.text import assemble, data, lines, mfu_unknown, show_text
 from app.widgets.charts import step_ticks
 
 STATE_STYLE = {"crashed": "bold red", "unknown": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
-               "stopping": "bold yellow", "stopped": "bold yellow"}
+               "pausing": "bold yellow", "stopping": "bold yellow", "stopped": "bold yellow"}
 
 
 def state_line(s: RunState, limit: int = 200):
@@ -24,10 +24,11 @@ def state_line(s: RunState, limit: int = 200):
     detail = s.outcome_text() or s.status_message
     if s.from_engine_status and s.outcome_text():  # where the state comes from is said all the same
         detail = f"{s.outcome_text()}; {s.status_message}"
-    if s.previewing is not None and not s.crashed and s.state in ("running", "paused"):
+    if s.previewing is not None and not s.crashed and s.state in ("running", "pausing", "paused"):
         p = s.previewing
+        then = "; the pause follows" if s.state == "pausing" else ""
         detail = (f"previewing… (step {p.step}: {p.count} prompt(s), up to {p.max_new_tokens} new tokens; "
-                  "training and commands wait for it)")
+                  f"training and commands wait for it{then})")
     if s.crashed:
         detail = "the engine is gone" + (f" (last status: {s.status_message})" if s.status_message else "")
     elif shown == "unknown":
@@ -85,7 +86,7 @@ class Overview(Vertical):
             f"step {s.step}/{s.total_steps or '?'}  ETA {eta}  epoch {s.epoch():.2f}  "
             f"loss {loss}  best val {best}"))
         # nothing trains now (paused, ended, crashed): the figure is the last step's
-        when = " (last)" if last is not None and (s.state != "running" or s.crashed) else ""
+        when = " (last)" if last is not None and (s.state not in ("running", "pausing") or s.crashed) else ""
         show_text(self.query_one("#ov-speed", Static), assemble(
             f"{tps} tok/s{when}  {ranks} rank{'' if ranks == 1 else 's'}", (f" ({device})" if device else ""), "  ",
             data(s.info.get("model_id", ""), limit=80)))

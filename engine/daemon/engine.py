@@ -89,9 +89,12 @@ class Engine:
         self.state = "starting"
         self.echo = False  # print a line per notable event (foreground `voxtui run`; detached: into engine.log)
         self.unacked: dict[str, tuple[bytes, float]] = {}  # command id → (command, first sent)
-        # pause / resume forwarded and not acknowledged yet (id → its type): the run still reads as before
-        # until the workers take it at their next step boundary, and another would be sent on top of it
+        # pause / resume forwarded whose effect the workers have not shown yet (id → its type): they acknowledge it
+        # when they take it at a step boundary, but pause (or run again) only once what falls due there is done
+        # (an evaluation, previews, a checkpoint); until their status says so, another would be sent on top of it
         self.toggles: dict[str, str] = {}
+        self.taken_at: dict[str, int] = {}  # toggle id → the step at which the workers acknowledged it
+        self.paused_from = "running"  # the state a pause that the workers never took gives back
         self.stopping = False
         self.stop_deadline = 0.0
         self.rank_alerted = False
@@ -160,6 +163,7 @@ class Engine:
         self.sockets.publish([b"ev", data])
         if isinstance(event, Status):
             self.state = event.state
+            self._settle_toggles(event.state)
         if event.type in ("step", "run_info", "status"):
             self._note_progress(event.type, event)
         if self.echo:
@@ -195,6 +199,12 @@ class Engine:
         ev.time = ev.time if ev.time > 0 else time.time()
         if ev.type == "ack":
             self.unacked.pop(ev.id, None)
+            if ev.id in self.toggles:
+                self.taken_at[ev.id] = ev.step
+        if ev.type == "status" and ev.state == "running" and self._toggle_applying() == "pause" and not self.stopping:
+            # the workers' own "running" (their start) before they took the pause: the run is pausing all the same
+            ev.state = "pausing"
+            self.paused_from = "running"
         if ev.type == "status" and self.stopping and ev.state in ("starting", "running", "paused"):
             # workers that came up (or paused) before the stop reached them: the run is stopping all the same
             # (shown [stopping] [running] [stopping] when Ctrl-C came during the start)
@@ -248,8 +258,9 @@ class Engine:
             case Pause() | Resume() if cmd.id in self.toggles:
                 return Reply(status="ok", state=self.state)  # the same command again (a client's retry)
             case Pause() | Resume() if self._toggle_applying():
-                return Reply(status="error", reason=f"a {self._toggle_applying()} is being applied: the workers take it "
-                                                    "at their next step boundary", state=self.state)
+                return Reply(status="error", reason=self._applying_reason(), state=self.state)
+            case Pause() | Resume() if self.stopping:
+                return Reply(status="error", reason="the run is stopping", state=self.state)
             case Pause() if self.state == "paused":
                 return Reply(status="error", reason="already paused", state=self.state)
             case Resume() if self.state != "paused":
@@ -262,13 +273,43 @@ class Engine:
         self.forward(cmd)
         if isinstance(cmd, (Pause, Resume)) and cmd.id:
             self.toggles[cmd.id] = cmd.type
+            if isinstance(cmd, Pause):  # running (or starting) until the workers say paused: pausing meanwhile
+                self.paused_from = self.state
+                self.emit(Status(state="pausing", step=self.progress.get("step") or 0,
+                                 message=f"pause requested ({cmd.id}): the workers pause at their next step boundary, "
+                                         "once what falls due there is done (an evaluation, previews, a checkpoint)"))
         return Reply(status="ok", state=self.state)
 
     def _toggle_applying(self) -> str:
-        """The pause or resume forwarded and not acknowledged yet ("" when none; ones no longer re-sent are
-        forgotten)."""
-        self.toggles = {i: t for i, t in self.toggles.items() if i in self.unacked}
+        """The pause or resume forwarded whose effect the workers have not shown yet ("" when none)."""
         return next(iter(self.toggles.values()), "")
+
+    def _applying_reason(self) -> str:
+        """Why another pause or resume is refused now."""
+        cid, kind = next(iter(self.toggles.items()))
+        if cid not in self.taken_at:
+            return f"a {kind} is being applied: the workers take it at their next step boundary"
+        then = "pause" if kind == "pause" else "run again"
+        return (f"a {kind} is being applied: the workers took it at step {self.taken_at[cid]} and {then} once what "
+                "falls due there is done (an evaluation, previews, a checkpoint)")
+
+    def _settle_toggles(self, state: str) -> None:
+        """A status: the pause (resume) it shows the effect of, or that a stop or the run's end overtakes, is
+        done with."""
+        done = {"pause": ("paused", "stopping", "finished", "failed"),
+                "resume": ("running", "stopping", "finished", "failed")}
+        for cid, kind in list(self.toggles.items()):
+            if state in done[kind]:
+                del self.toggles[cid]
+                self.taken_at.pop(cid, None)
+
+    def _toggle_given_up(self, cid: str) -> None:
+        """A pause or resume the workers never acknowledged (no longer sent): forgotten; a pause's run reads
+        as before it again."""
+        kind = self.toggles.pop(cid, None)
+        if kind == "pause" and self.state == "pausing" and not self.toggles:
+            self.emit(Status(state=self.paused_from, step=self.progress.get("step") or 0,
+                             message=f"the workers did not take the pause ({cid}) in {RESEND_FOR_S:.0f} s: not paused"))
 
     # ---- supervision
     def supervise(self) -> bool:
@@ -301,7 +342,7 @@ class Engine:
             self.stop_deadline = float("inf")
             self.emit(Alert(level="warning", kind="stop_timeout", message="workers did not stop in time: killing them"))
             self.workers.kill(wait=False)
-        if not self.stopping and self.state == "running":
+        if not self.stopping and self.state in ("running", "pausing"):
             stall = self.health.stall()
             if stall is not None:
                 self.emit(stall)
@@ -431,6 +472,8 @@ class Engine:
             if now - sent > RESEND_FOR_S and not (self.stopping and cid.startswith("engine-stop-")):
                 # (a stop is sent until the workers take it: ones still loading a large model take a while)
                 self.unacked.pop(cid)
+                if cid in self.toggles:
+                    self._toggle_given_up(cid)
             else:
                 self.sockets.to_workers(data)
         if now >= self.next_housekeeping:
