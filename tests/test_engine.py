@@ -697,3 +697,41 @@ def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_tha
     row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent).stdout.splitlines()
                if line.startswith("toggled"))
     assert row[1] in ("stopping", "stopped"), row
+
+
+def test_a_pause_the_workers_never_take_is_given_up_and_the_workers_start_reads_pausing(tmp_path):
+    """The engine's side of a pause, on a real engine's sockets and event log without workers: asked while the
+    workers start, their own "running" is stored as pausing (they take the pause at their first step); one they
+    never acknowledge is given up after RESEND_FOR_S with a status saying so, and the run reads as before."""
+    from engine.daemon import engine as daemon
+    from engine.protocol import Ack, Pause, Resume, Status
+
+    run = tmp_path / "runs" / "given-up"
+    e = daemon.Engine(run)
+    e.open()
+    try:
+        e.emit(Status(state="starting"))
+        assert e._apply(Pause(id="p1")).status == "ok" and e.state == "pausing"
+        e.on_worker_message(Status(state="running", worker="w", wseq=1))  # the workers' start
+        assert e.state == "pausing" and read_events(run)[-1]["state"] == "pausing"
+        e.on_worker_message(Ack(id="p1", command="pause", step=1, worker="w", wseq=2))
+        assert e.state == "pausing" and "took it at step 1" in e._apply(Resume(id="r0")).reason
+        e.on_worker_message(Status(state="paused", step=1, worker="w", wseq=3))
+        assert e.state == "paused" and not e.toggles
+        assert e._apply(Resume(id="r1")).status == "ok" and e.state == "paused"  # until the workers run again
+        assert e._apply(Pause(id="p2")).reason == "a resume is being applied: the workers take it at their next step boundary"
+        e.on_worker_message(Status(state="running", step=1, worker="w", wseq=4))
+        assert e.state == "running" and not e.toggles
+        assert e._apply(Pause(id="p3")).status == "ok" and e.state == "pausing"
+        data, sent = e.unacked["p3"]
+        e.unacked["p3"] = (data, sent - daemon.RESEND_FOR_S - 1)  # never acknowledged: a minute has passed
+        e._tick(time.monotonic())
+        last = read_events(run)[-1]
+        assert e.state == "running" and not e.toggles and "p3" not in e.unacked
+        assert (last["type"], last["state"]) == ("status", "running"), last
+        assert last["message"] == f"the workers did not take the pause (p3) in {daemon.RESEND_FOR_S:.0f} s: not paused"
+        assert e._apply(Pause(id="p4")).status == "ok"  # a pause can be asked for again
+        e.request_stop("test")
+        assert not e.toggles and e._apply(Pause(id="p5")).reason == "the run is stopping"
+    finally:
+        e.close()
