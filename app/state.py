@@ -219,6 +219,11 @@ class RunState:
         """The run's state: the last status event's, or the engine's status where the events read are behind."""
         return self.engine_status["state"] if self.from_engine_status else self.event_state
 
+    @state.setter
+    def state(self, value: str) -> None:
+        """Set as a status event would (the engine's status, if any, no longer shown)."""
+        self.event_state, self.engine_status = value, None
+
     @property
     def status_message(self) -> str:
         if self.from_engine_status:
