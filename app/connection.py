@@ -12,6 +12,7 @@ import time
 from app.messages import EngineLost as EngineLostMessage
 from app.messages import EngineSeen, EngineStatusRead, EventsReceived
 from engine.client import EngineClient, EngineLost, HistoryRefused, decode_event
+from engine.protocol import with_pending
 
 
 class FileTail:
@@ -81,7 +82,8 @@ def engine_status(client) -> EngineStatusRead | None:
         return None
     if reply.status != "ok" or not reply.state:
         return None
-    return EngineStatusRead(reply.state, reply.step, reply.loss, reply.total_steps, reply.outcome, reply.last)
+    return EngineStatusRead(with_pending(reply.state, reply.pending), reply.step, reply.loss, reply.total_steps,
+                            reply.outcome, reply.last)
 
 
 def follow(target, post, cancelled, batch_s: float = 0.02) -> None:

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.protocol import shown_state
+from engine.protocol import shown_state, with_pending
 
 FINAL = ("finished", "failed")
 UNFINISHED = ("starting", "running", "pausing", "paused", "stopping")
@@ -144,11 +144,12 @@ class RunState:
             case "preview_start":
                 self.previewing = ev
             case "status":
-                self.event_state, self.event_message = ev.state, ev.message
+                # a pause requested, the workers not paused yet: shown pausing (Status.pending)
+                self.event_state, self.event_message = with_pending(ev.state, getattr(ev, "pending", "")), ev.message
                 self.event_outcome = getattr(ev, "outcome", "") if ev.state == "finished" else ""
                 if ev.state == "running" and self.started is None:
                     self.started = ev.time
-                if ev.state == "running":
+                if self.event_state == "running":  # (re)entered running: not a pause's pending status
                     self.running_since = ev.time
             case "run_info":
                 self.info = {"model_id": ev.model_id, "world_size": ev.world_size, "device": ev.device,

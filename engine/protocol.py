@@ -35,20 +35,31 @@ class Message(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=Fals
 
 
 class Status(Message, tag="status"):
-    # starting | running | pausing (the engine's, from a pause request until the workers' paused) | paused |
-    # stopping | finished | failed
-    state: str
+    state: str  # starting | running | paused | stopping | finished | failed
     message: str = ""
     step: int = 0
+    # "pause": a pause was requested and the workers have not paused yet (they take it at their next step
+    # boundary, then do what falls due there: an evaluation, previews, a checkpoint); the run is shown "pausing".
+    # The engine writes a status with it when it forwards a pause; the next status (paused, or running again
+    # when a pause is given up) clears it
+    pending: str = ""
     # on finished: completed (all steps) | stopped (on request) | early_stopped | engine_lost (the workers
     # saved and stopped because their engine went away); empty otherwise
     outcome: str = ""
 
 
-def shown_state(state: str, outcome: str = "") -> str:
+def shown_state(state: str, outcome: str = "", pending: str = "") -> str:
     """The state a person is told for a status: a run that finished because it was asked to stop is
-    ``stopped``, as ``voxtui engine list``, the dashboard and the foreground ``voxtui run`` all say it."""
+    ``stopped``, and one whose pause is pending (``Status.pending``) ``pausing``, as ``voxtui engine list``, the
+    dashboard and the foreground ``voxtui run`` all say it."""
+    state = with_pending(state, pending)
     return "stopped" if state == "finished" and outcome == "stopped" else state
+
+
+def with_pending(state: str, pending: str) -> str:
+    """A status's state with its pending pause: ``pausing`` for a starting or running run whose pause the
+    workers have not made yet (``Status.pending``), else the state as it is."""
+    return "pausing" if state in ("starting", "running") and pending == "pause" else state
 
 
 class Step(Message, tag="step"):
@@ -320,6 +331,7 @@ class Reply(msgspec.Struct, kw_only=True):
     loss: float | None = None
     total_steps: int | None = None
     outcome: str = ""
+    pending: str = ""  # status: "pause" while a pause is pending (as Status.pending)
     v: int = PROTOCOL_VERSION
 
 

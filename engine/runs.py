@@ -777,7 +777,7 @@ def summary(run_dir: Path, ask=None) -> dict:
         if problem == "events.jsonl empty" and not (answered and reply.last):
             problem = ""  # nothing stored yet, as far as anyone knows: a run just started
         if answered:
-            status = {"state": reply.state, "outcome": reply.outcome,
+            status = {"state": reply.state, "outcome": reply.outcome, "pending": reply.pending,
                       "message": f"{problem}; state and step from the engine" if problem else ""}
             step = {"step": reply.step or 0, "loss": reply.loss}
             run_info = {"total_steps": reply.total_steps}
@@ -791,6 +791,7 @@ def summary(run_dir: Path, ask=None) -> dict:
                 step = {"step": ev.step, "loss": ev.loss}
     state = status.get("state", "new") if status else "new"
     outcome = status.get("outcome", "") if status else ""
+    pending = status.get("pending", "") if status else ""
     orphans = [] if live else orphan_workers(run_dir, info)
     message = problem if problem and not alive else (status or {}).get("message", "")
     if shown_state(state, outcome) == "stopped":
@@ -805,6 +806,8 @@ def summary(run_dir: Path, ask=None) -> dict:
                        f"save and stop; to stop them now: voxtui engine stop {shlex.quote(str(run_dir))}")
     elif state == "new" and live:
         state = "starting"
+    elif shown_state(state, outcome, pending) == "pausing":  # a pause requested, the workers not paused yet
+        state = "pausing"
     cfg = {}
     try:
         cfg = read_toml(run_dir / "config.toml")

@@ -655,9 +655,13 @@ def test_a_second_pause_before_the_workers_took_the_first_is_refused(tmp_path):
 def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_that_step(tmp_path, tiny_model, train_file):
     """The workers acknowledge a pause when they take it at a step boundary, then save the checkpoint that falls
     due there (3 s here) and only then pause: the run read running all that while, and the guard against a
-    second pause ended at the ack. Now it reads pausing from the request until the workers' paused, a second
-    pause or a resume is refused until then, saying why, and a resume then runs it again."""
-    from engine.protocol import Pause, Resume
+    second pause ended at the ack. Now it reads pausing from the request until the workers' paused (a running
+    status with ``pending`` "pause": the status states stay the protocol's), a second pause or a resume is
+    refused until then, saying why, and a resume then runs it again."""
+    from engine.protocol import Pause, Resume, with_pending
+
+    def shown(reply):
+        return with_pending(reply.state, reply.pending)
 
     run = start_detached(tiny_model, tmp_path / "runs", "toggled", train_file, nproc=1, max_steps=100000, save_steps=1,
                          env={"VOXTUI_FAULT_SLOW_SAVE": "3"})
@@ -668,31 +672,34 @@ def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_tha
 
     with EngineClient(run) as c:
         assert c.send(Pause(id="p1")).status == "ok"
-        assert c.status().state == "pausing"
+        assert shown(c.status()) == "pausing"
         ack = wait_for(lambda: first(lambda e: e["type"] == "ack" and e["id"] == "p1"), timeout=60, every=0.05)
         # taken, and saving for 3 s before it pauses: still pausing, and nothing else toggles it meanwhile
         reply, again, resume = c.status(), c.send(Pause(id="p2")), c.send(Resume(id="r0"))
         assert not first(lambda e: e["type"] == "status" and e["state"] == "paused"), "paused within the save"
-        assert reply.state == "pausing" and reply.status == "ok"
+        assert shown(reply) == "pausing" and reply.status == "ok"
         said = (f"a pause is being applied: the workers took it at step {ack['step']} and pause once what falls due "
                 "there is done (an evaluation, previews, a checkpoint)")
-        assert (again.status, again.reason, again.state) == ("error", said, "pausing"), again
+        assert (again.status, again.reason, again.state) == ("error", said, "running"), again
         assert (resume.status, resume.reason) == ("error", said), resume
         assert c.send(Pause(id="p1")).status == "ok"  # the first one again (a retry): no second pause
         paused = wait_for(lambda: first(lambda e: e["type"] == "status" and e["state"] == "paused"), timeout=60)
-        assert c.status().state == "paused" and paused["step"] == ack["step"]
+        assert shown(c.status()) == "paused" and paused["step"] == ack["step"]
         events = read_events(run)
         at = {e["seq"]: e for e in events}
-        pausing = next(e for e in events if e["type"] == "status" and e["state"] == "pausing")
+        pausing = next(e for e in events if e["type"] == "status" and e.get("pending") == "pause")
+        assert pausing["state"] == "running"
         saved = next(e for e in events if e["type"] == "checkpoint" and e["step"] == ack["step"])
         assert pausing["seq"] < ack["seq"] < saved["seq"] < paused["seq"], [at[s] for s in sorted(at)][-8:]
-        assert not any(e["type"] == "status" and e["state"] == "running" and e["seq"] > pausing["seq"] for e in events)
+        assert not any(e["type"] == "status" and e["state"] == "running" and not e["pending"] and e["seq"] > pausing["seq"]
+                       for e in events)
+        assert {e["state"] for e in events if e["type"] == "status"} <= {"starting", "running", "paused", "stopping"}
         assert [e["id"] for e in events if e["type"] == "ack"] == ["p1"]
         assert c.send(Pause(id="p3")).reason == "already paused"
         assert c.send(Resume(id="r1")).status == "ok"
         wait_for(lambda: first(lambda e: e["type"] == "status" and e["state"] == "running" and e["seq"] > paused["seq"]),
                  timeout=60)
-        assert c.status().state == "running"
+        assert shown(c.status()) == "running"
         assert c.send(Stop()).status == "ok"
     row = next(line.split() for line in voxtui("engine", "list", "--runs", run.parent).stdout.splitlines()
                if line.startswith("toggled"))
@@ -701,7 +708,8 @@ def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_tha
 
 def test_a_pause_the_workers_never_take_is_given_up_and_the_workers_start_reads_pausing(tmp_path):
     """The engine's side of a pause, on a real engine's sockets and event log without workers: asked while the
-    workers start, their own "running" is stored as pausing (they take the pause at their first step); one they
+    workers start, their own "running" is stored with the pause pending (shown pausing: they take it at their first
+    step); one they
     never acknowledge is given up after RESEND_FOR_S with a status saying so, and the run reads as before."""
     from engine.daemon import engine as daemon
     from engine.protocol import Ack, Pause, Resume, Status
@@ -711,24 +719,25 @@ def test_a_pause_the_workers_never_take_is_given_up_and_the_workers_start_reads_
     e.open()
     try:
         e.emit(Status(state="starting"))
-        assert e._apply(Pause(id="p1")).status == "ok" and e.state == "pausing"
+        assert e._apply(Pause(id="p1")).status == "ok" and (e.state, e._pending()) == ("starting", "pause")
+        assert (read_events(run)[-1]["state"], read_events(run)[-1]["pending"]) == ("starting", "pause")
         e.on_worker_message(Status(state="running", worker="w", wseq=1))  # the workers' start
-        assert e.state == "pausing" and read_events(run)[-1]["state"] == "pausing"
+        assert (e.state, e._pending()) == ("running", "pause") and read_events(run)[-1]["pending"] == "pause"
         e.on_worker_message(Ack(id="p1", command="pause", step=1, worker="w", wseq=2))
-        assert e.state == "pausing" and "took it at step 1" in e._apply(Resume(id="r0")).reason
+        assert e._pending() == "pause" and "took it at step 1" in e._apply(Resume(id="r0")).reason
         e.on_worker_message(Status(state="paused", step=1, worker="w", wseq=3))
         assert e.state == "paused" and not e.toggles
         assert e._apply(Resume(id="r1")).status == "ok" and e.state == "paused"  # until the workers run again
         assert e._apply(Pause(id="p2")).reason == "a resume is being applied: the workers take it at their next step boundary"
         e.on_worker_message(Status(state="running", step=1, worker="w", wseq=4))
         assert e.state == "running" and not e.toggles
-        assert e._apply(Pause(id="p3")).status == "ok" and e.state == "pausing"
+        assert e._apply(Pause(id="p3")).status == "ok" and e._pending() == "pause"
         data, sent = e.unacked["p3"]
         e.unacked["p3"] = (data, sent - daemon.RESEND_FOR_S - 1)  # never acknowledged: a minute has passed
         e._tick(time.monotonic())
         last = read_events(run)[-1]
-        assert e.state == "running" and not e.toggles and "p3" not in e.unacked
-        assert (last["type"], last["state"]) == ("status", "running"), last
+        assert e.state == "running" and not e._pending() and not e.toggles and "p3" not in e.unacked
+        assert (last["type"], last["state"], last["pending"]) == ("status", "running", ""), last
         assert last["message"] == f"the workers did not take the pause (p3) in {daemon.RESEND_FOR_S:.0f} s: not paused"
         assert e._apply(Pause(id="p4")).status == "ok"  # a pause can be asked for again
         e.request_stop("test")

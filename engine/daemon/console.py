@@ -16,7 +16,7 @@ def one_line(ev) -> str | None:
 def _describe(ev) -> str | None:
     match ev.type:
         case "status":
-            state = shown_state(ev.state, ev.outcome)  # the state `voxtui engine list` names
+            state = shown_state(ev.state, ev.outcome, ev.pending)  # the state `voxtui engine list` names
             if state == "stopped" and ev.step:
                 return f"[stopped] saved at step {ev.step} ({ev.message or 'stopped on request'})"
             return f"[{state}] {ev.message}".rstrip()

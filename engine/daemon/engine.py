@@ -84,7 +84,8 @@ class Engine:
         self.workers = Supervisor(nproc)
         self.health = Health(stall_timeout, min_free_bytes)
         self.inference: InferenceJobs | None = None  # once the sockets are bound
-        self.requests = RequestHandler(self.session, self.log, lambda: self.state, self._apply, lambda: self.progress)
+        self.requests = RequestHandler(self.session, self.log, lambda: self.state, self._apply,
+                                       lambda: {**self.progress, "pending": self._pending()})
         self.progress: dict = {}  # step, loss, total_steps, outcome: the run as its events say, for status replies
         self.state = "starting"
         self.echo = False  # print a line per notable event (foreground `voxtui run`; detached: into engine.log)
@@ -94,7 +95,6 @@ class Engine:
         # (an evaluation, previews, a checkpoint); until their status says so, another would be sent on top of it
         self.toggles: dict[str, str] = {}
         self.taken_at: dict[str, int] = {}  # toggle id → the step at which the workers acknowledged it
-        self.paused_from = "running"  # the state a pause that the workers never took gives back
         self.stopping = False
         self.stop_deadline = 0.0
         self.rank_alerted = False
@@ -203,8 +203,7 @@ class Engine:
                 self.taken_at[ev.id] = ev.step
         if ev.type == "status" and ev.state == "running" and self._toggle_applying() == "pause" and not self.stopping:
             # the workers' own "running" (their start) before they took the pause: the run is pausing all the same
-            ev.state = "pausing"
-            self.paused_from = "running"
+            ev.pending = "pause"
         if ev.type == "status" and self.stopping and ev.state in ("starting", "running", "paused"):
             # workers that came up (or paused) before the stop reached them: the run is stopping all the same
             # (shown [stopping] [running] [stopping] when Ctrl-C came during the start)
@@ -274,11 +273,14 @@ class Engine:
         if isinstance(cmd, (Pause, Resume)) and cmd.id:
             self.toggles[cmd.id] = cmd.type
             if isinstance(cmd, Pause):  # running (or starting) until the workers say paused: pausing meanwhile
-                self.paused_from = self.state
-                self.emit(Status(state="pausing", step=self.progress.get("step") or 0,
+                self.emit(Status(state=self.state, pending="pause", step=self.progress.get("step") or 0,
                                  message=f"pause requested ({cmd.id}): the workers pause at their next step boundary, "
                                          "once what falls due there is done (an evaluation, previews, a checkpoint)"))
         return Reply(status="ok", state=self.state)
+
+    def _pending(self) -> str:
+        """Status.pending now: "pause" while a pause is forwarded and the workers have not paused."""
+        return "pause" if self._toggle_applying() == "pause" and self.state in ("starting", "running") else ""
 
     def _toggle_applying(self) -> str:
         """The pause or resume forwarded whose effect the workers have not shown yet ("" when none)."""
@@ -307,8 +309,8 @@ class Engine:
         """A pause or resume the workers never acknowledged (no longer sent): forgotten; a pause's run reads
         as before it again."""
         kind = self.toggles.pop(cid, None)
-        if kind == "pause" and self.state == "pausing" and not self.toggles:
-            self.emit(Status(state=self.paused_from, step=self.progress.get("step") or 0,
+        if kind == "pause" and self.state in ("starting", "running") and not self.toggles:
+            self.emit(Status(state=self.state, step=self.progress.get("step") or 0,
                              message=f"the workers did not take the pause ({cid}) in {RESEND_FOR_S:.0f} s: not paused"))
 
     # ---- supervision
@@ -342,7 +344,7 @@ class Engine:
             self.stop_deadline = float("inf")
             self.emit(Alert(level="warning", kind="stop_timeout", message="workers did not stop in time: killing them"))
             self.workers.kill(wait=False)
-        if not self.stopping and self.state in ("running", "pausing"):
+        if not self.stopping and self.state == "running":
             stall = self.health.stall()
             if stall is not None:
                 self.emit(stall)
