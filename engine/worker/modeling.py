@@ -115,10 +115,12 @@ def load_model(cfg: TrainConfig, device: torch.device, keep_audio: bool = False)
     from engine.worker.fusion import fuse_projections
 
     if cfg.quant == "nf4":
-        from engine.worker.nf4 import traceable
+        from engine.worker.nf4 import recompute_outside_checkpoints, traceable
 
         if not knobs().nf4_bnb_forward:
             traceable(model)  # weights dequantised inside the compiled layers (engine/worker/nf4.py)
+            # … and again in the backward of the layers not checkpointed, not kept from the forward
+            recompute_outside_checkpoints(language_model(_unwrap(model)).layers, is_checkpointed)
     if cfg.quant == "fp8":
         from engine.worker import fp8
 

@@ -54,20 +54,19 @@ def traceable(model: nn.Module) -> int:
                          int(qs.state2.blocksize) if qs.nested else 0, qs.dtype)
         mod.forward = types.MethodType(_forward, mod)
         n += 1
-    recompute_outside_checkpoints(model)
     return n
 
 
-def recompute_outside_checkpoints(model: nn.Module) -> int:
-    """Marks the 4-bit layers of the decoder layers that are not checkpointed: their compiled forward
-    dequantises the weight again in the backward instead of keeping it (``weight``). Returns how many layers."""
+def recompute_outside_checkpoints(layers, checkpointed) -> int:
+    """Marks the 4-bit layers of the decoder ``layers`` that are not checkpointed (``checkpointed(layer)``
+    false): their compiled forward dequantises the weight again in the backward instead of keeping it
+    (``weight``). Returns how many layers."""
     from engine.worker.knobs import knobs
-    from engine.worker.modeling import _unwrap, is_checkpointed, language_model
 
     keep = knobs().nf4_keep_weights
     n = 0
-    for layer in language_model(_unwrap(model)).layers:
-        outside = not is_checkpointed(layer)
+    for layer in layers:
+        outside = not checkpointed(layer)
         for mod in layer.modules():
             if hasattr(mod, "_nf4_meta"):
                 mod._nf4_recompute = outside and not keep
