@@ -276,6 +276,17 @@ class EngineClient:
     # ---- async (for the TUI and other asyncio code)
 
 
+def status_reply(run_dir, timeout: float = 2.0):
+    """The run's engine's answer to a status request within ``timeout`` s (state, seq, step, loss, total
+    steps), or None: its process can be alive and answer nothing (stopped with SIGSTOP, swapped out, hung),
+    which the run's files alone cannot tell. What ``runs.summary`` asks where events.jsonl cannot say."""
+    try:
+        with EngineClient(run_dir, request_timeout=timeout) as c:
+            return c.status() if c.live else None
+    except Exception:  # EngineLost, a socket's error, an engine.json gone meanwhile: no answer
+        return None
+
+
 def _decode_heartbeat(raw: bytes) -> dict:
     try:
         hb = json.loads(raw)

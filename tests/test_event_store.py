@@ -485,3 +485,40 @@ def test_a_run_folder_named_with_a_byte_that_is_no_utf8_is_served(tmp_path):
         assert "bad\\udcff" in listed or "bad\\xff" in listed or "bad\ufffd" in listed, listed
     finally:
         stop(run, info)
+
+
+def test_the_run_picker_asks_the_engine_where_the_event_log_is_unreadable(tmp_path):
+    """`voxtui attach` without a run: the picker listed a live run whose events.jsonl is a folder as
+    `starting`, step 0 (it read the files alone). Now, as `engine list`, it asks the engine: running, step 6."""
+    import asyncio
+
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from conftest import pilot_wait
+
+    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run, up to its last step: running
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
+    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    run = tmp_path / "runs" / "live"
+    info = serve(run, recorded, 20)
+    path = run / "events.jsonl"
+    try:
+        path.unlink()
+        path.mkdir()
+
+        def row(app):
+            table = app.screen.query_one(DataTable)
+            return [str(c) for c in table.get_row_at(0)] if table.row_count else []
+
+        async def flow():
+            app = VoxApp(None, str(run.parent))
+            async with app.run_test(size=(160, 30)) as pilot:
+                await pilot_wait(pilot, lambda: "running" in row(app), timeout=20, every=0.1)
+                return row(app)
+
+        cells = asyncio.run(flow())
+        assert cells[:2] == ["live", "running"] and "6" in cells and "9.6115" in cells, cells
+    finally:
+        stop(run, info)

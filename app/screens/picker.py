@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from app.text import assemble, data
 from app.widgets.compare import MARKERS, colour
-from engine.client import age_text, list_runs
+from engine.client import age_text, list_runs, status_reply
 
 # the columns' widths but the run name's and the model's (state, step, loss, age, cmp) and each column's
 # padding: what a narrow terminal has left is shared between the name and the model, the name first
@@ -79,8 +79,9 @@ class RunPicker(Screen):
             self.fill()
 
     def action_reload(self) -> None:
-        self.show_runs(list_runs(self.root), resort=True)
+        self.show_runs(list_runs(self.root), resort=True)  # the files at once; engines asked in the refresh
         self.query_one(DataTable).focus()
+        self.refresh_runs()
 
     def refresh_runs(self) -> None:
         """New runs, and the states, steps and ages of the others, as they change (no key needed); one
@@ -92,7 +93,8 @@ class RunPicker(Screen):
     @work(thread=True, group="picker")
     def read_runs(self) -> None:
         try:
-            found = list_runs(self.root)
+            # a live engine whose events.jsonl cannot say (gone, emptied, a folder) is asked for its state
+            found = list_runs(self.root, ask=status_reply)
         except Exception:  # the folder went away mid-read, …: the next refresh reads it again
             found = None
         try:

@@ -199,11 +199,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_engine(args) -> int:
-    from engine.client import age_text
+    from engine.client import age_text, status_reply
 
     match args.engine_command:
         case "list":
-            runs = list_runs(Path(args.runs), ask=engine_reply)
+            runs = list_runs(Path(args.runs), ask=status_reply)
             if args.json:
                 write_json(args.json, runs)
                 return 0
@@ -222,7 +222,7 @@ def cmd_engine(args) -> int:
             return 0
         case "status":
             run = find_run(args.run)
-            ask = functools.cache(engine_reply)  # asked once: by summary where the file cannot say, for answers
+            ask = functools.cache(status_reply)  # asked once: by summary where the file cannot say, for answers
             s = summary(run, ask=ask)
             s["engine_answers"] = None if not s["engine_pid"] else ask(run) is not None and ask(run).status == "ok"
             if args.json:
@@ -241,19 +241,6 @@ def cmd_engine(args) -> int:
         case "stop":
             return stop_run(find_run(args.run), args.wait)
     return 2
-
-
-def engine_reply(run_dir: Path, timeout: float = 2.0):
-    """The run's engine's answer to a status request within ``timeout`` s (state, seq, step, loss, total
-    steps), or None: its process can be alive and answer nothing (stopped with SIGSTOP, swapped out, hung),
-    which the run's files alone cannot tell."""
-    from engine.client import EngineClient
-
-    try:
-        with EngineClient(run_dir, request_timeout=timeout) as c:
-            return c.status() if c.live else None
-    except Exception:  # EngineLost, a socket's error, an engine.json gone meanwhile: no answer
-        return None
 
 
 def stop_it(run_dir: Path) -> str:
