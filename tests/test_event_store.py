@@ -522,3 +522,34 @@ def test_the_run_picker_asks_the_engine_where_the_event_log_is_unreadable(tmp_pa
         assert cells[:2] == ["live", "running"] and "6" in cells and "9.6115" in cells, cells
     finally:
         stop(run, info)
+
+
+@pytest.mark.parametrize("lines,state,outcome", [(None, "finished", "early_stopped"), (20, "stopped", "stopped")])
+def test_a_stopped_replay_ends_as_recorded(tmp_path, lines, state, outcome):
+    """`engine stop` on a replay said "the workers save a checkpoint first", then "stopped", while the run read
+    finished with its recorded outcome wiped and step 0. Now a replay of a run that ended ends as it did (its
+    state, outcome and step as recorded) and one cut short ends as a run stopped on request, at its last step;
+    the command says a replay saves nothing, and names the state it ended in."""
+    kept = RECORDED.read_bytes().splitlines(True)
+    if lines:
+        kept = kept[:lines]
+    else:  # the recording ended by early stopping
+        last = json.loads(kept[-1])
+        assert last["type"] == "status" and last["state"] == "finished"
+        kept[-1] = json.dumps({**last, "outcome": "early_stopped"}).encode() + b"\n"
+    recorded = tmp_path / "recorded" / "events.jsonl"
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(kept))
+    run = tmp_path / "runs" / "replayed"
+    info = serve(run, recorded, lines or 21)
+    try:
+        proc = voxtui("engine", "stop", run, "--wait", "60")
+        assert proc.returncode == 0, proc.stderr
+        assert "stopping (a replay: nothing trains, nothing to save)" in proc.stderr, proc.stderr
+        assert proc.stdout.strip() == f"{run}: {state}", proc.stdout
+        last = [e for e in read_events(run) if e["type"] == "status"][-1]
+        assert (last["state"], last["outcome"], last["step"]) == ("finished", outcome, 6), last
+        s = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+        assert (s["state"], s["step"]) == (state, 6), s
+    finally:
+        stop(run, info)

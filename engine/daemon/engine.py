@@ -126,6 +126,8 @@ class Engine:
                 "started": time.time(), "key": self.key.hex(), "endpoints": self.sockets.endpoints, "nproc": self.nproc}
         if self.sockets.remote is not None:
             info["remote"] = self.sockets.remote
+        if self.worker_cmd is not None:  # a stand-in (a replay): nothing trains, nothing is saved on a stop
+            info["stand_in"] = True
         self._recover(previous)
         write_engine_info(self.run_dir, info)
 

@@ -295,13 +295,14 @@ def stop_run(run_dir: Path, wait: float) -> int:
     if reply.status != "ok":
         print(printable(f"voxtui: error: {reply.reason}"), file=sys.stderr)
         return 1
-    print(printable(f"{run_dir}: stopping (the workers save a checkpoint first)"), file=sys.stderr)
+    saves = "a replay: nothing trains, nothing to save" if info.get("stand_in") else "the workers save a checkpoint first"
+    print(printable(f"{run_dir}: stopping ({saves})"), file=sys.stderr)
     if wait == 0:  # asked not to wait: the stop is delivered, and that is what was asked
         return 0
     deadline = time.time() + wait
     while time.time() < deadline:
         if not engine_alive(engine_info(run_dir)):
-            print(printable(f"{run_dir}: stopped"))
+            print(printable(f"{run_dir}: {summary(run_dir).get('state') or 'stopped'}"))  # stopped, or as recorded
             return 0
         time.sleep(0.5)
     print(printable(f"{run_dir}: still stopping after {wait:.0f} s"), file=sys.stderr)

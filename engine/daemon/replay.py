@@ -44,9 +44,25 @@ def read_recorded(path: Path) -> list:
     return events
 
 
+def last_status(recorded: list):
+    """The status a stopped replay ends with: the recording's own end where it has one (finished or failed,
+    its outcome and step as recorded), else what a run stopped on request says, at the last step recorded."""
+    from engine.protocol import Status
+
+    statuses = [ev for ev in recorded if ev.type == "status"]
+    steps = [ev.step for ev in recorded if ev.type == "step"]
+    end = statuses[-1] if statuses else None
+    if end is not None and end.state in ("finished", "failed"):
+        return Status(state=end.state, outcome=end.outcome, step=end.step,
+                      message=f"replay stopped; as recorded: {end.message}" if end.message else "replay stopped",
+                      time=time.time())
+    return Status(state="finished", outcome="stopped", step=max(steps, default=0),
+                  message="replay stopped", time=time.time())
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """The stand-in worker the engine spawns: push the recorded events, then wait for a stop."""
-    from engine.protocol import Status, Stop
+    from engine.protocol import Stop
     from engine.worker.sinks import ControlInbox, PushSink
 
     p = argparse.ArgumentParser(prog="python -m engine.daemon.replay")
@@ -60,14 +76,15 @@ def worker_main(argv: list[str] | None = None) -> int:
     inbox.install_signal_handlers()
     sink = PushSink(endpoints["worker_events"], info["run"])
     time.sleep(0.2)  # let the PUSH socket connect before the first event
-    for ev in read_recorded(Path(a.events)):
+    recorded = read_recorded(Path(a.events))
+    for ev in recorded:
         ev.seq = 0  # the engine numbers them
         sink.emit(ev)
         if a.rate > 0:
             time.sleep(1.0 / a.rate)
     while not any(isinstance(c, Stop) for c in inbox.poll()) and not inbox.engine_lost:
         time.sleep(0.2)
-    sink.emit(Status(state="finished", message="replay stopped", time=time.time()))
+    sink.emit(last_status(recorded))
     sink.close()
     inbox.close()
     return 0
