@@ -312,3 +312,41 @@ def test_closing_the_stop_dialog_keeps_the_tab(tmp_path):
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_a_small_terminal_shows_the_checkpoints_the_help_and_the_stop_dialog_whole(replayed):
+    """At 40 × 12 (a new-user trial): the Checkpoints tab showed its table's header only (the buttons and the
+    jobs table took the rows), the stop dialog ran off the right edge, and the help was cut off with no way to
+    scroll. Now the table keeps three rows, the dialog fits the screen, and ↓ scrolls the help to its end."""
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.screens.dialogs import Confirm, Help
+
+    async def flow():
+        app = VoxApp(str(replayed))
+        app.animation_level = "none"
+        async with app.run_test(size=(40, 12)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.state == "finished" and app.state.disk_checkpoints, timeout=20)
+            await pilot.press("4")
+            table = app.screen.query_one("#ck-table", DataTable)
+            await pilot_wait(pilot, lambda: table.row_count >= 3, timeout=10)
+            await pilot.pause(0.2)
+            assert table.region.height >= 4, table.region  # its header and three rows
+            app.push_screen(Confirm("Stop the run? The workers save a checkpoint at the next step boundary, then exit."))
+            await pilot.pause(0.3)
+            box = app.screen.query_one("#confirm").region
+            assert box.right <= 40 and box.bottom <= 12, box
+            await pilot.press("n")
+            await pilot.pause(0.2)
+            await pilot.press("question_mark")
+            await pilot_wait(pilot, lambda: isinstance(app.screen, Help), timeout=5)
+            scroll = app.screen.query_one("#help-scroll")
+            assert scroll.region.right <= 40 and scroll.max_scroll_y > 0, (scroll.region, scroll.max_scroll_y)
+            for _ in range(60):
+                await pilot.press("down")
+            await pilot.pause(0.2)
+            assert scroll.scroll_y == scroll.max_scroll_y > 0
+            await pilot.press("escape")
+
+    asyncio.run(flow())

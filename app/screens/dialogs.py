@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid
+from textual.containers import Grid, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Static
 
@@ -63,7 +63,11 @@ class Help(ModalScreen[None]):
     BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
 
     def compose(self) -> ComposeResult:
-        yield Static(KEYS, id="help", markup=False)
+        with VerticalScroll(id="help-scroll"):  # a terminal smaller than the text: ↑↓ scroll it
+            yield Static(KEYS, id="help", markup=False)
+
+    def on_mount(self) -> None:
+        self.query_one("#help-scroll").focus()
 
     def action_dismiss(self) -> None:
         self.dismiss(None)

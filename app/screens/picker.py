@@ -212,4 +212,6 @@ class RunPicker(Screen):
         if not paths:
             paths = [self.paths[self.query_one(DataTable).cursor_row]]
             self.notify("no runs marked (space marks them): showing the highlighted run alone", timeout=4)
+        elif len(paths) == 1:
+            self.notify("one run marked: showing it alone (space marks more)", timeout=4)
         self.app.push_screen(CompareScreen(paths))
