@@ -78,6 +78,9 @@ def test_engine_commands_over_zmq(tmp_path, tiny_model):
     ckpt = [e for e in seen if e.type == "checkpoint"]
     assert ckpt and (out / "checkpoints" / f"checkpoint-{ckpt[-1].step}" / "adapter_model.safetensors").is_file()
     assert not (out / "events.jsonl").exists()  # under the engine, the engine writes events.jsonl
+    # the checkpoint asked for (the dashboard's s) is said as one, not as a periodic one
+    asked = next(e for e in ckpt if e.step == step_at_pause)
+    assert f"checkpoint {asked.path} (requested)" in proc.stdout.read()
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path, tiny_model):

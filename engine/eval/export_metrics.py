@@ -7,7 +7,7 @@ One row per step, one column per scalar. The columns are named as the worker's T
     step, time, epoch                                   the step event (time: its Unix time)
     train/loss, train/grad_norm, train/lr, train/tokens, train/skipped
     perf/tokens_per_s, perf/step_time, perf/pad_frac, perf/mfu, perf/mfu_attn, perf/tokens_per_s/rank<r>, perf/step_time/rank<r>
-    mem/allocated_gib, mem/reserved_gib, mem/peak_gib
+    mem/allocated_gib, mem/reserved_gib, mem/peak_gib   where recorded (GPU runs; a CPU run's 0.0s are not)
     eval/loss, eval/ppl, eval/tokens                    the evaluation at that step
     preview/rougeL                                      the mean ROUGE-L of the previews made at that step
     infer/<metric>, infer/<metric>_lo, infer/<metric>_hi   inference jobs, at their checkpoint's step
@@ -112,6 +112,8 @@ class Table:
             self._previews.pop(step, None)
             self.put(step, "time", ev.time)
             for name, column in STEP_FIELDS:
+                if name.startswith("mem_") and not ev.mem_peak:
+                    continue  # not recorded (a CPU run's step events hold 0.0): empty, as in TensorBoard
                 self.put(step, column, getattr(ev, name))
             for name, column in RANK_FIELDS:
                 for r, v in enumerate(getattr(ev, name)):

@@ -9,6 +9,7 @@ and takes its own state back from it (trainer.py: ``_trainer_state``, ``_restore
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,15 @@ def damaged_file(path: Path):
     except Exception as e:
         why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise damaged_checkpoint(path, f"cannot be loaded ({why})") from e
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError in words with the path or paths it names ("No such file or directory: …/x"): its strerror
+    alone did not say which file of the checkpoint went missing."""
+    text = e.strerror or f"{type(e).__name__}: {e}"
+    paths = [os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in (e.filename, e.filename2)
+             if p is not None]
+    return f"{text}: {' -> '.join(paths)}" if paths and e.strerror else text
 
 
 class Saver:
@@ -58,7 +68,7 @@ class Saver:
             except Exception as e:  # OSError, or safetensors' own error for the same full disk
                 ok = False
                 previous = checkpoint.latest_checkpoint(self.root)
-                reason_text = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+                reason_text = os_error_text(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
                 msg = (f"checkpoint at step {step} not written: {reason_text}; "
                        + (f"{previous} is intact" if previous else "no earlier checkpoint exists"))
                 self.out.emit(Alert(level="error", kind="checkpoint_failed", step=step, message=msg))

@@ -413,7 +413,9 @@ class Trainer:
             previews.pending = True
         if "preview" in actions or (previews.pending and previews.affordable()):
             previews.run_timed(self.model, self.step)
-        if self._due(cfg.save_steps) or "save" in actions:
+        if "save" in actions:
+            self.save(reason="requested")
+        elif self._due(cfg.save_steps):
             self.save(reason="periodic")
         if "pause" in actions:
             ended = self.control.pause(self.step, self._while_paused)
@@ -433,7 +435,7 @@ class Trainer:
         if "preview" in actions:
             self.previews.run_timed(self.model, self.step)
         if "save" in actions:
-            self.save(reason="periodic")
+            self.save(reason="requested")
         return None
 
     # ---- evaluation, checkpoints
