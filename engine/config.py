@@ -350,6 +350,22 @@ def resolve(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+PATH_FIELDS = ("train_jsonl", "val_jsonl", "preview_file", "cache_dir")
+
+
+def absolute_paths(cfg: TrainConfig) -> None:
+    """A new run's files as absolute paths in its config.toml, so ``voxtui infer``, ``export`` and ``--resume``
+    work from any folder: the data files, the cache folder, and ``model_id`` when it names a local folder (a hub
+    id stays as it is). A relative path, on the command line or in a ``--config`` file, is taken from the
+    current folder (``voxtui run`` and the worker alike)."""
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name)
+        if value:
+            setattr(cfg, name, os.path.abspath(value))
+    if cfg.model_id and Path(cfg.model_id).exists():
+        cfg.model_id = os.path.abspath(cfg.model_id)
+
+
 def read_toml(path: str | os.PathLike) -> dict:
     try:
         import tomllib

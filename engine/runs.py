@@ -65,6 +65,37 @@ def find_run(name: str, checkpoint_flag: bool = False) -> Path:
     raise UsageError(f"{name}: a folder, but not a run (no config.toml or events.jsonl)")
 
 
+def trained_in(run_dir: Path) -> str:
+    """What in ``run_dir`` shows that a run has trained there, in words ("" when nothing does): a checkpoint,
+    the final adapter, or a step event in events.jsonl or the spool. A folder the engine has just made for a
+    new run (config.toml, engine.json, preflight.json, events.jsonl with the engine's own first statuses)
+    shows none, so the worker it starts there runs."""
+    run_dir = Path(run_dir)
+    try:
+        ckpts = [p.name for p in sorted((run_dir / "checkpoints").iterdir(), key=lambda p: (len(p.name), p.name))
+                 if CKPT_RE.match(p.name)]  # by step: checkpoint-9 before checkpoint-10
+    except OSError:
+        ckpts = []
+    if ckpts:
+        return ", ".join(ckpts[-3:]) if len(ckpts) <= 3 else f"{len(ckpts)} checkpoints, the latest {ckpts[-1]}"
+    if (run_dir / "lora_final").exists():
+        return "lora_final"
+    step = last_event(run_dir, "step")
+    if step is not None:
+        return f"events up to step {step.get('step')}"
+    if any(getattr(e, "type", None) == "step" for e in spooled(run_dir)):
+        return "spooled step events"
+    return ""
+
+
+def already_holds_run(run_dir: Path, what: str = "") -> UsageError:
+    """The one line a new run in a folder that holds one gets (``voxtui run``, the worker alone), with how to
+    continue that run instead."""
+    held = f" ({what})" if what else ""
+    return UsageError(f"{run_dir}: already holds a run{held}; continue it with --resume {shlex.quote(str(run_dir))}, "
+                      "or give another --output_dir")
+
+
 def merge_saved_config(args, run_dir: Path) -> None:
     """A resumed run: the fields saved in its config.toml fill every flag not given again (and
     ``args.config_sources`` lists them, so that a problem with one names the file, not a flag)."""

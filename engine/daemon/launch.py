@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import TrainConfig, resolve, write_config
+from engine.config import TrainConfig, absolute_paths, resolve, write_config
 from engine.runs import (
     FINAL,
+    already_holds_run,
     engine_info,
     engine_processes,
     engine_unsure,
@@ -52,21 +53,6 @@ def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
     return proc.pid
 
 
-PATH_FIELDS = ("train_jsonl", "val_jsonl", "preview_file", "cache_dir")
-
-
-def absolute_paths(cfg: TrainConfig) -> None:
-    """The run's files as absolute paths in its config.toml, so ``voxtui infer`` and ``--resume`` work from
-    any folder: the data files, the cache folder, and ``model_id`` when it names a local folder (a hub id
-    stays as it is)."""
-    for name in PATH_FIELDS:
-        value = getattr(cfg, name)
-        if value:
-            setattr(cfg, name, os.path.abspath(value))
-    if cfg.model_id and Path(cfg.model_id).exists():
-        cfg.model_id = os.path.abspath(cfg.model_id)
-
-
 def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir: Path | None = None,
           skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
     """Run preflight, then create (or reopen) the run folder and start the engine. A no-go creates
@@ -75,7 +61,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
 
     run_dir = resume_dir or Path(cfg.output_dir or new_run_dir())
     if resume_dir is None and (run_dir / "events.jsonl").exists():
-        raise UsageError(f"{run_dir}: already holds a run (continue it with --resume {run_dir})")
+        raise already_holds_run(run_dir)
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
     if run_dir.exists() and not run_dir.is_dir():

@@ -4,9 +4,10 @@ run folder they name, for a new run or a resumed one."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from engine.config import TrainConfig, add_flags, resolve
+from engine.config import TrainConfig, absolute_paths, add_flags, resolve
 from engine.util import UsageError
 from engine.worker.dist import Dist
 
@@ -30,12 +31,30 @@ def resolve_run(args: argparse.Namespace, d: Dist) -> tuple[TrainConfig, Path, b
         if not (run_dir / "config.toml").is_file():
             raise UsageError(f"--resume {args.resume}: no run folder with a config.toml")
         merge_saved_config(args, run_dir)
-        return resolve(args), run_dir, True
+        cfg = resolve(args)
+        cfg.output_dir = os.path.abspath(run_dir)  # as `voxtui run --resume` saves it
+        return cfg, run_dir, True
     cfg = resolve(args)
-    name = cfg.output_dir or str(new_run_dir())
-    run_dir = Path(d.broadcast(name))
-    cfg.output_dir = str(run_dir)
-    return cfg, run_dir, False
+    absolute_paths(cfg)  # as `voxtui run` saves them: infer and export then work from any folder
+    name, problem = None, ""
+    if d.main:  # rank 0 names the folder (runs/<time> without --output_dir) and looks in it before anything is written
+        run_dir = Path(cfg.output_dir or new_run_dir())
+        name, problem = os.path.abspath(run_dir), new_run_problem(run_dir)
+    name, problem = d.broadcast((name, problem))
+    if problem:
+        raise UsageError(problem)
+    cfg.output_dir = name
+    return cfg, Path(name), False
+
+
+def new_run_problem(run_dir: Path) -> str:
+    """Why a new run cannot start in ``run_dir`` ("" when it can): a run trained there (engine.runs.trained_in:
+    started again without --resume it would append a second series of steps to the run's events and replace
+    its checkpoints). A folder the engine has just made for this run passes."""
+    from engine.runs import already_holds_run, trained_in
+
+    what = trained_in(run_dir)
+    return str(already_holds_run(run_dir, what)) if what else ""
 
 
 def read_engine(path: str) -> dict:

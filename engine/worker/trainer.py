@@ -97,7 +97,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         engine = read_engine(cfg.engine) if cfg.engine and d.main else None  # only rank 0 talks to the engine
         if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new one private, as the engine makes it
             write_config(msgspec.structs.replace(cfg, engine=""), self.run_dir / "config.toml")  # launch detail
             checkpoint.remove_partial(self.run_dir / "checkpoints")
         self.out.open(self.run_dir, engine, standalone=d.main and not cfg.engine)
