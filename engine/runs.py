@@ -251,13 +251,20 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
     save that checkpoint again. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
     without ``--max_steps``; ``per_epoch``: its steps per epoch, when known). A run stopped partway (its
     checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on."""
-    if done < total:
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    state = _read_json(ckpt / "trainer_state.json") if ckpt else {}
+    planned = state.get("total_steps")
+    partway = isinstance(planned, int) and planned > done  # its schedule had not run out
+    if done < total and (partway or not _decayed_to_0(state, cfg)):
         return
     status = last_event(run_dir, "status") or {}
     outcome = status.get("outcome") if status.get("state") == "finished" else ""
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    planned = _read_json(ckpt / "trainer_state.json").get("total_steps") if ckpt else None
-    partway = isinstance(planned, int) and planned > done  # its schedule had not run out
+    if done < total:  # a finished run extended: from a rate of 0 to a floor of 0, its steps would not train
+        said = f"finished all its {done} steps ({outcome})" if outcome else f"has trained all its {done} steps"
+        more = f"the {total - done} more steps of --max_steps {total}" if cfg.max_steps else \
+            f"the {total - done} more steps these settings give it"
+        raise UsageError(f"{run_dir} {said}; nothing to resume — its learning rate has decayed to 0 (--min_lr_ratio "
+                         f"0), so {more} would change nothing: start a new run (or give --min_lr_ratio above 0 too)")
     if done == total and not partway:
         said = f"finished all its {total} steps ({outcome})" if outcome else f"has trained all its {total} steps"
         if cfg.min_lr_ratio == 0:
@@ -279,6 +286,34 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
                          f"{more}, or leave out --max_steps to train on to its {planned}")
     raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
                      f"voxtui run --resume {shlex.quote(str(run_dir))} {more}")
+
+
+def _decayed_to_0(state: dict, cfg) -> bool:
+    """A checkpoint at the end of its run's schedule (``state``: its trainer_state.json) whose rate is 0 there
+    (the run's --min_lr_ratio was 0), resumed with --min_lr_ratio 0: a resume goes on from that rate to that
+    floor, so every step it trains is at a learning rate of 0 (engine.worker.schedule.resumed)."""
+    saved = state.get("config")
+    was = saved.get("min_lr_ratio", cfg.min_lr_ratio) if isinstance(saved, dict) else cfg.min_lr_ratio
+    return was == 0 and cfg.min_lr_ratio == 0
+
+
+def refuse_out_of_patience(run_dir: Path, cfg) -> None:
+    """A run that ended by early stopping (its latest checkpoint has run out of --early_stopping_patience:
+    that many evaluations without an improvement) would stop again at its next evaluation that does not
+    improve, having trained one more evaluation period: refused before anything starts, with the way on — a
+    larger patience, or 0 to turn early stopping off."""
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    if ckpt is None:
+        return
+    state = read_trainer_state(ckpt)
+    bad, patience = state.get("bad_evals", 0), cfg.early_stopping_patience
+    if not patience or bad < patience:
+        return
+    run = shlex.quote(str(run_dir))
+    raise UsageError(f"{run_dir} stopped early at step {state['step']} ({bad} evaluations without an improvement, "
+                     f"--early_stopping_patience {patience}); nothing to resume — it would stop again at its next "
+                     f"evaluation: give it more patience (voxtui run --resume {run} --early_stopping_patience N, N "
+                     f"above {bad}; 0 turns early stopping off), or start a new run")
 
 
 def engine_info(run_dir: Path) -> dict:

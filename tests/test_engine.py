@@ -235,8 +235,9 @@ def test_workers_that_finish_the_run_after_their_engine_was_killed(tmp_path, tin
     (they wait 60 s for an engine). None comes back to store what they spooled, so the first reader that
     finds them all gone stores it: `engine status` and `engine list` say finished with every step, the
     record holds each step once after one engine_lost alert, and a later resume says it no second time."""
+    # --min_lr_ratio above 0: the finished run extended below trains on at that floor (at 0 it is refused)
     run = start_detached(tiny_model, tmp_path / "runs", "sprint", train_file, nproc=1, max_steps=30, save_steps=0,
-                         env={"VOXTUI_ENGINE_TIMEOUT": "60"})
+                         min_lr_ratio=0.1, env={"VOXTUI_ENGINE_TIMEOUT": "60"})
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 3)
     workers = descendants_of(info["pid"])

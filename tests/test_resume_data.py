@@ -16,7 +16,8 @@ def test_a_resume_after_the_training_rows_changed_raises_an_alert(tmp_path, tiny
 
     train = write_jsonl(tmp_path / "t.jsonl", rows(24))
     out = tmp_path / "run"
-    proc = worker(train_args(tiny_model, out, train, max_steps=3, save_steps=3))
+    # --min_lr_ratio above 0: a finished run extended trains on at that floor (at 0 its resume is refused)
+    proc = worker(train_args(tiny_model, out, train, max_steps=3, save_steps=3, min_lr_ratio=0.1))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     saved, cfg = state["train_rows"], state["config"]

@@ -86,19 +86,34 @@ def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, ti
     assert state["schedule"] == {"total": 12, "start": 3, "start_ratio": pytest.approx(r3)}
 
 
-def test_a_finished_run_extended_from_a_learning_rate_of_0_says_it_trains_nothing(tmp_path, tiny_model):
-    """--min_lr_ratio 0 (the default): a completed run's rate has decayed to 0, and an extended run goes on
-    from there — the worker says so as an alert (the console prints it), not only in its numbers."""
+def test_a_finished_run_extended_from_a_learning_rate_of_0_is_refused(tmp_path, tiny_model):
+    """--min_lr_ratio 0 (the default): a completed run's rate has decayed to 0, and an extended run would go
+    on from there, every step at 0 (the README's example once did). The worker alone refuses it as `voxtui run
+    --resume` does, before anything is written; with --min_lr_ratio above 0 given too it trains, the rate
+    rising from 0 to that floor."""
+    from conftest import digest, voxtui
+
     rows = [{"instruction": f"Say {i}.", "output": f"It is {i * 3}."} for i in range(8)]
     train = write_jsonl(tmp_path / "t.jsonl", rows)
     run = tmp_path / "run"
     proc = worker(train_args(tiny_model, run, train, max_steps=3, warmup_steps=1, cache_dir=tmp_path / "c"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = worker(["--resume", str(run), "--max_steps", "4"])
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    before = [digest(p) for p in files]
+    said = (f"{run} finished all its 3 steps (completed); nothing to resume — its learning rate has decayed to 0 "
+            "(--min_lr_ratio 0), so the 2 more steps of --max_steps 5 would change nothing: start a new run (or give "
+            "--min_lr_ratio above 0 too)")
+    proc = worker(["--resume", str(run), "--max_steps", "5"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"voxtui: error: {said}", proc.stderr
+    proc = voxtui("run", "--resume", run, "--max_steps", "5", "--skip_preflight")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"voxtui: error: {said}", proc.stderr
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == files and [digest(p) for p in files] == before
+
+    proc = worker(["--resume", str(run), "--max_steps", "5", "--min_lr_ratio", "0.5"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = read_events(run)
-    alert = [e for e in events if e["type"] == "alert" and e["kind"] == "learning_rate"]
-    assert len(alert) == 1 and alert[0]["level"] == "warning" and "the steps after it change nothing" in alert[0]["message"]
+    assert not [e for e in events if e["type"] == "alert" and e["kind"] == "learning_rate"]
+    assert "the learning rate goes on from 0 (in force at step 3) and rises by a cosine to 0.0025 at step 5" in proc.stderr
     assert [e for e in events if e["type"] == "status" and e["state"] == "running"][-1]["message"] == (
         "resumed from checkpoint-3 at step 3, learning rate 0")
-    assert lrs(run)[4] == 0.0
+    assert lrs(run)[4] == 0.0 and 0 < lrs(run)[5] < 0.5 * LR and final_lr(run, 5) == pytest.approx(0.5 * LR)

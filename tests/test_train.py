@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import read_events, train_args, worker, write_jsonl
+from conftest import digest, read_events, train_args, voxtui, worker, write_jsonl
 
 
 def memorable_rows(n=8):
@@ -292,6 +292,24 @@ def test_early_stopping(tmp_path, tiny_model, data):
     from engine.worker.checkpoint import complete_checkpoints
 
     assert 2 in [s for s, _ in complete_checkpoints(out / "checkpoints")]  # the best is kept
+
+    # resumed as it is, it would train one more evaluation period and stop again: refused up front, by the worker
+    # alone and by `voxtui run --resume` alike, nothing written; with more patience it trains on
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = [digest(p) for p in files]
+    said = (f"voxtui: error: {out} stopped early at step 6 (2 evaluations without an improvement, "
+            "--early_stopping_patience 2); nothing to resume — it would stop again at its next evaluation: give it "
+            f"more patience (voxtui run --resume {out} --early_stopping_patience N, N above 2; 0 turns early stopping "
+            "off), or start a new run")
+    proc = worker(["--resume", str(out)])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == said, proc.stderr
+    proc = voxtui("run", "--resume", out, "--skip_preflight")
+    assert proc.returncode == 2 and proc.stderr.strip() == said, proc.stderr
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files and [digest(p) for p in files] == before
+    proc = worker(["--resume", str(out), "--early_stopping_patience", "3"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    evals = [e for e in read_events(out) if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4, 6, 8] and read_events(out)[-1]["message"] == "early stopping"
 
 
 def test_lora_targets_only_the_language_model_in_both_layouts():

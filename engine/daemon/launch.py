@@ -26,6 +26,7 @@ from engine.runs import (
     new_run_dir,
     orphan_workers,
     refuse_nothing_to_resume,
+    refuse_out_of_patience,
     resume_steps,
     summary,
 )
@@ -175,6 +176,7 @@ def cmd_run(args) -> int:
         merge_saved_config(args, run_dir)
         args.config = None
         cfg = resolve(args)
+        refuse_out_of_patience(run_dir, cfg)
         done, total = resume_steps(run_dir, cfg, cfg.nproc * args.nnodes)
         if total is not None:
             refuse_nothing_to_resume(run_dir, cfg, done, total)

@@ -78,6 +78,8 @@ def resumed(saved: Schedule, total: int, step: int, warmup: int, min_ratio: floa
         return Schedule(total), (
             f"resume: {saved.total} steps before, {total} now; still warming up (step {step} of {warmup}): "
             f"the warm-up goes on, then a cosine to {floor:.3g} at step {total}")
+    # below the floor only where the floor was raised (a finished run at 0 given --min_lr_ratio above 0)
+    way = "rises" if lr < floor else "decays"
     return Schedule(total, step, lr / base_lr), (
         f"resume: {saved.total} steps before, {total} now: the learning rate goes on from {lr:.3g} (in force at "
-        f"step {step}) and decays by a cosine to {floor:.3g} at step {total}")
+        f"step {step}) and {way} by a cosine to {floor:.3g} at step {total}")

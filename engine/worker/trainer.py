@@ -252,7 +252,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         # said with the run's "running" status: the console and the dashboard show where it goes on from
         self.resumed = f"resumed from {path.name} at step {self.step}, learning rate {lr:.3g}"
-        if lr == 0 and self.step < self.total_steps:
+        if lr == 0 and cfg.min_lr_ratio == 0 and self.step < self.total_steps:  # every step after it at 0
             self.emit(Alert(level="warning", kind="learning_rate",
                             message=f"the learning rate in force at step {self.step} is 0 (the schedule had decayed "
                                     f"to --min_lr_ratio {cfg.min_lr_ratio:g}): the steps after it change nothing"))
@@ -513,12 +513,14 @@ def rows_fingerprint(tok) -> dict:
 
 def refuse_finished(run_dir: Path, cfg, world: int) -> None:
     """The worker started alone (``torchrun -m engine.train --resume RUN``) on a run whose latest checkpoint
-    has every step the run has: refused before the run folder is touched, as ``voxtui run --resume`` refuses
-    it (engine.runs.refuse_nothing_to_resume). Where the flags given again change how many steps an epoch
+    has every step the run has, or that would train only at a learning rate of 0, or that stopped early and
+    would stop again at its next evaluation: refused before the run folder is touched, as ``voxtui run
+    --resume`` refuses it (engine.runs.refuse_nothing_to_resume, refuse_out_of_patience). Where the flags given again change how many steps an epoch
     has, the total needs the data planned: ``voxtui run`` plans it (preflight); the worker alone resumes,
     and with no step left evaluates and saves its last checkpoint again."""
-    from engine.runs import refuse_nothing_to_resume, resume_steps
+    from engine.runs import refuse_nothing_to_resume, refuse_out_of_patience, resume_steps
 
+    refuse_out_of_patience(run_dir, cfg)
     done, total = resume_steps(run_dir, cfg, world)
     if total is not None:
         refuse_nothing_to_resume(run_dir, cfg, done, total)
