@@ -13,6 +13,7 @@ run() {  # name, extra flags...
   local name=$1; shift
   local launch=(python3 -m engine.train)
   [ "$NPROC" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m engine.train)
+  rm -rf "/tmp/runs/$name"  # a second call on a warm machine: the worker refuses a folder that holds a run
   "${launch[@]}" --model_id /tmp/voxtral-random --train_jsonl /tmp/medqa-synth.jsonl --val_jsonl /tmp/medqa-synth-val.jsonl \
     --output_dir "/tmp/runs/$name" --max_steps 25 --warmup_steps 5 --save_steps 25 --eval_steps 25 --preview_steps 25 \
     --preview_count 2 --max_new_tokens 16 --max_len 1024 "$@" > "$OUT/$name.log" 2>&1

@@ -37,7 +37,7 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, dict
     val_jsonl: str = ""
     """Validation rows; empty: no evaluation."""
     output_dir: str = ""
-    """The run folder (default: runs/<timestamp>)."""
+    """The run folder (default: runs/<timestamp>); one that holds a run is refused (--resume continues it)."""
     per_device_bsz: int = 4
     """Micro-batch size per rank: sequences, or with --packing a budget of this many × --max_len tokens."""
     grad_accum: int = 1
