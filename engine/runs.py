@@ -261,8 +261,9 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoc
     outcome = status.get("outcome") if status.get("state") == "finished" else ""
     if done < total:  # a finished run extended: from a rate of 0 to a floor of 0, its steps would not train
         said = f"finished all its {done} steps ({outcome})" if outcome else f"has trained all its {done} steps"
-        more = f"the {total - done} more steps of --max_steps {total}" if cfg.max_steps else \
-            f"the {total - done} more steps these settings give it"
+        n = total - done
+        more = f"the {n} more step{'s' if n != 1 else ''}" + (
+            f" of --max_steps {total}" if cfg.max_steps else " these settings give it")
         raise UsageError(f"{run_dir} {said}; nothing to resume — its learning rate has decayed to 0 (--min_lr_ratio "
                          f"0), so {more} would change nothing: start a new run (or give --min_lr_ratio above 0 too)")
     if done == total and not partway:
