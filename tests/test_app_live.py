@@ -22,7 +22,7 @@ def test_picker_follows_the_runs_without_a_key(tmp_path, monkeypatch):
 
     reads = []
     real = picker.list_runs
-    monkeypatch.setattr(picker, "list_runs", lambda root: reads.append(1) or real(root))
+    monkeypatch.setattr(picker, "list_runs", lambda root, **kw: reads.append(1) or real(root, **kw))
     root = tmp_path / "runs"
     synthetic_runs.make_run(root, "alpha", steps=8)
     synthetic_runs.make_run(root, "beta", steps=8, state="running")  # no engine: crashed

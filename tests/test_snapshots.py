@@ -58,6 +58,15 @@ def replayed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
 
 
+async def folded(pilot, timeout: float = 30.0) -> None:
+    """Until the stream worker has folded the whole run in and the first disk scan has read its checkpoints
+    (on a loaded machine either can take seconds; the picture would then show the run before them)."""
+    app = pilot.app
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (app.state.state == "finished" and app.state.disk_checkpoints):
+        await pilot.pause(0.05)
+
+
 @pytest.mark.parametrize("size", [(80, 24), (160, 50)], ids=["80x24", "160x50"])
 @pytest.mark.parametrize("key", list("123456"), ids=["overview", "gpus", "previews", "checkpoints", "preflight", "events"])
 def test_tab_snapshot(snap_compare, replayed, size, key):
@@ -65,10 +74,7 @@ def test_tab_snapshot(snap_compare, replayed, size, key):
 
     async def settle(pilot):
         app = pilot.app
-        for _ in range(100):  # wait for the stream worker to fold the whole run in
-            if app.state.state == "finished":
-                break
-            await pilot.pause(0.05)
+        await folded(pilot)
         await pilot.press(key)
         await pilot.pause(0.3)
         app.screen.set_focus(None)  # no blinking cursor in the picture
@@ -113,10 +119,7 @@ def test_modal_snapshot(snap_compare, replayed, size, key):
 
     async def settle(pilot):
         app = pilot.app
-        for _ in range(100):
-            if app.state.state == "finished":
-                break
-            await pilot.pause(0.05)
+        await folded(pilot)
         if key == "x":  # the dialog a running run's x opens (on this finished run the key is off)
             app.screen.action_stop()
         else:
