@@ -99,7 +99,9 @@ def _model_parsers(sub) -> None:
     p = msub.add_parser("tiny", help="write a small random-weight Voxtral with the real Tekken tokenizer")
     p.add_argument("out", metavar="OUT", help="folder to write (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0, help="the random weights' seed (default 0)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT if it holds a tiny model this command wrote (a folder with anything else "
+                        "in it is refused and left as it is)")
     p.set_defaults(handler="engine.commands:model_tiny")
 
 
