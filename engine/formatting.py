@@ -56,15 +56,50 @@ def resolve_tokenizer_file(model: str | os.PathLike | None) -> Path:
                          f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
 
 
+MAX_TOKENIZER_BYTES = 256 << 20  # Tekken files are 15–20 MB; anything far larger is something else
+
+
+class TokenizerFileError(UsageError):
+    """A tokenizer file that is there but does not load: ``<path>: not a Tekken tokenizer file (<why>)``."""
+
+
+def _why(e: BaseException) -> str:
+    """What was wrong with a tokenizer file, in a few words, from the exception its loading raised."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start}"
+    if isinstance(e, KeyError):
+        return f"no {e.args[0]!r} field" if e.args else "a field is missing"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= 160 else text[:157] + "…"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class ChatFormat:
     """Mistral instruct template over a Tekken tokenizer, with batch encoding."""
 
     def __init__(self, tokenizer_file: str | os.PathLike) -> None:
+        self.path = Path(tokenizer_file)
+        try:
+            size = self.path.stat().st_size
+        except OSError as e:
+            raise UsageError(f"{self.path}: cannot read the tokenizer file ({e.strerror})") from None
+        if size > MAX_TOKENIZER_BYTES:
+            raise TokenizerFileError(f"{self.path}: not a Tekken tokenizer file ({size / 2**20:.0f} MiB: larger than "
+                                     f"any tokenizer; a model folder's is its tekken.json)")
+        try:
+            self._load()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except PermissionError as e:
+            raise UsageError(f"{self.path}: cannot read the tokenizer file ({e.strerror})") from None
+        except BaseException as e:  # any shape of bad file: json, KeyError, TypeError, pydantic, tiktoken's panics
+            raise TokenizerFileError(f"{self.path}: not a Tekken tokenizer file ({_why(e)})") from None
+
+    def _load(self) -> None:
         import warnings
 
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-        self.path = Path(tokenizer_file)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.tekken = Tekkenizer.from_file(str(self.path))
@@ -76,6 +111,10 @@ class ChatFormat:
         self.vocab_size = self.tekken.n_words
         self._offset = self.tekken.num_special_tokens
         self._bpe = self.tekken._model._core_bpe  # tiktoken's Rust core: the fastest path per text
+        for name in ("bos", "eos", "pad", "inst", "inst_end", "vocab_size", "_offset"):
+            if not isinstance(getattr(self, name), int):
+                raise TypeError(f"its {name} is {getattr(self, name)!r}, not a token id")
+        self._bpe.encode_ordinary("[INST] 두통 test")  # a vocabulary that cannot encode text fails here, not later
 
     @property
     def fingerprint(self) -> str:

@@ -21,6 +21,7 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
     """The audit and length checks of train and val. Returns the length statistics of each file's
     formatted rows (``{"train": {"p50", "p99", "max", …}}``) and its tokenised rows, for the plan."""
     from engine.data.audit import audit
+    from engine.formatting import TokenizerFileError
     from engine.rows import FATAL_KINDS
     from engine.util import UsageError
 
@@ -57,11 +58,20 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
         if not fatal:
             try:
                 toks[name] = tokenize_as_worker(cfg, path)
+            except TokenizerFileError as e:  # the model's, not the data's: said once, and no run can start
+                if not _tokenizer_failed(r):
+                    r.add("model", "tokenizer", "fail", str(e))
+                continue
             except UsageError as e:
                 r.add("data", f"{name}-length", "warn", f"length check skipped: {e}")
                 continue
             lengths[name] = _check_lengths(cfg, r, name, toks[name])
     return lengths, toks
+
+
+def _tokenizer_failed(r) -> bool:
+    """Whether the run's tokenizer file has been found unusable (``check_data``'s model/tokenizer fail)."""
+    return any(c["area"] == "model" and c["name"] == "tokenizer" and c["level"] == "fail" for c in r.checks)
 
 
 def _problems(defects: list[dict]) -> str:
@@ -98,6 +108,8 @@ def check_plan(cfg: TrainConfig, r, tok=None):
     r.checks = [c for c in r.checks if c["name"] != "plan"]
     if any(c["area"] == "data" and c["name"] == "train" and c["level"] == "fail" for c in r.checks):
         return None  # the data check has said what is wrong with the file
+    if _tokenizer_failed(r):
+        return None  # and what is wrong with the tokenizer
     if tok is None:
         try:
             tok = tokenize_as_worker(cfg, cfg.train_jsonl)
