@@ -285,3 +285,56 @@ def test_the_host_memory_estimate_brackets_what_cpu_runs_took(tiny_model):
         assert measured <= est <= 1.35 * measured, (bsz, est, measured)
     huge = TrainConfig(train_jsonl="x", quant="none", bf16=False, packing=True, per_device_bsz=2000, max_len=1024)
     assert estimate_memory(huge, m, host=True)["total"] > 24
+
+
+def test_contradictions_and_an_empty_val_are_warned(tmp_path, tiny_model):
+    """An empty --val_jsonl warns as no --val_jsonl does (it was "ok ... 0 rows"), and louder with
+    --early_stopping_patience; --grad_ckpt_layers under --no-grad_ckpt and a --max_len beyond the model's
+    positions are said too (both were accepted silently)."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(20)])
+    empty = tmp_path / "v.jsonl"
+    empty.write_bytes(b"")
+    proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--val_jsonl", empty, "--quant", "none",
+                  "--no-bf16", "--early_stopping_patience", "3", "--no-grad_ckpt", "--grad_ckpt_layers", "5",
+                  "--max_len", "100000", "--no-packing", "--json", tmp_path / "p.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    checks = {c["name"]: c for c in json.loads((tmp_path / "p.json").read_text())["checks"]}
+    assert checks["val"]["level"] == "warn"
+    assert checks["val"]["message"] == f"{empty}: 0 rows: no evaluation, early stopping or best checkpoint"
+    stop = checks["early_stopping"]
+    assert stop["level"] == "warn" and stop["message"].startswith(
+        f"--early_stopping_patience 3 asks for early stopping, but {empty} has no rows: ")
+    assert "cannot stop early" in stop["message"]
+    ckpt = checks["grad_ckpt_layers"]
+    assert ckpt["level"] == "warn" and ckpt["message"].startswith("--grad_ckpt_layers 5 with --no-grad_ckpt: no layer")
+    long = checks["max_len"]
+    assert long["level"] == "warn" and "--max_len 100000 is above the model's 4,096 positions" in long["message"]
+
+
+def test_early_stopping_without_val_rows_is_said_only_when_asked_for(tmp_path, tiny_model):
+    from engine.config import TrainConfig
+    from engine.preflight import Report, check_data
+    from engine.preflight.memory import check_model
+
+    train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"instruction": "other", "output": "x"}])
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    for val_jsonl, patience, said in (("", 2, "there is no --val_jsonl"), (str(blank), 2, f"{blank} has no rows"),
+                                      ("", 0, None), (str(blank), 0, None), (str(val), 2, None)):
+        r = Report()
+        cfg = TrainConfig(model_id=str(tiny_model), train_jsonl=str(train), val_jsonl=val_jsonl, max_len=64,
+                          early_stopping_patience=patience, output_dir=str(tmp_path / "runs" / "r"))
+        check_data(cfg, r)
+        lines = [c["message"] for c in r.checks if c["name"] == "early_stopping"]
+        assert lines == ([] if said is None else [lines[0]]) and (said is None or f"but {said}: " in lines[0])
+        val_line = next(c for c in r.checks if c["name"] == "val")
+        assert val_line["level"] == ("ok" if val_jsonl == str(val) else "warn")
+        if val_jsonl == str(val):
+            assert val_line["message"] == f"{val}: 1 row"
+    for grad_ckpt, layers, warned in ((False, 5, True), (False, 0, False), (False, -1, False), (True, 1, False)):
+        r = Report()
+        check_model(TrainConfig(model_id=str(tiny_model), train_jsonl="x", grad_ckpt=grad_ckpt, grad_ckpt_layers=layers,
+                                max_len=4096), r)
+        assert [c["level"] for c in r.checks if c["name"] == "grad_ckpt_layers"] == (["warn"] if warned else [])
+        assert not [c for c in r.checks if c["name"] == "max_len"]  # 4096: the model's positions exactly

@@ -95,3 +95,24 @@ def test_split_report_may_not_overwrite(tmp_path):
         proc = voxtui("data", "split", f, "--train", tmp_path / "t.jsonl", "--val", tmp_path / "v.jsonl", "--report", rep)
         assert proc.returncode == 2 and "would overwrite" in proc.stderr
     assert digest(f) == before and not (tmp_path / "t.jsonl").exists()
+
+
+def test_a_val_frac_that_gives_val_no_row_is_warned(tmp_path):
+    """--val-frac above 0 that leaves val empty (40 rows × 0.001) is said on stderr: a run given that file
+    has no evaluation; the split itself goes on (exit 0, val written empty). One row is "1 row"."""
+    f = write_jsonl(tmp_path / "good.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)])
+    proc = voxtui("data", "split", f, "--train", tmp_path / "s1.jsonl", "--val", tmp_path / "s2.jsonl",
+                  "--val-frac", "0.001")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "s2.jsonl").read_bytes() == b"" and len((tmp_path / "s1.jsonl").read_text().splitlines()) == 40
+    warning, = proc.stderr.splitlines()
+    assert warning.startswith("voxtui: warning: --val-frac 0.001 of 40 usable rows gives val no row: ")
+    assert f"{tmp_path / 's2.jsonl'} is empty" in warning and "no evaluation, early stopping" in warning
+
+    one = write_jsonl(tmp_path / "one.jsonl", [{"instruction": "q", "output": "a"}])
+    proc = voxtui("data", "split", one, "--train", tmp_path / "o1.jsonl", "--val", tmp_path / "o2.jsonl")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"{one}: 1 row → train 1, val 0;")
+    assert "of 1 usable row gives val no row" in proc.stderr
+    proc = voxtui("data", "split", f, "--train", tmp_path / "n1.jsonl", "--val", tmp_path / "n2.jsonl",
+                  "--val-frac", "0")
+    assert proc.returncode == 0 and proc.stderr == ""  # asked for no val: nothing to warn about

@@ -14,7 +14,7 @@ import sys
 from engine.data.scan import data_format
 from engine.formatting import kept_target_len
 from engine.rows import check_outputs, clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
-from engine.util import Progress, UsageError, atomic_write, same_file, write_json
+from engine.util import Progress, UsageError, atomic_write, counted, printable, same_file, write_json
 
 
 def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: int = 0,
@@ -140,7 +140,7 @@ def _truncate_target(record: dict, text: str) -> dict:
 
 
 def render(report: dict, limit: int = 20) -> str:
-    out = [f"{report['file']}: {report['rows']} rows → train {report['train']}, val {report['val']}; "
+    out = [f"{report['file']}: {counted(report['rows'], 'row')} → train {report['train']}, val {report['val']}; "
            f"dropped {len(report['dropped'])}, cleaned {report['cleaned']}, truncated {report['truncated']}"]
     for d in report["dropped"][:limit]:
         out.append(f"  dropped line {d['line']:>7}  {d['reason']:<14} {d['detail'][:100]}")
@@ -156,4 +156,8 @@ def main(args) -> int:
         write_json(args.report, report)
     if args.report != "-":
         print(render(report), file=sys.stdout)
+    if args.val_frac > 0 and report["val"] == 0:
+        print(f"voxtui: warning: --val-frac {args.val_frac:g} of {counted(report['kept'], 'usable row')} gives val "
+              f"no row: {printable(args.val)} is empty, and a run given it as --val_jsonl has no evaluation, early "
+              f"stopping or best checkpoint (a larger --val-frac, or more rows)", file=sys.stderr)
     return 0

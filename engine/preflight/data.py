@@ -23,10 +23,11 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
     from engine.data.audit import audit
     from engine.formatting import TokenizerFileError
     from engine.rows import FATAL_KINDS
-    from engine.util import UsageError
+    from engine.util import UsageError, counted
 
     lengths: dict = {}
     toks: dict = {}
+    empty: set[str] = set()  # files with no row
     for name, path, against in (("train", cfg.train_jsonl, cfg.val_jsonl or None), ("val", cfg.val_jsonl, None)):
         if not path:
             if name == "val":
@@ -47,15 +48,18 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
             r.add("data", name, "fail", f"{path}: {len(broken)} broken row(s) ({first}{more}); clean it with "
                                         f"`voxtui data split` or fix those lines", rows=len(broken),
                   defects=len(fatal))
+        elif not rep["rows"] and name == "val":
+            empty.add(name)
+            r.add("data", name, "warn", f"{path}: 0 rows: no evaluation, early stopping or best checkpoint")
         else:
-            r.add("data", name, "ok", f"{path}: {rep['rows']} rows")
+            r.add("data", name, "ok", f"{path}: {counted(rep['rows'], 'row')}")
         for kind, level in (("duplicate", "warn"), ("leak", "warn"), ("control_chars", "info")):
             n = rep["counts"].get(kind, 0)
             if n:
                 what = {"leak": f"also stand in {against}", "duplicate": "are duplicates",
                         "control_chars": "hold control characters"}[kind]
                 r.add("data", f"{name}-{kind}", level, f"{n} row(s) of {path} {what}")
-        if not fatal:
+        if not fatal and name not in empty:
             try:
                 toks[name] = tokenize_as_worker(cfg, path)
             except TokenizerFileError as e:  # the model's, not the data's: said once, and no run can start
@@ -66,7 +70,20 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
                 r.add("data", f"{name}-length", "warn", f"length check skipped: {e}")
                 continue
             lengths[name] = _check_lengths(cfg, r, name, toks[name])
+    _check_early_stopping(cfg, r, "val" in empty or not cfg.val_jsonl)
     return lengths, toks
+
+
+def _check_early_stopping(cfg: TrainConfig, r, no_val: bool) -> None:
+    """--early_stopping_patience above 0 with no validation rows: early stopping was asked for and cannot
+    happen (nor can a best checkpoint be kept), so the run trains every step it plans."""
+    if cfg.early_stopping_patience <= 0 or not no_val:
+        return
+    why = f"{cfg.val_jsonl} has no rows" if cfg.val_jsonl else "there is no --val_jsonl"
+    r.add("data", "early_stopping", "warn",
+          f"--early_stopping_patience {cfg.early_stopping_patience} asks for early stopping, but {why}: no evaluation "
+          f"runs, so the run cannot stop early and trains all its steps (give --val_jsonl rows, or leave "
+          f"--early_stopping_patience at 0)")
 
 
 def _tokenizer_failed(r) -> bool:

@@ -19,6 +19,11 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
     from engine.util import looks_local
     from engine.worker.modeling import lora_target_regex
 
+    if not cfg.grad_ckpt and cfg.grad_ckpt_layers > 0:
+        r.add("model", "grad_ckpt_layers", "warn",
+              f"--grad_ckpt_layers {cfg.grad_ckpt_layers} with --no-grad_ckpt: no layer is checkpointed, the number is "
+              f"ignored (--grad_ckpt --grad_ckpt_layers {cfg.grad_ckpt_layers} checkpoints that many; or leave "
+              f"--grad_ckpt_layers out)")
     if looks_local(cfg.model_id) and not Path(cfg.model_id).expanduser().exists():
         r.add("model", "config", "fail", f"{cfg.model_id}: no such model folder (a local model is a folder with its "
                                          "config.json; a hub id is org/name)")
@@ -60,6 +65,12 @@ def check_model(cfg: TrainConfig, r) -> dict | None:
                                    f"{audio / 1e9:.2f} B: frozen and not kept on the device)")
     r.add("model", "trainable", "ok", f"LoRA r={cfg.lora_r} α={cfg.lora_alpha} on {','.join(cfg.lora_targets)}: "
                                       f"{lora:,} trainable parameters ({100 * lora / total:.2f}%), all in the language model")
+    positions = getattr(tc, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_len > positions:
+        r.add("model", "max_len", "warn",
+              f"--max_len {cfg.max_len} is above the model's {positions:,} positions (max_position_embeddings): an "
+              f"example longer than {positions:,} tokens would train at positions the model was never trained at "
+              f"(--max_len {positions} keeps every example within them)")
     if cfg.grad_ckpt and cfg.grad_ckpt_layers > tc.num_hidden_layers:
         r.add("model", "grad_ckpt_layers", "info",
               f"--grad_ckpt_layers {cfg.grad_ckpt_layers}: the model has {tc.num_hidden_layers} decoder layers; all "
