@@ -40,7 +40,8 @@ def _runs_folder(text: str) -> Path:
 
 
 def _data_parsers(sub) -> None:
-    data = sub.add_parser("data", help="analyze, audit, find over-long rows, split and clean JSONL data",
+    data = sub.add_parser("data", help="analyze, audit and find over-long rows in JSONL data; split it (cleaned and "
+                                              "deduplicated) into train / val",
                           description="Data tools. Each reads its input without changing it and writes "
                                       "its outputs atomically.")
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)

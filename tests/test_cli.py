@@ -24,6 +24,17 @@ def test_help(cmd):
     assert proc.returncode == 0 and "usage: voxtui" in proc.stdout
 
 
+def test_the_data_line_names_only_its_subcommands():
+    """`voxtui --help` said data would "split and clean" with no clean subcommand: each action the line
+    names is a data subcommand (cleaning is part of split, and said so)."""
+    line = re.search(r"^ +data +(.*?)\n +model ", voxtui("--help").stdout, re.S | re.M).group(1)
+    line = " ".join(line.split())
+    subcommands = set(re.findall(r"^    (\S+)(?: |$)", voxtui("data", "--help").stdout, re.M))
+    assert subcommands == {"analyze", "audit", "find-long", "split"}
+    assert all(word in line for word in ("analyze", "audit", "over-long rows", "split"))
+    assert not re.search(r"\bclean\b", line) and "split it (cleaned and deduplicated)" in line
+
+
 def test_every_command_and_flag_says_what_it_is_for():
     """Every subcommand has a line in its parent's --help, every flag and argument a help text (or is hidden)."""
     import argparse
