@@ -504,6 +504,9 @@ def test_preflight_lines_wrap_under_their_own_column(tmp_path):
         assert "".join(r[column:].rstrip() for r in folded) == path, (size, text)
         indent = rows[launch].index("torchrun")
         assert all(r[:indent].strip() == "" for r in rows[launch + 1:launch + 3]), (size, text)
+        # the command starts a new run (the worker refuses a folder that holds one): how to go on is said
+        said = " ".join(" ".join(rows[launch:]).split())
+        assert "once it has trained, continue it with voxtui run --resume RUN, RUN this run's folder" in said, said
 
 
 def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run):

@@ -503,7 +503,11 @@ def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
         assert resume_steps(run, msgspec.structs.replace(cfg, **change), 1) == (8, None), change
     assert resume_steps(run, msgspec.structs.replace(cfg, max_steps=12), 1) == (8, 12)
     assert resume_steps(run, msgspec.structs.replace(cfg, lr=1e-3), 1) == (8, 8)  # not a plan field
-    refuse_nothing_to_resume(run, cfg, 8, 9)  # a step left: nothing said
+    # a step left: nothing said where the rate goes on above 0; a run whose rate decayed to 0 (--min_lr_ratio
+    # 0 then and now) would train it at 0: refused
+    refuse_nothing_to_resume(run, msgspec.structs.replace(cfg, min_lr_ratio=0.1), 8, 9)
+    with pytest.raises(UsageError, match="its learning rate has decayed to 0"):
+        refuse_nothing_to_resume(run, cfg, 8, 9)
     with pytest.raises(UsageError) as e:
         refuse_nothing_to_resume(run, cfg, 8, 4, per_epoch=16)
     assert str(e.value) == (f"{run} has trained 8 step(s), and these settings give it 4 in all; nothing to resume"

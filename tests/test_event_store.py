@@ -180,6 +180,15 @@ def test_a_request_that_fails_to_be_served_gets_an_error_reply(tmp_path, monkeyp
         store.close()
 
 
+def recording(tmp_path: Path, lines: list[bytes]) -> Path:
+    """A recorded run of these lines of the recorded run's events.jsonl (with its config.toml), to replay."""
+    recorded = tmp_path / "recorded" / "events.jsonl"
+    recorded.parent.mkdir()
+    recorded.write_bytes(b"".join(lines))
+    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    return recorded
+
+
 def serve(run: Path, recorded: Path, events: int) -> dict:
     """A real engine serving a recorded run (its worker: the replay stand-in, which then waits), once it has
     stored ``events``; its engine.json."""
@@ -280,10 +289,7 @@ def test_list_and_status_ask_the_engine_when_events_jsonl_cannot_say(tmp_path):
     """events.jsonl gone, emptied or replaced by a folder while the engine runs: `engine status` and `engine
     list` give the engine's own state and step (not `starting`), and say what became of the file; a
     history request gets an error that says it (the engine is fine)."""
-    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run, up to its last step: running
-    recorded.parent.mkdir()
-    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
-    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    recorded = recording(tmp_path, RECORDED.read_bytes().splitlines(True)[:20])  # up to its last step: running
     run = tmp_path / "runs" / "live"
     info = serve(run, recorded, 20)
     path = run / "events.jsonl"
@@ -370,10 +376,7 @@ def test_a_dashboard_shows_the_engines_state_and_step_where_the_event_log_is_unr
     from app.app import VoxApp
     from conftest import pilot_wait
 
-    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run up to its last step: running at 6/6
-    recorded.parent.mkdir()
-    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
-    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    recorded = recording(tmp_path, RECORDED.read_bytes().splitlines(True)[:20])  # up to its last step: running
     run = tmp_path / "runs" / "live"
     info = serve(run, recorded, 20)
     path = run / "events.jsonl"
@@ -497,10 +500,7 @@ def test_the_run_picker_asks_the_engine_where_the_event_log_is_unreadable(tmp_pa
     from app.app import VoxApp
     from conftest import pilot_wait
 
-    recorded = tmp_path / "recorded" / "events.jsonl"  # the recorded run, up to its last step: running
-    recorded.parent.mkdir()
-    recorded.write_bytes(b"".join(RECORDED.read_bytes().splitlines(True)[:20]))
-    shutil.copyfile(RECORDED.parent / "config.toml", recorded.parent / "config.toml")
+    recorded = recording(tmp_path, RECORDED.read_bytes().splitlines(True)[:20])  # up to its last step: running
     run = tmp_path / "runs" / "live"
     info = serve(run, recorded, 20)
     path = run / "events.jsonl"
@@ -537,9 +537,7 @@ def test_a_stopped_replay_ends_as_recorded(tmp_path, lines, state, outcome):
         last = json.loads(kept[-1])
         assert last["type"] == "status" and last["state"] == "finished"
         kept[-1] = json.dumps({**last, "outcome": "early_stopped"}).encode() + b"\n"
-    recorded = tmp_path / "recorded" / "events.jsonl"
-    recorded.parent.mkdir()
-    recorded.write_bytes(b"".join(kept))
+    recorded = recording(tmp_path, kept)
     run = tmp_path / "runs" / "replayed"
     info = serve(run, recorded, lines or 21)
     try:

@@ -17,8 +17,10 @@ from app.text import assemble, data, plain
 LEVEL_STYLE = {"ok": "green", "info": "blue", "warn": "yellow", "fail": "red"}
 
 
-def report_renderable(report: dict) -> Group:
-    """The verdict, the checks (level, area, message) and the launch command."""
+def report_renderable(report: dict, in_run: bool = False) -> Group:
+    """The verdict, the checks (level, area, message) and the launch command; in a run's folder (``in_run``),
+    how to continue the run once it has trained (the command starts a new run: the worker refuses a folder
+    that holds one)."""
     checks = Table.grid(padding=(0, 1))
     checks.add_column(no_wrap=True)
     checks.add_column(no_wrap=True)
@@ -32,6 +34,9 @@ def report_renderable(report: dict) -> Group:
     launch.add_column(no_wrap=True)
     launch.add_column(overflow="fold")
     launch.add_row(Text("launch:"), data(report.get("command", ""), limit=2000, one_line=False))
+    if in_run:
+        launch.add_row(Text(""), Text("(starts the run this report was made for; once it has trained, continue it "
+                                      "with voxtui run --resume RUN, RUN this run's folder)"))
     verdict = assemble(("verdict: ", "bold"), data(str(report.get("verdict", "?")).upper(), "bold", limit=20))
     verdict.end = "\n"
     return Group(verdict, Text(""), checks, Text(""), launch)
@@ -49,7 +54,7 @@ class PreflightReport(Static):
             return
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
-            self.update(report_renderable(report))
+            self.update(report_renderable(report, in_run=True))
         except (OSError, ValueError, AttributeError, TypeError) as e:
             self.update(assemble(f"{path}: not a readable preflight report (",
                                  data(f"{type(e).__name__}: {e}", limit=200), ")"))
