@@ -5,6 +5,7 @@ none can be read."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -209,6 +210,19 @@ def stop(run: Path, info: dict) -> None:
             c.send(Stop())
 
 
+@contextlib.contextmanager
+def its_log_a_folder(run: Path, recorded: Path):
+    """A real engine serving ``recorded`` (its first 20 events stored), its events.jsonl then replaced by a
+    folder while it runs; stopped at the end."""
+    info = serve(run, recorded, 20)
+    try:
+        (run / "events.jsonl").unlink()
+        (run / "events.jsonl").mkdir()
+        yield
+    finally:
+        stop(run, info)
+
+
 @pytest.fixture
 def served(tmp_path):
     run = tmp_path / "served"
@@ -343,11 +357,7 @@ def test_a_dashboard_says_the_event_log_is_unreadable_not_that_the_engine_is_los
     from conftest import pilot_wait
 
     run = tmp_path / "runs" / "live"
-    info = serve(run, RECORDED, 20)
-    path = run / "events.jsonl"
-    try:
-        path.unlink()
-        path.mkdir()
+    with its_log_a_folder(run, RECORDED):
 
         async def flow():
             app = VoxApp(str(run))
@@ -360,8 +370,6 @@ def test_a_dashboard_says_the_event_log_is_unreadable_not_that_the_engine_is_los
         assert said.startswith("EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: "
                                "events.jsonl unreadable: Is a directory"), said
         assert "ENGINE LOST" not in said
-    finally:
-        stop(run, info)
 
 
 @pytest.mark.parametrize("how", ["folder", "removed"])
@@ -502,11 +510,7 @@ def test_the_run_picker_asks_the_engine_where_the_event_log_is_unreadable(tmp_pa
 
     recorded = recording(tmp_path, RECORDED.read_bytes().splitlines(True)[:20])  # up to its last step: running
     run = tmp_path / "runs" / "live"
-    info = serve(run, recorded, 20)
-    path = run / "events.jsonl"
-    try:
-        path.unlink()
-        path.mkdir()
+    with its_log_a_folder(run, recorded):
 
         def row(app):
             table = app.screen.query_one(DataTable)
@@ -520,8 +524,6 @@ def test_the_run_picker_asks_the_engine_where_the_event_log_is_unreadable(tmp_pa
 
         cells = asyncio.run(flow())
         assert cells[:2] == ["live", "running"] and "6" in cells and "9.6115" in cells, cells
-    finally:
-        stop(run, info)
 
 
 @pytest.mark.parametrize("lines,state,outcome", [(None, "finished", "early_stopped"), (20, "stopped", "stopped")])
