@@ -245,16 +245,21 @@ def resume_steps(run_dir: Path, cfg, world: int) -> tuple[int, int | None]:
     return done, total if same else None
 
 
-def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int, per_epoch: int = 0) -> None:
+def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int | None, per_epoch: int = 0) -> None:
     """A resume that would train no step (its latest checkpoint, at step ``done``, is at or past the
     ``total`` steps the run has with ``cfg``) is refused before anything starts: it would only evaluate and
-    save that checkpoint again. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
+    save that checkpoint again. So is one of a finished run whose rate has decayed to 0, resumed with a floor
+    of 0, even where ``total`` is None (not known without the data planned): any step it trains is at 0. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
     without ``--max_steps``; ``per_epoch``: its steps per epoch, when known). A run stopped partway (its
     checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on."""
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
     state = _read_json(ckpt / "trainer_state.json") if ckpt else {}
     planned = state.get("total_steps")
     partway = isinstance(planned, int) and planned > done  # its schedule had not run out
+    if total is None:  # the steps it would train to need the data planned; from a rate of 0 none would train
+        if not isinstance(planned, int) or partway or not _decayed_to_0(state, cfg):
+            return
+        total = done
     if done < total and (partway or not _decayed_to_0(state, cfg)):
         return
     status = last_event(run_dir, "status") or {}

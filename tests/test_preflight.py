@@ -312,6 +312,8 @@ def test_contradictions_and_an_empty_val_are_warned(tmp_path, tiny_model):
 
 
 def test_early_stopping_without_val_rows_is_said_only_when_asked_for(tmp_path, tiny_model):
+    """Early stopping asked for where it cannot happen — no validation rows, or --eval_steps 0 — is a warning;
+    not asked for, nothing is said."""
     from engine.config import TrainConfig
     from engine.preflight import Report, check_data
     from engine.preflight.memory import check_model
@@ -320,11 +322,13 @@ def test_early_stopping_without_val_rows_is_said_only_when_asked_for(tmp_path, t
     val = write_jsonl(tmp_path / "v.jsonl", [{"instruction": "other", "output": "x"}])
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n")
-    for val_jsonl, patience, said in (("", 2, "there is no --val_jsonl"), (str(blank), 2, f"{blank} has no rows"),
-                                      ("", 0, None), (str(blank), 0, None), (str(val), 2, None)):
+    for val_jsonl, patience, every, said in (
+            ("", 2, 100, "there is no --val_jsonl"), (str(blank), 2, 100, f"{blank} has no rows"),
+            ("", 0, 100, None), (str(blank), 0, 100, None), (str(val), 2, 100, None),
+            (str(val), 2, 0, "--eval_steps 0 evaluates only after the last step"), (str(val), 0, 0, None)):
         r = Report()
         cfg = TrainConfig(model_id=str(tiny_model), train_jsonl=str(train), val_jsonl=val_jsonl, max_len=64,
-                          early_stopping_patience=patience, output_dir=str(tmp_path / "runs" / "r"))
+                          early_stopping_patience=patience, eval_steps=every, output_dir=str(tmp_path / "runs" / "r"))
         check_data(cfg, r)
         lines = [c["message"] for c in r.checks if c["name"] == "early_stopping"]
         assert lines == ([] if said is None else [lines[0]]) and (said is None or f"but {said}: " in lines[0])

@@ -89,7 +89,7 @@ def test_resume_with_a_larger_max_steps_continues_the_learning_rate(tmp_path, ti
 def test_a_finished_run_extended_from_a_learning_rate_of_0_is_refused(tmp_path, tiny_model):
     """--min_lr_ratio 0 (the default): a completed run's rate has decayed to 0, and an extended run would go
     on from there, every step at 0 (the README's example once did). The worker alone refuses it as `voxtui run
-    --resume` does, before anything is written; with --min_lr_ratio above 0 given too it trains, the rate
+    --resume` does, before anything is written (also when its new total, by epochs, needs the data planned); with --min_lr_ratio above 0 given too it trains, the rate
     rising from 0 to that floor."""
     from conftest import digest, voxtui
 
@@ -107,6 +107,12 @@ def test_a_finished_run_extended_from_a_learning_rate_of_0_is_refused(tmp_path, 
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"voxtui: error: {said}", proc.stderr
     proc = voxtui("run", "--resume", run, "--max_steps", "5", "--skip_preflight")
     assert proc.returncode == 2 and proc.stderr.strip() == f"voxtui: error: {said}", proc.stderr
+    # extended by epochs: how many steps that gives needs the data planned, but every one of them would be at 0
+    proc = worker(["--resume", str(run), "--max_steps", "0", "--epochs", "4"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"voxtui: error: {run} finished all its 3 steps (completed); nothing to resume — its learning rate has "
+        "decayed to 0 (--min_lr_ratio 0), so more steps would change nothing: start a new run (or give it more "
+        "steps and --min_lr_ratio above 0)"), proc.stderr
     assert sorted(p for p in run.rglob("*") if p.is_file()) == files and [digest(p) for p in files] == before
 
     proc = worker(["--resume", str(run), "--max_steps", "5", "--min_lr_ratio", "0.5"])

@@ -75,9 +75,18 @@ def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
 
 
 def _check_early_stopping(cfg: TrainConfig, r, no_val: bool) -> None:
-    """--early_stopping_patience above 0 with no validation rows: early stopping was asked for and cannot
-    happen (nor can a best checkpoint be kept), so the run trains every step it plans."""
-    if cfg.early_stopping_patience <= 0 or not no_val:
+    """--early_stopping_patience above 0 with no validation rows, or with --eval_steps 0 (the one evaluation
+    is the run's last): early stopping was asked for and cannot happen (nor can a best checkpoint be kept
+    with no rows), so the run trains every step it plans."""
+    if cfg.early_stopping_patience <= 0:
+        return
+    if not no_val and cfg.eval_steps == 0:
+        r.add("data", "early_stopping", "warn",
+              f"--early_stopping_patience {cfg.early_stopping_patience} asks for early stopping, but --eval_steps 0 "
+              f"evaluates only after the last step: the run cannot stop early and trains all its steps (give "
+              f"--eval_steps N, or leave --early_stopping_patience at 0)")
+        return
+    if not no_val:
         return
     why = f"{cfg.val_jsonl} has no rows" if cfg.val_jsonl else "there is no --val_jsonl"
     r.add("data", "early_stopping", "warn",

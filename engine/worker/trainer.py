@@ -516,14 +516,14 @@ def refuse_finished(run_dir: Path, cfg, world: int) -> None:
     has every step the run has, or that would train only at a learning rate of 0, or that stopped early and
     would stop again at its next evaluation: refused before the run folder is touched, as ``voxtui run
     --resume`` refuses it (engine.runs.refuse_nothing_to_resume, refuse_out_of_patience). Where the flags given again change how many steps an epoch
-    has, the total needs the data planned: ``voxtui run`` plans it (preflight); the worker alone resumes,
-    and with no step left evaluates and saves its last checkpoint again."""
+    has, the total needs the data planned: ``voxtui run`` plans it (preflight); the worker alone refuses then
+    only a finished run whose rate has decayed to 0, and otherwise resumes (with no step left it evaluates and
+    saves its last checkpoint again)."""
     from engine.runs import refuse_nothing_to_resume, refuse_out_of_patience, resume_steps
 
     refuse_out_of_patience(run_dir, cfg)
     done, total = resume_steps(run_dir, cfg, world)
-    if total is not None:
-        refuse_nothing_to_resume(run_dir, cfg, done, total)
+    refuse_nothing_to_resume(run_dir, cfg, done, total)  # total None: refused only if every step would be at 0
 
 
 def main(argv: list[str] | None = None) -> int:
