@@ -41,11 +41,44 @@ def _finite(v) -> bool:
 
 
 def step_ticks(lo: float, hi: float, n: int = 5) -> list[int]:
-    """Up to ``n`` whole steps from ``lo`` to ``hi`` for the x axis (steps are whole: no 9.5)."""
-    lo, hi = math.floor(lo), math.ceil(hi)
+    """Up to ``n`` (at least 2) whole steps from ``lo`` to ``hi`` for the x axis (steps are whole: no 9.5)."""
+    lo, hi, n = math.floor(lo), math.ceil(hi), max(2, n)
     if hi - lo < n:
         return list(range(lo, hi + 1))
     return sorted({round(lo + (hi - lo) * i / (n - 1)) for i in range(n)})
+
+
+def tick_label(v: int) -> str:
+    """A whole step or token count, short: 950, 12,345 → 12.3k, 1,234,567 → 1.23M."""
+    if abs(v) >= 1_000_000:
+        return f"{v / 1e6:.3g}M"
+    if abs(v) >= 10_000:
+        return f"{v / 1e3:.3g}k"
+    return str(v)
+
+
+def fit_axes(plot: PlotextPlot, xs: list, ys: list, floor: float | None = 0.0, width: int | None = None) -> None:
+    """The axes of ``plot`` (plotext's figure, data drawn) for points at ``xs``, ``ys``: whole x ticks (steps
+    and tokens are whole), only as many as their labels fit in the plot's width (a narrow terminal printed
+    them over each other); a y range around a flat series (one point, or all at one value: plotext spans
+    ±50%, and 0 ± 1 for a 0, below the ``floor`` the quantity cannot go — None: none). ``width``: the
+    plot's, where it is not laid out (yet)."""
+    plt = plot.plt
+    if xs:
+        lo, hi = math.floor(min(xs)), math.ceil(max(xs))
+        room = (width or plot.size.width or 80) - 8  # the y axis' labels and the frame
+        n = 5
+        while n > 1 and n * (max(len(tick_label(lo)), len(tick_label(hi))) + 2) > room:
+            n -= 1
+        ticks = step_ticks(lo, hi, n) if n > 1 else [hi]
+        plt.xticks(ticks, [tick_label(t) for t in ticks])
+    finite = [y for y in ys if _finite(y)]
+    if finite and min(finite) == max(finite):
+        v = finite[0]
+        pad = abs(v) * 0.1 or 0.5
+        plt.ylim(v - pad if floor is None or v < floor else max(floor, v - pad), v + pad)
+    else:  # plotext's own range (a plot redrawn with clear_data keeps the last one set)
+        plt.ylim(None, None)
 
 
 def thin(points: list) -> list:
@@ -116,10 +149,8 @@ class Charts(VerticalScroll):
                 plt.yticks(ticks, [f"{10 ** t:.3g}" for t in ticks])
         for label, pts, marker in series:
             plt.plot([p[0] for p in pts], [p[1] for p in pts], label=label or None, marker=marker or None)
-        xs = [x for _, pts, _ in series for x, _ in pts]
-        if xs:
-            ticks = step_ticks(min(xs), max(xs))
-            plt.xticks(ticks, [str(t) for t in ticks])
+        fit_axes(plot, [x for _, pts, _ in series for x, _ in pts], [y for _, pts, _ in series for _, y in pts],
+                 floor=None if log else 0.0)
         plot.refresh()
         return True
 

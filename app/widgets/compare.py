@@ -11,6 +11,7 @@ from textual_plotext import PlotextPlot
 
 from app.compare import METRICS, NOT_COMPARED, RunSeries, differing_config
 from app.text import assemble, data, plain
+from app.widgets.charts import fit_axes
 
 # one colour and one point marker per run, the same in the legend and in every plot
 PALETTE = ((86, 156, 255), (255, 160, 64), (90, 200, 110), (240, 90, 90), (190, 130, 255), (70, 210, 210),
@@ -78,11 +79,15 @@ class ComparePlots(Grid):
             plt = plot.plt
             plt.clear_data()
             drawn = 0
+            all_x: list = []
+            all_y: list = []
             for i, r in enumerate(runs):
                 xs, ys = r.series(what, by_tokens)
                 if not xs:
                     continue
                 drawn += 1
+                all_x += xs
+                all_y += ys
                 plt.plot(xs, ys, color=PALETTE[i % len(PALETTE)], marker="braille")
                 if key in ("val", "metric"):  # a few measurements: each one marked with the run's marker
                     plt.scatter(xs, ys, color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)])
@@ -91,6 +96,7 @@ class ComparePlots(Grid):
             elif not drawn:
                 title += ": none yet"
             plt.title(f"{title} · {x_name}")
+            fit_axes(plot, all_x, all_y)  # whole steps or tokens; a flat curve (one point) gets a range around it
             plot.refresh()
 
 

@@ -15,7 +15,7 @@ from textual_plotext import PlotextPlot
 
 from app.state import RunState
 from app.text import BLEU_FORMAT, assemble, data, show_text
-from app.widgets.charts import step_ticks
+from app.widgets.charts import fit_axes
 
 # metrics.json key, column, format; BLEU is 0–100, the others 0–1
 MATRIX = (("rougeL", "ROUGE-L", "{:.3f}"), ("bleu", "BLEU", BLEU_FORMAT), ("distinct_1", "D-1", "{:.3f}"),
@@ -147,15 +147,17 @@ class Evaluations(VerticalScroll):
         plt.title("checkpoint metrics by step (bars: 95% intervals)")
         plt.xlabel("step")
         plt.ylabel("score")
+        drawn: list[float] = []  # every y drawn (points and intervals): a flat set gets a range around it
         for key, label, scale in PLOTTED:
             pts = [(r["step"], r["metrics"][key] * scale) for r in rows if _num(r["metrics"].get(key))]
             if not pts:
                 continue
             plt.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="o" if len(pts) == 1 else None)
+            drawn += [p[1] for p in pts]
             for r in rows:
                 bounds = r["ci"].get(key)
                 if isinstance(bounds, list) and len(bounds) == 2 and all(_num(b) for b in bounds):
                     plt.plot([r["step"], r["step"]], [bounds[0] * scale, bounds[1] * scale], color="gray")
-        ticks = step_ticks(min(r["step"] for r in rows), max(r["step"] for r in rows))
-        plt.xticks(ticks, [str(t) for t in ticks])
+                    drawn += [bounds[0] * scale, bounds[1] * scale]
+        fit_axes(plot, [r["step"] for r in rows], drawn)
         plot.refresh()

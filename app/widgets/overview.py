@@ -12,7 +12,7 @@ from textual_plotext import PlotextPlot
 
 from app.state import RunState, fmt_duration
 from app.text import assemble, data, lines, mfu_unknown, show_text
-from app.widgets.charts import step_ticks
+from app.widgets.charts import fit_axes
 
 STATE_STYLE = {"crashed": "bold red", "unknown": "bold red", "failed": "bold red", "finished": "bold green", "paused": "bold yellow",
                "pausing": "bold yellow", "stopping": "bold yellow", "stopped": "bold yellow"}
@@ -118,10 +118,7 @@ class Overview(Vertical):
         evals = [(e[0], e[1]) for e in s.evals if math.isfinite(e[1])]
         if evals:
             plt.plot([e[0] for e in evals], [e[1] for e in evals], label="val", marker="o")
-        xs = [p[0] for p in pts] + [e[0] for e in evals]
-        if xs:
-            ticks = step_ticks(min(xs), max(xs))
-            plt.xticks(ticks, [str(t) for t in ticks])
+        fit_axes(plot, [p[0] for p in pts] + [e[0] for e in evals], [p[1] for p in pts] + [e[1] for e in evals])
         plot.refresh()
         recent = s.steps[-120:]
         for key, col in (("lr", 2), ("gn", 3), ("tps", 4), ("mfu", 5)):
