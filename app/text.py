@@ -4,7 +4,8 @@ Every string that comes from a run (alerts, logs, status messages, previews, pro
 sample generations, run names, paths, model ids, preflight messages, engine replies) reaches the
 screen through ``data()`` (or ``assemble()`` / ``plain()``): a ``rich.text.Text`` that is never parsed
 for markup, with control characters (ANSI escapes included) shown as visible symbols instead of being
-sent to the terminal, and long values cut to a limit. Styles come only from our own code.
+sent to the terminal, zero-width joiners and spaces dropped (terminals disagree on their width), and long
+values cut to a limit. Styles come only from our own code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from rich.text import Text
 # C0 controls but newline and tab, DEL, C1 controls; bidi embeddings / overrides / isolates and the Unicode
 # line and paragraph separators (they would reorder or break the lines around them in a terminal)
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+
+
+# zero-width joiners and spaces: terminals disagree on them (a family emoji joined by ZWJ is 2 cells in one,
+# 8 in another — tmux), so the width Textual lays out and the width drawn differ and borders move. Dropped:
+# an emoji sequence shows as its emoji side by side, the same width everywhere
+_ZERO_WIDTH = re.compile("[\u200b-\u200d\u2060\ufeff]")
 
 
 def _visible(m: re.Match) -> str:
@@ -41,7 +48,7 @@ def plain(value: object, limit: int | None = None, one_line: bool = True, newlin
         s = s.replace("\r\n", newline).replace("\n", newline).replace("\t", " ")
     else:
         s = s.replace("\r\n", "\n").replace("\t", "    ")
-    s = _CONTROL.sub(_visible, s)
+    s = _ZERO_WIDTH.sub("", _CONTROL.sub(_visible, s))
     if limit is not None and len(s) > limit:
         s = s[: max(limit - 1, 0)] + "…"
     return s

@@ -29,11 +29,31 @@ PIECES = ["[b]", "[/b]", "[/]", "[/INST]", "[INST]", "[link=https://example.com/
           "[@click=app.quit]", "[$accent]", "$accent", "\\[", "\\", "[", "]", "[[", "\x1b[31m", "\x1b[2J", "\x1b[0m",
           "\x1b]0;title\x07", "\x1b[?1049l", "\r", "\x00", "\x08", "\x7f", "\x9b", "\u202e", "\u2066", "\u200f",
           "\u2028", "\t", "\n", "\r\n", "שלום עולם", "مرحبا بالعالم", "한국어 문장입니다", "🙂", "e\u0301", "\ufeff",
-          "\u200b", "%s", "{}", "<b>", "&amp;"]
+          "\u200b", "%s", "{}", "<b>", "&amp;", "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466", "\u2060"]
 hostile = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=8)), min_size=1, max_size=6).map("".join)
 long_line = st.tuples(st.sampled_from(["한", "x", "[/INST]", "ل", "\x1b[31m", "[b]"]), hostile).map(
     lambda t: (t[0] * 10000)[:10000 - len(t[1])] + t[1])  # a 10 kB line
 field = st.one_of(hostile, hostile, hostile, long_line)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(hostile, st.text()))
+def test_plain_text_is_as_wide_in_every_terminal(value):
+    """What ``plain`` hands the screen holds no control character and no zero-width joiner or space — terminals
+    disagree on those (a ZWJ family emoji is 2 cells in one and 8 in tmux: the border after it moved): a
+    joined emoji sequence shows as its emoji side by side."""
+    import re
+
+    from rich.cells import cell_len
+
+    from app.text import plain
+
+    shown = plain(value, one_line=False)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2028\u2029\u2060"
+                         "\u2066-\u2069\ufeff]", shown), ascii(shown)
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"
+    assert plain(f"|{family}|") == "|\U0001f468\U0001f469\U0001f467\U0001f466|"
+    assert cell_len(plain(f"|{family}|")) == 10
 
 
 def marker(example: int, name: str) -> str:
