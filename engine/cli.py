@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine import __version__
+from engine.util import Parser
 
 
 def _positive_int(text: str) -> int:
@@ -251,25 +252,6 @@ def _app_parsers(sub) -> None:
     p.set_defaults(handler="engine.commands:demo")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a bad call answered in one line (the usage is one ``--help`` away), exit status 2, and
-    either spelling of a long flag: the training flags are the seed's (``--max_len``), the data tools' are
-    hyphenated (``--max-len``); a hand used to one gets the other too, while ``--help`` shows one."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-    def _parse_optional(self, arg_string):
-        if arg_string.startswith("--") and len(arg_string) > 2:
-            name, eq, value = arg_string.partition("=")
-            if name not in self._option_string_actions:
-                for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
-                    if other in self._option_string_actions:
-                        arg_string = other + eq + value
-                        break
-        return super()._parse_optional(arg_string)
-
-
 def _checkpoint(text: str) -> int:
     """``--checkpoint``: a step, N, or the folder's name, checkpoint-N."""
     try:
@@ -289,7 +271,7 @@ def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> arg
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="voxtui",
         description="Fine-tune the language model inside Mistral's Voxtral on text: data tools, preflight, "
                     "a headless training engine and a terminal dashboard.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import json
@@ -14,6 +15,32 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad call answered in one line (the usage is one ``--help`` away), exit status 2, and
+    either spelling of a long flag: the training flags are the seed's (``--max_len``), the data tools' are
+    hyphenated (``--max-len``); a hand used to one gets the other too, while ``--help`` shows one."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _parse_optional(self, arg_string):
+        if arg_string.startswith("--") and len(arg_string) > 2:
+            name, eq, value = arg_string.partition("=")
+            if name not in self._option_string_actions:
+                for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if other in self._option_string_actions:
+                        arg_string = other + eq + value
+                        break
+        return super()._parse_optional(arg_string)
+
+
+def first_on_its_node() -> bool:
+    """Whether this process says a worker's usage error: under torchrun every rank meets the same bad flag or
+    setting, so each node's first rank (LOCAL_RANK 0, or no torchrun) says it once and the others exit as
+    quietly with the same status."""
+    return os.environ.get("LOCAL_RANK", "0") in ("0", "")
 
 
 class UsageError(Exception):

@@ -94,6 +94,18 @@ def test_bad_arguments_exit_2():
         proc = voxtui(*cmd)
         assert proc.returncode == 2 and proc.stderr.strip() == (
             f"{name}: error: unrecognized arguments: {extra} (see {name} --help)"), proc.stderr
+    # the worker started by hand (preflight prints its command): one line too, said once however many ranks
+    torchrun = Path(sys.executable).with_name("torchrun")
+    name = "torchrun --nproc_per_node N -m engine.train"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args, said in ((["--max_stpes", "2"], f"{name}: error: unrecognized arguments: --max_stpes 2 (see {name} --help)"),
+                       (["--resume", "no-such-run"], "voxtui: error: no-such-run: no such run (looked in . and runs/)")):
+        proc = subprocess.run([sys.executable, "-m", "engine.train", *args], capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == said, proc.stderr
+        proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "engine.train", *args], capture_output=True,
+                              text=True, cwd=ROOT, env=env, timeout=120)
+        assert proc.returncode != 0 and proc.stderr.count(said) == 1 and proc.stderr.count(": error: ") == 1, proc.stderr
     # a choice field: its values in --help and in the error
     proc = voxtui("run", "--quant", "nf5")
     assert proc.returncode == 2 and "(choose from 'nf4', 'none', 'fp8')" in proc.stderr

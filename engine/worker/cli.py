@@ -8,12 +8,22 @@ import os
 from pathlib import Path
 
 from engine.config import TrainConfig, absolute_paths, add_flags, resolve
-from engine.util import UsageError
+from engine.util import Parser, UsageError, first_on_its_node
 from engine.worker.dist import Dist
 
 
+class WorkerParser(Parser):
+    """The worker's flags: a bad one is one line (as ``voxtui``'s), said once per node under torchrun (every
+    rank parses the same flags), exit status 2."""
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if status and not first_on_its_node():
+            message = None
+        super().exit(status, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m engine.train",
+    p = WorkerParser(prog="torchrun --nproc_per_node N -m engine.train",
                                 description="voxtui's training worker: LoRA / QLoRA on Voxtral's language model.")
     add_flags(p)
     p.add_argument("--resume", metavar="RUN", help="continue RUN (a run folder or a name under runs/) from its "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.config import TrainConfig, write_config
 from engine.protocol import Alert, Status
-from engine.util import UsageError
+from engine.util import UsageError, first_on_its_node
 from engine.worker.cli import build_parser, read_engine, resolve_run
 from engine.worker.dist import Dist, data_parallel
 from engine.worker.knobs import knobs
@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.cleanup(state)
         return 1 if state in ("failed", "save_failed") else 0
     except UsageError as e:
-        print(f"voxtui: error: {e}", file=sys.stderr)
+        if first_on_its_node():  # every rank meets the same bad setting: said once (per node)
+            print(f"voxtui: error: {e}", file=sys.stderr)
         if trainer is not None:
             trainer.cleanup("error", str(e))
         return 2
