@@ -507,6 +507,10 @@ def test_preflight_lines_wrap_under_their_own_column(tmp_path):
         # the command starts a new run (the worker refuses a folder that holds one): how to go on is said
         said = " ".join(" ".join(rows[launch:]).split())
         assert "once it has trained, continue it with voxtui run --resume RUN, RUN this run's folder" in said, said
+    # the report a resume made (voxtui run --resume) launches the resume: said so
+    (run / "preflight.json").write_text(json.dumps({**report, "command": f"torchrun -m engine.train --resume {run}"}))
+    said = " ".join(asyncio.run(flow((80, 24))).split())
+    assert "continues this run from its latest checkpoint, as voxtui run --resume did" in said and "once" not in said
 
 
 def test_the_events_logs_scrollbar_is_drawn_on_a_track_of_its_own(run):

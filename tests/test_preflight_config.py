@@ -227,6 +227,9 @@ def test_the_launch_command_keeps_the_flags_given_beside_a_config_file(tmp_path)
     assert launch_command(same, str(path)) == f"{head} --config {shlex.quote(str(path))}"
     assert launch_command(cfg, str(path), written=True) == f"{head} --config {shlex.quote(str(path))}"
     assert launch_command(cfg) == f"{head} --train_jsonl t.jsonl --max_steps 6 --lr 0.5 --no-bf16 --quant none"
+    # a resume's: the run's folder (its config.toml holds the config, the flags given again merged in)
+    run = msgspec.structs.replace(cfg, output_dir=str(tmp_path / "my run"))
+    assert launch_command(run, str(path), written=True, resume=True) == f"{head} --resume {shlex.quote(run.output_dir)}"
 
 
 def test_a_folder_given_as_a_data_file_is_said_to_be_one(tmp_path):

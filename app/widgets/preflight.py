@@ -34,7 +34,9 @@ def report_renderable(report: dict, in_run: bool = False) -> Group:
     launch.add_column(no_wrap=True)
     launch.add_column(overflow="fold")
     launch.add_row(Text("launch:"), data(report.get("command", ""), limit=2000, one_line=False))
-    if in_run:
+    if in_run and " --resume " in str(report.get("command", "")):  # made by a resume (voxtui run --resume)
+        launch.add_row(Text(""), Text("(continues this run from its latest checkpoint, as voxtui run --resume did)"))
+    elif in_run:
         launch.add_row(Text(""), Text("(starts the run this report was made for; once it has trained, continue it "
                                       "with voxtui run --resume RUN, RUN this run's folder)"))
     verdict = assemble(("verdict: ", "bold"), data(str(report.get("verdict", "?")).upper(), "bold", limit=20))

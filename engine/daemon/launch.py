@@ -74,7 +74,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
     cfg.output_dir = os.path.abspath(run_dir)
     cfg.engine = ""
     if not skip_preflight:
-        report = report or preflight(cfg, str(run_dir / "config.toml"), written=True)
+        report = report or preflight(cfg, str(run_dir / "config.toml"), written=True, resume=resume_dir is not None)
         if report["verdict"] == "no-go":
             print(render(report, launch=resume_dir is not None), file=sys.stderr)  # a new run's config.toml is not made
             print("voxtui: preflight says no-go; nothing started" + (

@@ -33,12 +33,16 @@ class Report:
         return "no-go" if "fail" in levels else "warn" if "warn" in levels else "go"
 
 
-def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bool = False) -> str:
+def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bool = False,
+                   resume: bool = False) -> str:
     """The worker's command for ``cfg``: every field that is not its default as a flag, or with
     ``config_path`` (the file ``cfg`` was read from) that file and the flags that override it (a flag given
     beside ``--config``, a batch preflight rescaled); ``written``: the file will hold ``cfg`` itself (a run's
-    config.toml), so the file alone."""
+    config.toml), so the file alone; ``resume``: the run in ``cfg.output_dir`` continued (``--resume RUN``:
+    its config.toml, written, holds ``cfg``)."""
     head = ["torchrun", "--standalone", "--nproc_per_node", str(cfg.nproc), "-m", "engine.train"]
+    if resume:
+        return shlex.join(head + ["--resume", cfg.output_dir])
     base = TrainConfig()
     if config_path:
         head += ["--config", config_path]
@@ -62,8 +66,10 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bo
     return shlex.join(head + flags)
 
 
-def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False, written: bool = False) -> dict:
-    """Every check on ``cfg``, the verdict, and the command that launches it (``launch_command``)."""
+def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False, written: bool = False,
+              resume: bool = False) -> dict:
+    """Every check on ``cfg``, the verdict, and the command that launches it (``launch_command``; ``resume``:
+    a resume of the run in ``cfg.output_dir``, so ``--resume RUN``)."""
     r = Report()
     if not written and cfg.output_dir and (Path(cfg.output_dir) / "events.jsonl").exists():
         # what `voxtui run` refuses: a new run in a folder that holds one (a resume's preflight is ``written``)
@@ -79,7 +85,7 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
         check_probe(cfg, r, lengths)  # rescales the batch in cfg, so the command below uses it
         if (cfg.per_device_bsz, cfg.grad_accum) != batch and tok is not None:
             check_plan(cfg, r, tok)  # the plan of the batch the command launches
-    return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path, written),
+    return {"verdict": r.verdict, "checks": r.checks, "command": launch_command(cfg, config_path, written, resume),
             "config": to_toml(cfg)}
 
 
