@@ -170,12 +170,23 @@ def train_args(model: Path, out: Path, train: Path, val: Path | None = None, **f
     return args
 
 
+ENDLESS = 10_000  # a run of this many steps or more trains until its test stops it
+
+
+def paced(args: list[str]) -> dict:
+    """The environment of a run that trains until its test stops it (--max_steps ENDLESS or more): it sleeps
+    0.1 s after each step (VOXTUI_STEP_PAUSE), a third of a core instead of a whole one, so the tests beside it
+    on a 2-core machine keep theirs (a test's ``env`` may set it otherwise)."""
+    steps = args[args.index("--max_steps") + 1] if "--max_steps" in args else "0"
+    return {"VOXTUI_STEP_PAUSE": "0.1"} if steps.isdigit() and int(steps) >= ENDLESS else {}
+
+
 def worker(args: list[str], nproc: int = 1, env: dict | None = None, wait: bool = True, timeout: int = 300):
     """Run the real worker: `python -m engine.train` for 1 rank, real torchrun (gloo) for more."""
     cmd = [sys.executable, "-m", "engine.train", *args] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
          "-m", "engine.train", *args]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **paced(args), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True)
@@ -191,7 +202,7 @@ def start_detached(model: Path, runs: Path, name: str, train: Path, nproc: int =
     args = train_args(model, runs / name, train, **flags) + ["--nproc", str(nproc), "--detach"]
     if not preflight:
         args.append("--skip_preflight")
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **paced(args), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "engine", "run", *args], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

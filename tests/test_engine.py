@@ -389,7 +389,7 @@ def test_remote_clients_need_curve(tmp_path, tiny_model, train_file):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VOXTUI_STEP_PAUSE": "0.1"}
     run = tmp_path / "runs" / "remote"
     proc = subprocess.run([sys.executable, "-m", "engine", "run", *train_args(tiny_model, run, train_file, max_steps=100000),
                            "--nproc", "1", "--listen", f"tcp://127.0.0.1:{port}", "--detach", "--skip_preflight"],
@@ -543,7 +543,7 @@ def foreground_run(tiny_model, run, train_file) -> subprocess.Popen:
     """`voxtui run` in the foreground, one rank, a long run, in a session of its own (its stdout piped)."""
     from conftest import _DETACHED, ROOT, train_args
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "VOXTUI_STEP_PAUSE": "0.1"}
     proc = subprocess.Popen([sys.executable, "-m", "engine", "run",
                              *train_args(tiny_model, run, train_file, max_steps=100000), "--nproc", "1",
                              "--skip_preflight"],

@@ -25,11 +25,14 @@ def test_knobs_are_read_from_the_environment_and_checked():
     assert Knobs().step_overlap and not read({"VOXTUI_STEP_OVERLAP": "0"}).step_overlap
     assert not Knobs().cuda_graphs and read({"VOXTUI_CUDA_GRAPHS": "1"}).cuda_graphs
     assert not Knobs().nf4_keep_weights and read({"VOXTUI_NF4_KEEP_WEIGHTS": "1"}).nf4_keep_weights
+    assert Knobs().step_pause == 0 and read({"VOXTUI_STEP_PAUSE": "0.25"}).step_pause == 0.25
     for env, says in [({"VOXTUI_FAULT_NAN_STEP": "three"}, "VOXTUI_FAULT_NAN_STEP=three: not a whole number"),
                       ({"VOXTUI_FAULT_SLOW_SAVE": "-1"}, "VOXTUI_FAULT_SLOW_SAVE=-1: must be 0 or more"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "0"}, "VOXTUI_ENGINE_TIMEOUT=0: must be above 0"),
                       ({"VOXTUI_ENGINE_TIMEOUT": "nan"}, "VOXTUI_ENGINE_TIMEOUT=nan: must be 0 or more"),
                       ({"VOXTUI_PROFILE_STEPS": "a:b"}, "VOXTUI_PROFILE_STEPS=a:b: not A:B"),
+                      ({"VOXTUI_STEP_PAUSE": "inf"}, r"VOXTUI_STEP_PAUSE=inf: at most 60 \(seconds\)"),
+                      ({"VOXTUI_STEP_PAUSE": "-0.1"}, "VOXTUI_STEP_PAUSE=-0.1: must be 0 or more"),
                       ({"VOXTUI_FUSION": "some"}, "VOXTUI_FUSION=some: must be one of none, nf4, all"),
                       ({"VOXTUI_INDUCTOR": "max"}, "VOXTUI_INDUCTOR=max: must be one of default, coordinate, autotune"),
                       ({"VOXTUI_CHECKPOINT": "outside"}, "VOXTUI_CHECKPOINT=outside: must be one of inside, around"),

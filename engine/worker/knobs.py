@@ -7,6 +7,10 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     step N's loss is made NaN (the tests of ``--on_nan``)
 ``VOXTUI_FAULT_SLOW_SAVE=S``
     every checkpoint write sleeps S seconds midway (the tests that kill a run while it saves)
+``VOXTUI_STEP_PAUSE=S``
+    after each step the worker sleeps S seconds (the tests whose runs train on while they watch the engine
+    and the dashboard: such a run then idles most of the time instead of taking a core from the tests
+    beside it on a small machine; commands still act at the next step boundary)
 ``VOXTUI_ENGINE_TIMEOUT=S``
     overrides ``--engine_timeout`` for this process, without changing the run's config.toml (the engine
     and chaos tests stop engines on purpose, and set it low for every process they start)
@@ -76,6 +80,7 @@ from engine.util import UsageError
 class Knobs:
     nan_step: int = 0  # 0: no fault
     slow_save: float = 0.0  # seconds; 0: no fault
+    step_pause: float = 0.0  # seconds slept after each step
     engine_timeout: float | None = None  # None: --engine_timeout holds
     ddp_split_graphs: bool = False
     profile_steps: tuple[int, int] | None = None  # (first, last), counted from 1
@@ -109,8 +114,12 @@ def read(env=None) -> Knobs:
     timeout = _number("VOXTUI_ENGINE_TIMEOUT", float, env)
     if timeout is not None and timeout <= 0:
         raise UsageError(f"VOXTUI_ENGINE_TIMEOUT={env['VOXTUI_ENGINE_TIMEOUT']}: must be above 0")
+    pause = _number("VOXTUI_STEP_PAUSE", float, env) or 0.0
+    if pause > 60:
+        raise UsageError(f"VOXTUI_STEP_PAUSE={env['VOXTUI_STEP_PAUSE']}: at most 60 (seconds)")
     return Knobs(nan_step=_number("VOXTUI_FAULT_NAN_STEP", int, env) or 0,
                  slow_save=_number("VOXTUI_FAULT_SLOW_SAVE", float, env) or 0.0,
+                 step_pause=pause,
                  engine_timeout=timeout,
                  ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1",
                  profile_steps=_steps("VOXTUI_PROFILE_STEPS", env),

@@ -372,6 +372,8 @@ class Trainer:
             state = self._boundary(actions, slowest)
         if self.profiler is not None:
             self.profiler.after(self.step)  # the window ends after the boundary: a step's whole cost
+        if state is None and self.knobs.step_pause:
+            time.sleep(self.knobs.step_pause)  # VOXTUI_STEP_PAUSE: a test's run idles between its steps
         return state
 
     def _settle(self) -> None:
