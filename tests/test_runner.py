@@ -73,7 +73,8 @@ def test_stop_is_stopped_the_engine_leaves_at_once_and_resume_follows(tmp_path, 
         f"torchrun --standalone --nproc_per_node 1 -m engine.train --resume {run}")
     wait_for(lambda: read_events(run)[-1].get("outcome") == "completed", timeout=120)
     # at once; a completed run's rate has decayed to 0 (--min_lr_ratio 0): it trains on given a floor above 0
-    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--min_lr_ratio", "0.1", "--detach")
+    proc = voxtui("run", "--resume", run, "--max_steps", str(step + 3), "--min_lr_ratio", "0.1", "--detach",
+                  "--skip_preflight")
     assert proc.returncode == 0, proc.stderr
     wait_for(lambda: read_events(run)[-1].get("outcome") == "completed"
              and max(e["step"] for e in read_events(run) if e["type"] == "step") == step + 3, timeout=120)

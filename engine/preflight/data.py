@@ -1,5 +1,5 @@
 """Preflight's data and plan checks. Each file is audited (broken rows, duplicates, leakage), then
-tokenised once, as the worker will: with the run's own tokenizer (``load_format(cfg.model_id)``), by
+tokenised once, as the worker will: with the run's own tokenizer (``load_format(cfg.model_id)``, loaded once), by
 ``engine.worker.batching.tokenize`` into the token cache the worker then reads (its key: the file's
 bytes, the tokenizer, --max_len, --long). The length check and the plan both read those rows."""
 
@@ -10,11 +10,12 @@ from engine.config import TrainConfig
 
 def tokenize_as_worker(cfg: TrainConfig, path: str):
     """``path``'s rows as the worker tokenises them (``batching.Tokenized``), read from or written to its
-    cache. UsageError when the tokenizer cannot be had or a row is broken."""
-    from engine.formatting import load_format
+    cache. UsageError when the tokenizer cannot be had or a row is broken. The tokenizer is loaded once a
+    process (``data_format``: the audit's, then train's and val's; 1.2 s a load of Tekken's 131,072 pieces)."""
+    from engine.data.scan import data_format
     from engine.worker import batching
 
-    return batching.tokenize(path, load_format(cfg.model_id), cfg.max_len, cfg.long, batching.cache_dir_for(cfg))
+    return batching.tokenize(path, data_format(cfg.model_id), cfg.max_len, cfg.long, batching.cache_dir_for(cfg))
 
 
 def check_data(cfg: TrainConfig, r) -> tuple[dict, dict]:
