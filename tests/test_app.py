@@ -144,7 +144,7 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
         assert c.send(Stop()).status == "ok"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # trained once a test process (module scope: again each time the module comes back)
 def finished_runs(tmp_path_factory, tiny_model):
     """Two finished runs (with evals, previews and checkpoints), trained by the real worker."""
     from conftest import train_args, worker

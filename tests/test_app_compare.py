@@ -14,7 +14,7 @@ from conftest import pilot_wait
 LONG = "lower-lr-[bold]with[i]-a-really-quite-long-descriptive-run-name-2024"  # markup is data here
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare") / "runs"
     make_run(root, "baseline", inference={4: {"rougeL": 0.3, "bleu": 2.0}}, infer_files={8: {"rougeL": 0.4, "bleu": 3.0}})

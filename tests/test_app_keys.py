@@ -15,7 +15,7 @@ TABS = ("overview", "gpus", "previews", "checkpoints", "preflight", "events", "c
 KEYS = "1234567890"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def replayed(tmp_path_factory):
     from engine.client import engine_alive, engine_info
 

@@ -71,7 +71,7 @@ def seed_events(path: Path) -> Path:
     ])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def engine(tmp_path_factory):
     """A real engine serving a run whose folder name holds markup; events are pushed into it later."""
     from engine.client import engine_alive, engine_info

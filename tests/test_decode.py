@@ -8,7 +8,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 EOS, PAD = 2, 11
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once a test process, however the modules interleave
 def peft_model(tiny_model, tmp_path_factory):
     """The tiny Voxtral with a LoRA adapter whose B is not zero (a trained adapter changes the output),
     and that adapter saved the way the worker saves it."""

@@ -60,7 +60,7 @@ def mangled_event() -> st.SearchStrategy[bytes]:
     return base | spliced
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def engine_run(tmp_path_factory):
     """A real engine (its worker: the replay stand-in, which then waits for a stop)."""
     run = tmp_path_factory.mktemp("fuzz") / "fuzzed"

@@ -20,7 +20,7 @@ INFER_EVENT = {4: {"rougeL": 0.25, "bleu": 1.5}}  # an engine's inference job: i
 INFER_FILE = {8: {"rougeL": 0.375, "bleu": 3.5, "distinct_1": 0.5, "ci95": {"rougeL": [0.25, 0.5], "bleu": [2.0, 5.0]}}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # made once a test process, however the modules interleave
 def run(tmp_path_factory):
     """A finished 2-rank run of 12 steps with 2 GPUs per rank: evaluations, checkpoints, previews,
     telemetry, one inference job reported by its event and one by its metrics.json (`voxtui infer` by hand)."""

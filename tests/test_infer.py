@@ -13,7 +13,8 @@ ROWS = [{"instruction": f"Which organ does condition {i} affect?", "output": f"C
         for i in range(12)] + [{"instruction": f"증상 {i}번은 무엇인가요?", "output": f"증상 {i}번은 두통입니다."} for i in range(6)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: the slowest-first order interleaves the modules,
+# and a module fixture is built again each time its module comes back (5 trained runs instead of 1)
 def run(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("infer")
     train = write_jsonl(d / "train.jsonl", ROWS)

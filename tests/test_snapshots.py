@@ -37,7 +37,7 @@ def recorded_checkpoints(run: Path) -> None:
                 (run / "lora_final" / "adapter_model.safetensors").write_bytes(b"")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def replayed(tmp_path_factory):
     """A real engine replaying the recorded run (the folder keeps the recorded name), with the run's
     checkpoint folders."""

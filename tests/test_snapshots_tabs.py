@@ -9,7 +9,7 @@ import tabs_run
 from conftest import until_still
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a test process: the slowest-first order interleaves the modules
 def tabs_folder(tmp_path_factory):
     return tabs_run.build(tmp_path_factory.mktemp("tabs"))
 
