@@ -50,13 +50,17 @@ class FileTail:
         return 0
 
     def after(self, last: int) -> list:
+        """The events after event ``last``: once placed, every line appended since the last read, in the
+        file's order whatever their seqs (one line with a high seq, written by hand, must not hide the real
+        events after it); on placing, and in a file that shrank, those numbered above ``last``."""
+        by_seq = False
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if self.offset is None:
-                    self.offset = self._place(f, size, last)
+                    self.offset, by_seq = self._place(f, size, last), True
                 if size < self.offset:
-                    self.offset = 0
+                    self.offset, by_seq = 0, True
                 if size == self.offset:
                     return []
                 f.seek(self.offset)
@@ -69,7 +73,7 @@ class FileTail:
         for line in chunk[:end].splitlines():
             if line.strip():
                 ev = decode_event(line)
-                if ev is not None and ev.seq > last:
+                if ev is not None and (not by_seq or ev.seq > last):
                     out.append(ev)
         return out
 
@@ -129,6 +133,8 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                 if events:
                     post(EventsReceived(events))
                     last = events[-1].seq
+            if client.live:
+                tail = None  # the engine appends meanwhile: read the file again from where the events seen end
             if client.live and client.answered and lost is not None:
                 # live once the engine has been heard since connecting (the history's reply, a heartbeat): a
                 # process that is alive but frozen (SIGSTOP, swapped out) is still lost

@@ -77,11 +77,19 @@ class History:
         return f"History({len(self)} rows of {self.appended}, older every {self._stride})"
 
 
+RECENT = 65536  # events whose seqs are kept to know them again (about 5 MB)
+
+
 @dataclass
 class RunState:
     run: str = ""  # the run's name, as its events say (the folder's name when it was created)
     folder: str = ""  # the name of the folder the dashboard reads (copied or renamed: not the events' name)
-    last_seq: int = 0
+    last_seq: int = 0  # the seq of the last event applied (in the order read: the file's, the engine's)
+    # the seqs of the last RECENT events applied: an event seen again (the history and the live stream
+    # overlap) is applied once. Not "every seq up to the highest": one line with a high seq written into
+    # events.jsonl by hand would then hide every real event after it
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    recent_set: set = field(default_factory=set)
     # the last status event's state, message and outcome (Status.outcome of a finished run); ``state``,
     # ``status_message`` and ``outcome`` are these, but where the engine's status says more (engine_status)
     event_state: str = "new"
@@ -131,8 +139,12 @@ class RunState:
     folder_gone: bool = False  # the run folder no longer exists (deleted or moved while attached)
 
     def apply(self, ev) -> None:
-        if ev.seq <= self.last_seq:
+        if ev.seq in self.recent_set:
             return
+        if len(self.recent) == RECENT:
+            self.recent_set.discard(self.recent[0])
+        self.recent.append(ev.seq)
+        self.recent_set.add(ev.seq)
         if self.last_seq and ev.seq != self.last_seq + 1:
             self.gaps += 1
         self.last_seq = ev.seq

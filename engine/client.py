@@ -80,7 +80,7 @@ class EngineClient:
         self.request_timeout = request_timeout
         self.command_attempts = 3  # a command unanswered in request_timeout is sent again, same id
         self.last = 0  # seq of the last event handed out
-        self._file_mark = (0, 0)  # events.jsonl read up to this byte offset, and the highest seq before it
+        self._file_mark = (0, 0)  # events.jsonl read up to this byte offset, and the seq of the event before it
         self._ctx = zmq.Context.instance()
         self._sub = None
         self._dealer = None
@@ -179,7 +179,10 @@ class EngineClient:
         """The events after ``after`` from events.jsonl (no engine to ask). Only what the file gained since
         the last call is read (a finished run's dashboard asks every few seconds: re-reading a long file
         each time would cost it the CPU); a file that shrank (replaced) or a question about events before
-        that point reads from the start. A torn last line is not an event yet."""
+        that point reads from the start. A torn last line is not an event yet. Read on from the last call's
+        end, every line appended since is an event after it, in the file's order whatever its seq (one line
+        with a high seq, written by hand, must not hide the real events after it); from the start, those
+        numbered above ``after``."""
         path = self.run_dir / "events.jsonl"
         try:
             f = open(path, "rb")
@@ -187,19 +190,19 @@ class EngineClient:
             return []
         out = []
         with f:
-            pos, seen = self._file_mark
-            if os.fstat(f.fileno()).st_size < pos or after < seen:
-                pos, seen = 0, 0
+            pos, seen = self._file_mark  # where the last read ended, and the seq of the event it ended after
+            by_seq = pos == 0 or os.fstat(f.fileno()).st_size < pos or after != seen
+            if by_seq:
+                pos, seen = 0, after
             f.seek(pos)
             for line in f:
                 if not line.endswith(b"\n"):
                     break  # a torn last line, still being written
                 pos += len(line)
                 ev = decode_event(line) if line.strip() else None
-                if ev is not None:
-                    seen = max(seen, ev.seq)
-                    if ev.seq > after:
-                        out.append(ev)
+                if ev is not None and (not by_seq or ev.seq > after):
+                    out.append(ev)
+                    seen = ev.seq
         self._file_mark = (pos, seen)
         return out
 
@@ -219,8 +222,12 @@ class EngineClient:
                 yield ev
             if not self.live:
                 more = self._file_after(self.last)
+                for ev in more:  # in the file's order, each line once (read on from where the last read ended)
+                    self.last = ev.seq
+                    if deadline is not None:
+                        deadline = time.monotonic() + timeout
+                    yield ev
                 if more:
-                    self._buffer = more
                     continue
                 return
             wait = 250 if deadline is None else max(0, min(250, int((deadline - time.monotonic()) * 1000)))

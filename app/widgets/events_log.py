@@ -59,7 +59,7 @@ class EventsLog(Vertical):
         yield RichLog(id="ev-log", max_lines=SHOWN, wrap=True, markup=False, min_width=20)
 
     def on_mount(self) -> None:
-        self._written = 0  # seq of the newest event written to the log
+        self._written = None  # the newest event written to the log (the event itself: seqs need not rise)
         self._filter = ""
         self._width: int | None = None  # the log's width its lines were wrapped to
         # kept at its end when the terminal is resized too (else, grown then shrunk, its last row was an old
@@ -73,7 +73,7 @@ class EventsLog(Vertical):
 
     def rewrite(self, follow: bool = True) -> None:
         """Every shown event written again (another filter, another width); ``follow``: then to the end."""
-        self._written = 0
+        self._written = None
         self.query_one("#ev-log", RichLog).clear()
         self.show(self.app.state, follow)  # type: ignore[attr-defined]
 
@@ -102,7 +102,7 @@ class EventsLog(Vertical):
         log = self.query_one("#ev-log", RichLog)
         new = []
         for ev in reversed(s.events):  # the newest first, back to what the log already has
-            if ev.seq <= self._written:
+            if ev is self._written:
                 break
             line = self.line(ev)
             if line is not None:
@@ -110,7 +110,7 @@ class EventsLog(Vertical):
                 if len(new) >= SHOWN:
                     break
         if s.events:
-            self._written = max(self._written, s.events[-1].seq)
+            self._written = s.events[-1]
         for line in reversed(new):
             log.write(line, scroll_end=None if follow else False)
         if new and log.auto_scroll and follow:

@@ -83,17 +83,20 @@ class EventStore:
         if self._seqs:  # after the highest seq in the file, wherever its line is (a line moved, one made by hand)
             self.seq = max(self.seq, self._seqs[-1])
 
-    def _index(self, f) -> None:
+    def _index(self, f, upto: int | None = None) -> None:
         """The seq and byte offset of every event line of the open file ``f``, so history is served from
         it: lines that are no event (garbage, torn) are passed over, and of a seq found twice (a line
-        copied) or out of order the first line is kept."""
+        copied) or out of order the first line is kept. ``upto``: no line numbered above it is served — this
+        engine numbers the events, and a line written since with a higher seq is none of its (a line
+        another process appended: served last, it would read as the run's newest event, and a client that
+        took its seq as where it is would pass over every real event after it)."""
         st = os.fstat(f.fileno())
         seqs, offsets = array("q"), array("q")
         ordered, pos = True, 0
         f.seek(0)
         for line in f:
             seq = line_seq(line)
-            if seq:
+            if seq and (upto is None or seq <= upto):
                 ordered = ordered and (not seqs or seq > seqs[-1])
                 seqs.append(seq)
                 offsets.append(pos)
@@ -176,7 +179,7 @@ class EventStore:
                 st = os.fstat(f.fileno())
                 for attempt in range(2):
                     if attempt or (st.st_dev, st.st_ino) != self._ident or st.st_size != self._size:
-                        self._index(f)  # not the file indexed (changed or replaced): read it again
+                        self._index(f, upto=self.seq)  # not the file indexed (changed or replaced): read it again
                     lines, last, complete = self._lines(f, after, limit)
                     if complete:
                         break
