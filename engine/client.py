@@ -29,6 +29,7 @@ from engine.runs import (  # noqa: F401 (the run folder's views, for clients: th
     complete_checkpoints,
     engine_alive,
     engine_info,
+    engine_json_problem,
     final_adapter,
     fold_spool,
     inference_results,
@@ -265,10 +266,17 @@ class EngineClient:
         """Whether ``events()`` would yield again at once (buffered or already received)."""
         return bool(self._buffer) or (self._sub is not None and bool(self._sub.poll(0)))
 
+    def not_live(self) -> str:
+        """Why no engine takes requests: its engine.json cannot be read (the engine may be running still, its
+        sockets unknown), or no engine runs."""
+        problem = engine_json_problem(self.run_dir) if self.run_dir is not None and not self.curve else ""
+        return f"{problem}: the engine cannot be reached (it may still be running)" if problem else \
+            "the engine is not running"
+
     def send(self, command) -> Reply:
         """Send a command; returns the engine's reply. A command without an id gets a fresh one."""
         if not self.live:
-            return Reply(status="error", reason="the engine is not running")
+            return Reply(status="error", reason=self.not_live())
         if not command.id:
             command.id = secrets.token_hex(8)
         reply, _ = self._request(Request(op="command", command=command), attempts=self.command_attempts)
@@ -276,7 +284,7 @@ class EngineClient:
 
     def status(self) -> Reply:
         if not self.live:
-            return Reply(status="error", reason="the engine is not running")
+            return Reply(status="error", reason=self.not_live())
         reply, _ = self._request(Request(op="status"))
         return reply
 

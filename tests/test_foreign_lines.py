@@ -121,3 +121,42 @@ def test_an_engine_serves_no_line_numbered_beyond_its_own(tmp_path):
         sink.close()
         subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True,
                        timeout=120)
+
+
+def test_an_engine_key_with_no_engine_to_reach_says_why(tmp_path):
+    """engine.json garbled by hand while the engine runs: a dashboard attached then cannot reach it (its
+    sockets are in that file). An engine key (greyed) is answered with why — not dropped in silence — and
+    a client's send says the engine cannot be reached, not that it is not running."""
+    from app.app import VoxApp
+    from engine.client import EngineClient, engine_alive, engine_info
+    from engine.protocol import SaveCheckpoint
+
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(line(real(1, state="starting")) + line(real(2, state="running")))
+    run = tmp_path / "r"
+    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(seed), "--run-dir", str(run)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    info = engine_info(run)
+    assert engine_alive(info)
+    good = (run / "engine.json").read_bytes()
+    try:
+        stored(run, lambda evs: any(e.get("state") == "running" for e in evs))
+        (run / "engine.json").write_text('{"pid": 1, garbage')
+        with EngineClient(run) as c:
+            reason = c.send(SaveCheckpoint()).reason
+        assert reason.startswith("engine.json unreadable (line 1 column 12)") and "cannot be reached" in reason
+
+        async def flow():
+            app = VoxApp(str(run))
+            async with app.run_test(size=(100, 30)) as pilot:
+                await pilot_wait(pilot, lambda: app.state.state == "running" and app.state.engine_live is False)
+                await pilot.press("s")
+                await pilot_wait(pilot, lambda: any("save: not sent — engine.json unreadable" in str(n.message)
+                                                    for n in app._notifications), timeout=5)
+                await pilot.press("q")
+
+        asyncio.run(flow())
+    finally:
+        (run / "engine.json").write_bytes(good)
+        subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True,
+                       timeout=120)

@@ -412,6 +412,22 @@ class RunScreen(Screen):
             return False if ended else None if lost else True
         return True
 
+    def on_key(self, event) -> None:
+        """An engine key pressed while there is no engine to take it (greyed in the footer): said, not
+        dropped in silence, with why (the banner's reason; an unreadable engine.json)."""
+        action = next((b.action for b in self.BINDINGS if isinstance(b, Binding) and b.key == event.key
+                       and b.action in ENGINE_ACTIONS), None)
+        if action is None or isinstance(self.focused, Input):
+            return
+        ended, lost = self.engine_keys_state()
+        if lost and not ended:
+            from engine.client import engine_json_problem
+
+            problem = engine_json_problem(self.run_dir)
+            why = (f"{problem}: the engine cannot be reached (it may still be running)" if problem else
+                   self._lost_reason or "the engine is not running")
+            self.say(f"{action.replace('_', ' ')}: not sent — {why}", "warning")
+
     def engine_keys_state(self) -> tuple[bool, bool]:
         s = self.app.state
         return s.state in FINAL or s.crashed, s.engine_live is False or bool(self._lost_reason)
