@@ -59,6 +59,19 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
+def printable_lines(text: object) -> str:
+    """``printable`` line by line, the line breaks kept: for text of several lines from a run (a traceback,
+    whose paths hold the run folder's name; a table) written to a log that ``tail -f`` shows on a terminal."""
+    return "\n".join(printable(line) for line in ("" if text is None else str(text)).split("\n"))
+
+
+def print_traceback(file: IO | None = None) -> None:
+    """The exception being handled, as ``traceback.print_exc`` prints it, each line through ``printable``."""
+    import traceback
+
+    print(printable_lines(traceback.format_exc().rstrip("\n")), file=file or sys.stderr, flush=True)
+
+
 def counted(n: int, noun: str, plural: str = "") -> str:
     """``n`` and its noun, singular for one: "1 row", "0 rows", "3 rows" (``plural``: when not noun + "s")."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

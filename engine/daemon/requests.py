@@ -19,6 +19,7 @@ import zmq
 from engine.daemon.store import EventStore, Unreadable
 from engine.protocol import CLIENT_COMMANDS, AnyCommand, Reply
 from engine.session import Session
+from engine.util import printable
 
 HISTORY_CHUNK = 5000  # events in one history reply at most
 KEEP_REPLIES = 4096  # command ids remembered, so that a retry gets the first reply
@@ -57,7 +58,7 @@ class RequestHandler:
             reply(Reply(status="error", reason=str(e), state=self.state()))
             if str(e) not in self.said:
                 self.said.add(str(e))
-                print(f"engine: {e} (history requests get an error reply until it is a file again)",
+                print(printable(f"engine: {e} (history requests get an error reply until it is a file again)"),
                       file=sys.stderr, flush=True)
         except Exception as e:
             # whatever failed, the client gets an answer (it would wait for nothing); the engine's guard logs it

@@ -12,7 +12,7 @@ from engine.config import TrainConfig, read_toml, to_toml
 from engine.preflight.data import check_data, check_plan
 from engine.preflight.memory import check_memory, check_model, check_probe, estimate_memory, fastest_fit
 from engine.preflight.system import check_bf16, check_system
-from engine.util import UsageError
+from engine.util import UsageError, printable, printable_lines
 
 __all__ = ["Report", "preflight", "render", "launch_command", "check_system", "check_bf16", "check_data",
            "check_plan", "check_model", "check_memory", "check_probe", "estimate_memory", "fastest_fit"]
@@ -92,8 +92,9 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
 def render(report: dict, launch: bool = True) -> str:
     """The checks, the verdict and (``launch``) the command that starts the run."""
     marks = {"ok": "  ok ", "info": " info", "warn": " WARN", "fail": " FAIL"}
-    out = [f"{marks[c['level']]}  {c['area']:<7} {c['message']}" for c in report["checks"]]
+    # (paths and a file's text in them escaped: what a run folder's or data file's name holds reaches no terminal)
+    out = [f"{marks[c['level']]}  {c['area']:<7} {printable_lines(c['message'])}" for c in report["checks"]]
     out.append(f"\nverdict: {report['verdict'].upper()}")
     if launch:
-        out.append(f"launch:  {report['command']}")
+        out.append(f"launch:  {printable(report['command'])}")
     return "\n".join(out)

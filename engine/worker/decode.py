@@ -358,8 +358,10 @@ class Decoder:
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to the same math eagerly
             import warnings
 
-            warnings.warn(f"decoding without torch.compile: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                          stacklevel=2)
+            from engine.util import printable
+
+            first = (str(e).splitlines() or [""])[0][:200]
+            warnings.warn(printable(f"decoding without torch.compile: {type(e).__name__}: {first}"), stacklevel=2)
             self.compiled, self._fns = False, (_attn_in, _attn_out)
             self._restore()
             return self._forward()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from engine.protocol import Log, Message, Step, Telemetry
-from engine.util import run_name
+from engine.util import printable, printable_lines, run_name
 
 
 class Report:
@@ -44,8 +44,10 @@ class Report:
             self.sink.emit(event)
 
     def log(self, message: str) -> None:
+        """A line (or lines) in worker.log; what it quotes from the run (its folder's path, a file's text, an
+        error's message) escaped, as ``voxtui`` prints it: ``tail -f`` on the log is safe on a terminal."""
         if self.main:
-            print(f"[voxtui] {message}", file=sys.stderr, flush=True)
+            print(f"[voxtui] {printable_lines(message)}", file=sys.stderr, flush=True)
 
     def say(self, message: str, level: str = "info") -> None:
         """A line in the log that the dashboard shows too (a ``log`` event)."""
@@ -130,13 +132,13 @@ class Board:
         except OSError as e:
             from torch.utils.tensorboard import SummaryWriter
 
-            print(f"[voxtui] TensorBoard: {e}; writing a new event file", file=sys.stderr, flush=True)
+            print(printable(f"[voxtui] TensorBoard: {e}; writing a new event file"), file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):
                 self.writer.close()
             try:
                 self.writer = SummaryWriter(str(self.folder))
             except OSError as again:
-                print(f"[voxtui] TensorBoard output ends: {again}", file=sys.stderr, flush=True)
+                print(printable(f"[voxtui] TensorBoard output ends: {again}"), file=sys.stderr, flush=True)
                 self.writer = None
 
     def step(self, ev: Step) -> None:

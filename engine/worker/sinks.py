@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engine.eventlog import Spool, last_seq, worker_id
 from engine.protocol import AnyCommand, Message, command_decoder, decode, event_encoder, stamp
+from engine.util import printable
 
 
 class JsonlSink:
@@ -153,8 +154,8 @@ class ControlInbox:
                 if cmd is None:  # the engine sends only what it validated: say it, drop it
                     self.dropped += 1
                     if self.dropped == 1:
-                        print(f"[voxtui] dropped an unreadable command from the engine ({why}); "
-                              "further ones go unsaid", file=sys.stderr, flush=True)
+                        print(printable(f"[voxtui] dropped an unreadable command from the engine ({why}); "
+                                        "further ones go unsaid"), file=sys.stderr, flush=True)
                     continue
                 if isinstance(cmd, Heartbeat):
                     self.last_heartbeat = time.monotonic()

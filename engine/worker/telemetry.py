@@ -7,6 +7,7 @@ import sys
 import threading
 
 from engine.protocol import GpuStat, Telemetry
+from engine.util import printable
 
 _THROTTLE = {
     0x1: "gpu_idle", 0x2: "app_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal",
@@ -55,7 +56,7 @@ class TelemetryThread(threading.Thread):
     def _say_once(self, what: str, e: BaseException) -> None:
         if what not in self._said:
             self._said.add(what)
-            print(f"[voxtui] telemetry: {what}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(printable(f"[voxtui] telemetry: {what}: {type(e).__name__}: {e}"), file=sys.stderr, flush=True)
 
     def run(self) -> None:
         host = socket.gethostname()

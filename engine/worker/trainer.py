@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.config import TrainConfig, write_config
 from engine.protocol import Alert, Status
-from engine.util import UsageError, first_on_its_node
+from engine.util import UsageError, first_on_its_node, print_traceback, printable
 from engine.worker.cli import build_parser, read_engine, resolve_run
 from engine.worker.dist import Dist, data_parallel
 from engine.worker.knobs import knobs
@@ -548,14 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if state in ("failed", "save_failed") else 0
     except UsageError as e:
         if first_on_its_node():  # every rank meets the same bad setting: said once (per node)
-            print(f"voxtui: error: {e}", file=sys.stderr)
+            print(f"voxtui: error: {printable(e)}", file=sys.stderr)
         if trainer is not None:
             trainer.cleanup("error", str(e))
         return 2
     except Exception as e:
-        import traceback
-
-        traceback.print_exc()
+        print_traceback()  # its paths (the run folder's among them) escaped, as every line of worker.log
         if trainer is not None:
             trainer.emit(Alert(level="error", kind="exception", message=f"{type(e).__name__}: {e}",
                                rank=d.rank if d else None))
