@@ -574,6 +574,26 @@ def test_a_stopped_foreground_run_says_stopped_as_the_listing_does(tmp_path, tin
     assert row[1] == "stopped" and row[2].startswith(f"{step}/")
 
 
+def test_a_foreground_run_whose_terminal_hangs_up_is_saved_and_says_so(tmp_path, tiny_model, train_file):
+    """The foreground's terminal closed (tmux kill-session, an SSH drop: SIGHUP to its process group): the run
+    is saved and stopped as on Ctrl-C, recorded as the hangup it is — not "stopped on request" — and the
+    engine's lines from then on go to engine.log."""
+    run = tmp_path / "runs" / "hup"
+    proc = foreground_run(tiny_model, run, train_file)
+    try:
+        wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
+        os.killpg(proc.pid, signal.SIGHUP)  # what a closing terminal does
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    final = [e for e in read_events(run) if e["type"] == "status"][-1]
+    said = f"continue it with voxtui run --resume {run}"
+    assert final["outcome"] == "stopped" and final["message"] == f"the terminal hung up (SIGHUP): saved and stopped; {said}"
+    log = (run / "engine.log").read_text()
+    assert "[stopping] the terminal hung up (SIGHUP)" in log and "[stopped] saved at step" in log and said in log
+
+
 def test_ctrl_c_while_the_workers_start_reads_stopping_to_the_end(tmp_path, tiny_model, train_file):
     """Ctrl-C in the foreground before the workers are up: the stop waits for them, and every state printed
     after it is stopping, then stopped — not running in between (the workers' own "running", sent before the

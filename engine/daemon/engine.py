@@ -17,9 +17,11 @@ Here: the loop, the commands, and what the run's end and its alerts mean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -54,7 +56,7 @@ from engine.protocol import (
 )
 from engine.runs import engine_info, last_event, pid_alive, write_engine_info
 from engine.session import Session
-from engine.util import run_name
+from engine.util import UsageError, print_traceback, printable, run_name
 
 HEARTBEAT_S = 1.0  # to clients and workers; unacknowledged commands are sent again as often
 CHECK_S = 0.25  # how often torchrun and its ranks are looked at
@@ -104,6 +106,8 @@ class Engine:
         self.exit_code = 0
         self.bad_worker_messages = 0
         self.next_housekeeping = 0.0
+        self.foreground = False  # in `voxtui run`'s own process, on its terminal (a SIGHUP is that terminal's end)
+        self.hung_up = False  # the terminal hung up, and its hangup (not a stop someone asked for) stops the run
 
     @property
     def seq(self) -> int:
@@ -171,7 +175,10 @@ class Engine:
         if self.echo:
             line = one_line(event)
             if line:
-                print(line, flush=True)
+                try:
+                    print(line, flush=True)
+                except OSError:  # a terminal gone (EIO) before its SIGHUP is handled: the line is lost, not the run
+                    pass
 
     def _note_progress(self, kind: str, ev) -> None:
         """What a status reply tells a reader whose events.jsonl cannot say (gone, emptied, a folder)."""
@@ -189,8 +196,8 @@ class Engine:
         if ev is None:
             self.bad_worker_messages += 1
             if self.bad_worker_messages <= 10 or self.bad_worker_messages % 1000 == 0:
-                print(f"engine: dropped an undecodable worker message ({self.bad_worker_messages} so far): {why}",
-                      file=sys.stderr, flush=True)
+                print(printable(f"engine: dropped an undecodable worker message ({self.bad_worker_messages} so "
+                                f"far): {why}"), file=sys.stderr, flush=True)
             return
         self.on_worker_message(ev)
 
@@ -212,6 +219,8 @@ class Engine:
             ev.state = "stopping"
             if self.stop_deadline != float("inf"):  # the stop reaches them at their first step: time to save
                 self.stop_deadline = max(self.stop_deadline, time.monotonic() + self.stop_timeout)
+        if ev.type == "status" and ev.state == "finished" and ev.outcome == "stopped" and self.hung_up:
+            ev.message = self.hangup_message(done=True)  # the workers' "stopped on request": nobody asked for it
         if ev.type == "status" and ev.state in ("finished", "failed"):
             self.final_status = ev  # the run's outcome, checked again once torchrun has exited
             self.final_at = time.monotonic()
@@ -420,11 +429,36 @@ class Engine:
                             message=f"rank {rank}{f' (pid {pid})' if pid else ''} {how}{then}"))
         self.failed_message = f"rank {rank} {how}; see worker.log"
 
+    def hangup_message(self, done: bool = False) -> str:
+        how = "saved and stopped" if done else "the workers save a checkpoint, then stop"
+        return (f"the terminal hung up (SIGHUP): {how}; continue it with voxtui run --resume "
+                f"{shlex.quote(str(self.run_dir))}")
+
+    def on_hangup(self) -> None:
+        """The foreground's terminal has gone (closed, ``tmux kill-session``, an SSH drop): the run stops as on
+        Ctrl-C (the workers save first), recorded as the hangup it is; the engine's lines, which the terminal
+        can no longer take, go to engine.log from here on (as a detached engine's do)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(self.run_dir / "engine.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        if self.stopping:  # a stop was asked for already (Ctrl-C, then the terminal closed): that is its record
+            return
+        self.hung_up = True
+        self.request_stop(self.hangup_message())
+
     # ---- main loop
     def serve(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop("engine received SIGTERM"))
         signal.signal(signal.SIGINT, lambda *_: self.request_stop("engine received SIGINT"))
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # survive the SSH session that started it
+        if self.foreground:  # its terminal's end: the run stops, saved, and says why
+            signal.signal(signal.SIGHUP, lambda *_: self.on_hangup())
+        else:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a detached engine survives the SSH session that started it
         poller = zmq.Poller()
         poller.register(self.sockets.pull, zmq.POLLIN)
         for router in self.sockets.routers:  # the local one, and the remote (CURVE) one
@@ -504,11 +538,9 @@ class Engine:
         try:
             return fn(*args)
         except Exception:
-            import traceback
-
-            print(f"engine: {getattr(fn, '__name__', fn)} failed (the engine keeps serving):", file=sys.stderr)
-            traceback.print_exc()
-            sys.stderr.flush()
+            with contextlib.suppress(OSError):  # (a terminal gone: nothing to say it on)
+                print(f"engine: {getattr(fn, '__name__', fn)} failed (the engine keeps serving):", file=sys.stderr)
+                print_traceback()  # its paths hold the run folder's name: escaped, as every line here
             return default
 
     def close(self) -> None:
@@ -527,13 +559,19 @@ class Engine:
 def run_engine(run_dir: Path, nproc: int, resume: bool, alert_action: str = "warn",
                stall_timeout: float = 600.0, echo: bool = False, nnodes: int = 1, rdzv_endpoint: str = "",
                listen: str = "", worker_cmd: list[str] | None = None, stop_timeout: float = STOP_TIMEOUT_S,
-               min_free_bytes: float = MIN_FREE_BYTES) -> int:
+               min_free_bytes: float = MIN_FREE_BYTES, foreground: bool = False, opened=None) -> int:
+    """``foreground``: in ``voxtui run``'s own process (its terminal's SIGHUP stops the run, saying so);
+    ``opened``: called once the engine holds the event log and engine.json names it (the launcher lets go
+    of its lock then)."""
     engine = Engine(run_dir, nproc, resume, stall_timeout=stall_timeout, alert_action=alert_action, nnodes=nnodes,
                     rdzv_endpoint=rdzv_endpoint, listen=listen, worker_cmd=worker_cmd, stop_timeout=stop_timeout,
                     min_free_bytes=min_free_bytes)
     engine.echo = echo
+    engine.foreground = foreground
     try:
         engine.open()
+        if opened is not None:
+            opened()
         engine.spawn()
         return engine.serve()
     finally:
@@ -560,10 +598,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop_timeout", type=float, default=STOP_TIMEOUT_S, help=argparse.SUPPRESS)
     p.add_argument("--min_free_gib", type=float, default=MIN_FREE_BYTES / 2**30, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, echo=a.echo, nnodes=a.nnodes,
-                      rdzv_endpoint=a.rdzv_endpoint, listen=a.listen,
-                      worker_cmd=json.loads(a.worker_cmd) if a.worker_cmd else None, stop_timeout=a.stop_timeout,
-                      min_free_bytes=a.min_free_gib * 2**30)
+    try:
+        return run_engine(Path(a.run_dir), a.nproc, a.resume, a.alert_action, a.stall_timeout, echo=a.echo,
+                          nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint, listen=a.listen,
+                          worker_cmd=json.loads(a.worker_cmd) if a.worker_cmd else None, stop_timeout=a.stop_timeout,
+                          min_free_bytes=a.min_free_gib * 2**30)
+    except UsageError as e:  # another engine holds the run's event log, …: one line (in engine.log, detached)
+        print(f"engine: error: {printable(e)}", file=sys.stderr, flush=True)
+        return 2
+    except Exception:
+        print_traceback()  # (its paths hold the run folder's name)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,38 @@ from engine.runs import (
 )
 from engine.util import UsageError, printable, write_json
 
+LAUNCH_LOCK = ".launch.lock"  # held by a `voxtui run` from before it writes config.toml until its engine holds the event log
+
+
+class LaunchLock:
+    """One ``voxtui run`` at a time starts an engine on a run folder: an ``flock`` on ``RUN/.launch.lock``,
+    taken before anything is written there (config.toml, preflight.json) and let go once the engine it starts
+    holds the run's event log (engine.json names it). A second launcher finding it held is refused at once."""
+
+    def __init__(self, run_dir: Path, resume: bool) -> None:
+        self.run_dir, self.resume = run_dir, resume
+        self.fd: int | None = None
+        self.held = False
+
+    def take(self) -> None:
+        import fcntl
+
+        self.fd = os.open(self.run_dir / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.release()
+            what = "`voxtui run --resume` is starting it" if self.resume else "`voxtui run` is starting a run in it"
+            raise UsageError(f"{self.run_dir}: another {what}") from None
+        except OSError:  # no locks on this filesystem: the engine's event-log lock still refuses a second engine
+            pass
+        self.held = True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
 
 def launch_detached(run_dir: Path, daemon_args: list[str]) -> int:
     """Start ``python -m engine.daemon RUN_DIR …`` in a session of its own (it survives the SSH
@@ -58,15 +90,27 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
           skip_preflight: bool = False, nnodes: int = 1, rdzv_endpoint: str = "", listen: str = "") -> int:
     """Run preflight, then create (or reopen) the run folder and start the engine. A no-go creates
     nothing; an existing folder keeps its permissions (a new one is made 0700)."""
-    from engine.preflight import preflight, render
 
     run_dir = resume_dir or Path(cfg.output_dir or new_run_dir())
-    if resume_dir is None and (run_dir / "events.jsonl").exists():
-        raise already_holds_run(run_dir)
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes above 1 needs --rdzv_endpoint HOST:PORT (reachable from every node)")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a folder")
+    lock = LaunchLock(run_dir, resume_dir is not None)
+    if run_dir.is_dir():  # a folder that exists is locked before anything is checked or written (a new one: once made)
+        lock.take()
+    try:
+        return _start(cfg, run_dir, lock, detach, report, resume_dir, skip_preflight, nnodes, rdzv_endpoint, listen)
+    finally:
+        lock.release()
+
+
+def _start(cfg: TrainConfig, run_dir: Path, lock: LaunchLock, detach: bool, report: dict | None,
+           resume_dir: Path | None, skip_preflight: bool, nnodes: int, rdzv_endpoint: str, listen: str) -> int:
+    from engine.preflight import preflight, render
+
+    if resume_dir is None and (run_dir / "events.jsonl").exists():
+        raise already_holds_run(run_dir)
     wait_for_previous(run_dir)
     if resume_dir is None:
         absolute_paths(cfg)
@@ -89,9 +133,13 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
                 refuse_nothing_to_resume(run_dir, cfg, done, plan["total_steps"], plan.get("steps_per_epoch") or 0)
         for c in report["checks"]:
             if c["level"] in ("warn", "fail"):
-                print(f"preflight {c['level']}: {c['message']}", file=sys.stderr)
+                print(printable(f"preflight {c['level']}: {c['message']}"), file=sys.stderr)
     if not run_dir.exists():
-        run_dir.mkdir(mode=0o700, parents=True)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # (another launcher may have made it meanwhile)
+    if not lock.held:
+        lock.take()
+        if (run_dir / "events.jsonl").exists():  # another launcher's run, started in it meanwhile
+            raise already_holds_run(run_dir)
     elif resume_dir is None and run_dir.stat().st_mode & 0o077:
         print(printable(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so "
                         f"are the events and checkpoints written in it (engine.json is 0600 and the sockets live in a "
@@ -108,11 +156,13 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
         args += ["--nnodes", str(nnodes), "--rdzv_endpoint", rdzv_endpoint]
         print("on each other node k = 1 … {n}, with the same files at the same paths (a shared filesystem):\n  "
               "torchrun {a} -m engine.train {b}".format(
-                  n=nnodes - 1, a=" ".join(launch_args(run_dir.name, cfg.nproc, nnodes, 1, rdzv_endpoint)).replace(
-                      "--node_rank 1", "--node_rank k"),
-                  b=f"--resume {run_dir}" if resume_dir else f"--config {run_dir / 'config.toml'}"), file=sys.stderr)
+                  n=nnodes - 1, a=printable(" ".join(launch_args(run_dir.name, cfg.nproc, nnodes, 1, rdzv_endpoint))
+                                            .replace("--node_rank 1", "--node_rank k")),
+                  b=printable(f"--resume {run_dir}" if resume_dir else f"--config {run_dir / 'config.toml'}")),
+              file=sys.stderr)
     if detach:
         pid = launch_detached(run_dir, args)
+        lock.release()  # its engine holds the event log now (engine.json names it)
         print(printable(run_dir))
         print(printable(f"engine {pid} runs detached; watch it with: voxtui attach {shlex.quote(str(run_dir))}"),
               file=sys.stderr)
@@ -121,7 +171,7 @@ def start(cfg: TrainConfig, detach: bool, report: dict | None = None, resume_dir
 
     print(printable(f"{run_dir}: engine in the foreground (Ctrl-C stops the run gracefully)"), file=sys.stderr)
     return run_engine(run_dir, cfg.nproc, resume_dir is not None, cfg.alert_action, echo=True, nnodes=nnodes,
-                      rdzv_endpoint=rdzv_endpoint, listen=listen)
+                      rdzv_endpoint=rdzv_endpoint, listen=listen, foreground=True, opened=lock.release)
 
 
 def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
@@ -143,7 +193,12 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     if not what:
         return
     last = last_event(run_dir, "status")
-    if what.startswith("its engine") and not (last and last.get("state") in FINAL):
+    info = engine_info(run_dir)
+    # an engine that is only finishing has recorded the run's end; one started since (another launcher's, whose
+    # first status is not written yet) has not
+    new_engine = isinstance(info.get("started"), (int, float)) and isinstance((last or {}).get("time"), (int, float)) \
+        and info["started"] > last["time"]
+    if what.startswith("its engine") and (new_engine or not (last and last.get("state") in FINAL)):
         raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {shlex.quote(str(run_dir))})")
     print(printable(f"{run_dir}: waiting for {what} to exit…"), file=sys.stderr)
     deadline = time.time() + timeout
