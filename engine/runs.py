@@ -9,6 +9,7 @@ it imports torch, so the engine's loop, ``voxtui engine list`` and the dashboard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -166,6 +167,76 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     done = complete_checkpoints(ckpt_root)
     return done[-1][1] if done else None
+
+
+# A checkpoint in use: ``.in-use-<pid>`` in its folder, written by the process that reads it (an inference
+# job, or the engine for the job it starts). The worker's pruning (save_total_limit) keeps a checkpoint marked
+# by a live process; a marker whose process has ended counts for nothing and is removed when found.
+IN_USE_RE = re.compile(r"^\.in-use-(\d+)$")
+
+
+def mark_in_use(ckpt: Path, pid: int | None = None, what: str = "voxtui infer") -> Path:
+    """Mark the checkpoint folder ``ckpt`` as read by process ``pid`` (this one when None); returns the marker.
+    Written under a temp name and renamed, so a reader never sees half of it; a folder that is gone is not
+    made again (FileNotFoundError): the caller then checks the checkpoint is still there and complete."""
+    import psutil
+
+    pid = pid or os.getpid()
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = None
+    marker = Path(ckpt) / f".in-use-{pid}"
+    tmp = Path(ckpt) / f".in-use-{pid}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": pid, "started": started, "what": what}, f)
+        os.replace(tmp, marker)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return marker
+
+
+def unmark_in_use(marker: Path) -> None:
+    """Remove a marker ``mark_in_use`` wrote (one already gone, with its checkpoint, is fine)."""
+    with contextlib.suppress(OSError):
+        os.unlink(marker)
+
+
+def checkpoint_users(ckpt: Path, clean: bool = True) -> list[int]:
+    """The pids of live processes that marked ``ckpt`` in use. A marker whose process has ended (or whose pid
+    now names a younger process) counts for nothing; with ``clean`` it is removed."""
+    import psutil
+
+    try:
+        names = os.listdir(ckpt)
+    except OSError:
+        return []
+    live = []
+    for n in names:
+        m = IN_USE_RE.match(n)
+        if not m:
+            continue
+        pid, marker = int(m.group(1)), Path(ckpt) / n
+        try:
+            info = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            info = None
+        started = info.get("started") if isinstance(info, dict) else None
+        try:
+            proc = psutil.Process(pid)
+            alive = proc.status() != psutil.STATUS_ZOMBIE and not (
+                isinstance(started, (int, float)) and proc.create_time() > started + 1.0)
+        except psutil.Error:
+            alive = False
+        if alive:
+            live.append(pid)
+        elif clean:
+            unmark_in_use(marker)
+    return sorted(live)
 
 
 # trainer_state.json: what a resume takes from it, and of what type (step, epoch and micro it cannot do without)

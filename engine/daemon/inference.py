@@ -62,6 +62,14 @@ class InferenceJobs:
             argv += ["--checkpoint", str(cmd.checkpoint)]
         with open(self.run_dir / "infer.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
+        if cmd.checkpoint is not None:  # marked in the job's name at once: the worker's pruning keeps it while the
+            # job starts (seconds); the job marks it again itself, then finds it still there (or fails, saying so)
+            from engine.runs import mark_in_use
+
+            try:
+                mark_in_use(done[cmd.checkpoint], pid=proc.pid)
+            except OSError:
+                pass  # pruned in between: the job says so
         self.procs.append(proc)
         self.jobs[key] = proc
         return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=state)

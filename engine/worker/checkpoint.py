@@ -92,14 +92,38 @@ def remove_partial(ckpt_root: Path) -> list[Path]:
     return removed
 
 
-def prune(ckpt_root: Path, keep: int, best_step: int | None) -> None:
-    """Keep the last ``keep`` complete checkpoints and the best one."""
+def prune(ckpt_root: Path, keep: int, best_step: int | None) -> list[tuple[Path, list[int]]]:
+    """Keep the last ``keep`` complete checkpoints and the best one, and any other that a live process has
+    marked in use (``engine.runs.mark_in_use``: an inference job reading it) until a later save finds it
+    unmarked. Returns those kept for that reason, with the pids that hold them.
+
+    An unmarked one is first renamed to a temp name (a crash leaves it to ``remove_partial``) and looked at
+    again there: a job that marked it in between gets it back under its own name, and sees it missing only
+    for that moment."""
+    from engine.runs import checkpoint_users
+
+    held: list[tuple[Path, list[int]]] = []
     if keep <= 0:
-        return
+        return held
     done = complete_checkpoints(ckpt_root)
     for step, path in done[:-keep]:
-        if step != best_step:
-            shutil.rmtree(path, ignore_errors=True)
+        if step == best_step:
+            continue
+        users = checkpoint_users(path)
+        if not users:
+            gone = ckpt_root / f".tmp-checkpoint-pruned-{step}-{os.getpid()}"
+            shutil.rmtree(gone, ignore_errors=True)
+            try:
+                os.replace(path, gone)
+            except OSError:
+                continue  # gone already, or cannot be moved: the next save tries again
+            users = checkpoint_users(gone)
+            if not users:
+                shutil.rmtree(gone, ignore_errors=True)
+                continue
+            os.replace(gone, path)
+        held.append((path, users))
+    return held
 
 
 def load_trainer_state(path: Path) -> dict:

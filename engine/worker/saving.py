@@ -62,7 +62,7 @@ class Saver:
             try:
                 path = checkpoint.save_checkpoint(self.root, step, model, optimizer, scheduler, states, state,
                                                   slow_hook=(lambda: time.sleep(slow)) if slow else None)
-                checkpoint.prune(self.root, self.keep, state["best_step"] or None)
+                held = checkpoint.prune(self.root, self.keep, state["best_step"] or None)
                 if final:
                     checkpoint.save_adapter_atomically(model, self.run_dir / "lora_final")
             except Exception as e:  # OSError, or safetensors' own error for the same full disk
@@ -78,6 +78,9 @@ class Saver:
                 self.out.emit(Checkpoint(step=step, path=str(path), best=best,
                                          val_loss=state["best_loss"] if best else None, final=final))
                 self.out.log(f"checkpoint {path} ({state['reason']})")
+                for kept, pids in held:
+                    self.out.log(f"{kept.name} kept past save_total_limit {self.keep}: in use by pid "
+                                 f"{', '.join(map(str, pids))} (inference); a later save prunes it once unmarked")
             self.out.board.flush()
         d.barrier()
         return bool(d.broadcast(ok))
