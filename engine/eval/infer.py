@@ -83,39 +83,108 @@ BATCH_GPU, BATCH_CPU = 64, 8  # rows decoded together when --batch_size is not g
 def infer(run_dir: Path, data: str, checkpoint: int | None = None, name: str | None = None,
           batch_size: int | None = None,
           max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-          device: str = "auto", model=None, sink=None, ppl: bool = True, nproc: int = 1) -> dict:
+          device: str = "auto", model=None, sink=None, ppl: bool = True, nproc: int = 1, held: bool = False) -> dict:
     """Generate for every row of ``data`` with a checkpoint of the run (resuming a job stopped midway),
     then score: ``runs/<run>/infer/<name>/`` gets generations.jsonl, per_row.jsonl and metrics.json.
     ``model``: a ``MergedModel`` to reuse (``--all-checkpoints``: the base is loaded once). ``nproc`` > 1:
     the rows split over that many processes, one GPU each (engine/eval/shards.py). ``batch_size``: rows
-    decoded together (default: 64 on a GPU, 8 on the CPU)."""
-    from engine.eval.loading import MergedModel
-    from engine.eval.shards import fold_shards, run_shards
-    from engine.formatting import file_digest, load_format
+    decoded together (default: 64 on a GPU, 8 on the CPU). The checkpoint is marked in use while the job reads
+    it (``hold_checkpoint``; ``held``: the caller has marked it already)."""
     from engine.protocol import Inference
-    from engine.rows import read_examples
+
+    dev = pick_device(device)
+    ckpt, params, name = job_of(run_dir, data, checkpoint, name, batch_size, max_new_tokens, temperature, top_p,
+                                seed, nproc, dev.type == "cuda")
+    total = [0]
+
+    def emit(state, **kw):
+        if sink is not None:
+            sink.emit(Inference(name=name, checkpoint=ckpt.name, state=state, total=total[0], **kw))
+
+    marker = None
+    try:  # from here every failure is reported under this job's name and checkpoint
+        marker = None if held else hold_checkpoint(ckpt)
+        return _infer(run_dir, data, ckpt, params, name, dev, model, emit, total, ppl, nproc, device)
+    except BaseException as e:
+        if sink is not None:
+            emit("failed", message=f"{type(e).__name__}: {e}")
+            e.inference_reported = True  # cmd_infer: said already
+        raise
+    finally:
+        if marker is not None:
+            from engine.runs import unmark_in_use
+
+            unmark_in_use(marker)
+
+
+def job_of(run_dir: Path, data: str, checkpoint: int | None, name: str | None, batch_size: int | None,
+           max_new_tokens: int, temperature: float, top_p: float, seed: int, nproc: int, on_gpu: bool,
+           quiet: bool = False) -> tuple[Path, dict, str]:
+    """The checkpoint a job runs on, its parameters (params.json) and its name (its folder under infer/), as
+    ``infer`` resolves them and the failure event of a job that failed before says them (torch-free)."""
+    from engine.formatting import file_digest
 
     ckpt = pick_checkpoint(run_dir, checkpoint)
+    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
+              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+              "batch_size": batch_size or (BATCH_GPU if on_gpu else BATCH_CPU)}
+    if nproc > 1 and temperature > 0:
+        params["nproc"] = nproc  # a sampled row depends on the batch it falls in
+    return ckpt, params, job_name(run_dir / "infer", name, f"{ckpt.name}-{Path(data).stem}", params, quiet)
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def hold_checkpoint(ckpt: Path) -> Path | None:
+    """Mark ``ckpt`` in use by this process (``engine.runs.mark_in_use``: the worker's pruning keeps it until
+    the marker is gone) and check that it is still there with its adapter; returns the marker to remove when
+    the job ends (None: its folder cannot be written, so no worker's pruning can empty it either). A checkpoint gone or incomplete is a one-line UsageError."""
+    from engine.runs import mark_in_use
+
+    marker, gone = None, False
+    for _ in range(5):
+        try:
+            marker = mark_in_use(ckpt)
+        except FileNotFoundError:
+            gone = True  # pruned (or deleted) before it could be marked
+            break
+        except OSError:
+            marker = None  # a folder this process may not write: no worker's pruning can empty it either
+        missing = [f for f in ADAPTER_FILES if not (ckpt / f).is_file()]
+        if not missing:
+            return marker
+        if marker is None:
+            break
+        # the pruner moves a checkpoint aside before it deletes it, and puts a marked one back: look again
+        time.sleep(0.1)
+    if marker is not None:
+        from engine.runs import unmark_in_use
+
+        unmark_in_use(marker)
+    if gone or not ckpt.is_dir():
+        raise UsageError(f"{ckpt}: gone (pruned by the run's save_total_limit, or deleted) before this job could "
+                         f"mark it in use: infer a checkpoint the run still keeps")
+    raise UsageError(f"{ckpt}: incomplete ({' and '.join(missing)} missing): no adapter to infer with")
+
+
+def _infer(run_dir: Path, data: str, ckpt: Path, params: dict, name: str, dev, model, emit, total: list,
+           ppl: bool, nproc: int, device: str) -> dict:
+    from engine.eval.loading import MergedModel
+    from engine.eval.shards import fold_shards, run_shards
+    from engine.formatting import load_format
+    from engine.rows import read_examples
+
     rows = list(read_examples(data))
     if not rows:
         raise UsageError(f"{data}: no rows")
-    dev = pick_device(device)
-    batch_size = batch_size or (BATCH_GPU if dev.type == "cuda" else BATCH_CPU)
+    total[0] = len(rows)
+    batch_size = params["batch_size"]
     cfg = run_config(run_dir)
-    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
-              "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-              "batch_size": batch_size}
-    if nproc > 1 and temperature > 0:
-        params["nproc"] = nproc  # a sampled row depends on the batch it falls in
-    name = job_name(run_dir / "infer", name, f"{ckpt.name}-{Path(data).stem}", params)
     out_dir = run_dir / "infer" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     done = _resume(out_dir, params)
     fold_shards(out_dir, done)  # what a stopped --nproc job's shards wrote
-
-    def emit(state, **kw):
-        if sink is not None:
-            sink.emit(Inference(name=name, checkpoint=ckpt.name, state=state, total=len(rows), **kw))
 
     emit("started", done=len(done))
     fmt = load_format(cfg.model_id)
@@ -197,7 +266,7 @@ def settings_diff(old: dict, params: dict) -> str:
     return "; ".join(said) or "other settings"
 
 
-def job_name(infer_dir: Path, name: str | None, default: str, params: dict) -> str:
+def job_name(infer_dir: Path, name: str | None, default: str, params: dict, quiet: bool = False) -> str:
     """The folder under infer/ for a job: ``name`` as given (refused when it holds results of other
     settings: they are never replaced unasked), else ``default``, or when that holds results of other
     settings (say a CLI job with another --max_new_tokens) the first of ``default-2``, ``default-3``, …
@@ -214,7 +283,7 @@ def job_name(infer_dir: Path, name: str | None, default: str, params: dict) -> s
         if n == 2:
             first = (candidate, old)
         candidate = f"{default}-{n}"
-    if n > 1:
+    if n > 1 and not quiet:
         print(f"infer: {infer_dir / first[0]} holds a job with other settings ({settings_diff(first[1], params)}): "
               f"kept; this one goes to {infer_dir / candidate}", file=sys.stderr)
     return candidate
@@ -396,7 +465,7 @@ def cmd_infer(args) -> int:
         run_dir, data = check_infer_args(args)
     except UsageError as e:
         if args.events:  # started by the engine: say why in the run's event stream too
-            _failed(args, Path(args.output_dir or args.run or "").name, e)
+            _failed(args, None, e)
         raise
     common = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
               "top_p": args.top_p, "seed": args.seed, "device": args.device, "ppl": not args.no_perplexity,
@@ -413,16 +482,30 @@ def cmd_infer(args) -> int:
         from engine.worker.sinks import PushSink
 
         sink = PushSink(args.events, run_dir.name)
+    held: list[Path] = []
     try:
         if args.all_checkpoints:
             from engine.eval.loading import MergedModel
 
+            # every checkpoint marked in use first: none is pruned while the others' turns come
+            todo = []
+            for step, path in checkpoints(run_dir):
+                try:
+                    marker = hold_checkpoint(path)
+                except UsageError as e:
+                    print(f"infer: {e}; skipped", file=sys.stderr)
+                    continue
+                todo.append(step)
+                if marker is not None:
+                    held.append(marker)
+            if not todo:
+                raise UsageError(f"{run_dir}: no complete checkpoint left to infer with")
             # the base read once, each adapter merged in turn (with --nproc, each shard loads its own)
             model = None if args.nproc > 1 else MergedModel(run_config(run_dir), pick_device(args.device),
                                                             swappable=True)
             table = []
-            for step, _ in checkpoints(run_dir):
-                m = infer(run_dir, data, checkpoint=step, sink=sink, model=model,
+            for step in todo:
+                m = infer(run_dir, data, checkpoint=step, sink=sink, model=model, held=True,
                           name=f"{args.name}-checkpoint-{step}" if args.name else None, **common)
                 table.append({"checkpoint": f"checkpoint-{step}", "step": step,
                               **{k: m.get(k) for k in FINISHED_METRICS}})
@@ -437,10 +520,14 @@ def cmd_infer(args) -> int:
             return 0
         m = infer(run_dir, data, checkpoint=args.checkpoint, name=args.name, sink=sink, **common)
     except BaseException as e:
-        if sink is not None:
-            _failed(args, run_dir.name, e, sink)
+        if sink is not None and not getattr(e, "inference_reported", False):
+            _failed(args, run_dir, e, sink)
         raise
     finally:
+        from engine.runs import unmark_in_use
+
+        for marker in held:
+            unmark_in_use(marker)
         if sink is not None:
             sink.close()
     if args.json:
@@ -450,18 +537,48 @@ def cmd_infer(args) -> int:
     return 0
 
 
-def _failed(args, run: str, error: BaseException, sink=None) -> None:
-    """An ``inference`` event in state ``failed`` to the engine that started this job."""
+def _failed(args, run_dir: Path | None, error: BaseException, sink=None) -> None:
+    """An ``inference`` event in state ``failed`` to the engine that started this job, for a failure before
+    ``infer`` named the job: named as ``infer`` names it (``failed_job``), so the dashboard's row of the job
+    reads failed."""
     from engine.protocol import Inference
 
+    name, checkpoint = failed_job(args, run_dir)
     own = sink is None
     if own:
         from engine.worker.sinks import PushSink
 
-        sink = PushSink(args.events, run)
+        sink = PushSink(args.events, run_dir.name if run_dir else Path(args.output_dir or args.run or "").name)
     try:
-        sink.emit(Inference(name=args.name or "", checkpoint=str(args.checkpoint or ""), state="failed",
+        sink.emit(Inference(name=name, checkpoint=checkpoint, state="failed",
                             message=f"{type(error).__name__}: {error}"))
     finally:
         if own:
             sink.close()
+
+
+def failed_job(args, run_dir: Path | None) -> tuple[str, str]:
+    """(job name, checkpoint name) of a job that failed before ``infer`` resolved them: resolved the same way
+    (``job_of``) as far as the run, the checkpoint and the data allow, else the parts known (``--name``,
+    ``checkpoint-N``, the data file's stem). Never empty: a nameless row would stand for no job."""
+    data = args.data or args.jsonl or ""
+    if args.all_checkpoints:
+        checkpoint = ""
+        return args.name or f"all-checkpoints-{Path(data).stem}".rstrip("-"), checkpoint
+    checkpoint = f"checkpoint-{args.checkpoint}" if args.checkpoint is not None else ""
+    if run_dir is None:
+        try:
+            run_dir = run_dir_of(args)
+        except Exception:  # noqa: BLE001 (the failure being reported may be this very one)
+            run_dir = None
+    if run_dir is not None:
+        try:
+            checkpoint = pick_checkpoint(run_dir, args.checkpoint).name
+            on_gpu = args.device.startswith("cuda") or (args.device == "auto" and pick_device("auto").type == "cuda")
+            _, _, name = job_of(run_dir, data, args.checkpoint, args.name, args.batch_size, args.max_new_tokens,
+                                args.temperature, args.top_p, args.seed, args.nproc, on_gpu, quiet=True)
+            return name, checkpoint
+        except Exception:  # noqa: BLE001 (as far as it can be resolved)
+            pass
+    default = "-".join(x for x in (checkpoint or "latest", Path(data).stem if data else "") if x)
+    return args.name or default, checkpoint
