@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -445,3 +446,93 @@ def test_the_dashboards_infer_keeps_an_earlier_cli_job(run, tmp_path):
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "give another --name" in again.stderr
     assert json.loads((second / "params.json").read_text())["max_new_tokens"] == 6
+
+
+def test_pruning_keeps_a_checkpoint_a_live_process_reads(tmp_path):
+    """save_total_limit's pruning skips a checkpoint marked in use by a live process (an inference job) and
+    keeps it until a later save finds it unmarked; a marker whose process has ended counts for nothing."""
+    import subprocess
+    import sys
+
+    from engine.eval.infer import hold_checkpoint
+    from engine.runs import checkpoint_users, complete_checkpoints, mark_in_use
+    from engine.util import UsageError
+    from engine.worker.checkpoint import prune
+
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40, 50):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        for f in ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json"):
+            (root / f"checkpoint-{step}" / f).write_text("{}")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        mark_in_use(root / "checkpoint-10", pid=live.pid)
+        mark_in_use(root / "checkpoint-20", pid=dead.pid)
+        assert checkpoint_users(root / "checkpoint-10") == [live.pid]
+        held = prune(root, 2, best_step=30)
+        assert held == [(root / "checkpoint-10", [live.pid])]
+        assert [s for s, _ in complete_checkpoints(root)] == [10, 30, 40, 50]  # 20: its marker's process ended
+        assert sorted(p.name for p in root.iterdir()) == [f"checkpoint-{s}" for s in (10, 30, 40, 50)]
+        assert prune(root, 2, best_step=30) == held  # still read: kept at the next save too
+    finally:
+        live.kill()
+        live.wait()
+    assert prune(root, 2, best_step=30) == [] and [s for s, _ in complete_checkpoints(root)] == [30, 40, 50]
+    # the job's own side: marked, then found; gone or without its adapter, one line that says so
+    marker = hold_checkpoint(root / "checkpoint-40")
+    assert marker == root / "checkpoint-40" / f".in-use-{os.getpid()}" and checkpoint_users(marker.parent)
+    with pytest.raises(UsageError, match=r"checkpoint-20: gone \(pruned by the run's save_total_limit"):
+        hold_checkpoint(root / "checkpoint-20")
+    (root / "checkpoint-50" / "adapter_config.json").unlink()
+    with pytest.raises(UsageError, match=r"checkpoint-50: incomplete \(adapter_config.json missing\)"):
+        hold_checkpoint(root / "checkpoint-50")
+    assert not [p for p in (root / "checkpoint-50").iterdir() if p.name.startswith(".in-use-")]
+
+
+def test_a_failed_job_is_reported_under_its_own_name_and_checkpoint(run, tmp_path):
+    """An engine's job (--events) whose checkpoint loses its adapter (pruned under it) fails with the job's
+    name and checkpoint-N, as its started event said them: the dashboard's row of the job reads failed, and no
+    nameless row appears. Its marker is gone once it has ended."""
+    import zmq
+
+    from engine.protocol import event_decoder
+
+    out, val = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ckpt = copy / "checkpoints" / "checkpoint-3"
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+
+    def events_of(*flags):
+        proc = voxtui("infer", "--run", copy, "--data", val, "--events", f"tcp://127.0.0.1:{port}", "--device",
+                      "cpu", "--json", "-", *flags)
+        evs = []
+        while pull.poll(3000):
+            ev = event_decoder.decode(pull.recv())
+            evs.append(ev)
+            if ev.state in ("failed", "finished"):
+                break
+        return proc, evs
+
+    try:
+        (ckpt / "adapter_config.json").unlink()  # gone before the job could mark it in use
+        proc, evs = events_of("--checkpoint", "3")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "adapter_config.json missing" in proc.stderr
+        assert [(e.state, e.name, e.checkpoint) for e in evs] == [("failed", "checkpoint-3-val", "checkpoint-3")]
+        (ckpt / "adapter_config.json").write_text("{}")  # the error of the report: after the job has started
+        proc, evs = events_of("--checkpoint", "3")
+        assert proc.returncode == 2 and "cannot read r and lora_alpha" in proc.stderr, proc.stderr
+        assert [(e.state, e.name, e.checkpoint) for e in evs] == [("started", "checkpoint-3-val", "checkpoint-3"),
+                                                                   ("failed", "checkpoint-3-val", "checkpoint-3")]
+        assert "cannot read r and lora_alpha" in evs[-1].message and evs[-1].total == evs[0].total == 8
+        assert not [p for p in ckpt.iterdir() if p.name.startswith(".in-use-")]
+        shutil.rmtree(ckpt)  # a failure before the job is named: named as infer names it all the same
+        proc, evs = events_of("--checkpoint", "3")
+        assert proc.returncode == 2 and "no complete checkpoint-3" in proc.stderr
+        assert [(e.state, e.name, e.checkpoint) for e in evs] == [("failed", "checkpoint-3-val", "checkpoint-3")]
+    finally:
+        pull.close(linger=0)
