@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -127,6 +128,10 @@ def test_a_command_is_retried_with_its_id_and_sent_once(tmp_path, tiny_model):
                 # `engine status` asks the engine too: alive is not answering
                 out = (await asyncio.to_thread(voxtui, "engine", "status", run, check=True)).stdout
                 assert "answers: no: its process is alive but did not answer" in out and "state: running" in out
+                # what the workers trained meanwhile (their spool: the frozen engine stores nothing) is said
+                said = re.search(r"the engine does not answer: its workers' own record \(their spool, not yet "
+                                 r"stored\) says step (\d+)", out)
+                assert said and int(said.group(1)) > app.state.step, out
             finally:
                 os.kill(info["pid"], signal.SIGCONT)
             await pilot_wait(pilot, lambda: any(str(n.message).startswith("save_checkpoint: ok")
