@@ -8,7 +8,8 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.util import printable  # what a run says (its folder's name, an error about it) printed safe
+# what a run says (its folder's name, an error about it) printed safe; a path in a command quoted to paste
+from engine.util import printable, shell_quote
 
 RUN_FILES = ("config.toml", "events.jsonl", "engine.json")
 
@@ -37,7 +38,7 @@ def attach(args) -> int:
         if state is not None and (state.state in ("finished", "failed") or state.crashed):
             print(printable(f"left the dashboard; the run has ended ({state.shown_state})"), file=sys.stderr)
         else:
-            print(printable("detached; the run keeps going. Come back with: voxtui attach" + (f" {run}" if run else "")),
+            print(printable("detached; the run keeps going. Come back with: voxtui attach" + (f" {shell_quote(run)}" if run else "")),
                   file=sys.stderr)
     return code
 

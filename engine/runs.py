@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from engine.eventlog import (
     spool_worker_pid,
     spooled_events,
 )
-from engine.util import UsageError
+from engine.util import UsageError, shell_quote
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUNS = Path("runs")
@@ -93,7 +92,7 @@ def already_holds_run(run_dir: Path, what: str = "") -> UsageError:
     """The one line a new run in a folder that holds one gets (``voxtui run``, the worker alone), with how to
     continue that run instead."""
     held = f" ({what})" if what else ""
-    return UsageError(f"{run_dir}: already holds a run{held}; continue it with --resume {shlex.quote(str(run_dir))}, "
+    return UsageError(f"{run_dir}: already holds a run{held}; continue it with --resume {shell_quote(run_dir)}, "
                       "or give another --output_dir")
 
 
@@ -359,10 +358,10 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int | None, p
     more = f"--max_steps N (N above {done})" if cfg.max_steps else \
         f"--epochs E (E above {epochs:.3g}) or --max_steps N (N above {done})"
     if partway and cfg.max_steps:
-        raise UsageError(f"{run_dir} {said}; nothing to resume — give it more steps: voxtui run --resume {shlex.quote(str(run_dir))} "
+        raise UsageError(f"{run_dir} {said}; nothing to resume — give it more steps: voxtui run --resume {shell_quote(run_dir)} "
                          f"{more}, or leave out --max_steps to train on to its {planned}")
     raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
-                     f"voxtui run --resume {shlex.quote(str(run_dir))} {more}")
+                     f"voxtui run --resume {shell_quote(run_dir)} {more}")
 
 
 def _decayed_to_0(state: dict, cfg) -> bool:
@@ -386,7 +385,7 @@ def refuse_out_of_patience(run_dir: Path, cfg) -> None:
     bad, patience = state.get("bad_evals", 0), cfg.early_stopping_patience
     if not patience or bad < patience:
         return
-    run = shlex.quote(str(run_dir))
+    run = shell_quote(run_dir)
     raise UsageError(f"{run_dir} stopped early at step {state['step']} ({bad} evaluations without an improvement, "
                      f"--early_stopping_patience {patience}); nothing to resume — it would stop again at its next "
                      f"evaluation: give it more patience (voxtui run --resume {run} --early_stopping_patience N, N "
@@ -946,7 +945,7 @@ def summary(run_dir: Path, ask=None) -> dict:
         if orphans:
             message = (f"the engine went away; its workers (pid {', '.join(map(str, orphans))}) {doing}, "
                        "unseen by any engine, until they miss its heartbeat (--engine_timeout, 30 s by default), then "
-                       f"save and stop; to stop them now: voxtui engine stop {shlex.quote(str(run_dir))}")
+                       f"save and stop; to stop them now: voxtui engine stop {shell_quote(run_dir)}")
     elif state == "new" and live:
         state = "starting"
     elif shown_state(state, outcome, pending) == "pausing":  # a pause requested, the workers not paused yet

@@ -72,6 +72,39 @@ def print_traceback(file: IO | None = None) -> None:
     print(printable_lines(traceback.format_exc().rstrip("\n")), file=file or sys.stderr, flush=True)
 
 
+def shell_quote(text: str | os.PathLike) -> str:
+    """``text`` (a run folder, a path) as one word of a command a person is told to type or paste, which bash
+    runs as printed: quoted by ``shlex.quote`` when every character is printable, else in bash's ANSI-C
+    quoting (``$'runs/a\\x1b]0;x\\x07b'``), each character that is not printable as the escapes of its
+    UTF-8 bytes (a file name's undecodable byte as itself: ``\\xff``). Inside single quotes an escape would be
+    read as the backslash and letters it is; raw, the character would reach the terminal. Every place that
+    suggests a command quotes its paths with this."""
+    import shlex
+
+    text = os.fspath(text)
+    if text.isprintable():
+        return shlex.quote(text)
+    out = []
+    for c in text:
+        if c in "\\'":
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            try:
+                raw = c.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # a lone surrogate no file name holds: its code point's escape
+                out.append(f"\\u{ord(c):04x}")
+                continue
+            out.append("".join(f"\\x{b:02x}" for b in raw))
+    return "$'" + "".join(out) + "'"
+
+
+def shell_join(words: list) -> str:
+    """A command line of ``words`` quoted as ``shell_quote`` does: one a person can paste into bash."""
+    return " ".join(shell_quote(str(w)) for w in words)
+
+
 def counted(n: int, noun: str, plural: str = "") -> str:
     """``n`` and its noun, singular for one: "1 row", "0 rows", "3 rows" (``plural``: when not noun + "s")."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

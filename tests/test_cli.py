@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +304,42 @@ def test_outputs_never_replace_a_device_a_fifo_or_a_link(tmp_path):
     proc = voxtui("data", "audit", sample, "--json", "/proc/version")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("voxtui: error: cannot write /proc/version"), proc.stderr
     assert "Traceback" not in proc.stderr and stat.S_ISREG(os.stat("/proc/version").st_mode)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(names.map(os.fsdecode), st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                                                 min_size=1, max_size=40)))
+@example("runs/e2[b]\x1b]0;PWN\x07한국🚀[INST]")  # the trial's: pasted, its single-quoted form was `no such run`
+@example("it's a \\x1b \u200b\u202e run")
+def test_a_suggested_commands_path_is_one_bash_runs_as_printed(name):
+    """Every suggested command quotes its paths with shell_quote: bash, given the quoted word, reads back the
+    exact name (its undecodable bytes too), and the word holds no character a terminal would obey."""
+    from engine.util import shell_join, shell_quote
+
+    quoted = shell_quote(name)
+    assert quoted.isprintable() and not UNSAFE.search(quoted), quoted
+    said = subprocess.run(["bash", "-c", f"printf '%s\\0' {shell_join(['voxtui', 'attach'])} {quoted}"],
+                          capture_output=True, timeout=30)
+    assert said.returncode == 0 and said.stdout.split(b"\0")[:-1] == [b"voxtui", b"attach", os.fsencode(name)], quoted
+    if name.isprintable():
+        assert quoted == shlex.quote(name)  # as before
+
+
+
+def test_a_refusals_suggested_command_names_a_run_with_escapes_as_printed(tmp_path):
+    """The trial's run name (an OSC escape, a bell, Korean, an emoji) in `voxtui run --resume`'s refusal as the
+    command line prints it (through printable): the command pasted into bash names the run (in single quotes
+    its printed \\x1b was a backslash and three letters: `no such run`)."""
+    from engine.config import TrainConfig
+    from engine.runs import refuse_nothing_to_resume
+    from engine.util import UsageError, printable
+
+    run = tmp_path / "runs" / "e2[b]\x1b]0;PWN\x07한국🚀[INST]"
+    run.mkdir(parents=True)
+    with pytest.raises(UsageError) as e:
+        refuse_nothing_to_resume(run, TrainConfig(train_jsonl="x", epochs=1.0), 8, 4)
+    said = printable(e.value)
+    assert not UNSAFE.search(said) and "$'" in said, said
+    command = said[said.index("voxtui run --resume"):].split(" --")[:2]  # voxtui run --resume RUN
+    typed = subprocess.run(["bash", "-c", "printf '%s\\0' " + " --".join(command)], capture_output=True, timeout=30)
+    assert typed.stdout.split(b"\0")[:-1] == [b"voxtui", b"run", b"--resume", os.fsencode(run)], (said, typed)

@@ -50,6 +50,7 @@ from engine.protocol import (
     SetPreviewParams,
     Stop,
 )
+from engine.util import shell_join, shell_quote
 
 # tab id, its key, its title
 TABS = (("overview", "1", "Overview"), ("gpus", "2", "GPUs"), ("previews", "3", "Previews"),
@@ -480,10 +481,10 @@ class RunScreen(Screen):
                 doing = "are paused" if s.state == "paused" else "are still training"
                 return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
                                 f"{', '.join(map(str, s.orphans))}) {doing}, unseen by any engine, until they "
-                                "miss its heartbeat (about 30 s), then save and stop — `voxtui engine stop ", data(shlex.quote(str(self.run_dir)), limit=80),
+                                "miss its heartbeat (about 30 s), then save and stop — `voxtui engine stop ", data(shell_quote(self.run_dir), limit=80),
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
-                            data(shlex.quote(str(self.run_dir)), limit=80), "` continues from the latest checkpoint")
+                            data(shell_quote(self.run_dir), limit=80), "` continues from the latest checkpoint")
         if self._lost_reason and self._lost_refused:  # it answers: the run's event log is what is lost
             shown = ("the state, step and loss shown are the engine's status; the rest is what was read"
                      if s.from_engine_status else "what is shown is what was read")
@@ -743,7 +744,7 @@ class RunScreen(Screen):
         ck = self.query_one(Checkpoints)
         data_file = str(self.app.state.config.get("val_jsonl") or "")
         every = jobs == [(None, "all")]
-        how = "; ".join(shlex.join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE",
+        how = "; ".join(shell_join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE",
                                                                           str(self.run_dir), every)])
                           for step, _ in jobs)
         if not data_file or not Path(data_file).is_file():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from engine.runs import (
     resume_steps,
     summary,
 )
-from engine.util import UsageError, printable, write_json
+from engine.util import UsageError, printable, shell_quote, write_json
 
 LAUNCH_LOCK = ".launch.lock"  # held by a `voxtui run` from before it writes config.toml until its engine holds the event log
 
@@ -143,7 +142,7 @@ def _start(cfg: TrainConfig, run_dir: Path, lock: LaunchLock, detach: bool, repo
     elif resume_dir is None and run_dir.stat().st_mode & 0o077:
         print(printable(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so "
                         f"are the events and checkpoints written in it (engine.json is 0600 and the sockets live in a "
-                        f"private folder); `chmod 700 {run_dir}` keeps them private"), file=sys.stderr)
+                        f"private folder); `chmod 700 {shell_quote(run_dir)}` keeps them private"), file=sys.stderr)
     write_config(cfg, run_dir / "config.toml")
     if report is not None:
         write_json(run_dir / "preflight.json", report)
@@ -164,7 +163,7 @@ def _start(cfg: TrainConfig, run_dir: Path, lock: LaunchLock, detach: bool, repo
         pid = launch_detached(run_dir, args)
         lock.release()  # its engine holds the event log now (engine.json names it)
         print(printable(run_dir))
-        print(printable(f"engine {pid} runs detached; watch it with: voxtui attach {shlex.quote(str(run_dir))}"),
+        print(printable(f"engine {pid} runs detached; watch it with: voxtui attach {shell_quote(run_dir)}"),
               file=sys.stderr)
         return 0
     from engine.daemon.engine import run_engine
@@ -199,7 +198,7 @@ def wait_for_previous(run_dir: Path, timeout: float = 60.0) -> None:
     new_engine = isinstance(info.get("started"), (int, float)) and isinstance((last or {}).get("time"), (int, float)) \
         and info["started"] > last["time"]
     if what.startswith("its engine") and (new_engine or not (last and last.get("state") in FINAL)):
-        raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {shlex.quote(str(run_dir))})")
+        raise UsageError(f"{run_dir}: {what} is running (stop it first: voxtui engine stop {shell_quote(run_dir)})")
     print(printable(f"{run_dir}: waiting for {what} to exit…"), file=sys.stderr)
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from engine.util import UsageError, printable
+from engine.util import UsageError, printable, shell_quote
 
 
 def read_recorded(path: Path) -> list:
@@ -110,8 +109,8 @@ def cmd_replay(args) -> int:
               str((run_dir / "engine.json").resolve()), "--rate", str(args.rate)]
     pid = launch_detached(run_dir, ["--worker_cmd", json.dumps(worker)])
     print(printable(run_dir))
-    print(printable(f"engine {pid} replays {events}; attach with: voxtui attach {shlex.quote(str(run_dir))}; "
-                    f"end it with: voxtui engine stop {shlex.quote(str(run_dir))}"), file=sys.stderr)
+    print(printable(f"engine {pid} replays {events}; attach with: voxtui attach {shell_quote(run_dir)}; "
+                    f"end it with: voxtui engine stop {shell_quote(run_dir)}"), file=sys.stderr)
     return 0
 
 

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 import sys
 
 from engine.data.scan import data_format
 from engine.formatting import kept_target_len
 from engine.rows import check_outputs, clean_record, iter_lines, open_checked, parse_line, prompt_key, row_key
-from engine.util import Progress, UsageError, atomic_write, counted, printable, same_file, write_json
+from engine.util import (
+    Progress,
+    UsageError,
+    atomic_write,
+    counted,
+    printable,
+    same_file,
+    shell_quote,
+    write_json,
+)
 
 
 def split(path: str, train_out: str, val_out: str, val_frac: float = 0.1, seed: int = 0,
@@ -115,7 +123,7 @@ def _why_none(path: str, dropped: list[dict]) -> str:
         counts[d["reason"]] = counts.get(d["reason"], 0) + 1
     first = dropped[0]
     return (f"{len(dropped)} row(s) dropped: " + ", ".join(f"{k} {n}" for k, n in counts.items())
-            + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {shlex.quote(str(path))}` lists them")
+            + f"; first: line {first['line']} {first['reason']}; `voxtui data audit {shell_quote(path)}` lists them")
 
 
 def _truncated(record: dict, fmt, target: list[int], keep: int) -> dict | None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from engine.eval.score import render, score_rows
-from engine.util import Progress, UsageError, atomic_write, write_json
+from engine.util import Progress, UsageError, atomic_write, shell_quote, write_json
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -415,7 +414,7 @@ def check_data(path: str) -> int:
             rows += 1
     if bad:
         line, kind, detail = bad[0]
-        more = f" (and {len(bad) - 1} more broken rows; `voxtui data audit {shlex.quote(str(path))}` lists them)" if len(bad) > 1 else ""
+        more = f" (and {len(bad) - 1} more broken rows; `voxtui data audit {shell_quote(path)}` lists them)" if len(bad) > 1 else ""
         raise UsageError(f"{path}:{line}: {kind}: {detail}{more}")
     if not rows:
         raise UsageError(f"{path}: no rows (the file is empty or holds only blank lines)")

@@ -3,7 +3,6 @@ launch command. Every problem is collected, then reported once."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import msgspec
@@ -12,7 +11,7 @@ from engine.config import TrainConfig, read_toml, to_toml
 from engine.preflight.data import check_data, check_plan
 from engine.preflight.memory import check_memory, check_model, check_probe, estimate_memory, fastest_fit
 from engine.preflight.system import check_bf16, check_system
-from engine.util import UsageError, printable, printable_lines
+from engine.util import UsageError, printable, printable_lines, shell_join, shell_quote
 
 __all__ = ["Report", "preflight", "render", "launch_command", "check_system", "check_bf16", "check_data",
            "check_plan", "check_model", "check_memory", "check_probe", "estimate_memory", "fastest_fit"]
@@ -42,12 +41,12 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bo
     its config.toml, written, holds ``cfg``)."""
     head = ["torchrun", "--standalone", "--nproc_per_node", str(cfg.nproc), "-m", "engine.train"]
     if resume:
-        return shlex.join(head + ["--resume", cfg.output_dir])
+        return shell_join(head + ["--resume", cfg.output_dir])
     base = TrainConfig()
     if config_path:
         head += ["--config", config_path]
         if written:
-            return shlex.join(head)
+            return shell_join(head)
         try:
             base = msgspec.convert({**msgspec.structs.asdict(base), **read_toml(config_path)}, TrainConfig)
         except (UsageError, msgspec.ValidationError):
@@ -63,7 +62,7 @@ def launch_command(cfg: TrainConfig, config_path: str | None = None, written: bo
             flags += [f"--{k}", ",".join(v)]
         else:
             flags += [f"--{k}", str(v)]
-    return shlex.join(head + flags)
+    return shell_join(head + flags)
 
 
 def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = False, written: bool = False,
@@ -74,7 +73,7 @@ def preflight(cfg: TrainConfig, config_path: str | None = None, probe: bool = Fa
     if not written and cfg.output_dir and (Path(cfg.output_dir) / "events.jsonl").exists():
         # what `voxtui run` refuses: a new run in a folder that holds one (a resume's preflight is ``written``)
         r.add("system", "output_dir", "fail", f"--output_dir {cfg.output_dir} already holds a run: continue it with "
-                                              f"voxtui run --resume {shlex.quote(cfg.output_dir)}, or give another --output_dir")
+                                              f"voxtui run --resume {shell_quote(cfg.output_dir)}, or give another --output_dir")
     system = check_system(cfg, r)
     lengths, toks = check_data(cfg, r)  # each file tokenised once, into the worker's cache
     tok = check_plan(cfg, r, toks.get("train"))
