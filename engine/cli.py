@@ -139,7 +139,9 @@ def _run_parsers(sub) -> None:
 
     eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, replay")
     esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
-    p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age")
+    p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age",
+                        description="One line per run: its name (cut to its column, ending in …; --json has it "
+                                    "whole), state, step / total steps, loss, age and model.")
     # a Path default is not passed through type: a fresh clone without runs/ lists no runs
     p.add_argument("--runs", type=_runs_folder, default=Path("runs"), metavar="DIR",
                    help="the folder that holds the runs (default runs/)")

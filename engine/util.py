@@ -105,6 +105,23 @@ def shell_join(words: list) -> str:
     return " ".join(shell_quote(str(w)) for w in words)
 
 
+def cell_fit(text: str, width: int) -> str:
+    """``text`` in a column ``width`` terminal cells wide (a Korean letter or an emoji is two: rich's
+    ``cell_len``): cut to fit with … when longer, padded with spaces when shorter."""
+    from rich.cells import cell_len, get_character_cell_size
+
+    if cell_len(text) > width:
+        out, used = [], 0
+        for c in text:
+            size = get_character_cell_size(c)
+            if used + size > width - 1:
+                break
+            out.append(c)
+            used += size
+        text = "".join(out) + "…"
+    return text + " " * max(width - cell_len(text), 0)
+
+
 def counted(n: int, noun: str, plural: str = "") -> str:
     """``n`` and its noun, singular for one: "1 row", "0 rows", "3 rows" (``plural``: when not noun + "s")."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"

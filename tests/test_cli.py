@@ -250,12 +250,46 @@ def test_the_command_line_prints_a_runs_text_safe(tmp_path_factory, capsys, name
         assert not UNSAFE.search(text), (what, text)
     assert "\\x1b]0;pwned\\x07" in said["status"] and "\\x1b[31m" in said["list"]  # shown, not obeyed
     from engine.runs import summary
-    from engine.util import printable
+    from engine.util import cell_fit, printable
 
     header, row = said["list"].splitlines()[:2]
     shown = printable(summary(run)["state"])
-    if len(printable(name)) < header.index("state"):  # (a longer name pushes the columns, as any long name does)
-        assert row[header.index("state"):].startswith(shown), (header, row)  # in line with the header
+    name_cells, rest = _cells_split(row, header.index("state"))  # (a name longer than its column is cut to it)
+    assert name_cells.endswith(" ") and rest.startswith(cell_fit(shown, 9)), (header, row)  # in line with the header
+
+
+def _cells_split(row: str, cells: int) -> tuple[str, str]:
+    """``row`` split after its first ``cells`` terminal cells (a wide character straddling the cut fails)."""
+    from rich.cells import cell_len
+
+    for i in range(len(row) + 1):
+        if cell_len(row[:i]) >= cells:
+            assert cell_len(row[:i]) == cells, (row, cells)
+            return row[:i], row[i:]
+    return row, ""
+
+
+def test_engine_list_cuts_long_and_wide_names_to_their_column(tmp_path):
+    """`voxtui engine list` ran a long or wide run name into the state column with no space
+    (`…[INST][link=x]starting`): each name is cut to its column in terminal cells (a Korean letter or an emoji
+    is two), ending in …, with a space before the state; the state and step columns stay in line."""
+    from rich.cells import cell_len
+
+    cut = {"short": "short", "x" * 27: "x" * 27, "y" * 28: "y" * 26 + "…", "가" * 14: "가" * 13 + "…",
+           "가" * 13 + "a": "가" * 13 + "a", "🚀" * 20: "🚀" * 13 + "…",
+           "e2[b]한국🚀[INST][link=x]한국어의이름이길다": "e2[b]한국🚀[INST][link=x]…"}  # (한 would make 27 cells)
+    root = tmp_path / "runs"
+    for name in cut:
+        _run_folder(root, name, "hi", "running", "m")
+    listed = voxtui("engine", "list", "--runs", root, check=True).stdout.splitlines()
+    header, rows = listed[0], listed[1:]
+    shown = []
+    for row in rows:
+        name, rest = _cells_split(row, header.index("state"))
+        assert name.endswith(" ") and cell_len(name.rstrip()) < header.index("state"), row
+        assert rest.startswith("crashed ") and _cells_split(row, header.index("step") + 4)[0].endswith(" 3/3"), row
+        shown.append(name.rstrip())
+    assert sorted(shown) == sorted(cut.values())
 
 
 def test_a_run_folder_named_with_escapes_and_undecodable_bytes_in_the_real_command_line(tmp_path):

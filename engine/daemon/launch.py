@@ -29,7 +29,7 @@ from engine.runs import (
     resume_steps,
     summary,
 )
-from engine.util import UsageError, printable, shell_quote, write_json
+from engine.util import UsageError, cell_fit, printable, shell_quote, write_json
 
 LAUNCH_LOCK = ".launch.lock"  # held by a `voxtui run` from before it writes config.toml until its engine holds the event log
 
@@ -256,7 +256,8 @@ def cmd_engine(args) -> int:
             for s in runs:  # what the run's files say is printed safe (its folder's name too): no escape reaches the terminal
                 loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "-"
                 step = printable(f"{s['step']}/{s['total_steps']}" if s.get("total_steps") else s["step"])
-                print(f"{printable(s['run']):<28}{printable(s['state']):<10}{step:>13}{loss:>9}  "
+                # each cut to its column in terminal cells (a Korean letter or an emoji is two), a space after it
+                print(f"{cell_fit(printable(s['run']), 27)} {cell_fit(printable(s['state']), 9)} {step:>13} {loss:>8}  "
                       f"{age_text(s['age_s']):>5}  {printable(s['model'])}")
             for s in runs:
                 if s["problem"]:
