@@ -108,7 +108,7 @@ def _model_parsers(sub) -> None:
 
 
 def _run_parsers(sub) -> None:
-    """voxtui preflight, run, engine list | status | stop | replay."""
+    """voxtui preflight, run, engine list | status | stop | pause | resume | save | eval | preview | replay."""
     from engine.config import add_flags
 
     p = sub.add_parser("preflight", help="system, data, model and memory checks: go / warn / no-go and the launch command",
@@ -137,7 +137,8 @@ def _run_parsers(sub) -> None:
                         "encrypted and authenticated with CURVE; the keys are in engine.json (0600)")
     p.set_defaults(handler="engine.daemon.launch:cmd_run")
 
-    eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, replay")
+    eng = sub.add_parser("engine", help="runs on this machine: list, status, stop, pause, resume, save, eval, "
+                                             "preview, replay")
     esub = eng.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
     p = esub.add_parser("list", help="runs under runs/ with state, step, loss, age",
                         description="One line per run: its name (cut to its column, ending in …; --json has it "
@@ -156,6 +157,20 @@ def _run_parsers(sub) -> None:
     p.add_argument("--wait", type=_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the engine to exit (default 120; 0: deliver the stop and return)")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
+    for name, help, then in (
+            ("pause", "pause a run at its next step boundary", "until the run shows paused (default 60; 0: do not wait)"),
+            ("resume", "run a paused run again", "until the run shows running again (default 60; 0: do not wait)"),
+            ("save", "save a checkpoint at the next step boundary", None),
+            ("eval", "evaluate on the validation rows at the next step boundary", None),
+            ("preview", "generate the previews at the next step boundary", None)):
+        p = esub.add_parser(name, help=help,
+                            description=f"{help[0].upper()}{help[1:]}, through the run's engine (as the dashboard's "
+                                        "key does), and say what happened in one line. Exit 0 when the engine took "
+                                        "it, 1 when it refused (the reason said) or no engine runs to take it.")
+        p.add_argument("run", metavar="RUN", help="a run folder or a name under runs/")
+        if then:
+            p.add_argument("--wait", type=_seconds, default=60.0, metavar="S", help=f"seconds to wait {then}")
+        p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
                         description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "
                                     "with their recorded times, then waits; attach to it, stop it with engine stop.")

@@ -16,7 +16,8 @@ from conftest import ROOT, voxtui
 
 COMMANDS = [[], ["data"], ["data", "analyze"], ["data", "audit"], ["data", "find-long"], ["data", "split"],
             ["model"], ["model", "tiny"], ["demo"], ["preflight"], ["run"], ["engine"], ["engine", "list"],
-            ["engine", "status"], ["engine", "stop"], ["infer"], ["score"], ["export"]]
+            ["engine", "status"], ["engine", "stop"], ["engine", "pause"], ["engine", "resume"], ["engine", "save"],
+            ["engine", "eval"], ["engine", "preview"], ["infer"], ["score"], ["export"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "voxtui")
@@ -377,3 +378,18 @@ def test_a_refusals_suggested_command_names_a_run_with_escapes_as_printed(tmp_pa
     command = said[said.index("voxtui run --resume"):].split(" --")[:2]  # voxtui run --resume RUN
     typed = subprocess.run(["bash", "-c", "printf '%s\\0' " + " --".join(command)], capture_output=True, timeout=30)
     assert typed.stdout.split(b"\0")[:-1] == [b"voxtui", b"run", b"--resume", os.fsencode(run)], (said, typed)
+
+
+def test_engine_commands_without_an_engine_say_why(tmp_path):
+    """`voxtui engine pause | save | …` on a run whose engine is gone (crashed) or whose engine.json cannot be read:
+    one line that says why, exit 1; nothing is sent."""
+    run = _run_folder(tmp_path / "runs", "gone\x1b]0;x\x07", "hi", "running", "m")
+    proc = voxtui("engine", "save", run)
+    assert proc.returncode == 1 and proc.stdout == "" and not UNSAFE.search(proc.stderr), proc.stderr
+    assert proc.stderr.strip() == (f"voxtui: error: {tmp_path}/runs/gone\\x1b]0;x\\x07: save: the engine is not running "
+                                   f"(crashed: voxtui run --resume $'{tmp_path}/runs/gone\\x1b]0;x\\x07' continues it)")
+    (run / "engine.json").write_text('{"pid": "oops", [\n')
+    proc = voxtui("engine", "pause", run)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"voxtui: error: {tmp_path}/runs/gone\\x1b]0;x\\x07: pause: engine.json unreadable (line 1 column 17): the "
+        "engine cannot be reached (it may still be running)"), proc.stderr

@@ -769,3 +769,37 @@ def test_a_pause_the_workers_never_take_is_given_up_and_the_workers_start_reads_
         assert not e.toggles and e._apply(Pause(id="p5")).reason == "the run is stopping"
     finally:
         e.close()
+
+
+def test_pause_save_resume_from_the_command_line(tmp_path, tiny_model, train_file):
+    """Over SSH without a terminal for the dashboard: `voxtui engine pause | save | resume RUN` steer a real run
+    through its engine (each one line; --wait until the run shows it), the engine's refusals are said with exit 1,
+    and so is a run whose engine is gone; a run that is none is a usage error (2)."""
+    run = start_detached(tiny_model, tmp_path / "runs", "steered", train_file, nproc=1, max_steps=100000, save_steps=0)
+    wait_for(lambda: (run / "events.jsonl").exists() and any(e["type"] == "step" for e in read_events(run)))
+    paused = voxtui("engine", "pause", run, "--wait", "60")
+    assert paused.returncode == 0, paused.stderr
+    sent, done = paused.stdout.splitlines()
+    assert sent == f"{run}: pause sent — the workers pause at their next step boundary, once what falls due there is done"
+    assert done.startswith(f"{run}: paused at step ")
+    assert json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)["state"] == "paused"
+    again = voxtui("engine", "pause", run)
+    assert (again.returncode, again.stderr.strip()) == (1, f"voxtui: error: {run}: pause: already paused")
+    saved = voxtui("engine", "save", run)  # while paused: saved at once, at the paused step
+    assert saved.returncode == 0 and saved.stdout.strip() == (
+        f"{run}: save sent — the workers save a checkpoint at their next step boundary"), saved.stderr
+    step = int(done.rsplit(" ", 1)[1])
+    wait_for(lambda: any(e["type"] == "checkpoint" and e["step"] == step for e in read_events(run)), timeout=60)
+    assert (run / "checkpoints" / f"checkpoint-{step}").is_dir()
+    resumed = voxtui("engine", "resume", run)
+    assert resumed.returncode == 0 and resumed.stdout.splitlines()[-1].startswith(f"{run}: running again"), resumed
+    again = voxtui("engine", "resume", run, "--wait", "0")
+    assert (again.returncode, again.stderr.strip()) == (1, f"voxtui: error: {run}: resume: not paused (running)")
+    assert voxtui("engine", "stop", run, "--wait", "60").returncode == 0
+    ended = voxtui("engine", "eval", run)
+    assert (ended.returncode, ended.stderr.strip()) == (
+        1, f"voxtui: error: {run}: eval: the engine is not running: the run has ended (stopped)"), ended.stderr
+    for bad in (("engine", "preview", tmp_path / "runs" / "nothing"), ("engine", "pause"),
+                ("engine", "resume", run, "--wait", "-1")):
+        proc = voxtui(*bad)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)

@@ -1,4 +1,4 @@
-"""``voxtui run`` and ``voxtui engine list | status | stop``."""
+"""``voxtui run`` and ``voxtui engine list | status | stop | pause | resume | save | eval | preview``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from engine.runs import (
     refuse_nothing_to_resume,
     refuse_out_of_patience,
     resume_steps,
+    run_config,
     summary,
 )
 from engine.util import UsageError, cell_fit, printable, shell_quote, write_json
@@ -285,6 +286,8 @@ def cmd_engine(args) -> int:
             return 0
         case "stop":
             return stop_run(find_run(args.run), args.wait)
+        case "pause" | "resume" | "save" | "eval" | "preview":
+            return command_run(find_run(args.run), args.engine_command, getattr(args, "wait", 0.0))
     return 2
 
 
@@ -307,6 +310,93 @@ def behind(run_dir: Path, s: dict) -> None:
             s["outcome"] = statuses[-1].outcome
     s["message"] = (f"the engine does not answer: its workers' own record (their spool, not yet stored) says "
                     f"step {s['step']}" + (f", {statuses[-1].state}: {statuses[-1].message}" if statuses else ""))
+
+
+# `voxtui engine pause | resume | save | eval | preview RUN`: the command sent, and what then happens
+RUN_COMMANDS = {
+    "pause": ("Pause", "the workers pause at their next step boundary, once what falls due there is done"),
+    "resume": ("Resume", "the workers run again at their next step boundary"),
+    "save": ("SaveCheckpoint", "the workers save a checkpoint at their next step boundary"),
+    "eval": ("EvalNow", "the workers evaluate on the validation rows at their next step boundary"),
+    "preview": ("PreviewNow", "the workers generate the previews at their next step boundary"),
+}
+
+
+def command_run(run_dir: Path, what: str, wait: float = 0.0) -> int:
+    """Send ``what`` (pause, resume, save, eval, preview) through the run's engine, as the dashboard's keys do
+    (a fresh id; the engine retries it to the workers until they acknowledge it), and say in one line what
+    happened: 0 sent, 1 refused or no engine to take it. ``wait`` (pause, resume): seconds to wait for the run
+    to show paused (running again), said too; 1 when it does not in that time."""
+    import secrets
+
+    from engine import protocol
+    from engine.client import EngineClient, EngineLost
+
+    name = printable(run_dir)
+
+    def refused(reason: str) -> int:
+        print(printable(f"voxtui: error: {run_dir}: {what}: {reason}"), file=sys.stderr)
+        return 1
+
+    try:
+        client = EngineClient(run_dir)
+    except (ValueError, KeyError, TypeError) as e:  # an engine.json that reads but cannot be used
+        return refused(f"the engine cannot be reached ({e})")
+    with client:
+        if not client.live:
+            reason = client.not_live()  # engine.json unreadable (the engine may run still), or no engine
+            state = summary(run_dir).get("state", "") if reason == "the engine is not running" else ""
+            if state in ("finished", "stopped", "failed"):
+                reason += f": the run has ended ({state})"
+            elif state == "crashed":
+                reason += f" (crashed: voxtui run --resume {shell_quote(run_dir)} continues it)"
+            return refused(reason)
+        command = getattr(protocol, RUN_COMMANDS[what][0])(id=secrets.token_hex(8))
+        try:
+            reply = client.send(command)
+        except EngineLost as e:
+            return refused(f"{e} (it may still apply it: id {command.id})")
+        if reply.status != "ok":
+            return refused(reply.reason or "refused")
+        if what == "eval" and not run_config(run_dir).get("val_jsonl"):
+            print(f"{name}: eval sent — but this run has no validation rows (val_jsonl): nothing to evaluate")
+            return 0
+        print(f"{name}: {what} sent — {RUN_COMMANDS[what][1]}")
+        if what not in ("pause", "resume") or wait <= 0:
+            return 0
+        return _wait_for_toggle(client, name, what, wait)
+
+
+def _wait_for_toggle(client, name: str, what: str, wait: float) -> int:
+    """After a pause (resume) sent: until the engine's status says paused (running), or ``wait`` seconds."""
+    from engine.client import EngineLost
+    from engine.protocol import with_pending
+
+    goal = "paused" if what == "pause" else "running"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            reply = client.status()
+        except EngineLost as e:
+            print(printable(f"voxtui: error: {name}: {e} while waiting for it to be {goal}"), file=sys.stderr)
+            return 1
+        if reply.status != "ok":
+            print(printable(f"voxtui: error: {name}: {reply.reason}"), file=sys.stderr)
+            return 1
+        shown = with_pending(reply.state, reply.pending)
+        if shown == goal:
+            print(f"{name}: {'paused' if goal == 'paused' else 'running again'}"
+                  + (f" at step {reply.step}" if reply.step is not None else ""))
+            return 0
+        if shown in ("stopping", "finished", "failed") or (what == "pause" and shown == "running"):
+            # overtaken by a stop or the run's end, or a pause the workers never took (given up)
+            print(printable(f"voxtui: error: {name}: not {goal}: the run is {shown}"), file=sys.stderr)
+            return 1
+        if time.monotonic() >= deadline:
+            print(printable(f"voxtui: error: {name}: not {goal} after {wait:g} s (the run is {shown}; "
+                            f"the {what} stands)"), file=sys.stderr)
+            return 1
+        time.sleep(min(0.5, max(deadline - time.monotonic(), 0.05)))
 
 
 def stop_it(run_dir: Path) -> str:
