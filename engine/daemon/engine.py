@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -56,7 +55,7 @@ from engine.protocol import (
 )
 from engine.runs import engine_info, last_event, pid_alive, write_engine_info
 from engine.session import Session
-from engine.util import UsageError, print_traceback, printable, run_name
+from engine.util import UsageError, print_traceback, printable, run_name, shell_quote
 
 HEARTBEAT_S = 1.0  # to clients and workers; unacknowledged commands are sent again as often
 CHECK_S = 0.25  # how often torchrun and its ranks are looked at
@@ -432,7 +431,7 @@ class Engine:
     def hangup_message(self, done: bool = False) -> str:
         how = "saved and stopped" if done else "the workers save a checkpoint, then stop"
         return (f"the terminal hung up (SIGHUP): {how}; continue it with voxtui run --resume "
-                f"{shlex.quote(str(self.run_dir))}")
+                f"{shell_quote(self.run_dir)}")
 
     def on_hangup(self) -> None:
         """The foreground's terminal has gone (closed, ``tmux kill-session``, an SSH drop): the run stops as on
