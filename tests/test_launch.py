@@ -1,4 +1,4 @@
-"""Who starts a run's engine: one ``voxtui run`` at a time (its lock on ``RUN/.launch.lock``, taken before it
+"""Who starts a run's engine: one ``voxtui run`` at a time (its flock on the folder ``RUN/`` itself, taken before it
 writes config.toml, let go once its engine holds the event log); a second launcher, or a second engine, is
 refused in one line."""
 

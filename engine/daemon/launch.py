@@ -32,13 +32,12 @@ from engine.runs import (
 )
 from engine.util import UsageError, cell_fit, printable, shell_quote, write_json
 
-LAUNCH_LOCK = ".launch.lock"  # held by a `voxtui run` from before it writes config.toml until its engine holds the event log
-
 
 class LaunchLock:
-    """One ``voxtui run`` at a time starts an engine on a run folder: an ``flock`` on ``RUN/.launch.lock``,
-    taken before anything is written there (config.toml, preflight.json) and let go once the engine it starts
-    holds the run's event log (engine.json names it). A second launcher finding it held is refused at once."""
+    """One ``voxtui run`` at a time starts an engine on a run folder: an ``flock`` on the folder itself (no
+    file is made: a no-go leaves a folder as it was), taken before anything is written there (config.toml,
+    preflight.json) and let go once the engine it starts holds the run's event log (engine.json names it). A
+    second launcher finding it held is refused at once."""
 
     def __init__(self, run_dir: Path, resume: bool) -> None:
         self.run_dir, self.resume = run_dir, resume
@@ -48,7 +47,7 @@ class LaunchLock:
     def take(self) -> None:
         import fcntl
 
-        self.fd = os.open(self.run_dir / LAUNCH_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
