@@ -69,7 +69,7 @@ def test_broken_rows_are_counted_once_each(tmp_path):
 def test_probe_rescales_the_batch(tmp_path, tiny_model):
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(20)])
     proc = voxtui("preflight", "--model_id", tiny_model, "--train_jsonl", train, "--quant", "none", "--no-bf16",
-                  "--per_device_bsz", "2", "--grad_accum", "3", "--probe", "--json", "-", cwd=tmp_path)
+                  "--per_device_bsz", "2", "--grad_accum", "3", "--max_len", "64", "--probe", "--json", "-", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     probe = next(c for c in report["checks"] if c["name"] == "probe")

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 from engine.config import TrainConfig, absolute_paths, add_flags, resolve
 from engine.util import Parser, UsageError, first_on_its_node
 from engine.worker.dist import Dist
+
+SAID_FIRST_S = 2.0  # how long a quiet rank waits before it exits on a usage error: the first rank's line is said,
+# not cut short by torchrun ending every rank once one has exited
 
 
 class WorkerParser(Parser):
@@ -19,6 +23,7 @@ class WorkerParser(Parser):
     def exit(self, status: int = 0, message: str | None = None):
         if status and not first_on_its_node():
             message = None
+            time.sleep(SAID_FIRST_S)  # the first rank says it (torchrun ends the others once one has exited)
         super().exit(status, message)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from engine.config import TrainConfig, write_config
 from engine.protocol import Alert, Status
 from engine.util import UsageError, first_on_its_node, print_traceback, printable
-from engine.worker.cli import build_parser, read_engine, resolve_run
+from engine.worker.cli import SAID_FIRST_S, build_parser, read_engine, resolve_run
 from engine.worker.dist import Dist, data_parallel
 from engine.worker.knobs import knobs
 from engine.worker.profiling import phase
@@ -551,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"voxtui: error: {printable(e)}", file=sys.stderr)
         if trainer is not None:
             trainer.cleanup("error", str(e))
+        if not first_on_its_node():  # the first rank's line is said before torchrun, once this rank has exited,
+            time.sleep(SAID_FIRST_S)  # ends the others
         return 2
     except Exception as e:
         print_traceback()  # its paths (the run folder's among them) escaped, as every line of worker.log
