@@ -267,11 +267,8 @@ class EngineClient:
         return bool(self._buffer) or (self._sub is not None and bool(self._sub.poll(0)))
 
     def not_live(self) -> str:
-        """Why no engine takes requests: its engine.json cannot be read (the engine may be running still, its
-        sockets unknown), or no engine runs."""
-        problem = engine_json_problem(self.run_dir) if self.run_dir is not None and not self.curve else ""
-        return f"{problem}: the engine cannot be reached (it may still be running)" if problem else \
-            "the engine is not running"
+        """Why no engine takes requests (``not_live``)."""
+        return not_live(self.run_dir if not self.curve else None)
 
     def send(self, command) -> Reply:
         """Send a command; returns the engine's reply. A command without an id gets a fresh one."""
@@ -289,6 +286,14 @@ class EngineClient:
         return reply
 
     # ---- async (for the TUI and other asyncio code)
+
+
+def not_live(run_dir) -> str:
+    """Why no engine takes a run's requests: its engine.json cannot be read (the engine may be running still,
+    its sockets unknown), or no engine runs (``run_dir`` None: not looked at)."""
+    problem = engine_json_problem(run_dir) if run_dir is not None else ""
+    return f"{problem}: the engine cannot be reached (it may still be running)" if problem else \
+        "the engine is not running"
 
 
 def status_reply(run_dir, timeout: float = 2.0):

@@ -5,6 +5,7 @@ read on in the file's order, so the real events after such a line are never hidd
 (the trial's dashboards froze on FINISHED while the run trained on)."""
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -38,6 +39,26 @@ def stored(run: Path, pred, timeout: float = 20.0) -> list:
             return events
         time.sleep(0.05)
     raise AssertionError("the engine did not store what was pushed")
+
+
+@contextlib.contextmanager
+def replayed(tmp_path: Path):
+    """A real engine (the replay engine) serving a run that is running; stopped after."""
+    from engine.client import engine_alive, engine_info
+
+    seed = tmp_path / "seed.jsonl"
+    seed.write_text(line(real(1, state="starting")) + line(real(2, state="running")))
+    run = tmp_path / "r"
+    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(seed), "--run-dir", str(run)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    info = engine_info(run)
+    assert engine_alive(info)
+    try:
+        stored(run, lambda evs: any(e.get("state") == "running" for e in evs))
+        yield run, info
+    finally:
+        subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True,
+                       timeout=120)
 
 
 async def shown(run: Path, step: int, state: str, then=None) -> None:
@@ -84,43 +105,34 @@ def test_an_engine_serves_no_line_numbered_beyond_its_own(tmp_path):
     """A live engine (the replay engine, events pushed into it as a worker pushes them): a line appended to
     its events.jsonl by hand with seq 100000 is not in its history; a fresh dashboard shows the run running
     at its real step, and follows the events after it."""
-    from engine.client import EngineClient, engine_alive, engine_info
+    from engine.client import EngineClient
     from engine.worker.sinks import PushSink
 
-    seed = tmp_path / "seed.jsonl"
-    seed.write_text(line(real(1, state="starting")) + line(real(2, state="running")))
-    run = tmp_path / "r"
-    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(seed), "--run-dir", str(run)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
-    info = engine_info(run)
-    assert engine_alive(info)
-    sink = PushSink(info["endpoints"]["worker_events"], run.name)
-    try:
-        stored(run, lambda evs: any(e.get("state") == "running" for e in evs))
-        for s in (1, 2, 3):
-            sink.emit(Step(step=s, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
-        stored(run, lambda evs: any(e.get("step") == 3 for e in evs))
-        with (run / "events.jsonl").open("a") as f:
-            f.write(line({**BOGUS, "run": run.name}))
-        for s in (4, 5):
-            sink.emit(Step(step=s, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
-        sink.emit(Status(state="running", message="after the line"))
-        events = stored(run, lambda evs: any(e.get("message") == "after the line" for e in evs))
-        assert any(e["seq"] == 100000 for e in events)  # the line is in the file …
-        with EngineClient(run) as c:
-            history = c.history()
-            assert 100000 not in [e.seq for e in history]  # … and not in what the engine serves
-            assert history[-1].seq == max(e["seq"] for e in events if e["seq"] != 100000)
+    with replayed(tmp_path) as (run, info):
+        sink = PushSink(info["endpoints"]["worker_events"], run.name)
+        try:
+            for s in (1, 2, 3):
+                sink.emit(Step(step=s, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
+            stored(run, lambda evs: any(e.get("step") == 3 for e in evs))
+            with (run / "events.jsonl").open("a") as f:
+                f.write(line({**BOGUS, "run": run.name}))
+            for s in (4, 5):
+                sink.emit(Step(step=s, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
+            sink.emit(Status(state="running", message="after the line"))
+            events = stored(run, lambda evs: any(e.get("message") == "after the line" for e in evs))
+            assert any(e["seq"] == 100000 for e in events)  # the line is in the file …
+            with EngineClient(run) as c:
+                history = c.history()
+                assert 100000 not in [e.seq for e in history]  # … and not in what the engine serves
+                assert history[-1].seq == max(e["seq"] for e in events if e["seq"] != 100000)
 
-        def later():
-            sink.emit(Step(step=6, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
-            return 6, "running"
+            def later():
+                sink.emit(Step(step=6, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_s=100.0))
+                return 6, "running"
 
-        asyncio.run(shown(run, 5, "running", then=later))
-    finally:
-        sink.close()
-        subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True,
-                       timeout=120)
+            asyncio.run(shown(run, 5, "running", then=later))
+        finally:
+            sink.close()
 
 
 def test_an_engine_key_with_no_engine_to_reach_says_why(tmp_path):
@@ -128,19 +140,11 @@ def test_an_engine_key_with_no_engine_to_reach_says_why(tmp_path):
     sockets are in that file). An engine key (greyed) is answered with why — not dropped in silence — and
     a client's send says the engine cannot be reached, not that it is not running."""
     from app.app import VoxApp
-    from engine.client import EngineClient, engine_alive, engine_info
+    from engine.client import EngineClient
     from engine.protocol import SaveCheckpoint
 
-    seed = tmp_path / "seed.jsonl"
-    seed.write_text(line(real(1, state="starting")) + line(real(2, state="running")))
-    run = tmp_path / "r"
-    subprocess.run([sys.executable, "-m", "engine", "engine", "replay", str(seed), "--run-dir", str(run)],
-                   cwd=ROOT, check=True, capture_output=True, timeout=120)
-    info = engine_info(run)
-    assert engine_alive(info)
-    good = (run / "engine.json").read_bytes()
-    try:
-        stored(run, lambda evs: any(e.get("state") == "running" for e in evs))
+    with replayed(tmp_path) as (run, _):
+        good = (run / "engine.json").read_bytes()
         (run / "engine.json").write_text('{"pid": 1, garbage')
         with EngineClient(run) as c:
             reason = c.send(SaveCheckpoint()).reason
@@ -155,8 +159,7 @@ def test_an_engine_key_with_no_engine_to_reach_says_why(tmp_path):
                                                     for n in app._notifications), timeout=5)
                 await pilot.press("q")
 
-        asyncio.run(flow())
-    finally:
-        (run / "engine.json").write_bytes(good)
-        subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True,
-                       timeout=120)
+        try:
+            asyncio.run(flow())
+        finally:
+            (run / "engine.json").write_bytes(good)  # for the engine's stop

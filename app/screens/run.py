@@ -422,11 +422,10 @@ class RunScreen(Screen):
             return
         ended, lost = self.engine_keys_state()
         if lost and not ended:
-            from engine.client import engine_json_problem
+            from engine.client import engine_json_problem, not_live
 
-            problem = engine_json_problem(self.run_dir)
-            why = (f"{problem}: the engine cannot be reached (it may still be running)" if problem else
-                   self._lost_reason or "the engine is not running")
+            why = not_live(self.run_dir) if engine_json_problem(self.run_dir) else \
+                self._lost_reason or not_live(None)
             self.say(f"{action.replace('_', ' ')}: not sent — {why}", "warning")
 
     def engine_keys_state(self) -> tuple[bool, bool]:
