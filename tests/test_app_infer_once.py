@@ -92,6 +92,8 @@ def test_without_an_engine_i_then_a_skips_the_running_checkpoint_and_i_is_refuse
             for proc in set(screen.offline.values()):
                 proc.kill()
             await pilot_wait(pilot, lambda: not screen.offline, timeout=10)
+            # the note said "running already": no longer true, so no longer shown
+            await pilot_wait(pilot, lambda: "already" not in str(note.render()), timeout=10, every=0.05)
             jobs(["-m", "engine", "infer", "--run", "infer", "--checkpoint", "8", "--data", "v.jsonl"],
                  cwd=run.parent)
             screen.scan_disk()

@@ -719,7 +719,7 @@ class RunScreen(Screen):
         if not todo:
             text = (f"inference on {m.name} is running already; not started again" if not m.every
                     else "inference is running on every checkpoint already; nothing started")
-            ck.note(text)
+            ck.note(text, f"running:{'all' if m.every else m.name}")  # goes when that inference ends
             self.say(text, "warning")
             return
         if skipped:

@@ -46,7 +46,9 @@ class Checkpoints(Vertical):
         self._jobs: list[str] = []
         self._job_view: dict = {}
         self.busy: set[str] = set()  # "infer:<name>" keys in flight
-        self._note_kind = ""  # what the note says: "empty" (no checkpoint), "unreadable" (the folder), "" (other)
+        # what the note says: "empty" (no checkpoint), "unreadable" (the folder), "running:<name>" (inference on
+        # it runs already; "running:all": on every checkpoint), "" (other)
+        self._note_kind = ""
 
     def selected(self) -> tuple[int | None, str] | None:
         if not self._rows:
@@ -93,6 +95,12 @@ class Checkpoints(Vertical):
         all" while every checkpoint's is (it skips those)."""
         if busy is not None:
             self.busy = busy
+        if self._note_kind.startswith("running:"):  # "inference on X is running already": true while it runs
+            name = self._note_kind.removeprefix("running:")
+            still = (all(inference_running(n, self.busy) for _, n in self._rows) if name == "all"
+                     else inference_running(name, self.busy))
+            if not still:
+                self.note("")
         chosen = self.selected()
         self.query_one("#ck-one", Button).disabled = chosen is not None and inference_running(chosen[1], self.busy)
         self.query_one("#ck-all", Button).disabled = bool(self._rows) and all(
