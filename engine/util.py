@@ -100,6 +100,18 @@ def shell_quote(text: str | os.PathLike) -> str:
     return "$'" + "".join(out) + "'"
 
 
+def short_path(path: str | os.PathLike) -> str:
+    """``path`` as a person in this process's folder would type it: relative when it lies under the folder
+    (``runs/demo``, not ``/home/me/project/runs/demo``), else as it is; for the commands a screen suggests,
+    whose width is short."""
+    text = os.fspath(path)
+    try:
+        rel = os.path.relpath(text)
+    except (ValueError, OSError):  # another drive; the folder itself gone
+        return text
+    return rel if rel != ".." and not rel.startswith(".." + os.sep) and len(rel) < len(text) else text
+
+
 def shell_join(words: list) -> str:
     """A command line of ``words`` quoted as ``shell_quote`` does: one a person can paste into bash."""
     return " ".join(shell_quote(str(w)) for w in words)

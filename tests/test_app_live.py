@@ -523,7 +523,8 @@ def test_the_dashboard_reads_pausing_until_the_workers_pause_after_the_save_due_
                     "that step boundary is done: an evaluation, previews, a checkpoint)")
             assert said in notes(app), notes(app)
             await pilot_wait(pilot, lambda: app.state.state == "paused", timeout=60, every=0.05)
-            assert screen.sub_title == "paused"
+            # the header follows at the screen's next redraw (paced: not within the message that brought "paused")
+            await pilot_wait(pilot, lambda: screen.sub_title == "paused", timeout=10, every=0.05)
             acks = [e for e in app.state.events if e.type == "ack"]
             assert [e.command for e in acks] == ["pause"] and not any("error" in n for n in notes(app)), notes(app)
             await pilot.press("p")  # paused now: p resumes

@@ -370,3 +370,46 @@ def test_a_paused_run_whose_engine_is_gone_says_its_workers_are_paused_and_no_et
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)])
+def test_the_engine_lost_banner_leaves_every_tab_on_screen_and_its_command_whole(tmp_path, monkeypatch, size):
+    """The banner (up to 3 lines) shrinks the tab under it: the screen never scrolls (at 100 × 30 the
+    Overview's alerts went below the footer, a scrollbar beside them), and the command it suggests holds
+    the run folder whole, as typed from here (relative to the current folder), not cut at 80 characters."""
+    import synthetic_runs
+    from textual.widgets import TabbedContent
+
+    from app.app import VoxApp
+    from app.messages import EngineSeen
+
+    monkeypatch.chdir(tmp_path)
+    deep = Path("runs") / "a-folder-of-runs-with-a-rather-long-name" / "and-one-more-level-of-the-same-kind"
+    run = synthetic_runs.make_run(tmp_path / deep, "crashed-run-with-a-long-name", steps=8, state="running")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (run / "engine.json").write_text(json.dumps({"pid": gone.pid}))
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=size) as pilot:
+            screen = app.screen
+            await pilot_wait(pilot, lambda: app.state.shown_state == "crashed" and screen.query_one("#banner").display)
+            said = " ".join(str(screen.query_one("#banner").render()).split())
+            assert f"`voxtui run --resume {deep / run.name}` continues" in said, said
+            for orphans in ((), (4243, 4244)):
+                screen.post_message(EngineSeen(False, gone.pid, orphans))
+                await pilot_wait(pilot, lambda want=orphans: tuple(app.state.orphans or ()) == want)
+                for key in "1234567890":
+                    await pilot.press(key)
+                    await pilot.pause(0.05)
+                    tabs = screen.query_one(TabbedContent)
+                    assert screen.max_scroll_y == 0, (orphans, key)
+                    assert tabs.region.bottom <= size[1] - 1, (orphans, key, tabs.region)  # above the footer
+                await pilot.press("1")
+                await pilot.pause(0.2)
+                assert "no alerts" in screen_text(app.export_screenshot()), orphans
+            await pilot.press("q")
+
+    asyncio.run(flow())

@@ -50,7 +50,7 @@ from engine.protocol import (
     SetPreviewParams,
     Stop,
 )
-from engine.util import shell_join, shell_quote
+from engine.util import shell_join, shell_quote, short_path
 
 # tab id, its key, its title
 TABS = (("overview", "1", "Overview"), ("gpus", "2", "GPUs"), ("previews", "3", "Previews"),
@@ -471,6 +471,8 @@ class RunScreen(Screen):
             return assemble("RUN FOLDER GONE — ", data(self.run_dir, limit=80), " no longer exists (deleted or moved): "
                             "what is shown is what was read; attach to the folder where it is now")
         if s.crashed:
+            # the command whole (a cut path is no command), the path as typed here: the banner has 3 lines
+            run = data(shell_quote(short_path(self.run_dir)), limit=200)
             last = ""
             if s.events:
                 from engine.client import age_text
@@ -480,10 +482,10 @@ class RunScreen(Screen):
                 doing = "are paused" if s.state == "paused" else "are still training"
                 return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
                                 f"{', '.join(map(str, s.orphans))}) {doing}, unseen by any engine, until they "
-                                "miss its heartbeat (about 30 s), then save and stop — `voxtui engine stop ", data(shell_quote(self.run_dir), limit=80),
+                                "miss its heartbeat (~30 s), then save and stop — `voxtui engine stop ", run,
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
-                            data(shell_quote(self.run_dir), limit=80), "` continues from the latest checkpoint")
+                            run, "` continues from the latest checkpoint")
         if self._lost_reason and self._lost_refused:  # it answers: the run's event log is what is lost
             shown = ("the state, step and loss shown are the engine's status; the rest is what was read"
                      if s.from_engine_status else "what is shown is what was read")
@@ -612,7 +614,7 @@ class RunScreen(Screen):
 
     def say(self, text: str, severity: str = "information", timeout: float | None = None) -> None:
         """A notice: its text holds run data (names, paths, the engine's reasons), so never markup."""
-        self.notify(plain(text, limit=400), severity=severity, markup=False,
+        self.notify(plain(text, limit=800), severity=severity, markup=False,  # a toast wraps: commands said whole
                     **({"timeout": timeout} if timeout is not None else {}))
 
     # ---- commands (sent from a thread, retried with the same id; the reply comes back as a message)
@@ -744,7 +746,7 @@ class RunScreen(Screen):
         data_file = str(self.app.state.config.get("val_jsonl") or "")
         every = jobs == [(None, "all")]
         how = "; ".join(shell_join(["voxtui", "infer", *self.infer_args(step, data_file or "VAL_FILE",
-                                                                          str(self.run_dir), every)])
+                                                                          short_path(self.run_dir), every)])
                           for step, _ in jobs)
         if not data_file or not Path(data_file).is_file():
             why = "this run has no val_jsonl" if not data_file else f"{data_file} is not a file here"
