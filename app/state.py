@@ -150,7 +150,9 @@ class RunState:
         self.last_seq = ev.seq
         self.run = ev.run or self.run
         self.events.append(ev)
-        if ev.type in ("preview", "step", "status"):
+        # a status ends them, but a pause's pending one ("pause requested" while the previews go on: the
+        # workers take it once they are done, and the screen says so)
+        if ev.type in ("preview", "step") or (ev.type == "status" and not getattr(ev, "pending", "")):
             self.previewing = None
         match ev.type:
             case "preview_start":

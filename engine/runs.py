@@ -892,6 +892,23 @@ def events_problem(run_dir: Path) -> str:
     return "events.jsonl empty" if st.st_size == 0 else ""
 
 
+def previewing(run_dir: Path, status: dict | None, step: dict | None, pausing: bool) -> str:
+    """What a running run waits for while its workers generate previews (a preview_start event, no preview,
+    step or other status after it; a pause's pending status may follow it): "" when it does not."""
+    start = last_event(run_dir, "preview_start")
+    if not isinstance(start, dict) or not isinstance(start.get("seq"), int):
+        return ""
+    after = [ev.get("seq") for ev in (step, last_event(run_dir, "preview")) if isinstance(ev, dict)]
+    if isinstance(status, dict) and not status.get("pending"):
+        after.append(status.get("seq"))
+    if any(isinstance(seq, int) and seq > start["seq"] for seq in after):
+        return ""
+    then = "; the pause follows" if pausing else ""
+    at, count, most = (v if isinstance(v, int) else "?" for v in (start.get(k) for k in ("step", "count", "max_new_tokens")))
+    return (f"previewing… (step {at}: {count} prompt(s), up to {most} new tokens; training and commands wait "
+            f"for it{then})")
+
+
 def summary(run_dir: Path, ask=None) -> dict:
     """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
     window of recent events. States: new, starting, running, pausing, paused, stopping, finished (all steps, or
@@ -950,6 +967,8 @@ def summary(run_dir: Path, ask=None) -> dict:
         state = "starting"
     elif shown_state(state, outcome, pending) == "pausing":  # a pause requested, the workers not paused yet
         state = "pausing"
+    if alive and state in ("running", "pausing"):
+        message = previewing(run_dir, status, step, state == "pausing") or message
     cfg = {}
     try:
         cfg = read_toml(run_dir / "config.toml")

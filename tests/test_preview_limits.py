@@ -180,10 +180,19 @@ def test_the_dashboard_says_previewing_between_start_and_result():
     s.apply(Preview(seq=3, step=40, prompt="p", text="t", temperature=0.7, top_p=0.9))
     assert "previewing" not in state_line(s).plain
     s.apply(PreviewStart(seq=4, step=60, count=1, max_new_tokens=8))
-    s.apply(Step(seq=5, step=61, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0))
+    # a pause asked for meanwhile: the screen says it waits for the previews (it read "pause requested … at
+    # the next step boundary" for as long as a 512-token preview took)
+    s.apply(Status(seq=5, state="running", pending="pause", message="pause requested (x): the workers pause at "
+                   "their next step boundary"))
+    line = state_line(s).plain
+    assert "PAUSING" in line and "previewing… (step 60" in line and "the pause follows" in line, line
+    s.apply(Status(seq=6, state="paused", message="paused at step 60"))
+    assert s.previewing is None and "previewing" not in state_line(s).plain
+    s.apply(PreviewStart(seq=7, step=60, count=1, max_new_tokens=8))
+    s.apply(Step(seq=8, step=61, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0))
     assert s.previewing is None
     # an event's round trip; a reader that does not know a type skips its line (decode_event: None)
-    raw = event_encoder.encode(PreviewStart(seq=6, step=1, count=2, max_new_tokens=3))
+    raw = event_encoder.encode(PreviewStart(seq=9, step=1, count=2, max_new_tokens=3))
     assert decode_event(raw).type == "preview_start"
     assert decode_event(raw.replace(b"preview_start", b"preview_later")) is None
 
@@ -275,3 +284,39 @@ def test_a_change_from_another_client_while_a_field_is_edited_is_what_apply_comp
             assert sent == [{"max_new_tokens": 300}]
 
     asyncio.run(flow())
+
+
+def test_engine_status_says_a_pause_waits_for_the_previews(tmp_path):
+    """`voxtui engine status` / `engine list` of a run whose workers generate previews (a preview_start, nothing
+    after it but a pause's pending status): the message says so, and that the pause follows; once a preview
+    (or a step, or another status) comes, it no longer does. Values from the file are shown only as numbers."""
+    import json
+    import os
+    import time
+
+    from engine.protocol import PreviewStart, Status, Step, event_encoder
+    from engine.runs import summary
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "engine.json").write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
+    events = [Status(seq=1, state="running"), Step(seq=2, step=40, loss=1.0, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0),
+              PreviewStart(seq=3, step=40, count=4, max_new_tokens=512)]
+
+    def write(evs):
+        (run / "events.jsonl").write_bytes(b"".join(event_encoder.encode(e) + b"\n" for e in evs))
+        return summary(run)
+
+    s = write(events)
+    assert s["state"] == "running" and s["message"].startswith("previewing… (step 40: 4 prompt(s), up to 512 new")
+    events.append(Status(seq=4, state="running", pending="pause", message="pause requested (x)"))
+    s = write(events)
+    assert s["state"] == "pausing" and "previewing… (step 40" in s["message"] and "the pause follows" in s["message"]
+    events.append(Status(seq=5, state="paused", message="paused at step 40"))
+    s = write(events)
+    assert s["state"] == "paused" and s["message"] == "paused at step 40"
+    odd = [Status(seq=1, state="running"), {"seq": 2, "type": "preview_start", "step": "\x1b]0;x\x07", "count": 1,
+                                            "max_new_tokens": 8}]
+    (run / "events.jsonl").write_bytes(b"".join((json.dumps(e).encode() if isinstance(e, dict)
+                                                 else event_encoder.encode(e)) + b"\n" for e in odd))
+    assert "\x1b" not in summary(run)["message"]
