@@ -90,11 +90,47 @@ def engine_status(client) -> EngineStatusRead | None:
                             reply.outcome, reply.last)
 
 
+def silent(client) -> str:
+    """Why an engine does not answer, where its process says: "" when it cannot be told."""
+    import psutil
+
+    pid = client.info.get("pid")
+    if not isinstance(pid, int) or pid <= 0 or client.info.get("remote"):
+        return ""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.Error:
+        return ""
+    if status == psutil.STATUS_STOPPED:
+        return (f" — its process (pid {pid}) is stopped (SIGSTOP, Ctrl-Z): `kill -CONT {pid}` continues it; "
+                "shown meanwhile: what events.jsonl holds")
+    if status != psutil.STATUS_ZOMBIE:
+        return f" — its process (pid {pid}) is alive but silent (busy, swapping?); shown meanwhile: what events.jsonl holds"
+    return ""
+
+
 def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
     """Post EventsReceived batches until ``cancelled()``; ``post`` must be thread-safe (post_message)."""
     # lost: False (not yet heard), True (lost, said so), None (heard since this client connected)
     backoff, last, lost, client, seen, pid = 0.5, 0, False, None, None, None
     tail = None  # FileTail, once a client has found the run's folder
+    silent_tail = None  # FileTail of an engine alive but silent (hung, SIGSTOPped): what its file holds
+
+    def read_silent(client) -> None:
+        """An engine alive that does not answer: what its events.jsonl holds meanwhile (a fresh attach showed
+        NEW at step 0 for as long as the engine hung, however much the file held). ``last`` advances only
+        through consecutive seqs: when the engine answers again it serves what follows, and an event read here
+        and served again is known again by its seq (RunState)."""
+        nonlocal silent_tail, last
+        if client.run_dir is None:
+            return
+        silent_tail = silent_tail or FileTail(client.run_dir / "events.jsonl")
+        events = silent_tail.after(last)
+        if events:
+            post(EventsReceived(events))
+            for ev in events:
+                if ev.seq == last + 1:
+                    last = ev.seq
 
     def see(live: bool, pid, workers: tuple = ()) -> None:
         nonlocal seen
@@ -139,7 +175,7 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                 # live once the engine has been heard since connecting (the history's reply, a heartbeat): a
                 # process that is alive but frozen (SIGSTOP, swapped out) is still lost
                 see(True, pid)
-                lost = None
+                lost, silent_tail = None, None
             batch, flushed = [], time.monotonic()
             for ev in client.events(timeout=0.5) if client.live else ():
                 batch.append(ev)
@@ -167,11 +203,17 @@ def follow(target, post, cancelled, batch_s: float = 0.02) -> None:
                 said = engine_status(client)
                 if said is not None:
                     post(said)
+            if isinstance(e, EngineLost) and not isinstance(e, HistoryRefused) and client is not None:
+                try:
+                    read_silent(client)
+                except Exception:  # what the file holds is a bonus: never the end of the loop
+                    pass
             if lost is not True:
                 if isinstance(e, HistoryRefused):
                     post(EngineLostMessage(e.reason, refused=True))
                 else:
-                    post(EngineLostMessage(str(e) if isinstance(e, EngineLost) else f"{type(e).__name__}: {e}"))
+                    reason = str(e) if isinstance(e, EngineLost) else f"{type(e).__name__}: {e}"
+                    post(EngineLostMessage(reason + (silent(client) if client is not None else "")))
                 lost = True
                 seen = None  # whatever comes next is news
             if client is not None:

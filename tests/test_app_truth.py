@@ -413,3 +413,42 @@ def test_the_engine_lost_banner_leaves_every_tab_on_screen_and_its_command_whole
             await pilot.press("q")
 
     asyncio.run(flow())
+
+
+def test_a_fresh_attach_to_a_stopped_engine_shows_what_its_file_holds(tmp_path):
+    """The engine alive but silent (SIGSTOP) when a dashboard attaches: it showed the run NEW at step 0, every
+    tab empty, for as long as the engine hung. Now it shows what events.jsonl holds (the state, the step, the
+    history), its banner says the process is stopped and how to continue it; once the engine answers again the
+    dashboard goes on from there, nothing shown twice."""
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+
+    run = tmp_path / "hung"
+    running = RECORDED_EVENTS[:17]  # through step 5: the last status is "running"
+    info = replay(running, run, wait_seq=17)
+    os.kill(info["pid"], signal.SIGSTOP)
+
+    async def flow():
+        app = VoxApp(str(run))
+        app.animation_level = "none"
+        async with app.run_test(size=(120, 30)) as pilot:
+            try:
+                await pilot_wait(pilot, lambda: app.state.last_seq == 17, timeout=30, every=0.1)
+                banner = app.screen.query_one("#banner", Static)
+                await pilot_wait(pilot, lambda: banner.display, timeout=10)
+                said = " ".join(str(banner.render()).split())
+                assert said.startswith("ENGINE LOST — ") and f"its process (pid {info['pid']}) is stopped" in said, said
+                assert f"`kill -CONT {info['pid']}` continues it" in said, said
+                assert app.state.state == "running" and app.state.step == 5 and app.state.shown_state == "running"
+            finally:
+                os.kill(info["pid"], signal.SIGCONT)
+            await pilot_wait(pilot, lambda: not app.screen.query_one("#banner").display, timeout=30)
+            seqs = [ev.seq for ev in app.state.events]
+            assert seqs == sorted(set(seqs)) and seqs[-1] == 17, seqs
+            await pilot.press("q")
+
+    try:
+        asyncio.run(flow())
+    finally:
+        stop(run)
