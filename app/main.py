@@ -36,7 +36,14 @@ def attach(args) -> int:
     if code == 0:
         state = getattr(app, "state", None)
         if state is not None and (state.state in ("finished", "failed") or state.crashed):
-            print(printable(f"left the dashboard; the run has ended ({state.shown_state})"), file=sys.stderr)
+            then = ""
+            if state.shown_state in ("failed", "crashed") and run:
+                from engine.runs import latest_checkpoint
+
+                ckpt = latest_checkpoint(Path(run) / "checkpoints")
+                then = (f"; voxtui run --resume {shell_quote(run)} continues from {ckpt.name}" if ckpt is not None
+                        else "; no checkpoint was saved: nothing to resume, start the run again")
+            print(printable(f"left the dashboard; the run has ended ({state.shown_state}){then}"), file=sys.stderr)
         else:
             print(printable("detached; the run keeps going. Come back with: voxtui attach" + (f" {shell_quote(run)}" if run else "")),
                   file=sys.stderr)

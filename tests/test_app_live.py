@@ -8,6 +8,7 @@ import asyncio
 import shutil
 import time
 
+import pytest
 import synthetic_runs
 
 from conftest import pilot_wait
@@ -537,3 +538,39 @@ def test_the_dashboard_reads_pausing_until_the_workers_pause_after_the_save_due_
     finally:
         with EngineClient(run) as c:
             c.send(Stop())
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_failed_run_says_what_to_do_next(tmp_path, monkeypatch, saved):
+    """A failed run said why (cut at the screen's width) and nothing more: now a banner says why whole and what
+    to do — `voxtui run --resume RUN` from the latest complete checkpoint, or, with none saved, that there is
+    nothing to resume (leaving the dashboard says the same: app/main.py)."""
+    from textual.widgets import Static
+
+    from app.app import VoxApp
+    from engine.protocol import Status
+
+    monkeypatch.chdir(tmp_path)
+    why = "rank 1 was killed by SIGKILL (out of memory? the kernel's OOM killer, `dmesg` says); see worker.log"
+    events = synthetic_runs.run_events(cfg=synthetic_runs.config(), lr=1e-4, steps=8, state="running")
+    events.append(Status(state="failed", message=why, step=8))
+    run = synthetic_runs.make_run(tmp_path / "runs", "broke", events=events)
+    if saved:
+        checkpoint_on_disk(run, 4)
+        checkpoint_on_disk(run, 8)
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(100, 30)) as pilot:
+            banner = app.screen.query_one("#banner", Static)
+            await pilot_wait(pilot, lambda: app.state.shown_state == "failed" and app.state.disk_checkpoints is not None
+                             and banner.display and "being read" not in str(banner.render()), timeout=20, every=0.05)
+            said = " ".join(str(banner.render()).split())
+            assert said.startswith(f"RUN FAILED — {why} — "), said
+            if saved:
+                assert "`voxtui run --resume runs/broke` continues from checkpoint-8" in said, said
+            else:
+                assert "no checkpoint was saved before it failed: nothing to resume" in said, said
+            await pilot.press("q")
+
+    asyncio.run(flow())

@@ -486,6 +486,9 @@ class RunScreen(Screen):
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             run, "` continues from the latest checkpoint")
+        if s.shown_state == "failed" and not self._lost_reason:
+            return assemble("RUN FAILED — ", data(s.status_message or "see worker.log", limit=160), " — ",
+                            *self.after_failure(), " (the Logs tab: worker.log)")
         if self._lost_reason and self._lost_refused:  # it answers: the run's event log is what is lost
             shown = ("the state, step and loss shown are the engine's status; the rest is what was read"
                      if s.from_engine_status else "what is shown is what was read")
@@ -494,6 +497,18 @@ class RunScreen(Screen):
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
             return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
         return None
+
+    def after_failure(self) -> tuple:
+        """What to do about a failed run: resume from its latest complete checkpoint, or, with none saved,
+        start it again (a resume would be refused); pieces for ``assemble``."""
+        done = [c for c in self.app.state.disk_checkpoints or [] if isinstance(c.get("step"), int)]
+        if done:
+            latest = max(done, key=lambda c: c["step"])
+            return ("`voxtui run --resume ", data(shell_quote(short_path(self.run_dir)), limit=200),
+                    "` continues from ", data(str(latest.get("name", "")), limit=40))
+        if self.app.state.disk_checkpoints is None:  # the folder not read yet
+            return ("its checkpoints are being read",)
+        return ("no checkpoint was saved before it failed: nothing to resume; start the run again",)
 
     def show_banner(self) -> None:
         banner = self.query_one("#banner", Static)
@@ -552,6 +567,8 @@ class RunScreen(Screen):
             return
         self.query_one(Checkpoints).clear_note("unreadable")
         s.disk_checkpoints, s.disk_final, s.disk_inference = message.checkpoints, message.final, message.inference
+        if s.shown_state == "failed":  # its banner names the checkpoint a resume continues from
+            self.show_banner()
         # a job the engine started before this scan began is among its processes (or has ended)
         requested = {name: at for name, at in self.requested.items() if at >= message.started}
         if message.inferring != self._inferring_disk or requested != self.requested:
