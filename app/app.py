@@ -55,12 +55,38 @@ class VoxApp(App):
         self.run_path = message.path
         self.push_screen(RunScreen(message.path))
 
+    def save_screen_here(self) -> None:
+        """Textual's Screenshot command, into the current folder (the run screen has its own: the o key)."""
+        import time
+
+        name = f"voxtui-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        try:
+            path = self.save_screenshot(filename=name, path=str(Path.cwd()))
+        except OSError as e:
+            self.notify(plain(f"could not save the screen in {Path.cwd()}: {e.strerror or e}", limit=400),
+                        severity="error", markup=False)
+            return
+        self.notify(plain(f"saved the screen as {path}", limit=400), markup=False)
+
     def get_system_commands(self, screen):
         """Textual's commands, and on a run the dashboard's own: the engine's commands only while an engine
         can take them (as the footer shows their keys: ``RunScreen.check_action``), since choosing one here
-        runs it without asking the footer."""
-        yield from super().get_system_commands(screen)
-        if isinstance(screen, RunScreen):
+        runs it without asking the footer. Textual's own: Quit says what becomes of a run; on a run, its
+        Screenshot (into ~/Downloads, which a server may not have: "Failed to save screenshot") and Keys
+        (beside the dashboard's) give way to the dashboard's; elsewhere the screenshot goes to this folder."""
+        run = isinstance(screen, RunScreen)
+        for cmd in super().get_system_commands(screen):
+            if cmd.title == "Quit":
+                cmd = cmd._replace(help="leave the dashboard; a run goes on (voxtui attach comes back to it)")
+            elif cmd.title == "Screenshot":
+                if run:
+                    continue  # "Save screen as SVG": into the run folder
+                cmd = cmd._replace(help="save an SVG of the screen into the current folder",
+                                   callback=self.save_screen_here)
+            elif cmd.title == "Keys" and run:
+                continue  # the dashboard's "Keys" lists every key of the run screen
+            yield cmd
+        if run:
             for name, action, help_text in (
                 ("Preview now", "preview_now", "generate previews at the next step"),
                 ("Save checkpoint", "save", "save at the next step"),

@@ -182,6 +182,12 @@ def test_the_command_palette_lists_the_engines_commands_only_while_an_engine_can
             assert app.state.state == "finished"
             listed = {c.title for c in app.get_system_commands(app.screen)}
             assert not listed & engine_commands and "Save screen as SVG" in listed
+            # one Keys (the dashboard's), no Textual Screenshot (~/Downloads: "Failed to save screenshot"),
+            # Quit says the run goes on
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            assert titles.count("Keys") == 1 and "Screenshot" not in titles, titles
+            quit_help = next(c.help for c in app.get_system_commands(app.screen) if c.title == "Quit")
+            assert "a run goes on" in quit_help
             await pilot.press("ctrl+p")
             await pilot.pause(0.3)
             assert isinstance(app.screen, CommandPalette)
@@ -348,5 +354,31 @@ def test_a_small_terminal_shows_the_checkpoints_the_help_and_the_stop_dialog_who
             await pilot.pause(0.2)
             assert scroll.scroll_y == scroll.max_scroll_y > 0
             await pilot.press("escape")
+
+    asyncio.run(flow())
+
+
+def test_the_pickers_screenshot_command_saves_into_the_current_folder(tmp_path, monkeypatch):
+    """Textual's Screenshot command saved into ~/Downloads (a server may have none: "Failed to save
+    screenshot"); on the run picker it saves into the current folder and says where."""
+    from synthetic_runs import make_run
+
+    from app.app import VoxApp
+
+    make_run(tmp_path / "runs", "one", steps=4)
+    monkeypatch.chdir(tmp_path)
+
+    async def flow():
+        app = VoxApp(None, str(tmp_path / "runs"))
+        app.animation_level = "none"
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.5)
+            shot = next(c for c in app.get_system_commands(app.screen) if c.title == "Screenshot")
+            shot.callback()
+            await pilot.pause(0.3)
+            saved = list(tmp_path.glob("voxtui-*.svg"))
+            assert len(saved) == 1 and saved[0].read_text().startswith("<svg")
+            assert any(f"saved the screen as {saved[0]}" in str(n.message) for n in app._notifications)
+            await pilot.press("q")
 
     asyncio.run(flow())
