@@ -320,3 +320,49 @@ def test_engine_status_says_a_pause_waits_for_the_previews(tmp_path):
     (run / "events.jsonl").write_bytes(b"".join((json.dumps(e).encode() if isinstance(e, dict)
                                                  else event_encoder.encode(e)) + b"\n" for e in odd))
     assert "\x1b" not in summary(run)["message"]
+
+
+def test_every_wrong_field_is_said_and_typing_after_a_refill_goes_after_the_value():
+    """temperature 3.5 and top-p 5 said only the temperature's problem (fixed, the next Apply said the
+    other); and a field emptied and refilled by Enter held its cursor at 0, so a "1" typed then made 0.7 into
+    10.7. Now every wrong field is said at once, and the cursor is at the value's end."""
+    from textual.widgets import Input, Static
+
+    from app.widgets.previews import Previews
+
+    sent = []
+    Host = previews_host(sent)
+
+    async def flow():
+        app = Host()
+        async with app.run_test() as pilot:
+            pv = app.query_one(Previews)
+            app.set_focus(None)
+            pv.fill({"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64})
+            pv.query_one("#pv-temperature", Input).value = "3.5"
+            pv.query_one("#pv-top-p", Input).value = "5"
+            pv.query_one("#pv-max", Input).value = "many"
+            pv.apply()
+            await pilot.pause()
+            reply = str(pv.query_one("#pv-reply", Static).render())
+            assert reply.startswith("error ") and "temperature" in reply and "top-p" in reply, reply
+            assert "max" in reply.split("top-p", 1)[1] and sent == [], reply
+            box = pv.query_one("#pv-temperature", Input)
+            pv.query_one("#pv-top-p", Input).value = "0.9"
+            pv.query_one("#pv-max", Input).value = "64"
+            box.focus()
+            box.value = ""
+            await pilot.press("enter")  # emptied: the value in force again
+            await pilot.pause()
+            assert box.value == "0.7"
+            await pilot.press("5")
+            assert box.value == "0.75", box.value
+            pv.ended("the run has finished: these are its last previews")
+            await pilot.pause()
+            assert str(pv.query_one("#pv-reply", Static).render()) == ("no workers the run has finished: these are its "
+                                                                       "last previews")
+            pv.ended("")  # running again (a resumed run): the line goes
+            await pilot.pause()
+            assert str(pv.query_one("#pv-reply", Static).render()) == ""
+
+    asyncio.run(flow())

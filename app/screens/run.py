@@ -704,6 +704,9 @@ class RunScreen(Screen):
         busy = set(self.in_flight) | {f"infer:{name}" for name in self.inferring()}
         self.query_one(Checkpoints).sync_buttons(busy)
         ended = self.engine_keys_state()[0]  # no worker is left to preview
+        s = self.app.state
+        self.query_one(Previews).ended("" if not ended else "the engine is gone: no previews until the run is resumed"
+                                       if s.crashed else f"the run has {s.shown_state}: these are its last previews")
         self.query_one("#pv-apply").disabled = ended or "set_preview_params" in busy
         self.query_one("#pv-now").disabled = ended or "preview_now" in busy
 

@@ -61,6 +61,7 @@ class Previews(Vertical):
         self.in_force: dict = {}  # field → the value in force that the input was last filled with
         self._filled: dict = {}  # field → the text put into the input then
         self._force_text: dict = {}  # field → the value in force as text (kept current while an input is edited)
+        self._ended = ""  # why no worker is left to preview (said on the reply line once)
 
     NARROW = 72  # columns the controls' one row needs; below, they take two (app.tcss: Previews.-narrow)
 
@@ -90,6 +91,7 @@ class Previews(Vertical):
                 continue  # unchanged: a value sent and not acked yet, or refused, stays as it is
             elif box.value == self._filled.get(key, ""):  # no unsent edit
                 self._filled[key] = box.value = text
+                box.cursor_position = len(text)  # typing goes on after the value, not before it
             else:
                 kept.append(label)
         if kept:  # as the previews write them (T=… top-p=… max=…)
@@ -98,7 +100,7 @@ class Previews(Vertical):
 
     def changed(self) -> dict | str:
         """The fields whose input differs from the value in force (checked), or what is wrong."""
-        out = {}
+        out, wrong = {}, []  # every field's problem, not the first one's alone
         for input_id, key, parse, _, label in FIELDS:
             text = self.query_one(f"#{input_id}", Input).value.strip()
             if not text:
@@ -106,13 +108,14 @@ class Previews(Vertical):
             try:
                 value = parse(text)
             except (ValueError, OverflowError):
-                return "temperature, top-p and max tokens must be numbers"
+                wrong.append(f"{label} must be a number")
+                continue
             problems = preview_param_problems(**{key: value}, names={key: label})
             if problems:
-                return problems[0]
-            if value != self.in_force.get(key):
+                wrong.append(problems[0])
+            elif value != self.in_force.get(key):
                 out[key] = value
-        return out
+        return "; ".join(wrong) if wrong else out
 
     @on(Button.Pressed, "#pv-apply")
     @on(Input.Submitted)
@@ -148,6 +151,7 @@ class Previews(Vertical):
             out[key] = key in self._force_text
             if out[key]:
                 box.value = self._filled[key] = self._force_text[key]
+                box.cursor_position = len(box.value)  # a 1 typed next goes after 0.7, not before it (10.7)
         return out
 
     @on(Button.Pressed, "#pv-now")
@@ -158,6 +162,15 @@ class Previews(Vertical):
     def pick(self, event: OptionList.OptionHighlighted) -> None:
         self.selected = self._prompts[event.option_index] if event.option_index < len(self._prompts) else 0
         self.show_detail(self.app.state)  # type: ignore[attr-defined]
+
+    def ended(self, why: str) -> None:
+        """``why`` no worker is left to preview, a sentence ("" while one is): the reply line says so, not a last "ok"
+        that no longer means anything; cleared when workers are back (a resumed run)."""
+        if why and why != self._ended:
+            self.show_reply("no workers", why)
+        elif not why and self._ended:
+            self.query_one("#pv-reply", Static).update("")
+        self._ended = why
 
     def show_reply(self, status: str, reason: str) -> None:
         color = {"ok": "green", "error": "red"}.get(status, "yellow")
