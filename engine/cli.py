@@ -155,7 +155,9 @@ def _run_parsers(sub) -> None:
     p = esub.add_parser("stop", help="stop a run gracefully (the workers save first)")
     p.add_argument("run", metavar="RUN", help="a run folder or a name under runs/")
     p.add_argument("--wait", type=_seconds, default=120.0, metavar="S",
-                   help="seconds to wait for the engine to exit (default 120; 0: deliver the stop and return)")
+                   help="seconds to wait for the engine to exit, the stop's delivery included (default 120; 0: deliver "
+                        "the stop and return); an engine that does not take the stop in S s (3 at least, 15 at most) "
+                        "is reported, with the pid to kill")
     p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     for name, help, then in (
             ("pause", "pause a run at its next step boundary", "until the run shows paused (default 60; 0: do not wait)"),

@@ -677,6 +677,33 @@ def test_a_second_pause_before_the_workers_took_the_first_is_refused(tmp_path):
         stop(run, info)
 
 
+def test_engine_stop_of_an_engine_that_does_not_answer_says_so_in_one_line_within_its_wait(tmp_path):
+    """An engine alive that answers nothing (stopped with SIGSTOP): `engine stop --wait 3` gives up after about
+    the 3 s asked for, in one line that says so and names what stops it (it once raised EngineLost's traceback
+    after 15 s); continued, it takes the stop."""
+    from test_event_store import RECORDED, serve
+
+    run = tmp_path / "runs" / "hung"
+    info = serve(run, RECORDED, 21)
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        proc = voxtui("engine", "stop", run, "--wait", "3")
+        took = time.monotonic() - started
+    finally:
+        os.kill(info["pid"], signal.SIGCONT)
+    assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"voxtui: error: {run}: stop: no reply from the engine in 3 s "
+                                                   "(it may still apply it: id "), lines
+    assert lines[0].endswith(f"stop it with SIGTERM (the workers save first): kill {info['pid']} (it is stopped, "
+                             f"SIGSTOP: it takes that once continued: kill -CONT {info['pid']})"), lines
+    assert took < 8, took  # the 3 s, and the command's own start
+    proc = voxtui("engine", "stop", run, "--wait", "30")
+    assert proc.returncode == 0, proc.stderr
+    assert not engine_alive(info)
+
+
 def test_a_pause_reads_pausing_until_the_workers_pause_after_the_save_due_at_that_step(tmp_path, tiny_model, train_file):
     """The workers acknowledge a pause when they take it at a step boundary, then save the checkpoint that falls
     due there (3 s here) and only then pause: the run read running all that while, and the guard against a

@@ -398,12 +398,24 @@ def _wait_for_toggle(client, name: str, what: str, wait: float) -> int:
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0.05)))
 
 
-def stop_it(run_dir: Path) -> str:
-    """What stops an engine that engine.json no longer names: SIGTERM to it (a graceful stop, as engine stop's)."""
-    pids = engine_processes(run_dir)
-    if pids:
-        return f"stop it with SIGTERM (the workers save first): kill {' '.join(map(str, pids))}"
-    return "stop it with SIGTERM (the workers save first): kill PID, its pid from ps -ef | grep engine.daemon"
+def stop_it(run_dir: Path, pids: list[int] | None = None) -> str:
+    """What stops an engine that engine stop cannot reach (engine.json no longer names it: its processes found
+    by their command line; or ``pids``, one that does not answer): SIGTERM to it (a graceful stop, as engine
+    stop's). A process stopped with SIGSTOP takes it only once continued: said, with what continues it."""
+    import psutil
+
+    pids = engine_processes(run_dir) if pids is None else pids
+    if not pids:
+        return "stop it with SIGTERM (the workers save first): kill PID, its pid from ps -ef | grep engine.daemon"
+    line = f"stop it with SIGTERM (the workers save first): kill {' '.join(map(str, pids))}"
+    stopped = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
+                stopped.append(pid)
+    if stopped:
+        line += f" (it is stopped, SIGSTOP: it takes that once continued: kill -CONT {' '.join(map(str, stopped))})"
+    return line
 
 
 def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
@@ -428,7 +440,12 @@ def stop_orphans(run_dir: Path, pids: list[int], wait: float) -> int:
 
 
 def stop_run(run_dir: Path, wait: float) -> int:
-    from engine.client import EngineClient, engine_alive
+    """`voxtui engine stop RUN`: the stop delivered to the run's engine (or SIGTERM to workers that outlive
+    it), then up to ``wait`` seconds, the delivery's included, for the engine to exit. 0 stopped (or delivered,
+    with ``wait`` 0); 1 otherwise, said in one line."""
+    import secrets
+
+    from engine.client import EngineClient, EngineLost, engine_alive
     from engine.protocol import Stop
 
     info = engine_info(run_dir)
@@ -445,8 +462,17 @@ def stop_run(run_dir: Path, wait: float) -> int:
         ended = f": the run has ended ({state})" if state in ("finished", "stopped", "failed", "crashed") else ""
         print(printable(f"{run_dir}: no engine is running{ended}"), file=sys.stderr)
         return 1
-    with EngineClient(run_dir) as c:
-        reply = c.send(Stop())
+    # the stop's delivery counts against --wait: an engine alive that does not answer (stopped, hung) is
+    # reported after about the wait asked for (3 s at least, 15 at most: three tries of a third of it)
+    started = time.time()
+    with EngineClient(run_dir, request_timeout=min(max(wait / 3, 1.0), 5.0)) as c:
+        stop = Stop(id=secrets.token_hex(8))
+        try:
+            reply = c.send(stop)
+        except EngineLost as e:
+            print(printable(f"voxtui: error: {run_dir}: stop: {e} (it may still apply it: id {stop.id}); "
+                            f"{stop_it(run_dir, [info['pid']])}"), file=sys.stderr)
+            return 1
     if reply.status != "ok":
         print(printable(f"voxtui: error: {reply.reason}"), file=sys.stderr)
         return 1
@@ -454,7 +480,7 @@ def stop_run(run_dir: Path, wait: float) -> int:
     print(printable(f"{run_dir}: stopping ({saves})"), file=sys.stderr)
     if wait == 0:  # asked not to wait: the stop is delivered, and that is what was asked
         return 0
-    deadline = time.time() + wait
+    deadline = started + wait
     while time.time() < deadline:
         if not engine_alive(engine_info(run_dir)):
             print(printable(f"{run_dir}: {summary(run_dir).get('state') or 'stopped'}"))  # stopped, or as recorded
