@@ -50,10 +50,14 @@ class Status(Message, tag="status"):
 
 def shown_state(state: str, outcome: str = "", pending: str = "") -> str:
     """The state a person is told for a status: a run that finished because it was asked to stop is
-    ``stopped``, and one whose pause is pending (``Status.pending``) ``pausing``, as ``voxtui engine list``, the
-    dashboard and the foreground ``voxtui run`` all say it."""
+    ``stopped``; one whose workers saved and stopped because their engine went away (outcome engine_lost)
+    ``crashed`` (it did not finish: ``voxtui run --resume`` continues it); one whose pause is pending
+    (``Status.pending``) ``pausing``, as ``voxtui engine list``, the dashboard and the foreground ``voxtui run``
+    all say it."""
     state = with_pending(state, pending)
-    return "stopped" if state == "finished" and outcome == "stopped" else state
+    if state == "finished" and outcome in ("stopped", "engine_lost"):
+        return "stopped" if outcome == "stopped" else "crashed"
+    return state
 
 
 def with_pending(state: str, pending: str) -> str:

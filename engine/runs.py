@@ -913,9 +913,12 @@ def summary(run_dir: Path, ask=None) -> dict:
     """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
     window of recent events. States: new, starting, running, pausing, paused, stopping, finished (all steps, or
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
-    continues it). ``ask(run_dir)``: the live engine's status reply (None: no answer), asked only when
-    events.jsonl cannot say (gone, emptied, replaced by a folder while the engine runs): then the state,
-    step, loss and total steps are the engine's, and ``problem`` says what became of the file. Where
+    continues it). ``ask(run_dir)``: the live engine's status reply (None: no answer). Where events.jsonl
+    cannot say (gone, emptied, replaced by a folder while the engine runs), the state, step, loss and total
+    steps are the engine's, and ``problem`` says what became of the file. An engine alive that does not answer
+    (stopped with SIGSTOP, hung) stores nothing meanwhile: what its workers' spool holds since (their steps;
+    their own save and stop once they gave up on it, outcome engine_lost: crashed) is told, and the message
+    says so. Without ``ask``, a live engine is taken to serve its run. Where
     engine.json names no engine (unreadable, removed) but a process holds the run's event log, as its engine
     does while it lives, the run is not called crashed: ``problem`` (and the message) say the engine may still
     be running."""
@@ -929,9 +932,12 @@ def summary(run_dir: Path, ask=None) -> dict:
     run_info = last_event(run_dir, "run_info") or {}
     problem = "" if alive else engine_unsure(run_dir, info)  # engine.json unreadable, the engine maybe running
     live = alive or bool(problem)
+    reply = ask(run_dir) if alive and ask is not None else None
+    # alive, asked, and no answer (stopped with SIGSTOP, hung): it stores nothing meanwhile, while its workers
+    # train on (then, past --engine_timeout, save and stop) and keep what they send in their spool
+    silent = alive and ask is not None and (reply is None or reply.status != "ok")
     if alive and status is None:  # the file says nothing (yet?): the engine knows
         problem = events_problem(run_dir)
-        reply = ask(run_dir) if ask is not None else None
         answered = reply is not None and reply.status == "ok" and bool(reply.state)
         if problem == "events.jsonl empty" and not (answered and reply.last):
             problem = ""  # nothing stored yet, as far as anyone knows: a run just started
@@ -942,12 +948,12 @@ def summary(run_dir: Path, ask=None) -> dict:
             run_info = {"total_steps": reply.total_steps}
         elif problem:
             status = {"state": "starting", "message": f"{problem}; the engine was not asked, or did not answer"}
-    if not live:
-        for ev in spooled(run_dir):  # what the workers did after their engine went away
-            if ev.type == "status":
-                status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
-            elif ev.type == "step":
-                step = {"step": ev.step, "loss": ev.loss}
+    kept = spooled(run_dir) if not live or silent else []
+    for ev in kept:  # what the workers did after their engine went away, or while it does not answer
+        if ev.type == "status":
+            status = {"state": ev.state, "message": ev.message, "outcome": ev.outcome}
+        elif ev.type == "step":
+            step = {"step": ev.step, "loss": ev.loss}
     state = status.get("state", "new") if status else "new"
     outcome = status.get("outcome", "") if status else ""
     pending = status.get("pending", "") if status else ""
@@ -969,6 +975,10 @@ def summary(run_dir: Path, ask=None) -> dict:
         state = "pausing"
     if alive and state in ("running", "pausing"):
         message = previewing(run_dir, status, step, state == "pausing") or message
+    if silent and kept:
+        said = [ev for ev in kept if ev.type == "status"]
+        message = (f"the engine does not answer: its workers' own record (their spool, not yet stored) says step "
+                   f"{(step or {}).get('step', 0)}" + (f", {state}: {said[-1].message}" if said else ""))
     cfg = {}
     try:
         cfg = read_toml(run_dir / "config.toml")

@@ -111,7 +111,9 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
 def test_torchrun_killed_fails_the_run_and_its_workers_save(tmp_path, tiny_model, train_file):
     """torchrun itself killed (kill -9, or the out-of-memory killer) while its workers train: the run fails
     with an alert that says so — the workers, stopped next by the engine's SIGTERM, save first and report
-    "stopped on request", which once made the run read as stopped on request, with no alert."""
+    "stopped on request", which once made the run read as stopped on request, with no alert, and then (the
+    failure following) still recorded "stop requested: saving" and a finished status, outcome stopped: now
+    recorded as what it is."""
     run = start_detached(tiny_model, tmp_path / "runs", "torchrun", train_file, nproc=1, max_steps=100000,
                          save_steps=0)
     info = json.loads((run / "engine.json").read_text())
@@ -126,6 +128,16 @@ def test_torchrun_killed_fails_the_run_and_its_workers_save(tmp_path, tiny_model
     assert len(alerts) == 1 and f"torchrun (pid {torchrun.pid}) was killed by SIGKILL" in alerts[0]["message"]
     assert "voxtui run --resume" in alerts[0]["message"]
     assert not any(e["type"] == "alert" and e["kind"] == "rank_died" for e in events)
+    statuses = [e for e in events if e["type"] == "status"]
+    assert not any(e["state"] == "finished" or e["outcome"] == "stopped" or "request" in e["message"]
+                   for e in statuses), statuses
+    after = statuses[[e["seq"] for e in statuses].index(next(e["seq"] for e in statuses if e["seq"] > alerts[0]["seq"])):]
+    assert [e["message"] for e in after[:-1]] == [
+        "torchrun was killed by SIGKILL: the workers save, then stop",
+        f"saved at step {after[1]['step']} after torchrun was killed by SIGKILL; the run fails"], after
+    assert after[-1]["state"] == "failed"
+    log = (run / "engine.log").read_text()
+    assert "[stopping] torchrun was killed by SIGKILL: the workers save, then stop" in log and "[stopped]" not in log
     wait_for(lambda: gone(engine_tree), timeout=30)
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
     assert status["state"] == "failed" and "torchrun was killed by SIGKILL" in status["message"]
@@ -182,6 +194,42 @@ def test_engine_killed_then_resume(tmp_path, tiny_model, train_file):
     second = [line for line in log if line.startswith("[starting] engine ")][1:]
     assert len(second) == 1 and f"[running] resumed from checkpoint-{step} at step {step}" in "\n".join(log)
     assert log[-1] == "[finished] done"
+
+
+def test_an_engine_stopped_past_its_workers_patience_reads_crashed_in_list_and_status(tmp_path, tiny_model,
+                                                                                      train_file):
+    """The engine stopped (SIGSTOP) until its workers give up on it (they save and stop, spooling their last
+    events): `engine status` and `engine list` both say crashed at the step the workers reached (status once
+    said finished from their spool, list running at the last step stored); woken, the engine stores their
+    record and leaves, its line for their end [crashed], not [finished]."""
+    from engine.worker.checkpoint import latest_checkpoint
+
+    run = start_detached(tiny_model, tmp_path / "runs", "stalled", train_file, nproc=1, max_steps=100000, save_steps=0,
+                         env={"VOXTUI_ENGINE_TIMEOUT": "4"})
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
+    workers = descendants_of(info["pid"])
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        wait_for(lambda: gone(workers), timeout=90)
+        stored = max(e["step"] for e in read_events(run) if e["type"] == "step")
+        status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+        listing = voxtui("engine", "list", "--runs", run.parent, check=True).stdout
+    finally:
+        os.kill(info["pid"], signal.SIGCONT)
+    step = json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())["step"]
+    assert step > stored  # the workers trained on, unstored, before they gave up
+    assert (status["state"], status["outcome"], status["step"], status["engine_answers"]) == (
+        "crashed", "engine_lost", step, False), status
+    assert status["message"] == (f"the engine does not answer: its workers' own record (their spool, not yet "
+                                 f"stored) says step {step}, crashed: the engine went away: saved and stopped")
+    row = next(line for line in listing.splitlines() if line.startswith("stalled "))
+    assert row.split()[1:3] == ["crashed", f"{step}/100000"], listing
+    wait_for(lambda: not engine_alive(info), timeout=60)  # woken: it stores their record, and leaves
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert (status["state"], status["step"]) == ("crashed", step)
+    log = (run / "engine.log").read_text().splitlines()
+    assert log[-1] == "[crashed] the engine went away: saved and stopped", log[-3:]
 
 
 def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(tmp_path, tiny_model, train_file):

@@ -107,6 +107,7 @@ class Engine:
         self.next_housekeeping = 0.0
         self.foreground = False  # in `voxtui run`'s own process, on its terminal (a SIGHUP is that terminal's end)
         self.hung_up = False  # the terminal hung up, and its hangup (not a stop someone asked for) stops the run
+        self.torchrun_gone = ""  # how torchrun ended ("was killed by SIGKILL") when that, not a stop, ends the run
 
     @property
     def seq(self) -> int:
@@ -220,6 +221,12 @@ class Engine:
                 self.stop_deadline = max(self.stop_deadline, time.monotonic() + self.stop_timeout)
         if ev.type == "status" and ev.state == "finished" and ev.outcome == "stopped" and self.hung_up:
             ev.message = self.hangup_message(done=True)  # the workers' "stopped on request": nobody asked for it
+        if ev.type == "status" and self.torchrun_gone and (ev.state == "stopping" or ev.outcome == "stopped"):
+            # the workers' "stop requested" and "stopped on request" after torchrun died under them: the SIGTERM
+            # was the engine's, to end what was left; they saved, and the run fails (its final status follows)
+            ev.message = (f"torchrun {self.torchrun_gone}: the workers save, then stop" if ev.state == "stopping"
+                          else f"saved at step {ev.step} after torchrun {self.torchrun_gone}; the run fails")
+            ev.state, ev.outcome = "stopping", ""
         if ev.type == "status" and ev.state in ("finished", "failed"):
             self.final_status = ev  # the run's outcome, checked again once torchrun has exited
             self.final_at = time.monotonic()
@@ -390,7 +397,8 @@ class Engine:
     def _torchrun_died(self, sig: int) -> None:
         """torchrun was ended by a signal (kill -9, the out-of-memory killer) that no one here sent, while
         its workers train on: the run fails for it, though the workers, told to stop next, save first. Their
-        "stopped on request" would otherwise read as a stop someone asked for."""
+        "stop requested" and "stopped on request" are recorded as what they are (``on_worker_message``): no one
+        asked for a stop."""
         self._drain()  # a final status the workers sent just before (a run that ended as torchrun went)
         alive = [r for r, pid in self.workers.ranks.items() if pid_alive(pid)]
         if self.final_status is not None or not alive:
@@ -398,6 +406,7 @@ class Engine:
         self.rank_alerted = True
         pid = self.workers.proc.pid if self.workers.proc is not None else None
         how = killed_by(sig)
+        self.torchrun_gone = how.split(" (")[0]  # "was killed by SIGKILL": its likely sender said once, below
         self.emit(Alert(level="error", kind="torchrun_died",
                         message=f"torchrun (pid {pid}) {how} while its workers trained: they are stopped now, each "
                                 "saving a checkpoint first; `voxtui run --resume` continues"))

@@ -268,8 +268,6 @@ def cmd_engine(args) -> int:
             ask = functools.cache(status_reply)  # asked once: by summary where the file cannot say, for answers
             s = summary(run, ask=ask)
             s["engine_answers"] = None if not s["engine_pid"] else ask(run) is not None and ask(run).status == "ok"
-            if s["engine_answers"] is False:
-                behind(run, s)
             if args.json:
                 write_json(args.json, s)
             else:
@@ -288,27 +286,6 @@ def cmd_engine(args) -> int:
         case "pause" | "resume" | "save" | "eval" | "preview":
             return command_run(find_run(args.run), args.engine_command, getattr(args, "wait", 0.0))
     return 2
-
-
-def behind(run_dir: Path, s: dict) -> None:
-    """A live engine that does not answer (stopped with SIGSTOP, hung) stores nothing meanwhile, while its
-    workers train on (then, past --engine_timeout, save and stop): the step, loss and any state they sent
-    since, from their spool (what they keep until an engine stores it), into ``s`` (runs.summary's), said so."""
-    from engine.runs import spooled
-
-    newer = spooled(run_dir)
-    steps = [e for e in newer if e.type == "step"]
-    statuses = [e for e in newer if e.type == "status"]
-    if not steps and not statuses:
-        return
-    if steps and steps[-1].step > (s.get("step") or 0):
-        s["step"], s["loss"] = steps[-1].step, steps[-1].loss
-    if statuses:
-        s["state"] = statuses[-1].state
-        if statuses[-1].state == "finished":
-            s["outcome"] = statuses[-1].outcome
-    s["message"] = (f"the engine does not answer: its workers' own record (their spool, not yet stored) says "
-                    f"step {s['step']}" + (f", {statuses[-1].state}: {statuses[-1].message}" if statuses else ""))
 
 
 # `voxtui engine pause | resume | save | eval | preview RUN`: the command sent, and what then happens
