@@ -261,7 +261,16 @@ class RunState:
         crashed too, as ``voxtui engine list`` says: ``--resume`` continues it."""
         if self.state == "finished" and self.outcome == "engine_lost":
             return not self.engine_live
-        return self.engine_live is False and self.engine_pid is not None and self.state in NOT_ENDED
+        return self.engine_live is False and self.engine_pid is not None and self.state in NOT_ENDED \
+            and not self.trained_out
+
+    @property
+    def trained_out(self) -> bool:
+        """No engine, no final status read (events.jsonl's last line torn or cut), yet every step of the plan
+        trained and lora_final saved: the run finished, as ``voxtui engine list`` says (``--resume`` would
+        refuse it: nothing to resume)."""
+        return self.engine_live is False and self.state in NOT_ENDED and bool(self.disk_final) \
+            and self.total_steps > 0 and self.step == self.total_steps
 
     @property
     def shown_state(self) -> str:
@@ -270,6 +279,8 @@ class RunState:
         engine list`` and the picker say)."""
         if self.crashed:
             return "crashed"
+        if self.trained_out:
+            return "finished"
         if self.state == "new" and self.folder_gone and not self.events:
             return "unknown"  # the folder went before any of it was read: nothing says it is a new run
         return shown_state(self.state, self.outcome)

@@ -921,7 +921,9 @@ def summary(run_dir: Path, ask=None) -> dict:
     says so. Without ``ask``, a live engine is taken to serve its run. Where
     engine.json names no engine (unreadable, removed) but a process holds the run's event log, as its engine
     does while it lives, the run is not called crashed: ``problem`` (and the message) say the engine may still
-    be running."""
+    be running. A run with no engine whose events.jsonl ends before its final status (a torn last line) but
+    whose every step was trained and whose lora_final/ was saved is finished, the message says how it was
+    known (there is nothing to resume)."""
     from engine.config import read_toml
     from engine.protocol import shown_state
 
@@ -973,6 +975,12 @@ def summary(run_dir: Path, ask=None) -> dict:
         state = "starting"
     elif shown_state(state, outcome, pending) == "pausing":  # a pause requested, the workers not paused yet
         state = "pausing"
+    total = run_info.get("total_steps")
+    if state == "crashed" and not orphans and type(total) is int and total > 0 \
+            and (step or {}).get("step") == total and final_adapter(run_dir):
+        state = "finished"  # its final status was lost (a torn last line): what `--resume` finds, it refuses
+        message = (f"events.jsonl holds no final status (its last line cut?), but all {total} steps were trained "
+                   "and lora_final/ was saved")
     if alive and state in ("running", "pausing"):
         message = previewing(run_dir, status, step, state == "pausing") or message
     if silent and kept:

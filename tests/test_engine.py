@@ -232,6 +232,43 @@ def test_an_engine_stopped_past_its_workers_patience_reads_crashed_in_list_and_s
     assert log[-1] == "[crashed] the engine went away: saved and stopped", log[-3:]
 
 
+def test_a_finished_run_whose_last_line_was_torn_reads_finished_not_a_crash_to_resume(tmp_path, tiny_model,
+                                                                                      train_file):
+    """A finished run whose events.jsonl lost its final status to a torn last line (`truncate -s -37`): every
+    step trained and lora_final saved, `--resume` refuses it (nothing to resume); `engine list`, `engine status`
+    and the dashboard say finished, and how it was known — they once said crashed, suggesting that resume."""
+    import asyncio
+
+    from app.app import VoxApp
+    from conftest import pilot_wait
+
+    run = start_detached(tiny_model, tmp_path / "runs", "torn", train_file, nproc=1, max_steps=4, save_steps=0)
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: not engine_alive(info), timeout=120)
+    assert (run / "lora_final").is_dir() and last_state(run) == "finished"
+    with open(run / "events.jsonl", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 37)
+    assert last_state(run) != "finished"
+    assert "nothing to resume" in voxtui("run", "--resume", run, "--skip_preflight").stderr
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert (status["state"], status["step"], status["total_steps"]) == ("finished", 4, 4), status
+    assert status["message"] == ("events.jsonl holds no final status (its last line cut?), but all 4 steps were "
+                                 "trained and lora_final/ was saved")
+    row = next(line for line in voxtui("engine", "list", "--runs", run.parent, check=True).stdout.splitlines()
+               if line.startswith("torn "))
+    assert row.split()[1:3] == ["finished", "4/4"], row
+
+    async def shown():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await pilot_wait(pilot, lambda: app.state.disk_final and app.state.engine_live is False, timeout=30)
+            await pilot.pause(0.3)
+            return app.state.shown_state, app.screen.banner_text()
+
+    state, banner = asyncio.run(shown())
+    assert (state, banner) == ("finished", None), banner
+
+
 def test_workers_that_outlive_their_engine_are_shown_and_engine_stop_stops_them(tmp_path, tiny_model, train_file):
     """The engine killed, its workers (both ranks) go on training, unseen by any engine, until they miss its
     heartbeat: `engine status`, `engine list` and the dashboard's banner name every rank's (rank 0 alone

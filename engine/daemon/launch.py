@@ -265,7 +265,7 @@ def cmd_engine(args) -> int:
             return 0
         case "status":
             run = find_run(args.run)
-            ask = functools.cache(status_reply)  # asked once: by summary where the file cannot say, for answers
+            ask = functools.cache(status_reply)  # asked once: by summary, and for answers
             s = summary(run, ask=ask)
             s["engine_answers"] = None if not s["engine_pid"] else ask(run) is not None and ask(run).status == "ok"
             if args.json:
