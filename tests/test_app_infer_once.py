@@ -146,3 +146,44 @@ def test_with_an_engine_i_then_a_asks_for_the_running_checkpoint_once(tmp_path, 
             assert any("inference on checkpoint-4 is running already" in n for n in notices(app))
 
     asyncio.run(flow())
+
+
+def test_a_new_job_is_brought_into_view_in_the_jobs_table():
+    """Jobs are listed by name: one started later could land below the table's fold with nothing to say
+    it came; the table's cursor goes to a job that appears (the table scrolls to it). At 80 × 24 beside
+    sample generations the table keeps its header and two jobs."""
+    from textual.app import App
+    from textual.widgets import DataTable
+
+    from app.app import VoxApp
+    from app.state import RunState
+    from app.widgets.checkpoints import Checkpoints
+
+    def job(name: str) -> dict:
+        return {"state": "finished", "rows": 10, "rougeL": 0.4, "checkpoint": name.rsplit("-", 1)[0],
+                "samples": [{"line": 1, "prompt": "q", "prediction": "a", "reference": "r"}] * 5}
+
+    class Host(App):
+        CSS_PATH = VoxApp.CSS_PATH  # the dashboard's layout
+
+        def compose(self):
+            yield Checkpoints()
+
+    async def flow():
+        app = Host()
+        async with app.run_test(size=(80, 24)) as pilot:
+            ck = app.query_one(Checkpoints)
+            s = RunState(folder="r")
+            s.disk_checkpoints = [{"step": n, "name": f"checkpoint-{n}"} for n in (10, 20, 30, 40, 50, 60)]
+            s.disk_inference = {f"checkpoint-{n}-val": job(f"checkpoint-{n}-val") for n in (10, 20, 30, 40, 50)}
+            ck.show(s)
+            await pilot.pause()
+            table = ck.query_one("#ck-metrics", DataTable)
+            assert table.cursor_row == 0 and table.region.height >= 3, table.region
+            s.disk_inference["checkpoint-60-val"] = job("checkpoint-60-val")
+            ck.show(s)
+            await pilot.pause()
+            assert table.get_row_at(table.cursor_row)[-1].plain == "checkpoint-60-val"
+            assert table.scroll_y > 0  # scrolled to it: the sixth job of a table that shows fewer
+
+    asyncio.run(flow())

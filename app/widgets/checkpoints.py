@@ -163,7 +163,9 @@ class Checkpoints(Vertical):
                           "samples": list(getattr(ev, "samples", None) or []), "message": ev.message}
         metrics = self.query_one("#ck-metrics", DataTable)
         row = metrics.cursor_row
+        before = set(self._jobs)
         self._jobs = sorted(view)
+        new = [i for i, name in enumerate(self._jobs) if name not in before] if before else []
         self._job_view = view
         table_rows = []
         for name in self._jobs:
@@ -174,6 +176,8 @@ class Checkpoints(Vertical):
             table_rows.append((data(v["state"], limit=20), data(v["rows"], limit=20), *cells, data(name, limit=60)))
         if fill_table(metrics, table_rows) and self._jobs and metrics.cursor_row != row:
             metrics.move_cursor(row=min(max(row, 0), len(self._jobs) - 1))
+        if new:  # a job just started: shown (the table scrolls to it), not left below the fold
+            metrics.move_cursor(row=new[0])
         self._show_samples()
 
     @on(DataTable.RowHighlighted, "#ck-metrics")
