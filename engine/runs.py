@@ -321,9 +321,13 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int | None, p
     save that checkpoint again. So is one of a finished run whose rate has decayed to 0, resumed with a floor
     of 0, even where ``total`` is None (not known without the data planned): any step it trains is at 0. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
     without ``--max_steps``; ``per_epoch``: its steps per epoch, when known). A run stopped partway (its
-    checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on."""
+    checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on.
+    A run with no complete checkpoint is never refused: its resume starts it over from step 0 (see
+    ``starts_over``), and every step it trains is on the schedule from its start."""
     ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    state = _read_json(ckpt / "trainer_state.json") if ckpt else {}
+    if ckpt is None:
+        return
+    state = _read_json(ckpt / "trainer_state.json")
     planned = state.get("total_steps")
     partway = isinstance(planned, int) and planned > done  # its schedule had not run out
     if total is None:  # the steps it would train to need the data planned; from a rate of 0 none would train
@@ -362,6 +366,24 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int | None, p
                          f"{more}, or leave out --max_steps to train on to its {planned}")
     raise UsageError(f"{run_dir} {said}; nothing to resume — start a new run, or give it more steps: "
                      f"voxtui run --resume {shell_quote(run_dir)} {more}")
+
+
+def starts_over(run_dir: Path, cfg) -> str:
+    """What a resume of ``run_dir`` with no complete checkpoint does, in one line ("" when it has one): the
+    workers start it over from step 0, in the same folder, with its settings (engine.worker.saving.restore);
+    the line says where the run got to before (its last state and step) and when ``cfg`` saves first."""
+    run_dir = Path(run_dir)
+    if latest_checkpoint(run_dir / "checkpoints") is not None:
+        return ""
+    s = summary(run_dir)
+    state, step = s.get("state") or "new", s.get("step") or 0
+    if state == "new":
+        before = "it has not trained a step"
+    else:
+        before = f"it {state} at step {step}" if step else f"it {state} before its first step"
+        if step and cfg.save_steps > step:
+            before += f", before its first save at step {cfg.save_steps}"
+    return f"{run_dir} has no checkpoint to resume from ({before}): the resume starts it over from step 0"
 
 
 def _decayed_to_0(state: dict, cfg) -> bool:

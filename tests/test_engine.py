@@ -561,6 +561,41 @@ def test_resume_of_a_finished_run_is_refused_before_anything_starts(tmp_path, ti
     assert [digest(p) for p in files] == before and not (run / "engine.log").exists()
 
 
+def test_resume_of_a_run_that_failed_before_its_first_save_starts_it_over(tmp_path, tiny_model, train_file):
+    """A run killed before its first checkpoint (its rank kill -9'd at step 2 or so, --save_steps 50) has
+    nothing saved to resume from: `voxtui run --resume` starts it over from step 0 in the same folder, and says
+    so in a note. It was refused once with a line about a learning rate decayed to 0 over "all its 0 steps"
+    (the default --min_lr_ratio 0, read against no checkpoint); the worker alone (engine.train.refuse_finished)
+    decided the same."""
+    from engine.config import TrainConfig
+    from engine.worker.trainer import refuse_finished
+
+    run = start_detached(tiny_model, tmp_path / "runs", "early", train_file, nproc=1, max_steps=100000,
+                         save_steps=50)
+    info = json.loads((run / "engine.json").read_text())
+    wait_for(lambda: sum(e["type"] == "step" for e in read_events(run)) >= 2)
+    engine_tree = [info["pid"]] + descendants_of(info["pid"])
+    rank = next(pid for pid in descendants_of(info["pid"]) if "LOCAL_RANK" in psutil.Process(pid).environ()
+                and psutil.Process(pid).name().startswith("python"))
+    os.kill(rank, signal.SIGKILL)
+    wait_for(lambda: last_state(run) == "failed", timeout=60)
+    wait_for(lambda: gone(engine_tree), timeout=30)
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    step = max(e["step"] for e in read_events(run) if e["type"] == "step")
+    cfg = TrainConfig(model_id=str(tiny_model), train_jsonl=str(train_file), output_dir=str(run), max_steps=100000,
+                      save_steps=50, nproc=1, quant="none", bf16=False)
+    assert cfg.min_lr_ratio == 0
+    refuse_finished(run, cfg, 1)  # the worker alone resumes it (from step 0): not refused
+    resumed = voxtui("run", "--resume", run, "--max_steps", "2", "--detach", "--skip_preflight")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"note: {run} has no checkpoint to resume from (it failed at step {step}, before its first save at step " \
+           "50): the resume starts it over from step 0" in resumed.stderr.splitlines(), resumed.stderr
+    wait_for(lambda: last_state(run) == "finished", timeout=180)
+    events = read_events(run)
+    again = next(i for i, e in enumerate(events) if e["type"] == "status" and e["state"] == "failed")
+    assert [e["step"] for e in events[again:] if e["type"] == "step"] == [1, 2]
+
+
 def test_the_steps_a_resume_would_train_to(tmp_path, tiny_model, train_file):
     """engine.runs.resume_steps on a run folder's latest complete checkpoint: --max_steps says it; a run of
     --epochs keeps the checkpoint's total while nothing that decides its plan changed (else None: preflight's

@@ -28,6 +28,7 @@ from engine.runs import (
     refuse_out_of_patience,
     resume_steps,
     run_config,
+    starts_over,
     summary,
 )
 from engine.util import UsageError, cell_fit, printable, shell_quote, write_json
@@ -143,6 +144,8 @@ def _start(cfg: TrainConfig, run_dir: Path, lock: LaunchLock, detach: bool, repo
         print(printable(f"note: {run_dir} is open to other users (mode {run_dir.stat().st_mode & 0o777:o}), and so "
                         f"are the events and checkpoints written in it (engine.json is 0600 and the sockets live in a "
                         f"private folder); `chmod 700 {shell_quote(run_dir)}` keeps them private"), file=sys.stderr)
+    if resume_dir is not None and (over := starts_over(run_dir, cfg)):
+        print(printable(f"note: {over}"), file=sys.stderr)
     write_config(cfg, run_dir / "config.toml")
     if report is not None:
         write_json(run_dir / "preflight.json", report)
