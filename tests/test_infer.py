@@ -419,6 +419,33 @@ def test_a_job_of_other_settings_is_never_replaced(tmp_path, capsys):
         job_name(infer_dir, "changed", "x", params)
 
 
+def test_a_job_is_the_same_whether_its_data_path_is_relative_or_absolute(run, tmp_path):
+    """`voxtui infer --data v.jsonl` from the data's folder, interrupted, then the same with the file's absolute
+    path (as the dashboard gives it): the same job, resumed in its folder — not "a job with other settings"
+    and a second folder. A job records its data file's absolute path; one recorded before that, relative to a
+    folder it does not say, is the same job by the file's content (data_sha256)."""
+    out, val = run
+    shutil.rmtree(out / "infer", ignore_errors=True)
+    args = ("infer", "--run", out, "--checkpoint", "3", "--max_new_tokens", "4")
+    first = voxtui(*args, "--data", val.name, cwd=val.parent)
+    assert first.returncode == 0, first.stderr
+    job = out / "infer" / f"checkpoint-3-{val.stem}"
+    assert json.loads((job / "params.json").read_text())["data"] == str(val)
+    rows = generations(job / "generations.jsonl")
+    # interrupted after 3 rows, its record as an older voxtui wrote it: the path as given, relative
+    (job / "metrics.json").unlink()
+    (job / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    old = json.loads((job / "params.json").read_text())
+    (job / "params.json").write_text(json.dumps({**old, "data": val.name}))
+    again = voxtui(*args, "--data", val)
+    assert again.returncode == 0, again.stderr
+    assert "other settings" not in again.stderr and sorted(p.name for p in (out / "infer").iterdir()) == [job.name]
+    assert sorted(generations(job / "generations.jsonl"), key=lambda r: r["index"]) == \
+        sorted(rows, key=lambda r: r["index"])
+    assert json.loads((job / "params.json").read_text()) == old  # the record says the path as given now
+    assert (job / "metrics.json").is_file()
+
+
 def test_the_dashboards_infer_keeps_an_earlier_cli_job(run, tmp_path):
     """`voxtui infer --checkpoint 3 --max_new_tokens 4` (CLI), then the dashboard's *Infer selected* on
     checkpoint-3 (the command line it starts without an engine, no --name; the engine's has none either;

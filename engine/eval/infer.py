@@ -10,6 +10,7 @@ interrupted job resumes where it stopped) and ``metrics.json`` (written atomical
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -124,7 +125,9 @@ def job_of(run_dir: Path, data: str, checkpoint: int | None, name: str | None, b
     from engine.formatting import file_digest
 
     ckpt = pick_checkpoint(run_dir, checkpoint)
-    params = {"checkpoint": ckpt.name, "data": str(data), "data_sha256": file_digest(str(Path(data).resolve())),
+    # the data file by its absolute path (said in messages, metrics.json); a job is the same as another by its
+    # content (data_sha256, same_job), however either path was written
+    params = {"checkpoint": ckpt.name, "data": os.path.abspath(data), "data_sha256": file_digest(str(Path(data).resolve())),
               "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
               "batch_size": batch_size or (BATCH_GPU if on_gpu else BATCH_CPU)}
     if nproc > 1 and temperature > 0:
@@ -252,9 +255,23 @@ def other_job(out_dir: Path, params: dict) -> dict | None:
         old = json.loads((out_dir / "params.json").read_text())
     except (OSError, ValueError):
         old = None
-    if old == params or not held:
+    if same_job(old, params) or not held:
         return None
     return old if isinstance(old, dict) else {}
+
+
+def same_job(old, params: dict) -> bool:
+    """Whether a job's recorded parameters (``old``: its params.json) are these: equal but for the data file's
+    path where both name the same content (data_sha256) — a relative path and an absolute one, a job started
+    from another folder, or a record from before paths were saved absolute (relative to a folder it does not
+    say) name one file as well as the other."""
+    if not isinstance(old, dict):
+        return False
+    if old == params:
+        return True
+    digest = params.get("data_sha256")
+    return isinstance(digest, str) and bool(digest) and old.get("data_sha256") == digest and \
+        {k: v for k, v in old.items() if k != "data"} == {k: v for k, v in params.items() if k != "data"}
 
 
 def settings_diff(old: dict, params: dict) -> str:
@@ -294,13 +311,17 @@ def _resume(out_dir: Path, params: dict) -> dict[int, dict]:
     never picks one that holds another job's results)."""
     gen_path, state_path = out_dir / "generations.jsonl", out_dir / "params.json"
     done: dict[int, dict] = {}
-    if gen_path.exists() and state_path.exists() and json.loads(state_path.read_text()) == params:
+    old = json.loads(state_path.read_text()) if gen_path.exists() and state_path.exists() else None
+    if same_job(old, params):
         for line in gen_path.read_text(encoding="utf-8").splitlines():
             try:
                 r = json.loads(line)
                 done[r["index"]] = r
             except (ValueError, KeyError):
                 break  # a torn last line: regenerate from there
+        if old != params:  # the same file by another path: the record says it as given now
+            with atomic_write(state_path) as f:
+                json.dump(params, f, indent=2)
     else:
         gen_path.unlink(missing_ok=True)
         shutil.rmtree(out_dir / "shards", ignore_errors=True)  # a stopped --nproc job's rows, other parameters
