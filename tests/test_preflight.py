@@ -1,6 +1,7 @@
 """``voxtui preflight``: every problem collected, a verdict, and the launch command."""
 
 import json
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -182,6 +183,33 @@ def test_system_check_says_what_fp8_does_here():
     # what --fp8_products auto chose here, and why (the worker's log says the same)
     assert lines["fp8"]["message"].startswith("FP8 products: none — no FP8 products (the FP8 weights dequantised")
     assert "auto: the CPU's FP8 products are emulated" in lines["fp8"]["message"]
+
+
+def test_disk_check_measures_where_a_new_run_folder_will_be_made(tmp_path, monkeypatch):
+    """An --output_dir not made yet is measured at the nearest folder above it that exists (the filesystem
+    it will be made on), and the line says so; it measured the current folder once, another filesystem as
+    often as not (/dev/shm/newrun said the disk's free space, not the tmpfs's)."""
+    import shutil
+
+    from engine.config import TrainConfig
+    from engine.preflight import Report, system
+
+    measured = []
+    usage = shutil.disk_usage
+    monkeypatch.setattr(system.shutil, "disk_usage", lambda p: measured.append(Path(p)) or usage(p))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    base = tmp_path / "base"
+    base.mkdir()
+    for out, at in ((base / "new" / "run", base), (base, base), (Path("runs/x"), elsewhere)):
+        measured.clear()
+        r = Report()
+        system.check_system(TrainConfig(train_jsonl="x", output_dir=str(out)), r)
+        line = next(c["message"] for c in r.checks if c["name"] == "disk")
+        assert measured[0] == at, (out, measured)
+        where = "" if at == base and out == base else f" (measured at {at}, the nearest folder of it that exists)"
+        assert line.endswith(f"GiB free for checkpoints under {out}{where}"), line
 
 
 def test_memory_check_recommends_every_product_fp8_only_where_asked_for():

@@ -112,10 +112,11 @@ def check_system(cfg: TrainConfig, r) -> dict:
     if cores < cfg.nproc:
         r.add("system", "cpus", "warn", f"{cores} CPU core(s) for {cfg.nproc} ranks")
     out = Path(cfg.output_dir or "runs")
-    probe = out if out.exists() else Path.cwd()
+    probe = nearest_existing(out)  # a run folder not made yet: the filesystem it will be made on
     free = shutil.disk_usage(probe).free / 2**30
     info["disk_free_gib"] = free
-    r.add("system", "disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free for checkpoints under {out}")
+    where = "" if probe == out.absolute() else f" (measured at {probe}, the nearest folder of it that exists)"
+    r.add("system", "disk", "ok" if free > 5 else "warn", f"{free:.1f} GiB free for checkpoints under {out}{where}")
     if Path("/dev/shm").exists():
         shm = shutil.disk_usage("/dev/shm").free / 2**30
         r.add("system", "shm", "ok" if shm >= 1 or cfg.nproc == 1 else "warn", f"/dev/shm: {shm:.1f} GiB free")
@@ -128,6 +129,15 @@ def check_system(cfg: TrainConfig, r) -> dict:
     r.add("system", "dataloader", "ok", "data is pre-tokenised and collated in the training process: "
                                        "no dataloader workers are needed")
     return info
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` made absolute, or the nearest folder above it that exists: where a folder not made yet will be
+    made, so the filesystem its files will take space on."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def check_bf16(cfg: TrainConfig, r) -> None:
