@@ -174,7 +174,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield f
         return
     path = Path(os.path.realpath(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc/x/y: say the file asked for and its folder, not a bare "/proc/x: No such file"
+        above = next((a for a in path.parents if a.exists()), None)
+        why = f"{above} is a file, not a folder" if above is not None and not above.is_dir() else \
+            f"its folder {path.parent} cannot be made: {e.strerror or e}"
+        raise OSError(e.errno, f"cannot write {path} ({why})") from None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:  # a folder one cannot write in (/proc, read-only): say which file, not the temporary

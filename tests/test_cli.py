@@ -339,6 +339,15 @@ def test_outputs_never_replace_a_device_a_fifo_or_a_link(tmp_path):
     proc = voxtui("data", "audit", sample, "--json", "/proc/version")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("voxtui: error: cannot write /proc/version"), proc.stderr
     assert "Traceback" not in proc.stderr and stat.S_ISREG(os.stat("/proc/version").st_mode)
+    # a folder that cannot be made (/proc takes none), or a file where a folder would be: the file asked for
+    # and why, one line (it said "/proc/x: No such file or directory", naming neither)
+    run = _run_folder(tmp_path / "runs", "r", "hi", "running", "m")
+    before = target.read_text()
+    for out, why in (("/proc/x/y.json", "its folder /proc/x cannot be made: No such file or directory"),
+                     (f"{target}/x/y.json", f"{target} is a file, not a folder")):
+        proc = voxtui("engine", "status", run, "--json", out)
+        assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == f"voxtui: error: cannot write {out} ({why})\n"
+    assert target.read_text() == before
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
