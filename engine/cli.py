@@ -174,11 +174,13 @@ def _run_parsers(sub) -> None:
             p.add_argument("--wait", type=_seconds, default=60.0, metavar="S", help=f"seconds to wait {then}")
         p.set_defaults(handler="engine.daemon.launch:cmd_engine")
     p = esub.add_parser("replay", help="serve a recorded events.jsonl from a real engine (demos, deterministic tests)",
-                        description="Starts a detached engine whose worker replays EVENTS (a run's events.jsonl) "
-                                    "with their recorded times, then waits; attach to it, stop it with engine stop.")
+                        description="Starts a detached engine whose worker sends it the events of EVENTS (a run's "
+                                    "events.jsonl), each with the time it was recorded at — sent all at once, or "
+                                    "--rate N a second, not at the pace they were recorded — then waits; attach to "
+                                    "it, stop it with engine stop.")
     p.add_argument("events", metavar="EVENTS.jsonl", help="a run's events.jsonl")
     p.add_argument("--run-dir", metavar="DIR", help="the new run folder (default runs/replay-<name>)")
-    p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events per second (default: all at once)")
+    p.add_argument("--rate", type=float, default=0.0, metavar="N", help="events sent per second (default 0: all at once; the times they say are the recorded ones either way)")
     p.set_defaults(handler="engine.daemon.replay:cmd_replay")
 
 

@@ -50,6 +50,27 @@ def stop(run: Path) -> None:
     subprocess.run([sys.executable, "-m", "engine", "engine", "stop", str(run)], cwd=ROOT, capture_output=True)
 
 
+def test_replay_sends_the_recorded_times_not_their_pace(tmp_path):
+    """`voxtui engine replay` without --rate sends every event at once, each with the time it was recorded
+    at — a recording ten minutes an event apart is stored in seconds, its times kept — and its --help says so
+    (it said the events were replayed "with their recorded times", read as at their pace, beside a --rate
+    whose default is "all at once")."""
+    events = [{**ev, "time": RECORDED_EVENTS[0]["time"] + 600 * i} for i, ev in enumerate(RECORDED_EVENTS)]
+    run = tmp_path / "paced"
+    start = time.time()
+    replay(events, run, wait_seq=len(events))
+    try:
+        stored = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        assert [e["time"] for e in stored] == [e["time"] for e in events] and time.time() - start < 60
+    finally:
+        stop(run)
+    said = " ".join(voxtui("engine", "replay", "--help", check=True).stdout.split())
+    assert "each with the time it was recorded at — sent all at once, or --rate N a second, not at the pace they " \
+           "were recorded" in said, said
+    assert "--rate N events sent per second (default 0: all at once; the times they say are the recorded ones " \
+           "either way)" in said, said
+
+
 def test_attach_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
