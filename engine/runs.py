@@ -322,12 +322,12 @@ def refuse_nothing_to_resume(run_dir: Path, cfg, done: int, total: int | None, p
     of 0, even where ``total`` is None (not known without the data planned): any step it trains is at 0. A larger ``--max_steps`` resumes it (or larger ``--epochs``, for a run
     without ``--max_steps``; ``per_epoch``: its steps per epoch, when known). A run stopped partway (its
     checkpoint's ``total_steps`` above ``done``) is told the flags given leave it no step, and how to go on.
-    A run with no complete checkpoint is never refused: its resume starts it over from step 0 (see
-    ``starts_over``), and every step it trains is on the schedule from its start."""
-    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
-    if ckpt is None:
+    A run with no complete checkpoint (``done`` 0) is never refused: its resume starts it over from step 0
+    (see ``starts_over``), and every step it trains is on the schedule from its start."""
+    if not done:
         return
-    state = _read_json(ckpt / "trainer_state.json")
+    ckpt = latest_checkpoint(Path(run_dir) / "checkpoints")
+    state = _read_json(ckpt / "trainer_state.json") if ckpt else {}
     planned = state.get("total_steps")
     partway = isinstance(planned, int) and planned > done  # its schedule had not run out
     if total is None:  # the steps it would train to need the data planned; from a rate of 0 none would train
