@@ -5,6 +5,7 @@ has stored it). Writers and readers of both use these functions, so the formats 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +23,23 @@ def last_seq(path: Path) -> int:
         if ev is not None and ev.seq > 0:
             return ev.seq
     return 0
+
+
+WAITING_MAX = 100_000  # events an event log keeps in memory while its file cannot take them (a full disk)
+
+
+def append_whole(fd: int, data: bytes) -> None:
+    """``data`` appended to the file open for appending at ``fd``, whole or not at all: a write the disk cannot
+    take (ENOSPC) is cut back off (no torn line is left for the next one to glue onto), then raises."""
+    start = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise
 
 
 def cut_torn_tail(path: Path) -> None:

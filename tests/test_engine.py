@@ -918,6 +918,50 @@ def test_a_pause_the_workers_never_take_is_given_up_and_the_workers_start_reads_
         e.close()
 
 
+def test_a_checkpoint_a_full_disk_refuses_pauses_the_run_until_a_resume_saves_it(tmp_path, tiny_model, train_file):
+    """A checkpoint that does not fit on the disk (ENOSPC, injected while a file exists: VOXTUI_FAULT_DISK_FULL) is
+    said plainly (the filesystem, what is free, the checkpoint that is intact), and the workers pause there, the model
+    in memory, instead of training on for steps that could not be saved either (they trained 240 steps past it, every
+    checkpoint failing, then ended failed). A resume with the disk still full pauses again; once space is freed a
+    resume writes the checkpoint, and the run goes on to its end."""
+    from engine.protocol import Resume
+
+    full = tmp_path / "disk-full"
+    full.write_text("")
+    run = start_detached(tiny_model, tmp_path / "runs", "full", train_file, nproc=1, max_steps=6, save_steps=2,
+                         env={"VOXTUI_FAULT_DISK_FULL": str(full)})
+
+    def paused_statuses():
+        return [e for e in read_events(run) if e["type"] == "status" and e["state"] == "paused"]
+
+    paused = wait_for(paused_statuses, timeout=120, what="the run paused for the full disk")[0]
+    from engine.worker.saving import mount_of
+
+    events = read_events(run)
+    failed = [e for e in events if e["type"] == "alert" and e["kind"] == "checkpoint_failed"]
+    mount, device = mount_of(run)
+    assert failed and failed[0]["message"].startswith(
+        f"checkpoint-2 not written: no space left on {mount} ({device + ', ' if device else ''}")
+    assert failed[0]["message"].endswith(" MiB free); no earlier checkpoint exists"), failed[0]
+    assert paused["step"] == 2 and paused["message"].startswith(failed[0]["message"] + "; free space there, then resume")
+    assert "voxtui engine resume" in paused["message"]
+    time.sleep(2)  # paused: no step trained past the checkpoint that could not be written
+    assert max(e["step"] for e in read_events(run) if e["type"] == "step") == 2
+    status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
+    assert status["state"] == "paused", status
+    with EngineClient(run) as c:
+        assert c.send(Resume(id="r-still-full")).status == "ok"  # nothing freed: tried, and paused again
+        wait_for(lambda: len(paused_statuses()) == 2, timeout=60, what="paused again")
+        full.unlink()  # space freed
+        wait_for(lambda: c.status().state == "paused", timeout=30)
+        assert c.send(Resume(id="r-freed")).status == "ok"
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120, what="the end")
+    events = read_events(run)
+    assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4, 6]
+    assert events[-1]["type"] == "status" and (events[-1]["state"], events[-1]["outcome"]) == ("finished", "completed")
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
 def test_pause_save_resume_from_the_command_line(tmp_path, tiny_model, train_file):
     """Over SSH without a terminal for the dashboard: `voxtui engine pause | save | resume RUN` steer a real run
     through its engine (each one line; --wait until the run shows it), the engine's refusals are said with exit 1,

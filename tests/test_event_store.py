@@ -553,3 +553,53 @@ def test_a_stopped_replay_ends_as_recorded(tmp_path, lines, state, outcome):
         assert (s["state"], s["step"]) == (state, 6), s
     finally:
         stop(run, info)
+
+
+def test_a_full_disk_keeps_the_events_in_memory_and_the_file_gapless(tmp_path, monkeypatch, capsys):
+    """events.jsonl that takes no line (ENOSPC, injected: the store's one write) costs no event and no traceback per
+    event in engine.log: one line and an alert say it, the events are published and served from memory meanwhile,
+    and once it takes lines again they are written in order, seq gapless (it lost 129–137 to a full disk)."""
+    import errno
+
+    from engine import eventlog
+    from engine.daemon import engine as daemon
+
+    class FullDisk:
+        """``os`` as the event log's writer sees it, on a disk with 30 bytes left: a short write, then ENOSPC."""
+        room = 30
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def write(self, fd, data):
+            n = min(len(data), self.room)
+            if not n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= n
+            return os.write(fd, data[:n])
+
+    run = tmp_path / "runs" / "full"
+    e = daemon.Engine(run)
+    e.open()
+    try:
+        e.emit(Log(message="before"))
+        monkeypatch.setattr(eventlog, "os", FullDisk())
+        for i in range(5):
+            e.emit(Log(message=f"while full {i}"))
+        e._tick(time.monotonic())  # tried again each second: still full
+        assert [ev["message"] for ev in read_events(run)] == ["before"]
+        lines, last, more = e.log.read(0, 100)
+        assert [json.loads(x)["seq"] for x in lines] == list(range(1, 8)) and last == 7 and not more
+        said = capsys.readouterr().err
+        assert said.count("engine: events.jsonl cannot be written (No space left on device)") == 1, said
+        assert "Traceback" not in said
+        monkeypatch.setattr(eventlog, "os", os)  # space again
+        e._tick(time.monotonic())
+        events = read_events(run)
+        assert [ev["seq"] for ev in events] == list(range(1, len(events) + 1)) and len(events) == 8
+        kinds = [(ev["type"], ev.get("kind")) for ev in events]
+        assert kinds[2] == ("alert", "event_log") and kinds[-1] == ("alert", "event_log")
+        assert "No space left on device" in events[2]["message"] and events[1]["message"] == "while full 0"
+        assert "written again" in events[-1]["message"] and "engine: events.jsonl written again" in capsys.readouterr().err
+    finally:
+        e.close()

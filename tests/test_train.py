@@ -326,8 +326,9 @@ def test_lora_targets_only_the_language_model_in_both_layouts():
 
 
 def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
-    """Checkpoints on a 1 MB tmpfs: the save that no longer fits is reported, the previous checkpoint
-    stays complete and loadable, no half-written folder is left, and the run ends failed (exit 1)."""
+    """Checkpoints on a 1 MB tmpfs: the save that no longer fits is reported as a full disk (whether torch says
+    ENOSPC or only "unexpected pos"), the previous checkpoint stays complete and loadable, no half-written folder
+    is left, and the run (a worker alone: nobody to resume a pause) ends failed there, saying why (exit 1)."""
     import subprocess
 
     train, _ = data
@@ -341,10 +342,12 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
         assert proc.returncode == 1, proc.stdout + proc.stderr
         events = read_events(out)
         failed = [e for e in events if e["type"] == "alert" and e["kind"] == "checkpoint_failed"]
-        assert failed and "No space left on device" in failed[0]["message"]
+        assert failed and failed[0]["message"].startswith(
+            f"checkpoint-{failed[0]['step']} not written: no space left on {ckpts} (tmpfs, "), failed[0]
+        assert max(e["step"] for e in events if e["type"] == "step") == failed[0]["step"]  # not trained on
         saved = [e["step"] for e in events if e["type"] == "checkpoint"]
         assert saved and saved == list(range(1, len(saved) + 1)) and failed[0]["step"] == saved[-1] + 1
-        assert events[-1]["state"] == "failed"
+        assert events[-1]["state"] == "failed" and events[-1]["message"] == failed[0]["message"]
         from engine.worker.checkpoint import latest_checkpoint
 
         assert latest_checkpoint(ckpts).name == f"checkpoint-{saved[-1]}"
@@ -355,6 +358,28 @@ def test_disk_full_during_a_checkpoint(tmp_path, tiny_model, data):
         PeftModel.from_pretrained(VoxtralForConditionalGeneration.from_pretrained(tiny_model), latest_checkpoint(ckpts))
     finally:
         subprocess.run(["umount", str(ckpts)], capture_output=True)
+
+
+def test_a_full_disk_stops_a_worker_alone_at_the_checkpoint_it_could_not_write(tmp_path, tiny_model, data):
+    """Without an engine nobody can resume a pause: a checkpoint that a full disk refuses (ENOSPC, injected) ends the
+    run there, failed, saying why — not 60 steps more trained and lost, then "the last checkpoint could not be
+    written"."""
+    from engine.worker.saving import mount_of
+
+    train, _ = data
+    out = tmp_path / "run"
+    full = tmp_path / "disk-full"
+    full.write_text("")
+    proc = worker(train_args(tiny_model, out, train, max_steps=8, save_steps=2),
+                  env={"VOXTUI_FAULT_DISK_FULL": str(full)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    events = read_events(out)
+    mount, device = mount_of(out)
+    said = f"checkpoint-2 not written: no space left on {mount} ({device + ', ' if device else ''}"
+    failed = [e for e in events if e["type"] == "alert" and e["kind"] == "checkpoint_failed"]
+    assert len(failed) == 1 and failed[0]["message"].startswith(said), failed
+    assert max(e["step"] for e in events if e["type"] == "step") == 2
+    assert events[-1]["state"] == "failed" and events[-1]["message"] == failed[0]["message"]
 
 
 def test_the_parameter_table_keeps_its_columns_apart_at_any_size():

@@ -101,3 +101,31 @@ def test_the_worker_log_quotes_a_run_folder_name_escaped(tmp_path, tiny_model):
     assert not {c for c in first.stderr if ord(c) < 0x20 and c not in "\n\t"}, first.stderr
     assert "\x7f" not in first.stderr
     assert "checkpoint " in first.stderr and "e2[b]\\x1b]0;PWN\\x07한국🚀[INST]" in first.stderr
+
+
+def test_a_save_that_failed_for_want_of_space_is_told_from_other_failures(tmp_path):
+    """A full disk is said whichever error the writer raised: ENOSPC (also as the cause of another error), or
+    torch's own for its short write ("[enforce fail at inline_container.cc:672] . unexpected pos 8512 vs 8406",
+    which named no disk) when less was free as it failed than a checkpoint takes; other failures are not."""
+    import errno
+
+    from engine.worker.saving import mount_of, no_space
+
+    mount, device = mount_of(tmp_path)
+    said = f"no space left on {mount} ({device + ', ' if device else ''}"
+    assert no_space(OSError(errno.ENOSPC, "No space left on device"), tmp_path / "checkpoints", 0).startswith(said)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("safetensors: write failed") from e
+    except RuntimeError as e:
+        assert no_space(e, tmp_path, 0).startswith(said)
+    torch_says = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8512 vs 8406")
+    torch_says.free_bytes = 4096  # checkpoint.note_free_space: as the write failed
+    found = no_space(torch_says, tmp_path / "checkpoints", 3 * 2**20)
+    assert found.startswith(said) and found.endswith(" MiB free; a checkpoint takes about 3.0 MiB)"), found
+    torch_says.free_bytes = 2**40  # room enough: some other failure
+    assert no_space(torch_says, tmp_path, 3 * 2**20) == ""
+    assert no_space(OSError(errno.EEXIST, "File exists"), tmp_path, 0) == ""
+    assert no_space(RuntimeError("no free-space reading"), tmp_path, 0) == ""

@@ -38,6 +38,7 @@ from engine.daemon.requests import RequestHandler
 from engine.daemon.sockets import Sockets
 from engine.daemon.store import EventStore
 from engine.daemon.supervisor import Supervisor, killed_by, torchrun_cmd, torchrun_root_cause
+from engine.eventlog import WAITING_MAX
 from engine.protocol import (
     PROTOCOL_VERSION,
     Alert,
@@ -104,6 +105,7 @@ class Engine:
         self.failed_message = ""  # set when the engine itself calls the run failed (a rank died)
         self.exit_code = 0
         self.bad_worker_messages = 0
+        self.unwritten = ""  # events.jsonl takes no event (a full disk): why, said once; "" while it does
         self.next_housekeeping = 0.0
         self.foreground = False  # in `voxtui run`'s own process, on its terminal (a SIGHUP is that terminal's end)
         self.hung_up = False  # the terminal hung up, and its hangup (not a stop someone asked for) stops the run
@@ -167,6 +169,8 @@ class Engine:
         """Number, store (flushed) and publish one event (``relay``: one a worker sent)."""
         data = self.log.append(event, relay)
         self.sockets.publish([b"ev", data])
+        if self.log.write_error or self.unwritten:
+            self._note_event_log()
         if isinstance(event, Status):
             self.state = event.state
             self._settle_toggles(event.state)
@@ -179,6 +183,30 @@ class Engine:
                     print(line, flush=True)
                 except OSError:  # a terminal gone (EIO) before its SIGHUP is handled: the line is lost, not the run
                     pass
+
+    def _note_event_log(self) -> None:
+        """events.jsonl that stops taking events (a full disk), or takes them again: one line in engine.log and
+        an alert each time, not a traceback per event. The events meanwhile wait in memory, in order
+        (store.EventStore.waiting), so the file stays gapless once there is space."""
+        name, error = self.log.path.name, self.log.write_error
+        if error and not self.unwritten:
+            self.unwritten = error
+            message = (f"{name} cannot be written ({error}): events wait in memory, in order (up to {WAITING_MAX:,}), "
+                       f"and are written once there is space on {self.log.path.parent}")
+        elif not error and self.unwritten:
+            self.unwritten = ""
+            message = (f"{name} written again: the events that waited in memory are stored, in order"
+                       + (f"; {self.log.dropped:,} past {WAITING_MAX:,} were let go (their seqs are missing)"
+                          if self.log.dropped else ""))
+        else:
+            return
+        with contextlib.suppress(OSError):  # (engine.log may be on the same full disk)
+            print(printable(f"engine: {message}"), file=sys.stderr, flush=True)
+        self.emit(Alert(level="error" if error else "info", kind="event_log", message=message))
+
+    def _write_waiting(self) -> None:
+        self.log.write_waiting()
+        self._note_event_log()
 
     def _note_progress(self, kind: str, ev) -> None:
         """What a status reply tells a reader whose events.jsonl cannot say (gone, emptied, a folder)."""
@@ -514,6 +542,8 @@ class Engine:
         again (the workers ignore ids they have applied); every 30 s the disk, the spool, the sockets."""
         self._heartbeat()
         self.sockets.to_workers(msgspec.json.encode(Heartbeat()))
+        if self.log.waiting:  # events.jsonl could not take them (a full disk): tried again each second
+            self._guarded(self._write_waiting)
         for cid, (data, sent) in list(self.unacked.items()):
             if now - sent > RESEND_FOR_S and not (self.stopping and cid.startswith("engine-stop-")):
                 # (a stop is sent until the workers take it: ones still loading a large model take a while)
@@ -553,6 +583,11 @@ class Engine:
 
     def close(self) -> None:
         self.workers.close()
+        if self.log.waiting and not self.log.write_waiting():
+            with contextlib.suppress(OSError):
+                print(printable(f"engine: {len(self.log.waiting):,} event(s) could not be written to "
+                                f"{self.log.path.name} ({self.log.write_error}) and are lost with this engine "
+                                "(its workers' spool keeps theirs, for the next engine)"), file=sys.stderr, flush=True)
         self.log.close()
         self.sockets.close()
         info = engine_info(self.run_dir)

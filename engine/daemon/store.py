@@ -8,6 +8,10 @@ history serves the events found there, by their seq. A worker's event carries it
 worker is kept, so that the events a worker also wrote to its spool (``runs/<run>/spool/``) are
 stored once: those that never reached an engine are stored by the next, and spool files whose events
 are all stored are deleted. The formats of both files belong to ``engine/eventlog.py``.
+
+An event the file cannot take (a full disk: ENOSPC) is numbered all the same, published, and waits in memory
+in order (up to ``WAITING_MAX``), served from there to history requests; each later append, and the
+engine's tick, writes the waiting ones first, so the file stays gapless once space returns.
 """
 
 from __future__ import annotations
@@ -17,12 +21,21 @@ import os
 import stat
 from array import array
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
-from engine.eventlog import cut_torn_tail, last_seq, read_spool, spool_worker_pid, spooled_events
+from engine.eventlog import (
+    WAITING_MAX,
+    append_whole,
+    cut_torn_tail,
+    last_seq,
+    read_spool,
+    spool_worker_pid,
+    spooled_events,
+)
 from engine.protocol import Message, event_encoder, stamp
 from engine.runs import lock_events, pid_alive
 
@@ -67,6 +80,9 @@ class EventStore:
         self._size = -1
         self._end = 0  # where this engine's last line ended in the file it appends to
         self.relayed: dict[str, int] = {}  # worker id → the highest wseq stored from it
+        self.waiting: deque[tuple[int, bytes]] = deque()  # numbered events the file could not take yet, in order
+        self.write_error = ""  # why the file takes no event now (a full disk); "" while it does
+        self.dropped = 0  # waiting events let go past WAITING_MAX (their seqs are missing from the file)
         self._f = None
         self._lock: int | None = None
 
@@ -118,21 +134,43 @@ class EventStore:
             event.worker, event.wseq = "", 0
         self.seq += 1
         data = event_encoder.encode(stamp(event, self.seq, self.run))
+        self.waiting.append((self.seq, data))
+        if len(self.waiting) > WAITING_MAX:
+            self.waiting.popleft()
+            self.dropped += 1
+        self.write_waiting()
+        return data
+
+    def write_waiting(self) -> bool:
+        """The waiting events written, in order; False while the file cannot take them (``write_error`` says
+        why: they stay in memory, tried again at the next append or tick)."""
+        while self.waiting:
+            seq, data = self.waiting[0]
+            try:
+                self._write(seq, data)
+            except OSError as e:
+                self.write_error = e.strerror or str(e)
+                return False
+            self.waiting.popleft()
+        self.write_error = ""
+        return True
+
+    def _write(self, seq: int, data: bytes) -> None:
+        """One numbered event's line appended (whole, or not at all: ``append_whole``), and indexed."""
         st = self._follow_the_path()
         fd = self._f.fileno()
+        line = data + b"\n"
         if st.st_size != self._end and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
-            self._f.write(b"\n")  # someone else left a line without its end: this event gets a line of its own
-        self._f.write(data + b"\n")
-        self._f.flush()
-        self._end = self._f.tell()  # where this line ends (appended at the end, wherever that was)
-        if (st.st_dev, st.st_ino) == self._ident and self._end - len(data) - 1 == self._size \
-                and (not self._seqs or self.seq > self._seqs[-1]):
-            self._seqs.append(self.seq)
+            line = b"\n" + line  # someone else left a line without its end: this event gets a line of its own
+        append_whole(fd, line)
+        self._end = os.lseek(fd, 0, os.SEEK_END)  # where this line ends (appended at the end, wherever that was)
+        if (st.st_dev, st.st_ino) == self._ident and self._end - len(line) == self._size and len(line) == len(data) + 1 \
+                and (not self._seqs or seq > self._seqs[-1]):
+            self._seqs.append(seq)
             self._offsets.append(self._size)
             self._size = self._end
         else:  # the file was changed by someone else (cut, appended to) or replaced: read it again when asked
             self._ident = None
-        return data
 
     def _follow_the_path(self) -> os.stat_result:
         """Append to the file the path names now: replaced (another file moved there) or removed while the
@@ -186,6 +224,13 @@ class EventStore:
             except OSError as e:
                 raise Unreadable(f"{self.path.name} unreadable: {e.strerror or e}") from None
         more = bool(lines) and bisect_right(self._seqs, last) < len(self._seqs)
+        if not more and self.waiting:  # events not in the file yet (a full disk): from memory
+            since, room = (last if lines else after), limit - len(lines)
+            held = [(seq, data) for seq, data in self.waiting if seq > since]
+            if held and room > 0:
+                lines += [data for _, data in held[:room]]
+                last = held[:room][-1][0]
+            more = len(held) > room
         return lines, last if lines else min(after, self.seq), more
 
     def _lines(self, f, after: int, limit: int) -> tuple[list[bytes], int, bool]:
@@ -207,7 +252,8 @@ class EventStore:
         return out, last, complete
 
     def sync(self) -> None:
-        os.fsync(self._f.fileno())
+        with contextlib.suppress(OSError):  # (a full disk: the events wait in memory, or are said lost)
+            os.fsync(self._f.fileno())
 
     def spooled(self, spool: dict | None = None) -> list:
         """The events in the spool (or in ``spool``, a part of it) not stored yet, in order."""
@@ -222,6 +268,8 @@ class EventStore:
         if final:
             for ev in self.spooled({w: f for w, f in spool.items() if not pid_alive(spool_worker_pid(w))}):
                 store(ev)  # sent while nobody read, or dropped in transit: stored now
+        if self.waiting:
+            return  # events not in the file yet: the spool keeps the workers' ones, for the next engine if need be
         for worker, files in spool.items():
             stored = self.relayed.get(worker, 0)
             done_with = not pid_alive(spool_worker_pid(worker)) and final

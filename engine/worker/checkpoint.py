@@ -75,10 +75,33 @@ def save_checkpoint(ckpt_root: Path, step: int, peft_model, optimizer, scheduler
             os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as e:
+        note_free_space(e, ckpt_root)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def note_free_space(e: BaseException, folder: Path) -> None:
+    """The bytes free on ``folder``'s filesystem as the write failed, kept on the exception (``free_bytes``),
+    before the temp folder is removed: torch's error for a short write on a full disk ("[enforce fail at
+    inline_container.cc] … unexpected pos") names no ENOSPC, and once the partial checkpoint is removed the
+    disk no longer looks full (saving.no_space reads it)."""
+    try:
+        e.free_bytes = shutil.disk_usage(folder).free
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def folder_bytes(path: Path) -> int:
+    """The size of the files under ``path`` (0 where it cannot be read)."""
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            pass
+    return total
 
 
 def remove_partial(ckpt_root: Path) -> list[Path]:
@@ -142,8 +165,13 @@ def save_adapter_atomically(peft_model, dest: Path) -> None:
     """``lora_final/``: the adapter alone, written to a temp name then renamed."""
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp, safe_serialization=True)
-    _fsync_tree(tmp)
+    try:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        _fsync_tree(tmp)
+    except BaseException as e:
+        note_free_space(e, dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)

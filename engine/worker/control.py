@@ -61,6 +61,11 @@ class Control:
     def engine_lost(self) -> bool:
         return self.inbox.engine_lost
 
+    @property
+    def resumable(self) -> bool:
+        """Whether a resume can reach these workers (an engine sends commands; a worker alone takes only signals)."""
+        return self.inbox.listening
+
     def poll(self) -> tuple[list, bool]:
         """The commands waiting (rank 0's; the other ranks' signals count only as a stop signal), and
         whether this rank has a stop waiting."""
@@ -75,13 +80,14 @@ class Control:
             return set()
         return self.apply(self.d.broadcast(commands if self.d.main else None), step)
 
-    def pause(self, step: int, act=None) -> str:
+    def pause(self, step: int, act=None, why: str = "") -> str:
         """Paused at this boundary until a resume ("resume") or a stop ("stop"). Other commands are
         acknowledged and done meanwhile: new preview parameters here, a save, an evaluation or previews by
         ``act(actions)`` (on every rank, as at a step boundary), which returns the run's final state when one
-        ends it (an evaluation out of patience: that state is returned), else None."""
-        self.out.emit(Status(state="paused", step=step))
-        self.out.log(f"paused at step {step}")
+        ends it (an evaluation out of patience: that state is returned), else None. ``why``: a pause the workers
+        take themselves (a full disk), said in its status and the log."""
+        self.out.emit(Status(state="paused", step=step, message=why))
+        self.out.log(f"paused at step {step}" + (f": {why}" if why else ""))
         while True:
             commands = self.inbox.poll() if self.d.main else []
             actions = self.apply(self.d.broadcast(commands if self.d.main else None), step)

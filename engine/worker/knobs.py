@@ -7,6 +7,9 @@ once per process (``knobs()``), and a value that is not a number stops the worke
     step N's loss is made NaN (the tests of ``--on_nan``)
 ``VOXTUI_FAULT_SLOW_SAVE=S``
     every checkpoint write sleeps S seconds midway (the tests that kill a run while it saves)
+``VOXTUI_FAULT_DISK_FULL=PATH``
+    while the file PATH exists, every checkpoint write fails midway as on a full disk (``OSError`` ENOSPC);
+    removing it is freeing space (the tests of a full disk: the run pauses, a resume saves again)
 ``VOXTUI_STEP_PAUSE=S``
     after each step the worker sleeps S seconds (the tests whose runs train on while they watch the engine
     and the dashboard: such a run then idles most of the time instead of taking a core from the tests
@@ -80,6 +83,7 @@ from engine.util import UsageError
 class Knobs:
     nan_step: int = 0  # 0: no fault
     slow_save: float = 0.0  # seconds; 0: no fault
+    disk_full: str = ""  # a file: while it exists, checkpoint writes fail with ENOSPC; "": no fault
     step_pause: float = 0.0  # seconds slept after each step
     engine_timeout: float | None = None  # None: --engine_timeout holds
     ddp_split_graphs: bool = False
@@ -119,6 +123,7 @@ def read(env=None) -> Knobs:
         raise UsageError(f"VOXTUI_STEP_PAUSE={env['VOXTUI_STEP_PAUSE']}: at most 60 (seconds)")
     return Knobs(nan_step=_number("VOXTUI_FAULT_NAN_STEP", int, env) or 0,
                  slow_save=_number("VOXTUI_FAULT_SLOW_SAVE", float, env) or 0.0,
+                 disk_full=env.get("VOXTUI_FAULT_DISK_FULL", "").strip(),
                  step_pause=pause,
                  engine_timeout=timeout,
                  ddp_split_graphs=env.get("VOXTUI_DDP_SPLIT_GRAPHS") == "1",

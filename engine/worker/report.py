@@ -47,7 +47,10 @@ class Report:
         """A line (or lines) in worker.log; what it quotes from the run (its folder's path, a file's text, an
         error's message) escaped, as ``voxtui`` prints it: ``tail -f`` on the log is safe on a terminal."""
         if self.main:
-            print(f"[voxtui] {printable_lines(message)}", file=sys.stderr, flush=True)
+            try:
+                print(f"[voxtui] {printable_lines(message)}", file=sys.stderr, flush=True)
+            except OSError:  # worker.log on a full disk (ENOSPC): the line is lost, never the run (events say it)
+                pass
 
     def say(self, message: str, level: str = "info") -> None:
         """A line in the log that the dashboard shows too (a ``log`` event)."""
@@ -132,13 +135,15 @@ class Board:
         except OSError as e:
             from torch.utils.tensorboard import SummaryWriter
 
-            print(printable(f"[voxtui] TensorBoard: {e}; writing a new event file"), file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # (worker.log on the same full disk)
+                print(printable(f"[voxtui] TensorBoard: {e}; writing a new event file"), file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):
                 self.writer.close()
             try:
                 self.writer = SummaryWriter(str(self.folder))
             except OSError as again:
-                print(printable(f"[voxtui] TensorBoard output ends: {again}"), file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    print(printable(f"[voxtui] TensorBoard output ends: {again}"), file=sys.stderr, flush=True)
                 self.writer = None
 
     def step(self, ev: Step) -> None:

@@ -12,15 +12,17 @@ import os
 import signal
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
-from engine.eventlog import Spool, last_seq, worker_id
+from engine.eventlog import WAITING_MAX, Spool, append_whole, last_seq, worker_id
 from engine.protocol import AnyCommand, Message, command_decoder, decode, event_encoder, stamp
 from engine.util import printable
 
 
 class JsonlSink:
-    """Numbers events and appends them to ``events.jsonl`` (thread-safe)."""
+    """Numbers events and appends them to ``events.jsonl`` (thread-safe). Lines the file cannot take (a full
+    disk) wait in memory, in order, and are written before the next event once it can: seq stays gapless."""
 
     def __init__(self, path: str | os.PathLike, run: str = "") -> None:
         self.path = Path(path)
@@ -28,23 +30,51 @@ class JsonlSink:
         self.seq = last_seq(self.path)
         self.run = run
         self._lock = threading.Lock()
+        self._waiting: deque[bytes] = deque()
+        self._failed = ""  # why the file takes no line now ("" while it does)
         self._f = open(self.path, "ab")
         # a torn last line from a crash would glue onto the next one: start on a fresh line
         if self._f.tell() > 0:
             with open(self.path, "rb") as r:
                 r.seek(-1, os.SEEK_END)
                 if r.read(1) != b"\n":
-                    self._f.write(b"\n")
+                    self._waiting.append(b"\n")
 
     def emit(self, event: Message) -> None:
         with self._lock:
             self.seq += 1
-            self._f.write(event_encoder.encode(stamp(event, self.seq, self.run)) + b"\n")
-            self._f.flush()
+            self._waiting.append(event_encoder.encode(stamp(event, self.seq, self.run)) + b"\n")
+            if len(self._waiting) > WAITING_MAX:
+                self._waiting.popleft()
+            self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        while self._waiting:
+            try:
+                append_whole(self._f.fileno(), self._waiting[0])
+            except OSError as e:
+                if not self._failed:
+                    self._failed = e.strerror or str(e)
+                    _say(f"[voxtui] {self.path}: {self._failed}; events wait in memory (up to {WAITING_MAX:,}) "
+                         "until it can take them")
+                return
+            self._waiting.popleft()
+        if self._failed:
+            self._failed = ""
+            _say(f"[voxtui] {self.path}: written again, the events that waited with it")
 
     def close(self) -> None:
         with self._lock:
+            self._write_waiting()
             self._f.close()
+
+
+def _say(line: str) -> None:
+    """A line on stderr (worker.log), lost rather than raised where that file's disk is full too."""
+    try:
+        print(printable(line), file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class PushSink:
@@ -121,6 +151,11 @@ class ControlInbox:
             self._sock.setsockopt(zmq.SUBSCRIBE, b"")
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.connect(endpoint)
+
+    @property
+    def listening(self) -> bool:
+        """Whether commands come from an engine (not only signals)."""
+        return self._sock is not None
 
     def install_signal_handlers(self) -> None:
         from engine.protocol import SaveCheckpoint, Stop

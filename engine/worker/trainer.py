@@ -23,7 +23,7 @@ from pathlib import Path
 
 from engine.config import TrainConfig, write_config
 from engine.protocol import Alert, Status
-from engine.util import UsageError, first_on_its_node, print_traceback, printable
+from engine.util import UsageError, first_on_its_node, print_traceback, printable, shell_quote
 from engine.worker.cli import SAID_FIRST_S, build_parser, read_engine, resolve_run
 from engine.worker.dist import Dist, data_parallel
 from engine.worker.knobs import knobs
@@ -54,6 +54,7 @@ class Trainer:
         self.micro = 0  # next micro-batch of the epoch's plan
         self.resumed = ""  # a resumed run: from where, at which learning rate (its "running" status says it)
         self.saved_step = -1
+        self.full = ""  # the last save failed for want of space: why (saving.no_space); "" otherwise
         self.control = None
         self.telemetry = None
         self.feed = None
@@ -215,7 +216,8 @@ class Trainer:
         self.schedule = Schedule(self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, self.schedule.lr_lambda(cfg.warmup_steps, cfg.min_lr_ratio))
-        self.saver = Saver(self.run_dir, cfg.save_total_limit, self.d, self.out, self.knobs.slow_save)
+        self.saver = Saver(self.run_dir, cfg.save_total_limit, self.d, self.out, self.knobs.slow_save,
+                           self.knobs.disk_full)
 
     def _restore(self) -> None:
         """A resumed run: the model, optimizer, scheduler and RNG from the latest complete checkpoint
@@ -316,7 +318,10 @@ class Trainer:
                 return state
         if self.val_tok is not None and not self._due(cfg.eval_steps):
             self.evaluate()
-        return "finished" if self.save(reason="final", final=True) else "save_failed"
+        if self.save(reason="final", final=True):
+            return "finished"
+        ended = self._wait_for_space("final", final=True) if self.full else None
+        return ended or ("finished" if self.saved_step == self.step else "save_failed")
 
     def _train_step(self, plan: list) -> str | None:
         """One optimizer step, then its boundary: the step's gradients (step.py), ONE all-gather of what
@@ -419,6 +424,10 @@ class Trainer:
             self.save(reason="requested")
         elif self._due(cfg.save_steps):
             self.save(reason="periodic")
+        if self.full:  # this boundary's checkpoint (periodic, requested or best) did not fit on the disk
+            ended = self._wait_for_space("requested" if "save" in actions else "periodic")
+            if ended:
+                return ended
         if "pause" in actions:
             ended = self.control.pause(self.step, self._while_paused)
             if ended == "stop":
@@ -426,6 +435,26 @@ class Trainer:
             if ended != "resume":  # an evaluation out of patience while paused
                 return ended
         return None
+
+    def _wait_for_space(self, reason: str, final: bool = False) -> str | None:
+        """A checkpoint that a full disk refused (``self.full`` says why): rather than train on for steps that
+        could not be saved either, the run pauses (the model stays in memory) until someone frees space and
+        resumes it, and the save is tried again — paused again, saying so, while it still does not fit. A
+        worker without an engine can be resumed by nobody: the run ends failed, for that reason. Returns the
+        final state when the run ends here; None once the checkpoint is written (or failed for another
+        reason, which is reported and trained on, as before)."""
+        while True:
+            if not self.control.resumable:
+                return "save_failed"
+            then = (f"free space there, then resume (p in the dashboard, or voxtui engine resume "
+                    f"{shell_quote(self.run_dir)}): the checkpoint is written again")
+            ended = self.control.pause(self.step, self._while_paused, why=f"{self.full}; {then}")
+            if ended == "stop":
+                return "stopped" if self.save(reason="stop") else "save_failed"
+            if ended != "resume":  # an evaluation out of patience while paused
+                return ended
+            if self.save(reason=reason, final=final) or not self.full:
+                return None
 
     def _while_paused(self, actions: set[str]) -> str | None:
         """A save, an evaluation or previews asked for while the run is paused: done at once, at the paused
@@ -463,6 +492,7 @@ class Trainer:
         state = self._trainer_state(reason) if self.d.main else None
         ok = self.saver.save(self.model, self.optimizer, self.scheduler, state, final=final)
         self.saved_step = self.step if ok else -1
+        self.full = "" if ok else self.saver.full
         return ok
 
     def _trainer_state(self, reason: str) -> dict:
@@ -490,7 +520,8 @@ class Trainer:
         elif state == "error":
             self.emit(Status(state="failed", step=self.step, message=error))
         elif state == "save_failed":
-            self.emit(Status(state="failed", step=self.step, message="the last checkpoint could not be written"))
+            self.emit(Status(state="failed", step=self.step,
+                             message=self.full or "the last checkpoint could not be written"))
         self.out.close()
         if self.control is not None:
             self.control.close()
