@@ -336,6 +336,7 @@ class Reply(msgspec.Struct, kw_only=True):
     total_steps: int | None = None
     outcome: str = ""
     pending: str = ""  # status: "pause" while a pause is pending (as Status.pending)
+    message: str = ""  # status: the run's last status message (a reader whose events.jsonl lags behind asks)
     v: int = PROTOCOL_VERSION
 
 

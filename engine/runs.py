@@ -931,7 +931,7 @@ def previewing(run_dir: Path, status: dict | None, step: dict | None, pausing: b
             f"for it{then})")
 
 
-def summary(run_dir: Path, ask=None) -> dict:
+def summary(run_dir: Path, ask=None, lagging: bool = False) -> dict:
     """One run's state as it is: the engine process (alive or not) and the run folder decide, not a
     window of recent events. States: new, starting, running, pausing, paused, stopping, finished (all steps, or
     early stopping), stopped (on request), failed, crashed (the engine died before the run ended; resume
@@ -945,7 +945,8 @@ def summary(run_dir: Path, ask=None) -> dict:
     does while it lives, the run is not called crashed: ``problem`` (and the message) say the engine may still
     be running. A run with no engine whose events.jsonl ends before its final status (a torn last line) but
     whose every step was trained and whose lora_final/ was saved is finished, the message says how it was
-    known (there is nothing to resume)."""
+    known (there is nothing to resume). ``lagging`` (``engine status``): where the engine has numbered
+    events the file does not hold yet (a full disk: they wait in its memory), its state is the run's."""
     from engine.config import read_toml
     from engine.protocol import shown_state
 
@@ -972,6 +973,17 @@ def summary(run_dir: Path, ask=None) -> dict:
             run_info = {"total_steps": reply.total_steps}
         elif problem:
             status = {"state": "starting", "message": f"{problem}; the engine was not asked, or did not answer"}
+    elif alive and lagging and reply is not None and reply.status == "ok" and reply.state:
+        try:
+            stored = last_seq(run_dir / "events.jsonl")
+        except OSError:  # (a folder now, unreadable: what the file said is what there is)
+            stored = None
+        if stored is not None and reply.last > stored:
+            # events the file could not take (a full disk) wait in the engine: the engine's state is the run's
+            status = {"state": reply.state, "outcome": reply.outcome, "pending": reply.pending,
+                      "message": f"{reply.message + '; ' if reply.message else ''}events.jsonl holds events up to "
+                                 f"{stored}, the engine {reply.last}: state and step from the engine"}
+            step = {"step": reply.step or 0, "loss": reply.loss}
     kept = spooled(run_dir) if not live or silent else []
     for ev in kept:  # what the workers did after their engine went away, or while it does not answer
         if ev.type == "status":

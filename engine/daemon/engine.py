@@ -218,6 +218,7 @@ class Engine:
             self.progress["total_steps"] = get("total_steps")
         elif kind == "status":
             self.progress["outcome"] = get("outcome") if isinstance(get("outcome"), str) else ""
+            self.progress["message"] = get("message") if isinstance(get("message"), str) else ""
 
     def on_worker_event(self, raw: bytes) -> None:
         ev, why = decode(event_decoder, raw)

@@ -269,7 +269,7 @@ def cmd_engine(args) -> int:
         case "status":
             run = find_run(args.run)
             ask = functools.cache(status_reply)  # asked once: by summary, and for answers
-            s = summary(run, ask=ask)
+            s = summary(run, ask=ask, lagging=True)
             s["engine_answers"] = None if not s["engine_pid"] else ask(run) is not None and ask(run).status == "ok"
             if args.json:
                 write_json(args.json, s)
