@@ -42,7 +42,8 @@ def attach(args) -> int:
 
                 ckpt = latest_checkpoint(Path(run) / "checkpoints")
                 then = (f"; voxtui run --resume {shell_quote(run)} continues from {ckpt.name}" if ckpt is not None
-                        else "; no checkpoint was saved: nothing to resume, start the run again")
+                        else f"; no checkpoint was saved: voxtui run --resume {shell_quote(run)} starts it over "
+                        "from step 0")
             print(printable(f"left the dashboard; the run has ended ({state.shown_state}){then}"), file=sys.stderr)
         else:
             print(printable("detached; the run keeps going. Come back with: voxtui attach" + (f" {shell_quote(run)}" if run else "")),

@@ -543,8 +543,8 @@ def test_the_dashboard_reads_pausing_until_the_workers_pause_after_the_save_due_
 @pytest.mark.parametrize("saved", [True, False])
 def test_a_failed_run_says_what_to_do_next(tmp_path, monkeypatch, saved):
     """A failed run said why (cut at the screen's width) and nothing more: now a banner says why whole and what
-    to do — `voxtui run --resume RUN` from the latest complete checkpoint, or, with none saved, that there is
-    nothing to resume (leaving the dashboard says the same: app/main.py)."""
+    to do — `voxtui run --resume RUN` from the latest complete checkpoint, or, with none saved, the same
+    command starting it over from step 0 (leaving the dashboard says the same: app/main.py)."""
     from textual.widgets import Static
 
     from app.app import VoxApp
@@ -570,7 +570,8 @@ def test_a_failed_run_says_what_to_do_next(tmp_path, monkeypatch, saved):
             if saved:
                 assert "`voxtui run --resume runs/broke` continues from checkpoint-8" in said, said
             else:
-                assert "no checkpoint was saved before it failed: nothing to resume" in said, said
+                assert "no checkpoint was saved before it failed: `voxtui run --resume runs/broke` starts it over from " \
+                    "step 0" in said, said
             await pilot.press("q")
 
     asyncio.run(flow())

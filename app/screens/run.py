@@ -500,7 +500,7 @@ class RunScreen(Screen):
 
     def after_failure(self) -> tuple:
         """What to do about a failed run: resume from its latest complete checkpoint, or, with none saved,
-        start it again (a resume would be refused); pieces for ``assemble``."""
+        resume to start it over from step 0 (what a resume of such a run does); pieces for ``assemble``."""
         done = [c for c in self.app.state.disk_checkpoints or [] if isinstance(c.get("step"), int)]
         if done:
             latest = max(done, key=lambda c: c["step"])
@@ -508,7 +508,8 @@ class RunScreen(Screen):
                     "` continues from ", data(str(latest.get("name", "")), limit=40))
         if self.app.state.disk_checkpoints is None:  # the folder not read yet
             return ("its checkpoints are being read",)
-        return ("no checkpoint was saved before it failed: nothing to resume; start the run again",)
+        return ("no checkpoint was saved before it failed: `voxtui run --resume ",
+                data(shell_quote(short_path(self.run_dir)), limit=200), "` starts it over from step 0")
 
     def show_banner(self) -> None:
         banner = self.query_one("#banner", Static)
