@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -419,45 +420,24 @@ def test_a_job_of_other_settings_is_never_replaced(tmp_path, capsys):
         job_name(infer_dir, "changed", "x", params)
 
 
-def test_a_job_is_the_same_whether_its_data_path_is_relative_or_absolute(run, tmp_path):
-    """`voxtui infer --data v.jsonl` from the data's folder, interrupted, then the same with the file's absolute
-    path (as the dashboard gives it): the same job, resumed in its folder — not "a job with other settings"
-    and a second folder. A job records its data file's absolute path; one recorded before that, relative to a
-    folder it does not say, is the same job by the file's content (data_sha256)."""
-    out, val = run
-    shutil.rmtree(out / "infer", ignore_errors=True)
-    args = ("infer", "--run", out, "--checkpoint", "3", "--max_new_tokens", "4")
-    first = voxtui(*args, "--data", val.name, cwd=val.parent)
-    assert first.returncode == 0, first.stderr
-    job = out / "infer" / f"checkpoint-3-{val.stem}"
-    assert json.loads((job / "params.json").read_text())["data"] == str(val)
-    rows = generations(job / "generations.jsonl")
-    # interrupted after 3 rows, its record as an older voxtui wrote it: the path as given, relative
-    (job / "metrics.json").unlink()
-    (job / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    old = json.loads((job / "params.json").read_text())
-    (job / "params.json").write_text(json.dumps({**old, "data": val.name}))
-    again = voxtui(*args, "--data", val)
-    assert again.returncode == 0, again.stderr
-    assert "other settings" not in again.stderr and sorted(p.name for p in (out / "infer").iterdir()) == [job.name]
-    assert sorted(generations(job / "generations.jsonl"), key=lambda r: r["index"]) == \
-        sorted(rows, key=lambda r: r["index"])
-    assert json.loads((job / "params.json").read_text()) == old  # the record says the path as given now
-    assert (job / "metrics.json").is_file()
-
-
 def test_the_dashboards_infer_keeps_an_earlier_cli_job(run, tmp_path):
-    """`voxtui infer --checkpoint 3 --max_new_tokens 4` (CLI), then the dashboard's *Infer selected* on
-    checkpoint-3 (the command line it starts without an engine, no --name; the engine's has none either;
-    --max_new_tokens 6 in place of its default 128, for time): both results stay, each in its folder; the
-    CLI with --name naming the dashboard's folder is refused, exit 2, one line."""
+    """`voxtui infer --checkpoint 3 --max_new_tokens 4` (CLI, the data file by a relative path), then the
+    dashboard's *Infer selected* on checkpoint-3 (the command line it starts without an engine, no --name, the
+    data's absolute path; the engine's has none either; --max_new_tokens 6 in place of its default 128, for
+    time): both results stay, each in its folder, told apart by max_new_tokens alone (the data file is the same,
+    however its path was written: it once read "other settings (data v.jsonl, not /…/v.jsonl)"); the CLI with
+    --name naming the dashboard's folder is refused, exit 2, one line. Then the first job, interrupted, its
+    record as an older voxtui wrote it (the path as given, relative to a folder it does not say), run again with
+    the absolute path: the same job by the file's content (data_sha256), resumed in its folder."""
     from app.screens.run import RunScreen
 
     out, val = run
     shutil.rmtree(out / "infer", ignore_errors=True)
-    cli = voxtui("infer", "--run", out, "--checkpoint", "3", "--data", val, "--max_new_tokens", "4")
+    cli = voxtui("infer", "--run", out, "--checkpoint", "3", "--data", val.name, "--max_new_tokens", "4",
+                 cwd=val.parent)
     assert cli.returncode == 0, cli.stderr
     first = out / "infer" / f"checkpoint-3-{val.stem}"
+    assert json.loads((first / "params.json").read_text())["data"] == str(val)  # recorded absolute
     kept = (first / "metrics.json").read_bytes()
     argv = RunScreen.infer_args(None, 3, str(val), str(out))  # what the dashboard runs without an engine
     assert "--name" not in argv
@@ -473,6 +453,19 @@ def test_the_dashboards_infer_keeps_an_earlier_cli_job(run, tmp_path):
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
     assert "give another --name" in again.stderr
     assert json.loads((second / "params.json").read_text())["max_new_tokens"] == 6
+    rows = generations(first / "generations.jsonl")
+    (first / "metrics.json").unlink()  # interrupted after 3 rows, recorded as an older voxtui did
+    (first / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    old = json.loads((first / "params.json").read_text())
+    (first / "params.json").write_text(json.dumps({**old, "data": val.name}))
+    resumed = voxtui("infer", "--run", out, "--checkpoint", "3", "--data", val, "--max_new_tokens", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "other settings" not in resumed.stderr
+    assert sorted(p.name for p in (out / "infer").iterdir()) == sorted([first.name, second.name])
+    assert sorted(generations(first / "generations.jsonl"), key=lambda r: r["index"]) == \
+        sorted(rows, key=lambda r: r["index"])
+    assert json.loads((first / "params.json").read_text()) == old  # the record says the path as given now
+    assert (first / "metrics.json").is_file()
 
 
 def test_pruning_keeps_a_checkpoint_a_live_process_reads(tmp_path):
@@ -528,7 +521,9 @@ def test_a_failed_job_is_reported_under_its_own_name_and_checkpoint(run, tmp_pat
 
     out, val = run
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
+    # without the jobs other tests left in the shared run's infer/ (one of other settings on checkpoint-3 named
+    # this job checkpoint-3-val-2 and said so in a second stderr line, in whichever order the tests ran)
+    shutil.copytree(out, copy, ignore=lambda folder, names: ["infer"] if Path(folder) == out else [])
     ckpt = copy / "checkpoints" / "checkpoint-3"
     ctx = zmq.Context.instance()
     pull = ctx.socket(zmq.PULL)
