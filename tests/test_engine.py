@@ -928,7 +928,8 @@ def test_a_checkpoint_a_full_disk_refuses_pauses_the_run_until_a_resume_saves_it
 
     full = tmp_path / "disk-full"
     full.write_text("")
-    run = start_detached(tiny_model, tmp_path / "runs", "full", train_file, nproc=1, max_steps=6, save_steps=2,
+    # two ranks: each pauses (rank 1, which takes no engine commands, once ended alone and tore the run down)
+    run = start_detached(tiny_model, tmp_path / "runs", "full", train_file, nproc=2, max_steps=6, save_steps=2,
                          env={"VOXTUI_FAULT_DISK_FULL": str(full)})
 
     def paused_statuses():
@@ -960,6 +961,29 @@ def test_a_checkpoint_a_full_disk_refuses_pauses_the_run_until_a_resume_saves_it
     assert [e["step"] for e in events if e["type"] == "checkpoint"] == [2, 4, 6]
     assert events[-1]["type"] == "status" and (events[-1]["state"], events[-1]["outcome"]) == ("finished", "completed")
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_a_stop_while_paused_on_a_full_disk_stops_the_run(tmp_path, tiny_model, train_file):
+    """Stopped while it waits out a full disk (the dialog's "save a checkpoint, then exit"): the stop's own
+    checkpoint does not fit either, and the run ended FAILED for it. It is stopped, as asked, and its final
+    status says which checkpoint could not be written and what is intact."""
+    from engine.protocol import Stop
+
+    full = tmp_path / "disk-full"
+    full.write_text("")
+    run = start_detached(tiny_model, tmp_path / "runs", "full-stop", train_file, nproc=1, max_steps=6, save_steps=2,
+                         env={"VOXTUI_FAULT_DISK_FULL": str(full)})
+    wait_for(lambda: any(e["type"] == "status" and e["state"] == "paused" for e in read_events(run)), timeout=120,
+             what="the run paused for the full disk")
+    with EngineClient(run) as c:
+        assert c.send(Stop(id="stop-while-full")).status == "ok"
+    wait_for(lambda: not engine_alive(json.loads((run / "engine.json").read_text())), timeout=120, what="the end")
+    last = read_events(run)[-1]
+    assert (last["type"], last["state"], last["outcome"]) == ("status", "finished", "stopped"), last
+    assert last["message"].startswith("stopped on request; its checkpoint at step 2 could not be written: checkpoint-2 "
+                                      "not written: no space left on "), last
+    assert last["message"].endswith("no earlier checkpoint exists"), last
+    assert json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)["state"] == "stopped"
 
 
 def test_pause_save_resume_from_the_command_line(tmp_path, tiny_model, train_file):

@@ -55,6 +55,7 @@ class Trainer:
         self.resumed = ""  # a resumed run: from where, at which learning rate (its "running" status says it)
         self.saved_step = -1
         self.full = ""  # the last save failed for want of space: why (saving.no_space); "" otherwise
+        self.stopped_unsaved = ""  # a stop asked for while the disk was full, whose checkpoint did not fit: why
         self.control = None
         self.telemetry = None
         self.feed = None
@@ -444,13 +445,18 @@ class Trainer:
         final state when the run ends here; None once the checkpoint is written (or failed for another
         reason, which is reported and trained on, as before)."""
         while True:
-            if not self.control.resumable:
+            # rank 0's answer for every rank (only it takes the engine's commands: a rank 1 that ended here alone
+            # while rank 0 paused tore the run down); a collective, as the ranks come here together
+            if not self.d.broadcast(self.control.resumable):
                 return "save_failed"
             then = (f"free space there, then resume (p in the dashboard, or voxtui engine resume "
                     f"{shell_quote(self.run_dir)}): the checkpoint is written again")
             ended = self.control.pause(self.step, self._while_paused, why=f"{self.full}; {then}")
-            if ended == "stop":
-                return "stopped" if self.save(reason="stop") else "save_failed"
+            if ended == "stop":  # asked for while the disk is full: stopped all the same, saved or not
+                if self.save(reason="stop"):
+                    return "stopped"
+                self.stopped_unsaved = self.full
+                return "stopped" if self.full else "save_failed"
             if ended != "resume":  # an evaluation out of patience while paused
                 return ended
             if self.save(reason=reason, final=final) or not self.full:
@@ -516,6 +522,9 @@ class Trainer:
             outcome = "engine_lost" if lost else {"finished": "completed"}.get(state, state)
             message = {"completed": "done", "stopped": "stopped on request", "early_stopped": "early stopping",
                        "engine_lost": "the engine went away: saved and stopped"}[outcome]
+            if state == "stopped" and self.stopped_unsaved:  # the stop's own checkpoint did not fit either
+                message = (f"stopped on request; its checkpoint at step {self.step} could not be written: "
+                           f"{self.stopped_unsaved}")
             self.emit(Status(state="finished", step=self.step, message=message, outcome=outcome))
         elif state == "error":
             self.emit(Status(state="failed", step=self.step, message=error))
