@@ -371,13 +371,25 @@ def test_run_inference_from_the_engine(tmp_path, tiny_model, run):
     again = client.send(RunInference(checkpoint=2, data=str(val)))
     assert again.status == "error" and again.reason == (
         f"inference on checkpoint-2 with {val} is running already (pid {reply.reason.split('pid ')[1]}"), again
+    # another checkpoint's job meanwhile (the dashboard's "Infer all" asks for each): it waits its turn, one model
+    # copy at a time beside training (they all started at once)
+    while not (r / "checkpoints" / "checkpoint-4").is_dir():
+        assert time.time() < deadline
+        time.sleep(0.2)
+    queued = client.send(RunInference(checkpoint=4, data=str(val)))
+    assert queued.status == "ok" and "inference on checkpoint-4 waits its turn" in queued.reason, queued
+    twice = client.send(RunInference(checkpoint=4, data=str(val)))
+    assert twice.status == "error" and "is waiting its turn already" in twice.reason, twice
     states = []
     for ev in client.events(timeout=120):
         if ev.type == "inference":
-            states.append(ev.state)
-            if ev.state in ("finished", "failed"):
+            states.append((ev.checkpoint, ev.state))
+            if ev.checkpoint == "checkpoint-4" and ev.state in ("finished", "failed"):
                 break
-    assert states[0] == "started" and states[-1] == "finished" and "progress" in states
+    two = [st for ck, st in states if ck == "checkpoint-2"]
+    assert two[0] == "started" and two[-1] == "finished" and "progress" in two
+    assert states.index(("checkpoint-4", "started")) > states.index(("checkpoint-2", "finished")), states
+    assert states[-1] == ("checkpoint-4", "finished"), states
     done = next(e for e in read_events(r) if e["type"] == "inference" and e["state"] == "finished")
     assert set(done["metrics"]) >= {"rougeL", "bleu", "distinct_1", "distinct_2", "perplexity"}
     assert (r / "infer" / "checkpoint-2-val" / "metrics.json").is_file()

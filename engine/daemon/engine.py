@@ -107,6 +107,7 @@ class Engine:
         self.bad_worker_messages = 0
         self.unwritten = ""  # events.jsonl takes no event (a full disk): why, said once; "" while it does
         self.next_housekeeping = 0.0
+        self.next_inference_look = 0.0
         self.foreground = False  # in `voxtui run`'s own process, on its terminal (a SIGHUP is that terminal's end)
         self.hung_up = False  # the terminal hung up, and its hangup (not a stop someone asked for) stops the run
         self.torchrun_gone = ""  # how torchrun ended ("was killed by SIGKILL") when that, not a stop, ends the run
@@ -553,6 +554,9 @@ class Engine:
                     self._toggle_given_up(cid)
             else:
                 self.sockets.to_workers(data)
+        if self.inference is not None and self.inference.queue and now >= self.next_inference_look:
+            self.next_inference_look = now + 1.0  # an inference job waiting its turn starts once the last ends
+            self._guarded(self.inference.running)
         if now >= self.next_housekeeping:
             self.next_housekeeping = now + HOUSEKEEPING_S
             self._guarded(self._check_disk)

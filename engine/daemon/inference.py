@@ -22,13 +22,19 @@ class InferenceJobs:
         self.events = events
         self.procs: list[subprocess.Popen] = []
         self.jobs: dict[tuple, subprocess.Popen] = {}  # (checkpoint, data) → its running process
+        # jobs asked for while one runs, started one after another (the dashboard's "Infer all" once started a
+        # model copy per checkpoint at once beside training): (key, argv, checkpoint folder or None)
+        self.queue: list[tuple[tuple, list[str], Path | None]] = []
         self._gpu_count: int | None = None
 
     def running(self) -> bool:
-        """Whether a job is still running (ended ones are forgotten)."""
+        """Whether a job is still running or waits its turn (ended ones are forgotten; the next waiting one
+        starts once none runs). The engine asks every second while jobs wait."""
         self.procs = [p for p in self.procs if p.poll() is None]
         self.jobs = {k: p for k, p in self.jobs.items() if p.poll() is None}
-        return bool(self.procs)
+        if not self.procs and self.queue:
+            self._launch(*self.queue.pop(0))
+        return bool(self.procs) or bool(self.queue)
 
     def start(self, cmd: RunInference, state: str) -> Reply:
         """Check there is data and a checkpoint to run on, then start the job; ``state`` is the run's, for
@@ -52,27 +58,41 @@ class InferenceJobs:
             return Reply(status="error", reason="no checkpoint yet", state=state)
         key = (cmd.checkpoint, str(Path(data).resolve()))
         self.running()
+        which = "the latest checkpoint" if cmd.checkpoint is None else f"checkpoint-{cmd.checkpoint}"
         if key in self.jobs:  # two clients (or one asked twice): both would write one infer/ folder
-            which = "the latest checkpoint" if cmd.checkpoint is None else f"checkpoint-{cmd.checkpoint}"
             return Reply(status="error", reason=f"inference on {which} with {data} is running already (pid "
                                                 f"{self.jobs[key].pid})", state=state)
+        if any(key == waiting for waiting, _, _ in self.queue):
+            return Reply(status="error", reason=f"inference on {which} with {data} is waiting its turn already",
+                         state=state)
         argv = [sys.executable, "-m", "engine", "infer", "--run", str(self.run_dir), "--data", data,
                 "--events", self.events, "--device", self.device(), "--json", "-"]
         if cmd.checkpoint is not None:
             argv += ["--checkpoint", str(cmd.checkpoint)]
+        folder = done[cmd.checkpoint] if cmd.checkpoint is not None else None
+        if self.procs:  # one job at a time: a model copy each, beside training
+            self.queue.append((key, argv, folder))
+            ahead = len(self.queue) - 1
+            return Reply(status="ok", reason=f"inference on {which} waits its turn: it starts once the running job "
+                                             f"(pid {self.procs[0].pid})" + (f" and {ahead} waiting before it" if ahead
+                                                                             else "") + " end", state=state)
+        proc = self._launch(key, argv, folder)
+        return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=state)
+
+    def _launch(self, key: tuple, argv: list[str], folder: Path | None) -> subprocess.Popen:
         with open(self.run_dir / "infer.log", "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
-        if cmd.checkpoint is not None:  # marked in the job's name at once: the worker's pruning keeps it while the
-            # job starts (seconds); the job marks it again itself, then finds it still there (or fails, saying so)
+        if folder is not None:  # marked in the job's name at once: the worker's pruning keeps it while the job
+            # starts (seconds); the job marks it again itself, then finds it still there (or fails, saying so)
             from engine.runs import mark_in_use
 
             try:
-                mark_in_use(done[cmd.checkpoint], pid=proc.pid)
+                mark_in_use(folder, pid=proc.pid)
             except OSError:
-                pass  # pruned in between: the job says so
+                pass  # pruned in between (or while the job waited its turn): the job says so
         self.procs.append(proc)
         self.jobs[key] = proc
-        return Reply(status="ok", reason=f"inference started (pid {proc.pid})", state=state)
+        return proc
 
     def device(self) -> str:
         """A GPU that training does not use, else the CPU (so inference never starves training). NVML is
