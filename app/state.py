@@ -48,6 +48,15 @@ class History:
                 self._old = self._old[::2]
                 self._stride *= 2
 
+    def rewind(self, step) -> None:
+        """Drop the rows at ``step`` and after: the run went back there (a resume retrains from its checkpoint,
+        or starts over from step 0), and the rows it trains again replace them."""
+        while self._new and self._new[-1][0] >= step:
+            self._new.pop()
+        if not self._new:
+            while self._old and self._old[-1][0] >= step:
+                self._old.pop()
+
     def __len__(self) -> int:
         return len(self._old) + len(self._new)
 
@@ -177,6 +186,13 @@ class RunState:
             case "param_table":
                 self.params = {"rows": ev.rows, "trainable": ev.trainable, "total": ev.total}
             case "step":
+                last = next(reversed(self.steps), None)
+                if last is not None and isinstance(ev.step, int) and ev.step <= last[0]:
+                    # the run went back (resumed from an earlier checkpoint, or started over): the curves show
+                    # its steps once, as trained last — not the first attempt beside the second (a zig-zag)
+                    self.steps.rewind(ev.step)
+                    self.memory.rewind(ev.step)
+                    self.evals = [e for e in self.evals if e[0] < ev.step]
                 self.last_step = ev
                 self.steps.append((ev.step, ev.loss, ev.lr, ev.grad_norm, ev.tokens_per_s, ev.mfu, ev.mfu_attn,
                                    ev.time))

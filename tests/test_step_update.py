@@ -98,3 +98,30 @@ def test_under_cuda_graphs_the_gradients_are_kept_and_zeroed_in_place():
         without, p_plain, _ = run(True, True, poison_at, graphs=False, micro_n=2)
         for a, b in zip(p_graphs, p_plain):
             assert torch.equal(a, b)
+
+
+def test_a_run_that_went_back_shows_its_steps_once():
+    """A resume retrains from its checkpoint, and a run with none starts over from step 1: the curves drew the
+    first attempt and the second side by side on one axis (a zig-zag of losses, the warm-up twice). The steps
+    trained again replace the ones after where the run went back; evaluations there go too."""
+    from app.state import RunState
+    from engine.protocol import Eval, Status, Step
+
+    s = RunState(folder="r")
+    seq = iter(range(1, 1000))
+    s.apply(Status(seq=next(seq), state="running"))
+    for step in range(1, 15):
+        s.apply(Step(seq=next(seq), step=step, loss=5.0 - step / 10, lr=1e-4, grad_norm=1.0, tokens_per_s=1.0))
+        if step % 5 == 0:
+            s.apply(Eval(seq=next(seq), step=step, loss=4.0, ppl=50.0, tokens=10, best_loss=4.0, improved=True))
+    s.apply(Status(seq=next(seq), state="failed", message="rank 0 was killed"))
+    s.apply(Status(seq=next(seq), state="running", message="started over"))
+    for step in range(1, 4):
+        s.apply(Step(seq=next(seq), step=step, loss=9.0, lr=1e-5, grad_norm=1.0, tokens_per_s=1.0))
+    assert [row[0] for row in s.steps] == [1, 2, 3] and all(row[1] == 9.0 for row in s.steps)
+    assert s.evals == []
+    for step in range(4, 12):  # on to step 11, then resumed from a checkpoint at step 8: 9, 10, 11 again
+        s.apply(Step(seq=next(seq), step=step, loss=3.0, lr=1e-5, grad_norm=1.0, tokens_per_s=1.0))
+    for step in (9, 10):
+        s.apply(Step(seq=next(seq), step=step, loss=2.0, lr=1e-5, grad_norm=1.0, tokens_per_s=1.0))
+    assert [row[0] for row in s.steps] == list(range(1, 11)) and [row[1] for row in s.steps][-2:] == [2.0, 2.0]
