@@ -461,6 +461,9 @@ def test_a_fresh_attach_to_a_stopped_engine_shows_what_its_file_holds(tmp_path):
                 said = " ".join(str(banner.render()).split())
                 assert said.startswith("ENGINE LOST — ") and f"its process (pid {info['pid']}) is stopped" in said, said
                 assert f"`kill -CONT {info['pid']}` continues it" in said, said
+                # how long nothing was heard goes on counting (it stayed at "for 3 s" however long the engine hung)
+                await pilot_wait(pilot, lambda: re.search(r"nothing heard for ([2-9]|\d\d)s", " ".join(
+                    str(banner.render()).split())), timeout=15)
                 assert app.state.state == "running" and app.state.step == 5 and app.state.shown_state == "running"
             finally:
                 os.kill(info["pid"], signal.SIGCONT)

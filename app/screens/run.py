@@ -160,6 +160,7 @@ class RunScreen(Screen):
         self._scan_soon = False
         self._last_scan = 0.0
         self._lost_reason = ""  # the stream's last "engine lost" reason, until an engine is seen again
+        self._lost_at = 0.0  # when it was lost (monotonic): the banner says for how long
         self._lost_refused = False  # that reason is the engine's own: it answers, but cannot serve the events
         self._folder_gone = False  # the run folder no longer exists (deleted or moved while attached)
         self._engine_keys: tuple[bool, bool] | None = None  # (ended, engine lost) as the footer last showed
@@ -355,7 +356,7 @@ class RunScreen(Screen):
             self.sync_buttons()
             self._scan_soon = True
             self.mark_dirty()
-        if self.app.state.crashed:
+        if self.app.state.crashed or self._lost_reason:  # the banner's ages go on
             self.show_banner()
         late = {cid: key for cid, (key, ok_at) in self._awaiting.items() if time.monotonic() - ok_at > ACK_WAIT_S}
         if late:
@@ -434,6 +435,8 @@ class RunScreen(Screen):
 
     # ---- the engine's presence
     def on_engine_lost(self, message: EngineLost) -> None:
+        if not self._lost_reason:
+            self._lost_at = time.monotonic()  # the banner counts from here while nothing is heard
         self._lost_reason = message.reason or "no heartbeat"
         self._lost_refused = message.refused
         self.mark_dirty()
@@ -495,7 +498,11 @@ class RunScreen(Screen):
             return assemble("EVENT LOG UNREADABLE — the engine answers, but cannot serve the run's events: ",
                             data(self._lost_reason, limit=120), f" ({shown}); retrying…")
         if self._lost_reason:  # silent (hung, stopped, or gone and not yet known to be): until it is seen again
-            return assemble("ENGINE LOST — ", data(self._lost_reason, limit=120), "; reconnecting…")
+            from engine.client import age_text
+
+            silent = time.monotonic() - self._lost_at
+            return assemble("ENGINE LOST — ", data(self._lost_reason, limit=240),
+                            f"; nothing heard for {age_text(max(silent, 0))}; reconnecting…")
         return None
 
     def after_failure(self) -> tuple:
