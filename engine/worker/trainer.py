@@ -421,9 +421,11 @@ class Trainer:
             previews.pending = True
         if "preview" in actions or (previews.pending and previews.affordable()):
             previews.run_timed(self.model, self.step)
-        if "save" in actions:
+        # not tried twice at one boundary: a best checkpoint that a full disk refused here is what the wait
+        # below writes (a second try said the same alert again)
+        if "save" in actions and not self.full:
             self.save(reason="requested")
-        elif self._due(cfg.save_steps):
+        elif self._due(cfg.save_steps) and not self.full:
             self.save(reason="periodic")
         if self.full:  # this boundary's checkpoint (periodic, requested or best) did not fit on the disk
             ended = self._wait_for_space("requested" if "save" in actions else "periodic")
