@@ -437,9 +437,11 @@ class Engine:
         pid = self.workers.proc.pid if self.workers.proc is not None else None
         how = killed_by(sig)
         self.torchrun_gone = how.split(" (")[0]  # "was killed by SIGKILL": its likely sender said once, below
+        trained = self.progress.get("step") or 0
+        then = ("each saving a checkpoint first; `voxtui run --resume` continues" if trained else
+                "no step trained yet, so nothing to save; `voxtui run --resume` starts the run over")
         self.emit(Alert(level="error", kind="torchrun_died",
-                        message=f"torchrun (pid {pid}) {how} while its workers trained: they are stopped now, each "
-                                "saving a checkpoint first; `voxtui run --resume` continues"))
+                        message=f"torchrun (pid {pid}) {how} while its workers trained: they are stopped now, {then}"))
         self.failed_message = f"torchrun {how}; see worker.log"
 
     def _name_a_killed_rank(self, after_failure: bool = False) -> None:
