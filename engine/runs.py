@@ -1030,7 +1030,7 @@ def summary(run_dir: Path, ask=None, lagging: bool = False) -> dict:
     mtime = max((p.stat().st_mtime for p in (run_dir / "events.jsonl", run_dir / "config.toml") if p.exists()), default=0)
     return {"run": run_dir.name, "path": str(run_dir), "state": state, "outcome": outcome,
             "message": message, "problem": problem, "engine_pid": info.get("pid") if alive else None,
-            "worker_pids": orphans,
+            "worker_pids": orphans, "engine_silent": bool(silent),
             "step": (step or {}).get("step", 0), "total_steps": run_info.get("total_steps"),
             "loss": (step or {}).get("loss"), "model": cfg.get("model_id", ""),
             "checkpoint": str(ckpt) if ckpt else None,

@@ -214,9 +214,13 @@ def test_an_engine_stopped_past_its_workers_patience_reads_crashed_in_list_and_s
         wait_for(lambda: gone(workers), timeout=90)
         stored = max(e["step"] for e in read_events(run) if e["type"] == "step")
         status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
-        listing = voxtui("engine", "list", "--runs", run.parent, check=True).stdout
+        listed = voxtui("engine", "list", "--runs", run.parent, check=True)
+        listing = listed.stdout
     finally:
         os.kill(info["pid"], signal.SIGCONT)
+    # the list says its engine does not answer (it showed the state with no sign of it)
+    assert f"note: stalled: its engine (pid {info['pid']}) does not answer (stopped with SIGSTOP? kill -CONT " \
+        f"{info['pid']}; hung?)" in listed.stderr, listed.stderr
     step = json.loads((latest_checkpoint(run / "checkpoints") / "trainer_state.json").read_text())["step"]
     assert step > stored  # the workers trained on, unstored, before they gave up
     assert (status["state"], status["outcome"], status["step"], status["engine_answers"]) == (

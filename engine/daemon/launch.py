@@ -265,6 +265,10 @@ def cmd_engine(args) -> int:
             for s in runs:
                 if s["problem"]:
                     print(printable(f"note: {s['run']}: {s['message']}"), file=sys.stderr)
+                elif s.get("engine_silent"):  # alive, asked, no answer: its state is what its files say
+                    print(printable(f"note: {s['run']}: its engine (pid {s['engine_pid']}) does not answer (stopped "
+                                    f"with SIGSTOP? kill -CONT {s['engine_pid']}; hung?): shown is what its files "
+                                    "say"), file=sys.stderr)
             return 0
         case "status":
             run = find_run(args.run)
@@ -275,8 +279,8 @@ def cmd_engine(args) -> int:
                 write_json(args.json, s)
             else:
                 for k, v in s.items():
-                    if k == "problem":
-                        continue  # the message says it
+                    if k in ("problem", "engine_silent"):
+                        continue  # the message says it; `answers` says the other
                     v = ", ".join(map(str, v)) if isinstance(v, list) else v
                     if k == "engine_answers" and v is not None:
                         v = "yes" if v else "no: its process is alive but did not answer in 2 s (stopped, hung?)"
