@@ -430,7 +430,11 @@ def test_the_engine_lost_banner_leaves_every_tab_on_screen_and_its_command_whole
                     assert tabs.region.bottom <= size[1] - 1, (orphans, key, tabs.region)  # above the footer
                 await pilot.press("1")
                 await pilot.pause(0.2)
-                assert "no alerts" in screen_text(app.export_screenshot()), orphans
+                shown = screen_text(app.export_screenshot())
+                assert "no alerts" in shown, orphans
+                if size[0] >= 100 or not orphans:  # the banner's last word, uncut (at 80 columns the orphans'
+                    # banner with this 120-character folder takes 5 lines of the 4 it may)
+                    assert "continues" in shown and "continu…" not in shown, orphans
             await pilot.press("q")
 
     asyncio.run(flow())

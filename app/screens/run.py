@@ -484,8 +484,8 @@ class RunScreen(Screen):
             if s.orphans:
                 doing = "are paused" if s.state == "paused" else "are still training"
                 return assemble(f"ENGINE LOST — the engine (pid {s.engine_pid}) is gone; its workers (pid "
-                                f"{', '.join(map(str, s.orphans))}) {doing}, unseen by any engine, until they "
-                                "miss its heartbeat (~30 s), then save and stop — `voxtui engine stop ", run,
+                                f"{', '.join(map(str, s.orphans))}) {doing}, unseen by any engine (they save and "
+                                "stop within ~30 s) — `voxtui engine stop ", run,
                                 "` stops them now; `voxtui run --resume` then continues")
             return assemble(f"ENGINE LOST — the engine is not running (pid {s.engine_pid} gone){last} — `voxtui run --resume ",
                             run, "` continues from the latest checkpoint")
