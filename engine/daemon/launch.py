@@ -466,7 +466,8 @@ def stop_run(run_dir: Path, wait: float) -> int:
         return 0
     deadline = started + wait
     while time.time() < deadline:
-        if not engine_alive(engine_info(run_dir)):
+        # engine.json says stopped as the engine closes, a moment before its process exits: both
+        if not engine_alive(engine_info(run_dir)) and not engine_alive(info):
             print(printable(f"{run_dir}: {summary(run_dir).get('state') or 'stopped'}"))  # stopped, or as recorded
             return 0
         time.sleep(0.5)
