@@ -113,6 +113,20 @@ def step_event(gathered, step: int, epoch: float, loss: float, gnorm: float, lr:
                 **memory(device))
 
 
+def _writer_thread_hook(previous):
+    """``threading.excepthook`` that lets TensorBoard's writer thread fail quietly on an OSError (a full
+    disk, its folder removed): the writer keeps the error and raises it at the next write, where
+    ``Board._guarded`` says it in one line — not a thread's traceback in worker.log besides. Any other
+    thread, or error, goes to the hook that was there."""
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.voxtui = True
+    return hook
+
+
 class Board:
     """A SummaryWriter on rank 0; on the other ranks every method does nothing."""
 
@@ -120,7 +134,12 @@ class Board:
         self.writer = None
         self.folder = folder
         if folder is not None:
+            import threading
+
             from torch.utils.tensorboard import SummaryWriter
+
+            if not getattr(threading.excepthook, "voxtui", False):
+                threading.excepthook = _writer_thread_hook(threading.excepthook)
 
             self.writer = SummaryWriter(str(folder))
 
