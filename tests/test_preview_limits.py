@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import ROOT
 from engine.config import TrainConfig
 from engine.protocol import MAX_NEW_TOKENS_MAX, SetPreviewParams, preview_param_problems
 from engine.util import UsageError
@@ -60,6 +61,8 @@ def test_the_dashboard_inputs_ask_the_one_rule():
     from app.widgets.previews import Previews
 
     class Host(App):
+        CSS_PATH = ROOT / "app" / "app.tcss"  # the dashboard's layout: what fits on its lines
+
         def compose(self):
             yield Previews()
 
@@ -204,6 +207,8 @@ def previews_host(sent: list):
     from app.widgets.previews import Previews
 
     class Host(App):
+        CSS_PATH = ROOT / "app" / "app.tcss"  # the dashboard's layout: what fits on its lines
+
         def compose(self):
             yield Previews()
 
@@ -347,6 +352,10 @@ def test_every_wrong_field_is_said_and_typing_after_a_refill_goes_after_the_valu
             reply = str(pv.query_one("#pv-reply", Static).render())
             assert reply.startswith("error ") and "temperature" in reply and "top-p" in reply, reply
             assert "max" in reply.split("top-p", 1)[1] and sent == [], reply
+            from test_app_tabs import screen_text
+
+            drawn = " ".join(screen_text(app).split())  # 80 columns: the reply wrapped, every word of it on screen
+            assert app.size.width == 80 and len(reply) > 80 and " ".join(reply.split()) in drawn, (reply, drawn)
             box = pv.query_one("#pv-temperature", Input)
             pv.query_one("#pv-top-p", Input).value = "0.9"
             pv.query_one("#pv-max", Input).value = "64"
