@@ -76,7 +76,11 @@ def test_late_attach_history_then_live_commands_and_finish(tmp_path, tiny_model,
 
 
 def test_kill_one_rank(tmp_path, tiny_model, train_file):
-    run = start_detached(tiny_model, tmp_path / "runs", "kill", train_file, max_steps=100000, save_steps=3)
+    """A rank stopped (SIGSTOP) holds the other at the next gradient sync: said after VOXTUI_RANK_STOPPED_S
+    (10 s by default: before, nothing until the 10-minute stall alert), with what continues it, and said
+    again when it runs. Then a rank killed: named at once, the run fails, the checkpoint loads."""
+    run = start_detached(tiny_model, tmp_path / "runs", "kill", train_file, max_steps=100000, save_steps=3,
+                         env={"VOXTUI_RANK_STOPPED_S": "1"})
     info = json.loads((run / "engine.json").read_text())
     wait_for(lambda: (run / "checkpoints" / "checkpoint-3").is_dir())
     engine_tree = [info["pid"]] + descendants_of(info["pid"])
@@ -89,6 +93,19 @@ def test_kill_one_rank(tmp_path, tiny_model, train_file):
         if "RANK" in env and "LOCAL_RANK" in env and psutil.Process(pid).name().startswith("python"):
             ranks[int(env["RANK"])] = pid
     assert set(ranks) == {0, 1}
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        stopped = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert"
+                                         and e["kind"] == "rank_stopped"), None), timeout=30)
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)
+    assert stopped["rank"] == 1 and stopped["level"] == "warning" and stopped["message"].startswith(
+        f"rank 1 (pid {ranks[1]}) is stopped (SIGSTOP, Ctrl-Z or a debugger) for ")
+    assert stopped["message"].endswith(f"s: the other ranks wait for it; continue it: kill -CONT {ranks[1]}")
+    going = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert"
+                                   and e["kind"] == "rank_continued"), None), timeout=30)
+    assert going["rank"] == 1 and going["message"] == f"rank 1 (pid {ranks[1]}) runs again"
+    assert last_state(run) != "failed"
     killed = time.time()
     os.kill(ranks[1], signal.SIGKILL)
     alert = wait_for(lambda: next((e for e in read_events(run) if e["type"] == "alert" and e["kind"] == "rank_died"), None),

@@ -63,6 +63,16 @@ CHECK_S = 0.25  # how often torchrun and its ranks are looked at
 HOUSEKEEPING_S = 30.0  # the disk checked, the spool pruned, the sockets' times refreshed
 RESEND_FOR_S = 60.0  # a command rank 0 has not acknowledged by then is given up
 STOP_TIMEOUT_S = 120.0  # workers asked to stop that are still running then are killed
+RANK_STOPPED_S = 10.0  # a rank's process stopped (SIGSTOP) this long is said (its peers wait for it meanwhile)
+
+
+def rank_stopped_s() -> float:
+    """``RANK_STOPPED_S``, or the seconds the environment's VOXTUI_RANK_STOPPED_S gives (tests set it low)."""
+    try:
+        s = float(os.environ.get("VOXTUI_RANK_STOPPED_S", RANK_STOPPED_S))
+    except ValueError:
+        return RANK_STOPPED_S
+    return s if 0 < s < float("inf") else RANK_STOPPED_S
 
 
 class Engine:
@@ -100,6 +110,8 @@ class Engine:
         self.stopping = False
         self.stop_deadline = 0.0
         self.rank_alerted = False
+        self.rank_stopped: dict[int, tuple[int, float, bool]] = {}  # rank → (pid, seen stopped since, said)
+        self.rank_stopped_after = rank_stopped_s()
         self.final_status: Status | None = None  # the workers' finished / failed status
         self.final_at = float("inf")
         self.failed_message = ""  # set when the engine itself calls the run failed (a rank died)
@@ -391,10 +403,32 @@ class Engine:
             self.stop_deadline = float("inf")
             self.emit(Alert(level="warning", kind="stop_timeout", message="workers did not stop in time: killing them"))
             self.workers.kill(wait=False)
+        if not self.stopping and not self.rank_alerted:
+            self._watch_stopped_ranks()
         if not self.stopping and self.state == "running":
             stall = self.health.stall()
             if stall is not None:
                 self.emit(stall)
+
+    def _watch_stopped_ranks(self) -> None:
+        """A rank whose process is stopped (SIGSTOP, Ctrl-Z, a debugger) holds every other rank at the next
+        gradient sync: after ``RANK_STOPPED_S`` it is said, with what continues it (before, the run only
+        showed no step until the stall alert, ten minutes on); once it runs again, that is said too."""
+        now = time.monotonic()
+        stopped = self.workers.stopped_ranks()
+        for rank, (pid, since, said) in list(self.rank_stopped.items()):
+            if rank not in stopped:
+                del self.rank_stopped[rank]
+                if said:
+                    self.emit(Alert(level="info", kind="rank_continued", rank=rank,
+                                    message=f"rank {rank} (pid {pid}) runs again"))
+        for rank, pid in stopped.items():
+            _, since, said = self.rank_stopped.setdefault(rank, (pid, now, False))
+            if not said and now - since >= self.rank_stopped_after:
+                self.rank_stopped[rank] = (pid, since, True)
+                self.emit(Alert(level="warning", kind="rank_stopped", rank=rank, step=self.progress.get("step"),
+                                message=f"rank {rank} (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) for "
+                                        f"{now - since:.0f} s: the other ranks wait for it; continue it: kill -CONT {pid}"))
 
     def _wind_up(self, rc: int) -> bool:
         """torchrun has exited: leave nothing running, store the workers' last events and the run's

@@ -169,6 +169,20 @@ class Supervisor:
             final is not None and self.killed.get(rank) is None and before_final)
         return rank if died else None
 
+    def stopped_ranks(self) -> dict[int, int]:
+        """The ranks whose process is stopped now (SIGSTOP, a Ctrl-Z in the terminal that started it, a
+        debugger holding it): rank → pid. The other ranks wait for such a rank at their next collective."""
+        import psutil
+
+        out = {}
+        for rank, pid in self.ranks.items():
+            if rank in self.gone:
+                continue
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+                    out[rank] = pid
+        return out
+
     def first_gone(self) -> int | None:
         """The rank whose process was seen gone first (None: none seen gone, or the ranks never all known)."""
         return min(self.gone, key=lambda r: (self.gone[r], r)) if self.gone else None
