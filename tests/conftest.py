@@ -11,6 +11,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# One OpenMP thread a process, in the test processes and all they start: the tests run side by side (one
+# process more than the cores, each starting workers), and torch's threads on cores that are busy already spin
+# waiting for each other — tests/test_decode.py's two largest tests took 45 s of CPU beside two busy cores
+# with two threads, 13 s with one. (The workers the tests start were given one already.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (a plugin): its threads are set already
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_collection_modifyitems(config, items):
     """The slowest tests first (tests/slowest.txt: the two xdist workers then end together, on short tests);
