@@ -416,7 +416,7 @@ class Engine:
         showed no step until the stall alert, ten minutes on); once it runs again, that is said too."""
         now = time.monotonic()
         stopped = self.workers.stopped_ranks()
-        for rank, (pid, since, said) in list(self.rank_stopped.items()):
+        for rank, (pid, _since, said) in list(self.rank_stopped.items()):
             if rank not in stopped:
                 del self.rank_stopped[rank]
                 if said:
