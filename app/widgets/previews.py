@@ -169,12 +169,14 @@ class Previews(Vertical):
         if why and why != self._ended:
             self.show_reply("no workers", why)
         elif not why and self._ended:
-            self.query_one("#pv-reply", Static).update("")
+            self.show_reply("", "")
         self._ended = why
 
     def show_reply(self, status: str, reason: str) -> None:
         color = {"ok": "green", "error": "red"}.get(status, "yellow")
-        self.query_one("#pv-reply", Static).update(assemble((status, color), " ", data(reason, limit=300)))
+        reply = self.query_one("#pv-reply", Static)
+        reply.set_class(status == "error", "-error")  # an error's whole reason, on up to 3 lines; the rest: one line
+        reply.update(assemble((status, color), " ", data(reason, limit=300)) if status else "")
 
     def show(self, s: RunState) -> None:
         self.fill(s.preview_params)
