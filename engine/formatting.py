@@ -74,6 +74,43 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+@lru_cache(maxsize=1)
+def lazy_vocab_tekkenizer() -> type:
+    """mistral-common's ``Tekkenizer`` whose ``vocab()`` list — every token's piece decoded one at a time, 0.8 s
+    of the 1.3 s a load takes, in every worker, inference and data-tool process — is made when first asked for,
+    not at load. Nothing here asks for it; ``id_to_piece`` and ``vocab()`` answer as the library's do (tested)."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    class LazyVocabTekkenizer(Tekkenizer):
+        _loading = False
+        _pieces: list[str] | None = None
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._loading = True  # the library's __init__ lists every piece through id_to_piece: skipped here
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                self._loading = False
+
+        def id_to_piece(self, token_id: int) -> str:
+            return "" if self._loading else super().id_to_piece(token_id)
+
+        def vocab(self) -> list[str]:
+            if self._pieces is None:
+                self._pieces = [super(LazyVocabTekkenizer, self).id_to_piece(i) for i in range(self.n_words)]
+            return self._pieces
+
+        @property
+        def _vocab(self) -> list[str]:  # the library's own name for that list: the same list, made on first use
+            return self.vocab()
+
+        @_vocab.setter
+        def _vocab(self, value) -> None:  # (the placeholders its __init__ lists while loading are not kept)
+            pass
+
+    return LazyVocabTekkenizer
+
+
 class ChatFormat:
     """Mistral instruct template over a Tekken tokenizer, with batch encoding."""
 
@@ -98,11 +135,9 @@ class ChatFormat:
     def _load(self) -> None:
         import warnings
 
-        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.tekken = Tekkenizer.from_file(str(self.path))
+            self.tekken = lazy_vocab_tekkenizer().from_file(str(self.path))
             self.bos = self.tekken.bos_id
             self.eos = self.tekken.eos_id
             self.pad = self.tekken.pad_id

@@ -63,6 +63,23 @@ def test_encode_texts_equals_tekkenizer(fmt):
     assert fmt.vocab_size == 131072
 
 
+def test_the_tokenizer_makes_its_vocabulary_list_on_first_use_and_answers_as_mistral_common(fmt):
+    """ChatFormat's Tekkenizer skips listing every piece at load (0.8 s of each process's start); asked, its
+    vocab() and id_to_piece equal the library's own, and encoding and decoding never needed them."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    from engine.formatting import ChatFormat
+
+    fresh = ChatFormat(bundled_tekken_path())
+    assert isinstance(fresh.tekken, Tekkenizer) and fresh.tekken._pieces is None
+    assert fresh.decode(fresh.encode_texts(["두통 headache"])[0]) == "두통 headache" and fresh.tekken._pieces is None
+    ref = Tekkenizer.from_file(str(bundled_tekken_path()))
+    assert [fresh.tekken.id_to_piece(i) for i in (0, 1, 2, 999, 1000, 131071)] == \
+        [ref.id_to_piece(i) for i in (0, 1, 2, 999, 1000, 131071)]
+    assert fresh.tekken.vocab() == ref.vocab() and fresh.tekken._vocab is fresh.tekken.vocab()
+    assert len(fresh.tekken.vocab()) == fresh.vocab_size == 131072
+
+
 def test_decode_round_trip(fmt):
     text = "혈당이 높아요. Blood sugar is high."
     assert fmt.decode(fmt.encode_texts([text])[0]) == text
