@@ -48,8 +48,7 @@ def test_stop_is_stopped_the_engine_leaves_at_once_and_resume_follows(tmp_path, 
     """A graceful stop is listed as stopped (not finished); the engine leaves within seconds of the run's
     end, and a resume right after is accepted (it waits for an engine that is only finishing)."""
     train = write_jsonl(tmp_path / "t.jsonl", rows(32))
-    run = start_detached(tiny_model, tmp_path / "runs", "s", train, nproc=1, max_steps=100000, save_steps=0,
-                         preflight=True)
+    run = start_detached(tiny_model, tmp_path / "runs", "s", train, nproc=1, max_steps=100000, save_steps=0)
     wait_for(lambda: any(e["type"] == "step" for e in read_events(run)))
     assert voxtui("engine", "stop", run).returncode == 0
     status = json.loads(voxtui("engine", "status", run, "--json", "-", check=True).stdout)
