@@ -549,7 +549,7 @@ def cmd_infer(args) -> int:
         for marker in held:
             unmark_in_use(marker)
         if sink is not None:
-            sink.close()
+            sink.close(linger=10.0)  # its last events have no spool behind them
     if args.json:
         write_json(args.json, m)
     if args.json != "-":
@@ -574,7 +574,7 @@ def _failed(args, run_dir: Path | None, error: BaseException, sink=None) -> None
                             message=f"{type(error).__name__}: {error}"))
     finally:
         if own:
-            sink.close()
+            sink.close(linger=10.0)  # its last events have no spool behind them
 
 
 def failed_job(args, run_dir: Path | None) -> tuple[str, str]:

@@ -112,8 +112,14 @@ class PushSink:
             except zmq.Again:
                 pass  # the engine is not reading: never block training on telemetry
 
-    def close(self) -> None:
+    def close(self, linger: float | None = None) -> None:
+        """``linger``: seconds to go on delivering what is queued (default 2): a process's last events with no
+        spool behind them (an inference job's result or failure) are given longer on a busy machine."""
+        import zmq
+
         with self._lock:
+            if linger is not None:
+                self._sock.setsockopt(zmq.LINGER, int(linger * 1000))
             self._sock.close()
             if self._spool is not None:
                 self._spool.close()
