@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -29,6 +30,8 @@ def pytest_collection_modifyitems(config, items):
 
     # stable: the rest keep their order (a node id is the file from the repository's root, then the test)
     items.sort(key=lambda item: rank.get(f"{item.nodeid.split('::')[0]}::{item.originalname}", len(rank)))
+    items[:] = dealt(items, sum(f"{item.nodeid.split('::')[0]}::{item.originalname}" in rank for item in items),
+                     int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     gpu = [item for item in items if "/tests/gpu/" in str(item.path).replace("\\", "/")]
     if not gpu:
         return
@@ -38,6 +41,26 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.gpu)
         if not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs CUDA (make test-gpu on a GPU machine)"))
+
+
+def dealt(items: list, slow: int, workers: int) -> list:
+    """``items`` (the ``slow`` ones first, slowest first) reordered for pytest-xdist's worksteal scheduler, which
+    gives each of its ``workers`` one contiguous part of the list (the first ``len // workers``, then half the
+    rest, …) and later lets an idle one take the end of another's queue: the slow tests dealt round the parts,
+    each part's first, the others filling them up. In one list, the first part held every slow test, run one
+    after another by one process while the others ran short ones."""
+    if workers < 2 or len(items) < workers:
+        return items
+    sizes, left = [], len(items)
+    for k in range(workers):  # worksteal's own split: len(pending) // nodes_remaining
+        sizes.append(left // (workers - k))
+        left -= sizes[-1]
+    parts = [items[k:slow:workers] for k in range(workers)]
+    rest = iter(items[slow:])
+    for part, size in zip(parts, sizes):
+        part.extend(itertools.islice(rest, max(0, size - len(part))))
+    parts[-1].extend(rest)  # (only where one part's slow share outgrew its size)
+    return [item for part in parts for item in part]
 
 
 def write_jsonl(path: Path, rows: list, raw: bytes | None = None) -> Path:
