@@ -78,6 +78,8 @@ class LogRead(Message):
     """Lines appended to one of the run's log files since the last read (Logs tab): read from byte ``start``
     to ``offset``."""
 
-    def __init__(self, file: str, lines: list, offset: int, pending: bytes, start: int = 0) -> None:
+    def __init__(self, file: str, lines: list, offset: int, pending: bytes, start: int = 0,
+                 where: str = "") -> None:
         super().__init__()
         self.file, self.lines, self.offset, self.pending, self.start = file, lines, offset, pending, start
+        self.where = where  # "" (the file is there), "file" (not there), "folder" (the run folder is not there)

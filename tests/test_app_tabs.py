@@ -215,6 +215,30 @@ def test_logs_follow_search_and_files(run):
     asyncio.run(flow())
 
 
+def test_logs_say_the_run_folder_is_gone_and_keep_what_they_read(run, tmp_path):
+    """The run folder moved away while its log is shown: the lines read stay, and the status says the folder
+    is gone (it read "0 lines", or "not there yet" as if the file had never been written)."""
+    from textual.widgets import RichLog
+
+    from app.app import VoxApp
+
+    async def flow():
+        app = VoxApp(str(run))
+        async with app.run_test(size=(120, 30)) as pilot:
+            await loaded(app, pilot)
+            await pilot.press("0")
+            await pilot.pause(0.6)
+            run.rename(tmp_path / "moved")
+            await pilot.pause(1.2)
+            status = app.screen.query_one("#log-status").render().plain
+            return status, len(app.screen.query_one("#log-text", RichLog).lines)
+
+    status, shown = asyncio.run(flow())
+    assert status.startswith(f"worker.log · {shown} lines read · the run folder is gone "
+                             "(moved or removed)"), status
+    assert shown == len(tabs_run.WORKER_LOG)  # what was read before, still shown
+
+
 def test_export_svg_writes_the_screen_into_the_run_folder(run):
     from app.app import VoxApp
 

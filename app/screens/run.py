@@ -625,11 +625,13 @@ class RunScreen(Screen):
             return  # not following: what is shown stays as it is
         file, path, start, pending = logs.file, logs.path, logs.file_offset, logs.pending
         new, offset, pending = read_new(path, start, pending)
-        if new or offset != start:
-            self.post_message(LogRead(file, new, offset, pending, start))
+        where = "" if path.is_file() else "folder" if not path.parent.is_dir() else "file"
+        if new or offset != start or where != logs.missing:
+            self.post_message(LogRead(file, new, offset, pending, start, where))
 
     def on_log_read(self, message: LogRead) -> None:
-        self.query_one(Logs).added(message.file, message.lines, message.offset, message.pending, message.start)
+        self.query_one(Logs).added(message.file, message.lines, message.offset, message.pending, message.start,
+                                   message.where)
 
     def running_offline(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.offline.items() if p.poll() is None}

@@ -64,6 +64,7 @@ class Logs(Vertical):
         self.file_offset = 0
         self.pending = b""
         self.matches = 0
+        self.missing = ""  # as the last read found it: "file", "folder" or "" (there)
         self.show_status()
 
     def files(self) -> list[str]:
@@ -79,7 +80,7 @@ class Logs(Vertical):
         names = self.files()
         self.file = names[(names.index(self.file) + 1) % len(names)] if self.file in names else names[0]
         self.lines.clear()
-        self.file_offset, self.pending = 0, b""
+        self.file_offset, self.pending, self.missing = 0, b"", ""  # (the next read says whether it is there)
         self.redraw()
 
     def toggle_follow(self) -> None:
@@ -90,10 +91,13 @@ class Logs(Vertical):
             log.scroll_end(animate=False)
         self.show_status()
 
-    def added(self, file: str, new: list[str], offset: int, pending: bytes, start: int | None = None) -> None:
-        """Lines read from ``file`` from byte ``start`` to ``offset`` (in a thread, by the screen)."""
+    def added(self, file: str, new: list[str], offset: int, pending: bytes, start: int | None = None,
+              missing: str = "") -> None:
+        """Lines read from ``file`` from byte ``start`` to ``offset`` (in a thread, by the screen); ``missing``:
+        what was not there then ("file", "folder", "" when the file was)."""
         if file != self.file:
             return  # read before the user switched files
+        self.missing = missing
         if start is not None and start != self.file_offset:
             return  # a second read from the same place (two polls before the first was shown): shown already
         if offset < self.file_offset:  # the file was replaced: start again
@@ -145,7 +149,11 @@ class Logs(Vertical):
 
     def show_status(self) -> None:
         where = data(self.file, limit=40)
-        if self.run_dir is not None and not (self.run_dir / self.file).is_file():
+        if self.missing == "folder":  # the lines read before stay shown
+            state = f" · {len(self.lines)} lines read · the run folder is gone (moved or removed)"
+        elif self.missing == "file" and self.file_offset:
+            state = f" · {len(self.lines)} lines read · the file is gone (removed or moved)"
+        elif self.missing:
             state = " (not there yet)"
         elif self.search_text:
             state = f" · {self.matches} of {len(self.lines)} lines match"
